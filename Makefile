@@ -1,0 +1,35 @@
+# satfuse: the two commands of the README live here.
+#   make demo   set up, then run the whole story on synthetic data (data -> shards ->
+#               2-process pretraining -> fine-tuning vs baselines -> table + plot)
+#   make test   set up, then run the test suite (starts a local SLURM cluster for the slurm tests)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.satfuse-installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: the CPU wheel on disk. The project's own range is open (cluster users
+# bring a CUDA build); pinning here keeps pip from pulling a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	DS_ACCELERATOR=cpu $(PY) -m satfuse.engines.warmup || true
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/satfuse demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs data reports

@@ -1,0 +1,68 @@
+"""The `satfuse` command. Each area registers its own subcommands; this file only wires them.
+
+Subcommand modules expose `register(subparsers)` and set `func` on their parsers; a
+`SatfuseError` or `ConfigError` raised by a command is printed as one line (no traceback)
+and turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from satfuse import __version__
+from satfuse.config import ConfigError
+from satfuse.utils import SatfuseError, setup_logging
+
+log = logging.getLogger("satfuse")
+
+# Modules that add subcommands, in the order they appear in --help.
+COMMAND_MODULES = [
+    "satfuse.data.commands",  # synth, shard, shard verify/merge
+    "satfuse.engines.commands",  # pretrain
+    "satfuse.checkpoint.commands",  # ckpt ls/inspect/export
+    "satfuse.launch.commands",  # submit, jobs
+    "satfuse.evaluation.commands",  # finetune, report
+    "satfuse.bench.commands",  # bench
+    "satfuse.demo",  # demo (the README's main command)
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="satfuse", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"satfuse {__version__}")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # area not built yet in this checkout
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except (SatfuseError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

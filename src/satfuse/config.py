@@ -1,0 +1,256 @@
+"""One config system for every command: dataclasses, loaded from YAML, overridden by `key=value`.
+
+Why dataclasses and not free dicts: a typo in a 200-GPU job's config should fail before the
+job is queued, naming the key, not silently fall back to a default. Every section below is a
+dataclass; `load_config(Schema, "hpc/pretrain/x.yaml", ["train.steps=100"])` builds it, checks
+every key and coerces every value to the field's type.
+
+Overrides use dotted paths (`optim.lr=1e-4`); values are parsed as YAML scalars/lists, so
+`data.shards=[a.tar,b.tar]` and `train.precision=bf16` both work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be trusted; the message names the key and the fix."""
+
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the pretraining shards are and how they are streamed."""
+
+    shards: str = "shards/sen12ms"  # a shard dir (with manifest.json), a brace URL or a pipe: URL
+    manifest: str = ""  # defaults to <shard dir>/manifest.json
+    val_shards: str = ""  # held-out shards for retrieval accuracy (empty: none)
+    batch_size: int = 32  # per rank
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    crop: int = 128  # random crop size for pretraining (authors: 128); 0 = full patch
+    on_decode_error: Literal["skip", "fatal"] = "skip"
+    s1_clip: list[float] = field(default_factory=lambda: [-25.0, 0.0])
+    s2_clip: list[float] = field(default_factory=lambda: [0.0, 10000.0])
+
+
+@dataclass
+class ModelConfig:
+    """Which method and backbone. Sizes follow the authors (ResNet-50, 2048-2048-128 head)."""
+
+    method: Literal["dual_simclr", "simclr", "mma"] = "dual_simclr"
+    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"
+    proj_hidden: int = 2048
+    proj_out: int = 128
+    sync_bn: bool = False
+    simclr_input: Literal["s2_rgb", "s2", "s1s2"] = "s2_rgb"  # SimCLR only
+    mma_dim: int = 256  # MMA only: embedding size of the aligned feature maps
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.07
+    variant: Literal["nt_xent", "infonce"] = "nt_xent"  # infonce = cross-modal terms only
+    local_loss: bool = True  # open_clip scheme: logits of local rows vs the global batch
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "lars"] = "adam"
+    lr: float = 3e-5
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # LARS only
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # 0 = off
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/pretrain"
+    steps: int = 1000  # total optimizer steps
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 10
+    eval_every: int = 0  # retrieval accuracy on val_shards every N steps (0 = at the end only)
+    max_requeues: int = 5
+    comm_timeout_s: int = 300  # a dead peer fails the job after this, never a silent hang
+    nan_policy: Literal["stop", "skip"] = "stop"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    keep_last: int = 3
+    keep_every: int = 0  # additionally keep every Nth step (0 = none)
+    async_save: bool = False
+    resume: str = "auto"  # auto | none | PATH
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "hpc/deepspeed/zero1_fp32.json"  # DeepSpeed JSON/YAML config
+    zero_stage: int = -1  # -1: take it from the DeepSpeed config file
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overriding
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build `schema` from a YAML file (optional) and `key=value` overrides, strictly."""
+    raw: dict[str, Any] = {}
+    if path:
+        raw = read_yaml(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    return from_dict(schema, raw, where=str(path) if path else "command line")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found; pass an existing YAML file (see hpc/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=100)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def from_dict(schema: type[T], raw: dict[str, Any], where: str = "config", prefix: str = "") -> T:
+    """Strictly convert a nested dict to the dataclass `schema`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {raw!r}")
+    hints = get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        dotted = ", ".join(f"{prefix}{k}" for k in unknown)
+        valid = ", ".join(sorted(names))
+        raise ConfigError(f"{where}: unknown key {dotted}; valid keys here: {valid}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = coerce(hints[name], value, where, f"{prefix}{name}")
+    return schema(**kwargs)
+
+
+def coerce(tp: Any, value: Any, where: str, key: str) -> Any:
+    """Check/convert one value to the annotated type; fail naming the key."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, prefix=f"{key}.")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {key}={value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return coerce(args[0], value, where, key)
+    if origin is list:
+        (item_tp,) = get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return [coerce(item_tp, v, where, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (for saving beside checkpoints and in logs)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config atomically, so a run dir always says what ran."""
+    from satfuse.utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

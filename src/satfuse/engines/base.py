@@ -1,0 +1,87 @@
+"""The engine layer: the only place where DDP and DeepSpeed differ.
+
+The training loop (`satfuse.engines.trainer`) owns data, model forward, the global loss,
+logging, signals and the checkpoint cadence. An engine owns what the two backends do
+differently: wrapping the model, backward + optimizer step (with clipping, loss scaling and
+the LR schedule), and saving/loading checkpoints in its own sharded format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from satfuse.config import PretrainConfig
+from satfuse.utils import SatfuseError
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16/fp16 autocast for the forward pass; fp32 is a no-op context.
+
+    The contrastive loss itself upcasts to fp32 (logits and softmax), so only the backbones
+    run in reduced precision.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse unsupported combinations at start, not mid-run."""
+    if precision == "fp16" and device.type != "cuda":
+        raise SatfuseError(
+            "train.precision=fp16 needs a CUDA GPU (fp16 autocast + GradScaler); on CPU use "
+            "train.precision=bf16 or fp32"
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SatfuseError("train.precision=bf16 is not supported by this GPU; use fp16 or fp32")
+
+
+class Engine(ABC):
+    """Wraps one model for training. `module` is the bare model (for `.loss`, `.backbones`),
+    `model` is what the forward pass goes through (a DDP wrapper, a DeepSpeed engine)."""
+
+    kind: str = "base"
+
+    def __init__(self, cfg: PretrainConfig, module: nn.Module, device: torch.device) -> None:
+        self.cfg = cfg
+        self.module = module
+        self.device = device
+        self.model: nn.Module = module
+
+    @abstractmethod
+    def backward_step(self, loss: torch.Tensor) -> float:
+        """Backward, clip, optimizer step, LR schedule step, zero grads. Returns grad norm
+        before clipping (nan if not computed)."""
+
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @abstractmethod
+    def find_resume(self, resume: str) -> Path | None: ...
+
+    @abstractmethod
+    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path: ...
+
+    @abstractmethod
+    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Load into the engine; return (rank states of all ranks of the saving run, meta)."""
+
+    def engine_state(self) -> dict[str, Any]:
+        """Small, replicated training state (scheduler, scaler) kept in the per-rank files."""
+        return {}
+
+    def load_engine_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Inverse of `engine_state`."""
+
+    def wait(self) -> None:  # noqa: B027 - optional hook
+        """Block until pending asynchronous saves are durable."""
+
+    def autocast(self):
+        return autocast_context(self.cfg.train.precision, self.device)

@@ -1,0 +1,81 @@
+"""DDP engine: torch DistributedDataParallel + torch.distributed.checkpoint (DCP).
+
+Gradients of the global contrastive loss reach every rank's parameters through the
+all-gather in `satfuse.losses`; DDP then averages them. fp16 uses a GradScaler (GPU only);
+bf16 needs none.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+from satfuse.config import PretrainConfig
+from satfuse.engines.base import Engine
+from satfuse.engines.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class DDPEngine(Engine):
+    kind = "ddp"
+
+    def __init__(self, cfg: PretrainConfig, module: nn.Module, device: torch.device) -> None:
+        super().__init__(cfg, module, device)
+        module.to(device)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DDP(module, device_ids=ids, broadcast_buffers=False)
+        self.optimizer = build_optimizer(module, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        ck = cfg.checkpoint
+        self.ckpt = CheckpointManager(
+            Path(cfg.train.run_dir), keep_last=ck.keep_last, keep_every=ck.keep_every,
+            async_save=ck.async_save,
+        )
+
+    def backward_step(self, loss: torch.Tensor) -> float:
+        self.scaler.scale(loss).backward()
+        norm = float("nan")
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def engine_state(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_engine_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def find_resume(self, resume: str) -> Path | None:
+        return self.ckpt.find_resume(resume)
+
+    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        app_state = {"model_optim": ModelOptimState(self.module, self.optimizer)}
+        return self.ckpt.save(step, app_state, rank_state, meta)
+
+    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        app_state = {"model_optim": ModelOptimState(self.module, self.optimizer)}
+        return self.ckpt.load(path, app_state)
+
+    def wait(self) -> None:
+        self.ckpt.wait()

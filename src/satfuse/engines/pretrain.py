@@ -1,0 +1,38 @@
+"""Entry point of one pretraining process (one rank): config -> process group -> Trainer.
+
+Every launcher ends here: `torchrun ... satfuse pretrain`, `satfuse pretrain --nproc-per-node N`
+(which starts torchrun for you), the submitit task of `satfuse submit pretrain`, and the plain
+`slurm/pretrain.sbatch`. The return value is the process exit status: 0 when the configured
+steps are done, `REQUEUE_EXIT_CODE` (75) when a stop signal made every rank save and stop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE
+from satfuse.config import PretrainConfig, load_config
+from satfuse.distributed.env import init_distributed, teardown
+from satfuse.engines.trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["REQUEUE_EXIT_CODE", "run_pretrain", "pretrain"]
+
+
+def pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Train in this process (the process group is initialised from the environment)."""
+    env = init_distributed(timeout_s=cfg.train.comm_timeout_s)
+    return Trainer(cfg, env).fit()
+
+
+def run_pretrain(config_path: str | None, overrides: list[str]) -> int:
+    cfg = load_config(PretrainConfig, config_path, overrides)
+    try:
+        result = pretrain(cfg)
+    finally:
+        teardown()
+    if result.status == "preempted":
+        return REQUEUE_EXIT_CODE
+    log.info("done: step %d, loss %.4f", result.step, result.final_loss)
+    return 0

@@ -1,0 +1,262 @@
+"""The pretraining loop, shared by every engine. Read top to bottom:
+
+1. build loader, model and engine (DDP or DeepSpeed) from one `PretrainConfig`;
+2. resume from the newest complete checkpoint (`checkpoint.resume=auto`), restoring model,
+   optimizer, schedule, loader position and RNG state, so the continuation is bitwise equal
+   to an uninterrupted run on the same world size;
+3. step: forward under autocast -> global contrastive loss -> NaN check agreed by all ranks ->
+   engine backward/step -> log;
+4. checkpoint every N steps, at the end, and when any rank got a stop signal (SLURM
+   preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`;
+5. at the end, cross-modal retrieval accuracy on held-out shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import satfuse
+from satfuse.checkpoint.rng import capture_rng, restore_rng
+from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
+from satfuse.config import PretrainConfig, dump_yaml, to_dict
+from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
+from satfuse.distributed.env import DistEnv, all_reduce_max_bool
+from satfuse.engines.base import Engine, check_precision
+from satfuse.losses import retrieval_top1
+from satfuse.models import build_pretrain_model
+from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["REQUEUE_EXIT_CODE", "Trainer", "TrainResult"]
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "preempted"
+    step: int
+    final_loss: float
+    retrieval_top1: float | None = None
+    retrieval_chance: float | None = None
+
+
+def select_device(cfg: PretrainConfig, env: DistEnv) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SatfuseError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def build_engine(cfg: PretrainConfig, model: torch.nn.Module, device: torch.device) -> Engine:
+    if cfg.train.engine == "deepspeed":
+        from satfuse.engines.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, model, device)
+    from satfuse.engines.ddp import DDPEngine
+
+    return DDPEngine(cfg, model, device)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class MetricsLog:
+    """JSONL metrics on rank 0, appended across requeues (one file per run)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = path
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            self.fh.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, env: DistEnv) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.device = select_device(cfg, env)
+        check_precision(cfg.train.precision, self.device)
+        self.run_dir = Path(cfg.train.run_dir)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        shards = resolve_shards(cfg.data.shards, cfg.data.manifest)
+        self.loader = PretrainLoader(
+            shards, cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
+            method=cfg.model.method, simclr_input=cfg.model.simclr_input,
+        )
+        self.module = build_pretrain_model(cfg.model)
+        self.engine = build_engine(cfg, self.module, self.device)
+        self.step = 0
+        self.epoch = 0
+
+    # ---------------------------------------------------------------- checkpoints
+    def meta(self) -> dict[str, Any]:
+        return {
+            "config": to_dict(self.cfg),
+            "normalization": self.loader.normalization,
+            "engine": self.engine.kind,
+            "satfuse_version": satfuse.__version__,
+        }
+
+    def rank_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "loader": self.loader.state_dict(),
+            "rng": capture_rng(),
+            "engine": self.engine.engine_state(),
+        }
+
+    def save(self) -> Path:
+        path = self.engine.save(self.step, self.rank_state(), self.meta())
+        log.info("checkpoint step %d -> %s", self.step, path)
+        return path
+
+    def resume(self) -> None:
+        path = self.engine.find_resume(self.cfg.checkpoint.resume)
+        if path is None:
+            return
+        rank_states, meta = self.engine.load(path)
+        same_world = len(rank_states) == self.env.world_size
+        mine = rank_states[self.env.rank] if same_world else rank_states[0]
+        self.step = int(mine["step"])
+        self.engine.load_engine_state(mine["engine"])
+        self.loader.load_state_dict([s["loader"] for s in rank_states])
+        if same_world:
+            restore_rng(mine["rng"])
+        log.info(
+            "resumed from %s at step %d (saved by %d ranks, now %d)",
+            path, self.step, len(rank_states), self.env.world_size,
+        )
+
+    # ---------------------------------------------------------------- training
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        self.engine.model.train()
+        batch = to_device(batch, self.device)
+        with self.engine.autocast():
+            outputs = self.engine.model(batch)
+        loss, metrics = self.module.loss(outputs, self.cfg.loss)
+        bad = not bool(torch.isfinite(loss.detach()).item())
+        if all_reduce_max_bool(bad):
+            self.on_nan(batch)
+        grad_norm = self.engine.backward_step(loss)
+        return {"loss": float(loss.detach()), "grad_norm": grad_norm, **metrics}
+
+    def on_nan(self, batch: dict[str, Any]) -> None:
+        keys = batch.get("key", [])[:4]
+        raise SatfuseError(
+            f"non-finite loss at step {self.step + 1} (batch keys {keys}...): try a lower "
+            f"optim.lr (now {self.cfg.optim.lr}), optim.grad_clip=1.0, train.precision=fp32, or "
+            f"resume from the last checkpoint in {self.run_dir / 'checkpoints'}"
+        )
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        if self.env.rank == 0:
+            dump_yaml(cfg, self.run_dir / "config.yaml")
+        self.resume()
+        stop = StopFlag()
+        stop.install()
+        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.env.rank == 0)
+        total = cfg.train.steps
+        bar = tqdm(total=total, initial=self.step, desc="pretrain", disable=self.env.rank != 0,
+                   dynamic_ncols=True)
+        data_iter = iter(self.loader)
+        last: dict[str, float] = {"loss": math.nan}
+        t0, seen = time.perf_counter(), 0
+        global_batch = cfg.data.batch_size * self.env.world_size
+        status, saved_at = "completed", -1
+        try:
+            while self.step < total:
+                batch = next(data_iter)
+                self.epoch = int(batch.get("epoch", self.epoch))
+                last = self.train_step(batch)
+                self.step += 1
+                seen += global_batch
+                bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == total:
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(),
+                              "samples_per_s": rate, **last}
+                    metrics_log.write(record)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
+                    t0, seen = time.perf_counter(), 0
+                if stop.should_stop():
+                    status = "preempted"
+                    break
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    self.save()
+                    saved_at = self.step
+            if saved_at != self.step:
+                self.save()
+            self.engine.wait()
+        finally:
+            bar.close()
+        result = TrainResult(status=status, step=self.step, final_loss=last["loss"])
+        if status == "completed" and cfg.data.val_shards:
+            result.retrieval_top1, result.retrieval_chance = self.evaluate_retrieval()
+            metrics_log.write({"step": self.step, "heldout_retrieval_top1": result.retrieval_top1,
+                               "heldout_retrieval_chance": result.retrieval_chance})
+        metrics_log.close()
+        if status == "preempted":
+            log.warning("stop signal received: saved step %d; exiting with %d (requeue me)",
+                        self.step, REQUEUE_EXIT_CODE)
+        return result
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate_retrieval(self) -> tuple[float, float]:
+        """S1 -> S2 top-1 retrieval over the whole held-out set (chance = 1 / N)."""
+        cfg = self.cfg
+        shards = resolve_shards(cfg.data.val_shards)
+        loader = EvalLoader(shards, cfg.data, rank=self.env.rank, world_size=self.env.world_size,
+                            batch_size=cfg.data.batch_size, normalization=self.loader.normalization)
+        self.module.eval()
+        za, zb = [], []
+        for batch in loader:
+            mask = batch["mask"]
+            batch = to_device(batch, self.device)
+            with self.engine.autocast():
+                a, b = self.module.embed_pair(batch)
+            za.append(a.float()[mask.to(self.device)].cpu())
+            zb.append(b.float()[mask.to(self.device)].cpu())
+        a, b = torch.cat(za), torch.cat(zb)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            a, b = gather_rows(a), gather_rows(b)
+        top1 = retrieval_top1(a, b)
+        chance = 1.0 / max(1, a.shape[0])
+        log.info("held-out S1->S2 retrieval top-1: %.3f (chance %.4f, n=%d)", top1, chance, a.shape[0])
+        return top1, chance
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """All-gather a variable number of rows per rank (held-out sets do not split evenly)."""
+    n = torch.tensor([x.shape[0]], dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    width = max(int(s) for s in sizes)
+    padded = torch.zeros((width, *x.shape[1:]), dtype=x.dtype)
+    padded[: x.shape[0]] = x
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes, strict=True)])
