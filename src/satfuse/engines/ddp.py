@@ -33,7 +33,7 @@ class DDPEngine(Engine):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
             ids = [device.index] if device.type == "cuda" else None
-            self.model = DDP(module, device_ids=ids, broadcast_buffers=False)
+            self.model = DDP(module, device_ids=ids)
         self.optimizer = build_optimizer(module, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
@@ -69,7 +69,20 @@ class DDPEngine(Engine):
     def find_resume(self, resume: str) -> Path | None:
         return self.ckpt.find_resume(resume)
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm running statistics before a save.
+
+        DDP broadcasts rank 0's buffers at the start of each forward, so between steps the
+        ranks' buffers differ (each updated them with its own batch). DCP writes one copy of a
+        replicated tensor, from whichever rank its planner picks: without this, a resumed run
+        would start from another rank's statistics and drift from the uninterrupted one.
+        """
+        if self.model is not self.module:
+            for buf in self.module.buffers():
+                dist.broadcast(buf, src=0)
+
     def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        self.sync_buffers()
         app_state = {"model_optim": ModelOptimState(self.module, self.optimizer)}
         return self.ckpt.save(step, app_state, rank_state, meta)
 

@@ -12,7 +12,7 @@ import logging
 
 from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE
 from satfuse.config import PretrainConfig, load_config
-from satfuse.distributed.env import init_distributed, teardown
+from satfuse.distributed.env import comm_failure, init_distributed, teardown
 from satfuse.engines.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,18 @@ __all__ = ["REQUEUE_EXIT_CODE", "run_pretrain", "pretrain"]
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Train in this process (the process group is initialised from the environment)."""
     env = init_distributed(timeout_s=cfg.train.comm_timeout_s)
-    return Trainer(cfg, env).fit()
+    trainer = Trainer(cfg, env)
+    try:
+        return trainer.fit()
+    except RuntimeError as exc:  # a peer died or the network broke: say which, not a traceback
+        if env.world_size > 1 and is_comm_error(exc):
+            raise comm_failure(exc, f"step {trainer.step}") from exc
+        raise
+
+
+def is_comm_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(w in text for w in ("gloo", "nccl", "connection", "timed out", "read error", "closed"))
 
 
 def run_pretrain(config_path: str | None, overrides: list[str]) -> int:

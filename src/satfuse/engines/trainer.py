@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
 from satfuse.distributed.env import DistEnv, all_reduce_max_bool
 from satfuse.engines.base import Engine, check_precision
-from satfuse.losses import retrieval_top1
+from satfuse.losses import retrieval_accuracy
 from satfuse.models import build_pretrain_model
 from satfuse.utils import SatfuseError
 
@@ -100,9 +101,9 @@ class Trainer:
         check_precision(cfg.train.precision, self.device)
         self.run_dir = Path(cfg.train.run_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        shards = resolve_shards(cfg.data.shards, cfg.data.manifest)
+        self.shards = resolve_shards(cfg.data.shards, cfg.data.manifest)
         self.loader = PretrainLoader(
-            shards, cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
+            self.shards, cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
             method=cfg.model.method, simclr_input=cfg.model.simclr_input,
         )
         self.module = build_pretrain_model(cfg.model)
@@ -225,38 +226,37 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate_retrieval(self) -> tuple[float, float]:
+    def evaluate_retrieval(self) -> tuple[float | None, float | None]:
         """S1 -> S2 top-1 retrieval over the whole held-out set (chance = 1 / N)."""
         cfg = self.cfg
-        shards = resolve_shards(cfg.data.val_shards)
+        if cfg.model.method == "simclr":
+            log.info("held-out retrieval is S1 -> S2: not defined for single-modality SimCLR")
+            return None, None
+        # held-out pairs are normalised with the *training* statistics, as the model saw them
+        shards = dataclasses.replace(resolve_shards(cfg.data.val_shards), stats=self.shards.stats)
         loader = EvalLoader(shards, cfg.data, rank=self.env.rank, world_size=self.env.world_size,
-                            batch_size=cfg.data.batch_size, normalization=self.loader.normalization)
+                            batch_size=cfg.data.batch_size, crop=cfg.data.crop)
         self.module.eval()
         za, zb = [], []
         for batch in loader:
-            mask = batch["mask"]
+            mask = batch["mask"].bool()
             batch = to_device(batch, self.device)
             with self.engine.autocast():
-                a, b = self.module.embed_pair(batch)
-            za.append(a.float()[mask.to(self.device)].cpu())
-            zb.append(b.float()[mask.to(self.device)].cpu())
+                a, b = pair_embeddings(self.module(batch))
+            za.append(a.float().cpu()[mask])
+            zb.append(b.float().cpu()[mask])
         a, b = torch.cat(za), torch.cat(zb)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            a, b = gather_rows(a), gather_rows(b)
-        top1 = retrieval_top1(a, b)
-        chance = 1.0 / max(1, a.shape[0])
-        log.info("held-out S1->S2 retrieval top-1: %.3f (chance %.4f, n=%d)", top1, chance, a.shape[0])
+        n = torch.tensor([a.shape[0]], dtype=torch.long)
+        if dist.is_initialized():
+            dist.all_reduce(n)
+        top1 = retrieval_accuracy(a, b)
+        chance = 1.0 / max(1, int(n))
+        log.info("held-out S1->S2 retrieval top-1: %.3f (chance %.4f, n=%d)", top1, chance, int(n))
         return top1, chance
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """All-gather a variable number of rows per rank (held-out sets do not split evenly)."""
-    n = torch.tensor([x.shape[0]], dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    width = max(int(s) for s in sizes)
-    padded = torch.zeros((width, *x.shape[1:]), dtype=x.dtype)
-    padded[: x.shape[0]] = x
-    out = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[: int(s)] for o, s in zip(out, sizes, strict=True)])
+def pair_embeddings(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (S1, S2) embeddings of a model's outputs: projections, or pooled MMA feature maps."""
+    if "z_s1" in outputs:
+        return outputs["z_s1"], outputs["z_s2"]
+    return outputs["f_s1"].mean(dim=(2, 3)), outputs["f_s2"].mean(dim=(2, 3))

@@ -1,1 +1,5 @@
-"""satfuse.losses"""
+"""satfuse.losses: contrastive losses over the global (all-rank) batch."""
+
+from satfuse.losses.contrastive import dense_alignment_loss, nt_xent, retrieval_accuracy
+
+__all__ = ["dense_alignment_loss", "nt_xent", "retrieval_accuracy"]

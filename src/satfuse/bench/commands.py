@@ -1,0 +1,80 @@
+"""`satfuse bench NAME`: every benchmark, each writing JSON with its in-run reference and ratio.
+
+Each benchmark module exposes `add_arguments(parser)` and `run(args) -> dict`. `bench all`
+runs every one with its small defaults (sized for 2 CPU cores, < 10 minutes together) and
+writes one JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import time
+
+from satfuse.bench.common import write_result
+
+log = logging.getLogger(__name__)
+
+BENCHES = {
+    "shard": "satfuse.bench.shard",  # sharding vs plain rasterio reads
+    "loader": "satfuse.bench.loader",  # streaming loader vs per-file reads vs raw bytes
+    "loss": "satfuse.bench.loss",  # global loss time/memory vs global batch
+    "ckpt": "satfuse.bench.ckpt",  # DCP save/load vs torch.save/load
+    "engines": "satfuse.bench.engines",  # DDP vs DeepSpeed ZeRO-1/2
+    "train": "satfuse.bench.train",  # training-step throughput, 1 vs 2 ranks, fp32/bf16, GPU rows
+    "model": "satfuse.bench.model",  # communication and memory model, 1..1024 GPUs
+}
+
+
+def available() -> dict[str, object]:
+    mods = {}
+    for name, path in BENCHES.items():
+        try:
+            mods[name] = importlib.import_module(path)
+        except ModuleNotFoundError as exc:
+            if exc.name != path:
+                raise
+    return mods
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (JSON with in-run references and ratios)")
+    bsub = p.add_subparsers(dest="bench", metavar="NAME", required=True)
+    for name, mod in available().items():
+        bp = bsub.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0])
+        bp.add_argument("--out", default=None, help="write the JSON result here")
+        mod.add_arguments(bp)
+        bp.set_defaults(func=lambda a, m=mod, n=name: run_one(n, m, a))
+    ap = bsub.add_parser("all", help="run every benchmark with small defaults, one JSON")
+    ap.add_argument("--out", default="bench/RESULTS.json")
+    ap.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out")
+    ap.set_defaults(func=run_all)
+
+
+def run_one(name: str, mod, args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    result = {"bench": name, "result": mod.run(args), "wall_s": round(time.perf_counter() - t0, 3)}
+    write_result(result, args.out)
+    return 0
+
+
+def defaults_for(mod) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    mod.add_arguments(parser)
+    return parser.parse_args([])
+
+
+def run_all(args: argparse.Namespace) -> int:
+    results: dict[str, object] = {}
+    t_all = time.perf_counter()
+    for name, mod in available().items():
+        if name in args.skip:
+            continue
+        log.info("bench %s ...", name)
+        t0 = time.perf_counter()
+        results[name] = {"result": mod.run(defaults_for(mod)), "wall_s": round(time.perf_counter() - t0, 3)}
+    write_result({"bench": "all", "benches": results, "wall_s": round(time.perf_counter() - t_all, 3)},
+                 args.out)
+    return 0

@@ -1,0 +1,137 @@
+"""Training-step throughput (pairs/s) of Dual-SimCLR: tiny and ResNet-50, 1 and 2 DDP ranks,
+fp32 and bf16, and the scaling efficiency of 2 ranks over 1, measured in one run.
+
+Each rank uses one CPU thread, so "2 ranks vs 1" compares equal work per worker: the
+efficiency is (pairs/s on 2 ranks) / (2 x pairs/s on 1 rank), which is what the global-loss
+all-gather and the gradient all-reduce cost. Inputs are fixed in-memory tensors, so the
+figure is the model + loss + communication, not the loader (see `bench loader`). On a GPU
+the same rows are measured per GPU; without one they say "no GPU".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from satfuse.config import LossConfig, ModelConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="*", default=["tiny", "resnet50"])
+    p.add_argument("--ranks", nargs="*", type=int, default=[1, 2])
+    p.add_argument("--precisions", nargs="*", default=["fp32", "bf16"])
+    p.add_argument("--batch", type=int, default=16, help="pairs per rank (tiny)")
+    p.add_argument("--batch-resnet50", type=int, default=4, help="pairs per rank (resnet50)")
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4, help="timed steps (after 1 warm-up step)")
+    p.add_argument("--gpu-crop", type=int, default=256)
+    p.add_argument("--gpu-batch", type=int, default=64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_cfg(backbone: str) -> ModelConfig:
+    hidden, out = (2048, 128) if backbone == "resnet50" else (256, 64)
+    return ModelConfig(method="dual_simclr", backbone=backbone, proj_hidden=hidden, proj_out=out)
+
+
+def time_steps(backbone: str, batch: int, crop: int, steps: int, precision: str,
+               device: torch.device) -> float:
+    """Seconds per optimizer step in this process (inside a process group or not)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from satfuse.models import build_pretrain_model
+
+    torch.manual_seed(0)
+    module = build_pretrain_model(model_cfg(backbone)).to(device)
+    model = DDP(module) if dist.is_initialized() and dist.get_world_size() > 1 else module
+    opt = torch.optim.Adam(module.parameters(), lr=1e-4)
+    data = {"s1": torch.randn(batch, 2, crop, crop, device=device),
+            "s2": torch.randn(batch, 13, crop, crop, device=device)}
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+            out = model(data)
+        loss, _ = module.loss(out, LossConfig(temperature=0.1))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def _rank_main(rank: int, world: int, port: int, job: dict, out: dict) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    sec = time_steps(job["backbone"], job["batch"], job["crop"], job["steps"], job["precision"],
+                     torch.device("cpu"))
+    if world > 1:
+        t = torch.tensor([sec])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        sec = float(t)
+        dist.destroy_process_group()
+    if rank == 0:
+        out["sec"] = sec
+
+
+def cpu_row(backbone: str, world: int, precision: str, args: argparse.Namespace) -> dict:
+    batch = args.batch_resnet50 if backbone == "resnet50" else args.batch
+    job = dict(backbone=backbone, batch=batch, crop=args.crop, steps=args.steps, precision=precision)
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_rank_main, args=(world, free_port(), job, out), nprocs=world,
+                           start_method="fork" if world == 1 else "spawn")
+        sec = float(out["sec"])
+    return {"model": backbone, "ranks": world, "precision": precision, "batch_per_rank": batch,
+            "crop": args.crop, "sec_per_step": sec, "pairs_per_s": world * batch / sec}
+
+
+def gpu_rows(args: argparse.Namespace) -> list[dict]:
+    if not torch.cuda.is_available():
+        return [{"model": "resnet50", "precision": p, "pairs_per_s_per_gpu": "no GPU"}
+                for p in ("bf16", "fp16")]
+    rows = []
+    for precision in ("bf16", "fp16"):
+        torch.cuda.reset_peak_memory_stats()
+        sec = time_steps("resnet50", args.gpu_batch, args.gpu_crop, args.steps, precision,
+                         torch.device("cuda"))
+        rows.append({"model": "resnet50", "precision": precision, "batch": args.gpu_batch,
+                     "crop": args.gpu_crop, "pairs_per_s_per_gpu": args.gpu_batch / sec,
+                     "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    rows = [cpu_row(m, w, p, args) for m in args.models for p in args.precisions for w in args.ranks]
+    scaling = []
+    for m in args.models:
+        for p in args.precisions:
+            by = {r["ranks"]: r for r in rows if r["model"] == m and r["precision"] == p}
+            if 1 in by and 2 in by:
+                eff = by[2]["pairs_per_s"] / (2 * by[1]["pairs_per_s"])
+                scaling.append({"model": m, "precision": p, "efficiency_2_vs_1": eff})
+    return {"cpu": rows, "scaling": scaling, "gpu": gpu_rows(args),
+            "note": "one CPU thread per rank; in-memory inputs; DDP + global NT-Xent loss"}

@@ -1,0 +1,141 @@
+"""`satfuse ckpt ls | inspect | export`: look at checkpoints without starting a job.
+
+Why verification is part of `ls`/`inspect`: the question after a preemption or a full disk
+is "which checkpoint will resume=auto take, and what is wrong with the others" — these
+commands answer it with the same checks resume uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from satfuse.checkpoint.layout import (
+    checkpoint_problems,
+    checkpoints_dir,
+    dir_size,
+    list_checkpoints,
+    list_partial,
+    parse_step,
+    read_latest,
+)
+from satfuse.utils import SatfuseError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("ckpt", help="list, inspect and export checkpoints")
+    sub = p.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
+
+    ls = sub.add_parser("ls", help="table of a run's checkpoints (marks latest and broken ones)")
+    ls.add_argument("run_dir", type=Path, help="the run directory (train.run_dir)")
+    ls.add_argument("--quick", action="store_true", help="sizes only, skip crc32 verification")
+    ls.set_defaults(func=cmd_ls)
+
+    ins = sub.add_parser("inspect", help="details of one checkpoint; exit 1 if incomplete")
+    ins.add_argument("path", type=Path, help="a step_XXXXXXXX directory")
+    ins.add_argument("--quick", action="store_true", help="sizes only, skip crc32 verification")
+    ins.set_defaults(func=cmd_inspect)
+
+    ex = sub.add_parser("export", help="consolidated backbones file for fine-tuning")
+    ex.add_argument("path", type=Path, help="a step_XXXXXXXX directory")
+    ex.add_argument("--out", type=Path, required=True, help="output file, e.g. backbone.pt")
+    ex.add_argument("--builder", default="",
+                    help="MODULE:FUNCTION(meta) -> model, for models not built from the "
+                         "checkpoint's config (default: satfuse.models.build_pretrain_model)")
+    ex.set_defaults(func=cmd_export)
+
+
+def _row(path: Path, latest: Path | None, quick: bool) -> dict[str, Any]:
+    problems = checkpoint_problems(path, checksums=not quick)
+    meta: dict[str, Any] = {}
+    if (path / "meta.json").is_file():
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+    return {
+        "step": parse_step(path),
+        "complete": not problems,
+        "world_size": meta.get("world_size", "?"),
+        "size_mib": dir_size(path) / 2**20,
+        "created": meta.get("created", "?"),
+        "latest": latest is not None and latest.name == path.name,
+        "path": path,
+        "problems": problems,
+    }
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    run_dir: Path = args.run_dir
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        raise SatfuseError(f"{run_dir}: no checkpoints/ directory; pass the run directory (train.run_dir) of a pretraining run")
+    latest = read_latest(run_dir)
+    rows = [_row(p, latest, args.quick) for p in list_checkpoints(run_dir)]
+    print(f"{'step':>10}  {'complete':<8}  {'world':>5}  {'size MiB':>9}  {'created':<24}  latest")
+    for r in rows:
+        print(f"{r['step']:>10}  {'yes' if r['complete'] else 'NO':<8}  {r['world_size']!s:>5}  "
+              f"{r['size_mib']:>9.2f}  {r['created']!s:<24}  {'<- latest' if r['latest'] else ''}")
+    for r in rows:
+        if r["problems"]:
+            print(f"  {r['path'].name}: {'; '.join(r['problems'])}")
+    for p in list_partial(run_dir):
+        print(f"  {p.name}: interrupted save/delete (ignored by resume, removed by the next save)")
+    if not rows:
+        print("  (no checkpoints)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    if not path.exists():
+        raise SatfuseError(f"{path}: not found; list checkpoints with `satfuse ckpt ls RUN_DIR`")
+    problems = checkpoint_problems(path, checksums=not args.quick)
+    meta: dict[str, Any] = {}
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    files = meta.get("files") or {}
+    fp = (meta.get("model") or {}).get("fingerprint") or {}
+    report = {
+        "path": str(path),
+        "complete": not problems,
+        "problems": problems,
+        "step": meta.get("step"),
+        "epoch": meta.get("epoch"),
+        "world_size": meta.get("world_size"),
+        "kind": meta.get("kind"),
+        "created": meta.get("created"),
+        "satfuse_version": meta.get("satfuse_version"),
+        "parameters": (meta.get("model") or {}).get("parameters"),
+        "model_tensors": len(fp),
+        "total_bytes": meta.get("total_bytes"),
+        "files": {name: rec.get("size") for name, rec in files.items()},
+        "model_config": (meta.get("config") or {}).get("model"),
+    }
+    print(json.dumps(report, indent=2, default=str))
+    return 0 if not problems else 1
+
+
+def _resolve_builder(spec: str) -> Any:
+    if not spec:
+        return None
+    if ":" not in spec:
+        raise SatfuseError(f"--builder {spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:build")
+    mod, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as exc:
+        raise SatfuseError(f"--builder {spec!r}: cannot import ({exc}); check the module path") from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from satfuse.checkpoint.export import export_backbones
+
+    summary = export_backbones(args.path, args.out, builder=_resolve_builder(args.builder))
+    print(json.dumps(summary, indent=2))
+    return 0

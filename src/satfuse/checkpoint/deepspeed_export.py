@@ -1,0 +1,87 @@
+"""Consolidated fp32 backbones from a DeepSpeed checkpoint (`satfuse ckpt export` of kind
+"deepspeed"), in one process, without torch.distributed.
+
+Why a loader of its own: DeepSpeed keeps the fp32 master weights in its optimizer shards
+(ZeRO-1/2, and bf16 at any stage: the model states file holds only bf16 copies), split into
+flat per-rank partitions; only stage 0 fp32 keeps usable fp32 weights in
+`mp_rank_00_model_states.pt`. DeepSpeed's `zero_to_fp32` reassembles the partitions; it
+drops tied weights (DeepSpeed #1896), which satfuse's models do not have, and the strict
+`load_state_dict` below would catch any missing key.
+
+The output format is `satfuse.checkpoint.export`'s (`satfuse-backbones/1`); this module plugs
+`load_deepspeed_model` into its `LOADERS["deepspeed"]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from satfuse.checkpoint import export as export_mod
+from satfuse.checkpoint.layout import checkpoint_problems, read_meta
+from satfuse.checkpoint.manager import MISMATCH_FIX, fingerprint_diff
+from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def _partitioned(ckpt_dir: Path) -> bool:
+    return any(Path(ckpt_dir).glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def fp32_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict (parameters and buffers) of a DeepSpeed checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    if _partitioned(ckpt_dir):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    states = ckpt_dir / MODEL_STATES
+    if not states.is_file():
+        raise SatfuseError(f"{ckpt_dir}: no {MODEL_STATES}: not a DeepSpeed checkpoint directory")
+    # DeepSpeed pickles its config objects next to the weights: not weights_only-loadable.
+    # The file's crc32 was verified against meta.json before this point.
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    if any(v.dtype == torch.float16 for v in module.values()):
+        log.warning("%s: stage-0 fp16 checkpoint: exporting its fp16 weights upcast to fp32", ckpt_dir)
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in module.items()}
+
+
+def load_deepspeed_model(ckpt_dir: Path, builder: export_mod.Builder) -> tuple[nn.Module, dict[str, Any]]:
+    """`export.LOADERS` entry: verify, build the model from meta.json, load fp32 weights."""
+    ckpt_dir = Path(ckpt_dir)
+    problems = checkpoint_problems(ckpt_dir, checksums=True)
+    if problems:
+        raise SatfuseError(f"{ckpt_dir}: not a complete checkpoint: {'; '.join(problems)}; export another one")
+    meta = read_meta(ckpt_dir)
+    if meta.get("kind") != "deepspeed":
+        raise SatfuseError(f"{ckpt_dir}: a {meta.get('kind', 'dcp')} checkpoint, not DeepSpeed; use `satfuse ckpt export`")
+    model = builder(meta)
+    sd = fp32_state_dict(ckpt_dir)
+    diff = fingerprint_diff({k: list(v.shape) for k, v in sd.items()},
+                            {k: list(v.shape) for k, v in model.state_dict().items()})
+    if diff:
+        raise SatfuseError(f"{ckpt_dir}: model mismatch ({'; '.join(diff)}): {MISMATCH_FIX}")
+    model.load_state_dict(sd, strict=True)
+    return model, meta
+
+
+export_mod.LOADERS["deepspeed"] = load_deepspeed_model
+
+
+def export_deepspeed_backbones(ckpt_dir: Path, out: Path) -> dict[str, Any]:
+    """Write the consolidated fp32 backbones of a DeepSpeed checkpoint to `out` (atomic,
+    `torch.load(out, weights_only=True)`-loadable); returns export's summary dict."""
+    return export_mod.export_backbones(Path(ckpt_dir), Path(out))

@@ -1,0 +1,147 @@
+"""One consolidated file of the pretrained backbones, for fine-tuning without torch.distributed.
+
+Why a separate format: a pretraining checkpoint is sharded, holds optimizer state three times
+the model's size, and needs the DCP reader; a fine-tuning script wants `torch.load(path,
+weights_only=True)` and a dict of backbone state dicts, plus the normalisation the backbones
+were trained with (torchgeo #4061: silent /255 when it is not stored with the weights).
+
+Checkpoint kinds plug in through `LOADERS`: a kind is detected from the directory, and its
+loader returns (model with the checkpoint's weights, meta). DCP is built in; DeepSpeed is
+meant to add its own loader here.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from satfuse.checkpoint.layout import DCP_METADATA, META_NAME, checkpoint_problems, read_meta
+from satfuse.checkpoint.manager import MISMATCH_FIX, fingerprint_diff
+from satfuse.utils import SatfuseError, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "satfuse-backbones/1"
+
+Builder = Callable[[dict[str, Any]], nn.Module]
+Loader = Callable[[Path, Builder], tuple[nn.Module, dict[str, Any]]]
+
+
+def default_builder(meta: dict[str, Any]) -> nn.Module:
+    """The pretraining model described by the checkpoint's own config."""
+    from satfuse.config import ModelConfig, from_dict
+    from satfuse.models import build_pretrain_model
+
+    cfg = (meta.get("config") or {}).get("model")
+    if not isinstance(cfg, dict):
+        raise SatfuseError(
+            "checkpoint meta.json has no config.model section; it was not written by "
+            "`satfuse pretrain`: pass --builder MODULE:FUNCTION that builds the model"
+        )
+    return build_pretrain_model(from_dict(ModelConfig, cfg, where=META_NAME, prefix="model."))
+
+
+def detect_kind(ckpt_dir: Path) -> str:
+    """"dcp" or "deepspeed" from what the directory holds."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise SatfuseError(f"{ckpt_dir}: not a checkpoint directory; pass a step_XXXXXXXX directory")
+    if (ckpt_dir / META_NAME).is_file():
+        kind = read_meta(ckpt_dir).get("kind", "dcp")
+        return str(kind)
+    if (ckpt_dir / DCP_METADATA).is_file():
+        return "dcp"
+    if any(ckpt_dir.glob("**/*model_states.pt")):
+        return "deepspeed"
+    raise SatfuseError(
+        f"{ckpt_dir}: neither a satfuse (meta.json) nor a DCP (.metadata) nor a DeepSpeed "
+        "checkpoint; pass a step_XXXXXXXX directory from `satfuse ckpt ls RUN_DIR`"
+    )
+
+
+def load_dcp_model(ckpt_dir: Path, builder: Builder) -> tuple[nn.Module, dict[str, Any]]:
+    """Verify a DCP checkpoint and load its model weights in this one process."""
+    problems = checkpoint_problems(ckpt_dir, checksums=True)
+    if problems:
+        raise SatfuseError(f"{ckpt_dir}: not a complete checkpoint: {'; '.join(problems)}; export another one")
+    meta = read_meta(ckpt_dir)
+    model = builder(meta)
+    sd = model.state_dict()
+    saved = (meta.get("model") or {}).get("fingerprint")
+    if saved is not None:
+        diff = fingerprint_diff(saved, {k: list(v.shape) for k, v in sd.items()})
+        if diff:
+            raise SatfuseError(f"{ckpt_dir}: model mismatch ({'; '.join(diff)}): {MISMATCH_FIX}")
+    state = {"model_optim": {"model": sd}}  # only the model: optimizer state is never read
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
+    model.load_state_dict(state["model_optim"]["model"], strict=True)
+    return model, meta
+
+
+def _load_deepspeed_unavailable(ckpt_dir: Path, builder: Builder) -> tuple[nn.Module, dict[str, Any]]:
+    raise SatfuseError(
+        f"{ckpt_dir}: DeepSpeed checkpoints cannot be exported by this satfuse build yet; "
+        "export a DDP (DCP) checkpoint"
+    )
+
+
+LOADERS: dict[str, Loader] = {"dcp": load_dcp_model, "deepspeed": _load_deepspeed_unavailable}
+
+
+def export_backbones(ckpt_dir: Path, out: Path, builder: Builder | None = None) -> dict[str, Any]:
+    """Write `out` (atomically) with the backbones of the checkpoint; returns a summary."""
+    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    kind = detect_kind(ckpt_dir)
+    if kind not in LOADERS:
+        raise SatfuseError(f"{ckpt_dir}: unknown checkpoint kind {kind!r}; known: {sorted(LOADERS)}")
+    model, meta = LOADERS[kind](ckpt_dir, builder or default_builder)
+    if not (hasattr(model, "backbones") and hasattr(model, "in_channels")):
+        raise SatfuseError(f"{type(model).__name__} has no backbones()/in_channels(); the builder must return a satfuse pretraining model")
+    backbones: dict[str, nn.Module] = model.backbones()
+    model_cfg = (meta.get("config") or {}).get("model") or {}
+    doc = {
+        "format": EXPORT_FORMAT,
+        "method": str(model_cfg.get("method", getattr(model, "method", ""))),
+        "backbone": str(model_cfg.get("backbone", "")),
+        "in_channels": {k: int(v) for k, v in model.in_channels().items()},
+        "state_dicts": {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                        for name, m in backbones.items()},
+        "normalization": meta.get("normalization"),
+        "step": int(meta.get("step", -1)),
+        "source": str(ckpt_dir),
+    }
+    buf = io.BytesIO()
+    torch.save(doc, buf)
+    try:
+        atomic_write_bytes(out, buf.getvalue())
+    except OSError as exc:
+        raise SatfuseError(f"{out}: cannot write the export ({exc.strerror or exc}); choose another --out") from None
+    n = sum(t.numel() for sd in doc["state_dicts"].values() for t in sd.values())
+    summary = {"out": str(out), "kind": kind, "step": doc["step"], "backbones": sorted(backbones),
+               "parameters": n, "bytes": out.stat().st_size}
+    log.info("exported %s backbones of %s -> %s", ", ".join(sorted(backbones)), ckpt_dir, out)
+    return summary
+
+
+def load_backbones(path: Path) -> dict[str, Any]:
+    """Read an export back (weights_only: no code runs), checking its format."""
+    path = Path(path)
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SatfuseError(f"{path}: not found; create it with `satfuse ckpt export CKPT --out {path}`") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise SatfuseError(f"{path}: not a readable backbone export ({exc.__class__.__name__}); re-export it") from None
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
+        raise SatfuseError(f"{path}: not a satfuse backbone export (expected format {EXPORT_FORMAT}); re-export it")
+    return doc

@@ -1,0 +1,97 @@
+"""Stop signals from SLURM (timeout, preemption) turned into one agreed decision per step.
+
+Why a flag and not work in the handler: a signal can land in the middle of a collective or
+a file write; the handler only records it (async-signal-safe), and the training loop asks
+`should_stop()` at a step boundary, where every rank all-reduces the flag (MAX) so that all
+ranks save the same step and exit together, even when SLURM signalled only one of them
+(submitit #9: only global rank 0 gets `checkpoint()`).
+
+The loop then exits with `REQUEUE_EXIT_CODE` (75, EX_TEMPFAIL) so a launcher can tell
+"saved, requeue me" from a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterable
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT_CODE = 75
+DEFAULT_SIGNALS: tuple[str, ...] = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGHUP")
+
+
+def _to_signal(sig: str | int | signal.Signals) -> signal.Signals:
+    if isinstance(sig, str):
+        name = sig.upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        try:
+            return signal.Signals[name]
+        except KeyError as exc:
+            raise ValueError(f"unknown signal {sig!r}; use e.g. SIGUSR1, USR2, SIGTERM") from exc
+    return signal.Signals(sig)
+
+
+class StopFlag:
+    """Records stop signals; `should_stop()` is the cross-rank agreement at a step boundary."""
+
+    def __init__(self, signals: Iterable[str | int] | None = None) -> None:
+        self.signals = [_to_signal(s) for s in (signals or DEFAULT_SIGNALS)]
+        self.received: int | None = None  # signal number of the first stop signal seen
+        self._previous: dict[signal.Signals, Any] = {}
+
+    # The handler runs between bytecodes of the main thread: it must not log, allocate
+    # tensors or touch the process group. Setting one attribute is safe.
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def install(self) -> StopFlag:
+        """Install the handlers (main thread only); previous handlers are kept for `uninstall`."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("StopFlag.install() must be called from the main thread")
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def uninstall(self) -> None:
+        """Give the signals back to whoever handled them before."""
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+    def __enter__(self) -> StopFlag:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def set(self) -> None:
+        """Ask for a stop from code (e.g. a submitit `checkpoint()` callback on rank 0)."""
+        self.received = self.received or int(signal.SIGUSR1)
+
+    @property
+    def local(self) -> bool:
+        """Whether this rank itself received a stop signal."""
+        return self.received is not None
+
+    def should_stop(self, group: dist.ProcessGroup | None = None) -> bool:
+        """True on every rank if any rank got a stop signal. Collective: call on all ranks."""
+        flag = self.local
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+                t = t.cuda()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            flag = bool(t.item())
+        if flag:
+            name = signal.Signals(self.received).name if self.received else "a peer rank"
+            log.info("stop requested (%s): saving and exiting with %d", name, REQUEUE_EXIT_CODE)
+        return flag

@@ -1,0 +1,146 @@
+"""CLI of the data layer: `satfuse synth ...`, `satfuse shard ...`, `satfuse shard verify|merge`.
+
+`shard` packs by default and takes `verify DIR` / `merge DIR` as optional sub-verbs, so both
+`satfuse shard --src data --dataset sen12ms --out shards/x` and `satfuse shard verify
+shards/x` read naturally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `synth` and `shard` (with `verify`/`merge`) to the satfuse command."""
+    _register_synth(subparsers)
+    _register_shard(subparsers)
+
+
+def _register_synth(subparsers: argparse._SubParsersAction) -> None:
+    synth = subparsers.add_parser("synth", help="write synthetic SEN12MS / DFC2020 GeoTIFFs in the real layout")
+    verbs = synth.add_subparsers(dest="synth_dataset", metavar="DATASET", required=True)
+    sen = verbs.add_parser("sen12ms", help="SEN12MS: s1/s2/lc patches, train/val split lists")
+    sen.add_argument("--scenes", type=int, default=8, help="number of scenes (round-robin over the 4 seasons)")
+    sen.add_argument("--patches-per-scene", type=int, default=25)
+    dfc = verbs.add_parser("dfc2020", help="DFC2020: s1/s2/dfc patches, validation/test split lists")
+    dfc.add_argument("--n-validation", type=int, default=100, help="patches in ROIs0000_validation")
+    dfc.add_argument("--n-test", type=int, default=200, help="patches in ROIs0000_test")
+    for p in (sen, dfc):
+        p.add_argument("--out", type=Path, required=True, help="dataset root to write")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--size", type=int, default=256, help="patch size in pixels (real data: 256)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+        p.set_defaults(func=_cmd_synth)
+
+
+def _register_shard(subparsers: argparse._SubParsersAction) -> None:
+    shard = subparsers.add_parser(
+        "shard",
+        help="pack GeoTIFF pairs into WebDataset shards (also: shard verify DIR, shard merge DIR)",
+        description="Pack co-located S1/S2 pairs into WebDataset shards; see shards/FORMAT.md.",
+    )
+    shard.add_argument("--src", type=Path, help="dataset root (SEN12MS or DFC2020 layout)")
+    shard.add_argument("--dataset", choices=["sen12ms", "dfc2020"])
+    shard.add_argument("--out", type=Path, help="output directory shards/NAME (NAME names the tars)")
+    shard.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    shard.add_argument("--maxsize", type=int, default=None, help="bytes per shard (turned into a per-shard count)")
+    shard.add_argument("--workers", type=int, default=1, help="worker processes (one shard per task)")
+    shard.add_argument("--seed", type=int, default=0, help="seed of the pair permutation")
+    shard.add_argument("--split-file", type=Path, default=None, help="only the pairs of a *_observations.csv")
+    shard.add_argument("--shard-index", type=int, default=None, help="job-array part (default: SLURM_ARRAY_TASK_ID - MIN)")
+    shard.add_argument("--num-shards", type=int, default=None, help="number of job-array parts (default: SLURM_ARRAY_TASK_COUNT)")
+    shard.add_argument("--overwrite", action="store_true", help="replace a non-empty output that is not a shard dir")
+    shard.add_argument("--exclude-bad", action="store_true", help="list corrupt/NaN/wrong-band files as excluded instead of failing")
+    shard.set_defaults(func=_cmd_shard)
+    verbs = shard.add_subparsers(dest="shard_verb", metavar="{verify,merge}")
+    verify = verbs.add_parser("verify", help="re-read every shard: counts, checksums, arrays")
+    verify.add_argument("dir", type=Path)
+    verify.set_defaults(func=_cmd_verify)
+    merge = verbs.add_parser("merge", help="join the part manifests of a job-array run")
+    merge.add_argument("dir", type=Path)
+    merge.set_defaults(func=_cmd_merge)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from satfuse.data import synth
+
+    if args.synth_dataset == "sen12ms":
+        n = synth.write_sen12ms(args.out, args.scenes, args.patches_per_scene, args.seed, args.size, overwrite=args.overwrite)
+    else:
+        n = synth.write_dfc2020(args.out, args.n_validation, args.n_test, args.seed, args.size, overwrite=args.overwrite)
+    print(json.dumps({"dataset": args.synth_dataset, "out": str(args.out), "pairs": n}))
+    return 0
+
+
+def slurm_array_defaults(env: dict[str, str] | None = None) -> tuple[int | None, int | None]:
+    """(index, count) of a SLURM job array, or (None, None) outside one.
+
+    The index is TASK_ID - TASK_MIN (arrays may start at 1); the count falls back to
+    MAX - MIN + 1 where SLURM_ARRAY_TASK_COUNT is absent (older SLURM).
+    """
+    env = dict(os.environ) if env is None else env
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return None, None
+    task, low = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    if "SLURM_ARRAY_TASK_COUNT" in env:
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+    elif "SLURM_ARRAY_TASK_MAX" in env:
+        count = int(env["SLURM_ARRAY_TASK_MAX"]) - low + 1
+    else:
+        raise SatfuseError("SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor _MAX; pass --shard-index and --num-shards")
+    return task - low, count
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from satfuse.data.shard_writer import quiet_gdal, shard_dataset, summary
+
+    missing = [f"--{n}" for n in ("src", "dataset", "out") if getattr(args, n) is None]
+    if missing:
+        raise SatfuseError(f"satfuse shard needs {', '.join(missing)} (or use `satfuse shard verify DIR` / `satfuse shard merge DIR`)")
+    quiet_gdal()
+    index, num = args.shard_index, args.num_shards
+    if index is None and num is None:
+        index, num = slurm_array_defaults()
+    result = shard_dataset(
+        args.src, args.dataset, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
+        workers=args.workers, seed=args.seed, split_file=args.split_file, shard_index=index,
+        num_shards=num, overwrite=args.overwrite, exclude_bad=args.exclude_bad,
+        command=["satfuse", *sys.argv[1:]],
+    )  # fmt: skip
+    if "records" in result:  # a job-array part
+        n = sum(r["count"] for r in result["records"])
+        log.info("part %d of %d: packed %d pairs into %d shards; run `satfuse shard merge %s` after the last part", result["part"], result["num_parts"], n, len(result["records"]), args.out)
+        return 0
+    log.info("%s -> %s", summary(result), args.out / "manifest.json")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from satfuse.data.verify import verify
+
+    problems = verify(args.dir)
+    for p in problems:
+        log.error("%s", p)
+    if problems:
+        log.error("%s: %d problem(s) found", args.dir, len(problems))
+        return 1
+    manifest = json.loads((args.dir / "manifest.json").read_text())
+    print(json.dumps({"dir": str(args.dir), "ok": True, "shards": len(manifest["shards"]), "samples": manifest["total_samples"]}))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from satfuse.data.shard_writer import merge, summary
+
+    manifest = merge(args.dir, command=["satfuse", *sys.argv[1:]])
+    log.info("merged: %s -> %s", summary(manifest), args.dir / "manifest.json")
+    return 0

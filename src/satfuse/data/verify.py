@@ -1,0 +1,133 @@
+"""`satfuse shard verify`: re-read a shard set and report everything that is wrong.
+
+Why a separate check: shards get copied between filesystems, truncated by full disks and
+edited by hand; a training job should not be the first to find out. This reads every tar
+in full, checks size and sha256 against the manifest, parses the tar, decodes every array
+with `np.load(allow_pickle=False)` (what webdataset's decoder does) and checks the format's
+dtypes, shapes, keys and counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from satfuse.data.layout import EXPECTED_BANDS
+from satfuse.data.shard_writer import FORMAT
+
+log = logging.getLogger(__name__)
+
+
+def verify(shard_dir: Path) -> list[str]:
+    """Every problem of the shard set in `shard_dir`, one line each (empty list = all good)."""
+    shard_dir = Path(shard_dir)
+    manifest, problems = _load_manifest(shard_dir)
+    if manifest is None:
+        return problems
+    listed = {s["name"] for s in manifest["shards"]}
+    for stray in sorted(p.name for p in shard_dir.glob("*.tar") if p.name not in listed):
+        problems.append(f"{shard_dir / stray}: tar not listed in manifest.json; remove it or re-shard")
+    total = 0
+    bar = tqdm(manifest["shards"], desc="verify", unit="shard", disable=not sys.stderr.isatty())
+    for entry in bar:
+        count, found = _verify_shard(shard_dir / entry["name"], entry, manifest.get("label"))
+        problems += found
+        total += count
+    if total != manifest.get("total_samples"):
+        problems.append(f"{shard_dir / 'manifest.json'}: total_samples {manifest.get('total_samples')} but the shards hold {total}; re-shard")
+    return problems
+
+
+def _load_manifest(shard_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    path = shard_dir / "manifest.json"
+    if not shard_dir.is_dir():
+        return None, [f"{shard_dir}: not a directory; pass a shard directory (shards/NAME)"]
+    if not path.is_file():
+        return None, [f"{path}: missing (the sharding run did not finish, or job-array parts were not merged); rerun `satfuse shard` or `satfuse shard merge {shard_dir}`"]
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, [f"{path}: not valid JSON ({exc.__class__.__name__}); rerun `satfuse shard` to rewrite it"]
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
+        return None, [f"{path}: not a {FORMAT} manifest; re-shard with this satfuse version"]
+    return manifest, []
+
+
+def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None) -> tuple[int, list[str]]:
+    """Check one tar against its manifest entry; returns (samples decoded, problems)."""
+    if not tar.is_file():
+        return 0, [f"{tar}: listed in manifest.json but missing; restore it or re-shard"]
+    data = tar.read_bytes()
+    problems = []
+    if len(data) != entry.get("bytes"):
+        problems.append(f"{tar}: {len(data)} bytes, manifest says {entry.get('bytes')} (truncated or replaced); restore it or re-shard")
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        problems.append(f"{tar}: sha256 differs from manifest.json (damaged or tampered); restore it or re-shard")
+    samples, read_problems = _read_samples(tar, data)
+    problems += read_problems
+    for key, members in samples.items():
+        problems += [f"{tar}: sample {key}: {p}" for p in _check_sample(key, members, label)]
+    if len(samples) != entry.get("count"):
+        problems.append(f"{tar}: {len(samples)} samples, manifest says {entry.get('count')}; restore it or re-shard")
+    return len(samples), problems
+
+
+def _read_samples(tar: Path, data: bytes) -> tuple[dict[str, dict[str, bytes]], list[str]]:
+    """Group tar members by WebDataset key (name up to the first dot)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                fh = tf.extractfile(member)
+                samples.setdefault(key, {})[ext] = fh.read() if fh else b""
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return samples, [f"{tar}: not a readable tar after {len(samples)} sample(s) ({exc}); restore it or re-shard"]
+    return samples, []
+
+
+def _check_sample(key: str, members: dict[str, bytes], label: str | None) -> list[str]:
+    want = {"json", "s1.npy", "s2.npy"} | ({f"{label}.npy"} if label else set())
+    problems = []
+    if set(members) != want:
+        problems.append(f"members {sorted(members)}, expected {sorted(want)}")
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except ValueError:
+            problems.append("json member is not valid JSON")
+        if meta and meta.get("key") != key:
+            problems.append(f"json key {meta.get('key')!r} != tar key")
+    for ext, blob in members.items():
+        if ext.endswith(".npy"):
+            problems += _check_array(ext[:-4], blob, meta)
+    return problems
+
+
+def _check_array(sensor: str, blob: bytes, meta: dict[str, Any]) -> list[str]:
+    try:
+        array = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        return [f"{sensor}.npy does not decode ({exc})"]
+    if sensor not in EXPECTED_BANDS:
+        return [f"unexpected member {sensor}.npy"]
+    bands, dtype = EXPECTED_BANDS[sensor]
+    shape = (bands, meta.get("height"), meta.get("width"))
+    problems = []
+    if array.dtype != np.dtype(dtype) or array.shape != shape:
+        problems.append(f"{sensor}.npy is {array.dtype}{array.shape}, expected {dtype}{shape}")
+    if sensor == "s1" and array.dtype.kind == "f" and not np.isfinite(array).all():
+        problems.append("s1.npy holds NaN/Inf")
+    return problems

@@ -1,0 +1,603 @@
+"""DeepSpeed engine: the second backend of the one training loop (`satfuse.engines.trainer`).
+
+The model, the global contrastive loss, the loader and the logging are the DDP path's; this
+module only wraps the model with `deepspeed.initialize` and maps the engine layer onto
+DeepSpeed: `backward_step` -> `engine.backward` + `engine.step`, checkpoints -> DeepSpeed's
+own sharded `save_checkpoint`/`load_checkpoint` inside satfuse's atomic checkpoint layout.
+
+Who decides what (precedence, checked at start):
+- satfuse's config owns the training recipe, so DDP and DeepSpeed runs of one YAML train
+  the same thing: per-rank batch (`data.batch_size` -> `train_micro_batch_size_per_gpu`;
+  `train_batch_size` is computed), optimizer and LR schedule (`optim.*`, `train.steps`: the
+  optimizer is satfuse's own torch optimizer and the schedule its LambdaLR, handed to
+  DeepSpeed as client objects, so nothing is compiled and the update is DDP's), gradient
+  clipping (`optim.grad_clip`) and precision (`train.precision`).
+- the DeepSpeed file (`deepspeed.config`, JSON or YAML, see hpc/deepspeed/) owns the rest:
+  the ZeRO stage and its tuning, `gradient_accumulation_steps`, loss-scaling knobs of its
+  fp16 section, communication settings. `deepspeed.zero_stage` (>= 0) overrides its stage.
+- a file that sets a satfuse-owned key to a different value is refused with the key named;
+  restating the same value is fine (so the `*_bf16.json` files say `"bf16": enabled`).
+
+Unsupported combinations fail in `DeepSpeedEngine.__init__`, before any step: fp16 off
+CUDA, ZeRO-3 and parameter offload, LARS under ZeRO/bf16 (flattened partitions break its
+per-layer trust ratio), bf16 gradient accumulation in bf16 (diverges: DeepSpeed #2352,
+#2768), tensor/pipeline/sequence parallelism (the loss gathers over the default group, which
+must be DeepSpeed's data-parallel group), async checkpoint saves.
+
+With `gradient_accumulation_steps = k > 1` one trainer step is one micro-batch: the
+optimizer steps every k trainer steps, the LR schedule runs over `train.steps / k`
+optimizer steps, and `train.steps` and `checkpoint.every_steps` must be multiples of k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from satfuse.config import PretrainConfig
+from satfuse.engines.base import Engine, check_precision
+from satfuse.engines.optim import build_optimizer, lr_factor
+from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_STAGES = (0, 1, 2)
+# Keys the DeepSpeed file may only restate: satfuse's config is their source of truth.
+OWNED_SCALARS = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_clipping": "optim.grad_clip",
+}
+OWNED_SECTIONS = {"optimizer": "optim.*", "scheduler": "optim.* (schedule, warmup_steps)"}
+PARALLEL_KEYS = ("pipeline", "tensor_parallel", "sequence_parallel_size", "autotp_size")
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed config: read, check, fill
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_ds_config_path(path: str) -> Path:
+    """The DeepSpeed file as given (relative to the working directory), else relative to
+    the satfuse checkout, so the default `hpc/deepspeed/...` works from any directory."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    repo = Path(__file__).resolve().parents[3] / path
+    if not p.is_absolute() and repo.is_file():
+        return repo
+    raise SatfuseError(
+        f"{path}: DeepSpeed config not found; set deepspeed.config to one of hpc/deepspeed/*.json "
+        f"(or your own JSON/YAML file)"
+    )
+
+
+def read_ds_file(path: Path) -> dict[str, Any]:
+    """A DeepSpeed config as a dict: JSON, or YAML for `.yaml`/`.yml` files."""
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SatfuseError(f"{path}: not valid {path.suffix[1:].upper()} ({exc}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise SatfuseError(f"{path}: a DeepSpeed config must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _refuse_owned(raw: dict[str, Any], cfg: PretrainConfig, where: Path, world: int, gas: int) -> None:
+    """A satfuse-owned key in the DeepSpeed file must agree with satfuse's config."""
+    for key, section in OWNED_SECTIONS.items():
+        if key in raw:
+            raise SatfuseError(
+                f"{where}: remove the '{key}' section: the optimizer and LR schedule come from "
+                f"the satfuse config ({section}) so that DDP and DeepSpeed train the same recipe"
+            )
+    mine = {"train_micro_batch_size_per_gpu": cfg.data.batch_size,
+            "gradient_clipping": float(cfg.optim.grad_clip)}
+    for key, value in mine.items():
+        if key in raw and float(raw[key]) != float(value):
+            raise SatfuseError(
+                f"{where}: {key}={raw[key]} disagrees with {OWNED_SCALARS[key]}={value}; satfuse's "
+                f"config owns it: set {OWNED_SCALARS[key]} (or remove {key} from the file)"
+            )
+    want = cfg.data.batch_size * gas * world
+    if "train_batch_size" in raw and int(raw["train_batch_size"]) != want:
+        raise SatfuseError(
+            f"{where}: train_batch_size={raw['train_batch_size']} but data.batch_size "
+            f"({cfg.data.batch_size}) x gradient_accumulation_steps ({gas}) x world size ({world}) "
+            f"= {want}; remove train_batch_size from the file (satfuse computes it)"
+        )
+
+
+def _precision_sections(raw: dict[str, Any], precision: str, where: Path) -> dict[str, Any]:
+    """bf16/fp16 sections: `enabled` follows train.precision; the file keeps its tuning."""
+    out: dict[str, Any] = {}
+    for name in ("bf16", "fp16"):
+        section = dict(raw.get(name) or {})
+        if section.get("enabled") and precision != name:
+            raise SatfuseError(
+                f"{where}: enables {name} but train.precision={precision}; set "
+                f"train.precision={name} or use a file without {name} (e.g. hpc/deepspeed/zero1_fp32.json)"
+            )
+        section["enabled"] = precision == name
+        out[name] = section
+    if "amp" in raw and (raw["amp"] or {}).get("enabled"):
+        raise SatfuseError(f"{where}: 'amp' (apex) is not supported; use train.precision=bf16 or fp16")
+    return out
+
+
+def _grad_accum_dtype(raw: dict[str, Any], precision: str, where: Path) -> dict[str, Any]:
+    """bf16 + ZeRO must accumulate gradients in fp32 (bf16 accumulation diverged: #2352)."""
+    types = dict(raw.get("data_types") or {})
+    if precision == "bf16":
+        if types.get("grad_accum_dtype", "fp32") != "fp32":
+            raise SatfuseError(
+                f"{where}: data_types.grad_accum_dtype={types['grad_accum_dtype']} with bf16 is "
+                "refused (bf16 gradient accumulation diverges, DeepSpeed #2352); use fp32"
+            )
+        types["grad_accum_dtype"] = "fp32"
+    if precision in ("bf16", "fp16"):
+        # DeepSpeed casts parameters but keeps buffers fp32; CPU batch_norm refuses bf16
+        # weights with fp32 running stats, so the buffers follow the parameters' dtype.
+        types.setdefault("buffer_dtype", precision)
+    return types
+
+
+def _zero_section(raw: dict[str, Any], override: int, where: Path, device: torch.device) -> dict[str, Any]:
+    zero = dict(raw.get("zero_optimization") or {})
+    stage = int(override) if override >= 0 else int(zero.get("stage", 0))
+    if stage not in SUPPORTED_STAGES:
+        raise SatfuseError(
+            f"{where}: ZeRO stage {stage} is not supported by satfuse (stage 3 partitions the "
+            "parameters themselves, which the per-modality backbones' export and the loss need "
+            "whole); use deepspeed.zero_stage=0, 1 or 2"
+        )
+    zero["stage"] = stage
+    if zero.get("offload_param"):
+        raise SatfuseError(f"{where}: zero_optimization.offload_param needs ZeRO-3; remove it")
+    if zero.get("offload_optimizer") and device.type != "cuda":
+        raise SatfuseError(
+            f"{where}: zero_optimization.offload_optimizer moves optimizer state to the CPU, "
+            "which is where a CPU run keeps it already; remove it (it is for GPU runs)"
+        )
+    return zero
+
+
+def build_ds_config(cfg: PretrainConfig, world: int, device: torch.device) -> dict[str, Any]:
+    """The full DeepSpeed config dict of this run (see the module doc for precedence)."""
+    where = resolve_ds_config_path(cfg.deepspeed.config)
+    raw = read_ds_file(where)
+    for key in PARALLEL_KEYS:
+        if raw.get(key):
+            raise SatfuseError(
+                f"{where}: '{key}' is not supported: the global contrastive loss gathers over the "
+                "default process group, which must be DeepSpeed's data-parallel group; remove it"
+            )
+    gas = int(raw.get("gradient_accumulation_steps", 1))
+    if gas < 1:
+        raise SatfuseError(f"{where}: gradient_accumulation_steps must be >= 1, got {gas}")
+    _refuse_owned(raw, cfg, where, world, gas)
+    ds = {k: v for k, v in raw.items() if k not in ("train_batch_size",)}
+    ds.update(_precision_sections(raw, cfg.train.precision, where))
+    ds["data_types"] = _grad_accum_dtype(raw, cfg.train.precision, where)
+    ds["zero_optimization"] = _zero_section(raw, cfg.deepspeed.zero_stage, where, device)
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.data.batch_size,
+        gradient_accumulation_steps=gas,
+        train_batch_size=cfg.data.batch_size * gas * world,
+        gradient_clipping=float(cfg.optim.grad_clip),
+    )
+    ds.setdefault("steps_per_print", 10**9)  # satfuse logs; DeepSpeed's own prints are noise
+    ds.setdefault("wall_clock_breakdown", False)
+    ds["checkpoint"] = {**(raw.get("checkpoint") or {}), "load_universal": False}
+    if cfg.optim.name not in ("adam", "adamw"):
+        ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def check_combination(cfg: PretrainConfig, ds: dict[str, Any], device: torch.device) -> None:
+    """Refuse, at start, what would fail or silently train something else mid-run."""
+    check_precision(cfg.train.precision, device)
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise SatfuseError("train.precision=fp16 with DeepSpeed needs CUDA; use bf16 or fp32 on CPU")
+    stage = ds["zero_optimization"]["stage"]
+    if cfg.optim.name == "lars" and (stage > 0 or cfg.train.precision != "fp32"):
+        raise SatfuseError(
+            f"optim.name=lars with ZeRO stage {stage} / {cfg.train.precision}: DeepSpeed flattens "
+            "parameters into partitions there, so LARS's per-layer trust ratio would be wrong; "
+            "use deepspeed.zero_stage=0 with train.precision=fp32, or optim.name=adam/adamw"
+        )
+    if cfg.checkpoint.async_save:
+        raise SatfuseError(
+            "checkpoint.async_save=true is not supported with train.engine=deepspeed (DeepSpeed "
+            "writes its own shards synchronously); set checkpoint.async_save=false"
+        )
+    gas = ds["gradient_accumulation_steps"]
+    every = cfg.checkpoint.every_steps
+    if gas > 1 and (cfg.train.steps % gas or (every and every % gas)):
+        raise SatfuseError(
+            f"gradient_accumulation_steps={gas} (from {cfg.deepspeed.config}): train.steps "
+            f"({cfg.train.steps}) and checkpoint.every_steps ({every}) count micro-batches and "
+            f"must be multiples of {gas}, so that checkpoints fall on optimizer steps"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# process group and accelerator
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_process_group(device: torch.device, timeout_s: int) -> None:
+    """DeepSpeed needs a process group even on one rank; satfuse creates none for world
+    size 1, and DeepSpeed's own fallback is MPI discovery (mpi4py). A private 1-rank gloo
+    group on a free local port avoids both."""
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set, even for one rank
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1, timeout=timedelta(seconds=timeout_s))
+
+
+def import_deepspeed(device: torch.device):
+    """Import DeepSpeed on the accelerator that matches `device` (CPU: DS_ACCELERATOR=cpu)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator().device_name()
+    want = "cpu" if device.type == "cpu" else "cuda"
+    if not str(accel).startswith(want):
+        raise SatfuseError(
+            f"DeepSpeed picked the {accel} accelerator but satfuse trains on {device.type}; set "
+            f"DS_ACCELERATOR={want} (or train.device={'cuda' if accel.startswith('cuda') else 'cpu'})"
+        )
+    logging.getLogger("DeepSpeed").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    return deepspeed
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast_floats(v, dtype) for v in obj)
+    return obj
+
+
+def install_input_cast(module: nn.Module, dtype: torch.dtype):
+    """Cast the batch to the model's dtype on every forward.
+
+    Why: DeepSpeed's bf16/fp16 keep the whole model in that dtype (fp32 master weights live
+    in the optimizer); autocast then runs some ops (batch_norm on CPU) in fp32 against bf16
+    weights and fails. A pre-hook on the bare module covers the training forward (through
+    the DeepSpeed engine) and the trainer's evaluation, which calls the module directly.
+    """
+    return module.register_forward_pre_hook(lambda _m, args: _cast_floats(args, dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------------
+
+
+class DeepSpeedEngine(Engine):
+    """`Engine` on DeepSpeed ZeRO 0/1/2 (fp32, bf16; fp16 on CUDA)."""
+
+    kind = "deepspeed"
+
+    def __init__(self, cfg: PretrainConfig, module: nn.Module, device: torch.device) -> None:
+        super().__init__(cfg, module, device)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.ds_config = build_ds_config(cfg, world, device)
+        check_combination(cfg, self.ds_config, device)
+        self.gas = int(self.ds_config["gradient_accumulation_steps"])
+        deepspeed = import_deepspeed(device)
+        ensure_process_group(device, cfg.train.comm_timeout_s)
+        module.to(device)
+        self.optimizer = build_optimizer(module, cfg.optim)
+        opt_steps = max(1, cfg.train.steps // self.gas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, opt_steps, cfg.optim))
+        self.model, self.ds_optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+            config=self.ds_config, dist_init_required=False,
+        )
+        self._check_data_parallel()
+        if cfg.train.precision != "fp32":
+            dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+            self._cast_hook = install_input_cast(module, dtype)
+        self.ckpt = self._checkpoint_manager()
+        log.info("DeepSpeed engine: ZeRO stage %d, %s, %d rank(s), gradient accumulation %d",
+                 self.zero_stage, cfg.train.precision, world, self.gas)
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config["zero_optimization"]["stage"])
+
+    def _check_data_parallel(self) -> None:
+        """The loss gathers over the default group; that is only right if it is the DP group."""
+        world = dist.get_world_size()
+        dp, mp = int(self.model.dp_world_size), int(self.model.mp_world_size)
+        if dp != world or mp != 1:
+            raise SatfuseError(
+                f"DeepSpeed data-parallel size {dp} (model-parallel {mp}) differs from the world "
+                f"size {world}: the global contrastive loss needs pure data parallelism; remove "
+                f"tensor/pipeline/sequence parallel settings from {self.cfg.deepspeed.config}"
+            )
+
+    def _checkpoint_manager(self) -> DeepSpeedCheckpointManager:
+        ck = self.cfg.checkpoint
+        return DeepSpeedCheckpointManager(
+            Path(self.cfg.train.run_dir), self, keep_last=ck.keep_last, keep_every=ck.keep_every)
+
+    def autocast(self):
+        """No autocast: under bf16/fp16 DeepSpeed runs the whole model in that dtype (inputs
+        are cast by `install_input_cast`); the loss upcasts to fp32 itself."""
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ step
+    def backward_step(self, loss: torch.Tensor) -> float:
+        """DeepSpeed scales by 1/k, reduces, clips, steps and schedules at the boundary."""
+        boundary = self.model.is_gradient_accumulation_boundary()
+        self.model.backward(loss)
+        self.model.step()
+        norm = self.model.get_global_grad_norm() if boundary else None
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def engine_state(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "micro_steps": int(self.model.micro_steps)}
+
+    def load_engine_state(self, state: dict[str, Any]) -> None:
+        """The schedule's position (the one source of truth; DeepSpeed's copy is not loaded),
+        re-applied to the optimizer so the next step uses the resumed lr."""
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+        self.model.micro_steps = int(state.get("micro_steps", self.model.micro_steps))
+
+    # ------------------------------------------------------------------ checkpoints
+    def find_resume(self, resume: str) -> Path | None:
+        return self.ckpt.find_resume(resume)
+
+    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        partial = int(self.model.micro_steps) % self.gas
+        if partial:  # only a stop signal saves off the accumulation boundary (checked at start)
+            log.warning("saving step %d in the middle of gradient accumulation: the partial "
+                        "gradients of %d micro-batches are not saved", step, partial)
+        return self.ckpt.save(step, rank_state, meta)
+
+    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        return self.ckpt.load(path)
+
+    def describe(self) -> dict[str, Any]:
+        """What meta.json records about the engine (checked again at resume)."""
+        import deepspeed
+
+        return {
+            "zero_stage": self.zero_stage,
+            "precision": self.cfg.train.precision,
+            "dp_world_size": int(self.model.dp_world_size),
+            "gradient_accumulation_steps": self.gas,
+            "config_file": str(self.cfg.deepspeed.config),
+            "deepspeed_version": deepspeed.__version__,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints: DeepSpeed's shards inside satfuse's atomic layout
+# --------------------------------------------------------------------------------------------
+
+
+def partitioned_files(ckpt: Path) -> list[Path]:
+    """DeepSpeed's per-DP-rank optimizer shards (ZeRO 1/2, or bf16 at stage 0)."""
+    return sorted(Path(ckpt).glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    """DeepSpeed's torch.save does not fsync; the writer makes its own shards durable
+    before rank 0 commits the directory."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _files_written_by(tmp: Path, rank: int) -> list[Path]:
+    mine = list(tmp.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
+    if rank == 0:
+        mine += list(tmp.glob("mp_rank_*_model_states.pt"))
+    return mine
+
+
+def convert_to_universal(src: Path, out: Path, timeout_s: int = 1800) -> None:
+    """DeepSpeed's universal checkpoint of `src` in `out` (rank 0 only; a subprocess, so its
+    worker pools and memory never live in a training rank). `--inject_missing_state` is
+    needed for models that do not declare universal-checkpoint info (all of ours)."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    if res.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise SatfuseError(
+            f"{src}: conversion to a universal checkpoint failed ({tail[0][:300]}); resume on "
+            f"the world size that saved it"
+        )
+
+
+class DeepSpeedCheckpointManager:
+    """Save/find/load DeepSpeed checkpoints with the DDP manager's guarantees and layout.
+
+    `run_dir/checkpoints/step_XXXXXXXX/` holds DeepSpeed's files (`mp_rank_00_model_states.pt`,
+    `*zero_pp_rank_R_mp_rank_00_optim_states.pt`), the per-rank `rank_XXXXX.pt` (loader
+    position, RNG, schedule) and `meta.json` (kind "deepspeed"), so `satfuse ckpt ls/inspect`
+    and `resume=auto` treat both kinds alike. Every rank calls save and load (DeepSpeed
+    #2993). Saves go to `.tmp-step_X` (DeepSpeed's tag), every writer fsyncs its shards,
+    and the DDP manager's commit (meta.json last, rename, `latest`, prune) is reused. A
+    checkpoint of another world size or ZeRO layout is converted to DeepSpeed's universal
+    format by rank 0 (a temporary `.universal-step_X` beside it, removed after loading).
+    """
+
+    def __init__(self, run_dir: Path, engine: DeepSpeedEngine, keep_last: int = 3,
+                 keep_every: int = 0) -> None:
+        from satfuse.checkpoint.manager import CheckpointManager
+
+        self.engine = engine
+        self.base = CheckpointManager(run_dir, keep_last=keep_last, keep_every=keep_every)
+        self.ckpt_dir = self.base.ckpt_dir
+
+    def find_resume(self, resume: str) -> Path | None:
+        return self.base.find_resume(resume)
+
+    def _model_state(self):
+        from satfuse.checkpoint.manager import ModelOptimState
+
+        return {"model": ModelOptimState(self.engine.module)}
+
+    # ---------------------------------------------------------------- save
+    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        from satfuse.checkpoint.layout import TMP_PREFIX, rank_file, step_name
+        from satfuse.checkpoint.manager import _broadcast, _fingerprint, _write_rank_state
+
+        base, rank = self.base, dist.get_rank()
+        group = base.group()
+        tmp, final = self.ckpt_dir / f"{TMP_PREFIX}{step_name(step)}", self.ckpt_dir / step_name(step)
+        error = _broadcast(base._prepare_tmp(tmp) if rank == 0 else None, group)
+        if error:
+            raise SatfuseError(error)
+        fp, nparams = _fingerprint(self._model_state())
+        doc = {**base._meta_doc(step, meta, fp, nparams), "kind": "deepspeed",
+               "deepspeed": self.engine.describe()}
+        local_error = None
+        try:
+            _write_rank_state(tmp / rank_file(rank), rank_state)
+            self.engine.model.save_checkpoint(str(self.ckpt_dir), tag=tmp.name, save_latest=False)
+            _fsync_files(_files_written_by(tmp, rank))
+        except (OSError, RuntimeError) as exc:
+            local_error = f"rank {rank}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        base._finalize(step, tmp, final, doc, local_error, group)
+        return final
+
+    # ---------------------------------------------------------------- load
+    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        from satfuse.checkpoint.layout import rank_file, read_meta
+        from satfuse.checkpoint.manager import _load_rank_state
+
+        path = Path(path)
+        if str(path.resolve()) not in self.base._verified:
+            path = self.base.find_resume(str(path)) or path
+        meta = read_meta(path)
+        if meta.get("kind") != "deepspeed":
+            raise SatfuseError(
+                f"{path}: written by the {meta.get('kind', 'dcp')} engine, not DeepSpeed; resume "
+                "it with train.engine=ddp, or start a new run_dir"
+            )
+        self.base._check_model(path, meta, self._model_state())
+        universal = self._needs_universal(path, meta)
+        if universal:
+            self._load_universal(path, meta)
+        else:
+            self._load_ds(path.parent, path.name)
+        states = [_load_rank_state(path / rank_file(r)) for r in range(int(meta["world_size"]))]
+        log.info("loaded %s (step %s, saved by %s ranks%s)", path, meta.get("step"),
+                 meta["world_size"], ", via a universal checkpoint" if universal else "")
+        return states, meta
+
+    def _needs_universal(self, path: Path, meta: dict[str, Any]) -> bool:
+        """Direct load when the shards fit this run; universal when only their partitioning
+        differs; refuse when the optimizer state would silently be lost."""
+        saved = meta.get("deepspeed") or {}
+        saved_partitioned = bool(partitioned_files(path))
+        now_partitioned = self.engine.zero_stage > 0 or self.cfg_precision == "bf16"
+        if saved_partitioned != now_partitioned:
+            raise SatfuseError(
+                f"{path}: saved with ZeRO stage {saved.get('zero_stage')} / {saved.get('precision')}, "
+                f"whose optimizer state layout cannot load into stage {self.engine.zero_stage} / "
+                f"{self.cfg_precision} (it would be silently reset); resume with "
+                f"deepspeed.zero_stage={saved.get('zero_stage')} train.precision={saved.get('precision')}"
+            )
+        if not saved_partitioned:
+            return False  # stage 0 fp32/fp16: replicated state, any world size loads it
+        same = (int(meta["world_size"]) == dist.get_world_size()
+                and saved.get("zero_stage") == self.engine.zero_stage
+                and saved.get("precision") == self.cfg_precision)
+        return not same
+
+    @property
+    def cfg_precision(self) -> str:
+        return self.engine.cfg.train.precision
+
+    def _load_ds(self, load_dir: Path, tag: str) -> None:
+        try:
+            loaded, _ = self.engine.model.load_checkpoint(
+                str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        except Exception as exc:  # noqa: BLE001 - one line for the user, chained for debugging
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SatfuseError(
+                f"{load_dir / tag}: DeepSpeed could not load it ({type(exc).__name__}: {first[:300]}); "
+                "resume with the ZeRO stage, precision and world size that saved it"
+            ) from exc
+        if loaded is None:
+            raise SatfuseError(f"{load_dir / tag}: DeepSpeed found no model states in it; it is damaged")
+
+    def _load_universal(self, path: Path, meta: dict[str, Any]) -> None:
+        import shutil
+
+        from satfuse.checkpoint.manager import _broadcast
+
+        group = self.base.group()
+        out = self.ckpt_dir / f".universal-{path.name}"
+        error = None
+        if dist.get_rank() == 0:
+            log.info("converting %s (world size %s) to a universal checkpoint for world size %d",
+                     path, meta["world_size"], dist.get_world_size())
+            try:
+                convert_to_universal(path, out)
+            except (SatfuseError, OSError, TimeoutError) as exc:
+                error = str(exc)
+        error = _broadcast(error, group)
+        if error:
+            raise SatfuseError(error)
+        cfg = self.engine.model._config
+        cfg.load_universal_checkpoint = True
+        try:
+            self._load_ds(out.parent, out.name)
+        finally:
+            cfg.load_universal_checkpoint = False
+            dist.barrier(group=group)
+            if dist.get_rank() == 0:
+                shutil.rmtree(out, ignore_errors=True)
+                # ds_to_universal also points `latest_universal` at its output: not ours to keep
+                (self.ckpt_dir / "latest_universal").unlink(missing_ok=True)

@@ -1,0 +1,65 @@
+"""Compile DeepSpeed's JIT C++ ops once, at set-up time: `python -m satfuse.engines.warmup`.
+
+Why: on the CPU accelerator every `deepspeed.initialize` loads the shared-memory comm op
+(`ShareMemCommBuilder`), and the first load compiles it with g++/ninja (~25 s). Without this
+step the first test or the first rank of the first run pays that, and two ranks racing to
+compile into the same cache directory can time out the rendezvous. The build lands in
+`$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions/py3X_cpu`) and is reused.
+
+FusedAdam is not built: satfuse passes `"torch_adam": true`, which is the same update rule
+without a compile (measured ~55 s). On a CUDA machine DeepSpeed builds its CUDA ops lazily
+on first use; nothing is warmed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+# Ops a satfuse run loads on the CPU accelerator (see module doc for why not FusedAdam).
+CPU_OPS = ("ShareMemCommBuilder",)
+
+
+def warm_ops(names: tuple[str, ...] = CPU_OPS) -> dict[str, float]:
+    """Build/load each op and return the seconds it took (near 0 when already cached)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    timings: dict[str, float] = {}
+    for name in names:
+        builder = accel.create_op_builder(name)
+        if builder is None:
+            log.info("accelerator %s has no op %s: nothing to build", accel.device_name(), name)
+            continue
+        if not builder.is_compatible(verbose=False):
+            log.warning("op %s is not compatible with this machine; DeepSpeed will fall back", name)
+            continue
+        t0 = time.perf_counter()
+        builder.load(verbose=False)
+        timings[name] = round(time.perf_counter() - t0, 2)
+        log.info("op %s ready in %.1f s", name, timings[name])
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", nargs="*", default=list(CPU_OPS), help="op builder names")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        warm_ops(tuple(args.ops))
+    except Exception as exc:  # set-up must say what failed; DeepSpeed can still build later
+        log.error("could not build DeepSpeed ops (%s: %s); the first run will try again",
+                  type(exc).__name__, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

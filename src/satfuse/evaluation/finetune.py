@@ -1,0 +1,412 @@
+"""One downstream run: fine-tune or linear-probe on DFC2020, early-stop, score on test.
+
+Protocol (the authors' unless stated): train on the DFC2020 *validation* split minus a
+stratified held-out part for early stopping (`data.val_fraction`, the same patches for
+every label fraction of a seed, so fractions differ only in training labels), test on the
+DFC2020 *test* split (centre crop). Adam, weight decay, lr x0.1 once at `train.lr_drop_at`
+of the epochs; head lr and backbone lr separate; cross-entropy with ignore index 255
+(single-label) or sigmoid + BCE with threshold 0.5 (multi-label). Class-balanced sampling
+(the authors oversample to balance classes) unless `data.balanced: false`.
+
+Normalisation: a pretrained model sees its pretraining statistics (stored in the export);
+a model from scratch uses the training shards' manifest statistics.
+
+Crops whose label map has no valid pixel carry no target: masked out of the loss in
+training, dropped (and counted in result.json) from validation and test scoring.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from satfuse.config import dump_yaml, load_config, to_dict
+from satfuse.data.normalize import BandStats, normalize
+from satfuse.evaluation import data as D
+from satfuse.evaluation.metrics import multi_label_metrics, single_label_metrics
+from satfuse.evaluation.models import Classifier, build_classifier, scratch_branches
+from satfuse.evaluation.pretrained import METHOD_NAMES, load_pretrained, pretrained_branches
+from satfuse.evaluation.targets import CLASS_NAMES, IGNORE, N_CLASSES, batch_targets
+from satfuse.utils import SatfuseError, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RESULT_FORMAT = "satfuse-finetune/1"
+
+
+@dataclass
+class FtDataConfig:
+    train_shards: str = "shards/dfc2020_validation"  # authors: train on DFC2020 validation
+    test_shards: str = "shards/dfc2020_test"
+    val_fraction: float = 0.2  # held out of train_shards for early stopping (stratified)
+    crop: int = 224  # random crop (train) / centre crop (val, test); authors 224 of 256
+    label_fraction: float = 1.0
+    keep_every_class: bool = True  # ceil per class (>= 1 example each) vs floor (may drop)
+    balanced: bool = True  # class-balanced sampling (authors oversample)
+    min_epoch_samples: int = 0  # an epoch draws max(n_train, this) samples
+    multi_label_min_fraction: float = 0.1
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    s1_clip: list[float] = field(default_factory=lambda: [-25.0, 0.0])
+    s2_clip: list[float] = field(default_factory=lambda: [0.0, 10000.0])
+
+
+@dataclass
+class FtModelConfig:
+    checkpoint: str = "none"  # export file, checkpoint dir, or none (supervised from scratch)
+    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"
+    mode: Literal["finetune", "linear"] = "finetune"
+    modalities: Literal["s1", "s2", "s1s2"] = "s1s2"
+    fusion: Literal["early", "late"] = "late"
+
+
+@dataclass
+class FtTrainConfig:
+    task: Literal["single", "multi"] = "single"
+    epochs: int = 50
+    patience: int = 10  # epochs without val improvement before stopping (0 = never stop early)
+    early_stop_on: Literal["loss", "metric"] = "loss"  # metric: AA (single) / macro F1 (multi)
+    lr: float = 1e-5  # head
+    backbone_lr: float = 1e-5
+    weight_decay: float = 1e-3
+    lr_drop_at: float = 0.5  # lr x0.1 after this fraction of the epochs (0 = never)
+    threshold: float = 0.5  # multi-label decision threshold
+    seed: int = 42
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's setting
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class FinetuneConfig:
+    data: FtDataConfig = field(default_factory=FtDataConfig)
+    model: FtModelConfig = field(default_factory=FtModelConfig)
+    train: FtTrainConfig = field(default_factory=FtTrainConfig)
+    run_dir: str = "runs/finetune/run"
+    label: str = ""  # method name in reports; empty = derived from the config
+
+
+def load_finetune_config(path: str | None, overrides: list[str] | None = None) -> FinetuneConfig:
+    return load_config(FinetuneConfig, path, overrides)
+
+
+def method_label(cfg: FinetuneConfig, method: str | None = None) -> str:
+    """A readable method name for tables: 'Dual-SimCLR (fine-tune)', 'Supervised late fusion'."""
+    if cfg.label:
+        return cfg.label
+    mod = cfg.model.modalities
+    what = {"s1": "S1", "s2": "S2"}.get(mod, f"{cfg.model.fusion} fusion")
+    if method is None:
+        base = f"Supervised {what}"
+        return base if cfg.model.mode == "finetune" else f"Random-init {what} (linear)"
+    name = METHOD_NAMES.get(method, method)
+    suffix = "" if mod == "s1s2" else f" {what}"
+    return f"{name}{suffix} ({'fine-tune' if cfg.model.mode == 'finetune' else 'linear'})"
+
+
+# --------------------------------------------------------------------------------------------
+# Data preparation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    train: D.LabeledSplit
+    test: D.LabeledSplit
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    strat: np.ndarray
+    info: dict
+
+
+def _stats_from_arrays(split: D.LabeledSplit, s1_clip: list[float], s2_clip: list[float]) -> dict:
+    out = {}
+    for name, arr, clip in (("s1", split.s1, s1_clip), ("s2", split.s2, s2_clip)):
+        a = np.clip(arr.astype(np.float32), clip[0], clip[1])
+        out[name] = BandStats(tuple(a.mean(axis=(0, 2, 3)).tolist()),
+                              tuple(np.maximum(a.std(axis=(0, 2, 3)), 1e-6).tolist()),
+                              (float(clip[0]), float(clip[1])))
+    return out
+
+
+def band_stats(cfg: FinetuneConfig, train: D.LabeledSplit, pretrained_stats: dict | None) -> tuple[dict, str]:
+    """Pretraining statistics when fine-tuning a pretrained model, else the train manifest's."""
+    if pretrained_stats and {"s1", "s2"} <= set(pretrained_stats):
+        return pretrained_stats, "checkpoint"
+    stats = train.manifest.get("stats") or {}
+    if {"s1", "s2"} <= set(stats):
+        return {"s1": BandStats.from_manifest(stats, "s1", cfg.data.s1_clip),
+                "s2": BandStats.from_manifest(stats, "s2", cfg.data.s2_clip)}, "train_manifest"
+    log.warning("%s: manifest has no stats; measuring them on the training patches", train.source)
+    return _stats_from_arrays(train, cfg.data.s1_clip, cfg.data.s2_clip), "train_arrays"
+
+
+def prepare_data(cfg: FinetuneConfig) -> Prepared:
+    """Load both splits, hold out the early-stopping part, draw the label fraction."""
+    dc = cfg.data
+    if dc.crop < 0:
+        raise SatfuseError(f"data.crop={dc.crop} must be >= 0 (0 = whole patch)")
+    train = D.load_split_cached(dc.train_shards, 0)
+    if dc.crop > min(train.s1.shape[-2:]):
+        raise SatfuseError(f"data.crop={dc.crop} is larger than the {train.s1.shape[-1]}px patches of "
+                           f"{dc.train_shards}; set data.crop <= {min(train.s1.shape[-2:])}")
+    test = D.load_split_cached(dc.test_shards, dc.crop)
+    strat = train.patch_labels()
+    pool, val_idx = D.train_val_split(strat, dc.val_fraction, cfg.train.seed)
+    train_idx = D.label_fraction_subset(strat, pool, dc.label_fraction, cfg.train.seed,
+                                        dc.keep_every_class)
+    if train_idx.size == 0:
+        raise SatfuseError(f"{dc.train_shards}: label fraction {dc.label_fraction} leaves no "
+                           "training patch; use a larger data.label_fraction")
+    info = _class_report(strat, pool, train_idx, val_idx, test, dc)
+    return Prepared(train, test, train_idx, val_idx, strat, info)
+
+
+def _class_report(strat, pool, train_idx, val_idx, test, dc) -> dict:
+    test_lab = test.patch_labels()
+    test_counts = np.bincount(test_lab[test_lab < N_CLASSES], minlength=N_CLASSES)
+    train_counts = np.bincount(strat[train_idx], minlength=N_CLASSES)
+    pool_counts = np.bincount(strat[pool][strat[pool] < N_CLASSES], minlength=N_CLASSES)
+    missing = [CLASS_NAMES[c] for c in range(N_CLASSES) if train_counts[c] == 0 and test_counts[c] > 0]
+    dropped = [CLASS_NAMES[c] for c in range(N_CLASSES) if train_counts[c] == 0 and pool_counts[c] > 0]
+    if missing:
+        log.warning("label fraction %g: no training example of %s (present in the test split); "
+                    "those classes can only be mispredicted", dc.label_fraction, ", ".join(missing))
+    if dropped:
+        log.warning("label fraction %g with keep_every_class=false dropped %s from training",
+                    dc.label_fraction, ", ".join(dropped))
+    return {
+        "n_pool": int(pool.size), "n_train": int(train_idx.size), "n_val": int(val_idx.size),
+        "n_unlabelled_train_patches": int((strat == IGNORE).sum()),
+        "class_counts_train": train_counts.tolist(), "class_counts_pool": pool_counts.tolist(),
+        "class_counts_test": test_counts.tolist(),
+        "classes_missing_in_train": missing, "classes_dropped_by_fraction": dropped,
+        "classes_absent_in_test": [CLASS_NAMES[c] for c in range(N_CLASSES) if test_counts[c] == 0],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+class Batcher:
+    """Crops, normalises and builds targets for index batches of an in-memory split."""
+
+    def __init__(self, split: D.LabeledSplit, stats: dict, crop: int, min_fraction: float,
+                 device: torch.device) -> None:
+        self.split, self.stats, self.crop = split, stats, crop
+        self.min_fraction, self.device = min_fraction, device
+
+    def __call__(self, idx: np.ndarray, rng: np.random.Generator | None):
+        s1, s2, lab = D.crop_batch([self.split.s1, self.split.s2, self.split.labels], idx, self.crop, rng)
+        single, multi = batch_targets(lab, self.min_fraction)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        return (t(normalize(s1, self.stats["s1"])), t(normalize(s2, self.stats["s2"])),
+                t(single), t(multi))
+
+
+def _loss(task: str, logits: torch.Tensor, single: torch.Tensor, multi: torch.Tensor) -> torch.Tensor:
+    if task == "single":
+        if bool((single != IGNORE).any()):
+            return nn.functional.cross_entropy(logits, single, ignore_index=IGNORE)
+        return logits.sum() * 0.0
+    valid = (single != IGNORE).float()[:, None]
+    per = nn.functional.binary_cross_entropy_with_logits(logits, multi, reduction="none")
+    return (per * valid).sum() / (valid.sum() * logits.shape[1]).clamp_min(1.0)
+
+
+@torch.no_grad()
+def predict(model: Classifier, batcher: Batcher, idx: np.ndarray, batch_size: int, task: str) -> dict:
+    """Scores of `idx` (centre crops) with their targets; crops without a valid pixel dropped."""
+    model.eval()
+    outs, singles, multis, losses, n = [], [], [], 0.0, 0
+    for start in range(0, idx.size, batch_size):
+        s1, s2, single, multi = batcher(idx[start : start + batch_size], None)
+        logits = model(s1, s2)
+        keep = single != IGNORE
+        if keep.any():
+            losses += float(_loss(task, logits[keep], single[keep], multi[keep])) * int(keep.sum())
+            n += int(keep.sum())
+        outs.append(logits[keep].float().cpu())
+        singles.append(single[keep].cpu())
+        multis.append(multi[keep].cpu())
+    logits = torch.cat(outs) if outs else torch.zeros(0, N_CLASSES)
+    return {"logits": logits, "single": torch.cat(singles).numpy() if singles else np.zeros(0, np.int64),
+            "multi": torch.cat(multis).numpy() if multis else np.zeros((0, N_CLASSES)),
+            "loss": losses / max(n, 1), "n_dropped": int(idx.size - n)}
+
+
+def score(task: str, pred: dict, threshold: float) -> dict:
+    if task == "single":
+        return single_label_metrics(pred["single"], pred["logits"].argmax(1).numpy())
+    return multi_label_metrics(pred["multi"], torch.sigmoid(pred["logits"]).numpy(), threshold)
+
+
+def _headline(task: str, metrics: dict) -> float:
+    return metrics["aa"] if task == "single" else metrics["f1_macro"]
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SatfuseError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_model(cfg: FinetuneConfig) -> tuple[Classifier, dict | None, dict]:
+    """Classifier for the config; returns (model, pretraining stats or None, checkpoint info)."""
+    mc = cfg.model
+    frozen = mc.mode == "linear"
+    if mc.checkpoint.lower() in ("", "none"):
+        specs = scratch_branches(mc.modalities, mc.fusion)
+        return build_classifier(specs, mc.backbone, N_CLASSES, frozen), None, {"method": None}
+    pre = load_pretrained(mc.checkpoint)
+    specs = pretrained_branches(pre, mc.backbone, mc.modalities, mc.fusion)
+    model = build_classifier(specs, mc.backbone, N_CLASSES, frozen, pre.state_dicts, pre.path)
+    info = {"method": pre.method, "step": pre.step, "source": pre.source, "path": pre.path,
+            "branches": [s.name for s in specs]}
+    return model, pre.band_stats(), info
+
+
+class Trainer:
+    """Epoch loop with val-based early stopping and a single x0.1 lr drop."""
+
+    def __init__(self, cfg: FinetuneConfig, model: Classifier, prep: Prepared, stats: dict,
+                 device: torch.device) -> None:
+        self.cfg, self.model, self.prep, self.device = cfg, model, prep, device
+        tc = cfg.train
+        self.opt = torch.optim.Adam(model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay))
+        self.batcher = Batcher(prep.train, stats, cfg.data.crop, cfg.data.multi_label_min_fraction, device)
+        self.rng = np.random.default_rng([tc.seed, 7])
+        self.curves: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": [], "val_metric": [],
+                                        "lr_head": [], "seconds": []}
+
+    def _drop_lr(self, epoch: int) -> None:
+        at = self.cfg.train.lr_drop_at
+        if at > 0 and epoch == max(1, math.ceil(at * self.cfg.train.epochs)):
+            for g in self.opt.param_groups:
+                g["lr"] *= 0.1
+
+    def _epoch(self) -> float:
+        dc, task = self.cfg.data, self.cfg.train.task
+        order = D.epoch_order(self.prep.train_idx, self.prep.strat, self.rng, dc.balanced,
+                              dc.min_epoch_samples)
+        self.model.train()
+        total, n = 0.0, 0
+        for start in range(0, order.size, dc.batch_size):
+            s1, s2, single, multi = self.batcher(order[start : start + dc.batch_size], self.rng)
+            loss = _loss(task, self.model(s1, s2), single, multi)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.item() * s1.shape[0]
+            n += s1.shape[0]
+        return total / max(n, 1)
+
+    def fit(self) -> dict:
+        tc, task = self.cfg.train, self.cfg.train.task
+        has_val = self.prep.val_idx.size > 0
+        best = {"epoch": 0, "value": math.inf, "state": copy.deepcopy(self.model.state_dict())}
+        stale = 0
+        for epoch in range(1, tc.epochs + 1):
+            t0 = time.perf_counter()
+            self._drop_lr(epoch)
+            train_loss = self._epoch()
+            val_loss, val_metric = float("nan"), float("nan")
+            if has_val:
+                pred = predict(self.model, self.batcher, self.prep.val_idx, self.cfg.data.eval_batch_size, task)
+                val_loss = pred["loss"]
+                if pred["single"].size:
+                    val_metric = _headline(task, score(task, pred, tc.threshold))
+            self._log(epoch, train_loss, val_loss, val_metric, time.perf_counter() - t0)
+            value = (val_loss if tc.early_stop_on == "loss" else -val_metric) if has_val else -epoch
+            if value < best["value"]:
+                best = {"epoch": epoch, "value": value, "state": copy.deepcopy(self.model.state_dict())}
+                stale = 0
+            else:
+                stale += 1
+                if tc.patience and stale >= tc.patience:
+                    log.info("early stop at epoch %d (best %d)", epoch, best["epoch"])
+                    break
+        self.model.load_state_dict(best["state"])
+        return {"best_epoch": best["epoch"], "epochs_run": len(self.curves["epoch"]),
+                "early_stopping": "val_" + tc.early_stop_on if has_val else "none (no val split)"}
+
+    def _log(self, epoch: int, train_loss: float, val_loss: float, val_metric: float, secs: float) -> None:
+        c = self.curves
+        c["epoch"].append(epoch)
+        c["train_loss"].append(train_loss)
+        c["val_loss"].append(val_loss if math.isfinite(val_loss) else None)
+        c["val_metric"].append(val_metric if math.isfinite(val_metric) else None)
+        c["lr_head"].append(self.opt.param_groups[0]["lr"])
+        c["seconds"].append(round(secs, 3))
+        log.debug("epoch %d train_loss %.4f val_loss %.4f val_metric %.4f", epoch, train_loss,
+                  val_loss, val_metric)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Train, early-stop, test; write RUN_DIR/result.json (atomic) and return the result."""
+    t_start = time.perf_counter()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    _seed_everything(cfg.train.seed)
+    device = _device(cfg.train.device)
+    model, pre_stats, ckpt_info = build_model(cfg)
+    model.to(device)
+    prep = prepare_data(cfg)
+    stats, stats_source = band_stats(cfg, prep.train, pre_stats)
+    t_loaded = time.perf_counter()
+    trainer = Trainer(cfg, model, prep, stats, device)
+    fit = trainer.fit()
+    t_trained = time.perf_counter()
+    test_batcher = Batcher(prep.test, stats, 0, cfg.data.multi_label_min_fraction, device)
+    pred = predict(model, test_batcher, np.arange(len(prep.test)), cfg.data.eval_batch_size, cfg.train.task)
+    if pred["single"].size == 0:
+        raise SatfuseError(f"{cfg.data.test_shards}: no test patch has a valid label in its "
+                           f"{cfg.data.crop}px centre crop; nothing to score")
+    metrics = score(cfg.train.task, pred, cfg.train.threshold)
+    t_end = time.perf_counter()
+    result = {
+        "format": RESULT_FORMAT,
+        "method": method_label(cfg, ckpt_info["method"]),
+        "task": cfg.train.task, "mode": cfg.model.mode, "modalities": cfg.model.modalities,
+        "fusion": cfg.model.fusion, "label_fraction": cfg.data.label_fraction, "seed": cfg.train.seed,
+        **prep.info, "n_test": int(pred["single"].size), "n_test_dropped_no_label": pred["n_dropped"],
+        "metrics": {k: v for k, v in metrics.items() if k != "per_class"},
+        "per_class": metrics["per_class"], "curves": trainer.curves, **fit,
+        "normalization": stats_source, "checkpoint": ckpt_info,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "timings": {"load_s": round(t_loaded - t_start, 3), "train_s": round(t_trained - t_loaded, 3),
+                    "test_s": round(t_end - t_trained, 3), "total_s": round(t_end - t_start, 3)},
+        "threads": torch.get_num_threads(), "config": to_dict(cfg),
+    }
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
+    log.info("%s frac %g seed %d: %s (%.1fs) -> %s", result["method"], cfg.data.label_fraction,
+             cfg.train.seed, _summary(cfg.train.task, metrics), t_end - t_start, run_dir / "result.json")
+    return result
+
+
+def _summary(task: str, m: dict) -> str:
+    if task == "single":
+        return f"OA {m['oa']:.3f} AA {m['aa']:.3f} F1 {m['f1_macro']:.3f}"
+    return f"F1 macro {m['f1_macro']:.3f} micro {m['f1_micro']:.3f} mAP {m['map']:.3f}"

@@ -1,0 +1,201 @@
+"""A grid of downstream runs: methods x label fractions x seeds x tasks, resumable.
+
+Why a sweep command and not a shell loop: the paper's claims are about *differences between
+methods at equal labels*, so every method of a sweep must see the same base config, the same
+seeds and the same label subsets (nested per seed). Each run has its own directory
+`OUT/<method>/<task>/frac<F>/seed<S>/` and a run whose `result.json` exists is skipped, so an
+interrupted sweep (a killed job, a preempted node) continues where it stopped.
+
+The demo and `satfuse finetune sweep` both go through `run_sweep`; `checkpoint` of the sweep
+is substituted wherever a method says `checkpoint: pretrained`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from satfuse.config import ConfigError, from_dict, load_config, read_yaml, set_dotted
+from satfuse.evaluation.finetune import FinetuneConfig, run_finetune
+from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepMethod:
+    """One line of the paper's table: a label and what differs from the base config."""
+
+    label: str
+    checkpoint: str = "none"  # none | pretrained (the sweep's checkpoint) | a path
+    mode: str = "finetune"
+    modalities: str = "s1s2"
+    fusion: str = "late"
+    overrides: list[str] = field(default_factory=list)  # extra key=value for this method
+
+
+@dataclass
+class SweepConfig:
+    out: str = "runs/finetune_sweep"
+    base_config: str = ""  # a finetune YAML (hpc/finetune/...), applied first
+    base: dict[str, Any] = field(default_factory=dict)  # finetune config keys over base_config
+    checkpoint: str = "none"  # the pretrained export/ckpt dir behind `checkpoint: pretrained`
+    train_shards: str = ""  # non-empty: overrides data.train_shards of every run
+    test_shards: str = ""  # non-empty: overrides data.test_shards of every run
+    methods: list[SweepMethod] = field(default_factory=list)
+    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0])
+    multi_label_fractions: list[float] = field(default_factory=list)  # empty = label_fractions
+    seeds: list[int] = field(default_factory=lambda: [40, 41, 42])
+    tasks: list[str] = field(default_factory=lambda: ["single", "multi"])
+    workers: int = 1  # runs in parallel (processes); each gets cores // workers torch threads
+
+
+def load_sweep_config(path: str | None, overrides: list[str] | None = None) -> SweepConfig:
+    """`load_config(SweepConfig, ...)`; `base_config` may also be relative to the sweep YAML."""
+    cfg = load_config(SweepConfig, path, overrides)
+    if cfg.base_config and path and not Path(cfg.base_config).is_file():
+        candidate = Path(path).parent / cfg.base_config
+        if candidate.is_file():
+            cfg.base_config = str(candidate)
+    return cfg
+
+
+def slug(text: str) -> str:
+    """Directory-safe form of a method label ('Dual-SimCLR (fine-tune)' -> 'dual-simclr_fine-tune')."""
+    return re.sub(r"[^a-z0-9.-]+", "_", text.lower()).strip("_") or "method"
+
+
+@dataclass
+class PlannedRun:
+    method: SweepMethod
+    task: str
+    fraction: float
+    seed: int
+    run_dir: Path
+    cfg: FinetuneConfig
+
+
+def _run_config(sweep: SweepConfig, m: SweepMethod, task: str, frac: float, seed: int,
+                run_dir: Path) -> FinetuneConfig:
+    raw: dict[str, Any] = read_yaml(sweep.base_config) if sweep.base_config else {}
+    for key, value in _flatten(sweep.base):
+        set_dotted(raw, key, value)
+    for key, value in (("data.train_shards", sweep.train_shards), ("data.test_shards", sweep.test_shards)):
+        if value:
+            set_dotted(raw, key, value)
+    ckpt = sweep.checkpoint if m.checkpoint == "pretrained" else m.checkpoint
+    if m.checkpoint == "pretrained" and ckpt.lower() in ("", "none"):
+        raise SatfuseError(f"method {m.label!r} wants the pretrained checkpoint but the sweep's "
+                           "`checkpoint` is not set; pass checkpoint=PATH")
+    for key, value in (("model.checkpoint", ckpt), ("model.mode", m.mode),
+                       ("model.modalities", m.modalities), ("model.fusion", m.fusion),
+                       ("train.task", task), ("data.label_fraction", frac), ("train.seed", seed),
+                       ("run_dir", str(run_dir)), ("label", m.label)):
+        set_dotted(raw, key, value)
+    from satfuse.config import parse_override
+
+    for item in m.overrides:
+        set_dotted(raw, *parse_override(item))
+    return from_dict(FinetuneConfig, raw, where=f"sweep method {m.label!r}")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.extend(_flatten(v, f"{prefix}{k}."))
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
+    """Every run of the grid with its resolved config (all configs are checked up front)."""
+    if sweep.base_config and not Path(sweep.base_config).is_file():
+        raise SatfuseError(f"{sweep.base_config}: base_config not found; give a path relative to "
+                           "the working directory (e.g. hpc/finetune/demo.yaml)")
+    if not sweep.methods:
+        raise SatfuseError("sweep has no methods; list them under `methods:` (see hpc/finetune/demo_sweep.yaml)")
+    labels = [m.label for m in sweep.methods]
+    if len(set(map(slug, labels))) != len(labels):
+        raise SatfuseError(f"sweep method labels {labels} are not unique; give each a distinct label")
+    bad = [t for t in sweep.tasks if t not in ("single", "multi")]
+    if bad:
+        raise SatfuseError(f"sweep tasks {bad} unknown; use single and/or multi")
+    runs = []
+    for task in sweep.tasks:
+        fracs = sweep.multi_label_fractions if task == "multi" and sweep.multi_label_fractions else sweep.label_fractions
+        for m in sweep.methods:
+            for frac in fracs:
+                for seed in sweep.seeds:
+                    d = Path(sweep.out) / slug(m.label) / task / f"frac{frac:g}" / f"seed{seed}"
+                    try:
+                        cfg = _run_config(sweep, m, task, frac, seed, d)
+                    except ConfigError as exc:
+                        raise SatfuseError(str(exc)) from exc
+                    runs.append(PlannedRun(m, task, frac, seed, d, cfg))
+    return runs
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True) -> list[Path]:
+    """Run every missing run of the grid; return all run directories (done before or now).
+
+    With `workers > 1` the runs go to a pool of spawned processes, each with
+    cores // workers torch threads: the small demo models do not scale to 2 threads
+    (measured: 2 single-threaded runs side by side beat one 2-thread run), so on 2 cores two
+    single-threaded runs finish the grid sooner. Results do not depend on the worker count.
+    """
+    if cfg.workers < 1:
+        raise SatfuseError(f"sweep workers={cfg.workers} must be >= 1")
+    runs = plan_sweep(cfg)
+    todo = [r for r in runs if not (r.run_dir / "result.json").is_file()]
+    log.info("sweep %s: %d runs, %d already done", cfg.out, len(runs), len(runs) - len(todo))
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="fine-tuning runs", unit="run", disable=not progress)
+    if cfg.workers == 1 or len(todo) <= 1:
+        for r in todo:
+            bar.set_postfix_str(f"{r.method.label[:28]} {r.task} {r.fraction:g} s{r.seed}")
+            run_finetune(r.cfg)
+            bar.update(1)
+    else:
+        _run_parallel(todo, cfg.workers, bar)
+    bar.close()
+    log.info("sweep %s: %d runs in %.1fs", cfg.out, len(todo), time.perf_counter() - t0)
+    return [r.run_dir for r in runs]
+
+
+def _worker_init(threads: int, level: int) -> None:
+    import torch
+
+    from satfuse.utils import setup_logging
+
+    torch.set_num_threads(threads)
+    setup_logging(level, rank=0)
+
+
+def _run_parallel(todo: list[PlannedRun], workers: int, bar: tqdm) -> None:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    level = logging.getLogger("satfuse").getEffectiveLevel()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(threads, level)) as pool:
+        futures = {pool.submit(run_finetune, r.cfg): r for r in todo}
+        try:
+            for fut in as_completed(futures):
+                r = futures[fut]
+                fut.result()  # a failed run stops the sweep with its own error
+                bar.set_postfix_str(f"{r.method.label[:28]} {r.task} {r.fraction:g} s{r.seed}")
+                bar.update(1)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise

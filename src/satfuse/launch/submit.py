@@ -1,0 +1,189 @@
+"""`satfuse submit pretrain|shard`: validate everything, then queue through submitit.
+
+Order matters: the pretraining config and the cluster profile are loaded strictly, the
+partition is checked and `sbatch --test-only` judges the exact script *before* submitit is
+asked to queue anything, so a typo never costs a place in the queue. `--dry-run` prints that
+script and queues nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from satfuse.launch import cluster, jobs
+from satfuse.launch.cluster import ClusterProfile
+from satfuse.launch.task import DEFAULT_ENTRY, PretrainTask, ShardPart, merge_shards
+from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Submission:
+    """What a submit command produced (printed as JSON)."""
+
+    run_dir: str
+    executor: str
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    results: list[Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"run_dir": self.run_dir, "executor": self.executor, "jobs": self.jobs}
+        if self.results is not None:
+            out["results"] = self.results
+        return out
+
+
+def _job_name(prefix: str, run_dir: Path) -> str:
+    return f"satfuse-{prefix}-{Path(run_dir).resolve().name}"
+
+
+def _emit_dry_run(profile: ClusterProfile, script: str | None, extra: str = "") -> None:
+    """The command's real output: the sbatch script (slurm) or what the local executor would run."""
+    if profile.executor == "local":
+        sys.stdout.write(f"# local executor (no sbatch): {profile.tasks} task(s), time {profile.time}\n{extra}")
+    else:
+        sys.stdout.write(script or "")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# pretrain
+# --------------------------------------------------------------------------------------------
+
+
+def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterProfile, where: str,
+                    dry_run: bool = False, wait: bool = False, entry: str = DEFAULT_ENTRY) -> Submission | None:
+    """Queue one job of `profile.nodes x tasks` tasks, each running `PretrainTask`."""
+    from satfuse.config import PretrainConfig, load_config
+
+    cfg = load_config(PretrainConfig, config, overrides)  # a bad config fails here, not in the queue
+    run_dir = Path(cfg.train.run_dir).resolve()
+    # the job's working directory may differ: pin the run dir to an absolute path
+    overrides = [o for o in overrides if not o.startswith("train.run_dir=")] + [f"train.run_dir={run_dir}"]
+    config = str(Path(config).resolve()) if config else None
+    folder = jobs.submitit_folder(run_dir)
+    name = _job_name("pretrain", run_dir)
+    script = cluster.sbatch_script(profile, folder, name) if profile.executor == "slurm" else None
+    if dry_run:
+        _emit_dry_run(profile, script)
+        return None
+    if script is not None:
+        cluster.preflight(profile, where, script)
+    ex = cluster.make_executor(profile, folder, name, max_requeues=cfg.train.max_requeues)
+    job = ex.submit(PretrainTask(config, overrides, entry=entry))
+    entry_rec = jobs.job_entry(job, "pretrain", profile.executor, profile.world_size,
+                               config=config, overrides=overrides, cluster=where)
+    jobs.record_jobs(run_dir, [entry_rec])
+    log.info("submitted pretraining job %s (%d tasks) -> %s", job.job_id, profile.world_size, run_dir)
+    sub = Submission(str(run_dir), profile.executor, [entry_rec])
+    if wait:
+        sub.results = [_wait(job)]
+    return sub
+
+
+def _wait(job: Any, poll_s: float = 1.0) -> Any:
+    """Block until the job ended; its tasks' results (one value, or one per task).
+
+    Polls result files and `squeue`, never `sacct` (absent on clusters without accounting,
+    where submitit's own wait could spin forever on a job that died without a result).
+    """
+    paths = [job.paths] if not job._sub_jobs else [s.paths for s in job._sub_jobs]
+    gone = 0
+    while not all(p.result_pickle.exists() for p in paths):
+        if job.__class__.__name__ == "LocalJob":
+            ended = job.done()
+        else:
+            ended = str(job.job_id) not in jobs.squeue_states([str(job.job_id)])
+        gone = gone + 1 if ended else 0
+        if gone >= 3:  # ended (seen thrice, requeues pass through PENDING) without a result
+            raise SatfuseError(f"job {job.job_id} ended without a result; see its logs in {job.paths.folder}")
+        time.sleep(poll_s)
+    try:
+        out = job.results()
+    except Exception as exc:
+        raise SatfuseError(f"job {job.job_id} failed: {str(exc).strip().splitlines()[-1]}") from exc
+    return out[0] if len(out) == 1 else out
+
+
+# --------------------------------------------------------------------------------------------
+# shard
+# --------------------------------------------------------------------------------------------
+
+
+def submit_shard(part: ShardPart, array_size: int, run_dir: Path, profile: ClusterProfile, where: str,
+                 dry_run: bool = False, wait: bool = False) -> Submission | None:
+    """An array of `array_size` sharding tasks (disjoint parts), then the merge as a dependent job."""
+    if array_size < 1:
+        raise SatfuseError(f"--array-size must be >= 1, got {array_size}")
+    if not Path(part.src).is_dir():
+        raise SatfuseError(f"{part.src}: source directory not found; pass --src with the raw dataset root")
+    run_dir = run_dir.resolve()
+    folder = jobs.submitit_folder(run_dir)
+    # array tasks are single-task jobs: one process per part, the profile's CPUs for its workers
+    one = _single_task(profile)
+    name = _job_name("shard", run_dir)
+    if profile.executor == "local":
+        if dry_run:
+            _emit_dry_run(one, None, f"# {array_size} shard parts, then merge of {part.out}\n")
+            return None
+        return _shard_local(part, array_size, run_dir, folder, one, name)
+    script = cluster.sbatch_script(one, folder, name, extra={"map_count": array_size})
+    if dry_run:
+        _emit_dry_run(one, script)
+        return None
+    cluster.preflight(one, where, script)
+    ex = cluster.make_executor(one, folder, name, max_requeues=0)
+    array = ex.map_array(part, list(range(array_size)))
+    array_id = array[0].job_id.split("_")[0]
+    # afterok: the merge only runs if every part succeeded; a failed part cancels it
+    merge_ex = cluster.make_executor(one, folder, f"{name}-merge", max_requeues=0,
+                                     extra={"dependency": f"afterok:{array_id}"},
+                                     sbatch={"kill-on-invalid-dep": "yes"})
+    merge_job = merge_ex.submit(merge_shards, part.out)
+    records = [jobs.job_entry(j, "shard", "slurm", 1, part=i, out=part.out) for i, j in enumerate(array)]
+    records.append(jobs.job_entry(merge_job, "merge", "slurm", 1, after=array_id, out=part.out))
+    jobs.record_jobs(run_dir, records)
+    log.info("submitted shard array %s (%d parts) and merge job %s", array_id, array_size, merge_job.job_id)
+    sub = Submission(str(run_dir), "slurm", records)
+    if wait:
+        sub.results = [_wait(merge_job)]
+    return sub
+
+
+def _single_task(profile: ClusterProfile) -> ClusterProfile:
+    from dataclasses import replace
+
+    return replace(profile, nodes=1, gpus_per_node=0, tasks_per_node=1)
+
+
+def _shard_local(part: ShardPart, array_size: int, run_dir: Path, folder: Path,
+                 profile: ClusterProfile, name: str) -> Submission:
+    """Locally there are no dependencies: run the parts, wait, then run the merge."""
+    ex = cluster.make_executor(profile, folder, name, max_requeues=0)
+    array = ex.map_array(part, list(range(array_size)))
+    records = [jobs.job_entry(j, "shard", "local", 1, part=i, out=part.out) for i, j in enumerate(array)]
+    jobs.record_jobs(run_dir, records)
+    for j in array:
+        _wait(j)
+    merge_job = ex.submit(merge_shards, part.out)
+    rec = jobs.job_entry(merge_job, "merge", "local", 1, out=part.out)
+    jobs.record_jobs(run_dir, [rec])
+    return Submission(str(run_dir), "local", [*records, rec], results=[_wait(merge_job)])
+
+
+def print_submission(sub: Submission | None) -> int:
+    if sub is not None:
+        sys.stdout.write(json.dumps(sub.as_dict(), indent=2, default=str) + "\n")
+    return 0
+
+
+def default_shard_run_dir(out: str) -> Path:
+    return Path("runs") / f"shard-{Path(out).resolve().name or 'out'}"
+

@@ -1,0 +1,257 @@
+"""What runs inside each submitit task: pretraining (requeued on preemption) and sharding parts.
+
+The preemption path, end to end (read submitit 1.5.4's `job_environment.py` to see why):
+
+1. SLURM sends the profile's signal (USR2 by default, `--signal=USR2@120`) to every task,
+   or an admin/test runs `scontrol requeue` / `scancel --signal=USR2`.
+2. The trainer installed its own handlers for USR1/USR2/TERM/HUP on *every* rank (after
+   submitit's, which only act on global rank 0). At the next step boundary all ranks agree
+   (all-reduce), save one checkpoint together and `run_pretrain` returns 75.
+3. Here, on 75: rank 0 asks SLURM to requeue the job (`scontrol requeue $SLURM_JOB_ID`);
+   every rank leaves without writing a submitit result (the job is not over) and with
+   status 0 (sites with KillOnBadExit would otherwise kill rank 0 before it requeues).
+4. SLURM restarts the same batch script: same submitit folder (logs are opened in append
+   mode), same pickled `PretrainTask`, same `train.run_dir`; the trainer resumes from
+   `checkpoints/latest`. `SLURM_RESTART_COUNT` counts the requeues; past
+   `train.max_requeues` the task stops with a clear error instead of requeueing forever.
+
+If a signal lands before the trainer has installed its handlers, submitit's own handler
+does the same on rank 0 through `checkpoint()` (this class is `Checkpointable`), so no
+window loses the job.
+
+The rendezvous port is derived from the job id *and* the restart count, so all tasks agree
+without talking, and a requeued job does not hit its previous port still in TIME_WAIT.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import submitit
+
+from satfuse.utils import SatfuseError, atomic_write_text, setup_logging
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENTRY = "satfuse.engines.pretrain:run_pretrain"
+REQUEUE_EXIT_CODE = 75  # == satfuse.engines.pretrain.REQUEUE_EXIT_CODE (kept importable without torch)
+LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local restarts all tasks when one exits with this
+PORT_BASE = 20000
+PORT_SPAN = 20000
+
+
+def master_port(job_id: str, restart: int = 0) -> int:
+    """20000 + job id % 20000 + restart (wrapped): equal on every task of one attempt."""
+    digits = re.sub(r"\D", "", str(job_id).split("_")[0]) or "0"
+    return PORT_BASE + (int(digits) + restart) % PORT_SPAN
+
+
+def resolve_entry(spec: str) -> Callable[[str | None, list[str]], int]:
+    """`module:function` -> the function (the trainer by default; tests may pass their own)."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise SatfuseError(f"entry {spec!r} is not 'module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise SatfuseError(f"entry {spec!r} cannot be imported in the job ({exc}); check PYTHONPATH/the venv") from exc
+
+
+def is_local(env: Any) -> bool:
+    return env.cluster == "local"
+
+
+def restart_count(env: Any) -> int:
+    """How often this job was requeued: SLURM counts it; the local executor needs a file."""
+    if not is_local(env):
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    path = _local_restart_file(env)
+    return int(path.read_text()) if path.is_file() else 0
+
+
+def _local_restart_file(env: Any) -> Path:
+    return Path(os.environ["SUBMITIT_FOLDER"]) / f".restarts_{env.job_id}"
+
+
+def master_addr(env: Any) -> str:
+    """First host of the job's node list (`scontrol show hostnames`), loopback locally."""
+    if is_local(env):
+        return "127.0.0.1"
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    if not nodelist:
+        return env.hostnames[0]
+    from satfuse.distributed.env import expand_nodelist
+
+    return expand_nodelist(nodelist)[0]
+
+
+def distributed_vars(env: Any, restart: int) -> dict[str, str]:
+    """torch.distributed env:// variables for this task, from `submitit.JobEnvironment`."""
+    world = env.num_tasks
+    return {
+        "RANK": str(env.global_rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(env.local_rank),
+        "LOCAL_WORLD_SIZE": str(max(1, world // max(1, env.num_nodes))),
+        "NODE_RANK": str(env.node),
+        "GROUP_WORLD_SIZE": str(env.num_nodes),
+        "MASTER_ADDR": master_addr(env),
+        "MASTER_PORT": str(master_port(env.raw_job_id, restart)),
+    }
+
+
+def _flush() -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+
+
+def _hard_exit(code: int) -> NoReturn:
+    """Leave without interpreter shutdown (gloo threads abort it ~1 in 3) and without a result."""
+    _flush()
+    os._exit(code)
+
+
+def _exit_after_result(env: Any) -> None:
+    """At interpreter exit, after submitit wrote the result: os._exit (see `_hard_exit`)."""
+    result = env.paths.result_pickle
+
+    def _bye() -> None:
+        _hard_exit(0 if result.exists() else 1)
+
+    atexit.register(_bye)
+
+
+class PretrainTask(submitit.helpers.Checkpointable):
+    """One pretraining task (one rank). Pickled once; every requeue runs the same object."""
+
+    def __init__(self, config_path: str | None, overrides: list[str], entry: str = DEFAULT_ENTRY) -> None:
+        self.config_path = config_path
+        self.overrides = list(overrides)
+        self.entry = entry
+
+    def __call__(self) -> int:
+        from satfuse.config import PretrainConfig, load_config
+
+        env = submitit.JobEnvironment()
+        cfg = load_config(PretrainConfig, self.config_path, self.overrides)
+        restart = restart_count(env)
+        os.environ.update(distributed_vars(env, restart))
+        setup_logging(rank=env.global_rank)
+        log.info(
+            "task rank %d/%d (local %d) job %s attempt %d: master %s:%s, run dir %s",
+            env.global_rank, env.num_tasks, env.local_rank, env.job_id, restart + 1,
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], cfg.train.run_dir,
+        )  # fmt: skip
+        code = int(resolve_entry(self.entry)(self.config_path, self.overrides) or 0)
+        if code == 0:
+            if env.num_tasks > 1:
+                _exit_after_result(env)
+            return 0
+        if code == REQUEUE_EXIT_CODE:
+            self._requeue(env, restart, cfg.train.max_requeues, cfg.train.run_dir)
+        raise SatfuseError(
+            f"pretraining rank {env.global_rank} of job {env.job_id} exited with status {code}; "
+            f"see `satfuse jobs logs {cfg.train.run_dir}`"
+        )
+
+    def _requeue(self, env: Any, restart: int, max_requeues: int, run_dir: str) -> None:
+        """Checkpoint saved by the trainer: requeue (rank 0) and leave, or stop past the limit."""
+        if restart >= max_requeues:
+            raise SatfuseError(
+                f"job {env.job_id} was requeued {restart} times (train.max_requeues={max_requeues}) and "
+                f"was stopped again; not requeueing. The last checkpoint is in {run_dir}/checkpoints: "
+                "submit the same command again to continue, or raise train.max_requeues"
+            )
+        if is_local(env):
+            if env.global_rank == 0:
+                atomic_write_text(_local_restart_file(env), str(restart + 1))
+            log.warning("checkpoint saved; restarting the local job (requeue %d)", restart + 1)
+            _hard_exit(LOCAL_REQUEUE_EXIT_CODE)
+        if env.global_rank == 0:
+            requeue_slurm_job(env.job_id)
+            log.warning("checkpoint saved; job %s requeued (requeue %d of at most %d)",
+                        env.job_id, restart + 1, max_requeues)
+        _hard_exit(0)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """submitit's fallback (signal before the trainer's handlers): resubmit as is.
+
+        All state lives in the run directory's checkpoints, so the same task resumes there.
+        """
+        log.warning("submitit checkpoint(): requeueing the task unchanged; it resumes from its run dir")
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def requeue_slurm_job(job_id: str) -> None:
+    """`scontrol requeue JOB` (the job must be requeueable: `--requeue`, set by the profiles)."""
+    try:
+        res = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True,
+                             timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SatfuseError(f"scontrol requeue {job_id} failed ({exc}); the checkpoint is saved: resubmit") from exc
+    if res.returncode != 0:
+        raise SatfuseError(
+            f"scontrol requeue {job_id} failed ({res.stderr.strip()}); the checkpoint is saved: resubmit"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding as a job array
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardPart:
+    """Part `index` of `num_shards` of the sharding tool (one array task)."""
+
+    src: str
+    dataset: str
+    out: str
+    num_shards: int
+    maxcount: int | None = None
+    workers: int | None = None
+    seed: int | None = None
+
+    def __call__(self, index: int) -> Any:
+        from satfuse.data.shard_writer import shard_dataset
+
+        setup_logging()
+        kwargs = {k: v for k, v in (("maxcount", self.maxcount), ("workers", self.workers),
+                                    ("seed", self.seed)) if v is not None}
+        log.info("shard part %d of %d: %s -> %s", index, self.num_shards, self.src, self.out)
+        result = shard_dataset(self.src, self.dataset, self.out, shard_index=index,
+                               num_shards=self.num_shards, **kwargs)
+        return _plain(result)
+
+
+def merge_shards(out: str) -> Any:
+    """The dependent job after the array: join the part manifests into manifest.json."""
+    from satfuse.data.shard_writer import merge
+
+    setup_logging()
+    log.info("merging shard parts in %s", out)
+    return _plain(merge(out))
+
+
+def _plain(value: Any) -> Any:
+    """Results travel back in a pickle: keep them to plain data (paths as strings)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,194 @@
+"""ResNet backbones with any number of input channels, written here (no torchvision).
+
+Why our own: torchvision does not install beside the CPU torch wheel used here, and the
+authors' backbones differ from the stock ones only in `conv1` (2 channels for S1, 13 for S2,
+15 for early fusion). The layout follows torchvision exactly (BasicBlock/Bottleneck, 7x7
+stride-2 stem, max-pool, four stages, stride on the 3x3 conv of a Bottleneck: "ResNet v1.5")
+so the parameter count and the feature sizes match what the paper's numbers assume.
+
+`tiny` is for tests and the CPU demo: a 3x3 stride-2 stem without max-pool and one
+BasicBlock per stage (16-32-64-128), so a 64x64 crop leaves a 4x4 map (MMA needs a spatial
+map with more than one location) and a step costs milliseconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from satfuse.utils import SatfuseError
+
+BACKBONES = ("tiny", "resnet18", "resnet50")
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = _conv3x3(cin, width, stride)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(cin, cout, stride)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 - 3x3 (strided) - 1x1 with 4x expansion (ResNet-50)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = _conv1x1(cin, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = _conv1x1(width, cout)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(cin, cout, stride)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _downsample(cin: int, cout: int, stride: int) -> nn.Sequential | None:
+    """Projection shortcut when the shape changes (torchvision's option B)."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+
+class ResNet(nn.Module):
+    """A ResNet trunk: stem, four stages, global average pool (no classifier).
+
+    forward(x) -> (B, out_dim) pooled features; forward_features(x) -> (B, out_dim, H', W')
+    the last spatial map (MMA and dense tasks).
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        widths: list[int],
+        in_channels: int,
+        stem: str = "imagenet",
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.stem = _make_stem(stem, in_channels, widths[0])
+        cin = widths[0]
+        stages = []
+        for i, (blocks, width) in enumerate(zip(layers, widths, strict=True)):
+            stage, cin = _make_stage(block, cin, width, blocks, stride=1 if i == 0 else 2)
+            stages.append(stage)
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.out_dim = cin
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        _init_weights(self, zero_init_residual)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.forward_features(x)), 1)
+
+
+def _make_stem(kind: str, in_channels: int, width: int) -> nn.Sequential:
+    """'imagenet': 7x7/2 conv + 3x3/2 max-pool (stride 4); 'tiny': 3x3/2 conv (stride 2)."""
+    if kind == "tiny":
+        return nn.Sequential(
+            _conv3x3(in_channels, width, 2), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    )
+
+
+def _make_stage(
+    block: type[BasicBlock] | type[Bottleneck], cin: int, width: int, blocks: int, stride: int
+) -> tuple[nn.Sequential, int]:
+    mods = [block(cin, width, stride)]
+    cin = width * block.expansion
+    mods += [block(cin, width) for _ in range(blocks - 1)]
+    return nn.Sequential(*mods), cin
+
+
+def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
+    """torchvision's initialisation: He-normal (fan_out) convs, BN gamma 1 / beta 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:  # each residual branch starts as identity (Goyal et al. 2017)
+        for m in model.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(m.last_bn().weight)
+
+
+def build_backbone(name: str, in_channels: int, zero_init_residual: bool = False) -> ResNet:
+    """A backbone by name ("tiny", "resnet18", "resnet50") taking `in_channels` bands."""
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise SatfuseError(
+            f"backbone {name}: in_channels must be a positive integer, got {in_channels!r}"
+        )
+    if name == "tiny":
+        return ResNet(
+            BasicBlock, [1, 1, 1, 1], [16, 32, 64, 128], in_channels, "tiny", zero_init_residual
+        )
+    if name == "resnet18":
+        return ResNet(
+            BasicBlock,
+            [2, 2, 2, 2],
+            [64, 128, 256, 512],
+            in_channels,
+            "imagenet",
+            zero_init_residual,
+        )
+    if name == "resnet50":
+        return ResNet(
+            Bottleneck,
+            [3, 4, 6, 3],
+            [64, 128, 256, 512],
+            in_channels,
+            "imagenet",
+            zero_init_residual,
+        )
+    raise SatfuseError(f"unknown backbone {name!r}; set model.backbone to one of {list(BACKBONES)}")

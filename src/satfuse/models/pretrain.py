@@ -1,0 +1,220 @@
+"""The three pretraining methods behind one interface: Dual-SimCLR, SimCLR, MMA.
+
+Common interface (what the trainer, the DeepSpeed engine and the export call):
+- forward(batch) -> dict of the embeddings the loss needs;
+- loss(outputs, loss_cfg) -> (loss over the GLOBAL batch, metrics dict of floats);
+- backbones() / in_channels(): the trunks to export for fine-tuning and their input bands.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from satfuse.config import LossConfig, ModelConfig
+from satfuse.losses import dense_alignment_loss, nt_xent, retrieval_accuracy
+from satfuse.models.backbones import build_backbone
+from satfuse.models.heads import DenseProjectionHead, ProjectionHead
+from satfuse.utils import SatfuseError
+
+S1_CHANNELS = 2
+S2_CHANNELS = 13
+SIMCLR_CHANNELS = {"s2_rgb": 3, "s2": S2_CHANNELS, "s1s2": S1_CHANNELS + S2_CHANNELS}
+
+
+def _take(batch: dict[str, torch.Tensor], key: str, channels: int, method: str) -> torch.Tensor:
+    """batch[key] checked to be (B, channels, H, W); a clear error instead of a conv shape error."""
+    if key not in batch:
+        raise SatfuseError(
+            f"model.method={method}: the batch has no {key!r} (keys: {sorted(batch)}); "
+            f"the loader must provide it for this method"
+        )
+    x = batch[key]
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise SatfuseError(
+            f"model.method={method}: batch[{key!r}] has shape {tuple(x.shape)}, expected "
+            f"(B, {channels}, H, W); check the loader's bands (and model.simclr_input for SimCLR)"
+        )
+    return x
+
+
+class PretrainModel(nn.Module):
+    """Base class: the interface above plus the SyncBatchNorm guard."""
+
+    method = "base"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def backbones(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def in_channels(self) -> dict[str, int]:
+        return {name: int(m.in_channels) for name, m in self.backbones().items()}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(
+        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def _check_sync_bn(self, x: torch.Tensor) -> None:
+        """SyncBatchNorm is CUDA-only in torch; fail with the fix instead of deep in forward."""
+        if (
+            self.cfg.sync_bn
+            and self.training
+            and x.device.type == "cpu"
+            and torch.distributed.is_initialized()
+        ):
+            raise SatfuseError(
+                "model.sync_bn=true needs CUDA (torch's SyncBatchNorm does not run on CPU/gloo); "
+                "set model.sync_bn=false for CPU runs"
+            )
+
+
+def _pair_loss(
+    z_a: torch.Tensor, z_b: torch.Tensor, loss_cfg: LossConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """nt_xent/infonce over the global batch plus the a->b top-1 retrieval accuracy."""
+    loss = nt_xent(z_a, z_b, loss_cfg.temperature, loss_cfg.variant, loss_cfg.local_loss)
+    return loss, {"loss": float(loss.detach()), "retrieval_top1": retrieval_accuracy(z_a, z_b)}
+
+
+class DualSimCLR(PretrainModel):
+    """One backbone + projection head per modality; S1 and S2 of the same place are positives.
+
+    No augmentations (as the authors): the two modalities are the two views.
+    """
+
+    method = "dual_simclr"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.backbone_s1 = build_backbone(cfg.backbone, S1_CHANNELS)
+        self.backbone_s2 = build_backbone(cfg.backbone, S2_CHANNELS)
+        self.head_s1 = ProjectionHead(self.backbone_s1.out_dim, cfg.proj_hidden, cfg.proj_out)
+        self.head_s2 = ProjectionHead(self.backbone_s2.out_dim, cfg.proj_hidden, cfg.proj_out)
+
+    def backbones(self) -> dict[str, nn.Module]:
+        return {"s1": self.backbone_s1, "s2": self.backbone_s2}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        s1 = _take(batch, "s1", S1_CHANNELS, self.method)
+        s2 = _take(batch, "s2", S2_CHANNELS, self.method)
+        self._check_sync_bn(s1)
+        return {
+            "z_s1": self.head_s1(self.backbone_s1(s1)),
+            "z_s2": self.head_s2(self.backbone_s2(s2)),
+        }
+
+    def loss(
+        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return _pair_loss(outputs["z_s1"], outputs["z_s2"], loss_cfg)
+
+
+class SimCLR(PretrainModel):
+    """One backbone + head on two augmented views (`view1`, `view2`, made by the loader with
+    `satfuse.data.augment.simclr_views`) of S2 RGB (authors), all 13 S2 bands, or S1+S2
+    (`model.simclr_input`). retrieval_top1 here is view1 -> view2."""
+
+    method = "simclr"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        if cfg.simclr_input not in SIMCLR_CHANNELS:
+            raise SatfuseError(
+                f"model.simclr_input={cfg.simclr_input!r} is not one of {list(SIMCLR_CHANNELS)}"
+            )
+        self.channels = SIMCLR_CHANNELS[cfg.simclr_input]
+        self.backbone = build_backbone(cfg.backbone, self.channels)
+        self.head = ProjectionHead(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_out)
+
+    def backbones(self) -> dict[str, nn.Module]:
+        return {"shared": self.backbone}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        v1 = _take(batch, "view1", self.channels, self.method)
+        v2 = _take(batch, "view2", self.channels, self.method)
+        if v1.shape != v2.shape:
+            raise SatfuseError(
+                f"simclr: view1 {tuple(v1.shape)} and view2 {tuple(v2.shape)} differ; use one out_size"
+            )
+        self._check_sync_bn(v1)
+        # One pass over both views: BatchNorm sees the same statistics for both.
+        z = self.head(self.backbone(torch.cat([v1, v2])))
+        z1, z2 = z.chunk(2)
+        return {"z_view1": z1, "z_view2": z2}
+
+    def loss(
+        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return _pair_loss(outputs["z_view1"], outputs["z_view2"], loss_cfg)
+
+
+class MMA(PretrainModel):
+    """Multi-modal alignment (Windsor et al. 2021) of spatial feature maps.
+
+    What is aligned: the last spatial feature map of each modality's backbone, projected at
+    every location by a 1x1-conv head (out_dim -> proj_hidden -> mma_dim). The embedding at
+    location (h, w) of S1 must match the S2 embedding at the same (h, w) of the same image,
+    against all other locations of all images in the global batch
+    (`satfuse.losses.dense_alignment_loss`). Why: S1 and S2 of SEN12MS are co-registered, so
+    the same location is the same ground; aligning per location (not only pooled vectors)
+    makes the features spatially specific, which is what dense downstream tasks need.
+    Windsor et al. learn the alignment because their scans are not registered; here the
+    grid correspondence is given. Backbones are our ResNets (the paper used VGG-style
+    encoders); downstream uses their pooled features.
+    """
+
+    method = "mma"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.backbone_s1 = build_backbone(cfg.backbone, S1_CHANNELS)
+        self.backbone_s2 = build_backbone(cfg.backbone, S2_CHANNELS)
+        self.head_s1 = DenseProjectionHead(self.backbone_s1.out_dim, cfg.proj_hidden, cfg.mma_dim)
+        self.head_s2 = DenseProjectionHead(self.backbone_s2.out_dim, cfg.proj_hidden, cfg.mma_dim)
+
+    def backbones(self) -> dict[str, nn.Module]:
+        return {"s1": self.backbone_s1, "s2": self.backbone_s2}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        s1 = _take(batch, "s1", S1_CHANNELS, self.method)
+        s2 = _take(batch, "s2", S2_CHANNELS, self.method)
+        if s1.shape[-2:] != s2.shape[-2:]:
+            raise SatfuseError(
+                f"mma: S1 {tuple(s1.shape[-2:])} and S2 {tuple(s2.shape[-2:])} crops differ; "
+                "crop both modalities at the same place and size"
+            )
+        self._check_sync_bn(s1)
+        f1 = self.head_s1(self.backbone_s1.forward_features(s1))
+        f2 = self.head_s2(self.backbone_s2.forward_features(s2))
+        return {"f_s1": f1, "f_s2": f2}
+
+    def loss(
+        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        f1, f2 = outputs["f_s1"], outputs["f_s2"]
+        loss = dense_alignment_loss(
+            f1, f2, loss_cfg.temperature, loss_cfg.variant, loss_cfg.local_loss
+        )
+        top1 = retrieval_accuracy(f1.mean(dim=(2, 3)), f2.mean(dim=(2, 3)))
+        return loss, {"loss": float(loss.detach()), "retrieval_top1": top1}
+
+
+METHODS: dict[str, type[PretrainModel]] = {"dual_simclr": DualSimCLR, "simclr": SimCLR, "mma": MMA}
+
+
+def build_pretrain_model(cfg: ModelConfig) -> PretrainModel:
+    """The model for `cfg.method`; with `cfg.sync_bn` its BatchNorms become SyncBatchNorm
+    (statistics over the global batch; CUDA only, the model refuses it on CPU at forward)."""
+    if cfg.method not in METHODS:
+        raise SatfuseError(f"unknown model.method {cfg.method!r}; use one of {list(METHODS)}")
+    model = METHODS[cfg.method](cfg)
+    if cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model

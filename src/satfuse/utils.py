@@ -1,0 +1,62 @@
+"""Small helpers every module needs: atomic writes, checksums, logging set-up.
+
+Atomic writes are the rule in satfuse: a file is written under a temporary name in the
+same directory and renamed into place, so a kill never leaves a half-written manifest,
+config or pointer that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int | str = logging.INFO, rank: int | None = None) -> None:
+    """Console logging; on ranks other than 0 only warnings and errors (one voice per job)."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if isinstance(level, str):
+        level = getattr(logging, level.upper())
+    if rank != 0:
+        level = max(level, logging.WARNING)
+    fmt = LOG_FORMAT if rank == 0 else f"[rank {rank}] {LOG_FORMAT}"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via temp file + fsync + rename (same directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class SatfuseError(RuntimeError):
+    """An error meant for the user: one line, naming the file and the fix. The CLI prints
+    it without a traceback and exits non-zero."""

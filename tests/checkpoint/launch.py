@@ -1,0 +1,75 @@
+"""Start the toy loop as real ranks (one process each, gloo over localhost), like torchrun.
+
+Why not torchrun: the kill tests need each rank's pid (SIGKILL every rank, SIGUSR1 one
+rank), and starting the ranks directly saves torchrun's own start-up on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+TOY = Path(__file__).with_name("toy_train.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
+    """Launch `world` ranks of the toy loop; stdout+stderr of rank r go to log_dir/rank{r}.log."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        out = open(log_dir / f"rank{rank}.log", "ab")  # noqa: SIM115 - closed by the child's exit
+        procs.append(subprocess.Popen([sys.executable, str(TOY), *map(str, args)],
+                                      env=env, stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait(procs: list[subprocess.Popen], timeout: float = 120.0) -> list[int]:
+    """Exit codes of every rank; kills all of them if one hangs past `timeout`."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    try:
+        for p in procs:
+            codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        kill(procs)
+        raise
+    return codes
+
+
+def kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        p.wait()
+
+
+def run(world: int, args: list[str], log_dir: Path, timeout: float = 120.0) -> list[int]:
+    return wait(start(world, args, log_dir), timeout)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def logs(log_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                     for p in sorted(log_dir.glob("rank*.log")))

@@ -1,0 +1,46 @@
+"""Suite-wide settings and shared fixtures.
+
+Multi-process tests start real process groups (gloo) on 2 cores: one thread per rank keeps
+them from oversubscribing the machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def sen12ms_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic SEN12MS (real layout, 32x32 patches) packed into 8 small shards."""
+    from satfuse.data.shard_writer import shard_dataset
+    from satfuse.data.synth import write_sen12ms
+
+    base = tmp_path_factory.mktemp("sen12ms")
+    write_sen12ms(base / "raw", scenes=2, patches_per_scene=24, seed=0, size=32)
+    shard_dataset(base / "raw", "sen12ms", base / "shards", maxcount=6, seed=0)
+    return base / "shards"
+
+
+@pytest.fixture(scope="session")
+def sen12ms_heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Held-out scenes (another seed) for retrieval accuracy."""
+    from satfuse.data.shard_writer import shard_dataset
+    from satfuse.data.synth import write_sen12ms
+
+    base = tmp_path_factory.mktemp("sen12ms_heldout")
+    write_sen12ms(base / "raw", scenes=1, patches_per_scene=16, seed=99, size=32)
+    shard_dataset(base / "raw", "sen12ms", base / "shards", maxcount=8, seed=1)
+    return base / "shards"

@@ -1,0 +1,136 @@
+"""The sweep (grid, resume) and the report (table.md, PNG, summary.json), plus the CLI."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+from satfuse.cli import main
+from satfuse.config import load_config
+from satfuse.evaluation.report import make_report
+from satfuse.evaluation.sweep import SweepConfig, load_sweep_config, plan_sweep, run_sweep
+from satfuse.utils import SatfuseError
+from tests.evaluation.helpers import make_export
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = {"data": {"crop": 24, "batch_size": 16, "min_epoch_samples": 32, "eval_batch_size": 64},
+        "model": {"backbone": "tiny"}, "train": {"epochs": 2, "patience": 0, "lr": 3e-3, "backbone_lr": 3e-3}}
+
+
+def _png_ok(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert mpimg.imread(path).shape[:2] == (h, w)
+    return w, h
+
+
+def test_sweep_runs_grid_resumes_and_reports(dfc_shards, tmp_path):
+    export = make_export(tmp_path / "dual.pt")
+    sweep = SweepConfig(
+        out=str(tmp_path / "sweep"), base=BASE, checkpoint=str(export),
+        train_shards=str(dfc_shards["train"]), test_shards=str(dfc_shards["test"]),
+        methods=load_config(SweepConfig, None, [
+            "methods=[{label: 'Dual-SimCLR (linear)', checkpoint: pretrained, mode: linear},"
+            " {label: Supervised S1, modalities: s1}]"]).methods,
+        label_fractions=[0.25, 1.0], multi_label_fractions=[1.0], seeds=[1, 2], tasks=["single", "multi"])
+    dirs = run_sweep(sweep, progress=False)
+    assert len(dirs) == 2 * 2 * 2 + 2 * 1 * 2
+    results = [json.loads((d / "result.json").read_text()) for d in dirs]
+    assert {(r["method"], r["task"], r["label_fraction"], r["seed"]) for r in results} == {
+        (m, t, f, s) for m in ("Dual-SimCLR (linear)", "Supervised S1") for s in (1, 2)
+        for t, fr in (("single", (0.25, 1.0)), ("multi", (1.0,))) for f in fr}
+    # nested fractions through the whole pipeline: same seed -> 25 % set inside 100 % set
+    small = next(r for r in results if r["label_fraction"] == 0.25 and r["seed"] == 1)
+    assert small["n_train"] == sum(small["class_counts_train"]) == 24  # ceil(.25 * 10) per class
+    mtimes = {d: (d / "result.json").stat().st_mtime_ns for d in dirs}
+    run_sweep(sweep, progress=False)  # resumable: nothing reruns
+    assert {d: (d / "result.json").stat().st_mtime_ns for d in dirs} == mtimes
+
+    summary = make_report([tmp_path / "sweep"], tmp_path / "report")
+    assert summary["n_runs"] == 12
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "## Single-label classification, 100 % of the labels" in table
+    assert "## Multi-label classification, 100 % of the labels" in table
+    assert "| Dual-SimCLR (linear) | 2 |" in table and "| Supervised S1 | 2 |" in table
+    assert _png_ok(tmp_path / "report" / "label_fractions.png")[0] > 300
+    _png_ok(tmp_path / "report" / "label_fractions_multi.png")
+    saved = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert set(saved["results"]["single"]["Supervised S1"]) == {"0.25", "1"}
+
+
+def _fake(path: Path, method: str, frac: float, seed: int, aa: float, task: str = "single") -> None:
+    path.mkdir(parents=True)
+    metrics = {"oa": aa + 0.1, "aa": aa, "f1_macro": aa - 0.1} if task == "single" else {
+        "f1_macro": aa, "f1_micro": aa, "precision_macro": aa, "precision_micro": aa,
+        "recall_macro": aa, "recall_micro": aa, "map": aa}
+    (path / "result.json").write_text(json.dumps({"method": method, "task": task, "label_fraction": frac,
+                                                  "seed": seed, "metrics": metrics, "n_train": 10}))
+
+
+def test_report_mean_std_on_fake_results(tmp_path):
+    _fake(tmp_path / "a1", "A", 1.0, 1, 0.5)
+    _fake(tmp_path / "a2", "A", 1.0, 2, 0.7)
+    _fake(tmp_path / "a3", "A", 0.1, 1, 0.3)
+    _fake(tmp_path / "b1", "B", 1.0, 1, 0.4)
+    summary = make_report([tmp_path / "a1", tmp_path / "a2", tmp_path / "a3", tmp_path / "b1" / "result.json"],
+                          tmp_path / "rep")
+    cell = summary["results"]["single"]["A"]["1"]["aa"]
+    assert cell["mean"] == pytest.approx(0.6) and cell["std"] == pytest.approx(0.1414213, abs=1e-6)
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "| A | 2 | 10 | 70.0 ± 14.1 | 60.0 ± 14.1 | 50.0 ± 14.1 |" in table
+    assert "| B | 1 | 10 | 50.0 | 40.0 | 30.0 |" in table
+    assert "| A | 60.0 ± 14.1 |" not in table  # fraction table is ordered 10 %, 100 %
+    assert "| A | 30.0 | 60.0 ± 14.1 |" in table
+    _png_ok(tmp_path / "rep" / "label_fractions.png")
+
+
+def test_report_bad_inputs(tmp_path):
+    with pytest.raises(SatfuseError, match="nope: run not found"):
+        make_report([tmp_path / "nope"], tmp_path / "rep")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SatfuseError, match="no result.json"):
+        make_report([tmp_path / "empty"], tmp_path / "rep")
+    _fake(tmp_path / "x1", "A", 1.0, 1, 0.5)
+    _fake(tmp_path / "x2", "A", 1.0, 1, 0.6)
+    with pytest.raises(SatfuseError, match="repeated seeds"):
+        make_report([tmp_path / "x1", tmp_path / "x2"], tmp_path / "rep")
+    assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "rep")]) == 2
+
+
+def test_shipped_configs_load_and_plan():
+    for name in ("dfc2020.yaml", "demo.yaml"):
+        from satfuse.evaluation.finetune import load_finetune_config
+
+        load_finetune_config(str(ROOT / "hpc" / "finetune" / name))
+    for name, n in (("demo_sweep.yaml", 6 * (3 * 2 + 1 * 2)), ("paper_sweep.yaml", 6 * 6 * 5 * 2)):
+        cfg = load_sweep_config(str(ROOT / "hpc" / "finetune" / name), ["checkpoint=x.pt"])
+        cfg.base_config = str(ROOT / "hpc" / "finetune" / Path(cfg.base_config).name)
+        assert len(plan_sweep(cfg)) == n
+
+
+def test_cli_finetune_flags_override_yaml_and_sweep_dry_run(dfc_shards, tmp_path, capsys):
+    export = make_export(tmp_path / "dual.pt")
+    rc = main(["finetune", "--config", str(ROOT / "hpc" / "finetune" / "demo.yaml"),
+               "--checkpoint", str(export), "--mode", "linear", "--task", "single", "--label-fraction", "0.5",
+               "--modalities", "s1s2", "--fusion", "late", "--seed", "3", "--run-dir", str(tmp_path / "one"),
+               "--train-shards", str(dfc_shards["train"]), "--test-shards", str(dfc_shards["test"]),
+               "data.crop=24", "train.epochs=1", "data.min_epoch_samples=16"])
+    assert rc == 0
+    res = json.loads((tmp_path / "one" / "result.json").read_text())
+    assert (res["mode"], res["label_fraction"], res["seed"], res["config"]["data"]["crop"]) == ("linear", 0.5, 3, 24)
+    assert main(["finetune", "--checkpoint", str(export), "--backbone", "resnet18",
+                 "--run-dir", str(tmp_path / "bad"), "--train-shards", str(dfc_shards["train"]),
+                 "--test-shards", str(dfc_shards["test"])]) == 2
+    capsys.readouterr()
+    rc = main(["finetune", "sweep", "--config", str(ROOT / "hpc" / "finetune" / "demo_sweep.yaml"),
+               "--dry-run", "--out", str(tmp_path / "sw"), "checkpoint=x.pt",
+               f"base_config={ROOT / 'hpc' / 'finetune' / 'demo.yaml'}"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 48 and all(line.startswith("todo\t") for line in lines)
+    assert main(["finetune", "sweep", "--seed", "1", "--config", "x.yaml"]) == 2

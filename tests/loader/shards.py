@@ -1,0 +1,97 @@
+"""Helpers of the loader tests: small shard sets written per the shard contract.
+
+The shard writer is another module; these tests build shard sets directly with
+`webdataset.TarWriter` (the contract's format) so they test the reader alone. Each sample's
+S2 pixel [0, 0, 0] holds its global id, so a test can tell which sample a batch row is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from satfuse.config import DataConfig
+
+S1_STATS = {"mean": [-12.0, -19.0], "std": [4.0, 5.0], "min": [-30.0, -35.0], "max": [5.0, 0.0], "count": 1}
+S2_STATS = {
+    "mean": [1500.0 + 10 * b for b in range(13)],
+    "std": [600.0 + b for b in range(13)],
+    "min": [0.0] * 13,
+    "max": [10000.0] * 13,
+    "count": 1,
+}
+
+
+def npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def sample_key(gid: int) -> str:
+    return f"ROIs1158_spring_{gid // 1000}_p{gid % 1000}"
+
+
+def make_sample(gid: int, hw: int) -> dict:
+    rng = np.random.default_rng(gid)
+    s1 = rng.uniform(-30, 5, size=(2, hw, hw)).astype(np.float32)
+    s2 = rng.integers(0, 10000, size=(13, hw, hw), dtype=np.uint16)
+    s2[0, 0, 0] = gid
+    return {"__key__": sample_key(gid), "s1.npy": npy(s1), "s2.npy": npy(s2),
+            "json": json.dumps({"key": sample_key(gid)}).encode()}
+
+
+def make_shards(
+    root: Path, counts: list[int], hw: int = 16, name: str = "synth", corrupt: frozenset[int] = frozenset(),
+) -> Path:
+    """Write shards NAME-%06d.tar with the given sample counts and a manifest; return the dir.
+    Samples whose global id is in `corrupt` get an s2.npy that is not a valid .npy."""
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    gid, entries = 0, []
+    for i, count in enumerate(counts):
+        fname = f"{name}-{i:06d}.tar"
+        with wds.TarWriter(str(out / fname)) as tw:
+            for _ in range(count):
+                sample = make_sample(gid, hw)
+                if gid in corrupt:
+                    sample["s2.npy"] = b"this is not an npy file"
+                tw.write(sample)
+                gid += 1
+        entries.append({"name": fname, "count": count, "bytes": (out / fname).stat().st_size, "sha256": ""})
+    manifest = {"format": "satfuse-shards/1", "name": name, "dataset": "sen12ms", "seed": 0,
+                "shards": entries, "total_samples": gid, "excluded": [],
+                "stats": {"s1": S1_STATS, "s2": S2_STATS}, "label": None}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def sample_ids(batch: dict) -> list[int]:
+    """Global ids of a batch's rows, from their keys."""
+    out = []
+    for key in batch["key"]:
+        scene, patch = key.split("_")[2], key.split("_p")[-1]
+        out.append(int(scene) * 1000 + int(patch))
+    return out
+
+
+def data_cfg(**kw) -> DataConfig:
+    base = {"batch_size": 4, "num_workers": 0, "shuffle_buffer": 8, "crop": 8}
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def truncate(path: Path, fraction: float = 0.5) -> None:
+    """Cut a tar file short, as an interrupted copy would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def run_rank(loader, steps: int) -> list[dict]:
+    """The next `steps` batches of a loader's iterator (a fresh iterator from its state)."""
+    it = iter(loader)
+    return [next(it) for _ in range(steps)]

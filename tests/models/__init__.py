@@ -1,0 +1,1 @@
+"""Tests of satfuse.models, satfuse.losses, the gather, augmentations and bench loss."""

@@ -1,0 +1,86 @@
+"""The real trainer (`satfuse.engines.pretrain.run_pretrain`, tiny model, synthetic SEN12MS
+shards) submitted with `satfuse submit` and with the plain `slurm/pretrain.sbatch` template,
+on the real local SLURM cluster: world size 2, checkpoints, preemption -> requeue -> resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.slurm_helpers import (
+    ROOT,
+    TINY,
+    cli_json,
+    metrics,
+    scontrol_field,
+    wait_for,
+    wait_gone,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_env", "job_env")]
+
+
+def submit_tiny(capsys: pytest.CaptureFixture[str], shards: Path, run_dir: Path, *extra: str) -> dict:
+    return cli_json(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm",
+                    f"data.shards={shards}", f"train.run_dir={run_dir}", "train.device=cpu", *extra)
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [r["step"] for r in metrics(run_dir) if "loss" in r]
+
+
+def test_tiny_pretraining_2_tasks_writes_checkpoints(capsys: pytest.CaptureFixture[str], sen12ms_shards: Path,
+                                                     tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    out = submit_tiny(capsys, sen12ms_shards, run, "train.steps=6", "checkpoint.every_steps=3",
+                      "train.log_every=1", "--wait")
+    assert out["results"] == [[0, 0]]  # one job, both ranks returned 0 (steps done)
+    assert {p.name for p in (run / "checkpoints").glob("step_*")} >= {"step_00000003", "step_00000006"}
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith("step_00000006")
+    assert steps_logged(run) == list(range(1, 7))
+    log = (run / "submitit" / f"{out['jobs'][0]['job_id']}_0_log.err").read_text()
+    assert "joining process group: rank 0/2" in log
+
+
+def test_preempted_pretraining_resumes_to_the_same_end(capsys: pytest.CaptureFixture[str], sen12ms_shards: Path,
+                                                       tmp_path: Path) -> None:
+    """Signalled mid-run (SLURM's pre-timeout USR2): saves, is requeued, resumes, ends at the
+    configured step like the uninterrupted job above (the toy test compares final states)."""
+    run = tmp_path / "run"
+    job = submit_tiny(capsys, sen12ms_shards, run, "train.steps=30", "train.log_every=1",
+                      "checkpoint.every_steps=1000")["jobs"][0]["job_id"]
+    wait_for(lambda: len(steps_logged(run)) >= 3, 180, "the job to train a few steps")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    assert wait_gone(job, timeout=300) >= 1
+    assert scontrol_field(job, "Restarts") == "1" and scontrol_field(job, "JobState") == "COMPLETED"
+    steps = steps_logged(run)
+    assert steps[-1] == 30 and sorted(set(steps)) == list(range(1, 31))
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert len(saved) == 2 and saved[-1] == "step_00000030"  # the preemption save + the final one
+    stop_step = int(saved[0].split("_")[1])
+    assert 3 <= stop_step < 30
+    resumed = [ln for ln in (run / "submitit" / f"{job}_0_log.err").read_text().splitlines() if "resumed from" in ln]
+    assert len(resumed) == 1 and f"at step {stop_step}" in resumed[0]
+
+
+def test_plain_sbatch_template_requeues_and_resumes(sen12ms_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    env = {**os.environ, "CONFIG": TINY, "SATFUSE": str(ROOT / ".venv" / "bin" / "satfuse")}
+    res = subprocess.run(
+        ["sbatch", "--parsable", "--time=30", f"--output={tmp_path}/job-%j.out", str(ROOT / "slurm" / "pretrain.sbatch"),
+         f"data.shards={sen12ms_shards}", f"train.run_dir={run}", "train.device=cpu", "train.steps=40",
+         "train.log_every=1", "checkpoint.every_steps=1000"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    wait_for(lambda: len(steps_logged(run)) >= 3, 180, "the template job to train a few steps")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    assert wait_gone(job, timeout=300) >= 1
+    assert scontrol_field(job, "Restarts") == "1" and scontrol_field(job, "JobState") == "COMPLETED"
+    steps = steps_logged(run)
+    assert steps[-1] == 40 and sorted(set(steps)) == list(range(1, 41))
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert "attempt 1" in log and "attempt 2" in log and "requeueing job" in log  # appended

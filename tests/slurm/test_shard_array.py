@@ -1,0 +1,64 @@
+"""`satfuse submit shard`: a 3-task job array + a dependent merge job on the real cluster gives
+the same shards (same manifest checksums) as the single-process sharding run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.slurm_helpers import cli, cli_json, queued_ids, scontrol_field, wait_gone
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_env", "job_env")]
+
+
+@pytest.fixture(scope="module")
+def raw_sen12ms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from satfuse.data.synth import write_sen12ms
+
+    raw = tmp_path_factory.mktemp("raw") / "sen12ms"
+    write_sen12ms(raw, scenes=2, patches_per_scene=12, seed=0, size=32)
+    return raw
+
+
+def shard_records(manifest: dict) -> list[tuple[str, int, str]]:
+    return [(s["name"], s["count"], s["sha256"]) for s in manifest["shards"]]
+
+
+def test_dry_run_is_an_array_script(capsys: pytest.CaptureFixture[str], raw_sen12ms: Path, tmp_path: Path) -> None:
+    before = queued_ids()
+    rc, out, err = cli(capsys, "submit", "shard", "--src", str(raw_sen12ms), "--out", str(tmp_path / "shards"),
+                       "--cluster", "localslurm", "--array-size", "3", "--dry-run")
+    assert rc == 0, err
+    assert "#SBATCH --array=0-2%3" in out and "#SBATCH --ntasks-per-node=1" in out
+    script = tmp_path / "a.sh"
+    script.write_text(out)
+    res = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert queued_ids() == before
+
+
+def test_array_of_3_plus_merge_equals_single_process(capsys: pytest.CaptureFixture[str], raw_sen12ms: Path,
+                                                     tmp_path: Path) -> None:
+    from satfuse.data.shard_writer import shard_dataset
+
+    single = shard_dataset(raw_sen12ms, "sen12ms", tmp_path / "single" / "shards", maxcount=4, seed=0)
+    out_dir = tmp_path / "array" / "shards"  # same directory name: shard names follow it
+    sub = cli_json(capsys, "submit", "shard", "--src", str(raw_sen12ms), "--out", str(out_dir),
+                   "--maxcount", "4", "--seed", "0", "--cluster", "localslurm", "--array-size", "3",
+                   "--run-dir", str(tmp_path / "run"), "--wait")
+    kinds = [j["kind"] for j in sub["jobs"]]
+    assert kinds == ["shard", "shard", "shard", "merge"]
+    array_id = sub["jobs"][0]["job_id"].split("_")[0]
+    assert [j["job_id"] for j in sub["jobs"][:3]] == [f"{array_id}_{i}" for i in range(3)]
+    assert sub["jobs"][3]["after"] == array_id
+    merged = json.loads((out_dir / "manifest.json").read_text())
+    assert shard_records(merged) == shard_records(single) and len(merged["shards"]) >= 3
+    assert merged["total_samples"] == single["total_samples"] and merged["stats"] == single["stats"]
+    assert len(list(out_dir.glob("manifest.part-*-of-3.json"))) == 3  # three disjoint parts wrote
+    wait_gone(sub["jobs"][3]["job_id"], timeout=60)  # the result is written just before the job ends
+    assert scontrol_field(sub["jobs"][3]["job_id"], "JobState") == "COMPLETED"
+    rc, out, _ = cli(capsys, "jobs", "ls", str(tmp_path / "run"))
+    assert rc == 0 and out.count("COMPLETED") == 4

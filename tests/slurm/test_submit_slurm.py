@@ -1,0 +1,162 @@
+"""`satfuse submit` against the real local SLURM cluster (slurm/local-cluster/start.sh).
+
+The launch machinery is exercised for real: submitit writes and sbatch queues the job, srun
+starts the tasks, torch.distributed (gloo) joins them from `JobEnvironment`, SLURM delivers
+the stop signal and requeues. The trainer here is `toy_train` (same contract as the real one,
+no data); `test_real_trainer.py` runs the real `run_pretrain`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.slurm_helpers import (
+    TINY,
+    cli,
+    cli_json,
+    job_state,
+    metrics,
+    queued_ids,
+    scontrol_field,
+    wait_for,
+    wait_gone,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_env", "job_env")]
+TOY = "tests.slurm.toy_train:run"
+
+
+def submit_toy(capsys: pytest.CaptureFixture[str], run_dir: Path, *extra: str, steps: int = 8) -> str:
+    out = cli_json(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm",
+                   "--entry", TOY, f"train.run_dir={run_dir}", f"train.steps={steps}", *extra)
+    assert out["executor"] == "slurm" and len(out["jobs"]) == 1
+    return out["jobs"][0]["job_id"]
+
+
+def final_state(run_dir: Path) -> dict:
+    ck = run_dir / "checkpoints"
+    return json.loads((ck / (ck / "latest").read_text().strip() / "state.json").read_text())
+
+
+def test_dry_run_prints_a_valid_sbatch_script(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    before = queued_ids()
+    rc, out, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm",
+                       "--dry-run", f"train.run_dir={tmp_path / 'run'}")
+    assert rc == 0, err
+    assert out.startswith("#!/bin/bash") and "#SBATCH --requeue" in out and "#SBATCH --signal=USR2@120" in out
+    assert "#SBATCH --ntasks-per-node=2" in out and "#SBATCH --partition=debug" in out
+    assert "srun" in out and "submitit.core._submit" in out
+    script = tmp_path / "job.sh"
+    script.write_text(out)
+    res = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "to start at" in res.stderr
+    assert not (tmp_path / "run" / "jobs.json").exists()
+    assert queued_ids() == before  # nothing queued
+
+
+def test_bad_partition_fails_before_queueing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    before = queued_ids()
+    rc, out, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm",
+                       "--partition", "nosuchpart", f"train.run_dir={tmp_path}")
+    assert rc == 2 and out == ""
+    assert "partition 'nosuchpart' does not exist" in err and "debug" in err
+    assert queued_ids() == before and not (tmp_path / "jobs.json").exists()
+
+
+def test_profile_with_unknown_key_fails_before_queueing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    prof = tmp_path / "typo.yaml"
+    prof.write_text("executor: slurm\npartition: debug\ntasks_per_nod: 2\n")
+    before = queued_ids()
+    rc, out, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", str(prof),
+                       f"train.run_dir={tmp_path / 'run'}")
+    assert rc == 2 and out == ""
+    assert "typo.yaml" in err and "unknown key tasks_per_nod" in err
+    assert queued_ids() == before
+
+
+def test_resources_slurm_refuses_fail_before_queueing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    before = queued_ids()
+    rc, _, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm",
+                     "--tasks-per-node", "64", f"train.run_dir={tmp_path}")
+    assert rc == 2 and "SLURM would reject this job" in err
+    assert queued_ids() == before
+
+
+def test_two_task_job_runs_with_world_size_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    job = submit_toy(capsys, run, "checkpoint.every_steps=4", steps=8)
+    wait_gone(job, timeout=120)
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert {r["world"] for r in rows} == {2} and {r["reduced"] for r in rows} == {3.0}  # 1 + 2
+    assert {p.name for p in (run / "checkpoints").glob("step_*")} == {"step_00000004", "step_00000008"}
+    assert final_state(run)["step"] == 8
+    # jobs ls / status / logs over the run's index
+    rc, out, _ = cli(capsys, "jobs", "ls", str(run))
+    assert rc == 0 and out.split()[:3] == [job, "pretrain", "slurm"] and "COMPLETED" in out
+    status = cli_json(capsys, "jobs", "status", str(run))
+    assert status["latest_checkpoint"] == "step_00000008" and status["jobs"][0]["state"] == "COMPLETED"
+    rc, out, _ = cli(capsys, "jobs", "logs", str(run), "--task", "0")
+    assert rc == 0 and "task rank 0/2" in out and "Job completed successfully" in out
+
+
+def test_preempted_job_resumes_and_matches_uninterrupted(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = 24
+    monkeypatch.setenv("TOY_STEP_S", "0.25")
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    job_a = submit_toy(capsys, straight, steps=steps)
+    job_b = submit_toy(capsys, preempted, "checkpoint.every_steps=100", steps=steps)
+    wait_for(lambda: len(metrics(preempted)) >= 4, 90, "the job to make progress")
+    subprocess.run(["scancel", "--signal=USR2", job_b], check=True, timeout=30)  # SLURM's pre-timeout signal
+    requeues = wait_gone(job_b, timeout=240)
+    wait_gone(job_a, timeout=120)
+    assert requeues >= 1 and scontrol_field(job_b, "Restarts") == "1"
+    rows = metrics(preempted)
+    first = [r for r in rows if r["attempt"] == 0]
+    second = [r for r in rows if r["attempt"] == 1]
+    assert first and second, rows
+    assert 4 <= first[-1]["step"] < steps  # stopped mid-run ...
+    assert second[0]["step"] == first[-1]["step"] + 1  # ... resumed from the saved step
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert first[0]["port"] != second[0]["port"]  # fresh rendezvous port after requeue
+    assert final_state(preempted) == final_state(straight) == {**final_state(straight), "step": steps}
+    # logs of both attempts are in the same file (appended), in the same run dir
+    log = (preempted / "submitit" / f"{job_b}_0_log.err").read_text()
+    assert "attempt 1" in log and "attempt 2" in log and "requeued (requeue 1" in log
+
+
+def test_requeue_limit_stops_with_a_clear_message(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOY_STEP_S", "0.25")
+    run = tmp_path / "run"
+    job = submit_toy(capsys, run, "train.max_requeues=0", steps=200)
+    wait_for(lambda: len(metrics(run)) >= 2, 90, "the job to make progress")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    assert wait_gone(job, timeout=90) == 0  # not requeued
+    assert scontrol_field(job, "Restarts") == "0"
+    assert (run / "checkpoints" / "latest").is_file()  # the checkpoint was still saved
+    err = (run / "submitit" / f"{job}_0_log.err").read_text()
+    assert "requeued 0 times (train.max_requeues=0)" in err and "not requeueing" in err
+    rc, out, _ = cli(capsys, "jobs", "ls", str(run))
+    assert "FAILED" in out
+
+
+def test_cancel_stops_a_running_job(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOY_STEP_S", "0.5")
+    run = tmp_path / "run"
+    job = submit_toy(capsys, run, steps=400)
+    wait_for(lambda: job_state(job).startswith("RUNNING"), 60, "the job to run")
+    out = cli_json(capsys, "jobs", "cancel", str(run))
+    assert out["cancelled"] == [job]
+    t0 = time.time()
+    wait_gone(job, timeout=60)
+    assert time.time() - t0 < 30
+    assert len(metrics(run)) < 400
