@@ -158,3 +158,33 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs, sen12ms_shards, tmp_path)
     train(1, args(sen12ms_shards, run, steps=14), tmp_path / "l2")
     got = losses(run)
     assert sorted(got) == [11, 12, 13, 14] and all(math.isfinite(v) for v in got.values())
+
+
+@pytest.mark.slow
+def test_resume_through_universal_checkpoint_is_exact(runs, sen12ms_shards, tmp_path):
+    """A ZeRO-1 checkpoint resumed under ZeRO-2 (same 2 ranks) goes through the universal
+    conversion; weights, buffers and Adam state arrive exactly, so the continuation equals
+    the uninterrupted run's losses bitwise (ZeRO-1 and ZeRO-2 runs are bitwise equal)."""
+    run = tmp_path / "run"
+    shutil.copytree(ckpt(runs["zero1"], 10), ckpt(run, 10))
+    (run / "checkpoints" / "latest").write_text("step_00000010\n")
+    over = args(sen12ms_shards, run, **{"deepspeed.config": "hpc/deepspeed/zero2_fp32.json"})
+    train(2, over, tmp_path / "logs")
+    assert "via a universal checkpoint" in logs(tmp_path / "logs")
+    ref = losses(runs["zero1"])
+    got = losses(run)
+    assert got == {s: ref[s] for s in range(11, STEPS + 1)}
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_steps_at_boundaries_only(sen12ms_shards, tmp_path):
+    """hpc/deepspeed/zero2_accum4.yaml: one optimizer step (with a grad norm, clipped by
+    optim.grad_clip) every 4 micro-batches; checkpoints land on optimizer steps."""
+    run = tmp_path / "run"
+    extra = {"deepspeed.config": "hpc/deepspeed/zero2_accum4.yaml", "optim.grad_clip": "1.0",
+             "checkpoint.every_steps": "4"}
+    train(2, args(sen12ms_shards, run, steps=8, **extra), tmp_path / "logs")
+    rows = {m["step"]: m for m in metrics(run) if "loss" in m}
+    stepped = [s for s, m in rows.items() if math.isfinite(m["grad_norm"])]
+    assert stepped == [4, 8]
+    assert read_meta(ckpt(run, 8))["deepspeed"]["gradient_accumulation_steps"] == 4

@@ -96,3 +96,30 @@ def test_ddp_checkpoint_directory_is_exported_and_loaded(tmp_path):
     assert _same_weights(model.backbone_s1, pre.state_dicts["s1"])
     assert _same_weights(model.backbone_s2, pre.state_dicts["s2"])
     assert pre.band_stats()["s2"].std == tuple([500.0] * 13)
+
+
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_deepspeed_checkpoint_directory_is_exported_and_loaded(sen12ms_shards, tmp_path, repo_root):
+    """A real DeepSpeed (ZeRO-1) checkpoint from the trainer, 1 rank -> backbones that load."""
+    from satfuse.checkpoint.deepspeed_export import fp32_state_dict
+    from satfuse.evaluation.pretrained import pretrained_branches
+    from tests.engines.ranks import logs, run_ranks
+
+    run = tmp_path / "ds"
+    (tmp_path / "logs").mkdir()
+    overrides = [f"data.shards={sen12ms_shards}", f"train.run_dir={run}", "train.steps=4",
+                 "checkpoint.every_steps=4"]
+    codes = run_ranks(1, overrides, tmp_path / "logs", config=str(repo_root / "hpc/pretrain/tiny_deepspeed.yaml"))
+    assert codes == [0], logs(tmp_path / "logs")
+    ckpt = run / "checkpoints" / "step_00000004"
+    pre = load_pretrained(ckpt)
+    assert pre.step == 4 and pre.backbone == "tiny" and set(pre.state_dicts) == {"s1", "s2"}
+    full = fp32_state_dict(ckpt)
+    for name in ("s1", "s2"):
+        prefix = f"backbone_{name}."
+        assert {k[len(prefix):] for k in full if k.startswith(prefix)} == set(pre.state_dicts[name])
+        for k, v in pre.state_dicts[name].items():
+            assert torch.equal(v, full[prefix + k])
+    specs = pretrained_branches(pre, "tiny", "s1s2", "late")
+    build_classifier(specs, "tiny", 8, frozen=True, state_dicts=pre.state_dicts, source=str(ckpt))

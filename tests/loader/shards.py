@@ -36,17 +36,21 @@ def sample_key(gid: int) -> str:
     return f"ROIs1158_spring_{gid // 1000}_p{gid % 1000}"
 
 
-def make_sample(gid: int, hw: int) -> dict:
+def make_sample(gid: int, hw: int, label: bool = False) -> dict:
     rng = np.random.default_rng(gid)
     s1 = rng.uniform(-30, 5, size=(2, hw, hw)).astype(np.float32)
     s2 = rng.integers(0, 10000, size=(13, hw, hw), dtype=np.uint16)
     s2[0, 0, 0] = gid
-    return {"__key__": sample_key(gid), "s1.npy": npy(s1), "s2.npy": npy(s2),
-            "json": json.dumps({"key": sample_key(gid)}).encode()}
+    out = {"__key__": sample_key(gid), "s1.npy": npy(s1), "s2.npy": npy(s2),
+           "json": json.dumps({"key": sample_key(gid)}).encode()}
+    if label:
+        out["dfc.npy"] = npy(np.full((1, hw, hw), 1 + gid % 10, dtype=np.uint8))
+    return out
 
 
 def make_shards(
     root: Path, counts: list[int], hw: int = 16, name: str = "synth", corrupt: frozenset[int] = frozenset(),
+    label: bool = False,
 ) -> Path:
     """Write shards NAME-%06d.tar with the given sample counts and a manifest; return the dir.
     Samples whose global id is in `corrupt` get an s2.npy that is not a valid .npy."""
@@ -57,7 +61,7 @@ def make_shards(
         fname = f"{name}-{i:06d}.tar"
         with wds.TarWriter(str(out / fname)) as tw:
             for _ in range(count):
-                sample = make_sample(gid, hw)
+                sample = make_sample(gid, hw, label)
                 if gid in corrupt:
                     sample["s2.npy"] = b"this is not an npy file"
                 tw.write(sample)

@@ -47,13 +47,15 @@ def test_tiny_pretraining_2_tasks_writes_checkpoints(capsys: pytest.CaptureFixtu
 
 def test_preempted_pretraining_resumes_to_the_same_end(capsys: pytest.CaptureFixture[str], sen12ms_shards: Path,
                                                        tmp_path: Path) -> None:
-    """Signalled mid-run (SLURM's pre-timeout USR2): saves, is requeued, resumes, ends at the
-    configured step like the uninterrupted job above (the toy test compares final states)."""
+    """Preempted mid-run by `scontrol requeue` (SLURM sends TERM, KILL after KillWait): every
+    rank saves, the job is requeued, resumes from the checkpoint and ends at the configured step
+    like the uninterrupted job above (the toy tests compare final states, and cover the
+    pre-timeout USR2 path)."""
     run = tmp_path / "run"
     job = submit_tiny(capsys, sen12ms_shards, run, "train.steps=30", "train.log_every=1",
                       "checkpoint.every_steps=1000")["jobs"][0]["job_id"]
     wait_for(lambda: len(steps_logged(run)) >= 3, 180, "the job to train a few steps")
-    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
     assert wait_gone(job, timeout=300) >= 1
     assert scontrol_field(job, "Restarts") == "1" and scontrol_field(job, "JobState") == "COMPLETED"
     steps = steps_logged(run)
@@ -62,8 +64,10 @@ def test_preempted_pretraining_resumes_to_the_same_end(capsys: pytest.CaptureFix
     assert len(saved) == 2 and saved[-1] == "step_00000030"  # the preemption save + the final one
     stop_step = int(saved[0].split("_")[1])
     assert 3 <= stop_step < 30
-    resumed = [ln for ln in (run / "submitit" / f"{job}_0_log.err").read_text().splitlines() if "resumed from" in ln]
+    log = (run / "submitit" / f"{job}_0_log.err").read_text()
+    resumed = [ln for ln in log.splitlines() if "resumed from" in ln]
     assert len(resumed) == 1 and f"at step {stop_step}" in resumed[0]
+    assert "was already requeued by SLURM" in log and "SatfuseError" not in log
 
 
 def test_plain_sbatch_template_requeues_and_resumes(sen12ms_shards: Path, tmp_path: Path) -> None:
@@ -84,3 +88,17 @@ def test_plain_sbatch_template_requeues_and_resumes(sen12ms_shards: Path, tmp_pa
     assert steps[-1] == 40 and sorted(set(steps)) == list(range(1, 41))
     log = (tmp_path / f"job-{job}.out").read_text()
     assert "attempt 1" in log and "attempt 2" in log and "requeueing job" in log  # appended
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_engine_through_submit(capsys: pytest.CaptureFixture[str], sen12ms_shards: Path,
+                                         tmp_path: Path) -> None:
+    """The same task launches DeepSpeed (ZeRO-1 on CPU): the engine is the config's business."""
+    run = tmp_path / "run"
+    out = cli_json(capsys, "submit", "pretrain", "--config", str(ROOT / "hpc" / "pretrain" / "tiny_deepspeed.yaml"),
+                   "--cluster", "localslurm", f"data.shards={sen12ms_shards}", f"train.run_dir={run}",
+                   "train.device=cpu", "train.steps=4", "checkpoint.every_steps=2", "--wait")
+    assert out["results"] == [[0, 0]]
+    assert {p.name for p in (run / "checkpoints").glob("step_*")} >= {"step_00000002", "step_00000004"}
+    log = (run / "submitit" / f"{out['jobs'][0]['job_id']}_0_log.err").read_text()
+    assert "DeepSpeed engine" in log and "2 rank(s)" in log

@@ -4,12 +4,13 @@ the same shards (same manifest checksums) as the single-process sharding run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.slurm.slurm_helpers import cli, cli_json, queued_ids, scontrol_field, wait_gone
+from tests.slurm.slurm_helpers import ROOT, cli, cli_json, queued_ids, scontrol_field, wait_gone
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_env", "job_env")]
 
@@ -21,6 +22,14 @@ def raw_sen12ms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw = tmp_path_factory.mktemp("raw") / "sen12ms"
     write_sen12ms(raw, scenes=2, patches_per_scene=12, seed=0, size=32)
     return raw
+
+
+@pytest.fixture(scope="module")
+def single_manifest(raw_sen12ms: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The reference: the single-process sharding run (output dir named `shards` like the others)."""
+    from satfuse.data.shard_writer import shard_dataset
+
+    return shard_dataset(raw_sen12ms, "sen12ms", tmp_path_factory.mktemp("single") / "shards", maxcount=4, seed=0)
 
 
 def shard_records(manifest: dict) -> list[tuple[str, int, str]]:
@@ -41,10 +50,8 @@ def test_dry_run_is_an_array_script(capsys: pytest.CaptureFixture[str], raw_sen1
 
 
 def test_array_of_3_plus_merge_equals_single_process(capsys: pytest.CaptureFixture[str], raw_sen12ms: Path,
-                                                     tmp_path: Path) -> None:
-    from satfuse.data.shard_writer import shard_dataset
-
-    single = shard_dataset(raw_sen12ms, "sen12ms", tmp_path / "single" / "shards", maxcount=4, seed=0)
+                                                     single_manifest: dict, tmp_path: Path) -> None:
+    single = single_manifest
     out_dir = tmp_path / "array" / "shards"  # same directory name: shard names follow it
     sub = cli_json(capsys, "submit", "shard", "--src", str(raw_sen12ms), "--out", str(out_dir),
                    "--maxcount", "4", "--seed", "0", "--cluster", "localslurm", "--array-size", "3",
@@ -62,3 +69,26 @@ def test_array_of_3_plus_merge_equals_single_process(capsys: pytest.CaptureFixtu
     assert scontrol_field(sub["jobs"][3]["job_id"], "JobState") == "COMPLETED"
     rc, out, _ = cli(capsys, "jobs", "ls", str(tmp_path / "run"))
     assert rc == 0 and out.count("COMPLETED") == 4
+
+
+def test_plain_shard_array_template_equals_single_process(raw_sen12ms: Path, single_manifest: dict,
+                                                          tmp_path: Path) -> None:
+    """slurm/shard-array.sbatch as its header says: an array of 3, then the merge via --wrap."""
+    out_dir = tmp_path / "shards"
+    satfuse = str(ROOT / ".venv" / "bin" / "satfuse")
+    env = {**os.environ, "SRC": str(raw_sen12ms), "OUT": str(out_dir), "MAXCOUNT": "4", "SEED": "0",
+           "SATFUSE": satfuse}
+    sub = subprocess.run(["sbatch", "--parsable", "--array=0-2", f"--output={tmp_path}/part-%A_%a.out",
+                          str(ROOT / "slurm" / "shard-array.sbatch")],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert sub.returncode == 0, sub.stderr
+    array_id = sub.stdout.strip().split(";")[0]
+    merge = subprocess.run(["sbatch", "--parsable", f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes",
+                            f"--output={tmp_path}/merge.out", "--wrap", f"{satfuse} shard merge {out_dir}"],
+                           capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert merge.returncode == 0, merge.stderr
+    merge_id = merge.stdout.strip().split(";")[0]
+    wait_gone(merge_id, timeout=180)
+    assert scontrol_field(merge_id, "JobState") == "COMPLETED", (tmp_path / "merge.out").read_text()[-2000:]
+    merged = json.loads((out_dir / "manifest.json").read_text())
+    assert shard_records(merged) == shard_records(single_manifest)

@@ -108,7 +108,7 @@ def test_two_task_job_runs_with_world_size_2(capsys: pytest.CaptureFixture[str],
 
 def test_preempted_job_resumes_and_matches_uninterrupted(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    steps = 24
+    steps = 16
     monkeypatch.setenv("TOY_STEP_S", "0.25")
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
     job_a = submit_toy(capsys, straight, steps=steps)

@@ -8,6 +8,7 @@ commands answer it with the same checks resume uses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 from pathlib import Path
@@ -95,10 +96,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise SatfuseError(f"{path}: not found; list checkpoints with `satfuse ckpt ls RUN_DIR`")
     problems = checkpoint_problems(path, checksums=not args.quick)
     meta: dict[str, Any] = {}
-    try:
+    with contextlib.suppress(OSError, json.JSONDecodeError):
         meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        pass
     files = meta.get("files") or {}
     fp = (meta.get("model") or {}).get("fingerprint") or {}
     report = {

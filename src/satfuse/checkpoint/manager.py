@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -68,6 +70,9 @@ from satfuse.checkpoint.layout import (
 from satfuse.utils import SatfuseError, atomic_write_text
 
 log = logging.getLogger(__name__)
+# One process without a process group is a supported mode here (tests, export, 1-GPU runs);
+# DCP warns about it on every call, also from the async-save thread.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MISMATCH_FIX = (
     "this checkpoint was written by a different model config; start a new run_dir or pass "
@@ -204,20 +209,6 @@ def _to_plain(app_state: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in app_state.items()}
 
 
-def _clone(obj: Any) -> Any:
-    """Deep copy of tensors, so an async save never sees values the next step changes
-    (pytorch #144657: DCP's staging did not copy CPU tensors)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_clone(v) for v in obj)
-    return obj
-
-
 def _write_rank_state(path: Path, rank_state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(rank_state, buf)
@@ -277,6 +268,7 @@ class CheckpointManager:
         self._pending: _Pending | None = None
         self._group: Any = None
         self._verified: set[str] = set()
+        self._stager: DefaultStager | None = None
         self.last_save_seconds: float = 0.0  # blocking time of the last save() call
 
     # --------------------------------------------------------------- groups
@@ -314,7 +306,7 @@ class CheckpointManager:
         try:
             with _quiet_single_process():
                 dcp.save(app_state, checkpoint_id=tmp, process_group=group)
-        except Exception as exc:  # noqa: BLE001 - DCP raises on every rank together
+        except (Exception, CheckpointException) as exc:  # DCP raises on every rank together
             if rank == 0:
                 _rmtree_quiet(tmp)
             raise self._save_error(step, f"{_short(exc)}") from exc
@@ -353,9 +345,17 @@ class CheckpointManager:
 
     def _start_async(self, step: int, tmp: Path, final: Path, app_state: dict[str, Any],
                      doc: dict[str, Any], local_error: str | None) -> None:
-        staged = _clone(_to_plain(app_state))
-        fut = dcp.async_save(staged, checkpoint_id=tmp, process_group=self.group(),
-                             no_dist=not _dist_on())
+        # The stager copies every tensor (CPU ones too) before save() returns, so the next
+        # optimizer step cannot change what is written (pytorch #144657). One stager per
+        # manager keeps its copy buffers between saves: no re-allocation per checkpoint.
+        if self._stager is None:
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                use_async_staging=False, use_non_blocking_copy=False))
+        with _quiet_single_process():
+            fut = dcp.async_save(_to_plain(app_state), checkpoint_id=tmp,
+                                 process_group=self.group(), no_dist=not _dist_on(),
+                                 async_stager=self._stager)
         self._pending = _Pending(step, tmp, final, fut, {**doc, "async": True}, local_error)
 
     def wait(self) -> Path | None:
@@ -365,7 +365,7 @@ class CheckpointManager:
             return None
         try:
             pending.future.result()
-        except Exception as exc:  # noqa: BLE001 - every rank sees the failure
+        except (Exception, CheckpointException) as exc:  # every rank sees the failure
             if _rank() == 0:
                 _rmtree_quiet(pending.tmp)
             raise self._save_error(pending.step, _short(exc)) from exc
@@ -374,6 +374,13 @@ class CheckpointManager:
         log.info("async checkpoint step %d committed (%.2fs after save())",
                  pending.step, time.perf_counter() - pending.started)
         return pending.final
+
+    def close(self) -> None:
+        """Commit any async save and free the staging buffers (collective)."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def _finalize(self, step: int, tmp: Path, final: Path, doc: dict[str, Any],
                   local_error: str | None, group: Any) -> None:
@@ -545,7 +552,7 @@ class CheckpointManager:
         try:
             with _quiet_single_process():
                 dcp.load(app_state, checkpoint_id=path, process_group=self.group())
-        except Exception as exc:  # noqa: BLE001 - turned into a one-line user error
+        except (Exception, CheckpointException) as exc:  # turned into a one-line user error
             raise SatfuseError(
                 f"{path}: loading the checkpoint failed ({_short(exc)}); {MISMATCH_FIX}"
             ) from exc

@@ -16,12 +16,18 @@ Epoch semantics
 - Batches of `data.batch_size` are built in the worker; the rank interleaves its workers
   round robin. `steps_per_epoch` = min over ranks of the batches the rank can fill; every rank
   stops each epoch at exactly that many batches, so no rank waits at an epoch end.
-- Per epoch and rank, at most `workers x (batch_size - 1)` samples (the workers' incomplete last
-  batches, with drop_last) plus the surplus of the fullest rank over the emptiest
-  (< `workers x (batch_size + 1)` samples) are not used; they are used in other epochs, since the
-  permutation changes.
+- Samples not used in an epoch (with drop_last), per rank: the workers' incomplete last
+  batches (<= workers x (batch_size - 1)) plus the batches cut to match the emptiest rank
+  (<= workers x batch_size, since slot sizes differ by at most one sample); in all
+  < world_size x workers x 2 x batch_size per epoch. The permutation changes each epoch, so
+  they are different samples every epoch.
 - Random crops (`data.crop`) and SimCLR views use an RNG seeded by (seed, epoch, key), so they
   do not depend on worker count or timing.
+- DataLoader workers start once per `iter(loader)` and then follow the plan epoch after epoch
+  on their own (a spawned worker costs seconds); every worker yields the same number of items
+  per epoch (padding markers after its batches), so torch's strict round robin reproduces the
+  plan's schedule. Labels are not read in pretraining. From local tars the shuffle buffer
+  holds only member offsets and, with a crop, only the crop's rows are read.
 
 Resume (`state_dict` / `load_state_dict`)
 - The state holds the epoch, the batches this rank consumed in it and, per worker, the cursor:
@@ -36,9 +42,9 @@ Resume (`state_dict` / `load_state_dict`)
   first `cursor` outputs) without reading any data. The rest of the epoch - the samples that sat
   in the old shuffle buffers and everything not yet read - is cut into the new slots as above.
   No sample of the epoch is repeated; the samples skipped in that epoch are only those of the
-  rule above applied to the remainder: at most `workers x (batch_size - 1)` per new rank plus
-  the imbalance between new ranks (< `new_workers x (batch_size + 1)` per rank), i.e.
-  < `new_world x new_workers x (2 x batch_size)` samples. The next epoch is a normal one.
+  rule above applied to the remainder on the new world size: < new_world x new_workers x 2 x
+  batch_size (tested for 2 -> 1, 2 -> 3 and 2 -> 3 -> 1 within one epoch). The next epoch is a
+  normal one. Batch counts of the resumed epoch: `steps_this_epoch` (not steps_per_epoch).
   These bounds assume the shards hold what the manifest says (see decode errors).
 
 Decode errors (`data.on_decode_error`)
@@ -223,34 +229,43 @@ class SampleTransform:
     method: str = "dual_simclr"
     simclr_input: str = "s2_rgb"
     center: bool = False
+    labels: bool = False  # pretraining never reads label members
 
     def __call__(self, raw: RawSample, epoch: int) -> dict[str, Any]:
-        s1, s2 = decode_pair(raw)
-        label = decode_label(raw)
         rng = np.random.default_rng(stable_seed("sample", self.seed, epoch, raw.key))
-        window = self._window(s1.shape[1], s1.shape[2], rng, raw)
-        s1, s2 = s1[:, window[0], window[1]], s2[:, window[0], window[1]]
-        item: dict[str, Any] = {"s1": normalize(s1, self.s1), "s2": normalize(s2, self.s2), "key": raw.key}
+        window: list[int] = []
+
+        def rows(h: int, w: int) -> tuple[int, int] | None:
+            if not window:
+                window.extend(self._window(h, w, rng, raw))
+            return (window[0], window[0] + window[2]) if window[2] else None
+
+        s1, s2 = decode_pair(raw, rows)
+        cols = slice(window[1], window[1] + window[2]) if window[2] else slice(None)
+        s1, s2 = s1[:, :, cols], s2[:, :, cols]
+        item: dict[str, Any] = {"s1": Pending(s1, self.s1), "s2": Pending(s2, self.s2), "key": raw.key}
+        label = decode_label(raw) if self.labels else None
         if label is not None:
-            item[label[0]] = np.ascontiguousarray(label[1][:, window[0], window[1]])
+            lab = label[1][:, window[0] : window[0] + window[2], cols] if window[2] else label[1]
+            item[label[0]] = np.ascontiguousarray(lab)
         if self.method == "simclr":
+            item["s1"], item["s2"] = normalize(s1, self.s1), normalize(s2, self.s2)
             item["view1"], item["view2"] = self._views(item, rng)
         return item
 
-    def _window(self, h: int, w: int, rng: np.random.Generator, raw: RawSample) -> tuple[slice, slice]:
+    def _window(self, h: int, w: int, rng: np.random.Generator, raw: RawSample) -> tuple[int, int, int]:
+        """(top, left, size) of the crop; size 0 = the full patch."""
         c = self.crop
         if c <= 0:
-            return slice(None), slice(None)
+            return 0, 0, 0
         if c > h or c > w:
             raise FatalDataError(
                 f"shard #{raw.shard} sample {raw.key}: data.crop={c} is larger than the {h}x{w} patch; "
                 f"set data.crop <= {min(h, w)} (0 = full patch)"
             )
         if self.center:
-            i, j = (h - c) // 2, (w - c) // 2
-        else:
-            i, j = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
-        return slice(i, i + c), slice(j, j + c)
+            return (h - c) // 2, (w - c) // 2, c
+        return int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1)), c
 
     def _views(self, item: dict[str, Any], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         from satfuse.data.augment import simclr_views
@@ -265,6 +280,30 @@ class SampleTransform:
         return simclr_views(torch.from_numpy(np.ascontiguousarray(x)), gen, int(x.shape[-1]))
 
 
+@dataclass
+class Pending:
+    """A decoded, cropped raw array whose normalisation is deferred to `collate`, which
+    writes it straight into the batch tensor (one pass over the pixels, no per-sample copy)."""
+
+    raw: np.ndarray
+    stats: BandStats
+
+
+def normalize_into(x: np.ndarray, stats: BandStats, out: np.ndarray) -> None:
+    """`satfuse.data.normalize.normalize(x, stats)` written into `out` (same float32 ops,
+    so bitwise the same result)."""
+    np.copyto(out, x, casting="unsafe")
+    mean = np.asarray(stats.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(stats.std, dtype=np.float32)[:, None, None]
+    if out.dtype.kind == "f" and x.dtype.kind == "f":
+        bad = ~np.isfinite(out)
+        if bad.any():
+            out[bad] = np.broadcast_to(mean, out.shape)[bad]
+    np.clip(out, stats.clip[0], stats.clip[1], out=out)
+    out -= mean
+    out /= std
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of samples; arrays become tensors, keys a list."""
     out: dict[str, Any] = {"key": [it["key"] for it in items]}
@@ -272,7 +311,18 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         if name == "key":
             continue
         vals = [it[name] for it in items]
-        out[name] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else torch.from_numpy(np.stack(vals))
+        if isinstance(vals[0], Pending):
+            tensor = torch.empty((len(vals), *vals[0].raw.shape), dtype=torch.float32)
+            if get_worker_info() is not None:  # written once, straight into what the main process maps
+                tensor.share_memory_()
+            batch = tensor.numpy()
+            for i, v in enumerate(vals):
+                normalize_into(v.raw, v.stats, batch[i])
+            out[name] = tensor
+        elif isinstance(vals[0], torch.Tensor):
+            out[name] = torch.stack(vals)
+        else:
+            out[name] = torch.from_numpy(np.stack(vals))
     return out
 
 
@@ -685,7 +735,7 @@ class EvalLoader:
         self.shards, self.cfg, self.batch_size = shards, cfg, batch_size
         s1 = BandStats.from_manifest(shards.stats, "s1", cfg.s1_clip)
         s2 = BandStats.from_manifest(shards.stats, "s2", cfg.s2_clip)
-        self.transform = SampleTransform(s1, s2, 0, crop, center=True)
+        self.transform = SampleTransform(s1, s2, 0, crop, center=True, labels=True)
         all_runs: list[Run] = [(s, 0, c) for s, c in enumerate(shards.counts) if c > 0]
         self.runs = split_runs(all_runs, world_size)[rank]
         longest = -(-shards.total // world_size)
@@ -742,8 +792,11 @@ class EvalLoader:
     def _batch(self, rows: list[dict[str, Any] | None], template: dict[str, Any] | None) -> dict[str, Any]:
         if template is None or any(r is None for r in rows):
             template = template or next((r for r in rows if r is not None), None) or self._template()
-        filled = [r if r is not None else {k: (np.zeros_like(v) if k != "key" else "") for k, v in template.items()}
-                  for r in rows]
+        filled = [r if r is not None else {**template, "key": ""} for r in rows]
         batch = collate(filled)
-        batch["mask"] = torch.tensor([r is not None for r in rows], dtype=torch.bool)
+        mask = torch.tensor([r is not None for r in rows], dtype=torch.bool)
+        for value in batch.values():
+            if isinstance(value, torch.Tensor):
+                value[~mask] = 0
+        batch["mask"] = mask
         return batch

@@ -37,6 +37,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import re
 import shutil
 import sys
 import tarfile
@@ -337,6 +338,12 @@ class AsyncHashingSink(io.RawIOBase):
                 except BaseException as exc:  # re-raised in the writing thread
                     self._error = exc
 
+    def abort(self) -> None:
+        """Stop the thread without fsync (the caller is discarding the file)."""
+        self._error = self._error or RuntimeError("aborted")
+        self._queue.put(None)
+        self._thread.join()
+
     def finish(self) -> str:
         """Wait for every block, fsync, and return the sha256 hex digest."""
         self._queue.put(None)
@@ -485,16 +492,20 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     try:
         with open(tmp, "wb") as raw:
             sink = AsyncHashingSink(raw)
-            writer = ShardTarWriter(sink, encoder=False, mtime=TAR_MTIME)
-            for pair, rasters in Prefetcher(task.pairs, task.label):
-                if isinstance(rasters, Exception):
-                    _exclude_or_fail(pair, rasters, task.exclude_bad, excluded, errors)
-                    continue
-                writer.write(sample_dict(pair, rasters, task.dataset, task.src))
-                for sensor in ("s1", "s2"):
-                    sums[sensor] = add_sums(sums[sensor], sample_sums(rasters[sensor].array))
-                count += 1
-            writer.close()
+            try:
+                writer = ShardTarWriter(sink, encoder=False, mtime=TAR_MTIME)
+                for pair, rasters in Prefetcher(task.pairs, task.label):
+                    if isinstance(rasters, Exception):
+                        _exclude_or_fail(pair, rasters, task.exclude_bad, excluded, errors)
+                        continue
+                    writer.write(sample_dict(pair, rasters, task.dataset, task.src))
+                    for sensor in ("s1", "s2"):
+                        sums[sensor] = add_sums(sums[sensor], sample_sums(rasters[sensor].array))
+                    count += 1
+                writer.close()
+            except BaseException:
+                sink.abort()
+                raise
             sha = sink.finish()
         if errors:
             tmp.unlink(missing_ok=True)
@@ -538,7 +549,7 @@ def _check_paths(src: Path, out: Path) -> None:
 def _prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
     """Claim the output directory: refuse someone else's non-empty dir unless `overwrite`."""
     marker = out / STATE_DIR / OWNER_FILE
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+    if out.is_dir() and not marker.is_file() and not _only_our_files(out):
         if not overwrite:
             raise SatfuseError(f"{out}: not empty and not a satfuse shard directory; choose an empty --out or pass --overwrite to replace its contents")
         log.warning("%s: --overwrite: removing its contents", out)
@@ -548,6 +559,14 @@ def _prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
         atomic_write_text(marker, json.dumps({"format": FORMAT, **settings}, indent=1))
+
+
+def _only_our_files(out: Path) -> bool:
+    """True for an empty dir or one holding only what this tool writes (a job-array part
+    may look while another part has created `.satfuse/` but not yet its marker)."""
+    name = re.escape(out.name)
+    ours = re.compile(rf"^(\.satfuse|manifest\.json|manifest\.part-\d+-of-\d+\.json|{name}-\d{{6}}\.tar(\.tmp)?)$")
+    return all(ours.match(child.name) for child in out.iterdir())
 
 
 def _remove_stale(out: Path, name: str, num_planned: int, part: int | None) -> None:

@@ -12,10 +12,12 @@ Local tars are opened seekable: skipping a sample is a header read and a seek, n
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,15 +26,37 @@ import webdataset as wds
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class MemberRef:
+    """Where a member's bytes lie in a local tar. A shuffle buffer of refs holds no pixel
+    data; the bytes are read just before decoding (cache-hot), and never for skipped samples."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(self.offset)
+            data = fh.read(self.size)
+        if len(data) != self.size:
+            raise ValueError(f"member cut short at byte {self.offset + len(data)} (truncated tar)")
+        return data
+
+
 @dataclass
 class RawSample:
-    """Member bytes of one sample, or why it could not be read (`error`)."""
+    """Members of one sample (bytes, or refs into a local tar), or why it could not be read."""
 
     shard: int
     index: int
     key: str
-    members: dict[str, bytes]
+    members: dict[str, bytes | MemberRef]
     error: str = ""
+
+    def member(self, ext: str) -> bytes:
+        value = self.members[ext]
+        return value.read() if isinstance(value, MemberRef) else value
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -99,8 +123,11 @@ def _iter_groups(url: str, shard: int, wanted: set[int], last: int) -> Iterator[
                 if index > last:
                     return
             if index in wanted:
-                fh = tf.extractfile(info)
-                members[ext] = fh.read() if fh is not None else b""
+                if stream is None:
+                    members[ext] = MemberRef(url, info.offset_data, info.size)
+                else:
+                    fh = tf.extractfile(info)
+                    members[ext] = fh.read() if fh is not None else b""
         complete = True
         if key is not None and index in wanted and index <= last:
             yield RawSample(shard, index, key, members)
@@ -111,7 +138,31 @@ def _iter_groups(url: str, shard: int, wanted: set[int], last: int) -> Iterator[
 
 def decode_npy(data: bytes) -> np.ndarray:
     """np.save bytes -> array without copying (no pickle: object arrays are refused)."""
-    fh = io.BytesIO(data)
+    shape, fortran, dtype, off = npy_layout(data[:4096])
+    count = int(np.prod(shape)) if shape else 1
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=off)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def npy_layout(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) from the first bytes of an .npy member.
+
+    numpy parses the header dict with `ast` (~0.2 ms); every sample of a shard set has the
+    same few headers, so the parse is cached by the header's bytes."""
+    if len(prefix) < 10 or prefix[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy member (bad magic)")
+    if prefix[6] == 1:
+        end = 10 + int.from_bytes(prefix[8:10], "little")
+    else:
+        end = 12 + int.from_bytes(prefix[8:12], "little")
+    if end > len(prefix):
+        raise ValueError(".npy header longer than the member")
+    return _parse_header(bytes(prefix[:end]))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    fh = io.BytesIO(header)
     version = np.lib.format.read_magic(fh)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
@@ -119,27 +170,70 @@ def decode_npy(data: bytes) -> np.ndarray:
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
     if dtype.hasobject:
         raise ValueError("object arrays are not allowed in shards")
-    count = int(np.prod(shape)) if shape else 1
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=fh.tell())
-    return arr.reshape(shape, order="F" if fortran else "C")
+    return tuple(shape), bool(fortran), dtype, fh.tell()
 
 
-def decode_pair(sample: RawSample) -> tuple[np.ndarray, np.ndarray]:
-    """S1 (2,H,W) and S2 (13,H,W) of a sample; ValueError naming what is wrong."""
+RowChooser = Callable[[int, int], "tuple[int, int] | None"]
+
+
+def load_npy(value: bytes | MemberRef, want: tuple[int, ...], rows: RowChooser | None = None) -> np.ndarray:
+    """A (C, H, W) .npy member with shape (want[0], H, W) [+ want H, W if given], restricted to
+    the rows `rows(H, W)` returns. From a local tar only those rows are read (one pread per band),
+    so a 128-crop of a 256 patch reads half the bytes. ValueError for any malformed member."""
+    if not isinstance(value, MemberRef):
+        arr = decode_npy(value)
+        _check_shape(arr.shape, want)
+        sel = rows(arr.shape[1], arr.shape[2]) if rows else None
+        return arr if sel is None else arr[:, sel[0] : sel[1]]
+    with open(value.path, "rb", buffering=0) as fh:
+        fd = fh.fileno()
+        prefix = os.pread(fd, min(value.size, 4096), value.offset)
+        shape, fortran, dtype, off = npy_layout(prefix)
+        _check_shape(shape, want)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if off + nbytes > value.size:
+            raise ValueError(f".npy header says {shape} {dtype} but the member has {value.size} bytes")
+        sel = rows(shape[1], shape[2]) if rows else None
+        if fortran or sel is None:
+            sel = (0, shape[1]) if not fortran else None
+        if sel is None:
+            return decode_npy(value.read())
+        c, h, w = shape
+        out = np.empty((c, sel[1] - sel[0], w), dtype=dtype)
+        for band in range(c):
+            start = value.offset + off + (band * h + sel[0]) * w * dtype.itemsize
+            got = os.preadv(fd, [memoryview(out[band]).cast("B")], start)
+            if got != out[band].nbytes:
+                raise ValueError(f"member cut short at byte {start + got} (truncated tar)")
+        return out
+
+
+def _check_shape(shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if len(shape) != 3 or shape[0] != want[0] or (len(want) == 3 and tuple(shape[1:]) != tuple(want[1:])):
+        raise ValueError(f"unexpected shape {tuple(shape)} (want ({want[0]}, H, W) matching the other sensor)")
+
+
+def decode_pair(sample: RawSample, rows: RowChooser | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """S1 (2,H,W) and S2 (13,H,W) of a sample, restricted to `rows(H, W)` (all rows if None
+    or no chooser); ValueError naming what is wrong."""
     if sample.error:
         raise ValueError(sample.error)
     for ext in ("s1.npy", "s2.npy"):
         if ext not in sample.members:
             raise ValueError(f"member {ext} missing (has {sorted(sample.members)})")
-    s1 = decode_npy(sample.members["s1.npy"])
-    s2 = decode_npy(sample.members["s2.npy"])
-    if s1.ndim != 3 or s1.shape[0] != 2 or s2.ndim != 3 or s2.shape[0] != 13 or s1.shape[1:] != s2.shape[1:]:
-        raise ValueError(f"unexpected shapes s1 {s1.shape}, s2 {s2.shape} (want (2,H,W), (13,H,W))")
+    size: list[int] = []
+
+    def remember(h: int, w: int) -> tuple[int, int] | None:
+        size[:] = [h, w]
+        return rows(h, w) if rows else None
+
+    s1 = load_npy(sample.members["s1.npy"], (2,), remember)
+    s2 = load_npy(sample.members["s2.npy"], (13, *size), lambda h, w: rows(h, w) if rows else None)
     return s1, s2
 
 
 def decode_label(sample: RawSample) -> tuple[str, np.ndarray] | None:
     for ext, name in (("lc.npy", "lc"), ("dfc.npy", "dfc")):
         if ext in sample.members:
-            return name, decode_npy(sample.members[ext])
+            return name, decode_npy(sample.member(ext))
     return None

@@ -1,7 +1,7 @@
 """Synthetic SEN12MS and DFC2020 in exactly the real layout, with an honest signal.
 
-Why synthetic data at all: the real downloads are 420 GB and need an account; the demo and
-the tests need something that behaves like them. Why an *honest* signal: pretraining and
+Why synthetic data at all: the real downloads are hundreds of GB; the demo and the tests
+need something small that behaves like them. Why an *honest* signal: pretraining and
 fine-tuning must have something real to learn, or every later number is noise.
 
 The world model, shared by both datasets (so pretraining on synthetic SEN12MS transfers to
@@ -18,8 +18,8 @@ synthetic DFC2020 as it should):
 - labels: `lc` = IGBP plus LCCS land-cover/land-use/surface-hydrology codes derived from it;
   `dfc` = IGBP -> DFC2020 classes 1..10 (method.md's IGBP2DFC).
 
-Files are uncompressed, band-interleaved GeoTIFFs (the real SEN12MS patches are uncompressed
-too: a 13-band 256x256 S2 patch is ~1.7 MB), in a real UTM CRS (EPSG:326xx, one zone per
+Files are uncompressed, band-interleaved GeoTIFFs (our choice: fastest to read, ~1.7 MB
+per 13-band 256x256 S2 patch; the reader takes any compression GDAL reads), in a real UTM CRS (EPSG:326xx, one zone per
 scene) with a 10 m geotransform shared by the S1, S2 and label file of a patch. Patches of
 one scene tile a grid without overlap (the real ones overlap by 50%; nothing here depends on
 it). Every file is written under a temporary name and renamed, so a kill leaves no

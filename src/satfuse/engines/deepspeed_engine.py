@@ -59,6 +59,7 @@ OWNED_SCALARS = {
     "gradient_clipping": "optim.grad_clip",
 }
 OWNED_SECTIONS = {"optimizer": "optim.*", "scheduler": "optim.* (schedule, warmup_steps)"}
+MISMATCH_HINT = "it was written by a different model config; start a new run_dir"
 PARALLEL_KEYS = ("pipeline", "tensor_parallel", "sequence_parallel_size", "autotp_size")
 
 
@@ -259,8 +260,9 @@ def import_deepspeed(device: torch.device):
     """Import DeepSpeed on the accelerator that matches `device` (CPU: DS_ACCELERATOR=cpu)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    import deepspeed
 
     accel = get_accelerator().device_name()
     want = "cpu" if device.type == "cpu" else "cuda"
@@ -572,6 +574,22 @@ class DeepSpeedCheckpointManager:
         if loaded is None:
             raise SatfuseError(f"{load_dir / tag}: DeepSpeed found no model states in it; it is damaged")
 
+    def _restore_buffers(self, path: Path) -> None:
+        """A universal load restores parameters only; BatchNorm running statistics would be
+        silently reset to their initial values (measured). Copy every buffer back from the
+        saved model states."""
+        saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
+        missing = []
+        with torch.no_grad():
+            for name, buf in self.engine.module.named_buffers():
+                if name in saved:
+                    buf.copy_(saved[name].to(buf.dtype))
+                else:
+                    missing.append(name)
+        if missing:
+            raise SatfuseError(f"{path}: buffers {missing[:5]} are not in the checkpoint; {MISMATCH_HINT}")
+
     def _load_universal(self, path: Path, meta: dict[str, Any]) -> None:
         import shutil
 
@@ -594,6 +612,7 @@ class DeepSpeedCheckpointManager:
         cfg.load_universal_checkpoint = True
         try:
             self._load_ds(out.parent, out.name)
+            self._restore_buffers(path)
         finally:
             cfg.load_universal_checkpoint = False
             dist.barrier(group=group)

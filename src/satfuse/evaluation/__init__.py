@@ -1,1 +1,13 @@
-"""satfuse.evaluation"""
+"""satfuse.evaluation: DFC2020 downstream evaluation (the paper's tables and plot).
+
+- `targets`: DFC/IGBP label maps -> the authors' 8 classes, single- and multi-label targets.
+- `data`: DFC shards in memory, early-stopping hold-out, nested stratified label fractions.
+- `models`: backbone(s) + one Linear head; S1 / S2 / early / late fusion; linear or fine-tune.
+- `pretrained`: exported backbones or checkpoint directories, checked against the config.
+- `metrics`: OA / AA / F1 and multi-label F1, P, R, mAP (scikit-learn).
+- `finetune`: `FinetuneConfig`, `run_finetune(cfg) -> dict` (writes RUN_DIR/result.json).
+- `sweep`: `SweepConfig`, `run_sweep(cfg) -> list[Path]` (methods x fractions x seeds x tasks).
+- `report`: `make_report(runs, out) -> dict` (table.md, label_fractions.png, summary.json).
+
+Submodules are imported on use so that `satfuse --help` does not pay for torch/sklearn.
+"""

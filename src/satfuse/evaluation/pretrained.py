@@ -76,6 +76,10 @@ def _from_checkpoint_dir(ckpt_dir: Path) -> PretrainedBackbones:
     except ImportError as exc:
         raise SatfuseError(f"{ckpt_dir}: a checkpoint directory needs satfuse.checkpoint.export, "
                            "which is not available; export the backbones first") from exc
+    try:  # registers the DeepSpeed loader in export.LOADERS (a module of its own)
+        import satfuse.checkpoint.deepspeed_export  # noqa: F401
+    except ImportError:
+        log.debug("satfuse.checkpoint.deepspeed_export unavailable: DCP checkpoints only")
     with tempfile.TemporaryDirectory(prefix="satfuse-export-") as tmp:
         out = Path(tmp) / "backbones.pt"
         log.info("exporting backbones of %s", ckpt_dir)

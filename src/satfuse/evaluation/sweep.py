@@ -18,6 +18,7 @@ import os
 import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,8 @@ def _worker_init(threads: int, level: int) -> None:
 
 
 def _run_parallel(todo: list[PlannedRun], workers: int, bar: tqdm) -> None:
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     level = logging.getLogger("satfuse").getEffectiveLevel()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
@@ -195,6 +197,11 @@ def _run_parallel(todo: list[PlannedRun], workers: int, bar: tqdm) -> None:
                 fut.result()  # a failed run stops the sweep with its own error
                 bar.set_postfix_str(f"{r.method.label[:28]} {r.task} {r.fraction:g} s{r.seed}")
                 bar.update(1)
+        except BrokenProcessPool as exc:
+            raise SatfuseError(
+                "a sweep worker process died (killed for memory, or the calling script has no "
+                "`if __name__ == '__main__':` guard, which spawned workers need); finished runs "
+                "are kept: re-run the sweep, with workers=1 if it happens again") from exc
         except BaseException:
             for f in futures:
                 f.cancel()

@@ -41,7 +41,8 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    help="cluster profile: a name in hpc/clusters/ (e.g. local, localslurm) or a YAML path")
     g = p.add_argument_group("cluster profile overrides")
     for flag, (dest, tp) in PROFILE_FLAGS.items():
-        g.add_argument(flag, dest=f"prof_{dest}", type=tp, default=None, help=f"overrides `{dest}`")
+        g.add_argument(flag, dest=f"prof_{dest}", type=tp, default=None, metavar=dest.split("_")[0].upper(),
+                       help=f"overrides `{dest}`")
     p.add_argument("--dry-run", action="store_true",
                    help="print the sbatch script that would be submitted; queue nothing")
     p.add_argument("--wait", action="store_true", help="block until the job (or the merge) has finished")

@@ -203,9 +203,20 @@ def requeue_slurm_job(job_id: str) -> None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SatfuseError(f"scontrol requeue {job_id} failed ({exc}); the checkpoint is saved: resubmit") from exc
     if res.returncode != 0:
+        if "pending" in res.stderr.lower() or _already_requeued(job_id):
+            # an admin or the scheduler requeued it (`scontrol requeue`, preemption): SLURM sent
+            # the TERM that made us save; nothing left to do but leave
+            log.info("job %s was already requeued by SLURM", job_id)
+            return
         raise SatfuseError(
             f"scontrol requeue {job_id} failed ({res.stderr.strip()}); the checkpoint is saved: resubmit"
         )
+
+
+def _already_requeued(job_id: str) -> bool:
+    res = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                         timeout=60, check=False)
+    return bool(set(res.stdout.split()) & {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"})
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""Checkpoint save/load with the CheckpointManager (DCP) vs plain torch.save/torch.load.
+
+Same state, same process, same disk, measured in one run: a stack of Linear layers of
+about `--params-m` million parameters plus its AdamW state (3x the parameters in all).
+- reference save: `torch.save({"model": sd, "optim": osd}, file)`; the same + fsync is also
+  reported, because the manager fsyncs (a checkpoint that is not on disk is not one);
+- manager save: temp dir, DCP write, rank file, crc32 of every file, meta.json, rename,
+  `latest`, pruning of the previous one (keep_last=1);
+- reference load: `torch.load` + `load_state_dict` of model and optimizer;
+- manager load: find_resume (crc32 verification of every file) + DCP load + set_state_dict;
+  also without the verification (a path find_resume already verified), to show its share;
+- async save: time `save()` blocks the training loop, and the time until `wait()` commits.
+Best of `--repeats`. Goal from the issue: manager / reference <= 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params-m", type=float, default=20.0, help="model size, millions of parameters")
+    p.add_argument("--width", type=int, default=1024, help="Linear layer width")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", default="", help="where to write (default: a temp dir; use the real checkpoint filesystem)")
+
+
+def build(params_m: float, width: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    layers = max(1, round(params_m * 1e6 / (width * width + width)))
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():  # one step with synthetic grads: AdamW state exists
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def _best(fn: Any, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _torch_save(model: nn.Module, opt: torch.optim.Optimizer, path: Path, fsync: bool) -> None:
+    with open(path, "wb") as fh:
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, fh)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _torch_load(model: nn.Module, opt: torch.optim.Optimizer, path: Path) -> None:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(sd["model"])
+    opt.load_state_dict(sd["optim"])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model, opt = build(args.params_m, args.width)
+    fresh_model, fresh_opt = build(args.params_m, args.width)
+    n_params = sum(p.numel() for p in model.parameters())
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="satfuse-bench-ckpt-"))
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=base))
+    try:
+        ref_file = work / "plain.pt"
+        t_ref_save = _best(lambda: _torch_save(model, opt, ref_file, fsync=False), args.repeats)
+        t_ref_save_fsync = _best(lambda: _torch_save(model, opt, ref_file, fsync=True), args.repeats)
+        t_ref_load = _best(lambda: _torch_load(fresh_model, fresh_opt, ref_file), args.repeats)
+        state_bytes = ref_file.stat().st_size
+
+        mgr = CheckpointManager(work / "run", keep_last=1)
+        steps = iter(range(1, 10_000))
+
+        def mgr_save() -> None:
+            mgr.save(next(steps), {"model_optim": ModelOptimState(model, opt)}, {"k": 0}, {})
+
+        t_save = _best(mgr_save, args.repeats)
+
+        def mgr_load() -> None:
+            loader = CheckpointManager(work / "run")  # a fresh process would verify again
+            path = loader.find_resume("auto")
+            loader.load(path, {"model_optim": ModelOptimState(fresh_model, fresh_opt)})
+
+        t_load = _best(mgr_load, args.repeats)
+        verified = CheckpointManager(work / "run")
+        vpath = verified.find_resume("auto")
+        t_load_nv = _best(lambda: verified.load(vpath, {"model_optim": ModelOptimState(fresh_model, fresh_opt)}),
+                          args.repeats)
+        ok = all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True))
+
+        amgr = CheckpointManager(work / "run_async", keep_last=1, async_save=True)
+        blocking, total = [], []
+        for step in range(1, args.repeats + 2):  # the first one allocates the staging buffers
+            t0 = time.perf_counter()
+            amgr.save(step, {"model_optim": ModelOptimState(model, opt)}, {"k": 0}, {})
+            blocking.append(time.perf_counter() - t0)
+            amgr.wait()
+            total.append(time.perf_counter() - t0)
+        amgr.close()
+        first_blocking = blocking.pop(0)
+        total.pop(0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+    return {
+        "parameters": n_params,
+        "state_mib": round(state_bytes / 2**20, 1),
+        "repeats": args.repeats,
+        "torch_save_s": round(t_ref_save, 4),
+        "torch_save_fsync_s": round(t_ref_save_fsync, 4),
+        "manager_save_s": round(t_save, 4),
+        "save_ratio_vs_torch_save": round(t_save / t_ref_save, 3),
+        "save_ratio_vs_torch_save_fsync": round(t_save / t_ref_save_fsync, 3),
+        "torch_load_s": round(t_ref_load, 4),
+        "manager_load_s": round(t_load, 4),
+        "load_ratio_vs_torch_load": round(t_load / t_ref_load, 3),
+        "manager_load_already_verified_s": round(t_load_nv, 4),
+        "load_ratio_already_verified": round(t_load_nv / t_ref_load, 3),
+        "loaded_state_equal": ok,
+        "async_save_first_blocking_s": round(first_blocking, 4),
+        "async_save_blocking_s": round(min(blocking), 4),
+        "async_save_until_committed_s": round(min(total), 4),
+        "async_blocking_ratio_vs_torch_save": round(min(blocking) / t_ref_save, 3),
+        "goal": "manager / torch <= 1.5",
+    }

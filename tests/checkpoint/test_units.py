@@ -1,0 +1,87 @@
+"""RNG capture/restore, StopFlag with real signals, pruning, async single-process save."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from satfuse.checkpoint.layout import list_checkpoints, read_latest, read_meta
+from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+from satfuse.checkpoint.rng import capture_rng, restore_rng
+from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
+
+
+def draws() -> tuple[float, float, list[float]]:
+    return random.random(), float(np.random.standard_normal()), torch.rand(3).tolist()
+
+
+def test_rng_round_trips_through_weights_only_torch_load() -> None:
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gauss in the legacy state
+    buf = io.BytesIO()
+    torch.save(capture_rng(), buf)
+    expected = draws()
+    draws()
+    buf.seek(0)
+    restore_rng(torch.load(buf, weights_only=True))
+    assert draws() == expected
+
+
+def test_stop_flag_real_signal_and_restore() -> None:
+    previous = signal.getsignal(signal.SIGUSR2)
+    with StopFlag(["USR2", "SIGHUP"]) as flag:
+        assert not flag.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert flag.should_stop() and flag.received == signal.SIGUSR2
+    assert signal.getsignal(signal.SIGUSR2) == previous
+    assert REQUEUE_EXIT_CODE == 75
+    with pytest.raises(ValueError, match="unknown signal"):
+        StopFlag(["SIGNOPE"])
+
+
+def save_steps(mgr: CheckpointManager, steps: list[int]) -> None:
+    model = torch.nn.Linear(3, 3)
+    for s in steps:
+        mgr.save(s, {"model_optim": ModelOptimState(model)}, {"s": s}, {"epoch": 0})
+
+
+def test_keep_last_and_keep_every(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep_last=2, keep_every=4)
+    save_steps(mgr, list(range(1, 11)))
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step_00000004", "step_00000008", "step_00000009", "step_00000010"]
+    assert read_latest(tmp_path).name == "step_00000010"
+
+
+def test_resaving_the_same_step_replaces_it_atomically(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep_last=0)
+    save_steps(mgr, [5, 5])
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005"]
+    assert mgr.find_resume("auto").name == "step_00000005"
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_async_save_in_one_process_copies_state_at_call_time(tmp_path: Path) -> None:
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    saved = model.weight.detach().clone()
+    mgr = CheckpointManager(tmp_path, async_save=True)
+    mgr.save(1, {"model_optim": ModelOptimState(model, opt)}, {}, {})
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the next step changes the live tensors
+    path = mgr.wait()
+    assert read_meta(path)["async"] is True
+    fresh = torch.nn.Linear(64, 64)
+    CheckpointManager(tmp_path).load(path, {"model_optim": ModelOptimState(fresh)})
+    assert torch.equal(fresh.weight, saved)

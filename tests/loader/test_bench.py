@@ -1,0 +1,23 @@
+"""`satfuse bench loader` on a tiny synthetic set: every row measured, same sample counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from satfuse.cli import main
+
+
+def test_bench_loader_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "loader.json"
+    rc = main(["bench", "loader", "--out", str(out), "--scenes", "2", "--patches", "8", "--size", "32",
+               "--maxcount", "4", "--workers", "0", "1", "--crops", "16", "--batch", "4", "--repeats", "1",
+               "--epochs", "1"])
+    assert rc == 0
+    res = json.loads(out.read_text())["result"]
+    rows = res["rows"]
+    assert set(rows) == {"per_file_rasterio", "raw_tar_bytes", "loader_w0_crop16", "loader_w1_crop16"}
+    assert rows["per_file_rasterio"]["samples"] == rows["raw_tar_bytes"]["samples"] == res["samples"] == 16
+    assert rows["loader_w0_crop16"]["samples"] == 16 - 4  # one epoch minus the first batch (start-up, timed apart)
+    assert all(r["samples_per_s"] > 0 for r in rows.values()) and rows["per_file_rasterio"]["x_per_file"] == 1.0
+    assert res["goal_5x_per_file"]["best_row"].startswith("loader_")
