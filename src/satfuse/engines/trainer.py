@@ -114,6 +114,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, Any]:
         return {
+            "epoch": self.epoch,
             "config": to_dict(self.cfg),
             "normalization": self.loader.normalization,
             "engine": self.engine.kind,
@@ -200,6 +201,8 @@ class Trainer:
                     record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(),
                               "samples_per_s": rate, **last}
                     metrics_log.write(record)
+                    log.info("step %d/%d loss %.4f top1 %.3f lr %.2e %.1f pairs/s", self.step, total,
+                             last["loss"], last.get("retrieval_top1", float("nan")), record["lr"], rate)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
                     t0, seen = time.perf_counter(), 0
                 if stop.should_stop():
