@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q setuptools wheel
+	# DeepSpeed's sdist is pure Python: build it against the torch above, not in an isolated
+	# build env that could pull a CUDA torch; no ops are prebuilt (DS_BUILD_OPS unset)
+	$(PY) -m pip install -q --no-build-isolation deepspeed
 	$(PY) -m pip install -q -e '.[dev]'
 	DS_ACCELERATOR=cpu $(PY) -m satfuse.engines.warmup || true
 	touch $(STAMP)

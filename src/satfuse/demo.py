@@ -136,9 +136,9 @@ def export(ckpt: Path, out: Path) -> Path:
 
 
 def finetune(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
-    from satfuse.evaluation.sweep import SweepConfig, run_sweep
+    from satfuse.evaluation.sweep import load_sweep_config, run_sweep
 
-    sweep = load_config(SweepConfig, cfg.finetune_config, [
+    sweep = load_sweep_config(cfg.finetune_config, [
         f"checkpoint={backbone}",
         f"train_shards={out / 'shards' / 'dfc2020-train'}",
         f"test_shards={out / 'shards' / 'dfc2020-test'}",

@@ -134,3 +134,17 @@ def test_cli_finetune_flags_override_yaml_and_sweep_dry_run(dfc_shards, tmp_path
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 48 and all(line.startswith("todo\t") for line in lines)
     assert main(["finetune", "sweep", "--seed", "1", "--config", "x.yaml"]) == 2
+
+
+def test_parallel_workers_give_the_same_results(dfc_shards, tmp_path):
+    """workers=2 (spawned processes, what the demo uses) == workers=1, run for run."""
+    def sweep(out: Path, workers: int) -> SweepConfig:
+        return SweepConfig(out=str(out), base={**BASE, "train": {**BASE["train"], "epochs": 1}},
+                           train_shards=str(dfc_shards["train"]), test_shards=str(dfc_shards["test"]),
+                           methods=load_config(SweepConfig, None, ["methods=[{label: S1, modalities: s1}]"]).methods,
+                           label_fractions=[0.5, 1.0], seeds=[3], tasks=["single"], workers=workers)
+    serial = run_sweep(sweep(tmp_path / "serial", 1), progress=False)
+    parallel = run_sweep(sweep(tmp_path / "parallel", 2), progress=False)
+    for a, b in zip(serial, parallel, strict=True):
+        ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
+        assert ra["metrics"] == rb["metrics"] and ra["n_train"] == rb["n_train"]

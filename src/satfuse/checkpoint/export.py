@@ -88,14 +88,14 @@ def load_dcp_model(ckpt_dir: Path, builder: Builder) -> tuple[nn.Module, dict[st
     return model, meta
 
 
-def _load_deepspeed_unavailable(ckpt_dir: Path, builder: Builder) -> tuple[nn.Module, dict[str, Any]]:
-    raise SatfuseError(
-        f"{ckpt_dir}: DeepSpeed checkpoints cannot be exported by this satfuse build yet; "
-        "export a DDP (DCP) checkpoint"
-    )
+def _load_deepspeed(ckpt_dir: Path, builder: Builder) -> tuple[nn.Module, dict[str, Any]]:
+    """Imported lazily: DeepSpeed takes ~2 s to import and DCP exports do not need it."""
+    from satfuse.checkpoint.deepspeed_export import load_deepspeed_model
+
+    return load_deepspeed_model(ckpt_dir, builder)
 
 
-LOADERS: dict[str, Loader] = {"dcp": load_dcp_model, "deepspeed": _load_deepspeed_unavailable}
+LOADERS: dict[str, Loader] = {"dcp": load_dcp_model, "deepspeed": _load_deepspeed}
 
 
 def export_backbones(ckpt_dir: Path, out: Path, builder: Builder | None = None) -> dict[str, Any]:

@@ -160,6 +160,9 @@ def plot_fractions(agg_task: dict, key: str, ylabel: str, title: str) -> bytes:
         style = "-" if "supervised" not in method.lower() else "--"
         ax.errorbar([100 * f for f in fr], mean, yerr=std, marker="o", linestyle=style, capsize=3, label=method)
     ax.set_xscale("log")
+    ticks = sorted({100 * f for cells in agg_task.values() for f in cells})
+    ax.set_xticks(ticks, [f"{t:g} %" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("labelled training patches (% of the DFC2020 train split)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
