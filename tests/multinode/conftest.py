@@ -59,3 +59,19 @@ def multinode_cluster() -> Iterator[Path]:
     yield CONF
     if started_here:
         run_script("stop", timeout=120)
+
+
+REFERENCE_STEPS = 40
+REFERENCE_EVERY = 4
+
+
+@pytest.fixture(scope="session")
+def reference_run(sen12ms_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted 1-node run (1 node x 2 ranks, torchrun here) of the tiny Dual-SimCLR:
+    REFERENCE_STEPS steps, every loss logged, a checkpoint every REFERENCE_EVERY steps, all
+    kept. Every 2-node run (same world size, same global batch) must reproduce its losses."""
+    from .helpers import TINY, one_node
+
+    run = tmp_path_factory.mktemp("reference") / "run"
+    one_node(TINY, sen12ms_shards, run, REFERENCE_STEPS, REFERENCE_EVERY)
+    return run

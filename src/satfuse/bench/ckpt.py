@@ -10,7 +10,10 @@ about `--params-m` million parameters plus its AdamW state (3x the parameters in
 - manager load: find_resume (crc32 verification of every file) + DCP load + set_state_dict;
   also without the verification (a path find_resume already verified), to show its share;
 - async save: time `save()` blocks the training loop, and the time until `wait()` commits.
-Best of `--repeats`. Goal from the issue: manager / reference <= 1.5.
+Variants run round-robin, best of `--repeats` each (fair on a shared, noisy machine).
+Goal from the issue: manager / reference <= 1.5. Met for load (1.42x incl. verification,
+mmap reader); save is 1.6x torch.save+fsync / 2.2x torch.save (fsync of every file and a
+crc32 pass are the price of a durable, verifiable checkpoint; async save blocks 0.16x).
 """
 
 from __future__ import annotations
@@ -47,12 +50,14 @@ def build(params_m: float, width: int) -> tuple[nn.Module, torch.optim.Optimizer
     return model, opt
 
 
-def _best(fn: Any, repeats: int) -> float:
-    best = float("inf")
+def _interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` seconds per variant, running the variants round-robin."""
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -80,29 +85,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(dir=base))
     try:
         ref_file = work / "plain.pt"
-        t_ref_save = _best(lambda: _torch_save(model, opt, ref_file, fsync=False), args.repeats)
-        t_ref_save_fsync = _best(lambda: _torch_save(model, opt, ref_file, fsync=True), args.repeats)
-        t_ref_load = _best(lambda: _torch_load(fresh_model, fresh_opt, ref_file), args.repeats)
-        state_bytes = ref_file.stat().st_size
-
         mgr = CheckpointManager(work / "run", keep_last=1)
         steps = iter(range(1, 10_000))
+        verified: dict[str, Any] = {}
 
         def mgr_save() -> None:
             mgr.save(next(steps), {"model_optim": ModelOptimState(model, opt)}, {"k": 0}, {})
-
-        t_save = _best(mgr_save, args.repeats)
 
         def mgr_load() -> None:
             loader = CheckpointManager(work / "run")  # a fresh process would verify again
             path = loader.find_resume("auto")
             loader.load(path, {"model_optim": ModelOptimState(fresh_model, fresh_opt)})
+            verified["mgr"], verified["path"] = loader, path
 
-        t_load = _best(mgr_load, args.repeats)
-        verified = CheckpointManager(work / "run")
-        vpath = verified.find_resume("auto")
-        t_load_nv = _best(lambda: verified.load(vpath, {"model_optim": ModelOptimState(fresh_model, fresh_opt)}),
-                          args.repeats)
+        def mgr_load_verified() -> None:
+            verified["mgr"].load(verified["path"], {"model_optim": ModelOptimState(fresh_model, fresh_opt)})
+
+        # Interleaved: every repeat runs each variant once, so load from other jobs on a
+        # shared machine hits reference and manager alike; best of N per variant.
+        t = _interleaved({
+            "ref_save": lambda: _torch_save(model, opt, ref_file, fsync=False),
+            "ref_save_fsync": lambda: _torch_save(model, opt, ref_file, fsync=True),
+            "save": mgr_save,
+            "ref_load": lambda: _torch_load(fresh_model, fresh_opt, ref_file),
+            "load": mgr_load,
+            "load_nv": mgr_load_verified,
+        }, args.repeats)
+        t_ref_save, t_ref_save_fsync, t_save = t["ref_save"], t["ref_save_fsync"], t["save"]
+        t_ref_load, t_load, t_load_nv = t["ref_load"], t["load"], t["load_nv"]
+        state_bytes = ref_file.stat().st_size
         ok = all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True))
 
         amgr = CheckpointManager(work / "run_async", keep_last=1, async_save=True)
@@ -140,4 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "async_save_until_committed_s": round(min(total), 4),
         "async_blocking_ratio_vs_torch_save": round(min(blocking) / t_ref_save, 3),
         "goal": "manager / torch <= 1.5",
+        "note": ("save pays DCP's per-tensor torch.save, fsync of every file before the "
+                 "atomic rename and one crc32 pass; compare it with torch_save_fsync_s. "
+                 "Load includes crc32 verification of every file (resume=auto)"),
     }

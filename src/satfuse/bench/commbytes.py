@@ -41,7 +41,16 @@ REPO = Path(__file__).resolve().parents[3]
 NODES = ("sfnode1", "sfnode2")
 IFNAME = "eth1"
 DEFAULT_CONF = Path(os.environ.get("SATFUSE_SLURM2_BASE", "/tmp/satfuse-slurm2")) / "slurm.conf"
-_DROP_ENV = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_", "SATFUSE_IFNAME")
+ENGINES = ("ddp", "zero0", "zero1")
+_DROP_ENV = (
+    "SLURM_",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_",
+    "SATFUSE_IFNAME",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,41 +58,87 @@ _DROP_ENV = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "
 # --------------------------------------------------------------------------------------------
 
 
-def predict(steps: int, world: int, batch: int, dim: int, params: int, buffer_bytes: int = 0,
-            grad_bytes: int = 4, emb_bytes: int = 4) -> dict[str, Any]:
-    """Wire bytes of `steps` Dual-SimCLR DDP steps according to the model.
+def predict(
+    steps: int,
+    world: int,
+    batch: int,
+    dim: int,
+    params: int,
+    buffer_bytes: int = 0,
+    grad_bytes: int = 4,
+    emb_bytes: int = 4,
+    engine: str = "ddp",
+) -> dict[str, Any]:
+    """Wire bytes of `steps` Dual-SimCLR steps according to the model.
 
-    Per rank and step: the model's three terms (`row()`), plus two the trainer adds and the
-    README model leaves out because they are small: the retrieval-accuracy metric gathers the
-    S2 embeddings once more without gradient ((W-1) B D values), and DDP broadcasts rank 0's
-    BatchNorm buffers before every forward ((W-1)/W x buffer bytes on average per rank).
+    Per rank and step: the model's three terms (`row()`), plus what the trainer and engine
+    add. The README model leaves out two small terms: the retrieval-accuracy metric gathers
+    the S2 embeddings once more without gradient ((W-1) B D values), and DDP broadcasts rank
+    0's BatchNorm buffers before every forward ((W-1)/W x buffer bytes per rank on average).
+    `engine="zero1"` (DeepSpeed stage 1) adds the all-gather of the updated parameter
+    partitions ((W-1)/W x P): stage 1 does not partition gradients, so it all-reduces them
+    in full like DDP (measured here: 1.5x DDP's gradient bytes, not the 1x of a
+    reduce-scatter). "zero0" is DDP's all-reduce without the buffer broadcast.
     """
+    if engine not in ENGINES:
+        raise SatfuseError(
+            f"commbytes: engine {engine!r} is not modelled; use one of {list(ENGINES)}"
+        )
     r = row(world, batch, dim, params, grad_bytes, emb_bytes)
     per_rank = {
         "embedding_allgather": r["allgather_bytes_fwd"],
         "embedding_grad_allreduce": r["embedding_grad_allreduce_bytes_bwd"],
         "gradient_allreduce": r["grad_bytes_ddp_zero0"],
         "retrieval_metric_allgather": (world - 1) * batch * dim * emb_bytes,
-        "ddp_buffer_broadcast": int((world - 1) / world * buffer_bytes),
+        "ddp_buffer_broadcast": int((world - 1) / world * buffer_bytes) if engine == "ddp" else 0,
+        "zero1_param_allgather": int((world - 1) / world * params * grad_bytes)
+        if engine == "zero1"
+        else 0,
     }
     per_step = world * sum(per_rank.values())
-    return {"steps": steps, "world": world, "batch": batch, "dim": dim, "params": params,
-            "per_rank_per_step": per_rank, "wire_bytes_per_step": per_step,
-            "predicted_bytes": steps * per_step}
+    return {
+        "steps": steps,
+        "world": world,
+        "batch": batch,
+        "dim": dim,
+        "params": params,
+        "engine": engine,
+        "per_rank_per_step": per_rank,
+        "wire_bytes_per_step": per_step,
+        "predicted_bytes": steps * per_step,
+    }
 
 
-def compare(measured_bytes: int, steps: int, world: int, batch: int, dim: int, params: int,
-            buffer_bytes: int = 0, grad_bytes: int = 4, emb_bytes: int = 4) -> dict[str, Any]:
+def compare(
+    measured_bytes: int,
+    steps: int,
+    world: int,
+    batch: int,
+    dim: int,
+    params: int,
+    buffer_bytes: int = 0,
+    grad_bytes: int = 4,
+    emb_bytes: int = 4,
+    engine: str = "ddp",
+) -> dict[str, Any]:
     """The model's prediction for `steps` steps next to `measured_bytes`, and their ratio."""
     if steps <= 0 or measured_bytes < 0:
-        raise SatfuseError(f"commbytes: need steps > 0 and measured bytes >= 0, got {steps} and {measured_bytes}")
-    pred = predict(steps, world, batch, dim, params, buffer_bytes, grad_bytes, emb_bytes)
-    readme_terms = sum(v for k, v in pred["per_rank_per_step"].items()
-                       if k in ("embedding_allgather", "embedding_grad_allreduce", "gradient_allreduce"))
-    return {**pred, "measured_bytes": int(measured_bytes),
-            "measured_bytes_per_step": measured_bytes / steps,
-            "ratio_measured_vs_model": measured_bytes / pred["predicted_bytes"],
-            "ratio_measured_vs_readme_terms": measured_bytes / (steps * world * readme_terms)}
+        raise SatfuseError(
+            f"commbytes: need steps > 0 and measured bytes >= 0, got {steps} and {measured_bytes}"
+        )
+    pred = predict(steps, world, batch, dim, params, buffer_bytes, grad_bytes, emb_bytes, engine)
+    readme_terms = sum(
+        v
+        for k, v in pred["per_rank_per_step"].items()
+        if k in ("embedding_allgather", "embedding_grad_allreduce", "gradient_allreduce")
+    )
+    return {
+        **pred,
+        "measured_bytes": int(measured_bytes),
+        "measured_bytes_per_step": measured_bytes / steps,
+        "ratio_measured_vs_model": measured_bytes / pred["predicted_bytes"],
+        "ratio_measured_vs_readme_terms": measured_bytes / (steps * world * readme_terms),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +157,9 @@ def read_counters(namespace: str, ifname: str = IFNAME) -> tuple[int, int]:
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SatfuseError(f"{' '.join(cmd)} failed ({exc}); install iproute2 and run as root") from exc
+        raise SatfuseError(
+            f"{' '.join(cmd)} failed ({exc}); install iproute2 and run as root"
+        ) from exc
     if res.returncode != 0:
         raise SatfuseError(
             f"cannot read {ifname} counters in namespace {namespace} ({res.stderr.strip()}); start the "
@@ -129,34 +186,89 @@ def job_env(slurm_conf: Path) -> dict[str, str]:
     return env
 
 
-def pretrain_2node(config: Path, shards: Path, run_dir: Path, steps: int, slurm_conf: Path,
-                   extra: list[str] | None = None, timeout: float = 300) -> dict[str, Any]:
+def pretrain_2node(
+    config: Path,
+    shards: Path,
+    run_dir: Path,
+    steps: int,
+    slurm_conf: Path,
+    extra: list[str] | None = None,
+    timeout: float = 300,
+) -> dict[str, Any]:
     """`srun -N2 -n2 satfuse pretrain` of `steps` steps; the wire bytes it moved."""
-    cmd = ["srun", "-N2", "-n2", "--kill-on-bad-exit=1", sys.executable, "-m", "satfuse.cli", "pretrain",
-           "--config", str(config), f"data.shards={shards}", f"train.run_dir={run_dir}",
-           f"train.steps={steps}", f"train.log_every={steps}", "checkpoint.every_steps=0",
-           *(extra or [])]
+    cmd = [
+        "srun",
+        "-N2",
+        "-n2",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-m",
+        "satfuse.cli",
+        "pretrain",
+        "--config",
+        str(config),
+        f"data.shards={shards}",
+        f"train.run_dir={run_dir}",
+        f"train.steps={steps}",
+        f"train.log_every={steps}",
+        "checkpoint.every_steps=0",
+        *(extra or []),
+    ]
     before = snapshot()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=job_env(slurm_conf),
-                         cwd=REPO, check=False)
+    res = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=job_env(slurm_conf),
+        cwd=REPO,
+        check=False,
+    )
     after = snapshot()
     if res.returncode != 0:
         tail = "\n".join(res.stderr.strip().splitlines()[-10:])
-        raise SatfuseError(f"2-node pretraining of {steps} steps failed (srun exit {res.returncode}):\n{tail}")
-    per_node = {n: {"tx": after[n][0] - before[n][0], "rx": after[n][1] - before[n][1]} for n in before}
+        raise SatfuseError(
+            f"2-node pretraining of {steps} steps failed (srun exit {res.returncode}):\n{tail}"
+        )
+    per_node = {
+        n: {"tx": after[n][0] - before[n][0], "rx": after[n][1] - before[n][1]} for n in before
+    }
     return {"steps": steps, "wire_bytes": wire_bytes(before, after), "per_node": per_node}
 
 
-def model_size(config: Path, overrides: list[str]) -> dict[str, int]:
-    """Parameters and buffer bytes of the real model, batch and embedding size of the config."""
+def model_size(config: Path, overrides: list[str]) -> dict[str, Any]:
+    """Parameters and buffer bytes of the real model; batch, embedding size and engine."""
     from satfuse.config import PretrainConfig, load_config
     from satfuse.models import build_pretrain_model
 
     cfg = load_config(PretrainConfig, config, overrides)
     model = build_pretrain_model(cfg.model)
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
-            "batch": cfg.data.batch_size, "dim": cfg.model.proj_out}
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+        "batch": cfg.data.batch_size,
+        "dim": cfg.model.proj_out,
+        "engine": _engine(cfg, config),
+    }
+
+
+def _engine(cfg: Any, config: Path) -> str:
+    """ "ddp", or "zero<stage>" of the DeepSpeed section (config file unless overridden)."""
+    if cfg.train.engine != "deepspeed":
+        return "ddp"
+    stage = cfg.deepspeed.zero_stage
+    if stage < 0:
+        ds_path = Path(cfg.deepspeed.config)
+        ds_path = ds_path if ds_path.is_absolute() else REPO / ds_path
+        from satfuse.config import read_yaml
+
+        stage = int(read_yaml(ds_path).get("zero_optimization", {}).get("stage", 0))
+    if f"zero{stage}" not in ENGINES:
+        raise SatfuseError(
+            f"{config}: ZeRO stage {stage} is not modelled by commbytes; use "
+            "deepspeed.zero_stage=0 or 1, or train.engine=ddp"
+        )
+    return f"zero{stage}"
 
 
 def synthetic_shards(base: Path) -> Path:
@@ -169,13 +281,20 @@ def synthetic_shards(base: Path) -> Path:
     return base / "shards"
 
 
-def measure(config: Path, shards: Path | None, steps: int, slurm_conf: Path,
-            overrides: list[str] | None = None) -> dict[str, Any]:
+def measure(
+    config: Path,
+    shards: Path | None,
+    steps: int,
+    slurm_conf: Path,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Runs of `steps` and `2 x steps` on 2 nodes; their difference against the model."""
     overrides = list(overrides or [])
     if not Path(slurm_conf).is_file():
-        raise SatfuseError(f"{slurm_conf}: no 2-node cluster config; start it with "
-                           "slurm/local-cluster/multinode.sh start (as root)")
+        raise SatfuseError(
+            f"{slurm_conf}: no 2-node cluster config; start it with "
+            "slurm/local-cluster/multinode.sh start (as root)"
+        )
     size = model_size(config, overrides)
     with tempfile.TemporaryDirectory(prefix="satfuse-commbytes-") as tmp:
         base = Path(tmp)
@@ -183,19 +302,38 @@ def measure(config: Path, shards: Path | None, steps: int, slurm_conf: Path,
         short = pretrain_2node(config, data, base / "short", steps, slurm_conf, overrides)
         long = pretrain_2node(config, data, base / "long", 2 * steps, slurm_conf, overrides)
     diff = long["wire_bytes"] - short["wire_bytes"]
-    result = compare(diff, steps, 2, size["batch"], size["dim"], size["params"], size["buffer_bytes"])
+    result = compare(
+        diff,
+        steps,
+        2,
+        size["batch"],
+        size["dim"],
+        size["params"],
+        size["buffer_bytes"],
+        engine=size["engine"],
+    )
     result.update(runs=[short, long], startup_bytes=short["wire_bytes"] - diff)
-    log.info("model %.2f MB vs measured %.2f MB over %d steps: ratio %.3f", result["predicted_bytes"] / 1e6,
-             diff / 1e6, steps, result["ratio_measured_vs_model"])
+    log.info(
+        "model %.2f MB vs measured %.2f MB over %d steps: ratio %.3f",
+        result["predicted_bytes"] / 1e6,
+        diff / 1e6,
+        steps,
+        result["ratio_measured_vs_model"],
+    )
     return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(REPO / "hpc" / "pretrain" / "tiny.yaml"),
-                   help="pretraining config (DDP engine)")
+    p.add_argument(
+        "--config",
+        default=str(REPO / "hpc" / "pretrain" / "tiny.yaml"),
+        help="pretraining config (DDP engine)",
+    )
     p.add_argument("--shards", default=None, help="training shards (default: small synthetic ones)")
     p.add_argument("--steps", type=int, default=8, help="N: runs of N and 2N steps are compared")
-    p.add_argument("--slurm-conf", default=str(DEFAULT_CONF), help="slurm.conf of the 2-node cluster")
+    p.add_argument(
+        "--slurm-conf", default=str(DEFAULT_CONF), help="slurm.conf of the 2-node cluster"
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.batch_size=32")
 
 

@@ -16,6 +16,15 @@ DCP has no atomic commit of its own (NeMo #7952, torchtitan #1729), hence the te
 directory. Collectives run on a separate gloo group, so an async save's background thread
 never shares a group with the training loop (a barrier on the same group deadlocks,
 KempnerForge #104). Without a process group everything works in one process.
+
+Speed (`satfuse bench ckpt`, 19.9M params + AdamW = 228 MiB, 2 shared cores, best of 5,
+reference and manager interleaved in one run): load incl. crc32 verification of every file
+1.42x `torch.load`+`load_state_dict` (1.26x for an already-verified path), was 2.2-6x: DCP's
+stock reader `torch.load`s each tensor into a fresh buffer and copies it again; `_MmapReader`
+maps each file once and copies straight into the model (same format, same resharding).
+Save is 1.6x torch.save+fsync, 2.2x torch.save without fsync: what remains is DCP's per-tensor
+torch.save + fsync of every file (needed before the rename) plus one crc32 pass (0.06 s,
+mmap'd, no re-read copy); async_save blocks the loop for 0.03 s (0.16x torch.save).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import mmap
 import os
 import pickle
 import shutil
@@ -37,7 +47,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -238,6 +251,112 @@ def _local_files(tmp: Path, rank: int) -> dict[str, dict[str, Any]]:
 
 def _rmtree_quiet(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------
+# fast DCP reader
+# -------------------------------------------------------------------------------------------
+
+
+class _MemFile(io.RawIOBase):
+    """A seekable read-only file over a memoryview: lets torch's zip reader parse one
+    DCP item's small headers without copying the item (its tensor bytes are never read)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = max(0, min(len(buf), len(self._view) - self._pos))
+        buf[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _MmapReader(FileSystemReader):
+    """DCP's FileSystemReader, reading each data file through one mmap.
+
+    Why: the stock reader `torch.load`s every tensor from a buffered stream (a copy into a
+    fresh tensor) and then copies it into the target (measured 2.2-6x a plain torch.load
+    of the same state). Here each tensor is a zero-copy view of the mapped file, as
+    `torch.load(mmap=True)` does for a single-archive file, so the only pass over the data
+    is the copy into the model/optimizer. Same on-disk format, same planner, same
+    resharding (`narrow_tensor_by_index`); any item this cannot parse falls back to the
+    stock code path for that file. The files were verified (size, crc32) before loading.
+    """
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        per_file: dict[str, list[Any]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        leftovers = [item for rel, items in per_file.items() if not self._read_file(rel, items, planner)
+                     for item in items]
+        if leftovers:
+            return super().read_data(LoadPlan(leftovers, plan.storage_data, plan.planner_data), planner)
+        fut: Any = torch.futures.Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_file(self, relative_path: str, items: list[Any], planner: LoadPlanner) -> bool:
+        """Load every item of one file from a mapping; False: nothing loaded, use the stock path."""
+        path = Path(self.path) / relative_path
+        size = path.stat().st_size
+        needed = max((self.storage_data[i.storage_index].offset + self.storage_data[i.storage_index].length
+                      for i in items), default=0)
+        if size == 0 or needed > size:  # a mapping past the end would SIGBUS: let DCP raise
+            return False
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            storage = torch.UntypedStorage.from_file(str(path), False, size)
+            try:
+                tensors = [self._item_tensor(storage, view, i) for i in items]
+            except Exception as exc:  # noqa: BLE001 - any parse trouble: DCP's own path decides
+                log.debug("%s: fast read not possible (%s), using DCP's reader", path, exc)
+                view.release()
+                return False
+            for item, tensor in zip(items, tensors, strict=True):
+                if item.type == LoadItemType.BYTE_IO:
+                    planner.load_bytes(item, io.BytesIO(tensor))
+                    continue
+                target = planner.resolve_tensor(item).detach()
+                if target.size() != tensor.size():
+                    raise AssertionError(f"{path}: item {item.storage_index} has size {tensor.size()}, "
+                                         f"expected {target.size()}")
+                target.copy_(tensor)
+                planner.commit_tensor(item, target)
+            del tensors
+            view.release()
+        return True
+
+    def _item_tensor(self, storage: torch.UntypedStorage, view: memoryview, item: Any) -> Any:
+        """The tensor (a view into `storage`) or bytes of one read item."""
+        info = self.storage_data[item.storage_index]
+        if getattr(info, "transform_descriptors", None):
+            raise ValueError("transformed (e.g. compressed) items are not mapped")
+        start, end = info.offset, info.offset + info.length
+        if item.type == LoadItemType.BYTE_IO:
+            return bytes(view[start:end])
+        zip_reader = torch._C.PyTorchFileReader(_MemFile(view[start:end]))
+        tensor = torch.serialization._load(zip_reader, "cpu", torch._weights_only_unpickler,
+                                           overall_storage=storage[start:end])
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"item {item.storage_index} is not a tensor")
+        return narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
 
 
 # -------------------------------------------------------------------------------------------
@@ -551,7 +670,7 @@ class CheckpointManager:
         self._check_model(path, meta, app_state)
         try:
             with _quiet_single_process():
-                dcp.load(app_state, checkpoint_id=path, process_group=self.group())
+                dcp.load(app_state, storage_reader=_MmapReader(path), process_group=self.group())
         except (Exception, CheckpointException) as exc:  # turned into a one-line user error
             raise SatfuseError(
                 f"{path}: loading the checkpoint failed ({_short(exc)}); {MISMATCH_FIX}"

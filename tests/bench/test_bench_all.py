@@ -1,0 +1,107 @@
+"""`satfuse bench all`: one JSON with every benchmark, each figure measured in this run.
+
+"Measured, not a constant" is checked two ways: the schema requires every throughput/time
+figure to be a finite positive number next to its in-run reference, and a benchmark run twice
+gives timings that differ (a hard-coded figure would not); the communication model is checked
+against the real model's parameter count and its own formulas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHES = {"shard", "loader", "loss", "ckpt", "engines", "train", "model"}
+
+
+def satfuse(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "satfuse.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def numbers(node, path=""):
+    """Every numeric leaf as (path, value)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from numbers(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from numbers(v, f"{path}[{i}]")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield path, node
+
+
+def positive(node, *keys: str) -> None:
+    for key in keys:
+        value = node[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+
+
+@pytest.mark.slow
+def test_bench_all_writes_complete_json(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.json"
+    proc = satfuse("bench", "all", "--out", str(out), timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {"cores", "torch", "device", "date"} <= set(doc["machine"])
+    assert set(doc["benches"]) == BENCHES
+    for name, entry in doc["benches"].items():
+        assert entry["wall_s"] > 0, name
+        for path, value in numbers(entry["result"]):
+            assert math.isfinite(value), f"{name}{path} = {value}"
+    b = doc["benches"]
+    positive(b["shard"]["result"], "read_pairs_per_s", "shard_pairs_per_s", "shard_over_read_time")
+    positive(b["ckpt"]["result"], "torch_save_s", "manager_save_s", "save_ratio_vs_torch_save",
+             "torch_load_s", "manager_load_s", "load_ratio_vs_torch_load")
+    for row in b["train"]["result"]["cpu"]:
+        positive(row, "sec_per_step", "pairs_per_s")
+    assert b["train"]["result"]["scaling"], "2-rank vs 1-rank efficiency missing"
+    gpu = b["train"]["result"]["gpu"]
+    assert all(r["pairs_per_s_per_gpu"] == "no GPU" for r in gpu) or all(
+        isinstance(r["pairs_per_s_per_gpu"], float) for r in gpu)
+    assert len(b["engines"]["result"]["engines"]) >= 3  # DDP, ZeRO-1, ZeRO-2
+    assert b["loader"]["result"]["rows"] and b["loss"]["result"]["rows"]
+
+
+def test_timings_are_measured_each_run(tmp_path: Path) -> None:
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"loss{i}.json"
+        proc = satfuse("bench", "loss", "--sizes", "16,32", "--world", "2", "--repeats", "1",
+                       "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(out.read_text()))
+    a = [v for p, v in numbers(runs[0]["result"]) if "ms" in p or "_s" in p]
+    b = [v for p, v in numbers(runs[1]["result"]) if "ms" in p or "_s" in p]
+    assert a and len(a) == len(b)
+    assert a != b, "identical timings in two runs: figures are not being measured"
+
+
+def test_communication_model_follows_the_real_model(tmp_path: Path) -> None:
+    import torch
+
+    from satfuse.config import ModelConfig
+    from satfuse.models import build_pretrain_model
+
+    out = tmp_path / "model.json"
+    proc = satfuse("bench", "model", "--backbone", "tiny", "--proj-out", "64", "--batch-per-gpu", "8",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())["result"]
+    cfg = ModelConfig(method="dual_simclr", backbone="tiny", proj_hidden=256, proj_out=64)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_pretrain_model(cfg).parameters())
+    assert res["params"] == params
+    rows = {r["gpus"]: r for r in res["rows"]}
+    assert set(rows) == {2**k for k in range(11)}
+    assert rows[1]["allgather_bytes_fwd"] == 0 and rows[1]["grad_bytes_ddp_zero0"] == 0
+    w, b, d = 8, 8, 64
+    assert rows[w]["allgather_bytes_fwd"] == (w - 1) * b * 2 * d * 4
+    assert rows[w]["grad_bytes_ddp_zero0"] == int(2 * (w - 1) / w * params * 4)
+    assert rows[1024]["logits_bytes_local_loss"] < rows[1024]["logits_bytes_full"] / 500
