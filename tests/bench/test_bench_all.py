@@ -90,7 +90,8 @@ def test_communication_model_follows_the_real_model(tmp_path: Path) -> None:
     from satfuse.models import build_pretrain_model
 
     out = tmp_path / "model.json"
-    proc = satfuse("bench", "model", "--backbone", "tiny", "--proj-out", "64", "--batch-per-gpu", "8",
+    proc = satfuse("bench", "model", "--backbone", "tiny", "--proj-hidden", "256", "--proj-out", "64",
+                   "--batch-per-gpu", "8",
                    "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())["result"]
@@ -104,4 +105,5 @@ def test_communication_model_follows_the_real_model(tmp_path: Path) -> None:
     w, b, d = 8, 8, 64
     assert rows[w]["allgather_bytes_fwd"] == (w - 1) * b * 2 * d * 4
     assert rows[w]["grad_bytes_ddp_zero0"] == int(2 * (w - 1) / w * params * 4)
+    assert rows[w]["grad_bytes_zero1"] == int(3 * (w - 1) / w * params * 4)
     assert rows[1024]["logits_bytes_local_loss"] < rows[1024]["logits_bytes_full"] / 500

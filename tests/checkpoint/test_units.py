@@ -87,7 +87,7 @@ def test_async_save_in_one_process_copies_state_at_call_time(tmp_path: Path) -> 
     assert torch.equal(fresh.weight, saved)
 
 
-def test_mmap_reader_loads_the_same_as_dcps_stock_reader(tmp_path: Path) -> None:
+def test_mmap_reader_loads_the_same_as_dcps_stock_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast reader (one mmap per file, zero-copy tensor views) must produce exactly
     what DCP's own reader does, tensors and pickled (BYTE_IO) entries alike."""
     import torch.distributed.checkpoint as dcp
@@ -103,7 +103,9 @@ def test_mmap_reader_loads_the_same_as_dcps_stock_reader(tmp_path: Path) -> None
         return {"w": torch.zeros(37, 5), "i": torch.zeros(11, dtype=torch.int64), "extra": {"epoch": 0, "s": ""}}
 
     fast, stock = fresh(), fresh()
-    dcp.load(fast, storage_reader=_MmapReader(tmp_path / "c"), no_dist=True)
+    with monkeypatch.context() as mp:  # the fast path must not fall back to the stock one
+        mp.setattr(FileSystemReader, "read_data", lambda *a: pytest.fail("fell back to DCP's reader"))
+        dcp.load(fast, storage_reader=_MmapReader(tmp_path / "c"), no_dist=True)
     dcp.load(stock, storage_reader=FileSystemReader(tmp_path / "c"), no_dist=True)
     assert torch.equal(fast["w"], src["w"]) and torch.equal(fast["i"], src["i"])
     assert torch.equal(fast["w"], stock["w"]) and fast["extra"] == stock["extra"] == src["extra"]

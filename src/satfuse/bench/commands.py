@@ -24,7 +24,10 @@ BENCHES = {
     "engines": "satfuse.bench.engines",  # DDP vs DeepSpeed ZeRO-1/2
     "train": "satfuse.bench.train",  # training-step throughput, 1 vs 2 ranks, fp32/bf16, GPU rows
     "model": "satfuse.bench.model",  # communication and memory model, 1..1024 GPUs
+    "commbytes": "satfuse.bench.commbytes",  # wire bytes of a 2-node run vs the model
 }
+# Needs root and the 2-node cluster of slurm/local-cluster/multinode.sh: not part of `bench all`.
+NEEDS_CLUSTER = {"commbytes"}
 
 
 def available() -> dict[str, object]:
@@ -70,7 +73,7 @@ def run_all(args: argparse.Namespace) -> int:
     results: dict[str, object] = {}
     t_all = time.perf_counter()
     for name, mod in available().items():
-        if name in args.skip:
+        if name in args.skip or name in NEEDS_CLUSTER:
             continue
         log.info("bench %s ...", name)
         t0 = time.perf_counter()

@@ -7,8 +7,10 @@ Per step and per rank, for a global batch of W x B pairs, embedding size D and P
   the backward of satfuse's gather (`satfuse.distributed.gather.gather_with_grad`) all-reduces
   the gradient of the gathered (W x B, 2D) embeddings, so that every rank's rows receive the
   gradient of every rank's anchors: 2 (W-1)/W x W x B x 2D values (ring all-reduce);
-- gradient all-reduce (DDP = ZeRO-0, ring): 2 (W-1)/W x P values; ZeRO-1/2 replace it by a
-  reduce-scatter of gradients plus an all-gather of updated parameters: the same 2 (W-1)/W x P;
+- gradient all-reduce (DDP = ZeRO-0, ring): 2 (W-1)/W x P values; ZeRO-1 (DeepSpeed stage 1
+  does not partition gradients) all-reduces them in full and then all-gathers the updated
+  parameter partitions: 3 (W-1)/W x P (measured on the 2-node run: 1.5x DDP); ZeRO-2 replaces
+  the all-reduce by a reduce-scatter: 2 (W-1)/W x P (not measured here);
 - logits of the global loss: the full NT-Xent matrix is (2WB)^2 per rank, the local-loss
   scheme (local rows against the global batch) is 2B x 2WB: O(B_local x B_global).
 
@@ -30,16 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--batch-per-gpu", type=int, default=64)
     p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--proj-hidden", type=int, default=2048)
     p.add_argument("--proj-out", type=int, default=128)
     p.add_argument("--grad-bytes", type=int, default=4, help="bytes per gradient value (fp32)")
     p.add_argument("--emb-bytes", type=int, default=4, help="bytes per gathered embedding value")
 
 
-def count_params(backbone: str, proj_out: int) -> int:
+def count_params(backbone: str, proj_hidden: int, proj_out: int) -> int:
     from satfuse.models import build_pretrain_model
 
-    hidden = 2048 if backbone == "resnet50" else 256
-    cfg = ModelConfig(method="dual_simclr", backbone=backbone, proj_hidden=hidden, proj_out=proj_out)
+    cfg = ModelConfig(method="dual_simclr", backbone=backbone, proj_hidden=proj_hidden, proj_out=proj_out)
     with torch.device("meta"):
         model = build_pretrain_model(cfg)
     return sum(p.numel() for p in model.parameters())
@@ -54,7 +56,7 @@ def row(world: int, batch: int, dim: int, params: int, grad_bytes: int, emb_byte
         "allgather_bytes_fwd": gather,
         "embedding_grad_allreduce_bytes_bwd": int(2 * (world - 1) / world * world * batch * 2 * dim * emb_bytes),
         "grad_bytes_ddp_zero0": allreduce,
-        "grad_bytes_zero1": allreduce,
+        "grad_bytes_zero1": int(3 * (world - 1) / world * params * grad_bytes) if world > 1 else 0,
         "grad_bytes_zero2": allreduce,
         "logits_bytes_full": (2 * world * batch) ** 2 * 4,
         "logits_bytes_local_loss": (2 * batch) * (2 * world * batch) * 4,
@@ -62,7 +64,7 @@ def row(world: int, batch: int, dim: int, params: int, grad_bytes: int, emb_byte
 
 
 def run(args: argparse.Namespace) -> dict:
-    params = count_params(args.backbone, args.proj_out)
+    params = count_params(args.backbone, args.proj_hidden, args.proj_out)
     worlds = ([args.nodes * args.gpus_per_node] if args.nodes
               else [2**k for k in range(11)])  # 1..1024
     rows = [row(w, args.batch_per_gpu, args.proj_out, params, args.grad_bytes, args.emb_bytes)

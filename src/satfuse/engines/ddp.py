@@ -45,10 +45,9 @@ class DDPEngine(Engine):
 
     def backward_step(self, loss: torch.Tensor) -> float:
         self.scaler.scale(loss).backward()
-        norm = float("nan")
-        if self.cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip))
+        self.scaler.unscale_(self.optimizer)  # a no-op without fp16; the norm is of true grads
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

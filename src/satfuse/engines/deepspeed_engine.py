@@ -260,9 +260,8 @@ def import_deepspeed(device: torch.device):
     """Import DeepSpeed on the accelerator that matches `device` (CPU: DS_ACCELERATOR=cpu)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.accelerator import get_accelerator
-
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     accel = get_accelerator().device_name()
     want = "cpu" if device.type == "cpu" else "cuda"
