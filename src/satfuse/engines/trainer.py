@@ -187,7 +187,9 @@ class Trainer:
         last: dict[str, float] = {"loss": math.nan}
         t0, seen = time.perf_counter(), 0
         global_batch = cfg.data.batch_size * self.env.world_size
-        status, saved_at = "completed", (self.step if self.step > 0 else -1)  # resumed = saved
+        # a resumed run re-saves even at the end: after a world-size change the newest
+        # checkpoint is then in the current layout (DeepSpeed need not convert it again)
+        status, saved_at = "completed", -1
         try:
             while self.step < total:
                 batch = next(data_iter)
