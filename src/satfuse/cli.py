@@ -31,7 +31,11 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="satfuse", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="satfuse",
+        description="Self-supervised Sentinel-1 + Sentinel-2 pretraining at cluster scale "
+        "(Dual-SimCLR, SimCLR, MMA): data -> shards -> pretraining -> DFC2020 evaluation.",
+    )
     parser.add_argument("--version", action="version", version=f"satfuse {__version__}")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

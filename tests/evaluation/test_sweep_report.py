@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
+import yaml
 
 from satfuse.cli import main
 from satfuse.config import load_config
@@ -107,7 +108,7 @@ def test_shipped_configs_load_and_plan():
         from satfuse.evaluation.finetune import load_finetune_config
 
         load_finetune_config(str(ROOT / "hpc" / "finetune" / name))
-    for name, n in (("demo_sweep.yaml", 6 * (3 * 2 + 1 * 2)), ("paper_sweep.yaml", 6 * 6 * 5 * 2)):
+    for name, n in (("demo_sweep.yaml", 6 * (5 * 2 + 1 * 2)), ("paper_sweep.yaml", 6 * 6 * 5 * 2)):
         cfg = load_sweep_config(str(ROOT / "hpc" / "finetune" / name), ["checkpoint=x.pt"])
         cfg.base_config = str(ROOT / "hpc" / "finetune" / Path(cfg.base_config).name)
         assert len(plan_sweep(cfg)) == n
@@ -132,7 +133,10 @@ def test_cli_finetune_flags_override_yaml_and_sweep_dry_run(dfc_shards, tmp_path
                f"base_config={ROOT / 'hpc' / 'finetune' / 'demo.yaml'}"])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 48 and all(line.startswith("todo\t") for line in lines)
+    grid = yaml.safe_load((ROOT / "hpc" / "finetune" / "demo_sweep.yaml").read_text())
+    expected = len(grid["methods"]) * len(grid["seeds"]) * (
+        len(grid["label_fractions"]) + len(grid["multi_label_fractions"]))
+    assert len(lines) == expected and all(line.startswith("todo\t") for line in lines)
     assert main(["finetune", "sweep", "--seed", "1", "--config", "x.yaml"]) == 2
 
 
