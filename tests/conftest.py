@@ -17,6 +17,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Undo any os.environ change a test makes (monkeypatch's delenv of an absent key records
+    nothing, so a later direct write would leak): a leaked GLOO_SOCKET_IFNAME=lo once made every
+    later 2-node srun job hang."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

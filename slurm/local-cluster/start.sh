@@ -116,7 +116,8 @@ fi
 
 # ---- config ---------------------------------------------------------------------------------
 HOST="$(hostname -s)"
-NCPU="$(nproc)"
+# nproc honours OMP_NUM_THREADS (the test suite sets it to 1): ask for the real count
+NCPU="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 MEM_MB="$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')"
 rm -rf "$BASE/state" "$BASE/spool"
 mkdir -p "$BASE/state" "$BASE/spool" "$BASE/run" "$BASE/log"
