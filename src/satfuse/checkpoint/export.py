@@ -23,7 +23,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from satfuse.checkpoint.layout import DCP_METADATA, META_NAME, checkpoint_problems, read_meta
+from satfuse.checkpoint.layout import (
+    DCP_METADATA,
+    LATEST,
+    META_NAME,
+    checkpoint_problems,
+    read_latest,
+    read_meta,
+)
 from satfuse.checkpoint.manager import MISMATCH_FIX, fingerprint_diff
 from satfuse.utils import SatfuseError, atomic_write_bytes
 
@@ -47,6 +54,21 @@ def default_builder(meta: dict[str, Any]) -> nn.Module:
             "`satfuse pretrain`: pass --builder MODULE:FUNCTION that builds the model"
         )
     return build_pretrain_model(from_dict(ModelConfig, cfg, where=META_NAME, prefix="model."))
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step directory from what users type: the step dir itself, a `latest` pointer file,
+    a `checkpoints/` dir or a run dir (both: where `latest` points)."""
+    path = Path(path)
+    if path.is_file() and path.name == LATEST:
+        name = path.read_text().strip()
+        return path.parent / name if name else path
+    for run_dir in (path, path.parent):
+        if path.is_dir() and not (path / META_NAME).exists() and not (path / DCP_METADATA).exists():
+            target = read_latest(run_dir)
+            if target is not None:
+                return target
+    return path
 
 
 def detect_kind(ckpt_dir: Path) -> str:
@@ -100,7 +122,7 @@ LOADERS: dict[str, Loader] = {"dcp": load_dcp_model, "deepspeed": _load_deepspee
 
 def export_backbones(ckpt_dir: Path, out: Path, builder: Builder | None = None) -> dict[str, Any]:
     """Write `out` (atomically) with the backbones of the checkpoint; returns a summary."""
-    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    ckpt_dir, out = resolve_checkpoint(Path(ckpt_dir)), Path(out)
     kind = detect_kind(ckpt_dir)
     if kind not in LOADERS:
         raise SatfuseError(f"{ckpt_dir}: unknown checkpoint kind {kind!r}; known: {sorted(LOADERS)}")
