@@ -8,6 +8,8 @@ Common interface (what the trainer, the DeepSpeed engine and the export call):
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -38,7 +40,7 @@ def _take(batch: dict[str, torch.Tensor], key: str, channels: int, method: str) 
     return x
 
 
-class PretrainModel(nn.Module):
+class PretrainModel(nn.Module, abc.ABC):
     """Base class: the interface above plus the SyncBatchNorm guard."""
 
     method = "base"
@@ -47,19 +49,21 @@ class PretrainModel(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    @abc.abstractmethod
     def backbones(self) -> dict[str, nn.Module]:
-        raise NotImplementedError
+        """The trunks exported for fine-tuning, by modality name."""
 
     def in_channels(self) -> dict[str, int]:
         return {name: int(m.in_channels) for name, m in self.backbones().items()}
 
+    @abc.abstractmethod
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The embeddings the loss needs."""
 
     def loss(
         self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """The loss over the global batch and float metrics."""
 
     def _check_sync_bn(self, x: torch.Tensor) -> None:
         """SyncBatchNorm is CUDA-only in torch; fail with the fix instead of deep in forward."""
