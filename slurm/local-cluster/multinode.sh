@@ -41,11 +41,9 @@ PIDS="$BASE/run/pids"
 
 log() { echo "multinode.sh: $*" >&2; }
 die() { echo "multinode.sh: error: $*" >&2; exit 1; }
+# shellcheck source=lib.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
-alive() {  # alive PID NAME: PID runs a program whose command name is NAME
-  local pid="$1" name="$2"
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]
-}
 
 node_ip() { echo "$NET.${1#sfnode}"; }
 sq() { SLURM_CONF="$CONF" "$@"; }
@@ -272,16 +270,6 @@ wait_idle() {
 
 # ---- stop -----------------------------------------------------------------------------------
 
-stop_pid() {  # stop_pid PID NAME: TERM, then KILL after 5 s
-  local pid="$1" name="$2"
-  alive "$pid" "$name" || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do alive "$pid" "$name" || { log "stopped $name ($pid)"; return 0; }; sleep 0.1; done
-  log "$name ($pid) ignored TERM for 5 s; sending KILL"
-  kill -KILL "$pid" 2>/dev/null || true
-  for _ in $(seq 20); do alive "$pid" "$name" || return 0; sleep 0.1; done
-  log "warning: $name ($pid) still alive after KILL"
-}
 
 stop_namespace_procs() {  # job steps (slurmstepd, tasks) our slurmds left in our namespaces
   local n pids

@@ -30,6 +30,8 @@ NODES=1
 
 die() { echo "start.sh: error: $*" >&2; exit 1; }
 log() { echo "start.sh: $*" >&2; }
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -55,10 +57,6 @@ fi
 CONF="$BASE/slurm.conf"
 PIDS="$BASE/run/pids"
 
-alive() {  # alive PID NAME: the PID runs a process whose command name is NAME
-  local pid="$1" name="$2"
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]
-}
 
 node_state() { SLURM_CONF="$CONF" sinfo -h -o %T 2>/dev/null | head -1 | tr -d '*~#!%' || true; }
 

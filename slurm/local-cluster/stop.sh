@@ -16,6 +16,8 @@ PIDS="$BASE/run/pids"
 NODES=""
 
 log() { echo "stop.sh: $*" >&2; }
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -46,25 +48,11 @@ MUNGED_PID="" SLURMCTLD_PID="" SLURMD_PID=""
 # shellcheck disable=SC1090
 . "$PIDS"
 
-alive() {
-  local pid="$1" name="$2"
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]
-}
 
-stop_one() {  # stop_one PID NAME
-  local pid="$1" name="$2"
-  alive "$pid" "$name" || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do alive "$pid" "$name" || { log "stopped $name ($pid)"; return 0; }; sleep 0.1; done
-  log "$name ($pid) ignored TERM for 5 s; sending KILL"
-  kill -KILL "$pid" 2>/dev/null || true
-  for _ in $(seq 20); do alive "$pid" "$name" || return 0; sleep 0.1; done
-  log "warning: $name ($pid) still alive after KILL"
-}
 
 # slurmd first (it owns job steps), then the controller, then munged they both talk to.
-stop_one "$SLURMD_PID" slurmd
-stop_one "$SLURMCTLD_PID" slurmctld
+stop_pid "$SLURMD_PID" slurmd
+stop_pid "$SLURMCTLD_PID" slurmctld
 others_use_munge() {  # another SLURM daemon (e.g. the 2-node cluster) still needs munged
   local comm
   for comm in /proc/[0-9]*/comm; do
@@ -75,7 +63,7 @@ others_use_munge() {  # another SLURM daemon (e.g. the 2-node cluster) still nee
 if [ -n "$MUNGED_PID" ] && others_use_munge; then
   log "leaving munged ($MUNGED_PID) running: other SLURM daemons still use it"
 else
-  stop_one "$MUNGED_PID" munged
+  stop_pid "$MUNGED_PID" munged
 fi
 rm -f "$PIDS"
 [ "$MODE" = "single" ] && rm -f "$BASE/mode"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from satfuse.bench.commbytes import DROP_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "local-cluster" / "multinode.sh"
 BASE = Path(os.environ.get("SATFUSE_SLURM2_BASE", "/tmp/satfuse-slurm2"))
@@ -30,16 +32,7 @@ def run_script(command: str, timeout: float = 600) -> subprocess.CompletedProces
 
 def cluster_env(**extra: str) -> dict[str, str]:
     """This process's environment pointed at the 2-node cluster (no leaked rank variables)."""
-    drop = (
-        "SLURM_",
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_",
-        "SATFUSE_IFNAME",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(DROP_ENV)}
     env.update(SLURM_CONF=str(CONF), OMP_NUM_THREADS="1", **extra)
     return env
 

@@ -42,7 +42,8 @@ NODES = ("sfnode1", "sfnode2")
 IFNAME = "eth1"
 DEFAULT_CONF = Path(os.environ.get("SATFUSE_SLURM2_BASE", "/tmp/satfuse-slurm2")) / "slurm.conf"
 ENGINES = ("ddp", "zero0", "zero1")
-_DROP_ENV = (
+# Variables of the submitting process that must not leak into a job on the 2-node cluster.
+DROP_ENV = (
     "SLURM_",
     "RANK",
     "WORLD_SIZE",
@@ -181,7 +182,7 @@ def snapshot(nodes: tuple[str, ...] = NODES, ifname: str = IFNAME) -> dict[str, 
 
 def job_env(slurm_conf: Path) -> dict[str, str]:
     """This environment without launcher variables, pointed at the 2-node cluster."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(DROP_ENV)}
     env.update(SLURM_CONF=str(slurm_conf), OMP_NUM_THREADS="1", SATFUSE_IFNAME=IFNAME)
     return env
 
