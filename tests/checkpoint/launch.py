@@ -7,20 +7,17 @@ rank), and starting the ranks directly saves torchrun's own start-up on 2 cores.
 from __future__ import annotations
 
 import os
-import socket
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from satfuse.distributed.ports import free_port
+
 TOY = Path(__file__).with_name("toy_train.py")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
@@ -37,16 +34,22 @@ def start(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
     return procs
 
 
-def wait(procs: list[subprocess.Popen], timeout: float = 120.0) -> list[int]:
-    """Exit codes of every rank; kills all of them if one hangs past `timeout`."""
+def wait(procs: list[subprocess.Popen], timeout: float = 120.0, log_dir: Path | None = None) -> list[int]:
+    """Exit codes of every rank. A rank that hangs past `timeout` fails the test with every
+    rank's Python stack (SIGUSR2 -> faulthandler in toy_train.py) and log, then all are killed."""
     deadline = time.monotonic() + timeout
     codes = []
     try:
         for p in procs:
             codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
     except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGUSR2)
+        time.sleep(2.0)
         kill(procs)
-        raise
+        where = logs(log_dir) if log_dir is not None else "(no logs)"
+        raise AssertionError(f"ranks hung for {timeout:.0f} s; exit codes so far {codes}\n{where}") from None
     return codes
 
 
@@ -59,7 +62,7 @@ def kill(procs: list[subprocess.Popen]) -> None:
 
 
 def run(world: int, args: list[str], log_dir: Path, timeout: float = 120.0) -> list[int]:
-    return wait(start(world, args, log_dir), timeout)
+    return wait(start(world, args, log_dir), timeout, log_dir)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
@@ -71,5 +74,5 @@ def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condi
 
 
 def logs(log_dir: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
                      for p in sorted(log_dir.glob("rank*.log")))

@@ -97,7 +97,7 @@ def test_sigusr1_to_one_rank_saves_on_all_and_exits_75(reference: Reference, tmp
     try:
         launch.wait_for(lambda: progress_at_least(progress, 5), 60, "step 5")
         os.kill(procs[1].pid, signal.SIGUSR1)  # only rank 1 is told, like SLURM/submitit
-        codes = launch.wait(procs, 60)
+        codes = launch.wait(procs, 60, tmp_path / "logs_sig")
     finally:
         launch.kill(procs)
     assert codes == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE], launch.logs(tmp_path / "logs_sig")

@@ -15,9 +15,11 @@ freshly loaded state with a reference file and writes the verdict next to it.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import random
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -150,6 +152,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # launch.wait asks for stacks on a hang
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))

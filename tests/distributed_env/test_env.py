@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from satfuse.distributed import env as denv
+from satfuse.distributed.ports import free_port
 from satfuse.utils import SatfuseError
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -150,7 +151,7 @@ def test_slurm_multi_node_master_is_first_host(monkeypatch: pytest.MonkeyPatch) 
     )
     assert (e.rank, e.world_size, e.local_rank, e.node_rank) == (5, 7, 1, 2)
     assert (e.local_world_size, e.num_nodes, e.master_addr) == (2, 4, "gpu07")
-    assert e.master_port == 20000 + 987654 % 20000
+    assert e.master_port == 20000 + 987654 % 12000
 
 
 def test_slurm_step_values_win_over_job_values(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,11 +254,6 @@ def test_world_one_creates_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
 # Real 2-process rendezvous
 # ----------------------------------------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(rank: int, world: int, port: int, timeout_s: int, **extra: str) -> subprocess.Popen:

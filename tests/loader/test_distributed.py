@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -17,13 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from satfuse.data.reader import PretrainLoader, resolve_shards
+from satfuse.distributed.ports import free_port
 from tests.loader.shards import data_cfg, make_shards, sample_ids, truncate
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, shard_dir: str, out: str) -> None:

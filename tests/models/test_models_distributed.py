@@ -9,7 +9,6 @@ schemes, both variants, uneven per-rank batches, and the real DualSimCLR / MMA m
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from satfuse.config import LossConfig, ModelConfig
+from satfuse.distributed.ports import free_port
 from satfuse.losses import nt_xent, retrieval_accuracy
 from satfuse.models import build_pretrain_model
 from satfuse.utils import SatfuseError
@@ -33,11 +33,6 @@ LOSS_CASES = [  # (variant, local_loss)
 ]
 MODEL_CFG = dict(backbone="tiny", proj_hidden=32, proj_out=16, mma_dim=8)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TwoTower(nn.Module):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from satfuse.config import ConfigError
+from satfuse.distributed.ports import port_from_job_id as master_port
 from satfuse.launch.cluster import (
     ClusterProfile,
     load_profile,
@@ -14,7 +15,7 @@ from satfuse.launch.cluster import (
     slurm_parameters,
     time_to_minutes,
 )
-from satfuse.launch.task import REQUEUE_EXIT_CODE, master_port
+from satfuse.launch.task import REQUEUE_EXIT_CODE
 from tests.slurm.slurm_helpers import ROOT
 
 
@@ -89,10 +90,10 @@ def test_sbatch_text_has_requeue_signal_and_site_values(tmp_path: Path) -> None:
 
 
 def test_master_port_is_shared_and_moves_on_requeue() -> None:
-    assert master_port("12345") == master_port("12345", 0) == 20000 + 12345
-    assert master_port("12345", 1) == 20000 + 12346
-    assert master_port("39999", 1) == 20000  # wraps inside [20000, 40000)
-    assert all(20000 <= master_port(str(j), r) < 40000 for j in (0, 7, 19999, 10**9) for r in range(4))
+    assert master_port("1234") == master_port("1234", 0) == 20000 + 1234
+    assert master_port("1234", 1) == 20000 + 1235
+    assert master_port("11999", 1) == 20000  # wraps inside [20000, 32000)
+    assert all(20000 <= master_port(str(j), r) < 32000 for j in (0, 7, 19999, 10**9) for r in range(4))
 
 
 def test_requeue_code_matches_the_trainer() -> None:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from satfuse.config import PretrainConfig, from_dict
+from satfuse.distributed.ports import free_port
 
 SETUPS = {
     "ddp": ("ddp", None),
@@ -137,17 +138,10 @@ def _rank_main(rank: int, world: int, port: int, a: dict[str, Any], setup: str, 
     os._exit(0)  # gloo threads alive at interpreter exit can abort the process
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _measure(setup: str, a: dict[str, Any], world: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{setup}-") as tmp:
-        mp.spawn(_rank_main, args=(world, _free_port(), a, setup, tmp), nprocs=world, join=True)
+        mp.spawn(_rank_main, args=(world, free_port(), a, setup, tmp), nprocs=world, join=True)
         ranks = [json.loads(Path(tmp, f"{setup}_{r}.json").read_text()) for r in range(world)]
     per_step = [max(ts) for ts in zip(*(r["times"] for r in ranks), strict=True)]
     return {

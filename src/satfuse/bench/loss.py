@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from satfuse.distributed.ports import free_port
 from satfuse.losses import nt_xent
 from satfuse.utils import SatfuseError
 
@@ -116,9 +116,7 @@ def _rank_main(
 
 
 def _distributed(sizes: list[int], args: argparse.Namespace) -> list[dict[str, float]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rows.json")
         # Only the plain fields travel (the CLI's namespace also holds an unpicklable `func`).

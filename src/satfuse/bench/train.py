@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 
 import torch
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from satfuse.config import LossConfig, ModelConfig
+from satfuse.distributed.ports import free_port
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,11 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-crop", type=int, default=256)
     p.add_argument("--gpu-batch", type=int, default=64)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_cfg(backbone: str) -> ModelConfig:

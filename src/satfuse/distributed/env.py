@@ -31,13 +31,12 @@ from itertools import product
 from pathlib import Path
 from typing import NoReturn
 
+from satfuse.distributed.ports import port_from_job_id
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
 IFNAME_VAR = "SATFUSE_IFNAME"
-PORT_BASE = 20000  # MASTER_PORT derived from the job id lands in [20000, 40000)
-PORT_SPAN = 20000
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "::1"}
 
 _STATE: dict[str, DistEnv] = {}
@@ -198,12 +197,6 @@ def resolve_backend(backend: str = "auto") -> str:
 
 def _device(backend: str, local_rank: int) -> str:
     return f"cuda:{local_rank}" if backend == "nccl" else "cpu"
-
-
-def port_from_job_id(job_id: str) -> int:
-    """A per-job port, so two jobs sharing a node do not fight over one rendezvous port."""
-    digits = re.sub(r"\D", "", job_id) or "0"
-    return PORT_BASE + int(digits) % PORT_SPAN
 
 
 def _is_loopback(addr: str) -> bool:

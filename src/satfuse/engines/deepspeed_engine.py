@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ import yaml
 from torch import nn
 
 from satfuse.config import PretrainConfig
+from satfuse.distributed.ports import free_port
 from satfuse.engines.base import Engine, check_precision
 from satfuse.engines.optim import build_optimizer, lr_factor
 from satfuse.utils import SatfuseError
@@ -238,11 +238,6 @@ def check_combination(cfg: PretrainConfig, ds: dict[str, Any], device: torch.dev
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def ensure_process_group(device: torch.device, timeout_s: int) -> None:
     """DeepSpeed needs a process group even on one rank; satfuse creates none for world
@@ -252,7 +247,7 @@ def ensure_process_group(device: torch.device, timeout_s: int) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1, timeout=timedelta(seconds=timeout_s))
 
 

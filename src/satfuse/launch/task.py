@@ -30,7 +30,6 @@ import contextlib
 import importlib
 import logging
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from typing import Any, NoReturn
 
 import submitit
 
+from satfuse.distributed.ports import port_from_job_id
 from satfuse.utils import SatfuseError, atomic_write_text, setup_logging
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,6 @@ log = logging.getLogger(__name__)
 DEFAULT_ENTRY = "satfuse.engines.pretrain:run_pretrain"
 REQUEUE_EXIT_CODE = 75  # == satfuse.engines.pretrain.REQUEUE_EXIT_CODE (kept importable without torch)
 LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local restarts all tasks when one exits with this
-PORT_BASE = 20000
-PORT_SPAN = 20000
-
-
-def master_port(job_id: str, restart: int = 0) -> int:
-    """20000 + job id % 20000 + restart (wrapped): equal on every task of one attempt."""
-    digits = re.sub(r"\D", "", str(job_id).split("_")[0]) or "0"
-    return PORT_BASE + (int(digits) + restart) % PORT_SPAN
-
-
 def resolve_entry(spec: str) -> Callable[[str | None, list[str]], int]:
     """`module:function` -> the function (the trainer by default; tests may pass their own)."""
     module, _, name = spec.partition(":")
@@ -107,7 +97,7 @@ def distributed_vars(env: Any, restart: int) -> dict[str, str]:
         "NODE_RANK": str(env.node),
         "GROUP_WORLD_SIZE": str(env.num_nodes),
         "MASTER_ADDR": master_addr(env),
-        "MASTER_PORT": str(master_port(env.raw_job_id, restart)),
+        "MASTER_PORT": str(port_from_job_id(env.raw_job_id, restart)),
     }
 
 
