@@ -7,6 +7,20 @@ floor no loader can beat on this disk. The loader rows do *more* work than the r
 (decode, crop, clip + normalise, batch, DataLoader transfer), the reference only reads the
 two rasters. Every row reads from the page cache (the data were just written), so the
 ratios compare CPU cost, not disk speed; on a cluster filesystem per-file opens cost more.
+
+Measured 2026-11-25 (2-core shared CPU VM, default args: 128 samples of 256x256 in 8 shards,
+batch 16; the machine was loaded by other jobs, so the per-file row itself moved between 146
+and 392 samples/s - read the ratios, each taken within one run). Before/after runs alternated:
+- before (per-file reads into a buffer, tarfile headers parsed every epoch): best row
+  loader_w0_crop128 at 3.59x, 4.06x, 2.85x per file (884, 930, 914 samples/s).
+- after (mmap + member index, zero-copy views, crop read straight into the batch):
+  loader_w0_crop128 at 6.22x, 16.69x, 7.28x (2441, 2982, 1508 samples/s); goal met in every
+  run. Full-patch rows: w0_crop0 1.08-1.85x (was 0.66-1.05x). With workers (w2) a batch goes
+  through a fresh shared-memory tensor, which costs ~25 ms per 13.6 MB batch on this VM
+  (page faults), more than decoding it: w2_crop128 2.6-3.6x (was 1.5-2.3x).
+- The w0 rows read every shard in one slot, so epochs 2-3 reuse the member index: with the
+  index rebuilt each epoch (as a worker among many would) w0_crop128 is ~15% slower
+  (A/B in one process: 1674-2189 vs 1568-3087 samples/s).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ slip through (e.g. real SEN12MS S1 nodata) to the band mean (0 after standardisa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -39,16 +40,35 @@ class BandStats:
     def to_dict(self) -> dict:
         return {"mean": list(self.mean), "std": list(self.std), "clip": list(self.clip)}
 
+    @cached_property
+    def mean32(self) -> np.ndarray:
+        """The means as float32 (C, 1, 1), built once (the loader normalises every sample)."""
+        return np.asarray(self.mean, dtype=np.float32)[:, None, None]
+
+    @cached_property
+    def std32(self) -> np.ndarray:
+        return np.asarray(self.std, dtype=np.float32)[:, None, None]
+
 
 def normalize(x: np.ndarray, stats: BandStats) -> np.ndarray:
     """(C, H, W) raw array -> float32 standardised array; NaN/Inf -> band mean."""
-    x = x.astype(np.float32, copy=True)
-    mean = np.asarray(stats.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(stats.std, dtype=np.float32)[:, None, None]
-    bad = ~np.isfinite(x)
-    if bad.any():
-        x[bad] = np.broadcast_to(mean, x.shape)[bad]
-    np.clip(x, stats.clip[0], stats.clip[1], out=x)
-    x -= mean
-    x /= std
-    return x
+    out = np.empty(x.shape, dtype=np.float32)
+    normalize_into(x, stats, out)
+    return out
+
+
+def normalize_into(x: np.ndarray, stats: BandStats, out: np.ndarray) -> None:
+    """`normalize(x, stats)` written into the float32 array `out` of x's shape.
+
+    `x` may be a strided view (a crop of a memory-mapped member): the cast reads only the
+    crop's pixels, and every later step runs in place on `out` (cache-hot). The NaN/Inf
+    mask is built only when a float input is not all finite, which one sum tells (it is
+    finite only if every element is; a sum that overflows just takes the exact path)."""
+    mean, std = stats.mean32, stats.std32
+    np.copyto(out, x, casting="unsafe")
+    if x.dtype.kind == "f" and not np.isfinite(np.sum(out)):
+        bad = ~np.isfinite(out)
+        out[bad] = np.broadcast_to(mean, out.shape)[bad]
+    np.clip(out, np.float32(stats.clip[0]), np.float32(stats.clip[1]), out=out)
+    out -= mean
+    out /= std

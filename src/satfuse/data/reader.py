@@ -27,15 +27,16 @@ Epoch semantics
   on their own (a spawned worker costs seconds); every worker yields the same number of items
   per epoch (padding markers after its batches), so torch's strict round robin reproduces the
   plan's schedule. Labels are not read in pretraining. From local tars the shuffle buffer
-  holds only member offsets and, with a crop, only the crop's rows are read.
+  holds only member offsets (each worker indexes a shard's headers once and memory-maps it,
+  `satfuse.data.stream_io`), and only the crop's pixels are read, straight into the batch.
 
 Resume (`state_dict` / `load_state_dict`)
 - The state holds the epoch, the batches this rank consumed in it and, per worker, the cursor:
   how many samples the worker had pulled from its shuffle buffer when it built the last batch
   the trainer received. Prefetched batches are not counted, so they are produced again.
 - Same world size, workers, batch size, buffer size, seed: exact. Each worker recomputes its
-  shuffle order, skips `cursor` samples without decoding them (local tars: a header read and
-  a seek; wholly consumed shards are not opened), and the next batch is bitwise the one the
+  shuffle order, skips `cursor` samples without decoding them (local tars: nothing is read
+  but the shard's headers; wholly consumed shards are not opened), and the next batch is bitwise the one the
   uninterrupted run would have produced.
 - Different world size (or workers/batch/buffer): the shuffle buffer's choices depend only on
   counts, so the new run recomputes exactly which samples every old slot had consumed (its
@@ -76,8 +77,8 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from satfuse.config import DataConfig
-from satfuse.data.normalize import S2_RGB, BandStats, normalize
-from satfuse.data.stream_io import RawSample, decode_label, decode_pair, read_shard
+from satfuse.data.normalize import S2_RGB, BandStats, normalize, normalize_into
+from satfuse.data.stream_io import RawSample, ShardCache, decode_label, decode_pair, read_shard
 from satfuse.data.stream_plan import (
     EpochPlan,
     Run,
@@ -232,28 +233,32 @@ class SampleTransform:
     labels: bool = False  # pretraining never reads label members
 
     def __call__(self, raw: RawSample, epoch: int) -> dict[str, Any]:
-        rng = np.random.default_rng(stable_seed("sample", self.seed, epoch, raw.key))
+        rng = np.random.default_rng(stable_seed("sample", self.seed, epoch, raw.key)) if self._uses_rng else None
         window: list[int] = []
 
-        def rows(h: int, w: int) -> tuple[int, int] | None:
-            if not window:
-                window.extend(self._window(h, w, rng, raw))
-            return (window[0], window[0] + window[2]) if window[2] else None
+        def choose(h: int, w: int) -> tuple[int, int, int]:
+            window.extend(self._window(h, w, rng, raw))
+            return window[0], window[1], window[2]
 
-        s1, s2 = decode_pair(raw, rows)
-        cols = slice(window[1], window[1] + window[2]) if window[2] else slice(None)
-        s1, s2 = s1[:, :, cols], s2[:, :, cols]
+        s1, s2 = decode_pair(raw, choose)  # read-only views: pixels are read by `collate`
         item: dict[str, Any] = {"s1": Pending(s1, self.s1), "s2": Pending(s2, self.s2), "key": raw.key}
         label = decode_label(raw) if self.labels else None
         if label is not None:
-            lab = label[1][:, window[0] : window[0] + window[2], cols] if window[2] else label[1]
+            top, left, size = window
+            lab = label[1][:, top : top + size, left : left + size] if size else label[1]
             item[label[0]] = np.ascontiguousarray(lab)
         if self.method == "simclr":
             item["s1"], item["s2"] = normalize(s1, self.s1), normalize(s2, self.s2)
             item["view1"], item["view2"] = self._views(item, rng)
         return item
 
-    def _window(self, h: int, w: int, rng: np.random.Generator, raw: RawSample) -> tuple[int, int, int]:
+    @property
+    def _uses_rng(self) -> bool:
+        """The per-sample RNG (seed, epoch, key) feeds random crops and SimCLR views only;
+        building it costs ~15 us, so it is skipped when neither is drawn (same streams)."""
+        return self.method == "simclr" or (self.crop > 0 and not self.center)
+
+    def _window(self, h: int, w: int, rng: np.random.Generator | None, raw: RawSample) -> tuple[int, int, int]:
         """(top, left, size) of the crop; size 0 = the full patch."""
         c = self.crop
         if c <= 0:
@@ -263,7 +268,7 @@ class SampleTransform:
                 f"shard #{raw.shard} sample {raw.key}: data.crop={c} is larger than the {h}x{w} patch; "
                 f"set data.crop <= {min(h, w)} (0 = full patch)"
             )
-        if self.center:
+        if self.center or rng is None:  # no rng only for centre crops (see _uses_rng)
             return (h - c) // 2, (w - c) // 2, c
         return int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1)), c
 
@@ -282,26 +287,12 @@ class SampleTransform:
 
 @dataclass
 class Pending:
-    """A decoded, cropped raw array whose normalisation is deferred to `collate`, which
-    writes it straight into the batch tensor (one pass over the pixels, no per-sample copy)."""
+    """A cropped raw array - a view of the shard's map or of the member bytes - whose
+    normalisation is deferred to `collate`, which casts it straight into the batch tensor
+    and standardises it there in place: the crop's pixels are read once, never copied alone."""
 
     raw: np.ndarray
     stats: BandStats
-
-
-def normalize_into(x: np.ndarray, stats: BandStats, out: np.ndarray) -> None:
-    """`satfuse.data.normalize.normalize(x, stats)` written into `out` (same float32 ops,
-    so bitwise the same result)."""
-    np.copyto(out, x, casting="unsafe")
-    mean = np.asarray(stats.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(stats.std, dtype=np.float32)[:, None, None]
-    if out.dtype.kind == "f" and x.dtype.kind == "f":
-        bad = ~np.isfinite(out)
-        if bad.any():
-            out[bad] = np.broadcast_to(mean, out.shape)[bad]
-    np.clip(out, stats.clip[0], stats.clip[1], out=out)
-    out -= mean
-    out /= std
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -354,6 +345,7 @@ class EpochSpec:
     drop_last: bool
     on_error: str
     transform: SampleTransform
+    cache: ShardCache | None = None  # the worker's indexed shards, kept across epochs
 
 
 @dataclass
@@ -381,9 +373,9 @@ class StreamSpec:
         return make_plan(self.counts, self.seed, epoch, base, world_size=self.world_size, workers=self.workers,
                          batch_size=self.batch_size, drop_last=self.drop_last)
 
-    def epoch_spec(self, epoch: int, plan: EpochPlan) -> EpochSpec:
+    def epoch_spec(self, epoch: int, plan: EpochPlan, cache: ShardCache | None = None) -> EpochSpec:
         return EpochSpec(self.urls, epoch, self.seed, plan.generation, len(plan.slots), self.batch_size,
-                         self.shuffle_buffer, self.drop_last, self.on_error, self.transform)
+                         self.shuffle_buffer, self.drop_last, self.on_error, self.transform, cache)
 
 
 def read_in_order(spec: EpochSpec, runs: list[Run], order: np.ndarray, start: int) -> Iterator[RawSample]:
@@ -406,7 +398,7 @@ def _read_needed(spec: EpochSpec, runs: list[Run], needed: np.ndarray) -> Iterat
         local = np.nonzero(needed[offset : offset + hi - lo])[0]
         if len(local):
             wanted = {lo + int(i) for i in local}
-            for sample in read_shard(spec.urls[shard], shard, wanted, max(wanted)):
+            for sample in read_shard(spec.urls[shard], shard, wanted, max(wanted), spec.cache):
                 yield offset + sample.index - lo, sample
         offset += hi - lo
 
@@ -500,13 +492,14 @@ class _StreamDataset(IterableDataset):
         sp = self.spec
         epoch, base, cursors, done = sp.epoch, sp.base, list(sp.cursors), list(sp.batches)
         errors = 0
+        cache = ShardCache()  # this worker's shard indexes and maps, built once, used every epoch
         while True:
             plan = sp.plan(epoch, base)
             sched = plan.schedule(sp.rank)
             left = [sched.count(v) - done[v] for v in range(sp.workers)]
             slot = plan.slot(sp.rank, w)
             task = SlotTask(w, slot, plan.slots[slot], cursors[w], left[w])
-            worker = _SlotWorker(sp.epoch_spec(epoch, plan), task, errors)
+            worker = _SlotWorker(sp.epoch_spec(epoch, plan, cache), task, errors)
             for batch in worker.batches():
                 yield batch
                 if "__error__" in batch:

@@ -7,7 +7,14 @@ URLs are opened with `webdataset.gopen` (local paths, `pipe:` commands, http...)
 grouped into samples by WebDataset's rule (key = the name up to the first dot), so any
 stock WebDataset tar of the shard contract reads here and vice versa.
 
-Local tars are opened seekable: skipping a sample is a header read and a seek, no data.
+Local tars are memory-mapped and indexed once (`ShardIndex`: every sample's member offsets,
+from the 512-byte headers alone); a `ShardCache` keeps the index and the map for the life of
+a loader iterator, so later epochs parse no tar header at all and skipping a sample costs
+nothing. Decoding a member is `np.frombuffer` on the map: zero-copy, so a crop touches only
+its own pixels (at crop 128 of 256, a quarter of the bytes) when the batch is built. Plain
+USTAR headers (what `tarfile`, and so webdataset's TarWriter, writes for short names) are
+parsed here; a tar with anything else (pax or GNU long names, links, odd checksums) is
+indexed by `tarfile` itself, with the same grouping and the same errors.
 """
 
 from __future__ import annotations
@@ -15,33 +22,204 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import mmap
 import os
 import tarfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import webdataset as wds
 
 log = logging.getLogger(__name__)
 
+BLOCK = 512
+USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar: what tarfile's PAX and USTAR formats write
+READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 
-@dataclass(frozen=True)
+
+# --------------------------------------------------------------------------------------------
+# Local shards: memory map + member index
+# --------------------------------------------------------------------------------------------
+
+
+class MappedTar:
+    """A local tar, memory-mapped read-only.
+
+    Why a map and not reads: a decoded member is a view of the page cache (no copy until the
+    batch is built), and a crop touches only its own pixels. Shards are immutable once written
+    (the writer renames finished tars into place), which mapping relies on: a file truncated
+    *while* mapped would fault (SIGBUS) instead of raising."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            self.stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            self.data: mmap.mmap | bytes = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
 class MemberRef:
-    """Where a member's bytes lie in a local tar. A shuffle buffer of refs holds no pixel
-    data; the bytes are read just before decoding (cache-hot), and never for skipped samples."""
+    """Where a member's bytes lie in a mapped local tar. A shuffle buffer of refs holds no
+    pixel data; the bytes are touched only when the sample is decoded into a batch."""
 
-    path: str
+    tar: MappedTar
     offset: int
     size: int
 
+    def check(self) -> None:
+        if self.offset + self.size > self.tar.size:
+            raise ValueError(f"member cut short at byte {self.tar.size} (truncated tar)")
+
     def read(self) -> bytes:
-        with open(self.path, "rb", buffering=0) as fh:
-            fh.seek(self.offset)
-            data = fh.read(self.size)
-        if len(data) != self.size:
-            raise ValueError(f"member cut short at byte {self.offset + len(data)} (truncated tar)")
-        return data
+        self.check()
+        return bytes(self.tar.data[self.offset : self.offset + self.size])
+
+
+@dataclass
+class ShardIndex:
+    """The samples of one local tar in tar order, and why indexing stopped early, if it did.
+
+    `error` is empty when the tar ended as `tarfile` ends it (end-of-archive block, or a short
+    or invalid header after the first); otherwise it is the read error ("ReadError: ..."),
+    and the sample being grouped when it happened is not in `samples`, as with a sequential
+    read that raises mid-sample."""
+
+    stamp: tuple[int, int, int]
+    samples: list[tuple[str, dict[str, MemberRef]]] = field(default_factory=list)
+    error: str = ""
+
+
+def index_shard(path: str) -> ShardIndex:
+    """Map the tar and group its members into samples, reading headers only. Never raises
+    for bad data or a missing file: the reason is in `error`."""
+    try:
+        tar = MappedTar(path)
+    except (OSError, ValueError) as exc:
+        return ShardIndex((0, 0, 0), error=f"{exc.__class__.__name__}: {exc}")
+    try:
+        return group_members(tar, _ustar_members(tar.data))
+    except _NotPlainUstar:
+        return group_members(tar, _tarfile_members(path))
+
+
+def group_members(tar: MappedTar, members: Iterator[tuple[str, int, int]]) -> ShardIndex:
+    """Consecutive members with one key form a sample (WebDataset's rule)."""
+    index = ShardIndex(tar.stamp)
+    key, group = None, {}
+    try:
+        for name, offset, size in members:
+            k, ext = split_name(name)
+            if k != key:
+                if key is not None:
+                    index.samples.append((key, group))
+                key, group = k, {}
+            group[ext] = MemberRef(tar, offset, size)
+    except READ_ERRORS as exc:
+        index.error = f"{exc.__class__.__name__}: {exc}"
+        return index
+    if key is not None:
+        index.samples.append((key, group))
+    return index
+
+
+class ShardCache:
+    """Indexed shards of one loader iterator; the least recently used go beyond `capacity`.
+
+    Why per iterator and not per process: DataLoader workers start with each `iter(loader)`,
+    so an index lives as long as the worker that built it and serves it whenever that worker
+    reads the shard again (every epoch with one slot; with many slots a shard usually goes
+    to another worker next epoch and is indexed there, ~10 us a member). An index costs
+    ~1 kB a sample, hence the bound. A path that now holds another file is noticed by its
+    (inode, size, mtime) stamp, checked on every use. Dropping an entry only drops
+    references: arrays still viewing a map keep it alive."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self._index: OrderedDict[str, ShardIndex] = OrderedDict()
+
+    def get(self, path: str) -> ShardIndex:
+        cached = self._index.pop(path, None)
+        if cached is None or cached.stamp != _stamp(path):
+            cached = index_shard(path)
+        self._index[path] = cached
+        while len(self._index) > self.capacity:
+            self._index.popitem(last=False)
+        return cached
+
+
+def _stamp(path: str) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _NotPlainUstar(Exception):
+    """A header the fast parser leaves to `tarfile` (pax/GNU extensions, non-files, oddities)."""
+
+
+def _ustar_members(data: mmap.mmap | bytes) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file, reading headers only.
+
+    Mirrors `tarfile.open(path, "r:")` iteration: at offset 0 an empty or short header is a
+    ReadError; later an empty or short header, or an end-of-archive block, ends the archive
+    quietly; a member whose data (with padding) runs past the end of the file is yielded,
+    then the next step raises "unexpected end of data"."""
+    total, offset = len(data), 0
+    while True:
+        header = data[offset : offset + BLOCK]
+        if len(header) < BLOCK:
+            if offset == 0:
+                raise tarfile.ReadError("truncated header" if header else "empty file")
+            return
+        if header.count(0) == BLOCK:
+            return
+        name, size = _plain_header(header)
+        start = offset + BLOCK
+        offset = start + -(-size // BLOCK) * BLOCK
+        yield name, start, size
+        if offset > total:
+            raise tarfile.ReadError("unexpected end of data")
+
+
+def _plain_header(header: bytes) -> tuple[str, int]:
+    """(name, size) of a valid POSIX USTAR regular-file header, else _NotPlainUstar."""
+    if header[257:265] != USTAR_MAGIC or header[156:157] not in (b"0", b"\0") or header[124] & 0x80:
+        raise _NotPlainUstar
+    try:
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        chksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise _NotPlainUstar from None
+    if chksum != sum(header) - sum(header[148:156]) + 8 * 32:  # the field counts as 8 spaces
+        raise _NotPlainUstar
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0]
+    text = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
+    if text.endswith("/"):
+        raise _NotPlainUstar  # an old-style directory entry
+    return text, size
+
+
+def _tarfile_members(path: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file, as `tarfile` sees them."""
+    with tarfile.open(path, mode="r:") as tf:
+        for info in tf:
+            if info.isfile():
+                yield info.name, info.offset_data, info.size
+
+
+# --------------------------------------------------------------------------------------------
+# Samples
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -68,10 +246,15 @@ def split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
+def is_streamed(url: str) -> bool:
+    """pipe: commands and remote URLs are read sequentially; everything else is a local file."""
+    return url.startswith("pipe:") or "://" in url
+
+
 def open_tar(url: str) -> tuple[tarfile.TarFile, object | None]:
     """Seekable for local files, streaming for pipe:/remote URLs (then also the stream,
     which the caller must close: tarfile leaves a passed-in stream open)."""
-    if url.startswith("pipe:") or "://" in url:
+    if is_streamed(url):
         stream = wds.gopen(url, "rb")
         return tarfile.open(fileobj=stream, mode="r|"), stream
     return tarfile.open(url, mode="r:"), None
@@ -88,26 +271,52 @@ def close_stream(stream: object | None, complete: bool) -> None:
             raise OSError(f"shard command failed: {exc}") from exc
 
 
-def read_shard(url: str, shard: int, wanted: set[int], last: int) -> Iterator[RawSample]:
+ENDED_EARLY = "shard ended before the manifest's count (truncated or mismatched manifest)"
+
+
+def read_shard(
+    url: str, shard: int, wanted: set[int], last: int, cache: ShardCache | None = None,
+) -> Iterator[RawSample]:
     """Yield the wanted samples of one shard in tar order; stop after index `last`.
 
     Every wanted index <= last is yielded exactly once: read, or with `error` set when the
     tar is truncated/corrupt or ends early. Never raises for bad data, never blocks forever.
+    Local tars are looked up in `cache` (indexed afresh when None).
     """
+    if not is_streamed(url):
+        yield from _read_local(cache.get(url) if cache else index_shard(url), url, shard, wanted, last)
+        return
     done: set[int] = set()
     try:
-        for sample in _iter_groups(url, shard, wanted, last):
+        for sample in _stream_groups(url, shard, wanted, last):
             done.add(sample.index)
             yield sample
-        reason = "shard ended before the manifest's count (truncated or mismatched manifest)"
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        reason = ENDED_EARLY
+    except READ_ERRORS as exc:
         reason = f"unreadable tar ({exc.__class__.__name__}: {exc})"
-    for idx in sorted(i for i in wanted if i not in done and i <= last):
+    yield from _missing(url, shard, (i for i in wanted if i not in done and i <= last), reason)
+
+
+def _read_local(index: ShardIndex, url: str, shard: int, wanted: set[int], last: int) -> Iterator[RawSample]:
+    """The wanted samples from the shard's index: no header parsed again, no data read."""
+    samples = index.samples
+    chosen = sorted(i for i in wanted if i <= last)
+    for idx in chosen:
+        if idx >= len(samples):
+            break
+        key, members = samples[idx]
+        yield RawSample(shard, idx, key, dict(members))
+    reason = f"unreadable tar ({index.error})" if index.error else ENDED_EARLY
+    yield from _missing(url, shard, (i for i in chosen if i >= len(samples)), reason)
+
+
+def _missing(url: str, shard: int, indices: Iterator[int], reason: str) -> Iterator[RawSample]:
+    for idx in sorted(indices):
         yield RawSample(shard, idx, f"<{url}#{idx}>", {}, error=reason)
 
 
-def _iter_groups(url: str, shard: int, wanted: set[int], last: int) -> Iterator[RawSample]:
-    """Group consecutive members by key; read data only of wanted samples."""
+def _stream_groups(url: str, shard: int, wanted: set[int], last: int) -> Iterator[RawSample]:
+    """Sequential read of a pipe:/remote tar: group members by key, keep wanted samples' bytes."""
     tf, stream = open_tar(url)
     complete = False
     try:
@@ -123,11 +332,8 @@ def _iter_groups(url: str, shard: int, wanted: set[int], last: int) -> Iterator[
                 if index > last:
                     return
             if index in wanted:
-                if stream is None:
-                    members[ext] = MemberRef(url, info.offset_data, info.size)
-                else:
-                    fh = tf.extractfile(info)
-                    members[ext] = fh.read() if fh is not None else b""
+                fh = tf.extractfile(info)
+                members[ext] = fh.read() if fh is not None else b""
         complete = True
         if key is not None and index in wanted and index <= last:
             yield RawSample(shard, index, key, members)
@@ -136,15 +342,31 @@ def _iter_groups(url: str, shard: int, wanted: set[int], last: int) -> Iterator[
         close_stream(stream, complete)
 
 
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
 def decode_npy(data: bytes) -> np.ndarray:
     """np.save bytes -> array without copying (no pickle: object arrays are refused)."""
     shape, fortran, dtype, off = npy_layout(data[:4096])
+    return _view(data, 0, len(data), (shape, fortran, dtype, off))
+
+
+NpyLayout = tuple[tuple[int, ...], bool, np.dtype, int]
+
+
+def _view(buf: bytes | mmap.mmap, at: int, size: int, layout: NpyLayout) -> np.ndarray:
+    """A read-only view of the .npy member of `size` bytes at `at` in `buf`."""
+    shape, fortran, dtype, off = layout
     count = int(np.prod(shape)) if shape else 1
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=off)
+    if off + count * dtype.itemsize > size:
+        raise ValueError(f".npy header says {shape} {dtype} but the member has {size} bytes")
+    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=at + off)
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
-def npy_layout(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+def npy_layout(prefix: bytes) -> NpyLayout:
     """(shape, fortran_order, dtype, data offset) from the first bytes of an .npy member.
 
     numpy parses the header dict with `ast` (~0.2 ms); every sample of a shard set has the
@@ -161,7 +383,7 @@ def npy_layout(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
 
 
 @functools.lru_cache(maxsize=256)
-def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+def _parse_header(header: bytes) -> NpyLayout:
     fh = io.BytesIO(header)
     version = np.lib.format.read_magic(fh)
     if version == (1, 0):
@@ -173,39 +395,18 @@ def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     return tuple(shape), bool(fortran), dtype, fh.tell()
 
 
-RowChooser = Callable[[int, int], "tuple[int, int] | None"]
-
-
-def load_npy(value: bytes | MemberRef, want: tuple[int, ...], rows: RowChooser | None = None) -> np.ndarray:
-    """A (C, H, W) .npy member with shape (want[0], H, W) [+ want H, W if given], restricted to
-    the rows `rows(H, W)` returns. From a local tar only those rows are read (one pread per band),
-    so a 128-crop of a 256 patch reads half the bytes. ValueError for any malformed member."""
-    if not isinstance(value, MemberRef):
+def load_npy(value: bytes | MemberRef, want: tuple[int, ...]) -> np.ndarray:
+    """A (C, H, W) .npy member with shape (want[0], H, W) [+ want H, W if given], as a
+    read-only view of the member bytes or of the shard's map: no pixel is copied (or, from
+    a map, even read) here. ValueError for any malformed member."""
+    if isinstance(value, MemberRef):
+        value.check()
+        data, at = value.tar.data, value.offset
+        arr = _view(data, at, value.size, npy_layout(data[at : at + min(value.size, 4096)]))
+    else:
         arr = decode_npy(value)
-        _check_shape(arr.shape, want)
-        sel = rows(arr.shape[1], arr.shape[2]) if rows else None
-        return arr if sel is None else arr[:, sel[0] : sel[1]]
-    with open(value.path, "rb", buffering=0) as fh:
-        fd = fh.fileno()
-        prefix = os.pread(fd, min(value.size, 4096), value.offset)
-        shape, fortran, dtype, off = npy_layout(prefix)
-        _check_shape(shape, want)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if off + nbytes > value.size:
-            raise ValueError(f".npy header says {shape} {dtype} but the member has {value.size} bytes")
-        sel = rows(shape[1], shape[2]) if rows else None
-        if fortran or sel is None:
-            sel = (0, shape[1]) if not fortran else None
-        if sel is None:
-            return decode_npy(value.read())
-        c, h, w = shape
-        out = np.empty((c, sel[1] - sel[0], w), dtype=dtype)
-        for band in range(c):
-            start = value.offset + off + (band * h + sel[0]) * w * dtype.itemsize
-            got = os.preadv(fd, [memoryview(out[band]).cast("B")], start)
-            if got != out[band].nbytes:
-                raise ValueError(f"member cut short at byte {start + got} (truncated tar)")
-        return out
+    _check_shape(arr.shape, want)
+    return arr
 
 
 def _check_shape(shape: tuple[int, ...], want: tuple[int, ...]) -> None:
@@ -213,23 +414,26 @@ def _check_shape(shape: tuple[int, ...], want: tuple[int, ...]) -> None:
         raise ValueError(f"unexpected shape {tuple(shape)} (want ({want[0]}, H, W) matching the other sensor)")
 
 
-def decode_pair(sample: RawSample, rows: RowChooser | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """S1 (2,H,W) and S2 (13,H,W) of a sample, restricted to `rows(H, W)` (all rows if None
-    or no chooser); ValueError naming what is wrong."""
+Window = Callable[[int, int], "tuple[int, int, int]"]  # (H, W) -> (top, left, size); size 0 = all
+
+
+def decode_pair(sample: RawSample, window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """S1 (2,H,W) and S2 (13,H,W) of a sample as read-only views, cut to `window(H, W)`.
+
+    The window is chosen from S1's shape before S2 is decoded, so a crop larger than the
+    patch is reported as such even when S2 is broken too. ValueError naming what is wrong."""
     if sample.error:
         raise ValueError(sample.error)
     for ext in ("s1.npy", "s2.npy"):
         if ext not in sample.members:
             raise ValueError(f"member {ext} missing (has {sorted(sample.members)})")
-    size: list[int] = []
-
-    def remember(h: int, w: int) -> tuple[int, int] | None:
-        size[:] = [h, w]
-        return rows(h, w) if rows else None
-
-    s1 = load_npy(sample.members["s1.npy"], (2,), remember)
-    s2 = load_npy(sample.members["s2.npy"], (13, *size), lambda h, w: rows(h, w) if rows else None)
-    return s1, s2
+    s1 = load_npy(sample.members["s1.npy"], (2,))
+    top, left, size = window(s1.shape[1], s1.shape[2]) if window else (0, 0, 0)
+    s2 = load_npy(sample.members["s2.npy"], (13, *s1.shape[1:]))
+    if not size:
+        return s1, s2
+    rows, cols = slice(top, top + size), slice(left, left + size)
+    return s1[:, rows, cols], s2[:, rows, cols]
 
 
 def decode_label(sample: RawSample) -> tuple[str, np.ndarray] | None:
