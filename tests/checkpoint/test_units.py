@@ -109,3 +109,59 @@ def test_mmap_reader_loads_the_same_as_dcps_stock_reader(tmp_path: Path, monkeyp
     dcp.load(stock, storage_reader=FileSystemReader(tmp_path / "c"), no_dist=True)
     assert torch.equal(fast["w"], src["w"]) and torch.equal(fast["i"], src["i"])
     assert torch.equal(fast["w"], stock["w"]) and fast["extra"] == stock["extra"] == src["extra"]
+
+
+def test_writer_output_is_stock_dcp_and_its_records_match_the_disk(tmp_path: Path) -> None:
+    """The one-pass writer (no zip crc, crc32 taken while writing) must leave files that
+    DCP's stock reader loads, and meta.json records that match a re-hash of the disk."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from satfuse.checkpoint.layout import checkpoint_problems, file_record
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 16)).sum().backward()
+    opt.step()
+    base = torch.randn(1000, 6)
+    extra = {"view": base[10:12], "t": base.t().contiguous(), "obj": {"epoch": 7}}  # a view, BYTE_IO
+    path = CheckpointManager(tmp_path).save(
+        3, {"model_optim": ModelOptimState(model, opt), "extra": extra}, {"r": 1}, {})
+    assert checkpoint_problems(path) == []
+    meta = read_meta(path)
+    assert all(meta["files"][n] == file_record(path / n) for n in meta["files"])
+    stored = FileSystemReader(path).read_metadata().storage_data
+    view_len = next(info.length for idx, info in stored.items() if idx.fqn == "extra.view")
+    assert view_len < base.nbytes // 4  # the view's 48 bytes (+ zip headers), not base's storage
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    fopt = torch.optim.AdamW(fresh.parameters())
+    fresh(torch.randn(3, 16)).sum().backward()
+    fopt.step()
+    got = {"model_optim": ModelOptimState(fresh, fopt),
+           "extra": {"view": torch.zeros(2, 6), "t": torch.zeros(6, 1000), "obj": {"epoch": 0}}}
+    dcp.load(got, storage_reader=FileSystemReader(path), no_dist=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+    assert torch.equal(fopt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(got["extra"]["view"], base[10:12]) and torch.equal(got["extra"]["t"], extra["t"])
+    assert got["extra"]["obj"] == {"epoch": 7}
+
+
+def test_a_shard_cut_short_after_writing_fails_the_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records taken while writing are checked against the disk before the commit."""
+    from satfuse.checkpoint import manager as mgr_mod
+    from satfuse.utils import SatfuseError
+
+    real_sync = mgr_mod._Crc32File.sync
+
+    def sync_then_truncate(self: mgr_mod._Crc32File) -> dict:
+        record = real_sync(self)
+        os.truncate(self.path, record["size"] - 1)
+        return record
+
+    monkeypatch.setattr(mgr_mod._Crc32File, "sync", sync_then_truncate)
+    mgr = CheckpointManager(tmp_path)
+    with pytest.raises(SatfuseError, match="saving step 1 failed.*bytes on disk"):
+        save_steps(mgr, [1])
+    assert list_checkpoints(tmp_path) == [] and read_latest(tmp_path) is None

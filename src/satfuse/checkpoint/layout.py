@@ -9,7 +9,8 @@
     run_dir/checkpoints/latest           text pointer to the newest committed step, updated last
 
 Why checksums and not only sizes: a flipped byte in a shard keeps its size, and DCP's own
-format has no checksum, so a corrupted shard would load silently. crc32 runs at several
+format has no checksum that anything checks (torch.load ignores the zip records' crc32;
+satfuse's writer leaves them 0), so a corrupted shard would load silently. crc32 runs at several
 GB/s, which keeps verification cheap next to reading the checkpoint at all.
 """
 
