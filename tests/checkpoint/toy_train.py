@@ -167,7 +167,9 @@ def main(argv: list[str]) -> int:
     np.random.seed(args.seed * 100 + rank)
     random.seed(args.seed * 100 + rank)
 
-    mgr = CheckpointManager(Path(args.run_dir), keep_last=args.keep_last, async_save=args.async_save)
+    # A hang in a checkpoint collective fails in 60 s with a stack, like the default group.
+    mgr = CheckpointManager(Path(args.run_dir), keep_last=args.keep_last, async_save=args.async_save,
+                            timeout_s=60.0)
     step = 0
 
     def app_state() -> dict[str, Any]:

@@ -46,6 +46,7 @@ import warnings
 import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -516,12 +517,17 @@ class CheckpointManager:
     keep_every: additionally keep every step divisible by N (0: none);
     async_save: `save()` returns after staging a copy of the state; the write runs in a
     background thread and is committed (meta.json, rename, `latest`) by the next `save()`
-    or by `wait()`, which the trainer calls before it exits.
+    or by `wait()`, which the trainer calls before it exits;
+    timeout_s: bound on every collective of the manager's group. Generous by default (a
+    slow filesystem can keep a rank writing for many minutes while the others wait in DCP's
+    gather), but finite: a rank that dies mid-save fails the others with an error naming the
+    collective instead of hanging them.
     """
 
     def __init__(self, run_dir: Path, keep_last: int = 3, keep_every: int = 0,
-                 async_save: bool = False) -> None:
+                 async_save: bool = False, timeout_s: float = 1800.0) -> None:
         self.run_dir = Path(run_dir)
+        self.timeout_s = timeout_s
         self.ckpt_dir = checkpoints_dir(self.run_dir)
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -536,7 +542,7 @@ class CheckpointManager:
     def group(self) -> Any:
         """The manager's own gloo group (created on first use, collectively)."""
         if _dist_on() and self._group is None:
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
         return self._group
 
     # --------------------------------------------------------------- save
