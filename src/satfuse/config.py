@@ -93,7 +93,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # retrieval accuracy on val_shards every N steps (0 = at the end only)
     max_requeues: int = 5
-    comm_timeout_s: int = 300  # a dead peer fails the job after this, never a silent hang
+    # A dead peer fails the job after this, never a silent hang. It also bounds the checkpoint
+    # collectives: raise it if one rank's checkpoint write can take longer.
+    comm_timeout_s: int = 300
     nan_policy: Literal["stop", "skip"] = "stop"
 
 

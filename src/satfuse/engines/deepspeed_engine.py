@@ -343,7 +343,8 @@ class DeepSpeedEngine(Engine):
     def _checkpoint_manager(self) -> DeepSpeedCheckpointManager:
         ck = self.cfg.checkpoint
         return DeepSpeedCheckpointManager(
-            Path(self.cfg.train.run_dir), self, keep_last=ck.keep_last, keep_every=ck.keep_every)
+            Path(self.cfg.train.run_dir), self, keep_last=ck.keep_last, keep_every=ck.keep_every,
+            timeout_s=self.cfg.train.comm_timeout_s)
 
     def autocast(self):
         """No autocast: under bf16/fp16 DeepSpeed runs the whole model in that dtype (inputs
@@ -467,11 +468,12 @@ class DeepSpeedCheckpointManager:
     """
 
     def __init__(self, run_dir: Path, engine: DeepSpeedEngine, keep_last: int = 3,
-                 keep_every: int = 0) -> None:
+                 keep_every: int = 0, timeout_s: float = 1800.0) -> None:
         from satfuse.checkpoint.manager import CheckpointManager
 
         self.engine = engine
-        self.base = CheckpointManager(run_dir, keep_last=keep_last, keep_every=keep_every)
+        self.base = CheckpointManager(run_dir, keep_last=keep_last, keep_every=keep_every,
+                                      timeout_s=timeout_s)
         self.ckpt_dir = self.base.ckpt_dir
 
     def find_resume(self, resume: str) -> Path | None:
