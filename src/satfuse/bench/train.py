@@ -5,7 +5,8 @@ Each rank uses one CPU thread, so "2 ranks vs 1" compares equal work per worker:
 efficiency is (pairs/s on 2 ranks) / (2 x pairs/s on 1 rank), which is what the global-loss
 all-gather and the gradient all-reduce cost. Inputs are fixed in-memory tensors, so the
 figure is the model + loss + communication, not the loader (see `bench loader`). On a GPU
-the same rows are measured per GPU; without one they say "no GPU".
+the same rows are measured per GPU; without one they say "no GPU". On a CPU without native
+bf16 (no avx512_bf16/amx_bf16) the bf16 rows time one step and say `bf16_emulated`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.multiprocessing as mp
 
 from satfuse.config import LossConfig, ModelConfig
 from satfuse.distributed.ports import free_port
+from satfuse.engines.base import cpu_has_native_bf16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,14 +96,19 @@ def _rank_main(rank: int, world: int, port: int, job: dict, out: dict) -> None:
 
 def cpu_row(backbone: str, world: int, precision: str, args: argparse.Namespace) -> dict:
     batch = args.batch_resnet50 if backbone == "resnet50" else args.batch
-    job = dict(backbone=backbone, batch=batch, crop=args.crop, steps=args.steps, precision=precision)
+    # Without native bf16 torch emulates it (~45x slower than fp32 on an AVX2 CPU): one timed
+    # step is enough to show that, and keeps `bench all` within its 10 minutes.
+    emulated = precision == "bf16" and cpu_has_native_bf16() is False
+    steps = 1 if emulated else args.steps
+    job = dict(backbone=backbone, batch=batch, crop=args.crop, steps=steps, precision=precision)
     with mp.Manager() as manager:
         out = manager.dict()
         mp.start_processes(_rank_main, args=(world, free_port(), job, out), nprocs=world,
                            start_method="fork" if world == 1 else "spawn")
         sec = float(out["sec"])
     return {"model": backbone, "ranks": world, "precision": precision, "batch_per_rank": batch,
-            "crop": args.crop, "sec_per_step": sec, "pairs_per_s": world * batch / sec}
+            "crop": args.crop, "steps": steps, "bf16_emulated": emulated, "sec_per_step": sec,
+            "pairs_per_s": world * batch / sec}
 
 
 def gpu_rows(args: argparse.Namespace) -> list[dict]:
