@@ -19,7 +19,6 @@ from satfuse.distributed.ports import free_port
 TOY = Path(__file__).with_name("toy_train.py")
 
 
-
 def start(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
     """Launch `world` ranks of the toy loop; stdout+stderr of rank r go to log_dir/rank{r}.log."""
     port = free_port()

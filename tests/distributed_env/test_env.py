@@ -255,7 +255,6 @@ def test_world_one_creates_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-
 def _spawn(rank: int, world: int, port: int, timeout_s: int, **extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SATFUSE_"))}
     env.update(

@@ -15,7 +15,6 @@ from satfuse.distributed.ports import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
 def start_ranks(world: int, overrides: list[str], config: str = "hpc/pretrain/tiny.yaml",
                 log_dir: Path | None = None) -> list[subprocess.Popen]:
     port = free_port()

@@ -34,7 +34,6 @@ LOSS_CASES = [  # (variant, local_loss)
 MODEL_CFG = dict(backbone="tiny", proj_hidden=32, proj_out=16, mma_dim=8)
 
 
-
 class TwoTower(nn.Module):
     """A BN-free two-modality model: the loss is the only thing coupling the rows."""
 

@@ -138,7 +138,6 @@ def _rank_main(rank: int, world: int, port: int, a: dict[str, Any], setup: str, 
     os._exit(0)  # gloo threads alive at interpreter exit can abort the process
 
 
-
 def _measure(setup: str, a: dict[str, Any], world: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{setup}-") as tmp:
         mp.spawn(_rank_main, args=(world, free_port(), a, setup, tmp), nprocs=world, join=True)

@@ -36,7 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-batch", type=int, default=64)
 
 
-
 def model_cfg(backbone: str) -> ModelConfig:
     hidden, out = (2048, 128) if backbone == "resnet50" else (256, 64)
     return ModelConfig(method="dual_simclr", backbone=backbone, proj_hidden=hidden, proj_out=out)

@@ -5,9 +5,9 @@ outgoing connection from `net.ipv4.ip_local_port_range` (default 32768-60999). W
 is still starting, the other ranks retry `connect()` to MASTER_PORT; should the kernel pick
 MASTER_PORT itself as one such socket's local port, the socket connects to itself (TCP
 simultaneous open), that rank waits for a store reply from itself, and rank 0 cannot bind
-the port. Rare per attempt (~1/28000) but there are hundreds of retries per start, so a CI
-that starts many process groups on 2 busy cores hits it (a 3-rank test hung in CI this
-way). Ports below the ephemeral range are never handed out by connect(), so every port
+the port. Rare per attempt (about 1 in 28,000 local ports) but retried many times per start,
+and a CI run starts many process groups on 2 busy cores (the likely cause of a 3-rank test
+that hung in CI once). Ports below the ephemeral range are never handed out by connect(), so every port
 here comes from [20000, 32000).
 """
 

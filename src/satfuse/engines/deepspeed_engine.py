@@ -238,7 +238,6 @@ def check_combination(cfg: PretrainConfig, ds: dict[str, Any], device: torch.dev
 # --------------------------------------------------------------------------------------------
 
 
-
 def ensure_process_group(device: torch.device, timeout_s: int) -> None:
     """DeepSpeed needs a process group even on one rank; satfuse creates none for world
     size 1, and DeepSpeed's own fallback is MPI discovery (mpi4py). A private 1-rank gloo

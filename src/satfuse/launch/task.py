@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ENTRY = "satfuse.engines.pretrain:run_pretrain"
 REQUEUE_EXIT_CODE = 75  # == satfuse.engines.pretrain.REQUEUE_EXIT_CODE (kept importable without torch)
 LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local restarts all tasks when one exits with this
+
+
 def resolve_entry(spec: str) -> Callable[[str | None, list[str]], int]:
     """`module:function` -> the function (the trainer by default; tests may pass their own)."""
     module, _, name = spec.partition(":")
