@@ -37,7 +37,8 @@ T = TypeVar("T")
 class DataConfig:
     """Where the pretraining shards are and how they are streamed."""
 
-    shards: str = "shards/sen12ms"  # a shard dir (with manifest.json), a brace URL or a pipe: URL
+    shards: str | list[str] = "shards/sen12ms"  # a shard dir (with manifest.json), a brace URL or a pipe: URL; a list of those mixes sets
+    shard_weights: list[float] = field(default_factory=list)  # shares of each epoch per set of a data.shards list (empty: by size)
     manifest: str = ""  # defaults to <shard dir>/manifest.json
     val_shards: str = ""  # held-out shards for retrieval accuracy (empty: none)
     batch_size: int = 32  # per rank
@@ -210,6 +211,10 @@ def coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if isinstance(value, (list, tuple)):  # `str | list[str]`: a list takes the list alternative
+            listed = [a for a in args if get_origin(a) is list]
+            if listed:
+                return coerce(listed[0], value, where, key)
         return coerce(args[0], value, where, key)
     if origin is list:
         (item_tp,) = get_args(tp) or (Any,)

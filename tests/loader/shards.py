@@ -50,13 +50,14 @@ def make_sample(gid: int, hw: int, label: bool = False) -> dict:
 
 def make_shards(
     root: Path, counts: list[int], hw: int = 16, name: str = "synth", corrupt: frozenset[int] = frozenset(),
-    label: bool = False,
+    label: bool = False, first_id: int = 0,
 ) -> Path:
     """Write shards NAME-%06d.tar with the given sample counts and a manifest; return the dir.
-    Samples whose global id is in `corrupt` get an s2.npy that is not a valid .npy."""
+    Samples whose global id is in `corrupt` get an s2.npy that is not a valid .npy. Ids start
+    at `first_id` (distinct ranges tell mixed sets apart)."""
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
-    gid, entries = 0, []
+    gid, entries = first_id, []
     for i, count in enumerate(counts):
         fname = f"{name}-{i:06d}.tar"
         with wds.TarWriter(str(out / fname)) as tw:
@@ -68,7 +69,7 @@ def make_shards(
                 gid += 1
         entries.append({"name": fname, "count": count, "bytes": (out / fname).stat().st_size, "sha256": ""})
     manifest = {"format": "satfuse-shards/1", "name": name, "dataset": "sen12ms", "seed": 0,
-                "shards": entries, "total_samples": gid, "excluded": [],
+                "shards": entries, "total_samples": gid - first_id, "excluded": [],
                 "stats": {"s1": S1_STATS, "s2": S2_STATS}, "label": None}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out

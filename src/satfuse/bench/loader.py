@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", nargs="*", type=int, default=[0, 128], help="loader crop rows (0 = full patch)")
     p.add_argument("--repeats", type=int, default=3, help="best of N for each row")
     p.add_argument("--epochs", type=int, default=3, help="loader epochs per row (workers start once)")
+    p.add_argument("--deal-world", type=int, default=2,
+                   help="ranks of the dealing rows (rank 0 timed): the shard set vs the same pairs in 1 shard")
 
 
 def synthesise(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
@@ -61,6 +63,16 @@ def synthesise(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     write_sen12ms(raw, scenes=args.scenes, patches_per_scene=args.patches, seed=0, size=args.size)
     shard_dataset(raw, "sen12ms", shards, maxcount=args.maxcount, seed=0, command=["bench", "loader"])
     return raw, shards
+
+
+def one_shard(workdir: Path, raw: Path, total: int) -> Path:
+    """The same pairs packed into a single shard: on `--deal-world` ranks it has fewer shards
+    than slots, so the loader deals member ranges instead of whole shards."""
+    from satfuse.data.shard_writer import shard_dataset
+
+    out = workdir / "shards" / "bench-1shard"
+    shard_dataset(raw, "sen12ms", out, maxcount=max(1, total), seed=0, command=["bench", "loader"])
+    return out
 
 
 def per_file_reads(raw: Path) -> tuple[float, int]:
@@ -92,14 +104,16 @@ def raw_tar_bytes(urls: list[str]) -> tuple[float, int]:
     return time.perf_counter() - t0, len(keys)
 
 
-def loader_epochs(shards, workers: int, batch: int, crop: int, epochs: int) -> tuple[float, int, float]:
-    """`epochs` epochs of PretrainLoader on 1 rank: (seconds after the first batch, samples
-    after the first batch, start-up seconds = worker start + first batch). Workers start once
-    per iterator, so the steady rate is what a training run sees."""
+def loader_epochs(
+    shards, workers: int, batch: int, crop: int, epochs: int, world: int = 1,
+) -> tuple[float, int, float]:
+    """`epochs` epochs of PretrainLoader on rank 0 of `world`: (seconds after the first batch,
+    samples after the first batch, start-up seconds = worker start + first batch). Workers
+    start once per iterator, so the steady rate is what a training run sees."""
     from satfuse.data.reader import PretrainLoader
 
     cfg = DataConfig(batch_size=batch, num_workers=workers, shuffle_buffer=64, crop=crop)
-    ld = PretrainLoader(shards, cfg, rank=0, world_size=1, seed=0)
+    ld = PretrainLoader(shards, cfg, rank=0, world_size=world, seed=0)
     t0 = time.perf_counter()
     it = iter(ld)
     next(it)
@@ -110,7 +124,9 @@ def loader_epochs(shards, workers: int, batch: int, crop: int, epochs: int) -> t
     return elapsed, n, t1 - t0
 
 
-def row_functions(args: argparse.Namespace, raw: Path | None, shards) -> dict[str, Callable[[], tuple]]:
+def row_functions(
+    args: argparse.Namespace, raw: Path | None, shards, single=None,
+) -> dict[str, Callable[[], tuple]]:
     fns: dict[str, Callable[[], tuple]] = {}
     if raw is not None:
         fns["per_file_rasterio"] = lambda: per_file_reads(raw)
@@ -119,7 +135,27 @@ def row_functions(args: argparse.Namespace, raw: Path | None, shards) -> dict[st
         for workers in args.workers:
             fns[f"loader_w{workers}_crop{crop}"] = (
                 lambda w=workers, c=crop: loader_epochs(shards, w, args.batch, c, args.epochs))
+    if single is not None:  # whole-shard vs member dealing: same pairs, same ranks, same workers
+        for crop in args.crops:
+            for workers in args.workers:
+                for kind, ss in (("shards", shards), ("members", single)):
+                    fns[f"deal_{kind}_w{workers}_crop{crop}"] = (
+                        lambda w=workers, c=crop, s=ss: loader_epochs(s, w, args.batch, c, args.epochs, args.deal_world))
     return fns
+
+
+def dealing_costs(rows: dict[str, dict[str, Any]], shards, single, args: argparse.Namespace) -> dict[str, Any]:
+    """Member dealing's rate as a fraction of whole-shard dealing's, per (workers, crop)."""
+    out: dict[str, Any] = {"world": args.deal_world, "shards": len(shards.urls), "members_from_shards": 1,
+                           "members_vs_shards": {}}
+    for crop in args.crops:
+        for workers in args.workers:
+            whole, members = rows[f"deal_shards_w{workers}_crop{crop}"], rows[f"deal_members_w{workers}_crop{crop}"]
+            slots = args.deal_world * max(1, workers)
+            if len(shards.urls) < slots:
+                out.setdefault("note", []).append(f"w{workers}: {len(shards.urls)} shards < {slots} slots, both rows deal members")
+            out["members_vs_shards"][f"w{workers}_crop{crop}"] = round(members["samples_per_s"] / whole["samples_per_s"], 3)
+    return out
 
 
 def measure(fns: dict[str, Callable[[], tuple]], repeats: int) -> dict[str, dict[str, Any]]:
@@ -147,7 +183,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             raw, shard_dir = synthesise(Path(tmp), args)
         shards = resolve_shards(str(shard_dir))
-        rows = measure(row_functions(args, raw, shards), args.repeats)
+        single = resolve_shards(str(one_shard(Path(tmp), raw, shards.total))) if raw is not None else None
+        rows = measure(row_functions(args, raw, shards, single), args.repeats)
         ref = rows.get("per_file_rasterio", {}).get("samples_per_s")
         floor = rows["raw_tar_bytes"]["samples_per_s"]
         for r in rows.values():
@@ -157,8 +194,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         top = max(loaders, key=lambda k: loaders[k]["samples_per_s"])
         goal = {"best_row": top, "x_per_file": loaders[top]["x_per_file"],
                 "met": bool(ref) and loaders[top]["x_per_file"] >= 5.0}
+        dealing = (dealing_costs(rows, shards, single, args) if single is not None
+                   else {"note": "member dealing rows need --raw (the pairs are packed again into one shard)"})
         return {
             "goal_5x_per_file": goal,
+            "member_dealing": dealing,
             "samples": shards.total, "shards": len(shards.urls), "patch": args.size if not args.shards else None,
             "batch": args.batch, "rows": rows,
             "note": ("per_file_rasterio reads both rasters only; loader rows also decode, crop, normalise and "

@@ -11,6 +11,18 @@ Epoch semantics
   worker. Slots are disjoint and together cover the whole shard set, so each rank sees a
   disjoint part of the data and the ranks' shares differ by at most `workers` samples even
   when shard sizes are uneven (a shard may be split between two neighbouring slots).
+- Fewer shards than `world_size x workers` (4 shards on 2 ranks x 4 workers, or 1 shard):
+  each shard is cut into `ceil(slots / shards)` contiguous member ranges and the ranges are
+  permuted instead (`stream_plan.deal_members`); everything else - equal batches, disjoint
+  ranks, seeded order, exact and world-size-changing resume - is the same. A worker then
+  indexes the headers of a whole shard to read its range (local tars; a `pipe:` shard is
+  streamed up to the range's end), which `satfuse bench loader` measures (`member_dealing`).
+- Several shard sets (`data.shards=[a, b]`, optional `data.shard_weights`): one plan over
+  all their shards; each epoch a set gives its weighted share (no weights: all its samples;
+  with weights the epoch ends when the set the weights use up first has been read once, the
+  others give a seeded, per-epoch different part), and the runs of all sets are permuted
+  together (`stream_plan.mixed_runs`). Band sets must agree; stats are pooled
+  (`STATS_POOLING`) and recorded under `normalization["mix"]` in checkpoints.
 - A slot streams its samples through a shuffle buffer of `data.shuffle_buffer` raw samples
   (bytes only: samples are decoded when they leave the buffer) seeded by (seed, epoch, slot).
 - Batches of `data.batch_size` are built in the worker; the rank interleaves its workers
@@ -67,7 +79,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +89,19 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from satfuse.config import DataConfig
-from satfuse.data.normalize import S2_RGB, BandStats, normalize, normalize_into
-from satfuse.data.stream_io import RawSample, ShardCache, decode_label, decode_pair, read_shard
+from satfuse.data.normalize import S1_BANDS, S2_BANDS, S2_RGB, BandStats, normalize, normalize_into
+from satfuse.data.stream_io import (
+    RawSample,
+    ShardCache,
+    decode_label,
+    decode_pair,
+    index_shard,
+    load_npy,
+    read_shard,
+)
 from satfuse.data.stream_plan import (
     EpochPlan,
+    Mix,
     Run,
     make_plan,
     runs_size,
@@ -111,6 +132,8 @@ class ShardSet:
     manifest: dict
     stats: dict
     spec: str = ""
+    mix: Mix | None = None  # several sets mixed (see resolve_mix); None: one set
+    parts: list[ShardSet] = field(default_factory=list)  # the mixed sets, in data.shards order
 
     @property
     def total(self) -> int:
@@ -119,7 +142,10 @@ class ShardSet:
     def fingerprint(self) -> str:
         """Identifies the shard set in loader states (names and counts, not paths)."""
         names = [shard_name(u) for u in self.urls]
-        text = json.dumps([names, self.counts])
+        parts: list = [names, self.counts]
+        if self.mix is not None:  # which shard belongs to which set, and the weights, decide the plan
+            parts += [list(self.mix.bounds), list(self.mix.weights)]
+        text = json.dumps(parts)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -160,13 +186,21 @@ def load_manifest(path: Path, spec: str) -> dict:
     return manifest
 
 
-def resolve_shards(spec: str, manifest: str = "") -> ShardSet:
+def resolve_shards(spec: str | list[str], manifest: str = "", weights: list[float] | None = None) -> ShardSet:
     """Turn a shard spec into URLs + per-shard counts + stats.
 
     `spec`: a directory holding manifest.json; a (brace-expanded) path such as
     `dir/NAME-{000000..000127}.tar`; a comma list of those; or `pipe:` commands (then
     `manifest` is required). Counts always come from a manifest, never from reading tars.
+    A list of such specs is several shard sets to mix (`resolve_mix`), with optional `weights`.
     """
+    if isinstance(spec, list):
+        if len(spec) == 1 and not weights:
+            return resolve_shards(spec[0], manifest)
+        return resolve_mix(spec, manifest, list(weights or []))
+    if weights:
+        raise SatfuseError(f"data.shard_weights={weights} needs a list of shard sets in data.shards "
+                           f"(got the single set {spec!r}); drop data.shard_weights or list the sets")
     spec = (spec or "").strip()
     if not spec:
         raise SatfuseError("data.shards is empty; set it to a shard directory (e.g. shards/sen12ms)")
@@ -208,6 +242,103 @@ def _resolve_dir(root: Path, spec: str, manifest: str) -> ShardSet:
         urls.append(str(path))
         counts.append(int(s["count"]))
     return ShardSet(urls=urls, counts=counts, manifest=man, stats=man["stats"], spec=spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed shard sets
+# --------------------------------------------------------------------------------------------
+
+STATS_POOLING = ("count-weighted per band: each set's manifest mean/std weighted by the pixels it contributes to an "
+                 "epoch (its share of samples x pixels per sample), pooled variance, min of mins, max of maxes")
+
+
+def manifest_bands(man: dict, sensor: str) -> list[str]:
+    """A manifest's band names for one sensor: its `bands` record, or the standard S1/S2 names
+    for manifests that predate it (their stats have one entry per band)."""
+    named = (man.get("bands") or {}).get(sensor) if isinstance(man.get("bands"), dict) else None
+    if named:
+        return [str(b) for b in named]
+    n = len(man["stats"][sensor].get("mean", []))
+    default = S1_BANDS if sensor == "s1" else S2_BANDS
+    return list(default) if n == len(default) else [f"band{i + 1}" for i in range(n)]
+
+
+def resolve_mix(specs: list[str], manifest: str, weights: list[float]) -> ShardSet:
+    """Several shard sets as one: shards concatenated in list order, a `Mix` for the plan,
+    band sets checked to agree and normalisation stats pooled (`STATS_POOLING`)."""
+    if manifest:
+        raise SatfuseError("data.manifest names one manifest but data.shards lists several sets; give each set as "
+                           "a directory holding its manifest.json (or mix sets one at a time)")
+    if weights and len(weights) != len(specs):
+        raise SatfuseError(f"data.shard_weights has {len(weights)} weights for {len(specs)} sets in data.shards; "
+                           "give one weight per set (or none)")
+    if any(not w > 0 for w in weights):
+        raise SatfuseError(f"data.shard_weights={weights}: every weight must be > 0 (drop a set instead of weighting it 0)")
+    if len(set(specs)) != len(specs):
+        raise SatfuseError(f"data.shards={specs} lists a set twice; use data.shard_weights to weight a set up")
+    parts = [resolve_shards(s) for s in specs]
+    for other in parts[1:]:
+        for sensor in ("s1", "s2"):
+            a, b = manifest_bands(parts[0].manifest, sensor), manifest_bands(other.manifest, sensor)
+            if a != b:
+                diff = sorted(set(a) ^ set(b)) or ["same bands, other order"]
+                raise SatfuseError(f"data.shards: {parts[0].spec} and {other.spec} have different {sensor} bands "
+                                   f"({', '.join(diff)}: {a} vs {b}); mix only sets with the same bands")
+    bounds = [0]
+    for p in parts:
+        bounds.append(bounds[-1] + len(p.urls))
+    urls = [u for p in parts for u in p.urls]
+    counts = [c for p in parts for c in p.counts]
+    mix = Mix(bounds=tuple(bounds), weights=tuple(float(w) for w in weights))
+    shares = mix.shares(counts)
+    stats = {sensor: pool_stats([p.stats[sensor] for p in parts], [p.total for p in parts], shares)
+             for sensor in ("s1", "s2")}
+    return ShardSet(urls=urls, counts=counts, manifest=parts[0].manifest, stats=stats, spec=",".join(specs), mix=mix,
+                    parts=parts)
+
+
+def pool_stats(stats: list[dict], totals: list[int], shares: list[int]) -> dict:
+    """One sensor's stats over the mixed sets (see STATS_POOLING). A set whose manifest has no
+    pixel count is weighted by its share of samples alone."""
+    weights = []
+    for st, total, share in zip(stats, totals, shares, strict=True):
+        per_sample = float(st.get("count", 0)) / total if total and st.get("count") else 1.0
+        weights.append(share * per_sample)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        w = np.ones(len(stats))
+    w = w / w.sum()
+    means = np.asarray([st["mean"] for st in stats], dtype=np.float64)
+    stds = np.asarray([st["std"] for st in stats], dtype=np.float64)
+    mean = (w[:, None] * means).sum(0)
+    var = (w[:, None] * (stds**2 + (means - mean) ** 2)).sum(0)
+    out: dict[str, Any] = {"mean": mean.tolist(), "std": np.sqrt(var).tolist(),
+                           "count": int(sum(int(st.get("count", 0)) for st in stats)), "pooling": STATS_POOLING,
+                           "set_weights": [round(float(x), 6) for x in w]}
+    if all(st.get("min") for st in stats) and all(st.get("max") for st in stats):
+        out["min"] = np.min([st["min"] for st in stats], axis=0).tolist()
+        out["max"] = np.max([st["max"] for st in stats], axis=0).tolist()
+    return out
+
+
+def patch_size(ss: ShardSet) -> tuple[int, int] | None:
+    """(H, W) of a set's patches: the manifest's `patch_size` if it records one, else the S1
+    header of the first sample of its first local shard (headers only); None if unknown
+    (pipe: sets: then a crop too large is reported when the first sample is decoded)."""
+    if ss.manifest.get("patch_size"):
+        size = ss.manifest["patch_size"]
+        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    for url, count in zip(ss.urls, ss.counts, strict=True):
+        if count and not (url.startswith("pipe:") or "://" in url):
+            index = index_shard(url)
+            if index.samples and "s1.npy" in index.samples[0][1]:
+                try:
+                    shape = load_npy(index.samples[0][1]["s1.npy"], (2,)).shape
+                except ValueError:
+                    return None
+                return int(shape[1]), int(shape[2])
+            return None
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,10 +499,11 @@ class StreamSpec:
     base: dict | None
     cursors: list[int]
     batches: list[int]
+    mix: Mix | None = None
 
     def plan(self, epoch: int, base: dict | None) -> EpochPlan:
         return make_plan(self.counts, self.seed, epoch, base, world_size=self.world_size, workers=self.workers,
-                         batch_size=self.batch_size, drop_last=self.drop_last)
+                         batch_size=self.batch_size, drop_last=self.drop_last, mix=self.mix)
 
     def epoch_spec(self, epoch: int, plan: EpochPlan, cache: ShardCache | None = None) -> EpochSpec:
         return EpochSpec(self.urls, epoch, self.seed, plan.generation, len(plan.slots), self.batch_size,
@@ -545,28 +677,35 @@ class PretrainLoader:
             raise SatfuseError(f"rank {self.rank} is outside world size {self.world_size}")
         if cfg.batch_size < 1:
             raise SatfuseError(f"data.batch_size={cfg.batch_size}; it must be >= 1")
-        slots = self.world_size * self.workers
-        if len(shards.urls) < slots:
-            raise SatfuseError(
-                f"{shards.spec}: {len(shards.urls)} shards < world size {self.world_size} x "
-                f"{self.workers} workers = {slots}; re-shard with a smaller --maxcount or lower data.num_workers"
-            )
+        if shards.mix is not None and cfg.crop > 0:  # the crop must fit the smallest patch of the mix
+            for part in shards.parts:
+                size = patch_size(part)
+                if size is not None and cfg.crop > min(size):
+                    raise SatfuseError(f"data.crop={cfg.crop} is larger than the {size[0]}x{size[1]} patches of "
+                                       f"{part.spec} (one of the mixed data.shards); set data.crop <= {min(size)}")
 
     def _plan(self, epoch: int, base: dict | None) -> EpochPlan:
         return make_plan(
             self.shards.counts, self.seed, epoch, base, world_size=self.world_size, workers=self.workers,
-            batch_size=self.cfg.batch_size, drop_last=self.drop_last,
+            batch_size=self.cfg.batch_size, drop_last=self.drop_last, mix=self.shards.mix,
         )
 
     @property
     def normalization(self) -> dict:
         """Stored with checkpoints: how raw bands became model inputs."""
-        return {
+        out = {
             "s1": {**self.s1_stats.to_dict(), "bands": ["VV", "VH"]},
             "s2": {**self.s2_stats.to_dict(), "bands": 13},
             "crop": self.cfg.crop,
             "source": self.shards.spec,
         }
+        if self.shards.mix is not None:
+            out["mix"] = {
+                "sets": [p.spec for p in self.shards.parts], "weights": list(self.shards.mix.weights),
+                "samples_per_epoch": self.shards.mix.shares(self.shards.counts), "stats": STATS_POOLING,
+                "stats_set_weights": self.shards.stats["s2"].get("set_weights"),
+            }
+        return out
 
     @property
     def decode_errors(self) -> int:
@@ -592,7 +731,7 @@ class PretrainLoader:
             world_size=self.world_size, workers=self.workers, batch_size=self.cfg.batch_size,
             shuffle_buffer=self.cfg.shuffle_buffer, drop_last=self.drop_last, on_error=self.cfg.on_decode_error,
             transform=self.transform, epoch=self._epoch, base=self._base, cursors=list(self._cursors),
-            batches=list(self._batches),
+            batches=list(self._batches), mix=self.shards.mix,
         )
         loader = DataLoader(_StreamDataset(spec), batch_size=None, num_workers=self.cfg.num_workers)
         stream = iter(loader)

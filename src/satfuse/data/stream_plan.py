@@ -9,6 +9,14 @@ Terms
 - position: one sample, `(shard index, index of the sample inside the shard's tar)`.
 - run: `(shard, lo, hi)`, the samples lo..hi-1 of one shard; an epoch's data is an ordered
   list of runs (a fresh epoch: every shard whole, in a seeded per-epoch permutation).
+- member dealing: when an epoch has fewer runs than slots (say 4 shards for 2 ranks x 4
+  workers), every run is cut into `ceil(slots / runs)` contiguous member ranges of equal size
+  (+-1) and the ranges, not the shards, are permuted (seeded per epoch); then the slots are
+  cut as below. So the ranks' shares still change every epoch, and a slot reads one or two
+  contiguous ranges. With enough shards the shards are dealt whole, as before (cheaper: a
+  slot then indexes only the shards it reads).
+- mix: several shard sets (`Mix`), concatenated in shard index; each epoch takes from each
+  set its weighted share (see `mixed_runs`) and permutes all the runs together.
 - slot: one (rank, worker) stream; slot = rank * workers + worker. The epoch's runs are cut
   into `world * workers` contiguous pieces of equal sample count (+-1), so the ranks get
   equal data even when shard sizes are uneven.
@@ -73,6 +81,85 @@ def shuffle_order(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
 
 def runs_size(runs: list[Run]) -> int:
     return sum(hi - lo for _, lo, hi in runs)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Several shard sets concatenated in shard index: set i holds the shards
+    bounds[i]..bounds[i+1]-1. `weights` (empty: each set in proportion to its size) are the
+    sets' shares of every epoch's samples."""
+
+    bounds: tuple[int, ...]
+    weights: tuple[float, ...] = ()
+
+    def shares(self, counts: list[int]) -> list[int]:
+        """Samples each set contributes to every epoch.
+
+        No weights: every sample of every set. Weights p_i (normalised): the epoch ends when
+        the set the weights exhaust first has been read once, E = min_i size_i / p_i, and set
+        i gives round(p_i x E) <= size_i samples: never a repeat within an epoch."""
+        sizes = [sum(counts[a:b]) for a, b in zip(self.bounds, self.bounds[1:], strict=False)]
+        if not self.weights:
+            return sizes
+        total_w = float(sum(self.weights))
+        p = [w / total_w for w in self.weights]
+        epoch = min(n / q for n, q in zip(sizes, p, strict=True))
+        return [min(n, round(q * epoch)) for n, q in zip(sizes, p, strict=True)]
+
+
+def deal_members(runs: list[Run], n_slots: int, seed: int, epoch: int) -> list[Run]:
+    """Fewer runs than slots: cut each run into ceil(n_slots / runs) contiguous member ranges
+    of equal size (+-1) and permute the ranges (seeded per epoch), so that every slot gets a
+    different part of the data each epoch, as with whole shards."""
+    if not runs or len(runs) >= n_slots:
+        return runs
+    m = -(-n_slots // len(runs))
+    parts: list[Run] = []
+    for shard, lo, hi in runs:
+        base, extra = divmod(hi - lo, m)
+        start = lo
+        for j in range(m):
+            size = base + (1 if j < extra else 0)
+            if size:
+                parts.append((shard, start, start + size))
+            start += size
+    rng = np.random.default_rng(stable_seed("members", seed, epoch))
+    return [parts[int(i)] for i in rng.permutation(len(parts))]
+
+
+def mixed_runs(counts: list[int], seed: int, epoch: int, mix: Mix) -> list[Run]:
+    """A fresh epoch over several sets: each set's share (`Mix.shares`) taken from its shards
+    in a seeded per-epoch order, starting at a seeded offset and wrapping around (a set read
+    only in part gives a different part each epoch, every sample equally often over epochs);
+    then all sets' runs permuted together."""
+    runs: list[Run] = []
+    for i, want in enumerate(mix.shares(counts)):
+        a, b = mix.bounds[i], mix.bounds[i + 1]
+        rng = np.random.default_rng(stable_seed("mix", seed, epoch, i))
+        mine = [(a + int(s), 0, counts[a + int(s)]) for s in rng.permutation(b - a) if counts[a + int(s)] > 0]
+        size = runs_size(mine)
+        if want >= size:
+            runs.extend(mine)
+            continue
+        start = int(rng.integers(size)) if size else 0
+        flat = split_runs(mine, 1)[0]
+        # rotate the set's samples by `start` and take the first `want` of them
+        rotated = _cut(flat, start, size) + _cut(flat, 0, start)
+        runs.extend(_cut(rotated, 0, want))
+    rng = np.random.default_rng(stable_seed("mix-order", seed, epoch))
+    return [runs[int(i)] for i in rng.permutation(len(runs))]
+
+
+def _cut(runs: list[Run], begin: int, end: int) -> list[Run]:
+    """The samples begin..end-1 of the concatenated runs, as runs."""
+    out: list[Run] = []
+    pos = 0
+    for shard, lo, hi in runs:
+        a, b = max(begin, pos), min(end, pos + hi - lo)
+        if a < b:
+            out.append((shard, lo + a - pos, lo + b - pos))
+        pos += hi - lo
+    return out
 
 
 def split_runs(runs: list[Run], parts: int) -> list[list[Run]]:
@@ -160,25 +247,33 @@ def base_generation(base: dict | None) -> int:
     return depth
 
 
-def epoch_runs(counts: list[int], seed: int, epoch: int, base: dict | None) -> list[Run]:
-    """The ordered data of an epoch: all shards (fresh) or what a saving run left (base)."""
+def epoch_runs(
+    counts: list[int], seed: int, epoch: int, base: dict | None, n_slots: int, mix: Mix | None = None,
+) -> list[Run]:
+    """The ordered data of an epoch: all shards (fresh) or what a saving run left (base).
+    `n_slots` is the slot count of the run that starts the epoch fresh (it decides whether
+    members are dealt instead of whole shards)."""
     if base is None:
-        return [(s, 0, counts[s]) for s in shard_permutation(len(counts), seed, epoch) if counts[s] > 0]
-    return remaining_runs(counts, seed, epoch, base)
+        if mix is None:
+            runs = [(s, 0, counts[s]) for s in shard_permutation(len(counts), seed, epoch) if counts[s] > 0]
+        else:
+            runs = mixed_runs(counts, seed, epoch, mix)
+        return deal_members(runs, n_slots, seed, epoch)
+    return remaining_runs(counts, seed, epoch, base, mix)
 
 
 def make_plan(
     counts: list[int], seed: int, epoch: int, base: dict | None, *, world_size: int, workers: int,
-    batch_size: int, drop_last: bool,
+    batch_size: int, drop_last: bool, mix: Mix | None = None,
 ) -> EpochPlan:
-    runs = epoch_runs(counts, seed, epoch, base)
+    runs = epoch_runs(counts, seed, epoch, base, world_size * workers, mix)
     return EpochPlan(
         slots=split_runs(runs, world_size * workers), world_size=world_size, workers=workers,
         batch_size=batch_size, drop_last=drop_last, generation=base_generation(base),
     )
 
 
-def remaining_runs(counts: list[int], seed: int, epoch: int, base: dict) -> list[Run]:
+def remaining_runs(counts: list[int], seed: int, epoch: int, base: dict, mix: Mix | None = None) -> list[Run]:
     """Samples of the epoch that the saving run (described by `base`) had not pulled.
 
     `base` = {"world_size", "workers", "shuffle_buffer", "cursors": per old slot, "base"}.
@@ -186,8 +281,8 @@ def remaining_runs(counts: list[int], seed: int, epoch: int, base: dict) -> list
     were consumed, everything else (the shuffle buffer's contents and all unread samples)
     is returned, in the old epoch order. Nothing is read from the shards.
     """
-    old_runs = epoch_runs(counts, seed, epoch, base.get("base"))
     n_slots = base["world_size"] * base["workers"]
+    old_runs = epoch_runs(counts, seed, epoch, base.get("base"), n_slots, mix)
     pieces = split_runs(old_runs, n_slots)
     gen = base_generation(base.get("base"))
     out: list[Run] = []

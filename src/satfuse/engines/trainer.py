@@ -101,7 +101,7 @@ class Trainer:
         check_precision(cfg.train.precision, self.device)
         self.run_dir = Path(cfg.train.run_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.shards = resolve_shards(cfg.data.shards, cfg.data.manifest)
+        self.shards = resolve_shards(cfg.data.shards, cfg.data.manifest, cfg.data.shard_weights)
         self.loader = PretrainLoader(
             self.shards, cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
             method=cfg.model.method, simclr_input=cfg.model.simclr_input,
