@@ -139,3 +139,16 @@ def test_config_shape_and_bad_weights(two_sets: tuple[str, str]) -> None:
         resolve_shards([a, b], weights=[1, 0])
     with pytest.raises(SatfuseError, match="needs a list of shard sets"):
         resolve_shards(a, weights=[1.0])
+
+
+def test_pretrain_mixes_two_sets_and_records_it(sen12ms_shards: Path, sen12ms_heldout: Path, tmp_path: Path) -> None:
+    from tests.engines.ranks import logs, run_ranks
+
+    run = tmp_path / "run"
+    overrides = [f"data.shards=[{sen12ms_shards},{sen12ms_heldout}]", "data.shard_weights=[0.8,0.2]",
+                 f"train.run_dir={run}", "train.steps=2", "checkpoint.every_steps=2"]
+    assert run_ranks(1, overrides, tmp_path) == [0], logs(tmp_path)[-2000:]
+    metas = [json.loads(p.read_text()) for p in run.rglob("*.json") if "normalization" in p.read_text()]
+    assert metas, sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    mix = metas[0]["normalization"]["mix"]
+    assert mix["sets"] == [str(sen12ms_shards), str(sen12ms_heldout)] and mix["weights"] == [0.8, 0.2]

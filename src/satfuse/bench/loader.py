@@ -21,6 +21,16 @@ and 392 samples/s - read the ratios, each taken within one run). Before/after ru
 - The w0 rows read every shard in one slot, so epochs 2-3 reuse the member index: with the
   index rebuilt each epoch (as a worker among many would) w0_crop128 is ~15% slower
   (A/B in one process: 1674-2189 vs 1568-3087 samples/s).
+
+Member dealing (`deal_*` rows, `member_dealing` in the JSON): rank 0 of `--deal-world` ranks
+reads the shard set (whole shards dealt) and the same pairs packed into one shard (fewer
+shards than slots: member ranges dealt). Measured 2026-12-01, defaults (8 shards vs 1, 2
+ranks), machine load 11-14 on 2 cores, two runs: members/shards rate 0.88, 0.94 (w0 crop 0),
+0.77, 1.54 (w2 crop 0), 1.09, 1.24 (w0 crop 128), 0.85, 0.98 (w2 crop 128): no cost above the
+noise for local tars (a worker indexes a whole shard's headers, ~10 us a member, once per
+iterator). Whole shards are still dealt when there are enough: fewer headers to index, and a
+`pipe:` shard is streamed from its start to the end of the range a slot reads, so with S
+slots on one streamed shard the bytes read are (S + 1) / 2 times the shard's.
 """
 
 from __future__ import annotations
@@ -146,7 +156,7 @@ def row_functions(
 
 def dealing_costs(rows: dict[str, dict[str, Any]], shards, single, args: argparse.Namespace) -> dict[str, Any]:
     """Member dealing's rate as a fraction of whole-shard dealing's, per (workers, crop)."""
-    out: dict[str, Any] = {"world": args.deal_world, "shards": len(shards.urls), "members_from_shards": 1,
+    out: dict[str, Any] = {"world": args.deal_world, "shards": len(shards.urls), "members_rows_shards": 1,
                            "members_vs_shards": {}}
     for crop in args.crops:
         for workers in args.workers:

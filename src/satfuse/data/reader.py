@@ -277,6 +277,9 @@ def resolve_mix(specs: list[str], manifest: str, weights: list[float]) -> ShardS
     if len(set(specs)) != len(specs):
         raise SatfuseError(f"data.shards={specs} lists a set twice; use data.shard_weights to weight a set up")
     parts = [resolve_shards(s) for s in specs]
+    for p in parts:
+        if p.total == 0:
+            raise SatfuseError(f"data.shards: {p.spec} holds no sample (its manifest counts 0); drop it from the list")
     for other in parts[1:]:
         for sensor in ("s1", "s2"):
             a, b = manifest_bands(parts[0].manifest, sensor), manifest_bands(other.manifest, sensor)

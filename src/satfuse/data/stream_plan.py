@@ -3,7 +3,8 @@
 Why a plan computed from counts alone: every rank must agree on `steps_per_epoch` without
 talking to the others, and a resumed run (on any world size) must be able to work out which
 samples the saving run had consumed without reading them again. Everything here is a
-deterministic function of (shard counts, seed, epoch, world size, workers, batch, buffer).
+deterministic function of (shard counts, seed, epoch, world size, workers, batch, buffer,
+mix).
 
 Terms
 - position: one sample, `(shard index, index of the sample inside the shard's tar)`.
@@ -142,9 +143,8 @@ def mixed_runs(counts: list[int], seed: int, epoch: int, mix: Mix) -> list[Run]:
             runs.extend(mine)
             continue
         start = int(rng.integers(size)) if size else 0
-        flat = split_runs(mine, 1)[0]
         # rotate the set's samples by `start` and take the first `want` of them
-        rotated = _cut(flat, start, size) + _cut(flat, 0, start)
+        rotated = _cut(mine, start, size) + _cut(mine, 0, start)
         runs.extend(_cut(rotated, 0, want))
     rng = np.random.default_rng(stable_seed("mix-order", seed, epoch))
     return [runs[int(i)] for i in rng.permutation(len(runs))]
