@@ -112,3 +112,22 @@ def test_one_shard_on_two_ranks_of_two_workers_then_three_ranks(tmp_path: Path) 
     seen = consumed + rest
     assert len(seen) == len(set(seen)), "a sample was repeated within the epoch after the resume on 3 ranks"
     assert TOTAL - len(seen) < 3 * 2 * 2 * 4  # the loader's bound on samples left out of an epoch
+
+
+def test_one_streamed_shard_is_dealt_by_members_too(tmp_path: Path) -> None:
+    """A `pipe:` shard: each slot streams the shard up to the end of its range; the ranks'
+    batches are those of the same shard read locally."""
+    d = make_shards(tmp_path, [40])
+    local = resolve_shards(str(d))
+    piped = resolve_shards(f"pipe:cat {d / 'synth-000000.tar'}", str(d / "manifest.json"))
+    seen = []
+    for r in range(2):
+        want = PretrainLoader(local, data_cfg(), rank=r, world_size=2, seed=2)
+        got = PretrainLoader(piped, data_cfg(), rank=r, world_size=2, seed=2)
+        assert got.steps_per_epoch == want.steps_per_epoch == 5
+        it_w, it_g = iter(want), iter(got)
+        for _ in range(5):
+            w, g = next(it_w), next(it_g)
+            assert g["key"] == w["key"] and torch.equal(g["s2"], w["s2"])
+            seen += sample_ids(g)
+    assert len(seen) == len(set(seen)) == 40
