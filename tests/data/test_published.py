@@ -360,3 +360,21 @@ def test_third_party_dfc_paths_exist_on_synth_dfc2020(dfc_tree: Path) -> None:
     assert (_csv(dfc_tree / "validation_observations.csv"))[0] == ["Seasons.VALSET", "0", "1"]
     with rasterio.open(dfc_tree / "ROIs0000_test" / "lc_0" / "ROIs0000_test_lc_0_p1.tif") as ds:
         assert ds.count == 4
+
+
+def test_known_broken_sen12ms_patch_is_named_and_excludable(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """SEN12MS's ROIs1868_summer_s1_146_p202 has NaN in S1 (the SEN12MS README)."""
+    for sensor in ("s1", "s2", "lc"):
+        dst = patch_path(tree, SUMMER, sensor, 146, 202)
+        dst.parent.mkdir()
+        shutil.copy(patch_path(tree, SUMMER, sensor, 2, 1), dst)
+    s1 = patch_path(tree, SUMMER, "s1", 146, 202)
+    values = _read(s1)
+    values[0, 3, 4] = np.nan
+    _rewrite(s1, values)
+    cmd = ["shard", "--src", str(tree), "--dataset", "sen12ms", "--out", str(tmp_path / "o")]
+    assert main(cmd) == 2
+    assert f"non-finite: {s1} has 1 NaN/Inf pixel(s)" in capsys.readouterr().err
+    assert main([*cmd, "--exclude-bad"]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [e["key"] for e in manifest["excluded"]] == ["ROIs1868_summer_146_p202"] and manifest["total_samples"] == 12

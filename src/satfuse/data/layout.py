@@ -37,6 +37,7 @@ Split lists (`--split-file`), all as published:
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import logging
 import os
@@ -169,6 +170,7 @@ class ScanResult:
     ignored: list[Ignored] = field(default_factory=list)
     aux: tuple[str, ...] = ()  # extra layers every pair carries (DFC2020 lc when present)
     missing: list[str] = field(default_factory=list)  # split-list entries without files
+    not_listed: int = 0  # complete-or-not patches on disk that the split list leaves out
 
     @property
     def label_sensors(self) -> tuple[str, ...]:
@@ -234,8 +236,10 @@ def scan(root: Path, dataset: Dataset, split_file: Path | None = None, exclude_s
     has_labels = any(label_sensor in sensors for sensors in files.values())
     aux = tuple(s for s in AUX_SENSORS[dataset] if any(s in sensors for sensors in files.values()))
     pairs: list[Pair] = []
+    not_listed = 0
     for ident in sorted(files):
         if wanted is not None and ident not in wanted:
+            not_listed += 1
             continue
         if (ident[0], ident[1]) in held_out:
             key = make_key(*ident)
@@ -252,7 +256,8 @@ def scan(root: Path, dataset: Dataset, split_file: Path | None = None, exclude_s
             excluded.append(Excluded(key, reason, []))
     excluded.sort(key=lambda e: (e.key, e.reason))
     ignored.sort(key=lambda i: i.path)
-    return ScanResult(pairs=pairs, excluded=excluded, label=label_sensor if has_labels else None, ignored=ignored, aux=aux, missing=missing)
+    label = label_sensor if has_labels else None
+    return ScanResult(pairs=pairs, excluded=excluded, label=label, ignored=ignored, aux=aux, missing=missing, not_listed=not_listed)
 
 
 def _check_root(root: Path, dataset: str) -> None:
@@ -272,7 +277,7 @@ def _kind(entry: os.DirEntry) -> str:
         if entry.is_file():
             return "file"
     except OSError as exc:  # ELOOP: `s1_7 -> s1_7`
-        return "loop" if "symbolic links" in str(exc) or getattr(exc, "errno", None) == 40 else "broken"
+        return "loop" if exc.errno == errno.ELOOP else "broken"
     if entry.is_symlink():
         return "broken"
     return "other"

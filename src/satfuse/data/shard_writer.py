@@ -786,6 +786,8 @@ def _report_scan(result: Any, src: Path, split_file: Path | None, strict_split: 
         if strict_split:
             raise SatfuseError(f"{msg}; --strict-split makes this fatal: fix --src or the list, or drop --strict-split to pack the rest")
         log.warning("%s; the full list is in manifest.json (excluded, kind `missing`); --strict-split makes this fatal", msg)
+    if result.not_listed:
+        log.info("%s: %d patch(es) on disk are not in %s and are not packed (the split's choice)", src, result.not_listed, split_file)
     if result.ignored:
         first = ", ".join(i.path for i in result.ignored[:MAX_SHOWN])
         log.info("%s: %d file(s)/folder(s) not used (%s%s); listed with reasons in manifest.json `ignored`", src, len(result.ignored), first, " ..." if len(result.ignored) > MAX_SHOWN else "")
