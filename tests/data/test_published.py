@@ -378,3 +378,12 @@ def test_known_broken_sen12ms_patch_is_named_and_excludable(tree: Path, tmp_path
     assert main([*cmd, "--exclude-bad"]) == 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert [e["key"] for e in manifest["excluded"]] == ["ROIs1868_summer_146_p202"] and manifest["total_samples"] == 12
+
+
+def test_dfc2020_both_folder_variants_at_once_are_ambiguous(dfc_tree: Path, tmp_path: Path) -> None:
+    root = tmp_path / "DFC2020"
+    shutil.copytree(dfc_tree, root)
+    shutil.copytree(root / "ROIs0000_validation" / "s1_validation", root / "ROIs0000_validation" / "s1_0")
+    result = scan(root, "dfc2020")
+    assert {p.season for p in result.pairs} == {"test"}
+    assert any("folders s1_0 and s1_validation both name scene 0 of s1" in e.reason for e in result.excluded)

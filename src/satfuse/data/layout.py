@@ -255,7 +255,8 @@ def scan(root: Path, dataset: Dataset, split_file: Path | None = None, exclude_s
             reason = f"missing: listed in {split_file} but no file of it exists under {root}"
             excluded.append(Excluded(key, reason, []))
     excluded.sort(key=lambda e: (e.key, e.reason))
-    ignored.sort(key=lambda i: i.path)
+    given = {os.path.abspath(p) for p in (split_file, exclude_scenes) if p is not None}
+    ignored = sorted((i for i in ignored if os.path.abspath(root / i.path) not in given), key=lambda i: i.path)
     label = label_sensor if has_labels else None
     return ScanResult(pairs=pairs, excluded=excluded, label=label, ignored=ignored, aux=aux, missing=missing, not_listed=not_listed)
 
