@@ -42,6 +42,7 @@ import io
 import logging
 import os
 import pickle
+import pickletools
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -416,11 +417,32 @@ class _NoGlobals(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refers to {module}.{name}")
 
 
+# The opcodes a pickled list of str is made of (any protocol); everything else is refused
+# before unpickling, so no class is looked up and no claimed length is allocated unchecked.
+_LIST_OPCODES = frozenset({
+    "PROTO", "FRAME", "STOP", "MARK", "EMPTY_LIST", "LIST", "APPEND", "APPENDS",
+    "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
+    "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET",
+})  # fmt: skip
+MAX_PICKLE_BYTES = 256 << 20  # the full SEN12MS list is ~6 MB
+
+
 def read_pickle_list(path: Path) -> list[str]:
-    """A pickled `list[str]` (SEN12MS's *_list.pkl); anything else is refused naming the file."""
+    """A pickled `list[str]` (SEN12MS's *_list.pkl); anything else is refused naming the file.
+
+    Two gates: the opcode stream is walked without executing it (pickletools) and must hold
+    only list/str opcodes; then an unpickler that refuses every global loads it.
+    """
+    path = Path(path)
+    if path.stat().st_size > MAX_PICKLE_BYTES:
+        raise SatfuseError(f"{path}: refused: {path.stat().st_size} bytes is far more than a list of file names; pass the *_list.txt instead")
+    blob = path.read_bytes()
     try:
-        data = _NoGlobals(io.BytesIO(Path(path).read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        for op, _, pos in pickletools.genops(blob):
+            if op.name not in _LIST_OPCODES:
+                raise pickle.UnpicklingError(f"opcode {op.name} at byte {pos}")
+        data = _NoGlobals(io.BytesIO(blob)).load()
+    except Exception as exc:  # any failure of the gates: not a plain list (fuzzed: also Overflow/MemoryError)
         raise SatfuseError(f"{path}: refused: not a plain pickled list of file names ({exc}); satfuse never runs code from a pickle, pass the *_list.txt instead") from None
     if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
         raise SatfuseError(f"{path}: refused: the pickle holds a {type(data).__name__}, not a list of file names; pass the *_list.txt instead")
