@@ -173,10 +173,6 @@ class ScanResult:
     missing: list[str] = field(default_factory=list)  # split-list entries without files
     not_listed: int = 0  # complete-or-not patches on disk that the split list leaves out
 
-    @property
-    def label_sensors(self) -> tuple[str, ...]:
-        return ((self.label,) if self.label else ()) + self.aux
-
 
 def season_of(roi: str) -> str:
     """`ROIs1158_spring` -> `spring`; `ROIs0000_validation` -> `validation` (the split)."""
@@ -658,6 +654,7 @@ def scan_pairs(root: Path, pairs_file: Path) -> ScanResult:
 def _unused_files(root: Path, used: set[str], pairs_file: Path) -> list[Ignored]:
     """Every file under `root` no pair uses (symlink loops reported, never followed)."""
     out: list[Ignored] = []
+    used_dirs = {str(parent) for u in used for parent in Path(u).parents if str(parent) != "."}
     try:
         own = os.path.normpath(os.path.relpath(pairs_file, root))
     except ValueError:
@@ -666,7 +663,7 @@ def _unused_files(root: Path, used: set[str], pairs_file: Path) -> list[Ignored]
         dirnames.sort()
         for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             rel = os.path.normpath(os.path.relpath(os.path.join(dirpath, name), root))
-            if rel in used:
+            if rel in used or rel in used_dirs:  # used, or a (linked) folder holding used files
                 continue
             reason = "the pairs file itself" if rel == own else f"not listed in {pairs_file}"
             out.append(Ignored(rel, reason))
