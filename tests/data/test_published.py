@@ -387,3 +387,21 @@ def test_dfc2020_both_folder_variants_at_once_are_ambiguous(dfc_tree: Path, tmp_
     result = scan(root, "dfc2020")
     assert {p.season for p in result.pairs} == {"test"}
     assert any("folders s1_0 and s1_validation both name scene 0 of s1" in e.reason for e in result.excluded)
+
+
+def test_dfc2020_samples_with_lc_still_label_with_dfc(dfc_tree: Path, tmp_path: Path) -> None:
+    """DFC2020 samples carry lc.npy beside dfc.npy; the stream loader's label is dfc."""
+    from satfuse.data.stream_io import decode_label, read_shard
+
+    out = tmp_path / "d"
+    shard_dataset(dfc_tree, "dfc2020", out, maxcount=16)
+    (sample,) = list(read_shard(str(out / "d-000000.tar"), 0, {0}, 0))
+    name, label = decode_label(sample)
+    assert name == "dfc" and label.shape == (1, 32, 32) and int(label.max()) <= 10
+
+
+def test_synth_cli_writes_renamed_validation_folders(tmp_path: Path) -> None:
+    out = tmp_path / "dfc"
+    assert main(["synth", "dfc2020", "--out", str(out), "--n-validation", "2", "--n-test", "1", "--size", "16", "--validation-folders", "0"]) == 0
+    assert sorted(p.name for p in (out / "ROIs0000_validation").iterdir()) == ["dfc_0", "lc_0", "s1_0", "s2_0"]
+    assert len(scan(out, "dfc2020").pairs) == 3
