@@ -209,7 +209,7 @@ def read_raster(path: Path, sensor: str) -> Raster:
     names the file.
     """
     rule = SOURCE_RULES[sensor]
-    want_count, want_dtype = EXPECTED_BANDS[sensor]
+    want_dtype = EXPECTED_BANDS[sensor][1]
     try:
         with _OPEN_LOCK, warnings.catch_warnings():  # a missing CRS is reported as an exclusion instead
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
