@@ -87,7 +87,7 @@ def synthesise(cfg: DemoConfig, out: Path) -> None:
     from satfuse.data.synth import write_dfc2020, write_sen12ms
 
     raw = out / "raw"
-    if not (raw / "sen12ms" / "val_observations.csv").exists():
+    if not (raw / "sen12ms" / "test_list.txt").exists():
         write_sen12ms(raw / "sen12ms", cfg.scenes, cfg.patches_per_scene, cfg.seed,
                       size=cfg.patch_size, overwrite=True)
     if not (raw / "dfc2020" / "test_observations.csv").exists():
@@ -100,8 +100,8 @@ def make_shards(cfg: DemoConfig, out: Path) -> None:
 
     raw, shards = out / "raw", out / "shards"
     jobs = [
-        ("sen12ms", raw / "sen12ms", "train_observations.csv", "sen12ms"),
-        ("sen12ms", raw / "sen12ms", "val_observations.csv", "sen12ms-heldout"),
+        ("sen12ms", raw / "sen12ms", "train_list.txt", "sen12ms"),
+        ("sen12ms", raw / "sen12ms", "test_list.txt", "sen12ms-heldout"),
         ("dfc2020", raw / "dfc2020", "validation_observations.csv", "dfc2020-train"),
         ("dfc2020", raw / "dfc2020", "test_observations.csv", "dfc2020-test"),
     ]

@@ -27,7 +27,7 @@ def test_scan_dfc_layout(dfc_tree: Path) -> None:
     assert len(result.pairs) == 9 and result.label == "dfc"
     assert {p.season for p in result.pairs} == {"validation", "test"}
     assert "ROIs0000_validation_0_p3" in {p.key for p in result.pairs}
-    assert all(p.scene == 0 and p.label.parent.name == "dfc_0" for p in result.pairs)
+    assert all(p.scene == 0 and p.label.parent.name in ("dfc_0", "dfc_validation") for p in result.pairs)
 
 
 def test_lone_files_are_excluded_with_reason(tree: Path) -> None:
@@ -67,12 +67,13 @@ def test_split_file_selects_pairs_and_reports_missing(sen12ms_tree: Path, tmp_pa
 
 
 def test_synth_split_lists_cover_the_tree(sen12ms_tree: Path, dfc_tree: Path) -> None:
-    train = read_split(sen12ms_tree / "train_observations.csv", "sen12ms")
-    val = read_split(sen12ms_tree / "val_observations.csv", "sen12ms")
+    train = read_split(sen12ms_tree / "train_list.txt", "sen12ms")
+    val = read_split(sen12ms_tree / "test_list.txt", "sen12ms")
     assert len(train) == 6 and len(val) == 6 and not train & val
-    assert (sen12ms_tree / "train_observations.csv").read_text().splitlines()[1] == "Seasons.SPRING,1,1"
+    assert read_split(sen12ms_tree / "sen12ms_observations.csv", "sen12ms") == train | val
+    assert (sen12ms_tree / "sen12ms_observations.csv").read_text().splitlines()[0] == "Seasons.SPRING,1,1"
     assert len(scan(dfc_tree, "dfc2020", dfc_tree / "test_observations.csv").pairs) == 4
-    assert (dfc_tree / "validation_observations.csv").read_text().splitlines()[1] == "Seasons.VALIDATION,0,1"
+    assert (dfc_tree / "validation_observations.csv").read_text().splitlines()[1] == "Seasons.VALSET,0,2"
 
 
 @pytest.mark.parametrize(

@@ -187,7 +187,8 @@ def test_dfc2020_shards_carry_the_dfc_label(dfc_tree: Path, tmp_path: Path) -> N
     assert manifest["label"] == "dfc" and manifest["total_samples"] == 5
     with tarfile.open(_tars(tmp_path / "d")[0]) as tf:
         names = tf.getnames()
-    assert names[:4] == [f"{names[0].split('.')[0]}.{ext}" for ext in ("dfc.npy", "json", "s1.npy", "s2.npy")]
+    assert names[:5] == [f"{names[0].split('.')[0]}.{ext}" for ext in ("dfc.npy", "json", "lc.npy", "s1.npy", "s2.npy")]
+    assert manifest["aux"] == ["lc"]
     sample = next(iter(wds.WebDataset(str(_tars(tmp_path / "d")[0]), shardshuffle=False).decode()))
     assert sample["dfc.npy"].shape == (1, 32, 32) and sample["dfc.npy"].dtype == np.uint8
     assert sample["json"]["season"] == "validation" and sample["json"]["scene"] == 0

@@ -28,12 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_synth(subparsers: argparse._SubParsersAction) -> None:
     synth = subparsers.add_parser("synth", help="write synthetic SEN12MS / DFC2020 GeoTIFFs in the real layout")
     verbs = synth.add_subparsers(dest="synth_dataset", metavar="DATASET", required=True)
-    sen = verbs.add_parser("sen12ms", help="SEN12MS: s1/s2/lc patches, train/val split lists")
+    sen = verbs.add_parser("sen12ms", help="SEN12MS: s1/s2/lc patches, the published split lists")
     sen.add_argument("--scenes", type=int, default=8, help="number of scenes (round-robin over the 4 seasons)")
     sen.add_argument("--patches-per-scene", type=int, default=25)
-    dfc = verbs.add_parser("dfc2020", help="DFC2020: s1/s2/dfc patches, validation/test split lists")
+    dfc = verbs.add_parser("dfc2020", help="DFC2020: s1/s2/lc/dfc patches in the download's folders, validation/test split lists")
     dfc.add_argument("--n-validation", type=int, default=100, help="patches in ROIs0000_validation")
     dfc.add_argument("--n-test", type=int, default=200, help="patches in ROIs0000_test")
+    dfc.add_argument("--validation-folders", choices=["validation", "0"], default="validation",
+                     help="validation sensor folders as in the download (s1_validation) or renamed (s1_0)")
     for p in (sen, dfc):
         p.add_argument("--out", type=Path, required=True, help="dataset root to write")
         p.add_argument("--seed", type=int, default=0)
@@ -48,14 +50,20 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
         help="pack GeoTIFF pairs into WebDataset shards (also: shard verify DIR, shard merge DIR)",
         description="Pack co-located S1/S2 pairs into WebDataset shards; see shards/FORMAT.md.",
     )
-    shard.add_argument("--src", type=Path, help="dataset root (SEN12MS or DFC2020 layout)")
-    shard.add_argument("--dataset", choices=["sen12ms", "dfc2020"])
+    from satfuse.data.layout import DATASETS
+
+    shard.add_argument("--src", type=Path, help="dataset root (SEN12MS or DFC2020 layout; for pairs: what --pairs-file paths are relative to)")
+    shard.add_argument("--dataset", choices=list(DATASETS))
     shard.add_argument("--out", type=Path, help="output directory shards/NAME (NAME names the tars)")
     shard.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     shard.add_argument("--maxsize", type=int, default=None, help="bytes per shard (turned into a per-shard count)")
     shard.add_argument("--workers", type=int, default=1, help="worker processes (one shard per task)")
     shard.add_argument("--seed", type=int, default=0, help="seed of the pair permutation")
-    shard.add_argument("--split-file", type=Path, default=None, help="only the pairs of a *_observations.csv")
+    shard.add_argument("--split-file", type=Path, default=None,
+                       help="only the listed patches: *_observations.csv (with or without header), SEN12MS *_list.txt or *_list.pkl")
+    shard.add_argument("--exclude-scenes", type=Path, default=None, help="scene list to leave out (SEN12MS_holdOutScenes.txt: ROIs1158_spring/s1_63 per line)")
+    shard.add_argument("--strict-split", action="store_true", help="fail when a --split-file entry has no files under --src (default: list them)")
+    shard.add_argument("--pairs-file", type=Path, default=None, help="--dataset pairs: CSV with columns s1,s2[,label], paths relative to --src")
     shard.add_argument("--shard-index", type=int, default=None, help="job-array part (default: SLURM_ARRAY_TASK_ID - MIN)")
     shard.add_argument("--num-shards", type=int, default=None, help="number of job-array parts (default: SLURM_ARRAY_TASK_COUNT)")
     shard.add_argument("--overwrite", action="store_true", help="replace a non-empty output that is not a shard dir")
@@ -76,7 +84,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     if args.synth_dataset == "sen12ms":
         n = synth.write_sen12ms(args.out, args.scenes, args.patches_per_scene, args.seed, args.size, overwrite=args.overwrite)
     else:
-        n = synth.write_dfc2020(args.out, args.n_validation, args.n_test, args.seed, args.size, overwrite=args.overwrite)
+        n = synth.write_dfc2020(args.out, args.n_validation, args.n_test, args.seed, args.size, overwrite=args.overwrite,
+                                validation_folders=args.validation_folders)
     print(json.dumps({"dataset": args.synth_dataset, "out": str(args.out), "pairs": n}))
     return 0
 
@@ -114,7 +123,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         args.src, args.dataset, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
         workers=args.workers, seed=args.seed, split_file=args.split_file, shard_index=index,
         num_shards=num, overwrite=args.overwrite, exclude_bad=args.exclude_bad,
-        command=["satfuse", *sys.argv[1:]],
+        command=["satfuse", *sys.argv[1:]], exclude_scenes=args.exclude_scenes,
+        pairs_file=args.pairs_file, strict_split=args.strict_split,
     )  # fmt: skip
     if "records" in result:  # a job-array part
         n = sum(r["count"] for r in result["records"])

@@ -57,7 +57,14 @@ import webdataset as wds
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from tqdm import tqdm
 
-from satfuse.data.layout import EXPECTED_BANDS, Excluded, Pair, scan
+from satfuse.data.layout import (
+    EXPECTED_BANDS,
+    MAX_SHOWN,
+    SOURCE_RULES,
+    Excluded,
+    Pair,
+    scan_dataset,
+)
 from satfuse.utils import SatfuseError, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -105,7 +112,7 @@ def _shard_plan_digest(pairs: list[Pair], src: Path, dataset: str, label: str | 
     """What a shard's bytes depend on: the pairs, their files' sizes and mtimes, the format."""
     items = []
     for p in pairs:
-        files = [f for f in (p.s1, p.s2, p.label) if f is not None]
+        files = [f for f in (p.s1, p.s2, p.label, *(a for _, a in p.aux)) if f is not None]
         stats = []
         for f in files:
             try:
@@ -120,7 +127,7 @@ def _shard_plan_digest(pairs: list[Pair], src: Path, dataset: str, label: str | 
 def per_sample_bytes(pair: Pair) -> int:
     """Tar bytes of one sample, from the raster headers (all patches share the shape)."""
     total = 2 * 512 + 1024  # json member: header + (generous) body
-    for path in (pair.s1, pair.s2, pair.label):
+    for path in (pair.s1, pair.s2, pair.label, *(a for _, a in pair.aux)):
         if path is None:
             continue
         with rasterio.open(path) as ds:
@@ -194,22 +201,49 @@ _OPEN_LOCK = threading.Lock()  # catch_warnings edits process-global filters: on
 
 
 def read_raster(path: Path, sensor: str) -> Raster:
-    """Read one GeoTIFF and check its band count and dtype; BadData names the file."""
-    want_count, want_dtype = EXPECTED_BANDS[sensor]
+    """Read one GeoTIFF, check it against SOURCE_RULES and convert it to the shard dtype.
+
+    The band count must match and the dtype be one the rule allows; integer rasters stored
+    in another dtype than the shard's (a uint16 lc, an int16 S2) are range-checked and
+    converted, so the shards hold one dtype per member whatever the source used. BadData
+    names the file.
+    """
+    rule = SOURCE_RULES[sensor]
+    want_dtype = EXPECTED_BANDS[sensor][1]
     try:
         with _OPEN_LOCK, warnings.catch_warnings():  # a missing CRS is reported as an exclusion instead
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             ds = rasterio.open(path)
         with ds:
-            if ds.count != want_count or ds.dtypes[0] != want_dtype:
-                raise BadData(f"wrong bands: {path} has {ds.count} band(s) of {ds.dtypes[0]}, a {sensor} patch needs {want_count} of {want_dtype}; regenerate it or remove the pair")
+            dtype = ds.dtypes[0]
+            if ds.count != rule.bands or dtype not in rule.dtypes or len(set(ds.dtypes)) != 1:
+                kinds = "an integer type" if len(rule.dtypes) > 2 else " or ".join(rule.dtypes)
+                raise BadData(f"wrong bands: {path} has {ds.count} band(s) of {'/'.join(sorted(set(ds.dtypes)))}, a {sensor} patch needs {rule.bands} of {kinds}; regenerate it or remove the pair")
             buf, array = npy_buffer((ds.count, ds.height, ds.width), np.dtype(want_dtype))
-            ds.read(out=array)
-            return Raster(array, buf, ds.crs, tuple(ds.transform)[:6])
+            if dtype == want_dtype:
+                ds.read(out=array)
+                native = array
+            else:
+                native = ds.read()
+            crs, transform = ds.crs, tuple(ds.transform)[:6]
     except RasterioError as exc:
         cause = exc.__cause__ if exc.__cause__ is not None else exc
         msg = str(cause).splitlines()[0] if str(cause) else exc.__class__.__name__
         raise BadData(f"unreadable: {path} is not a readable GeoTIFF (corrupt or truncated? {msg}); re-download or regenerate it") from None
+    if rule.max_values is not None and (native.dtype != np.uint16 or sensor != "s2"):
+        _check_range(path, sensor, native, rule.max_values)
+    if native is not array:
+        array[...] = native
+    return Raster(array, buf, crs, transform)
+
+
+def _check_range(path: Path, sensor: str, array: np.ndarray, max_values: tuple[int, ...]) -> None:
+    """Integer values within [0, max] per band (a label outside its classes is not a label)."""
+    flat = array.reshape(array.shape[0], -1)
+    low, high = flat.min(axis=1), flat.max(axis=1)
+    for band, (lo, hi, top) in enumerate(zip(low, high, max_values, strict=True)):
+        if lo < 0 or hi > top:
+            raise BadData(f"out of range: {path} band {band + 1} holds values {int(lo)}..{int(hi)}, a {sensor} patch allows 0..{top}; fix the file or remove the pair")
 
 
 def read_pair(pair: Pair, label: str | None) -> dict[str, Raster]:
@@ -217,6 +251,7 @@ def read_pair(pair: Pair, label: str | None) -> dict[str, Raster]:
     paths = {"s1": pair.s1, "s2": pair.s2}
     if label is not None and pair.label is not None:
         paths[label] = pair.label
+    paths.update(pair.aux)
     rasters = {sensor: read_raster(path, sensor) for sensor, path in paths.items()}
     ref = rasters["s1"]
     for sensor, r in rasters.items():
@@ -438,12 +473,18 @@ def sample_dict(pair: Pair, rasters: dict[str, Raster], dataset: str, src: Path)
         "key": pair.key, "dataset": dataset, "roi": pair.roi, "season": pair.season,
         "scene": pair.scene, "patch": pair.patch, "crs": s1.crs.to_string(), "transform": list(s1.transform),
         "height": int(s1.array.shape[1]), "width": int(s1.array.shape[2]),
-        "sources": {sensor: _rel(getattr(pair, sensor) if sensor in ("s1", "s2") else pair.label, src) for sensor in rasters},
+        "sources": {sensor: _rel(_source(pair, sensor), src) for sensor in rasters},
     }  # fmt: skip
     sample: dict[str, Any] = {"__key__": pair.key, "json": json.dumps(meta).encode()}
     for sensor, r in rasters.items():
         sample[f"{sensor}.npy"] = r.npy
     return sample
+
+
+def _source(pair: Pair, sensor: str) -> Path | None:
+    if sensor in ("s1", "s2"):
+        return getattr(pair, sensor)
+    return dict(pair.aux).get(sensor, pair.label)
 
 
 @dataclass
@@ -532,7 +573,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
 
 def _exclude_or_fail(pair: Pair, exc: Exception, exclude_bad: bool, excluded: list[dict[str, Any]], errors: list[str]) -> None:
     """Co-location problems are exclusions; bad data is an error unless `exclude_bad`."""
-    paths = [str(p) for p in (pair.s1, pair.s2, pair.label) if p is not None]
+    paths = [str(p) for p in (pair.s1, pair.s2, pair.label, *(a for _, a in pair.aux)) if p is not None]
     if isinstance(exc, NotColocated) or exclude_bad:
         excluded.append(Excluded(pair.key, str(exc), paths).to_dict())
     else:
@@ -555,18 +596,49 @@ def _check_paths(src: Path, out: Path) -> None:
 
 
 def _prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
-    """Claim the output directory: refuse someone else's non-empty dir unless `overwrite`."""
+    """Claim the output directory: refuse someone else's non-empty dir, or one holding
+    another shard set (another dataset, or tars of another name), unless `overwrite`, which
+    empties it first so no old tar is left behind for a glob to pick up."""
     marker = out / STATE_DIR / OWNER_FILE
-    if out.is_dir() and not marker.is_file() and not _only_our_files(out):
-        if not overwrite:
+    if out.is_dir() and not overwrite:
+        if not marker.is_file() and not _only_our_files(out):
             raise SatfuseError(f"{out}: not empty and not a satfuse shard directory; choose an empty --out or pass --overwrite to replace its contents")
+        if (other := _other_shard_set(out, settings)) is not None:
+            raise SatfuseError(f"{out}: holds another shard set ({other}); choose another --out or pass --overwrite to replace it")
+    if overwrite and out.is_dir() and any(out.iterdir()):
         log.warning("%s: --overwrite: removing its contents", out)
-    if overwrite and out.is_dir():
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
-        atomic_write_text(marker, json.dumps({"format": FORMAT, **settings}, indent=1))
+        atomic_write_text(marker, json.dumps({"format": FORMAT, "name": out.name, **settings}, indent=1))
+
+
+def _other_shard_set(out: Path, settings: dict[str, Any]) -> str | None:
+    """What says `out` holds a shard set other than the one about to be written, or None."""
+    marker = out / STATE_DIR / OWNER_FILE
+    if marker.is_file():
+        try:
+            owner = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            owner = {}
+        if owner.get("dataset", settings["dataset"]) != settings["dataset"]:
+            return f"dataset {owner.get('dataset')!r} per {marker}, this run packs {settings['dataset']!r}"
+        if owner.get("name", out.name) != out.name:
+            return f"name {owner.get('name')!r} per {marker}"
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        try:
+            doc = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            doc = {}
+        if doc.get("dataset", settings["dataset"]) != settings["dataset"] or doc.get("name", out.name) != out.name:
+            return f"{doc.get('dataset')!r} shards named {doc.get('name')!r} per {manifest}"
+    ours = re.compile(rf"^{re.escape(out.name)}-\d{{6}}\.tar(\.tmp)?$")
+    strays = sorted(p.name for p in out.glob("*.tar*") if not ours.match(p.name))
+    if strays:
+        return f"tars of another name: {', '.join(strays[:MAX_SHOWN])}{' ...' if len(strays) > MAX_SHOWN else ''}"
+    return None
 
 
 def _only_our_files(out: Path) -> bool:
@@ -613,7 +685,7 @@ def versions() -> dict[str, str]:
     }  # fmt: skip
 
 
-def build_manifest(header: dict[str, Any], records: list[dict[str, Any]], scan_excluded: list[dict[str, Any]], command: list[str]) -> dict[str, Any]:
+def build_manifest(header: dict[str, Any], records: list[dict[str, Any]], scan_excluded: list[dict[str, Any]], command: list[str], ignored: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The manifest of a complete shard set, from records in shard-index order.
 
     Single runs and merges both come through here with records sorted by index, so their
@@ -633,6 +705,7 @@ def build_manifest(header: dict[str, Any], records: list[dict[str, Any]], scan_e
         "shards": [{"name": r["name"], "count": r["count"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
         "total_samples": sum(r["count"] for r in records),
         "excluded": excluded,
+        "ignored": list(ignored or []),
         "stats": {sensor: finish_stats(s) for sensor, s in sums.items()},
         "command": command,
         "versions": versions(),
@@ -659,13 +732,18 @@ def shard_dataset(
     overwrite: bool = False,
     exclude_bad: bool = False,
     command: list[str] | None = None,
+    exclude_scenes: Path | None = None,
+    pairs_file: Path | None = None,
+    strict_split: bool = False,
 ) -> dict[str, Any]:
     """Pack `src` into `out` (see module doc). Returns the manifest (or, for a job-array
-    part, the part manifest). `num_shards` is the number of job-array parts, not of tars."""
+    part, the part manifest). `num_shards` is the number of job-array parts, not of tars.
+    `strict_split` makes split-list entries without files fatal (they are listed otherwise)."""
     src, out = Path(src), Path(out)
     part = _check_args(maxcount, maxsize, workers, shard_index, num_shards)
     _check_paths(src, out)
-    result = scan(src, dataset, split_file)  # type: ignore[arg-type]
+    result = scan_dataset(src, dataset, split_file, exclude_scenes, pairs_file)
+    _report_scan(result, src, split_file, strict_split)
     if not result.pairs:
         reasons = "; ".join(e.reason for e in result.excluded[:MAX_ERRORS_SHOWN])
         raise SatfuseError(f"{src}: no complete {dataset} pair to pack ({len(result.excluded)} excluded: {reasons}); fix the layout or --split-file")
@@ -676,6 +754,12 @@ def shard_dataset(
         "split_file": str(split_file) if split_file else None, "planned_shards": len(plan),
         "planned_pairs": len(result.pairs),
     }  # fmt: skip
+    if result.aux:
+        header["aux"] = list(result.aux)  # further members of every sample (DFC2020 lc)
+    if exclude_scenes is not None:
+        header["exclude_scenes"] = str(exclude_scenes)
+    if pairs_file is not None:
+        header["pairs_file"] = str(pairs_file)
     header["plan"] = plan_digest([header, [[p.key for p in shard] for shard in plan]])
     _prepare_out(out, overwrite, {"dataset": dataset})
     _remove_stale(out, out.name, len(plan), part[0] if part else None)
@@ -684,12 +768,29 @@ def shard_dataset(
     records = _run_tasks(tasks, workers)
     _raise_on_errors(records, out)
     scan_excluded = [e.to_dict() for e in result.excluded]
+    ignored = [i.to_dict() for i in result.ignored]
     command = command if command is not None else sys.argv
     if part is not None:
-        return _write_part(out, header, part, records, scan_excluded, command)
-    manifest = build_manifest(header, records, scan_excluded, command)
+        return _write_part(out, header, part, records, scan_excluded, command, ignored)
+    manifest = build_manifest(header, records, scan_excluded, command, ignored)
     publish_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _report_scan(result: Any, src: Path, split_file: Path | None, strict_split: bool) -> None:
+    """Say what the scan will not pack: split entries without files, unused files/folders."""
+    if result.missing:
+        first = ", ".join(result.missing[:MAX_SHOWN])
+        more = f" (+{len(result.missing) - MAX_SHOWN} more)" if len(result.missing) > MAX_SHOWN else ""
+        msg = f"{split_file}: {len(result.missing)} listed patch(es) have no files under {src}: {first}{more}"
+        if strict_split:
+            raise SatfuseError(f"{msg}; --strict-split makes this fatal: fix --src or the list, or drop --strict-split to pack the rest")
+        log.warning("%s; the full list is in manifest.json (excluded, kind `missing`); --strict-split makes this fatal", msg)
+    if result.not_listed:
+        log.info("%s: %d patch(es) on disk are not in %s and are not packed (the split's choice)", src, result.not_listed, split_file)
+    if result.ignored:
+        first = ", ".join(i.path for i in result.ignored[:MAX_SHOWN])
+        log.info("%s: %d file(s)/folder(s) not used (%s%s); listed with reasons in manifest.json `ignored`", src, len(result.ignored), first, " ..." if len(result.ignored) > MAX_SHOWN else "")
 
 
 def _check_args(maxcount: int, maxsize: int | None, workers: int, shard_index: int | None, num_shards: int | None) -> tuple[int, int] | None:
@@ -761,11 +862,11 @@ def part_path(out: Path, index: int, num: int) -> Path:
     return out / f"manifest.part-{index}-of-{num}.json"
 
 
-def _write_part(out: Path, header: dict[str, Any], part: tuple[int, int], records: list[dict[str, Any]], scan_excluded: list[dict[str, Any]], command: list[str]) -> dict[str, Any]:
+def _write_part(out: Path, header: dict[str, Any], part: tuple[int, int], records: list[dict[str, Any]], scan_excluded: list[dict[str, Any]], command: list[str], ignored: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     doc = {
         "format": PART_FORMAT, "header": header, "part": part[0], "num_parts": part[1],
         "records": [{k: v for k, v in r.items() if k != "reused"} for r in records],
-        "scan_excluded": scan_excluded, "command": command,
+        "scan_excluded": scan_excluded, "scan_ignored": list(ignored or []), "command": command,
     }  # fmt: skip
     publish_text(part_path(out, *part), json.dumps(doc) + "\n")
     return doc
@@ -792,7 +893,7 @@ def merge(out: Path, command: list[str] | None = None) -> dict[str, Any]:
             raise SatfuseError(f"{part_path(out, i, num)}: written with other settings or source than part 0; rerun every part with the same arguments")
     records = sorted((r for d in have.values() for r in d["records"]), key=lambda r: r["index"])
     _check_records(out, records, header["planned_shards"])
-    manifest = build_manifest(header, records, have[0]["scan_excluded"], command if command is not None else sys.argv)
+    manifest = build_manifest(header, records, have[0]["scan_excluded"], command if command is not None else sys.argv, have[0].get("scan_ignored", []))
     manifest["part_commands"] = [have[i]["command"] for i in range(num)]
     publish_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -825,4 +926,5 @@ def summary(manifest: dict[str, Any]) -> str:
         kind = e["reason"].split(":", 1)[0]
         kinds[kind] = kinds.get(kind, 0) + 1
     by_kind = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-    return f"packed {manifest['total_samples']} pairs into {len(manifest['shards'])} shards; excluded {len(manifest['excluded'])} ({by_kind})"
+    ignored = len(manifest.get("ignored", []))
+    return f"packed {manifest['total_samples']} pairs into {len(manifest['shards'])} shards; excluded {len(manifest['excluded'])} ({by_kind}); ignored {ignored} file(s)/folder(s) not in the layout"

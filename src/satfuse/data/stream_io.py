@@ -437,7 +437,7 @@ def decode_pair(sample: RawSample, window: Window | None = None) -> tuple[np.nda
 
 
 def decode_label(sample: RawSample) -> tuple[str, np.ndarray] | None:
-    for ext, name in (("lc.npy", "lc"), ("dfc.npy", "dfc")):
+    for ext, name in (("dfc.npy", "dfc"), ("lc.npy", "lc")):  # DFC2020 samples carry both: dfc is the label
         if ext in sample.members:
             return name, decode_npy(sample.member(ext))
     return None

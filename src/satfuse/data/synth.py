@@ -16,7 +16,15 @@ synthetic DFC2020 as it should):
 - S1 (VV, VH float32 dB): per-class backscatter (water ~ -20 dB VV, urban ~ -5, forest ~ -8;
   VH 6-8 dB lower), a smooth texture and multiplicative gamma speckle (5 looks), NaN-free;
 - labels: `lc` = IGBP plus LCCS land-cover/land-use/surface-hydrology codes derived from it;
-  `dfc` = IGBP -> DFC2020 classes 1..10 (method.md's IGBP2DFC).
+  `dfc` = IGBP -> DFC2020 classes 1..10 (method.md's IGBP2DFC). DFC2020 patches get both,
+  as the download has both.
+
+Side files are the publishers' own, byte for byte in format (see satfuse.data.layout):
+SEN12MS gets `sen12ms_observations.csv` (the seed paper's list: no header,
+`Seasons.SPRING,scene,id`), SEN12MS's `train_list.txt` / `test_list.txt` (S2 file names, CRLF)
+and their `.pkl` twins, and `SEN12MS_holdOutScenes.txt` (the test scenes, `ROI/s1_<scene>`);
+DFC2020 gets `validation_observations.csv` / `test_observations.csv` (`Seasons.VALSET,0,id` /
+`Seasons.TESTSET,0,id`) and the download's folder names (`s1_validation`, ..., `s1_0`).
 
 Files are uncompressed, band-interleaved GeoTIFFs (our choice: fastest to read, ~1.7 MB
 per 13-band 256x256 S2 patch; the reader takes any compression GDAL reads), in a real UTM CRS (EPSG:326xx, one zone per
@@ -44,6 +52,9 @@ from satfuse.data.layout import (
     SEN12MS_ROIS,
     patch_path,
     season_of,
+    write_list_pkl,
+    write_list_txt,
+    write_scene_list,
     write_split,
 )
 from satfuse.utils import SatfuseError
@@ -236,9 +247,9 @@ def _geo(scene_rng: np.random.Generator, patch_index: int, size: int) -> tuple[s
     return f"EPSG:{32600 + zone}", Affine(PIXEL_M, 0.0, x, 0.0, -PIXEL_M, y)
 
 
-def _write_patch(root: Path, roi: str, scene: int, patch: int, label: str, arrays: dict[str, np.ndarray], crs: str, transform: Affine) -> None:
-    for sensor in ("s1", "s2", label):
-        write_tif(patch_path(root, roi, sensor, scene, patch), arrays[sensor], crs, transform)
+def _write_patch(root: Path, roi: str, scene: int, patch: int, arrays: dict[str, np.ndarray], crs: str, transform: Affine, validation_folders: str = "validation") -> None:
+    for sensor, array in arrays.items():
+        write_tif(patch_path(root, roi, sensor, scene, patch, validation_folders), array, crs, transform)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -246,7 +257,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SatfuseError(f"{out}: exists and is not a directory; choose another --out")
-    existing = [p for p in out.glob("ROIs*")] + list(out.glob("*_observations.csv")) if out.is_dir() else []
+    patterns = ("ROIs*", "*_observations.csv", "*_list.txt", "*_list.pkl", "SEN12MS_holdOutScenes.txt")
+    existing = [p for pattern in patterns for p in out.glob(pattern)] if out.is_dir() else []
     if existing and not overwrite:
         raise SatfuseError(f"{out}: already holds a dataset ({existing[0].name} ...); pass --overwrite to replace it or choose another --out")
     for p in existing:
@@ -259,11 +271,13 @@ def _progress(total: int, desc: str) -> tqdm:
 
 
 def write_sen12ms(out: Path, scenes: int, patches_per_scene: int, seed: int, size: int = 256, overwrite: bool = False) -> int:
-    """Write a synthetic SEN12MS tree (s1, s2, lc) plus train/val split lists; returns pairs.
+    """Write a synthetic SEN12MS tree (s1, s2, lc) plus the published side files; returns pairs.
 
-    Scenes go round-robin over the four seasons (scene ids 1..N, unique across ROIs). Every
-    fifth scene (and the last one when there are 2-4 scenes) is listed in
-    `val_observations.csv`, the others in `train_observations.csv`.
+    Scenes go round-robin over the four seasons (scene ids 1..N, unique across ROIs; 4 or
+    more scenes give all four ROI folders). Every fifth scene (and the last one when there
+    are 2-4 scenes) is a test scene: listed in `test_list.txt/.pkl` and
+    `SEN12MS_holdOutScenes.txt`; the others in `train_list.txt/.pkl`. All patches are in
+    `sen12ms_observations.csv`.
     """
     _check_counts(scenes=scenes, patches_per_scene=patches_per_scene, size=size)
     out = Path(out)
@@ -281,23 +295,32 @@ def write_sen12ms(out: Path, scenes: int, patches_per_scene: int, seed: int, siz
                 igbp = land_cover(rng, size, classes, weights)
                 arrays = {"s1": render_s1(rng, igbp), "s2": render_s2(rng, igbp, season), "lc": lc_bands(igbp)}
                 crs, transform = _geo(np.random.default_rng([seed, 3, scene]), j, size)
-                _write_patch(out, roi, scene, patch, "lc", arrays, crs, transform)
+                _write_patch(out, roi, scene, patch, arrays, crs, transform)
                 ids.append((roi, scene, patch))
                 bar.update(1)
     val_scenes = {s for s in range(1, scenes + 1) if s % 5 == 0} or ({scenes} if scenes >= 2 else set())
-    write_split(out / "train_observations.csv", [t for t in ids if t[1] not in val_scenes])
-    write_split(out / "val_observations.csv", [t for t in ids if t[1] in val_scenes])
+    train, test = [t for t in ids if t[1] not in val_scenes], [t for t in ids if t[1] in val_scenes]
+    write_split(out / "sen12ms_observations.csv", ids)
+    for name, part in (("train", train), ("test", test)):
+        write_list_txt(out / f"{name}_list.txt", part)
+        write_list_pkl(out / f"{name}_list.pkl", part)
+    write_scene_list(out / "SEN12MS_holdOutScenes.txt", sorted({(roi, scene) for roi, scene, _ in test}, key=lambda t: t[1]))
     log.info("wrote %d synthetic SEN12MS pairs (%d scenes, %dx%d) to %s", len(ids), scenes, size, size, out)
     return len(ids)
 
 
-def write_dfc2020(out: Path, n_validation: int, n_test: int, seed: int, size: int = 256, overwrite: bool = False) -> int:
-    """Write a synthetic DFC2020 tree (s1, s2, dfc; scene 0) and its split lists; returns pairs.
+def write_dfc2020(out: Path, n_validation: int, n_test: int, seed: int, size: int = 256, overwrite: bool = False, validation_folders: str = "validation") -> int:
+    """Write a synthetic DFC2020 tree (s1, s2, lc, dfc; scene 0) and its split lists; returns pairs.
 
     Patches are grouped into regions of 25 consecutive ids that share a class mix, a season
-    and a UTM zone, like the real DFC2020 regions. Split lists: `validation_observations.csv`
-    and `test_observations.csv` with Season `Seasons.VALIDATION` / `Seasons.TEST`, Scene 0.
+    and a UTM zone, like the real DFC2020 regions. Folders as in the download:
+    `ROIs0000_validation/s1_validation/ROIs0000_validation_s1_0_p1.tif` and
+    `ROIs0000_test/s1_0/...` (`validation_folders="0"` writes the renamed `s1_0` variant some
+    loaders need). Split lists: `validation_observations.csv` / `test_observations.csv`, no
+    header, `Seasons.VALSET,0,id` / `Seasons.TESTSET,0,id` (the seed paper's authors' files).
     """
+    if validation_folders not in ("validation", "0"):
+        raise SatfuseError(f"--validation-folders {validation_folders!r}: use 'validation' (the download) or '0' (renamed)")
     _check_counts(n_validation=n_validation, n_test=n_test, size=size)
     out = Path(out)
     _prepare_out(out, overwrite)
@@ -313,9 +336,9 @@ def write_dfc2020(out: Path, n_validation: int, n_test: int, seed: int, size: in
                 classes, weights = _scene_mix(region_rng, season)
                 rng = np.random.default_rng([seed, 12, split_no, patch])
                 igbp = land_cover(rng, size, classes, weights)
-                arrays = {"s1": render_s1(rng, igbp), "s2": render_s2(rng, igbp, season), "dfc": dfc_band(igbp)}
+                arrays = {"s1": render_s1(rng, igbp), "s2": render_s2(rng, igbp, season), "lc": lc_bands(igbp), "dfc": dfc_band(igbp)}
                 crs, transform = _geo(np.random.default_rng([seed, 13, split_no, region]), j % 25, size)
-                _write_patch(out, roi, 0, patch, "dfc", arrays, crs, transform)
+                _write_patch(out, roi, 0, patch, arrays, crs, transform, validation_folders)
                 ids.append((roi, 0, patch))
                 bar.update(1)
             write_split(out / f"{season_of(roi)}_observations.csv", ids)

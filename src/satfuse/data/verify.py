@@ -39,7 +39,7 @@ def verify(shard_dir: Path) -> list[str]:
     total = 0
     bar = tqdm(manifest["shards"], desc="verify", unit="shard", disable=not sys.stderr.isatty())
     for entry in bar:
-        count, found = _verify_shard(shard_dir / entry["name"], entry, manifest.get("label"))
+        count, found = _verify_shard(shard_dir / entry["name"], entry, manifest.get("label"), manifest.get("aux", []))
         problems += found
         total += count
     if total != manifest.get("total_samples"):
@@ -62,7 +62,7 @@ def _load_manifest(shard_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
     return manifest, []
 
 
-def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None) -> tuple[int, list[str]]:
+def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None, aux: list[str] | None = None) -> tuple[int, list[str]]:
     """Check one tar against its manifest entry; returns (samples decoded, problems)."""
     if not tar.is_file():
         return 0, [f"{tar}: listed in manifest.json but missing; restore it or re-shard"]
@@ -75,7 +75,7 @@ def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None) -> tuple[
     samples, read_problems = _read_samples(tar, data)
     problems += read_problems
     for key, members in samples.items():
-        problems += [f"{tar}: sample {key}: {p}" for p in _check_sample(key, members, label)]
+        problems += [f"{tar}: sample {key}: {p}" for p in _check_sample(key, members, label, aux)]
     if len(samples) != entry.get("count"):
         problems.append(f"{tar}: {len(samples)} samples, manifest says {entry.get('count')}; restore it or re-shard")
     return len(samples), problems
@@ -97,8 +97,8 @@ def _read_samples(tar: Path, data: bytes) -> tuple[dict[str, dict[str, bytes]], 
     return samples, []
 
 
-def _check_sample(key: str, members: dict[str, bytes], label: str | None) -> list[str]:
-    want = {"json", "s1.npy", "s2.npy"} | ({f"{label}.npy"} if label else set())
+def _check_sample(key: str, members: dict[str, bytes], label: str | None, aux: list[str] | None = None) -> list[str]:
+    want = {"json", "s1.npy", "s2.npy"} | ({f"{label}.npy"} if label else set()) | {f"{a}.npy" for a in aux or []}
     problems = []
     if set(members) != want:
         problems.append(f"members {sorted(members)}, expected {sorted(want)}")
