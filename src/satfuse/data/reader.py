@@ -77,6 +77,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from satfuse.config import DataConfig
+from satfuse.data.bands import manifest_bands
 from satfuse.data.normalize import S2_RGB, BandStats, normalize, normalize_into
 from satfuse.data.stream_io import RawSample, ShardCache, decode_label, decode_pair, read_shard
 from satfuse.data.stream_plan import (
@@ -240,7 +241,7 @@ class SampleTransform:
             window.extend(self._window(h, w, rng, raw))
             return window[0], window[1], window[2]
 
-        s1, s2 = decode_pair(raw, choose)  # read-only views: pixels are read by `collate`
+        s1, s2 = decode_pair(raw, choose, len(self.s2.mean))  # read-only views: pixels are read by `collate`
         item: dict[str, Any] = {"s1": Pending(s1, self.s1), "s2": Pending(s2, self.s2), "key": raw.key}
         label = decode_label(raw) if self.labels else None
         if label is not None:
@@ -530,6 +531,7 @@ class PretrainLoader:
         self.s1_stats = BandStats.from_manifest(shards.stats, "s1", cfg.s1_clip)
         self.s2_stats = BandStats.from_manifest(shards.stats, "s2", cfg.s2_clip)
         self.transform = SampleTransform(self.s1_stats, self.s2_stats, seed, cfg.crop, method, simclr_input)
+        self.bands = manifest_bands(shards.manifest, shards.spec)  # the model's input channels follow these
         self.steps_per_epoch = self._plan(0, None).steps
         if self.steps_per_epoch == 0:
             raise SatfuseError(
@@ -562,8 +564,8 @@ class PretrainLoader:
     def normalization(self) -> dict:
         """Stored with checkpoints: how raw bands became model inputs."""
         return {
-            "s1": {**self.s1_stats.to_dict(), "bands": ["VV", "VH"]},
-            "s2": {**self.s2_stats.to_dict(), "bands": 13},
+            "s1": {**self.s1_stats.to_dict(), "bands": list(self.bands["s1"])},
+            "s2": {**self.s2_stats.to_dict(), "bands": list(self.bands["s2"])},
             "crop": self.cfg.crop,
             "source": self.shards.spec,
         }
