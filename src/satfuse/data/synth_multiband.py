@@ -131,7 +131,7 @@ def write_ssl4eo(out: Path, locations: int = 4, seed: int = 0, size: int = 264, 
         raise SatfuseError(f"--locations {locations}: use at least 1")
     out = _prepare(out, ["s1", "s2c", "s2a"], overwrite)
     for i in range(locations):
-        loc = f"{i * 100 + 200:07d}"
+        loc = f"{i:07d}"  # 0000000, 0000001 ...: torchgeo opens f"{index:07}" for index < len
         rng = np.random.default_rng([seed, 31, i])
         lat, lon = float(rng.uniform(-50, 60)), float(rng.uniform(-170, 170))
         dy = 10.0 / 111_320.0
@@ -155,11 +155,11 @@ def write_ssl4eo(out: Path, locations: int = 4, seed: int = 0, size: int = 264, 
                 folder = out / level / loc / name
                 for k, band in enumerate(bands):
                     factor = RES.get(band, 10) // 10
-                    _write_band(folder / f"{band}.tif", _native(band, cube[k]), "EPSG:4326", grid * Affine.scale(factor))
+                    _write_band(folder / f"{band}.tif", _native(band, cube[k]), "EPSG:4326", grid @ Affine.scale(factor))
                 _write_meta(folder, name, d, level)
             d = dates["s1"]
             name = f"S1A_IW_GRDH_1SDV_{d:%Y%m%dT%H%M%S}_{d + timedelta(seconds=25):%Y%m%dT%H%M%S}_0{int(rng.integers(10000, 99999))}_03CFBA_D457"
-            s1_grid = Affine.translation(3.0 * dx / 10.0, -3.0 * dy / 10.0) * grid  # its own export: 3 m off
+            s1_grid = Affine.translation(3.0 * dx / 10.0, -3.0 * dy / 10.0) @ grid  # its own export: 3 m off
             for k, band in enumerate(("VV", "VH")):
                 _write_band(out / "s1" / loc / name / f"{band}.tif", s1[k], "EPSG:4326", s1_grid)
             _write_meta(out / "s1" / loc / name, name, d, "s1")
@@ -238,7 +238,7 @@ def _ben_patch(out: Path, version: int, j: int, seed: int, size: int) -> dict:
     for k, f in enumerate(S2_FILES):
         band = "B" + str(int(f[1:])) if f[1:].isdigit() else f
         factor = RES.get(band, 10) // 10
-        _write_band(s2_dir / f"{s2_base}_{f}.tif", _native(band, s2[k]), crs, grid * Affine.scale(factor), nodata=nodata)
+        _write_band(s2_dir / f"{s2_base}_{f}.tif", _native(band, s2[k]), crs, grid @ Affine.scale(factor), nodata=nodata)
     for k, b in enumerate(("VV", "VH")):
         _write_band(s1_dir / f"{s1_name}_{b}.tif", s1[k], crs, grid)
     names43 = [CLASSES_43[i] for i in labels43]
