@@ -318,3 +318,39 @@ def test_pretrain_on_each_dataset_then_band_mismatch_is_refused(ssl_tree, ben1_t
     assert run_ranks(1, args, logdir) != [0]
     text = logs(logdir)
     assert "band mismatch: checkpoint" in text and str(tmp_path / "sh_ssl") in text and "(12)" in text and "(13)" in text
+
+
+# ------------------------------------------------------------------------------------ CLI, parts, resume
+
+
+def test_cli_synth_shard_verify_and_option_checks(tmp_path, capsys):
+    from satfuse.cli import main
+
+    assert main(["synth", "bigearthnet", "--version", "2", "--out", str(tmp_path / "b"), "--patches", "4", "--size", "12"]) == 0
+    args = ["shard", "--src", str(tmp_path / "b"), "--dataset", "bigearthnet-v2", "--out", str(tmp_path / "s"),
+            "--resample", "cubic", "--colocation-tol-m", "5", "--maxcount", "2"]
+    assert main(args) == 0
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["resample"]["method"] == "cubic" and m["resample"]["tolerance_m"] == 5.0
+    assert main(["shard", "verify", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    bad = ["shard", "--src", str(tmp_path / "b"), "--dataset", "sen12ms", "--out", str(tmp_path / "t"), "--resample", "nearest"]
+    assert main(bad) != 0
+    assert "--resample only apply to --dataset ssl4eo-s12|bigearthnet|bigearthnet-v2" in capsys.readouterr().err
+
+
+def test_job_array_parts_merge_to_the_single_run_and_reruns_reuse(ben1_tree, tmp_path):
+    from satfuse.data.shard_writer import merge
+
+    single = shard_dataset(ben1_tree, "bigearthnet", tmp_path / "one", maxcount=2, seed=5)
+    for i in range(2):
+        shard_dataset(ben1_tree, "bigearthnet", tmp_path / "two", maxcount=2, seed=5, shard_index=i, num_shards=2)
+    merged = merge(tmp_path / "two")
+    drop = ("created", "command", "part_commands", "name", "plan", "shards")  # these name the directory
+    assert {k: v for k, v in merged.items() if k not in drop} == {k: v for k, v in single.items() if k not in drop}
+    assert [(s["count"], s["sha256"]) for s in merged["shards"]] == [(s["count"], s["sha256"]) for s in single["shards"]]
+    assert merged["bands"]["s2"] == L2A and len(merged["stats"]["s2"]["sum"]) == 12
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("*.tar")}
+    again = shard_dataset(ben1_tree, "bigearthnet", tmp_path / "one", maxcount=2, seed=5)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("*.tar")} == before  # kept, not rewritten
+    assert again["shards"] == single["shards"]
