@@ -354,3 +354,28 @@ def test_job_array_parts_merge_to_the_single_run_and_reruns_reuse(ben1_tree, tmp
     again = shard_dataset(ben1_tree, "bigearthnet", tmp_path / "one", maxcount=2, seed=5)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("*.tar")} == before  # kept, not rewritten
     assert again["shards"] == single["shards"]
+
+
+def test_unreadable_band_fails_naming_it_or_is_listed_with_exclude_bad(ben1_tree, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ben1_tree, src)
+    name = sorted((src / "BigEarthNet-v1.0").iterdir())[0].name
+    band = src / "BigEarthNet-v1.0" / name / f"{name}_B11.tif"
+    band.write_bytes(band.read_bytes()[:300])
+    with pytest.raises(SatfuseError, match=rf"unreadable: .*{name}_B11.tif"):
+        shard_dataset(src, "bigearthnet", tmp_path / "strict", maxcount=8)
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+    m = shard_dataset(src, "bigearthnet", tmp_path / "lenient", maxcount=8, exclude_bad=True)
+    assert [e["key"] for e in m["excluded"] if e["reason"].startswith("unreadable")] == [name]
+
+
+def test_pair_lists_in_either_column_order_and_s2_only(ben1_tree, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ben1_tree, src)
+    rows = list(csv.reader((src / "bigearthnet-train.csv").open()))
+    (tmp_path / "s1first.csv").write_text("".join(f"{s1},{s2}\r\n" for s2, s1 in rows))
+    (tmp_path / "s2only.csv").write_text("".join(f"{s2}\n" for s2, _ in rows))
+    for lst in ("s1first.csv", "s2only.csv"):
+        m = shard_dataset(src, "bigearthnet", tmp_path / lst.split(".")[0], maxcount=8, split_file=tmp_path / lst)
+        assert sorted(samples(tmp_path / lst.split(".")[0])) == sorted(r[0] for r in rows)
+        assert m["folders_outside_split"] > 0 and m["ignored"] == []  # counted, not listed one by one

@@ -135,7 +135,8 @@ def read_name_list(path: Path) -> list[list[str]]:
         raise SatfuseError(f"{path}: cannot read ({exc.strerror}); check the path") from None
     if rows and not rows[0][0].startswith(("S1", "S2")):
         rows = rows[1:]  # a header (the published files have none)
-    return rows
+    # torchgeo reads `S2,S1`; a copy written S1-first is recognised by the names, not trusted blindly
+    return [[r[1], r[0], *r[2:]] if len(r) >= 2 and r[0].startswith("S1") and r[1].startswith("S2") else r for r in rows]
 
 
 def _v1_pairs(root: Path, split_file: Path | None, split: str | None, ignored: list[dict[str, str]]) -> tuple[list[tuple[str, str]], str]:

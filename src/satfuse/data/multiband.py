@@ -117,18 +117,18 @@ def read_sample(sample: BandSample, method: str, tol_m: float) -> SampleArrays:
         if np.dtype(info.dtype).kind not in "uif":
             raise sw.BadData(f"wrong dtype: {info.path} is {info.dtype}, an S1 band must be numeric (float32 dB)")
     ref = max(s2_infos, key=lambda i: i.height * i.width)  # first of the largest
+    shape = (ref.height, ref.width)
+    try:  # pixels first: a truncated file (which also loses its georeferencing) is bad data
+        s2_raw = [read_resampled(i, shape, method) for i in s2_infos]
+        s1_raw = [read_resampled(i, shape, method) for i in s1_infos]
+    except BandError as exc:
+        raise sw.BadData(str(exc)) from None
     try:
         problems = footprint_gaps(s1_infos + s2_infos, ref, tol_m)
     except Misaligned as exc:
         raise sw.NotColocated(str(exc)) from None
     if problems:
         raise sw.NotColocated(f"not co-located: {'; '.join(problems)}")
-    shape = (ref.height, ref.width)
-    try:
-        s2_raw = [read_resampled(i, shape, method) for i in s2_infos]
-        s1_raw = [read_resampled(i, shape, method) for i in s1_infos]
-    except BandError as exc:
-        raise sw.BadData(str(exc)) from None
     s2 = np.empty((len(s2_raw), *shape), dtype=np.uint16)
     for k, (band, info) in enumerate(zip(s2_raw, s2_infos, strict=True)):
         lo, hi = int(band.min()), int(band.max())
