@@ -318,6 +318,14 @@ def test_pretrain_on_each_dataset_then_band_mismatch_is_refused(ssl_tree, ben1_t
     assert run_ranks(1, args, logdir) != [0]
     text = logs(logdir)
     assert "band mismatch: checkpoint" in text and str(tmp_path / "sh_ssl") in text and "(12)" in text and "(13)" in text
+    # held-out shards of other bands are refused before training, not after it
+    logdir = tmp_path / "log_val"
+    logdir.mkdir()
+    args = [f"data.shards={tmp_path / 'sh_ben2'}", f"data.val_shards={tmp_path / 'sh_ssl'}",
+            f"train.run_dir={tmp_path / 'run_val'}", "train.steps=2", "data.batch_size=2"]
+    assert run_ranks(1, args, logdir) != [0]
+    assert f"band mismatch: data.val_shards={tmp_path / 'sh_ssl'}" in logs(logdir)
+    assert not (tmp_path / "run_val" / "metrics.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------------ CLI, parts, resume

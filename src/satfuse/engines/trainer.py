@@ -31,7 +31,7 @@ from satfuse.checkpoint.layout import META_NAME
 from satfuse.checkpoint.rng import capture_rng, restore_rng
 from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
-from satfuse.data.bands import channels, check_same_bands, normalization_bands
+from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
 from satfuse.distributed.env import DistEnv, all_reduce_max_bool
 from satfuse.engines.base import Engine, check_precision
@@ -108,6 +108,13 @@ class Trainer:
             self.shards, cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
             method=cfg.model.method, simclr_input=cfg.model.simclr_input,
         )
+        if cfg.data.val_shards:  # held-out pairs go through the same model: refuse other bands now, not at the end
+            val = manifest_bands(resolve_shards(cfg.data.val_shards).manifest, cfg.data.val_shards)
+            if val != self.loader.bands:
+                raise SatfuseError(
+                    f"band mismatch: data.val_shards={cfg.data.val_shards} holds {val}, data.shards={cfg.data.shards} "
+                    f"holds {self.loader.bands}; evaluate on shards with the training bands"
+                )
         self.module = build_pretrain_model(cfg.model, channels(self.loader.bands))
         self.engine = build_engine(cfg, self.module, self.device)
         self.step = 0
