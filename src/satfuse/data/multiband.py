@@ -26,11 +26,13 @@ import logging
 import multiprocessing as mp
 import os
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 
 from satfuse.data import shard_writer as sw
 from satfuse.data.layout import Excluded
@@ -43,6 +45,7 @@ from satfuse.data.resample import (
     Misaligned,
     band_info,
     footprint_gaps,
+    open_bands,
     read_resampled,
 )
 from satfuse.utils import SatfuseError, atomic_write_text
@@ -105,11 +108,16 @@ def read_sample(sample: BandSample, method: str, tol_m: float) -> SampleArrays:
     """Check co-location and read every band onto the reference grid.
 
     Raises sw.BadData (untrustworthy data) or sw.NotColocated (footprints disagree)."""
-    try:
-        s1_infos = [band_info(p) for _, p in sample.s1]
-        s2_infos = [band_info(p) for _, p in sample.s2]
-    except BandError as exc:
-        raise sw.BadData(str(exc)) from None
+    with rasterio.Env(), ExitStack() as stack:  # one GDAL environment and one open per file
+        try:
+            s1_infos = open_bands([p for _, p in sample.s1], stack)
+            s2_infos = open_bands([p for _, p in sample.s2], stack)
+        except BandError as exc:
+            raise sw.BadData(str(exc)) from None
+        return _read_opened(sample, s1_infos, s2_infos, method, tol_m)
+
+
+def _read_opened(sample: BandSample, s1_infos: list[BandInfo], s2_infos: list[BandInfo], method: str, tol_m: float) -> SampleArrays:
     for info in s2_infos:
         if np.dtype(info.dtype).kind not in "ui":
             raise sw.BadData(f"wrong dtype: {info.path} is {info.dtype}, an S2 band must be an integer type (uint16/int16 reflectance x 10000)")

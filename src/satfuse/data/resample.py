@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class BandInfo:
     dtype: str
     nodata: float | None
     bounds: tuple[float, float, float, float]
+    dataset: Any = None  # the open rasterio dataset when opened by `open_bands` (read without reopening)
 
 
 def resampling(method: str) -> Resampling:
@@ -84,12 +86,30 @@ def _open(path: Path) -> Any:
         raise BandError(f"unreadable: {path} is not a readable GeoTIFF ({msg}); re-download or regenerate it") from None
 
 
+def _info(path: Path, ds: Any) -> BandInfo:
+    if ds.count != 1:
+        raise BandError(f"wrong bands: {path} has {ds.count} bands, a per-band file needs 1; check --dataset")
+    return BandInfo(Path(path), ds.crs, tuple(ds.transform)[:6], ds.height, ds.width, ds.dtypes[0], ds.nodata, tuple(ds.bounds))
+
+
 def band_info(path: Path) -> BandInfo:
     """Read one file's header; BandError when it is not a single-band raster."""
     with _open(path) as ds:
-        if ds.count != 1:
-            raise BandError(f"wrong bands: {path} has {ds.count} bands, a per-band file needs 1; check --dataset")
-        return BandInfo(Path(path), ds.crs, tuple(ds.transform)[:6], ds.height, ds.width, ds.dtypes[0], ds.nodata, tuple(ds.bounds))
+        return _info(path, ds)
+
+
+def open_bands(paths: list[Path], stack: ExitStack) -> list[BandInfo]:
+    """Open every file once (closed with `stack`) and read its header.
+
+    Why: a sample is 14 files; opening each once instead of twice (header, then pixels)
+    halves the dominant cost of packing (rasterio.open is ~1-3 ms here)."""
+    infos = []
+    for path in paths:
+        ds = stack.enter_context(_open(path))
+        info = _info(path, ds)
+        info.dataset = ds
+        infos.append(info)
+    return infos
 
 
 def metric_crs(info: BandInfo) -> CRS:
@@ -107,13 +127,22 @@ def metric_crs(info: BandInfo) -> CRS:
 def footprint_gaps(infos: list[BandInfo], ref: BandInfo, tol_m: float) -> list[str]:
     """Problems (one per band off by more than its tolerance); empty when all agree."""
     dst = metric_crs(ref)
-    ref_box = transform_bounds(ref.crs, dst, *ref.bounds, densify_pts=21)
+    boxes: dict[tuple, tuple[float, ...]] = {}  # bands sharing CRS and bounds are reprojected once
+
+    def box_of(info: BandInfo) -> tuple[float, ...]:
+        ident = (info.crs.to_wkt(), info.bounds)
+        if ident not in boxes:
+            same = info.crs == dst
+            boxes[ident] = tuple(info.bounds) if same else tuple(transform_bounds(info.crs, dst, *info.bounds, densify_pts=21))
+        return boxes[ident]
+
+    ref_box = box_of(ref)
     problems = []
     for info in infos:
         if info.crs is None:
             problems.append(f"not georeferenced: {info.path} has no CRS")
             continue
-        box = ref_box if info is ref else transform_bounds(info.crs, dst, *info.bounds, densify_pts=21)
+        box = box_of(info)
         pixel = max((box[2] - box[0]) / max(info.width, 1), (box[3] - box[1]) / max(info.height, 1))
         gap = max(abs(a - b) for a, b in zip(box, ref_box, strict=True))
         allowed = tol_m + pixel / 2
@@ -124,7 +153,7 @@ def footprint_gaps(infos: list[BandInfo], ref: BandInfo, tol_m: float) -> list[s
 
 def read_resampled(info: BandInfo, shape: tuple[int, int], method: str) -> np.ndarray:
     """The band as a (H, W) array of its own dtype on `shape`, resampled with `method`."""
-    with _open(info.path) as ds:
+    with nullcontext(info.dataset) if info.dataset is not None else _open(info.path) as ds:
         try:
             if (ds.height, ds.width) == shape:
                 return ds.read(1)
