@@ -99,7 +99,8 @@ def test_ssl4eo_shards_verify_and_record_pairing(ssl_tree, tmp_path):
     assert m["total_samples"] == 8 and m["bands"] == {"s1": ["VV", "VH"], "s2": L1C}
     assert m["resample"]["method"] == "bilinear" and m["resample"]["tolerance_m"] == 10.0
     assert m["s2_level"] == "l1c" and {"path": "s2a", "reason": "not used with --s2-level l1c"} in m["ignored"]
-    assert len(m["stats"]["s2"]["mean"]) == 13
+    assert len(m["stats"]["s2"]["mean"]) == 13 and m["patch_size"] == [36, 36]
+    assert m["native_resolution_m"]["B5"] == 20 and m["source_crs"].startswith("EPSG:4326")
     assert verify(tmp_path / "l1c") == []
     got = samples(tmp_path / "l1c")
     meta = got["0000000_t0"]["json"]

@@ -216,7 +216,8 @@ def _scan_v1(root: Path, split_file: Path | None, split: str | None) -> BandScan
             meta.update(labels43=labels43, labels19=to_19(labels43))
         samples.append(BandSample(key, s1_files, s2_files, meta))
     unused = [d for top in (s2_root, s1_root) for d in top.iterdir() if d.name not in used and d.name not in snowcloud]
-    extras = {"pairs_from": source, "exclusion_lists": lists, "label_source": "S2 labels_metadata.json (43-class names)"}
+    extras = {"pairs_from": source, "exclusion_lists": lists, "label_source": "S2 labels_metadata.json (43-class names)",
+              "source_crs": "UTM of the S2 tile, per sample (its JSON crs/transform)"}  # fmt: skip
     if split_file is not None or split is not None:  # the rest of the release is expected: count it
         extras["folders_outside_split"] = len(unused)
     else:
@@ -315,5 +316,6 @@ def _scan_v2(root: Path, split_file: Path | None, split: str | None) -> BandScan
                 continue
             flags = [w for c, w in (("contains_seasonal_snow", "seasonal snow"), ("contains_cloud_or_shadow", "cloud or shadow")) if row.get(c)]
             excluded.append(Excluded(row["patch_id"], f"{' and '.join(flags) or 'snow, cloud or shadow'}: listed in {V2_SNOW_CLOUD}", []))
-    extras = {"pairs_from": V2_META, "exclusion_lists": lists, "label_source": f"{V2_META} labels (19-class names)", "nodata": {"s2": 0}}
+    extras = {"pairs_from": V2_META, "exclusion_lists": lists, "label_source": f"{V2_META} labels (19-class names)",
+              "nodata": {"s2": 0}, "source_crs": "UTM of the S2 tile, per sample (its JSON crs/transform)"}  # fmt: skip
     return BandScan("bigearthnet-v2", samples, excluded, ignored, {"s1": list(S1_BANDS), "s2": list(S2_BANDS)}, extras)

@@ -53,6 +53,11 @@ from satfuse.utils import SatfuseError, atomic_write_text
 log = logging.getLogger(__name__)
 
 DATASETS = ("ssl4eo-s12", "bigearthnet", "bigearthnet-v2")
+# Sentinel-2 native band resolutions (S1 GRD: 10 m) - what the files hold before resampling.
+NATIVE_RESOLUTION_M = {
+    "B1": 60, "B2": 10, "B3": 10, "B4": 10, "B5": 20, "B6": 20, "B7": 20, "B8": 10, "B8A": 20,
+    "B9": 60, "B10": 60, "B11": 20, "B12": 20, "VV": 10, "VH": 10,
+}  # fmt: skip
 GRID_RULE = (
     "every band read with `method` onto the height x width of the reference band (the first S2 band "
     "with the most pixels, a 10 m band) after its footprint, reprojected to a metric CRS, lies within "
@@ -283,6 +288,18 @@ def scan_dataset(dataset: str, src: Path, *, split_file: Path | None, split: str
     raise SatfuseError(f"unknown per-band dataset {dataset!r}; use one of {list(DATASETS)}")
 
 
+def _patch_size(scan: BandScan) -> list[int] | None:
+    """[H, W] of the output grid (the first readable sample's reference band); every sample's
+    own size is in its JSON and checked by `shard verify`."""
+    for sample in scan.samples:
+        try:
+            ref = max((band_info(p) for _, p in sample.s2), key=lambda i: i.height * i.width)
+        except BandError:
+            continue
+        return [ref.height, ref.width]
+    return None
+
+
 def _count_limit(scan: BandScan, maxcount: int, maxsize: int | None) -> int:
     """`--maxsize` as a per-shard count, from the first sample's reference-band size."""
     if maxsize is None:
@@ -336,6 +353,7 @@ def shard_bands(
         "planned_pairs": len(scan.samples), "bands": scan.bands,
         "dtype": {"s1": "float32", "s2": "uint16"},
         "resample": {"method": resample, "tolerance_m": tol_m, "grid": GRID_RULE},
+        "patch_size": _patch_size(scan), "native_resolution_m": NATIVE_RESOLUTION_M,
         **scan.extras, "ignored": scan.ignored,
     }  # fmt: skip
     header["plan"] = sw.plan_digest([header, [[s.key for s in shard] for shard in plan]])

@@ -89,6 +89,7 @@ def scan_ssl4eo(root: Path, s2_level: str = "l1c", max_gap_days: float = 30.0) -
         "s2_level": s2_level,
         "pairing": f"per (location, S2 timestamp in date order t0..t3): nearest unused S1 timestamp of the location within {max_gap_days:g} days",
         "max_gap_days": max_gap_days,
+        "source_crs": "EPSG:4326 (degree grids; S1 and S2 exported separately); each sample's crs/transform is in its JSON",
     }
     excluded.sort(key=lambda e: (e.key, e.reason))
     return BandScan("ssl4eo-s12", samples, excluded, ignored, {"s1": list(S1_BANDS), "s2": list(s2_bands)}, extras)
