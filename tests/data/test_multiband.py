@@ -359,6 +359,8 @@ def test_job_array_parts_merge_to_the_single_run_and_reruns_reuse(ben1_tree, tmp
     assert {k: v for k, v in merged.items() if k not in drop} == {k: v for k, v in single.items() if k not in drop}
     assert [(s["count"], s["sha256"]) for s in merged["shards"]] == [(s["count"], s["sha256"]) for s in single["shards"]]
     assert merged["bands"]["s2"] == L2A and len(merged["stats"]["s2"]["mean"]) == 12
+    pooled = shard_dataset(ben1_tree, "bigearthnet", tmp_path / "one_p", maxcount=2, seed=5, workers=2)
+    assert [s["sha256"] for s in pooled["shards"]] == [s["sha256"] for s in single["shards"]]
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("*.tar")}
     again = shard_dataset(ben1_tree, "bigearthnet", tmp_path / "one", maxcount=2, seed=5)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("*.tar")} == before  # kept, not rewritten
