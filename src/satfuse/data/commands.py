@@ -14,7 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+from satfuse.data import multiband_cli
 from satfuse.utils import SatfuseError
+
+BAND_DATASETS = ("ssl4eo-s12", "bigearthnet", "bigearthnet-v2")  # one GeoTIFF per band (data.multiband)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ def _register_synth(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--size", type=int, default=256, help="patch size in pixels (real data: 256)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
         p.set_defaults(func=_cmd_synth)
+    multiband_cli.register_synth(verbs)  # ssl4eo-s12, bigearthnet
 
 
 def _register_shard(subparsers: argparse._SubParsersAction) -> None:
@@ -52,8 +56,8 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
     )
     from satfuse.data.layout import DATASETS
 
-    shard.add_argument("--src", type=Path, help="dataset root (SEN12MS or DFC2020 layout; for pairs: what --pairs-file paths are relative to)")
-    shard.add_argument("--dataset", choices=list(DATASETS))
+    shard.add_argument("--src", type=Path, help="dataset root in its published layout (README: Datasets); for pairs: what --pairs-file paths are relative to")
+    shard.add_argument("--dataset", choices=[*DATASETS, *BAND_DATASETS])
     shard.add_argument("--out", type=Path, help="output directory shards/NAME (NAME names the tars)")
     shard.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     shard.add_argument("--maxsize", type=int, default=None, help="bytes per shard (turned into a per-shard count)")
@@ -68,6 +72,7 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
     shard.add_argument("--num-shards", type=int, default=None, help="number of job-array parts (default: SLURM_ARRAY_TASK_COUNT)")
     shard.add_argument("--overwrite", action="store_true", help="replace a non-empty output that is not a shard dir")
     shard.add_argument("--exclude-bad", action="store_true", help="list corrupt/NaN/wrong-band files as excluded instead of failing")
+    multiband_cli.add_shard_options(shard)
     shard.set_defaults(func=_cmd_shard)
     verbs = shard.add_subparsers(dest="shard_verb", metavar="{verify,merge}")
     verify = verbs.add_parser("verify", help="re-read every shard: counts, checksums, arrays")
@@ -125,6 +130,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         num_shards=num, overwrite=args.overwrite, exclude_bad=args.exclude_bad,
         command=["satfuse", *sys.argv[1:]], exclude_scenes=args.exclude_scenes,
         pairs_file=args.pairs_file, strict_split=args.strict_split,
+        **multiband_cli.band_options(args, args.dataset in BAND_DATASETS),
     )  # fmt: skip
     if "records" in result:  # a job-array part
         n = sum(r["count"] for r in result["records"])

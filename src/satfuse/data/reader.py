@@ -89,7 +89,8 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from satfuse.config import DataConfig
-from satfuse.data.normalize import S1_BANDS, S2_BANDS, S2_RGB, BandStats, normalize, normalize_into
+from satfuse.data.bands import manifest_bands
+from satfuse.data.normalize import S2_RGB, BandStats, normalize, normalize_into
 from satfuse.data.stream_io import (
     RawSample,
     ShardCache,
@@ -252,17 +253,6 @@ STATS_POOLING = ("count-weighted per band: each set's manifest mean/std weighted
                  "epoch (its share of samples x pixels per sample), pooled variance, min of mins, max of maxes")
 
 
-def manifest_bands(man: dict, sensor: str) -> list[str]:
-    """A manifest's band names for one sensor: its `bands` record, or the standard S1/S2 names
-    for manifests that predate it (their stats have one entry per band)."""
-    named = (man.get("bands") or {}).get(sensor) if isinstance(man.get("bands"), dict) else None
-    if named:
-        return [str(b) for b in named]
-    n = len(man["stats"][sensor].get("mean", []))
-    default = S1_BANDS if sensor == "s1" else S2_BANDS
-    return list(default) if n == len(default) else [f"band{i + 1}" for i in range(n)]
-
-
 def resolve_mix(specs: list[str], manifest: str, weights: list[float]) -> ShardSet:
     """Several shard sets as one: shards concatenated in list order, a `Mix` for the plan,
     band sets checked to agree and normalisation stats pooled (`STATS_POOLING`)."""
@@ -282,7 +272,8 @@ def resolve_mix(specs: list[str], manifest: str, weights: list[float]) -> ShardS
             raise SatfuseError(f"data.shards: {p.spec} holds no sample (its manifest counts 0); drop it from the list")
     for other in parts[1:]:
         for sensor in ("s1", "s2"):
-            a, b = manifest_bands(parts[0].manifest, sensor), manifest_bands(other.manifest, sensor)
+            a = manifest_bands(parts[0].manifest, parts[0].spec)[sensor]
+            b = manifest_bands(other.manifest, other.spec)[sensor]
             if a != b:
                 diff = sorted(set(a) ^ set(b)) or ["same bands, other order"]
                 raise SatfuseError(f"data.shards: {parts[0].spec} and {other.spec} have different {sensor} bands "
@@ -374,7 +365,7 @@ class SampleTransform:
             window.extend(self._window(h, w, rng, raw))
             return window[0], window[1], window[2]
 
-        s1, s2 = decode_pair(raw, choose)  # read-only views: pixels are read by `collate`
+        s1, s2 = decode_pair(raw, choose, len(self.s2.mean))  # read-only views: pixels are read by `collate`
         item: dict[str, Any] = {"s1": Pending(s1, self.s1), "s2": Pending(s2, self.s2), "key": raw.key}
         label = decode_label(raw) if self.labels else None
         if label is not None:
@@ -665,6 +656,7 @@ class PretrainLoader:
         self.s1_stats = BandStats.from_manifest(shards.stats, "s1", cfg.s1_clip)
         self.s2_stats = BandStats.from_manifest(shards.stats, "s2", cfg.s2_clip)
         self.transform = SampleTransform(self.s1_stats, self.s2_stats, seed, cfg.crop, method, simclr_input)
+        self.bands = manifest_bands(shards.manifest, shards.spec)  # the model's input channels follow these
         self.steps_per_epoch = self._plan(0, None).steps
         if self.steps_per_epoch == 0:
             raise SatfuseError(
@@ -697,8 +689,8 @@ class PretrainLoader:
     def normalization(self) -> dict:
         """Stored with checkpoints: how raw bands became model inputs."""
         out = {
-            "s1": {**self.s1_stats.to_dict(), "bands": ["VV", "VH"]},
-            "s2": {**self.s2_stats.to_dict(), "bands": 13},
+            "s1": {**self.s1_stats.to_dict(), "bands": list(self.bands["s1"])},
+            "s2": {**self.s2_stats.to_dict(), "bands": list(self.bands["s2"])},
             "crop": self.cfg.crop,
             "source": self.shards.spec,
         }

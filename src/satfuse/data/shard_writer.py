@@ -76,6 +76,7 @@ OWNER_FILE = "owner.json"
 TAR_MTIME = 0.0  # fixed member mtime: identical input + seed -> identical bytes
 TAR_RECORD = 10240  # tarfile pads the archive to a multiple of this
 MAX_ERRORS_SHOWN = 5
+BAND_DATASETS = ("ssl4eo-s12", "bigearthnet", "bigearthnet-v2")  # one GeoTIFF per band
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,7 +693,8 @@ def build_manifest(header: dict[str, Any], records: list[dict[str, Any]], scan_e
     manifests are equal except for `created` and `command`.
     """
     records = sorted(records, key=lambda r: r["index"])
-    sums = {"s1": empty_sums(2), "s2": empty_sums(13)}
+    bands = header.get("bands") or {"s1": [None] * 2, "s2": [None] * 13}  # per-band datasets record names
+    sums = {sensor: empty_sums(len(names)) for sensor, names in bands.items()}
     excluded = list(scan_excluded)
     for r in records:
         for sensor in sums:
@@ -735,11 +737,23 @@ def shard_dataset(
     exclude_scenes: Path | None = None,
     pairs_file: Path | None = None,
     strict_split: bool = False,
+    **band_options: Any,
 ) -> dict[str, Any]:
     """Pack `src` into `out` (see module doc). Returns the manifest (or, for a job-array
     part, the part manifest). `num_shards` is the number of job-array parts, not of tars.
-    `strict_split` makes split-list entries without files fatal (they are listed otherwise)."""
+    `strict_split` makes split-list entries without files fatal (they are listed otherwise).
+    `band_options` (resample, s2_level, split, tol_m, max_gap_days) are for BAND_DATASETS."""
     src, out = Path(src), Path(out)
+    if dataset in BAND_DATASETS:  # one file per band: SSL4EO-S12, BigEarthNet (satfuse.data.multiband)
+        unused = [flag for flag, value in (("--exclude-scenes", exclude_scenes), ("--pairs-file", pairs_file),
+                                           ("--strict-split", strict_split)) if value]
+        if unused:
+            raise SatfuseError(f"{', '.join(unused)}: not used by --dataset {dataset} (SEN12MS/DFC2020/pairs only); drop it")
+        from satfuse.data.multiband import shard_bands
+
+        return shard_bands(src, dataset, out, maxcount=maxcount, maxsize=maxsize, workers=workers, seed=seed,
+                           split_file=split_file, shard_index=shard_index, num_shards=num_shards,
+                           overwrite=overwrite, exclude_bad=exclude_bad, command=command, **band_options)
     part = _check_args(maxcount, maxsize, workers, shard_index, num_shards)
     _check_paths(src, out)
     result = scan_dataset(src, dataset, split_file, exclude_scenes, pairs_file)

@@ -417,8 +417,10 @@ def _check_shape(shape: tuple[int, ...], want: tuple[int, ...]) -> None:
 Window = Callable[[int, int], "tuple[int, int, int]"]  # (H, W) -> (top, left, size); size 0 = all
 
 
-def decode_pair(sample: RawSample, window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """S1 (2,H,W) and S2 (13,H,W) of a sample as read-only views, cut to `window(H, W)`.
+def decode_pair(sample: RawSample, window: Window | None = None, s2_bands: int = 13) -> tuple[np.ndarray, np.ndarray]:
+    """S1 (2,H,W) and S2 (s2_bands,H,W) of a sample as read-only views, cut to `window(H, W)`.
+
+    `s2_bands` comes from the manifest (13 for SEN12MS, 12 for BigEarthNet / SSL4EO L2A).
 
     The window is chosen from S1's shape before S2 is decoded, so a crop larger than the
     patch is reported as such even when S2 is broken too. ValueError naming what is wrong."""
@@ -429,7 +431,7 @@ def decode_pair(sample: RawSample, window: Window | None = None) -> tuple[np.nda
             raise ValueError(f"member {ext} missing (has {sorted(sample.members)})")
     s1 = load_npy(sample.members["s1.npy"], (2,))
     top, left, size = window(s1.shape[1], s1.shape[2]) if window else (0, 0, 0)
-    s2 = load_npy(sample.members["s2.npy"], (13, *s1.shape[1:]))
+    s2 = load_npy(sample.members["s2.npy"], (s2_bands, *s1.shape[1:]))
     if not size:
         return s1, s2
     rows, cols = slice(top, top + size), slice(left, left + size)

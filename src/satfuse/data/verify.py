@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from satfuse.data.bands import manifest_bands
 from satfuse.data.layout import EXPECTED_BANDS
 from satfuse.data.shard_writer import FORMAT
 
@@ -37,9 +38,10 @@ def verify(shard_dir: Path) -> list[str]:
     for stray in sorted(p.name for p in shard_dir.glob("*.tar") if p.name not in listed):
         problems.append(f"{shard_dir / stray}: tar not listed in manifest.json; remove it or re-shard")
     total = 0
+    bands = manifest_bands(manifest, str(shard_dir / "manifest.json"))  # 12 S2 bands for BigEarthNet / L2A
     bar = tqdm(manifest["shards"], desc="verify", unit="shard", disable=not sys.stderr.isatty())
     for entry in bar:
-        count, found = _verify_shard(shard_dir / entry["name"], entry, manifest.get("label"), manifest.get("aux", []))
+        count, found = _verify_shard(shard_dir / entry["name"], entry, manifest.get("label"), bands, manifest.get("aux", []))
         problems += found
         total += count
     if total != manifest.get("total_samples"):
@@ -62,7 +64,7 @@ def _load_manifest(shard_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
     return manifest, []
 
 
-def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None, aux: list[str] | None = None) -> tuple[int, list[str]]:
+def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None, bands: dict[str, list[str]], aux: list[str] | None = None) -> tuple[int, list[str]]:
     """Check one tar against its manifest entry; returns (samples decoded, problems)."""
     if not tar.is_file():
         return 0, [f"{tar}: listed in manifest.json but missing; restore it or re-shard"]
@@ -75,7 +77,7 @@ def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None, aux: list
     samples, read_problems = _read_samples(tar, data)
     problems += read_problems
     for key, members in samples.items():
-        problems += [f"{tar}: sample {key}: {p}" for p in _check_sample(key, members, label, aux)]
+        problems += [f"{tar}: sample {key}: {p}" for p in _check_sample(key, members, label, bands, aux)]
     if len(samples) != entry.get("count"):
         problems.append(f"{tar}: {len(samples)} samples, manifest says {entry.get('count')}; restore it or re-shard")
     return len(samples), problems
@@ -97,7 +99,7 @@ def _read_samples(tar: Path, data: bytes) -> tuple[dict[str, dict[str, bytes]], 
     return samples, []
 
 
-def _check_sample(key: str, members: dict[str, bytes], label: str | None, aux: list[str] | None = None) -> list[str]:
+def _check_sample(key: str, members: dict[str, bytes], label: str | None, bands: dict[str, list[str]], aux: list[str] | None = None) -> list[str]:
     want = {"json", "s1.npy", "s2.npy"} | ({f"{label}.npy"} if label else set()) | {f"{a}.npy" for a in aux or []}
     problems = []
     if set(members) != want:
@@ -110,13 +112,15 @@ def _check_sample(key: str, members: dict[str, bytes], label: str | None, aux: l
             problems.append("json member is not valid JSON")
         if meta and meta.get("key") != key:
             problems.append(f"json key {meta.get('key')!r} != tar key")
+        if meta and "bands" in meta and meta["bands"] != bands:
+            problems.append(f"json bands {meta['bands']} differ from the manifest's {bands}")
     for ext, blob in members.items():
         if ext.endswith(".npy"):
-            problems += _check_array(ext[:-4], blob, meta)
+            problems += _check_array(ext[:-4], blob, meta, len(bands[ext[:-4]]) if ext[:-4] in bands else None)
     return problems
 
 
-def _check_array(sensor: str, blob: bytes, meta: dict[str, Any]) -> list[str]:
+def _check_array(sensor: str, blob: bytes, meta: dict[str, Any], count: int | None = None) -> list[str]:
     try:
         array = np.load(io.BytesIO(blob), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -124,6 +128,7 @@ def _check_array(sensor: str, blob: bytes, meta: dict[str, Any]) -> list[str]:
     if sensor not in EXPECTED_BANDS:
         return [f"unexpected member {sensor}.npy"]
     bands, dtype = EXPECTED_BANDS[sensor]
+    bands = count if count is not None else bands  # s1/s2: the manifest's band count
     shape = (bands, meta.get("height"), meta.get("width"))
     problems = []
     if array.dtype != np.dtype(dtype) or array.shape != shape:

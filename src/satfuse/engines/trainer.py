@@ -27,9 +27,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import satfuse
+from satfuse.checkpoint.layout import META_NAME
 from satfuse.checkpoint.rng import capture_rng, restore_rng
 from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
+from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
 from satfuse.distributed.env import DistEnv, all_reduce_max_bool
 from satfuse.engines.base import Engine, check_precision
@@ -106,7 +108,14 @@ class Trainer:
             self.shards, cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
             method=cfg.model.method, simclr_input=cfg.model.simclr_input,
         )
-        self.module = build_pretrain_model(cfg.model)
+        if cfg.data.val_shards:  # held-out pairs go through the same model: refuse other bands now, not at the end
+            val = manifest_bands(resolve_shards(cfg.data.val_shards).manifest, cfg.data.val_shards)
+            if val != self.loader.bands:
+                raise SatfuseError(
+                    f"band mismatch: data.val_shards={cfg.data.val_shards} holds {val}, data.shards={cfg.data.shards} "
+                    f"holds {self.loader.bands}; evaluate on shards with the training bands"
+                )
+        self.module = build_pretrain_model(cfg.model, channels(self.loader.bands))
         self.engine = build_engine(cfg, self.module, self.device)
         self.step = 0
         self.epoch = 0
@@ -138,6 +147,7 @@ class Trainer:
         path = self.engine.find_resume(self.cfg.checkpoint.resume)
         if path is None:
             return
+        self._check_checkpoint_bands(path)  # before loading: a band mismatch is a shape error there
         rank_states, meta = self.engine.load(path)
         same_world = len(rank_states) == self.env.world_size
         mine = rank_states[self.env.rank] if same_world else rank_states[0]
@@ -150,6 +160,17 @@ class Trainer:
             "resumed from %s at step %d (saved by %d ranks, now %d)",
             path, self.step, len(rank_states), self.env.world_size,
         )
+
+    def _check_checkpoint_bands(self, path: Path) -> None:
+        """Refuse to resume a checkpoint trained on other bands than the shard set holds."""
+        meta_path = Path(path) / META_NAME
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return  # the engine's load reports an unreadable checkpoint
+        trained = normalization_bands(meta.get("normalization") if isinstance(meta, dict) else None)
+        if trained is not None:
+            check_same_bands(trained, self.loader.bands, str(path), self.shards.spec)
 
     # ---------------------------------------------------------------- training
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:

@@ -45,9 +45,11 @@ class PretrainModel(nn.Module, abc.ABC):
 
     method = "base"
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        # input bands per sensor, from the shard manifest (`satfuse.data.bands`); SEN12MS default
+        self.channels_in = {"s1": S1_CHANNELS, "s2": S2_CHANNELS, **(channels or {})}
 
     @abc.abstractmethod
     def backbones(self) -> dict[str, nn.Module]:
@@ -95,10 +97,10 @@ class DualSimCLR(PretrainModel):
 
     method = "dual_simclr"
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
-        self.backbone_s1 = build_backbone(cfg.backbone, S1_CHANNELS)
-        self.backbone_s2 = build_backbone(cfg.backbone, S2_CHANNELS)
+    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
+        super().__init__(cfg, channels)
+        self.backbone_s1 = build_backbone(cfg.backbone, self.channels_in["s1"])
+        self.backbone_s2 = build_backbone(cfg.backbone, self.channels_in["s2"])
         self.head_s1 = ProjectionHead(self.backbone_s1.out_dim, cfg.proj_hidden, cfg.proj_out)
         self.head_s2 = ProjectionHead(self.backbone_s2.out_dim, cfg.proj_hidden, cfg.proj_out)
 
@@ -106,8 +108,8 @@ class DualSimCLR(PretrainModel):
         return {"s1": self.backbone_s1, "s2": self.backbone_s2}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        s1 = _take(batch, "s1", S1_CHANNELS, self.method)
-        s2 = _take(batch, "s2", S2_CHANNELS, self.method)
+        s1 = _take(batch, "s1", self.channels_in["s1"], self.method)
+        s2 = _take(batch, "s2", self.channels_in["s2"], self.method)
         self._check_sync_bn(s1)
         return {
             "z_s1": self.head_s1(self.backbone_s1(s1)),
@@ -127,13 +129,14 @@ class SimCLR(PretrainModel):
 
     method = "simclr"
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
+        super().__init__(cfg, channels)
         if cfg.simclr_input not in SIMCLR_CHANNELS:
             raise SatfuseError(
                 f"model.simclr_input={cfg.simclr_input!r} is not one of {list(SIMCLR_CHANNELS)}"
             )
-        self.channels = SIMCLR_CHANNELS[cfg.simclr_input]
+        c1, c2 = self.channels_in["s1"], self.channels_in["s2"]
+        self.channels = {"s2_rgb": 3, "s2": c2, "s1s2": c1 + c2}[cfg.simclr_input]
         self.backbone = build_backbone(cfg.backbone, self.channels)
         self.head = ProjectionHead(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_out)
 
@@ -176,10 +179,10 @@ class MMA(PretrainModel):
 
     method = "mma"
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
-        self.backbone_s1 = build_backbone(cfg.backbone, S1_CHANNELS)
-        self.backbone_s2 = build_backbone(cfg.backbone, S2_CHANNELS)
+    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
+        super().__init__(cfg, channels)
+        self.backbone_s1 = build_backbone(cfg.backbone, self.channels_in["s1"])
+        self.backbone_s2 = build_backbone(cfg.backbone, self.channels_in["s2"])
         self.head_s1 = DenseProjectionHead(self.backbone_s1.out_dim, cfg.proj_hidden, cfg.mma_dim)
         self.head_s2 = DenseProjectionHead(self.backbone_s2.out_dim, cfg.proj_hidden, cfg.mma_dim)
 
@@ -187,8 +190,8 @@ class MMA(PretrainModel):
         return {"s1": self.backbone_s1, "s2": self.backbone_s2}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        s1 = _take(batch, "s1", S1_CHANNELS, self.method)
-        s2 = _take(batch, "s2", S2_CHANNELS, self.method)
+        s1 = _take(batch, "s1", self.channels_in["s1"], self.method)
+        s2 = _take(batch, "s2", self.channels_in["s2"], self.method)
         if s1.shape[-2:] != s2.shape[-2:]:
             raise SatfuseError(
                 f"mma: S1 {tuple(s1.shape[-2:])} and S2 {tuple(s2.shape[-2:])} crops differ; "
@@ -213,12 +216,16 @@ class MMA(PretrainModel):
 METHODS: dict[str, type[PretrainModel]] = {"dual_simclr": DualSimCLR, "simclr": SimCLR, "mma": MMA}
 
 
-def build_pretrain_model(cfg: ModelConfig) -> PretrainModel:
+def build_pretrain_model(cfg: ModelConfig, channels: dict[str, int] | None = None) -> PretrainModel:
     """The model for `cfg.method`; with `cfg.sync_bn` its BatchNorms become SyncBatchNorm
-    (statistics over the global batch; CUDA only, the model refuses it on CPU at forward)."""
+    (statistics over the global batch; CUDA only, the model refuses it on CPU at forward).
+
+    `channels`: input bands per sensor ({"s1": 2, "s2": 12} ...), taken from the shard
+    manifest by the trainer and from the checkpoint's normalization by the export; None =
+    the 13-band SEN12MS default."""
     if cfg.method not in METHODS:
         raise SatfuseError(f"unknown model.method {cfg.method!r}; use one of {list(METHODS)}")
-    model = METHODS[cfg.method](cfg)
+    model = METHODS[cfg.method](cfg, channels)
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
