@@ -707,7 +707,7 @@ def build_manifest(header: dict[str, Any], records: list[dict[str, Any]], scan_e
         "shards": [{"name": r["name"], "count": r["count"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
         "total_samples": sum(r["count"] for r in records),
         "excluded": excluded,
-        "ignored": list(ignored or []),
+        "ignored": list(ignored if ignored is not None else header.get("ignored", [])),
         "stats": {sensor: finish_stats(s) for sensor, s in sums.items()},
         "command": command,
         "versions": versions(),
