@@ -7,7 +7,8 @@
 3. step: forward under autocast -> global contrastive loss -> NaN check agreed by all ranks ->
    engine backward/step -> log;
 4. checkpoint every N steps, at the end, and when any rank got a stop signal (SLURM
-   preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`;
+   preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`
+   (`STOP_EXIT_CODE` after SIGTERM, i.e. scancel: saved, not to be requeued);
 5. at the end, cross-modal retrieval accuracy on held-out shards.
 """
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 import satfuse
 from satfuse.checkpoint.rng import capture_rng, restore_rng
-from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
+from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, StopFlag
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
 from satfuse.distributed.env import DistEnv, all_reduce_max_bool
@@ -44,7 +45,7 @@ __all__ = ["REQUEUE_EXIT_CODE", "Trainer", "TrainResult"]
 
 @dataclass
 class TrainResult:
-    status: str  # "completed" | "preempted"
+    status: str  # "completed" | "preempted" (requeue me) | "stopped" (SIGTERM: do not requeue)
     step: int
     final_loss: float
     retrieval_top1: float | None = None
@@ -208,7 +209,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
                     t0, seen = time.perf_counter(), 0
                 if stop.should_stop():
-                    status = "preempted"
+                    status = "stopped" if stop.terminate else "preempted"
                     break
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save()
@@ -227,6 +228,9 @@ class Trainer:
         if status == "preempted":
             log.warning("stop signal received: saved step %d; exiting with %d (requeue me)",
                         self.step, REQUEUE_EXIT_CODE)
+        elif status == "stopped":
+            log.warning("SIGTERM received (scancel, or SLURM ending the job): saved step %d; exiting with %d "
+                        "(stopped, not to be requeued)", self.step, STOP_EXIT_CODE)
         return result
 
     # ---------------------------------------------------------------- evaluation
