@@ -69,7 +69,7 @@ def test_merge_after_an_unfinished_part_says_what_to_run(capsys: pytest.CaptureF
     lines = out.splitlines()
     assert "COMPLETED" in lines[0]
     merge_hint = next(ln for ln in lines if "merge never ran" in ln)
-    assert "part(s) 1 (ENDED)" in merge_hint
+    assert "part(s) 1 (ended without a result: cancelled or killed) did not complete" in merge_hint
     assert ("satfuse shard --src /data/raw --dataset sen12ms --out /data/shards --num-shards 2 "
             "--shard-index 1 --maxcount 4") in merge_hint
     assert "`satfuse shard merge /data/shards`" in merge_hint

@@ -178,6 +178,9 @@ def build_ds_config(cfg: PretrainConfig, world: int, device: torch.device) -> di
     """The full DeepSpeed config dict of this run (see the module doc for precedence)."""
     where = resolve_ds_config_path(cfg.deepspeed.config)
     raw = read_ds_file(where)
+    from satfuse.engines.ds_keys import check_keys
+
+    check_keys(raw, where)  # a typo would be ignored (top level) or a pydantic traceback (nested)
     for key in PARALLEL_KEYS:
         if raw.get(key):
             raise SatfuseError(

@@ -237,7 +237,7 @@ def _hint(entry: dict[str, Any], state: str, by_id: dict[str, dict[str, Any]]) -
             first != "PENDING" or "DependencyNeverSatisfied" in state):
         bad = [e for e in by_id.values() if e["kind"] == "shard"
                and e["job_id"].split("_")[0] == str(entry.get("after", "")) and e.get("_state") != "COMPLETED"]
-        parts = ", ".join(f"{e.get('part', '?')} ({e.get('_state', '?')})" for e in bad) or "?"
+        parts = ", ".join(f"{e.get('part', '?')} ({_said(e.get('_state', '?'))})" for e in bad) or "?"
         cmds = [part_command(e) for e in bad]
         out = entry.get("out", "OUT")
         return (f"the merge never ran: shard part(s) {parts} did not complete; rerun "
@@ -246,6 +246,10 @@ def _hint(entry: dict[str, Any], state: str, by_id: dict[str, dict[str, Any]]) -
     if entry["kind"] == "shard" and first in ("ENDED", "CANCELLED", "FAILED", "TIMEOUT"):
         return f"rerun this part: {part_command(entry)}" if part_command(entry) else ""
     return ""
+
+
+def _said(state: str) -> str:
+    return "ended without a result: cancelled or killed" if state == "ENDED" else state
 
 
 def part_command(entry: dict[str, Any]) -> str:
