@@ -194,3 +194,23 @@ def test_cancel_is_for_good_and_only_for_this_runs_job(capsys: pytest.CaptureFix
         assert "stopped by SIGTERM" in err and "not requeueing" in err and "requeued (requeue" not in err
         rc, out, _ = cli(capsys, "jobs", "ls", str(run))
         assert "CANCELLED" in out
+
+
+def test_recorded_cancel_beats_the_requeue_signal(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`jobs cancel` records the cancellation before it runs scancel: a task that got the
+    requeue signal (USR2) meanwhile saves and leaves instead of requeueing itself."""
+    from satfuse.launch.jobs import mark_cancelled
+
+    monkeypatch.setenv("TOY_STEP_S", "0.3")
+    run = tmp_path / "run"
+    job = submit_toy(capsys, run, "checkpoint.every_steps=1000", steps=400, flags=("--tasks-per-node", "1"))
+    wait_for(lambda: len(metrics(run)) >= 2, 90, "the job to make progress")
+    mark_cancelled(run, [job])
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    assert wait_gone(job, timeout=60) == 0
+    time.sleep(3)
+    assert job_state(job) == "" and scontrol_field(job, "Restarts") == "0"
+    assert (run / "checkpoints" / "latest").is_file()
+    err = (run / "submitit" / f"{job}_0_log.err").read_text()
+    assert "was cancelled with `satfuse jobs cancel`: checkpoint saved, not requeueing" in err
