@@ -152,9 +152,15 @@ def test_checkpoint_saves_make_room_first_and_say_enospc_truly(tmpfs: Callable[[
     msg = str(info.value)
     assert "saving step 2 failed: no space left on device (ENOSPC): " in msg
     assert " free, about " in msg and " needed (" in msg and "step_00000001 is intact" in msg
-    assert "lower checkpoint.keep_last (now 1;" in msg and "\n" not in msg
+    assert "checkpoint.keep_last=1 already keeps only the last complete checkpoint" in msg and "\n" not in msg
     assert read_latest(run).name == "step_00000001" and checkpoint_problems(run / "checkpoints/step_00000001") == []
     assert not list_partial(run)
+    # keep_last=3 on the same room: lowering keep_last is the true advice there
+    run = tmpfs("1200k") / "run"
+    mgr = CheckpointManager(run, keep_last=3)
+    save(mgr, model, opt, 1)
+    with pytest.raises(SatfuseError, match=r"ENOSPC.*or lower checkpoint.keep_last \(now 3; when space is short"):
+        save(mgr, model, opt, 2)
 
 
 @pytest.mark.deepspeed
@@ -174,6 +180,6 @@ def test_deepspeed_save_on_a_full_disk_says_enospc(tmpfs: Callable[[str], Path],
     assert codes != [0]
     line = next(ln for ln in text.splitlines() if "saving step 2 failed" in ln)
     assert "saving step 2 failed: no space left on device (ENOSPC): " in line and " free, about " in line
-    assert "step_00000001 is intact" in line and "lower checkpoint.keep_last (now 1;" in line
+    assert "step_00000001 is intact" in line and "checkpoint.keep_last=1 already keeps only the last complete checkpoint" in line
     assert read_latest(run).name == "step_00000001" and checkpoint_problems(run / "checkpoints/step_00000001") == []
     assert not list_partial(run)

@@ -726,12 +726,19 @@ class CheckpointManager:
         if "No space left" in why or "Errno 28" in why or "ENOSPC" in why:
             needed = self._needed_estimate()
             need = f", about {human(needed)} needed" if needed else ""
+            if self.keep_last > 1:
+                fix = (f"free space there, or lower checkpoint.keep_last (now {self.keep_last}; when space is "
+                       "short, older checkpoints are pruned to keep_last - 1 before a save, never the last "
+                       "complete one), and resume")
+            elif self.keep_last == 1:
+                fix = ("free space there and resume (checkpoint.keep_last=1 already keeps only the last "
+                       "complete checkpoint)")
+            else:
+                fix = ("free space there, or set checkpoint.keep_last (now 0: every checkpoint is kept) so that "
+                       "older ones are pruned, and resume")
             return SatfuseError(
                 f"{self.ckpt_dir}: saving step {step} failed: no space left on device (ENOSPC): "
-                f"{human(free_bytes(self.ckpt_dir))} free{need} ({why}); nothing was committed and {prev}: "
-                f"free space there, or lower checkpoint.keep_last (now {self.keep_last}; when space is short, "
-                "older checkpoints are pruned to keep_last - 1 before a save, never the last complete one), "
-                "and resume"
+                f"{human(free_bytes(self.ckpt_dir))} free{need} ({why}); nothing was committed and {prev}: {fix}"
             )
         return SatfuseError(
             f"{self.ckpt_dir}: saving step {step} failed ({why}); nothing was committed and "
