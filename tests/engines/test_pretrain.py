@@ -134,3 +134,17 @@ def test_fp16_on_cpu_fails_at_start(sen12ms_shards, tmp_path):
     codes = run_ranks(1, common(sen12ms_shards, tmp_path / "run", 3, **{"train.precision": "fp16"}), tmp_path)
     assert codes == [2]
     assert "fp16 needs a CUDA GPU" in logs(tmp_path)
+
+
+def test_sigterm_on_one_rank_saves_on_all_and_stops_without_requeue(sen12ms_shards, tmp_path):
+    """TERM (scancel) beats the requeue signal: rank 0 gets USR1, rank 1 TERM -> both save and
+    exit 143, which no launcher requeues."""
+    run = tmp_path / "run"
+    args = common(sen12ms_shards, run, 500, **{"checkpoint.every_steps": "1000"})
+    procs = start_ranks(2, args, log_dir=tmp_path)
+    wait_for_step(run, 3, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    procs[0].send_signal(signal.SIGUSR1)
+    assert wait_all(procs) == [143, 143], logs(tmp_path)
+    assert 3 <= int(latest(run).name.split("_")[1]) < 500
+    assert "stopped, not to be requeued" in logs(tmp_path)

@@ -74,6 +74,8 @@ def test_signal_must_fit_in_the_time_limit() -> None:
         validate_profile(ClusterProfile(time="1", signal_delay_s=120), "x.yaml")
     with pytest.raises(ConfigError, match="signal"):
         validate_profile(ClusterProfile(signal="KILL"), "x.yaml")
+    with pytest.raises(ConfigError, match="signal=TERM cannot be told apart from scancel"):
+        validate_profile(ClusterProfile(signal="SIGTERM"), "x.yaml")
 
 
 def test_sbatch_text_has_requeue_signal_and_site_values(tmp_path: Path) -> None:
@@ -98,5 +100,7 @@ def test_master_port_is_shared_and_moves_on_requeue() -> None:
 
 def test_requeue_code_matches_the_trainer() -> None:
     from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE as TRAINER_CODE
+    from satfuse.checkpoint.signals import STOP_EXIT_CODE as TRAINER_STOP
+    from satfuse.launch.task import STOP_EXIT_CODE
 
-    assert REQUEUE_EXIT_CODE == TRAINER_CODE
+    assert REQUEUE_EXIT_CODE == TRAINER_CODE and STOP_EXIT_CODE == TRAINER_STOP

@@ -92,3 +92,21 @@ def test_plain_shard_array_template_equals_single_process(raw_sen12ms: Path, sin
     assert scontrol_field(merge_id, "JobState") == "COMPLETED", (tmp_path / "merge.out").read_text()[-2000:]
     merged = json.loads((out_dir / "manifest.json").read_text())
     assert shard_records(merged) == shard_records(single_manifest)
+
+
+def test_cancelled_part_leaves_the_merge_unrun_and_ls_says_what_to_run(
+        capsys: pytest.CaptureFixture[str], raw_sen12ms: Path, tmp_path: Path) -> None:
+    out_dir, run = tmp_path / "shards", tmp_path / "run"
+    sub = cli_json(capsys, "submit", "shard", "--src", str(raw_sen12ms), "--out", str(out_dir), "--maxcount", "4",
+                   "--cluster", "localslurm", "--array-size", "2", "--run-dir", str(run))
+    part1, merge = sub["jobs"][1]["job_id"], sub["jobs"][2]["job_id"]
+    subprocess.run(["scancel", part1], check=True, timeout=30)
+    wait_gone(merge, timeout=120)  # kill-on-invalid-dep: SLURM drops the merge
+    wait_gone(sub["jobs"][0]["job_id"], timeout=120)
+    assert not (out_dir / "manifest.json").exists()
+    rc, out, _ = cli(capsys, "jobs", "ls", str(run))
+    assert rc == 0 and "UNKNOWN" not in out
+    hint = next(ln for ln in out.splitlines() if "merge never ran" in ln)
+    assert "part(s) 1 (" in hint and "did not complete" in hint and "part(s) 0" not in hint
+    assert f"--out {out_dir} --num-shards 2 --shard-index 1 --maxcount 4" in hint
+    assert f"`satfuse shard merge {out_dir}`" in hint

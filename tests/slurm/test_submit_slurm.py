@@ -31,8 +31,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_env", "job_env")
 TOY = "tests.slurm.toy_train:run"
 
 
-def submit_toy(capsys: pytest.CaptureFixture[str], run_dir: Path, *extra: str, steps: int = 8) -> str:
-    out = cli_json(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm",
+def submit_toy(capsys: pytest.CaptureFixture[str], run_dir: Path, *extra: str, steps: int = 8,
+               flags: tuple[str, ...] = ()) -> str:
+    out = cli_json(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm", *flags,
                    "--entry", TOY, f"train.run_dir={run_dir}", f"train.steps={steps}", *extra)
     assert out["executor"] == "slurm" and len(out["jobs"]) == 1
     return out["jobs"][0]["job_id"]
@@ -50,7 +51,7 @@ def test_dry_run_prints_a_valid_sbatch_script(capsys: pytest.CaptureFixture[str]
     assert rc == 0, err
     assert out.startswith("#!/bin/bash") and "#SBATCH --requeue" in out and "#SBATCH --signal=USR2@120" in out
     assert "#SBATCH --ntasks-per-node=2" in out and "#SBATCH --partition=debug" in out
-    assert "srun" in out and "submitit.core._submit" in out
+    assert "srun" in out and "submitit.core._submit" in out and "sbatch --test-only` only" in out
     script = tmp_path / "job.sh"
     script.write_text(out)
     res = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
@@ -148,15 +149,68 @@ def test_requeue_limit_stops_with_a_clear_message(capsys: pytest.CaptureFixture[
     assert "FAILED" in out
 
 
-def test_cancel_stops_a_running_job(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TOY_STEP_S", "0.5")
+def test_cancel_is_for_good_and_only_for_this_runs_job(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two 1-task jobs side by side. A: plain `scancel` (TERM) -> saved, CANCELLED, never
+    requeued. B: a second submit on its run dir is refused naming the job; a stale run dir whose
+    jobs.json holds B's id (the controller's ids restarted) neither shows B's state nor cancels
+    it; `satfuse jobs cancel` then records the cancellation and B ends CANCELLED, saved."""
+    monkeypatch.setenv("TOY_STEP_S", "0.3")
+    run_a, run_b, stale = tmp_path / "a", tmp_path / "b", tmp_path / "stale"
+    one = ("--tasks-per-node", "1")
+    job_a = submit_toy(capsys, run_a, "checkpoint.every_steps=1000", steps=400, flags=one)
+    job_b = submit_toy(capsys, run_b, "checkpoint.every_steps=1000", steps=400, flags=one)
+    wait_for(lambda: len(metrics(run_a)) >= 2 and len(metrics(run_b)) >= 2, 120, "both jobs to make progress")
+
+    # 2. a second submit on B's run dir while B runs
+    rc, out, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm", *one,
+                       "--entry", TOY, f"train.run_dir={run_b}")
+    assert rc == 2 and out == ""
+    assert f"pretraining job {job_b}" in err and "RUNNING" in err
+    assert f"satfuse jobs cancel {run_b}" in err and "another train.run_dir" in err
+    assert len(json.loads((run_b / "jobs.json").read_text())["jobs"]) == 1
+
+    # 3. an old run's jobs.json naming the same id: not this run's job
+    (stale / "submitit").mkdir(parents=True)
+    entry = {**json.loads((run_b / "jobs.json").read_text())["jobs"][0], "folder": str(stale / "submitit")}
+    (stale / "jobs.json").write_text(json.dumps({"jobs": [entry]}))
+    rc, out, _ = cli(capsys, "jobs", "ls", str(stale))
+    assert rc == 0 and "GONE" in out and "another run's job" in out and "RUNNING" not in out
+    assert cli_json(capsys, "jobs", "cancel", str(stale)) == {"cancelled": [], "gone": [job_b]}
+    assert job_state(job_b).startswith("RUNNING")
+
+    # 1. plain scancel of A, `satfuse jobs cancel` of B: both stop for good, with a checkpoint
+    subprocess.run(["scancel", job_a], check=True, timeout=30)
+    assert cli_json(capsys, "jobs", "cancel", str(run_b)) == {"cancelled": [job_b]}
+    assert "cancelled" in json.loads((run_b / "jobs.json").read_text())["jobs"][0]
+    for job, run in ((job_a, run_a), (job_b, run_b)):
+        assert wait_gone(job, timeout=60) == 0  # never requeued
+        time.sleep(3)  # a requeue by the task would show up now
+        assert job_state(job) == "" and scontrol_field(job, "Restarts") == "0"
+        assert scontrol_field(job, "JobState") == "CANCELLED"
+        assert (run / "checkpoints" / "latest").is_file()  # saved on TERM although every_steps=1000
+        assert final_state(run)["step"] == len(metrics(run)) < 400
+        err = (run / "submitit" / f"{job}_0_log.err").read_text()
+        assert "stopped by SIGTERM" in err and "not requeueing" in err and "requeued (requeue" not in err
+        rc, out, _ = cli(capsys, "jobs", "ls", str(run))
+        assert "CANCELLED" in out
+
+
+def test_recorded_cancel_beats_the_requeue_signal(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`jobs cancel` records the cancellation before it runs scancel: a task that got the
+    requeue signal (USR2) meanwhile saves and leaves instead of requeueing itself."""
+    from satfuse.launch.jobs import mark_cancelled
+
+    monkeypatch.setenv("TOY_STEP_S", "0.3")
     run = tmp_path / "run"
-    job = submit_toy(capsys, run, steps=400)
-    wait_for(lambda: job_state(job).startswith("RUNNING"), 60, "the job to run")
-    out = cli_json(capsys, "jobs", "cancel", str(run))
-    assert out["cancelled"] == [job]
-    t0 = time.time()
-    wait_gone(job, timeout=60)
-    assert time.time() - t0 < 30
-    assert len(metrics(run)) < 400
+    job = submit_toy(capsys, run, "checkpoint.every_steps=1000", steps=400, flags=("--tasks-per-node", "1"))
+    wait_for(lambda: len(metrics(run)) >= 2, 90, "the job to make progress")
+    mark_cancelled(run, [job])
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    assert wait_gone(job, timeout=60) == 0
+    time.sleep(3)
+    assert job_state(job) == "" and scontrol_field(job, "Restarts") == "0"
+    assert (run / "checkpoints" / "latest").is_file()
+    err = (run / "submitit" / f"{job}_0_log.err").read_text()
+    assert "was cancelled with `satfuse jobs cancel`: checkpoint saved, not requeueing" in err

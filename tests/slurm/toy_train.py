@@ -2,7 +2,7 @@
 data and models: same config file, same process-group set-up (`init_distributed`), same stop
 flag (`StopFlag`: USR1/USR2/TERM/HUP on every rank, agreed by all-reduce at step boundaries),
 same run-dir layout (`checkpoints/step_XXXXXXXX/`, `checkpoints/latest`, `metrics.jsonl`) and
-the same return codes (0 done, 75 saved-and-stopped).
+the same return codes (0 done, 75 saved-requeue-me, 143 saved-after-SIGTERM).
 
 Each step all-reduces (rank + 1) so the metrics prove the world size the job really had.
 `TOY_STEP_S` sets the time per step (default 0.2 s) so tests can signal mid-run.
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
+from satfuse.checkpoint.signals import StopFlag
 from satfuse.config import PretrainConfig, load_config
 from satfuse.distributed.env import init_distributed, teardown
 from satfuse.utils import atomic_write_text
@@ -61,7 +61,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
             if stop.should_stop():
                 if env.rank == 0:
                     _save(run_dir, step, total)
-                return REQUEUE_EXIT_CODE
+                return stop.exit_code
             if env.rank == 0 and step % cfg.checkpoint.every_steps == 0:
                 _save(run_dir, step, total)
         if env.rank == 0:

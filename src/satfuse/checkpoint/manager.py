@@ -34,6 +34,7 @@ resharding); the verification pass alone costs about one torch.load (zlib crc32,
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -560,6 +561,7 @@ class CheckpointManager:
         if error:
             raise SatfuseError(error)
         fp, nparams = _fingerprint(app_state)
+        self._nparams = nparams  # for the size estimate of a failed save's message
         doc = self._meta_doc(step, meta, fp, nparams)
         local_error = None
         writer = _Crc32Writer(tmp)
@@ -575,9 +577,10 @@ class CheckpointManager:
             with _quiet_single_process():
                 dcp.save(app_state, checkpoint_id=tmp, storage_writer=writer, process_group=group)
         except (Exception, CheckpointException) as exc:  # DCP raises on every rank together
+            why = self._disk_why(exc, tmp)  # before the partial files are removed
             if rank == 0:
                 _rmtree_quiet(tmp)
-            raise self._save_error(step, f"{_short(exc)}") from exc
+            raise self._save_error(step, why) from exc
         self._finalize(step, tmp, final, doc, local_error, group, known=writer.records)
         self.last_save_seconds = time.perf_counter() - t0
         return final
@@ -589,6 +592,7 @@ class CheckpointManager:
             if tmp.exists():
                 log.warning("removing %s left by an interrupted save", tmp)
                 _rmtree_quiet(tmp)
+            self._make_room()
             tmp.mkdir()
         except OSError as exc:
             return (f"{self.ckpt_dir}: cannot create a checkpoint directory ({exc.strerror or exc}); "
@@ -635,9 +639,10 @@ class CheckpointManager:
         try:
             pending.future.result()
         except (Exception, CheckpointException) as exc:  # every rank sees the failure
+            why = self._disk_why(exc, pending.tmp)
             if _rank() == 0:
                 _rmtree_quiet(pending.tmp)
-            raise self._save_error(pending.step, _short(exc)) from exc
+            raise self._save_error(pending.step, why) from exc
         self._finalize(pending.step, pending.tmp, pending.final, pending.meta,
                        pending.local_error, self.group(), known=pending.known)
         log.info("async checkpoint step %d committed (%.2fs after save())",
@@ -714,12 +719,78 @@ class CheckpointManager:
         return None
 
     def _save_error(self, step: int, why: str) -> SatfuseError:
+        from satfuse.diskspace import free_bytes, human
+
         latest = read_latest(self.run_dir)
         prev = f"the previous checkpoint {latest.name} is intact" if latest else "no earlier checkpoint exists"
+        if "No space left" in why or "Errno 28" in why or "ENOSPC" in why:
+            needed = self._needed_estimate()
+            need = f", about {human(needed)} needed" if needed else ""
+            if self.keep_last > 1:
+                fix = (f"free space there, or lower checkpoint.keep_last (now {self.keep_last}; when space is "
+                       "short, older checkpoints are pruned to keep_last - 1 before a save, never the last "
+                       "complete one), and resume")
+            elif self.keep_last == 1:
+                fix = ("free space there and resume (checkpoint.keep_last=1 already keeps only the last "
+                       "complete checkpoint)")
+            else:
+                fix = ("free space there, or set checkpoint.keep_last (now 0: every checkpoint is kept) so that "
+                       "older ones are pruned, and resume")
+            return SatfuseError(
+                f"{self.ckpt_dir}: saving step {step} failed: no space left on device (ENOSPC): "
+                f"{human(free_bytes(self.ckpt_dir))} free{need} ({why}); nothing was committed and {prev}: {fix}"
+            )
         return SatfuseError(
             f"{self.ckpt_dir}: saving step {step} failed ({why}); nothing was committed and "
-            f"{prev}: free disk space there (or lower checkpoint.keep_last) and resume"
+            f"{prev}: fix the cause there and resume"
         )
+
+    # --------------------------------------------------------------- disk space
+    def _disk_why(self, exc: BaseException, tmp: Path) -> str:
+        """The failure in one line; a full disk named as such (torch.save on a full disk
+        says only "unexpected pos 704 vs 598", so the disk itself is asked)."""
+        from satfuse.diskspace import free_bytes, is_no_space
+
+        why = _short(exc)
+        if "No space left" not in why and (
+                is_no_space(exc) or free_bytes(tmp) < max(self._needed_estimate(), 1 << 20)):
+            why = f"No space left on device; {why}"
+        return why
+
+    def _needed_estimate(self) -> int:
+        """Bytes one checkpoint takes: the newest committed one's size, else parameters x 12
+        (fp32 weights + AdamW's two moments); 0 when unknown."""
+        for p in reversed(list_checkpoints(self.run_dir)):
+            with contextlib.suppress(OSError, ValueError, SatfuseError, KeyError, TypeError):
+                return int(read_meta(p)["total_bytes"])
+        return int(getattr(self, "_nparams", 0) or 0) * 12
+
+    def _make_room(self) -> None:
+        """Rank 0, before a save: when the disk cannot hold one more checkpoint, prune the
+        oldest down to keep_last - 1 now (pruning otherwise runs only after a successful save,
+        so lowering keep_last could not help), never the last complete one, never one that
+        keep_every or `latest` protects."""
+        from satfuse.diskspace import free_bytes, human
+
+        needed = self._needed_estimate()
+        if self.keep_last <= 0 or not needed or free_bytes(self.ckpt_dir) >= needed:
+            return
+        committed = [p for p in list_checkpoints(self.run_dir) if (p / META_NAME).is_file()]
+        latest = read_latest(self.run_dir)
+        floor = max(1, self.keep_last - 1)
+        for p in list(committed):
+            if len(committed) <= floor or free_bytes(self.ckpt_dir) >= needed:
+                break
+            if (latest is not None and p.name == latest.name) or p == committed[-1] or (
+                    self.keep_every > 0 and (parse_step(p) or 0) % self.keep_every == 0):
+                continue
+            log.warning("disk space is short (%s free, about %s needed): pruning %s before the save "
+                        "(checkpoint.keep_last=%d)", human(free_bytes(self.ckpt_dir)), human(needed),
+                        p.name, self.keep_last)
+            doomed = p.with_name(f"{DEL_PREFIX}{p.name}")
+            os.replace(p, doomed)
+            _rmtree_quiet(doomed)
+            committed.remove(p)
 
     # --------------------------------------------------------------- pruning
     def _prune(self, keep: Path) -> None:

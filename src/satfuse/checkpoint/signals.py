@@ -7,7 +7,11 @@ ranks save the same step and exit together, even when SLURM signalled only one o
 (submitit #9: only global rank 0 gets `checkpoint()`).
 
 The loop then exits with `REQUEUE_EXIT_CODE` (75, EX_TEMPFAIL) so a launcher can tell
-"saved, requeue me" from a crash.
+"saved, requeue me" from a crash. SIGTERM is different: it is what `scancel` sends, and what
+SLURM sends at the end of a time limit or preemption grace time (and then requeues a
+preempted job itself). Following SLURM's and submitit's meaning, TERM means "save if there
+is time and stop for good": the loop exits with `STOP_EXIT_CODE` (143, 128 + SIGTERM) and no
+launcher requeues. If any rank saw TERM, every rank stops that way (cancel beats requeue).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75
+STOP_EXIT_CODE = 143  # saved after SIGTERM (scancel): stop, do not requeue
 DEFAULT_SIGNALS: tuple[str, ...] = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGHUP")
 
 
@@ -45,6 +50,7 @@ class StopFlag:
     def __init__(self, signals: Iterable[str | int] | None = None) -> None:
         self.signals = [_to_signal(s) for s in (signals or DEFAULT_SIGNALS)]
         self.received: int | None = None  # signal number of the first stop signal seen
+        self.terminate = False  # after should_stop(): some rank got SIGTERM (stop, do not requeue)
         self._previous: dict[signal.Signals, Any] = {}
 
     # The handler runs between bytecodes of the main thread: it must not log, allocate
@@ -84,14 +90,20 @@ class StopFlag:
 
     def should_stop(self, group: dist.ProcessGroup | None = None) -> bool:
         """True on every rank if any rank got a stop signal. Collective: call on all ranks."""
-        flag = self.local
+        level = 0 if not self.local else 2 if self.received == signal.SIGTERM else 1
         if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            t = torch.tensor([level], dtype=torch.int32)
             if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
                 t = t.cuda()
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-            flag = bool(t.item())
-        if flag:
+            level = int(t.item())
+        self.terminate = level == 2
+        if level:
             name = signal.Signals(self.received).name if self.received else "a peer rank"
-            log.info("stop requested (%s): saving and exiting with %d", name, REQUEUE_EXIT_CODE)
-        return flag
+            log.info("stop requested (%s): saving and exiting with %d", name, self.exit_code)
+        return bool(level)
+
+    @property
+    def exit_code(self) -> int:
+        """After a stop: 143 when TERM was seen (stop for good), else 75 (requeue me)."""
+        return STOP_EXIT_CODE if self.terminate else REQUEUE_EXIT_CODE

@@ -568,7 +568,11 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
         "index": task.index, "name": tar.name, "plan": digest, "count": count,
         "bytes": sink.size, "sha256": sha, "sums": sums, "excluded": excluded,
     }  # fmt: skip
-    atomic_write_text(sidecar_path(task.out, tar.name), json.dumps(record))
+    try:
+        atomic_write_text(sidecar_path(task.out, tar.name), json.dumps(record))
+    except OSError:
+        tar.unlink(missing_ok=True)  # a tar without its record would only look finished
+        raise
     return {**record, "reused": False}
 
 
@@ -779,16 +783,35 @@ def shard_dataset(
     _remove_stale(out, out.name, len(plan), part[0] if part else None)
     mine = [j for j in range(len(plan)) if part is None or j % part[1] == part[0]]
     tasks = [ShardTask(j, out.name, out, src, dataset, result.label, plan[j], exclude_bad) for j in mine]
-    records = _run_tasks(tasks, workers)
-    _raise_on_errors(records, out)
-    scan_excluded = [e.to_dict() for e in result.excluded]
-    ignored = [i.to_dict() for i in result.ignored]
-    command = command if command is not None else sys.argv
-    if part is not None:
-        return _write_part(out, header, part, records, scan_excluded, command, ignored)
-    manifest = build_manifest(header, records, scan_excluded, command, ignored)
-    publish_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    try:
+        records = _run_tasks(tasks, workers)
+        _raise_on_errors(records, out)
+        scan_excluded = [e.to_dict() for e in result.excluded]
+        ignored = [i.to_dict() for i in result.ignored]
+        command = command if command is not None else sys.argv
+        if part is not None:
+            return _write_part(out, header, part, records, scan_excluded, command, ignored)
+        manifest = build_manifest(header, records, scan_excluded, command, ignored)
+        publish_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    except OSError as exc:
+        from satfuse.diskspace import is_no_space, no_space_error
+
+        if not is_no_space(exc):
+            raise
+        # what the unfinished shards still need (finished ones are kept and reused on rerun)
+        needed = sum(_shard_bytes(t) for t in tasks if not (out / shard_name(t.name, t.index)).is_file())
+        raise no_space_error(out, needed, "writing shards",
+                             "free space there (or pass another --out) and rerun the same command: "
+                             "finished shards are kept, no manifest was written") from None
     return manifest
+
+
+def _shard_bytes(task: ShardTask) -> int:
+    """Estimated tar size of one shard (the rasters' headers; 0 when unreadable)."""
+    try:
+        return TAR_RECORD + sum(per_sample_bytes(p) for p in task.pairs[:1]) * len(task.pairs)
+    except (RasterioError, OSError):
+        return 0
 
 
 def _report_scan(result: Any, src: Path, split_file: Path | None, strict_split: bool) -> None:

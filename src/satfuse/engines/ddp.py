@@ -20,6 +20,7 @@ from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
 from satfuse.config import PretrainConfig
 from satfuse.engines.base import Engine
 from satfuse.engines.optim import build_optimizer, build_scheduler
+from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,14 @@ class DDPEngine(Engine):
         return self.ckpt.save(step, app_state, rank_state, meta)
 
     def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        from satfuse.checkpoint.layout import read_meta
+
+        kind = read_meta(Path(path)).get("kind", "dcp")
+        if kind != "dcp":  # DCP would only fail on DeepSpeed's files with FileNotFoundError tracebacks
+            raise SatfuseError(
+                f"{path}: written by the {kind} engine, not DDP; resume it with train.engine={kind}, "
+                "or start a new run_dir"
+            )
         app_state = {"model_optim": ModelOptimState(self.module, self.optimizer)}
         return self.ckpt.load(path, app_state)
 

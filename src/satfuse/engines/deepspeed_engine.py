@@ -178,6 +178,9 @@ def build_ds_config(cfg: PretrainConfig, world: int, device: torch.device) -> di
     """The full DeepSpeed config dict of this run (see the module doc for precedence)."""
     where = resolve_ds_config_path(cfg.deepspeed.config)
     raw = read_ds_file(where)
+    from satfuse.engines.ds_keys import check_keys
+
+    check_keys(raw, where)  # a typo would be ignored (top level) or a pydantic traceback (nested)
     for key in PARALLEL_KEYS:
         if raw.get(key):
             raise SatfuseError(
@@ -495,6 +498,7 @@ class DeepSpeedCheckpointManager:
         if error:
             raise SatfuseError(error)
         fp, nparams = _fingerprint(self._model_state())
+        base._nparams = nparams
         doc = {**base._meta_doc(step, meta, fp, nparams), "kind": "deepspeed",
                "deepspeed": self.engine.describe()}
         local_error = None
@@ -504,6 +508,11 @@ class DeepSpeedCheckpointManager:
             _fsync_files(_files_written_by(tmp, rank))
         except (OSError, RuntimeError) as exc:
             local_error = f"rank {rank}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            from satfuse.diskspace import free_bytes, is_no_space
+
+            # torch.save on a full disk says only "unexpected pos 128 vs 0": ask the disk
+            if is_no_space(exc) or free_bytes(tmp) < max(base._needed_estimate(), 1 << 20):
+                local_error = f"rank {rank}: No space left on device (DeepSpeed: {local_error.split(': ', 1)[1]})"
         base._finalize(step, tmp, final, doc, local_error, group)
         return final
 

@@ -3,14 +3,15 @@
 Every launcher ends here: `torchrun ... satfuse pretrain`, `satfuse pretrain --nproc-per-node N`
 (which starts torchrun for you), the submitit task of `satfuse submit pretrain`, and the plain
 `slurm/pretrain.sbatch`. The return value is the process exit status: 0 when the configured
-steps are done, `REQUEUE_EXIT_CODE` (75) when a stop signal made every rank save and stop.
+steps are done, `REQUEUE_EXIT_CODE` (75) when a stop signal made every rank save and stop,
+`STOP_EXIT_CODE` (143) when that signal was SIGTERM (scancel): saved, not to be requeued.
 """
 
 from __future__ import annotations
 
 import logging
 
-from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE
+from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 from satfuse.config import PretrainConfig, load_config
 from satfuse.distributed.env import comm_failure, init_distributed, teardown
 from satfuse.engines.trainer import Trainer, TrainResult
@@ -45,5 +46,7 @@ def run_pretrain(config_path: str | None, overrides: list[str]) -> int:
         teardown()
     if result.status == "preempted":
         return REQUEUE_EXIT_CODE
+    if result.status == "stopped":
+        return STOP_EXIT_CODE
     log.info("done: step %d, loss %.4f", result.step, result.final_loss)
     return 0

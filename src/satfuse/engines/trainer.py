@@ -7,16 +7,20 @@
 3. step: forward under autocast -> global contrastive loss -> NaN check agreed by all ranks ->
    engine backward/step -> log;
 4. checkpoint every N steps, at the end, and when any rank got a stop signal (SLURM
-   preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`;
+   preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`
+   (`STOP_EXIT_CODE` after SIGTERM, i.e. scancel: saved, not to be requeued);
 5. at the end, cross-modal retrieval accuracy on held-out shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from tqdm import tqdm
 import satfuse
 from satfuse.checkpoint.layout import META_NAME
 from satfuse.checkpoint.rng import capture_rng, restore_rng
-from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
+from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, StopFlag
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
@@ -46,7 +50,7 @@ __all__ = ["REQUEUE_EXIT_CODE", "Trainer", "TrainResult"]
 
 @dataclass
 class TrainResult:
-    status: str  # "completed" | "preempted"
+    status: str  # "completed" | "preempted" (requeue me) | "stopped" (SIGTERM: do not requeue)
     step: int
     final_loss: float
     retrieval_top1: float | None = None
@@ -77,22 +81,81 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """JSONL metrics on rank 0, appended across requeues (one file per run)."""
+    """JSONL metrics on rank 0, appended across requeues (one file per run).
+
+    Lines are written whole: one `write` per line, and a line the disk could not take in full
+    is cut off again, so a full disk never leaves a torn line for the next run to append to.
+    A torn last line left by an older version or a kill is removed when the log is opened.
+    """
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.enabled = enabled
         self.path = path
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
+            repair_torn_tail(path)
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            self.fh.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        data = (json.dumps(record) + "\n").encode()
+        size = os.fstat(self.fd).st_size
+        try:
+            if os.write(self.fd, data) != len(data):  # a regular file writes short only when full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, size)  # no torn line
+            raise _write_error(exc, self.path, len(data), "appending a metrics line") from None
 
     def close(self) -> None:
         if self.enabled:
-            self.fh.close()
+            os.close(self.fd)
+
+
+def repair_torn_tail(path: Path) -> None:
+    """Cut a last line without its newline (a write cut short) off `path`, saying so."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(0, os.SEEK_END)
+        end = fh.tell()
+        fh.seek(end - 1)
+        if fh.read(1) == b"\n":
+            return
+        keep = end
+        while keep > 0:
+            step = min(4096, keep)
+            fh.seek(keep - step)
+            chunk = fh.read(step)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = keep - step + nl + 1
+                break
+            keep -= step
+        fh.truncate(keep)
+    log.warning("%s: removed a torn last line (%d bytes, a write cut short) before appending", path, end - keep)
+
+
+def _write_error(exc: OSError, path: Path, needed: int, doing: str) -> SatfuseError:
+    """One line for a failed run-dir write: ENOSPC with free/needed bytes, else the OS's reason."""
+    from satfuse.diskspace import is_no_space, no_space_error
+
+    if is_no_space(exc):
+        return no_space_error(path, needed, doing, "free space there (or use another train.run_dir) and resume")
+    return SatfuseError(f"{path}: {doing} failed ({exc.strerror or exc}); check that train.run_dir is writable")
+
+
+def write_config(cfg: PretrainConfig, path: Path) -> None:
+    """config.yaml of the run (atomic), a full disk said in one line."""
+    try:
+        dump_yaml(cfg, path)
+    except OSError as exc:
+        import yaml
+
+        raise _write_error(exc, path, len(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()),
+                           "writing config.yaml") from None
 
 
 class Trainer:
@@ -196,7 +259,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.cfg
         if self.env.rank == 0:
-            dump_yaml(cfg, self.run_dir / "config.yaml")
+            write_config(cfg, self.run_dir / "config.yaml")
         self.resume()
         stop = StopFlag()
         stop.install()
@@ -229,7 +292,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
                     t0, seen = time.perf_counter(), 0
                 if stop.should_stop():
-                    status = "preempted"
+                    status = "stopped" if stop.terminate else "preempted"
                     break
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save()
@@ -248,6 +311,9 @@ class Trainer:
         if status == "preempted":
             log.warning("stop signal received: saved step %d; exiting with %d (requeue me)",
                         self.step, REQUEUE_EXIT_CODE)
+        elif status == "stopped":
+            log.warning("SIGTERM received (scancel, or SLURM ending the job): saved step %d; exiting with %d "
+                        "(stopped, not to be requeued)", self.step, STOP_EXIT_CODE)
         return result
 
     # ---------------------------------------------------------------- evaluation

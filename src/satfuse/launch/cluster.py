@@ -115,6 +115,11 @@ def validate_profile(p: ClusterProfile, where: str) -> None:
     """Values SLURM would reject only after queueing, or that would break the requeue path."""
     if p.nodes < 1 or p.tasks < 1 or p.cpus_per_task < 1:
         raise ConfigError(f"{where}: nodes, tasks per node and cpus_per_task must be >= 1")
+    if p.signal.upper().removeprefix("SIG") == "TERM":
+        raise ConfigError(
+            f"{where}: signal=TERM cannot be told apart from scancel (TERM means stop for good, the job is "
+            "not requeued); use signal: USR2"
+        )
     if p.signal.upper().removeprefix("SIG") not in SIGNALS:
         raise ConfigError(f"{where}: signal={p.signal!r} is not one of {list(SIGNALS)} (USR2 is the safe choice)")
     if p.signal_delay_s < 0:

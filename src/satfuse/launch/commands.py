@@ -141,8 +141,10 @@ def cmd_jobs_ls(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return 0
     for r in rows:
-        sys.stdout.write(f"{r['job_id']:<14} {r['kind']:<9} {r['executor']:<6} {r['tasks']:>3} "
-                         f"{r['state']:<24} {r['submitted']}\n")
+        sys.stdout.write(f"{r['job_id']:<14} {r['kind']:<9} {r['executor']:<6} {r.get('tasks', '?'):>3} "
+                         f"{r['state']:<24} {r.get('submitted', '')}\n")
+        if r.get("hint"):
+            sys.stdout.write(f"  -> {r['hint']}\n")
     return 0
 
 
@@ -166,6 +168,8 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     from satfuse.launch import jobs
 
-    done = jobs.cancel(jobs.resolve_run(args.run), args.job)
-    sys.stdout.write(json.dumps({"cancelled": done}) + "\n")
+    report = jobs.cancel_report(jobs.resolve_run(args.run), args.job)
+    if not report["gone"]:
+        del report["gone"]
+    sys.stdout.write(json.dumps(report) + "\n")
     return 0

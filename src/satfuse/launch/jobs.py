@@ -5,6 +5,16 @@ belong to this run, which one is the merge of which array, or what command submi
 `satfuse jobs ls|status|logs|cancel RUN` read it; state comes from `squeue` while a job is
 known to SLURM and from submitit's result pickles afterwards (the test cluster has no
 accounting, so `sacct`/`job.state` would say UNKNOWN).
+
+Job ids are not names: a reinstalled or reset slurmctld starts again at 1, and an old run's
+id may then belong to someone else's job. Before a job id is trusted (its state shown, or
+it is cancelled), SLURM's record of the job must point into this run: the batch script
+submitit queued lies in the run's submitit folder (`Command=`). A job that fails the check
+is reported as gone, never acted on.
+
+`satfuse jobs cancel` also writes `cancelled` into the job's entry: the task reads it
+before it would requeue itself (and when a requeued attempt starts), so a cancelled run
+stays cancelled whatever signal reached it.
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ def _locked(run_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+REQUIRED_KEYS = ("job_id", "kind", "executor", "folder")
+
+
 def read_index(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / INDEX
     if not path.is_file():
@@ -57,7 +70,39 @@ def read_index(run_dir: Path) -> list[dict[str, Any]]:
         raise SatfuseError(f"{path}: not valid JSON ({exc.msg}); restore it or delete it to forget old jobs") from exc
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
         raise SatfuseError(f"{path}: expected {{\"jobs\": [...]}}; restore it or delete it")
+    for i, entry in enumerate(data["jobs"]):
+        if not isinstance(entry, dict):
+            raise SatfuseError(f"{path}: job entry {i} is not a mapping; restore the file or delete that entry")
+        missing = [k for k in REQUIRED_KEYS if k not in entry]
+        if missing:
+            ident = f"job {entry['job_id']}" if "job_id" in entry else f"job entry {i}"
+            raise SatfuseError(
+                f"{path}: {ident} has no {missing[0]!r} (needs {list(REQUIRED_KEYS)}); restore the file "
+                "from `satfuse submit`'s output or delete that entry"
+            )
+        entry["job_id"] = str(entry["job_id"])
     return data["jobs"]
+
+
+def mark_cancelled(run_dir: Path, job_ids: list[str]) -> None:
+    """Record in the index that these jobs were cancelled (read by the task before a requeue)."""
+    run_dir = Path(run_dir)
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with _locked(run_dir):
+        entries = read_index(run_dir)
+        for e in entries:
+            if e["job_id"] in job_ids or e["job_id"].split("_")[0] in job_ids:
+                e.setdefault("cancelled", when)
+        atomic_write_text(run_dir / INDEX, json.dumps({"jobs": entries}, indent=2) + "\n")
+
+
+def is_cancelled(run_dir: Path, job_id: str) -> bool:
+    """Whether `satfuse jobs cancel` recorded this job (an unreadable index counts as not)."""
+    try:
+        entries = read_index(Path(run_dir))
+    except SatfuseError:
+        return False
+    return any("cancelled" in e and e["job_id"] == str(job_id) for e in entries)
 
 
 def record_jobs(run_dir: Path, entries: list[dict[str, Any]]) -> None:
@@ -100,20 +145,42 @@ def _paths(entry: dict[str, Any], task: int = 0) -> Any:
     return JobPaths(entry["folder"], job_id=entry["job_id"], task_id=task)
 
 
-def squeue_states(job_ids: list[str]) -> dict[str, str]:
-    """{job id: 'STATE reason'} for jobs SLURM still knows (pending, running, requeued)."""
+def squeue_rows(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """{job id: ('STATE reason', batch script path)} for jobs SLURM still lists."""
     if not job_ids or shutil.which("squeue") is None:
         return {}
     # all jobs, filtered here: `squeue -j` fails as a whole once one id has been purged
-    res = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T %r"], capture_output=True, text=True,
+    res = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r|%o"], capture_output=True, text=True,
                          timeout=60, check=False)
     wanted = set(job_ids)
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, str]] = {}
     for line in res.stdout.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) >= 2 and parts[0] in wanted:
-            out[parts[0]] = " ".join(parts[1:])
+        parts = line.split("|", 3)
+        if len(parts) == 4 and parts[0] in wanted:
+            out[parts[0]] = (f"{parts[1]} {parts[2]}".strip(), parts[3].strip())
     return out
+
+
+def squeue_states(job_ids: list[str]) -> dict[str, str]:
+    """{job id: 'STATE reason'} for jobs SLURM still knows (pending, running, requeued)."""
+    return {k: v[0] for k, v in squeue_rows(job_ids).items()}
+
+
+def owns(entry: dict[str, Any], command: str) -> bool:
+    """Whether SLURM's job (its batch script path) is this entry's: the script lies in its folder."""
+    if not command:
+        return False
+    return os.path.realpath(os.path.dirname(command)) == os.path.realpath(entry["folder"])
+
+
+def own_queue(entries: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]:
+    """Queue states of the entries' SLURM jobs, and the ids now used by other runs' jobs."""
+    slurm = [e for e in entries if e["executor"] == "slurm"]
+    rows = squeue_rows([e["job_id"] for e in slurm])
+    by_id = {e["job_id"]: e for e in slurm}
+    mine = {j: st for j, (st, cmd) in rows.items() if owns(by_id[j], cmd)}
+    foreign = sorted(j for j in rows if j not in mine)
+    return mine, foreign
 
 
 def result_state(entry: dict[str, Any]) -> str:
@@ -137,19 +204,83 @@ def local_alive(entry: dict[str, Any]) -> bool:
     return True
 
 
-def job_state(entry: dict[str, Any], queue: dict[str, str]) -> str:
+ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+          "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING")
+
+
+def job_state(entry: dict[str, Any], queue: dict[str, str], foreign: frozenset[str] = frozenset()) -> str:
     if entry["executor"] == "local":
         return "RUNNING" if local_alive(entry) and result_state(entry) == "UNKNOWN" else result_state(entry)
     jid = entry["job_id"]
     if jid in queue:
         return queue[jid]
-    return result_state(entry)
+    state = result_state(entry)
+    if state != "UNKNOWN":
+        return state
+    if "cancelled" in entry:
+        return "CANCELLED"
+    if jid in foreign:
+        return "GONE"
+    recent = scontrol_show(jid)  # SLURM keeps ended jobs for MinJobAge (default 300 s)
+    if recent.get("JobState") and owns(entry, recent.get("Command", "")):
+        return recent["JobState"]
+    return "ENDED"  # no result: cancelled, killed or lost; SLURM no longer knows it
+
+
+def _hint(entry: dict[str, Any], state: str, by_id: dict[str, dict[str, Any]]) -> str:
+    """What to do about a job that did not end with a result."""
+    first = state.split()[0] if state else ""
+    if first == "GONE":
+        return (f"job id {entry['job_id']} now belongs to another run's job (the controller's ids restarted); "
+                "this run's job is gone: see `satfuse jobs logs`, resubmit to continue")
+    if entry["kind"] == "merge" and first in ("ENDED", "CANCELLED", "PENDING") and (
+            first != "PENDING" or "DependencyNeverSatisfied" in state):
+        bad = [e for e in by_id.values() if e["kind"] == "shard"
+               and e["job_id"].split("_")[0] == str(entry.get("after", "")) and e.get("_state") != "COMPLETED"]
+        parts = ", ".join(f"{e.get('part', '?')} ({_said(e.get('_state', '?'))})" for e in bad) or "?"
+        cmds = [part_command(e) for e in bad]
+        out = entry.get("out", "OUT")
+        return (f"the merge never ran: shard part(s) {parts} did not complete; rerun "
+                + "; ".join(c for c in cmds if c) + ("; then " if any(cmds) else "them, then ")
+                + f"`satfuse shard merge {out}`")
+    if entry["kind"] == "shard" and first in ("ENDED", "CANCELLED", "FAILED", "TIMEOUT"):
+        return f"rerun this part: {part_command(entry)}" if part_command(entry) else ""
+    return ""
+
+
+def _said(state: str) -> str:
+    return "ended without a result: cancelled or killed" if state == "ENDED" else state
+
+
+def part_command(entry: dict[str, Any]) -> str:
+    """The plain `satfuse shard` command that redoes one array part (empty when not recorded)."""
+    need = ("src", "dataset", "out", "num_shards", "part")
+    if not all(k in entry for k in need):
+        return ""
+    cmd = (f"`satfuse shard --src {entry['src']} --dataset {entry['dataset']} --out {entry['out']} "
+           f"--num-shards {entry['num_shards']} --shard-index {entry['part']}")
+    for key in ("maxcount", "seed", "workers"):
+        if entry.get(key) is not None:
+            cmd += f" --{key} {entry[key]}"
+    return cmd + "`"
 
 
 def list_jobs(run_dir: Path) -> list[dict[str, Any]]:
     jobs = read_index(run_dir)
-    queue = squeue_states([j["job_id"] for j in jobs if j["executor"] == "slurm"])
-    return [{**j, "state": job_state(j, queue)} for j in jobs]
+    queue, foreign = own_queue(jobs)
+    rows = [{**j, "state": job_state(j, queue, frozenset(foreign))} for j in jobs]
+    by_id = {r["job_id"]: {**r, "_state": r["state"]} for r in rows}
+    for r in rows:
+        hint = _hint(r, r["state"], by_id)
+        if hint:
+            r["hint"] = hint
+    return rows
+
+
+def active_jobs(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The run's jobs of `kind` that are queued or running now (this run's, verified)."""
+    rows = list_jobs(run_dir)
+    return [r for r in rows if r["kind"] == kind and r["state"].split()[0] in ACTIVE]
 
 
 def run_progress(run_dir: Path) -> dict[str, Any]:
@@ -170,7 +301,7 @@ def run_progress(run_dir: Path) -> dict[str, Any]:
 def scontrol_show(job_id: str) -> dict[str, str]:
     if shutil.which("scontrol") is None:
         return {}
-    res = subprocess.run(["scontrol", "show", "job", "-o", job_id.split("_")[0]],
+    res = subprocess.run(["scontrol", "show", "job", "-o", job_id],
                          capture_output=True, text=True, timeout=60, check=False)
     if res.returncode != 0:
         return {}
@@ -178,7 +309,7 @@ def scontrol_show(job_id: str) -> dict[str, str]:
     for tok in res.stdout.split():
         key, eq, value = tok.partition("=")
         if eq and key in ("JobState", "Reason", "Restarts", "RunTime", "TimeLimit", "NodeList",
-                          "Partition", "ExitCode", "NumTasks", "Requeue"):
+                          "Partition", "ExitCode", "NumTasks", "Requeue", "Command"):
             fields[key] = value
     return fields
 
@@ -186,8 +317,10 @@ def scontrol_show(job_id: str) -> dict[str, str]:
 def status(run_dir: Path) -> dict[str, Any]:
     jobs = list_jobs(run_dir)
     for j in jobs:
-        if j["executor"] == "slurm":
-            j["slurm"] = scontrol_show(j["job_id"])
+        if j["executor"] == "slurm" and j["state"] != "GONE":
+            info = scontrol_show(j["job_id"])
+            if info and owns(j, info.get("Command", "")):
+                j["slurm"] = info
     return {"run_dir": str(run_dir), "jobs": jobs, **run_progress(run_dir)}
 
 
@@ -212,25 +345,51 @@ def log_text(entry: dict[str, Any], task: int = 0, stream: str = "stderr", tail:
     """stdout/stderr of one task (appended across requeues)."""
     paths = _paths(entry, task)
     path = paths.stderr if stream == "stderr" else paths.stdout
+    folder = Path(entry["folder"])
+    if not folder.is_dir():
+        raise SatfuseError(
+            f"{folder}: the submitit folder was deleted, and with it the logs of job {entry['job_id']}; "
+            "the run's checkpoints and metrics.jsonl are unaffected (`satfuse jobs status` shows them)"
+        )
     if not path.is_file():
-        raise SatfuseError(f"{path}: no log yet (job {entry['job_id']} task {task} has not started)")
+        state = job_state(entry, *own_queue([entry]))
+        if state.split()[0] in ("PENDING", "CONFIGURING"):
+            raise SatfuseError(f"{path}: no log yet (job {entry['job_id']} is {state}: task {task} has not started)")
+        if task >= int(entry.get("tasks", 1)):
+            raise SatfuseError(f"{path}: job {entry['job_id']} has {entry.get('tasks', 1)} task(s); pass --task "
+                               f"0..{int(entry.get('tasks', 1)) - 1}")
+        raise SatfuseError(f"{path}: no log; job {entry['job_id']} is {state} and wrote none "
+                           "(it never started, or the file was deleted)")
     lines = path.read_text(errors="replace").splitlines()
     return "\n".join(lines[-tail:] if tail > 0 else lines)
 
 
 def cancel(run_dir: Path, job_id: str | None = None) -> list[str]:
-    """Cancel the run's jobs that are still queued or running (or only `job_id`)."""
+    """Cancel the run's jobs that are still queued or running (or only `job_id`).
+
+    Only jobs SLURM confirms as this run's are cancelled (see the module docstring); the
+    cancellation is recorded first, so a task that is saving right now does not requeue.
+    """
+    return cancel_report(run_dir, job_id)["cancelled"]
+
+
+def cancel_report(run_dir: Path, job_id: str | None = None) -> dict[str, list[str]]:
+    """`cancel`, also naming the ids that now belong to other runs' jobs ("gone", left alone)."""
     jobs = read_index(run_dir) if job_id is None else [select(run_dir, job_id)]
+    queue, foreign = own_queue(jobs)
+    for j in foreign:
+        log.warning("job %s of %s is gone: that id now belongs to another run's job, left alone", j, run_dir)
     slurm_ids = [j["job_id"] for j in jobs if j["executor"] == "slurm"]
-    queue = squeue_states(slurm_ids)
-    cancelled = [j for j in slurm_ids if j in queue or j.split("_")[0] in queue]
+    cancelled = [j for j in slurm_ids if j in queue]
     if cancelled:
+        mark_cancelled(run_dir, cancelled)
         res = subprocess.run(["scancel", *sorted(set(cancelled))], capture_output=True, text=True,
                              timeout=60, check=False)
         if res.returncode != 0:
             raise SatfuseError(f"scancel {' '.join(cancelled)} failed: {res.stderr.strip()}")
     for j in jobs:
         if j["executor"] == "local" and local_alive(j) and result_state(j) == "UNKNOWN":
+            mark_cancelled(run_dir, [j["job_id"]])
             os.kill(int(j["job_id"]), signal.SIGINT)  # submitit's local controller stops its tasks
             cancelled.append(j["job_id"])
-    return cancelled
+    return {"cancelled": cancelled, "gone": foreign}

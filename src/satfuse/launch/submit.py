@@ -44,13 +44,45 @@ def _job_name(prefix: str, run_dir: Path) -> str:
     return f"satfuse-{prefix}-{Path(run_dir).resolve().name}"
 
 
+DRY_RUN_HEADER = """\
+# Printed by `satfuse submit --dry-run`: for reading and for `sbatch --test-only` only.
+# Submitted for real it stops at once with a message: the job needs the pickled task that
+# `satfuse submit` writes into its submitit folder. Queue it with the same command without
+# --dry-run.
+"""
+DRY_RUN_GUARD = ('echo "this script was printed by satfuse submit --dry-run and cannot run: queue the job with '
+                 'the same satfuse submit command without --dry-run" >&2\nexit 2\n')
+
+
+def dry_run_script(script: str) -> str:
+    """The sbatch script, marked as for reading: a header, and a guard after the #SBATCH lines."""
+    lines = script.splitlines(keepends=True)
+    head = 1 if lines and lines[0].startswith("#!") else 0
+    last = max((i for i, ln in enumerate(lines) if ln.startswith("#SBATCH")), default=head - 1)
+    return "".join(lines[:head] + [DRY_RUN_HEADER] + lines[head:last + 1] + [DRY_RUN_GUARD] + lines[last + 1:])
+
+
 def _emit_dry_run(profile: ClusterProfile, script: str | None, extra: str = "") -> None:
     """The command's real output: the sbatch script (slurm) or what the local executor would run."""
     if profile.executor == "local":
         sys.stdout.write(f"# local executor (no sbatch): {profile.tasks} task(s), time {profile.time}\n{extra}")
     else:
-        sys.stdout.write(script or "")
+        sys.stdout.write(dry_run_script(script or ""))
     sys.stdout.flush()
+
+
+def refuse_if_running(run_dir: Path) -> None:
+    """Two jobs must never train one run dir: refuse while jobs.json's pretraining job is queued/running."""
+    if not (run_dir / jobs.INDEX).is_file():
+        return
+    active = jobs.active_jobs(run_dir, "pretrain")
+    if active:
+        j = active[-1]
+        raise SatfuseError(
+            f"{run_dir}: pretraining job {j['job_id']} ({j['executor']}) is {j['state'].split()[0]} in this run "
+            f"dir ({run_dir / jobs.INDEX}); wait for it to end, stop it with `satfuse jobs cancel {run_dir}`, "
+            "or pass another train.run_dir"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +106,7 @@ def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterPr
     if dry_run:
         _emit_dry_run(profile, script)
         return None
+    refuse_if_running(run_dir)
     if script is not None:
         cluster.preflight(profile, where, script)
     ex = cluster.make_executor(profile, folder, name, max_requeues=cfg.train.max_requeues)
@@ -147,7 +180,7 @@ def submit_shard(part: ShardPart, array_size: int, run_dir: Path, profile: Clust
                                      extra={"dependency": f"afterok:{array_id}"},
                                      sbatch={"kill-on-invalid-dep": "yes"})
     merge_job = merge_ex.submit(merge_shards, part.out)
-    records = [jobs.job_entry(j, "shard", "slurm", 1, part=i, out=part.out) for i, j in enumerate(array)]
+    records = [jobs.job_entry(j, "shard", "slurm", 1, part=i, **_part_fields(part)) for i, j in enumerate(array)]
     records.append(jobs.job_entry(merge_job, "merge", "slurm", 1, after=array_id, out=part.out))
     jobs.record_jobs(run_dir, records)
     log.info("submitted shard array %s (%d parts) and merge job %s", array_id, array_size, merge_job.job_id)
@@ -155,6 +188,13 @@ def submit_shard(part: ShardPart, array_size: int, run_dir: Path, profile: Clust
     if wait:
         sub.results = [_wait(merge_job)]
     return sub
+
+
+def _part_fields(part: ShardPart) -> dict[str, Any]:
+    """What `jobs ls` needs to print the command that redoes one part."""
+    fields = {"out": part.out, "src": part.src, "dataset": part.dataset, "num_shards": part.num_shards}
+    fields.update({k: getattr(part, k) for k in ("maxcount", "seed", "workers") if getattr(part, k) is not None})
+    return fields
 
 
 def _single_task(profile: ClusterProfile) -> ClusterProfile:

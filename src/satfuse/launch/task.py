@@ -19,6 +19,12 @@ If a signal lands before the trainer has installed its handlers, submitit's own 
 does the same on rank 0 through `checkpoint()` (this class is `Checkpointable`), so no
 window loses the job.
 
+Cancel means cancel. SIGTERM is `scancel` (or SLURM ending a time limit or a preemption
+grace time, after which SLURM requeues a preempted job itself): the trainer saves if there
+is time and returns `STOP_EXIT_CODE` (143), and the task leaves WITHOUT requeueing. And a
+job that `satfuse jobs cancel` recorded as cancelled in `jobs.json` is never requeued by
+the task, whatever signal it got; if SLURM starts it again anyway, it leaves at once.
+
 The rendezvous port is derived from the job id *and* the restart count, so all tasks agree
 without talking, and a requeued job does not hit its previous port still in TIME_WAIT.
 """
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENTRY = "satfuse.engines.pretrain:run_pretrain"
 REQUEUE_EXIT_CODE = 75  # == satfuse.engines.pretrain.REQUEUE_EXIT_CODE (kept importable without torch)
+STOP_EXIT_CODE = 143  # == satfuse.checkpoint.signals.STOP_EXIT_CODE: saved after SIGTERM, do not requeue
 LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local restarts all tasks when one exits with this
 
 
@@ -147,12 +154,24 @@ class PretrainTask(submitit.helpers.Checkpointable):
             env.global_rank, env.num_tasks, env.local_rank, env.job_id, restart + 1,
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], cfg.train.run_dir,
         )  # fmt: skip
+        if self._cancelled(env, cfg.train.run_dir):
+            log.warning("job %s was cancelled with `satfuse jobs cancel` (jobs.json); not training", env.job_id)
+            _hard_exit(0)
         code = int(resolve_entry(self.entry)(self.config_path, self.overrides) or 0)
         if code == 0:
             if env.num_tasks > 1:
                 _exit_after_result(env)
             return 0
+        if code == STOP_EXIT_CODE:
+            log.warning("job %s stopped by SIGTERM (scancel, or SLURM ending/preempting it): checkpoint saved in "
+                        "%s/checkpoints; not requeueing (submit the same command again to continue)",
+                        env.job_id, cfg.train.run_dir)
+            _hard_exit(0)
         if code == REQUEUE_EXIT_CODE:
+            if self._cancelled(env, cfg.train.run_dir):
+                log.warning("job %s was cancelled with `satfuse jobs cancel`: checkpoint saved, not requeueing",
+                            env.job_id)
+                _hard_exit(0)
             self._requeue(env, restart, cfg.train.max_requeues, cfg.train.run_dir)
         raise SatfuseError(
             f"pretraining rank {env.global_rank} of job {env.job_id} exited with status {code}; "
@@ -178,11 +197,26 @@ class PretrainTask(submitit.helpers.Checkpointable):
                         env.job_id, restart + 1, max_requeues)
         _hard_exit(0)
 
+    @staticmethod
+    def _cancelled(env: Any, run_dir: str) -> bool:
+        from satfuse.launch.jobs import is_cancelled
+
+        return is_cancelled(Path(run_dir), str(env.job_id))
+
+    def _run_dir(self) -> str | None:
+        runs = [o.split("=", 1)[1] for o in self.overrides if o.startswith("train.run_dir=")]
+        return runs[-1] if runs else None
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """submitit's fallback (signal before the trainer's handlers): resubmit as is.
 
         All state lives in the run directory's checkpoints, so the same task resumes there.
+        A job cancelled with `satfuse jobs cancel` leaves instead.
         """
+        run_dir = self._run_dir()
+        if run_dir is not None and self._cancelled(submitit.JobEnvironment(), run_dir):
+            log.warning("job was cancelled with `satfuse jobs cancel`: not requeueing")
+            _hard_exit(0)
         log.warning("submitit checkpoint(): requeueing the task unchanged; it resumes from its run dir")
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 

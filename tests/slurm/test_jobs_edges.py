@@ -1,0 +1,101 @@
+"""Edges of `satfuse jobs` and `submit --dry-run` that need no cluster: a damaged jobs.json, a
+deleted submitit folder, a merge whose parts did not all complete, the dry-run script's
+guard, and TERM vs the requeue signal in the trainer's stop flag."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, StopFlag
+from tests.slurm.slurm_helpers import TINY, cli
+
+
+def write_index(run: Path, jobs: list[dict]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "jobs.json").write_text(json.dumps({"jobs": jobs}))
+
+
+def entry(run: Path, job_id: str, kind: str = "pretrain", **extra: object) -> dict:
+    return {"job_id": job_id, "kind": kind, "executor": "slurm", "tasks": 1,
+            "folder": str(run / "submitit"), "submitted": "2026-12-01T10:00:00+0000", **extra}
+
+
+@pytest.fixture(autouse=True)
+def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These jobs are long gone: SLURM's tools are not consulted (none on PATH)."""
+    monkeypatch.setenv("PATH", "/usr/bin/nonexistent")
+
+
+def test_jobs_json_entry_missing_a_key_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = entry(tmp_path, "17")
+    del bad["folder"]
+    write_index(tmp_path, [entry(tmp_path, "16"), bad])
+    for action in ("ls", "status", "logs", "cancel"):
+        rc, out, err = cli(capsys, "jobs", action, str(tmp_path))
+        assert rc == 2 and out == "", action
+        assert "jobs.json: job 17 has no 'folder'" in err and "delete that entry" in err
+        assert "Traceback" not in err and "KeyError" not in err
+
+
+def test_logs_of_a_deleted_submitit_folder_say_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    write_index(tmp_path, [entry(tmp_path, "21")])  # submitit/ does not exist
+    rc, _, err = cli(capsys, "jobs", "logs", str(tmp_path))
+    assert rc == 2 and "submitit folder was deleted" in err and "job 21" in err
+    assert "has not started" not in err
+    (tmp_path / "submitit").mkdir()
+    rc, _, err = cli(capsys, "jobs", "logs", str(tmp_path))
+    assert rc == 2 and "has not started" not in err and "wrote none" in err
+
+
+def test_merge_after_an_unfinished_part_says_what_to_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    part = {"src": "/data/raw", "dataset": "sen12ms", "out": "/data/shards", "num_shards": 2, "maxcount": 4}
+    write_index(tmp_path, [entry(tmp_path, "30_0", "shard", part=0, **part),
+                           entry(tmp_path, "30_1", "shard", part=1, **part),
+                           entry(tmp_path, "31", "merge", after="30", out="/data/shards")])
+    # part 0 completed (submitit's result pickle), part 1 and the merge left nothing
+    import pickle
+
+    (tmp_path / "submitit").mkdir()
+    with open(tmp_path / "submitit" / "30_0_0_result.pkl", "wb") as fh:
+        pickle.dump(("success", {}), fh)
+    rc, out, _ = cli(capsys, "jobs", "ls", str(tmp_path))
+    assert rc == 0 and "UNKNOWN" not in out
+    lines = out.splitlines()
+    assert "COMPLETED" in lines[0]
+    merge_hint = next(ln for ln in lines if "merge never ran" in ln)
+    assert "part(s) 1 (ended without a result: cancelled or killed) did not complete" in merge_hint
+    assert ("satfuse shard --src /data/raw --dataset sen12ms --out /data/shards --num-shards 2 "
+            "--shard-index 1 --maxcount 4") in merge_hint
+    assert "`satfuse shard merge /data/shards`" in merge_hint
+
+
+def test_dry_run_script_says_it_is_for_reading_and_stops_if_run(capsys: pytest.CaptureFixture[str],
+                                                                tmp_path: Path) -> None:
+    rc, out, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm", "--dry-run",
+                       f"train.run_dir={tmp_path / 'run'}")
+    assert rc == 0, err
+    head = out.splitlines()[:5]
+    assert head[0] == "#!/bin/bash" and "for reading and for `sbatch --test-only` only" in head[1]
+    lines = out.splitlines()
+    guard = lines.index("exit 2")
+    assert all(not ln.startswith("#SBATCH") for ln in lines[guard:])  # sbatch still sees every flag
+    assert guard < next(i for i, ln in enumerate(lines) if "srun" in ln)
+    script = tmp_path / "job.sh"
+    script.write_text(out)
+    res = subprocess.run(["/bin/bash", str(script)], capture_output=True, text=True, timeout=30,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert res.returncode == 2 and "printed by satfuse submit --dry-run" in res.stderr
+
+
+@pytest.mark.parametrize(("sig", "code", "terminate"), [(signal.SIGUSR2, REQUEUE_EXIT_CODE, False),
+                                                        (signal.SIGTERM, STOP_EXIT_CODE, True)])
+def test_term_means_stop_the_requeue_signal_means_requeue(sig: signal.Signals, code: int, terminate: bool) -> None:
+    with StopFlag() as flag:
+        os.kill(os.getpid(), sig)
+        assert flag.should_stop() and flag.terminate is terminate and flag.exit_code == code
