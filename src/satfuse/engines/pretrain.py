@@ -45,5 +45,6 @@ def run_pretrain(config_path: str | None, overrides: list[str]) -> int:
         teardown()
     if result.status == "preempted":
         return REQUEUE_EXIT_CODE
-    log.info("done: step %d, loss %.4f", result.step, result.final_loss)
+    if result.status != "already_complete":
+        log.info("done: step %d, loss %.4f", result.step, result.final_loss)
     return 0
