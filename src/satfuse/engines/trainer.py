@@ -180,11 +180,11 @@ class Trainer:
         if self.env.rank == 0:
             dump_yaml(cfg, self.run_dir / "config.yaml")
         self.resume()
-        if self.step >= cfg.train.steps > 0:
+        already = self.step >= cfg.train.steps > 0
+        if already:  # still re-saved below: on another world size that converts the layout
             log.info("already complete: %s holds step %d of train.steps=%d; nothing to train (raise "
                      "train.steps to continue, or start a new train.run_dir)",
                      self.run_dir / "checkpoints", self.step, cfg.train.steps)
-            return TrainResult(status="already_complete", step=self.step, final_loss=math.nan)
         stop = StopFlag()
         stop.install()
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.env.rank == 0)
@@ -226,6 +226,8 @@ class Trainer:
             self.engine.wait()
         finally:
             bar.close()
+        if already and status == "completed":
+            status = "already_complete"
         result = TrainResult(status=status, step=self.step, final_loss=last["loss"])
         if status == "completed" and cfg.data.val_shards:
             result.retrieval_top1, result.retrieval_chance = self.evaluate_retrieval()
