@@ -97,6 +97,7 @@ class FinetuneConfig:
     run_dir: str = ""
     label: str = ""  # method name in reports; empty = derived from the config
 
+
 DEFAULT_RUNS_ROOT = "runs/finetune"  # where runs without run_dir go (and `satfuse report` reads)
 
 
