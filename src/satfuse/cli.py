@@ -50,9 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _looks_like_override(word: str) -> bool:
+    return "=" in word and not word.startswith("-")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parse_args`, but flags and key=value overrides may come in any order.
+
+    argparse gives a `nargs="*"` positional only the first run of words; overrides typed after
+    a flag (`pretrain a=1 --nproc-per-node 2 b=2`) come back as extras. Those join the
+    command's `overrides` in the order typed (later wins); anything else is still an error.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(map(_looks_like_override, extra)):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     setup_logging(args.log_level)
     if not getattr(args, "func", None):
         parser.print_help()

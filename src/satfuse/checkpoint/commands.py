@@ -36,12 +36,14 @@ def register(subparsers: Any) -> None:
     ls.set_defaults(func=cmd_ls)
 
     ins = sub.add_parser("inspect", help="details of one checkpoint; exit 1 if incomplete")
-    ins.add_argument("path", type=Path, help="a step_XXXXXXXX directory")
+    ins.add_argument("path", type=Path, help="a step_XXXXXXXX directory, its `latest` pointer, "
+                     "`checkpoints/` or the run dir (both: the latest step)")
     ins.add_argument("--quick", action="store_true", help="sizes only, skip crc32 verification")
     ins.set_defaults(func=cmd_inspect)
 
     ex = sub.add_parser("export", help="consolidated backbones file for fine-tuning")
-    ex.add_argument("path", type=Path, help="a step_XXXXXXXX directory")
+    ex.add_argument("path", type=Path, help="a step_XXXXXXXX directory, its `latest` pointer, "
+                    "`checkpoints/` or the run dir (both: the latest step)")
     ex.add_argument("--out", type=Path, required=True, help="output file, e.g. backbone.pt")
     ex.add_argument("--builder", default="",
                     help="MODULE:FUNCTION(meta) -> model, for models not built from the "
@@ -91,7 +93,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    path: Path = args.path
+    from satfuse.checkpoint.export import resolve_checkpoint
+
+    path: Path = resolve_checkpoint(args.path)  # the same forms `ckpt export` takes
     if not path.exists():
         raise SatfuseError(f"{path}: not found; list checkpoints with `satfuse ckpt ls RUN_DIR`")
     problems = checkpoint_problems(path, checksums=not args.quick)

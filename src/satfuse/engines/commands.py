@@ -35,15 +35,27 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from satfuse.distributed.env import exit_cleanly
     from satfuse.engines.pretrain import run_pretrain
 
-    code = run_pretrain(args.config, overrides)
+    try:
+        code = run_pretrain(args.config, overrides)
+    except Exception as exc:  # the launcher reports the first rank's line and status
+        from satfuse.config import ConfigError
+        from satfuse.engines.torchrun import record_rank_error
+        from satfuse.utils import SatfuseError
+
+        if isinstance(exc, (SatfuseError, ConfigError)):
+            record_rank_error(str(exc))
+        raise
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_cleanly(code)  # gloo threads can abort a normal interpreter exit
     return code
 
 
 def launch_local(config: str | None, overrides: list[str], nproc: int) -> int:
-    """Re-run this command under torchrun with `nproc` ranks on this machine."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    """Re-run this command under torchrun with `nproc` ranks on this machine.
+
+    Returns the ranks' status (75: saved after a stop signal; 2: bad input), not torchrun's 1.
+    """
+    cmd = [sys.executable, "-m", "satfuse.engines.torchrun", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "satfuse.cli", "pretrain"]
     if config:
         cmd += ["--config", config]

@@ -48,5 +48,6 @@ def run_pretrain(config_path: str | None, overrides: list[str]) -> int:
         return REQUEUE_EXIT_CODE
     if result.status == "stopped":
         return STOP_EXIT_CODE
-    log.info("done: step %d, loss %.4f", result.step, result.final_loss)
+    if result.status != "already_complete":
+        log.info("done: step %d, loss %.4f", result.step, result.final_loss)
     return 0

@@ -50,7 +50,7 @@ __all__ = ["REQUEUE_EXIT_CODE", "Trainer", "TrainResult"]
 
 @dataclass
 class TrainResult:
-    status: str  # "completed" | "preempted" (requeue me) | "stopped" (SIGTERM: do not requeue)
+    status: str  # "completed" | "preempted" (requeue me) | "stopped" (SIGTERM: do not requeue) | "already_complete" (resumed at train.steps: nothing to do)
     step: int
     final_loss: float
     retrieval_top1: float | None = None
@@ -164,6 +164,9 @@ class Trainer:
         self.env = env
         self.device = select_device(cfg, env)
         check_precision(cfg.train.precision, self.device)
+        if cfg.model.sync_bn and self.device.type != "cuda":  # refused at start, like fp16
+            raise SatfuseError("model.sync_bn=true needs CUDA (torch's SyncBatchNorm does not run on "
+                               "CPU/gloo); set model.sync_bn=false for CPU runs")
         self.run_dir = Path(cfg.train.run_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.shards = resolve_shards(cfg.data.shards, cfg.data.manifest, cfg.data.shard_weights)
@@ -261,6 +264,11 @@ class Trainer:
         if self.env.rank == 0:
             write_config(cfg, self.run_dir / "config.yaml")
         self.resume()
+        already = self.step >= cfg.train.steps > 0
+        if already:  # still re-saved below: on another world size that converts the layout
+            log.info("already complete: %s holds step %d of train.steps=%d; nothing to train (raise "
+                     "train.steps to continue, or start a new train.run_dir)",
+                     self.run_dir / "checkpoints", self.step, cfg.train.steps)
         stop = StopFlag()
         stop.install()
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.env.rank == 0)
@@ -285,7 +293,7 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(),
-                              "samples_per_s": rate, **last}
+                              "pairs_per_s": rate, **last}
                     metrics_log.write(record)
                     log.info("step %d/%d loss %.4f top1 %.3f lr %.2e %.1f pairs/s", self.step, total,
                              last["loss"], last.get("retrieval_top1", float("nan")), record["lr"], rate)
@@ -302,6 +310,8 @@ class Trainer:
             self.engine.wait()
         finally:
             bar.close()
+        if already and status == "completed":
+            status = "already_complete"
         result = TrainResult(status=status, step=self.step, final_loss=last["loss"])
         if status == "completed" and cfg.data.val_shards:
             result.retrieval_top1, result.retrieval_chance = self.evaluate_retrieval()

@@ -58,7 +58,10 @@ def _add_finetune_flags(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--seed", type=int)
     ft.add_argument("--backbone", choices=["tiny", "resnet18", "resnet50"])
     ft.add_argument("--epochs", type=int)
-    ft.add_argument("--run-dir", help="where result.json goes")
+    ft.add_argument("--run-dir", help="where result.json goes (default: runs/finetune/<method>/<task>/"
+                    "frac<F>/seed<S>, as a sweep lays out runs)")
+    ft.add_argument("--overwrite", action="store_true", default=None,
+                    help="replace the result.json of a finished run in the same directory")
     ft.add_argument("--label", help="method name in reports")
     ft.add_argument("--train-shards", help="DFC2020 validation-split shard dir (training data)")
     ft.add_argument("--test-shards", help="DFC2020 test-split shard dir")
@@ -104,7 +107,31 @@ def finetune_config_from_args(args: argparse.Namespace, overrides: list[str]):
     return from_dict(FinetuneConfig, raw, where=args.config or "command line")
 
 
+def _help_parser(is_sweep: bool) -> argparse.ArgumentParser:
+    """The --help text of `satfuse finetune sweep` (or of finetune, for a --help after words)."""
+    if not is_sweep:
+        p = argparse.ArgumentParser(prog="satfuse finetune", description="One DFC2020 run: "
+                                    "fine-tune or linear-probe, early-stop, score on the test split.")
+        _add_finetune_flags(p)
+        p.add_argument("words", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=5")
+        return p
+    p = argparse.ArgumentParser(
+        prog="satfuse finetune sweep",
+        description="Run a grid of downstream runs (methods x label fractions x seeds x tasks) from a "
+                    "sweep YAML, each in OUT/<method>/<task>/frac<F>/seed<S>/; finished runs are skipped.")
+    p.add_argument("--config", required=True, help="sweep YAML, e.g. hpc/finetune/demo_sweep.yaml")
+    p.add_argument("--out", help="output root (overrides the sweep's `out`)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (todo/done), run nothing")
+    p.add_argument("words", nargs="*", metavar="KEY=VALUE",
+                   help="sweep overrides, e.g. checkpoint=backbone.pt seeds=[40] base.train.epochs=3")
+    return p
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    words = list(args.words or [])
+    if "-h" in words or "--help" in words:
+        _help_parser(bool(words) and words[0] == "sweep").print_help()
+        return 0
     args = _reparse(args)
     is_sweep, overrides = _split_words(args.words)
     if is_sweep:
@@ -117,7 +144,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         cfg = finetune_config_from_args(args, overrides)
     except ConfigError as exc:
         raise SatfuseError(str(exc)) from exc
-    result = run_finetune(cfg)
+    result = run_finetune(cfg, overwrite=bool(args.overwrite))
     print(json.dumps({"method": result["method"], "run_dir": cfg.run_dir, "metrics": result["metrics"]},
                      indent=1))
     return 0
@@ -126,7 +153,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     from satfuse.evaluation.sweep import load_sweep_config, plan_sweep, run_sweep
 
-    used = [f"--{d.replace('_', '-')}" for d in FLAG_KEYS if getattr(args, d, None) is not None]
+    used = [f"--{d.replace('_', '-')}" for d in [*FLAG_KEYS, "overwrite"] if getattr(args, d, None) is not None]
     if used:
         raise SatfuseError(f"{', '.join(used)} apply to one run; in a sweep set them in the sweep YAML "
                            "or as key=value (e.g. checkpoint=PATH, base.train.epochs=3)")

@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +47,8 @@ RESULT_FORMAT = "satfuse-finetune/1"
 
 @dataclass
 class FtDataConfig:
-    train_shards: str = "shards/dfc2020_validation"  # authors: train on DFC2020 validation
-    test_shards: str = "shards/dfc2020_test"
+    train_shards: str = "shards/dfc2020-train"  # the DFC2020 validation split (authors train on it)
+    test_shards: str = "shards/dfc2020-test"
     val_fraction: float = 0.2  # held out of train_shards for early stopping (stratified)
     crop: int = 224  # random crop (train) / centre crop (val, test); authors 224 of 256
     label_fraction: float = 1.0
@@ -91,8 +92,13 @@ class FinetuneConfig:
     data: FtDataConfig = field(default_factory=FtDataConfig)
     model: FtModelConfig = field(default_factory=FtModelConfig)
     train: FtTrainConfig = field(default_factory=FtTrainConfig)
-    run_dir: str = "runs/finetune/run"
+    # empty = runs/finetune/<method>/<task>/frac<F>/seed<S>, the layout of a sweep, so that runs
+    # of different methods, fractions or seeds never share a result.json
+    run_dir: str = ""
     label: str = ""  # method name in reports; empty = derived from the config
+
+
+DEFAULT_RUNS_ROOT = "runs/finetune"  # where runs without run_dir go (and `satfuse report` reads)
 
 
 def load_finetune_config(path: str | None, overrides: list[str] | None = None) -> FinetuneConfig:
@@ -111,6 +117,16 @@ def method_label(cfg: FinetuneConfig, method: str | None = None) -> str:
     name = METHOD_NAMES.get(method, method)
     suffix = "" if mod == "s1s2" else f" {what}"
     return f"{name}{suffix} ({'fine-tune' if cfg.model.mode == 'finetune' else 'linear'})"
+
+
+def slug(text: str) -> str:
+    """Directory-safe form of a method label ('Dual-SimCLR (fine-tune)' -> 'dual-simclr_fine-tune')."""
+    return re.sub(r"[^a-z0-9.-]+", "_", text.lower()).strip("_") or "method"
+
+
+def run_subdir(label: str, task: str, fraction: float, seed: int) -> Path:
+    """`<method>/<task>/frac<F>/seed<S>`: one directory per run, shared by sweeps and single runs."""
+    return Path(slug(label)) / task / f"frac{fraction:g}" / f"seed{seed}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,12 +286,18 @@ def build_model(cfg: FinetuneConfig) -> tuple[Classifier, dict | None, dict]:
     frozen = mc.mode == "linear"
     if mc.checkpoint.lower() in ("", "none"):
         specs = scratch_branches(mc.modalities, mc.fusion)
+        _seed_everything(cfg.train.seed)
         return build_classifier(specs, mc.backbone, N_CLASSES, frozen), None, {"method": None}
     pre = load_pretrained(mc.checkpoint)
     specs = pretrained_branches(pre, mc.backbone, mc.modalities, mc.fusion)
+    # seeded after loading: building a pretraining model from a checkpoint directory draws from
+    # torch's RNG, so seeding before it would start the head elsewhere than for an export file
+    _seed_everything(cfg.train.seed)
     model = build_classifier(specs, mc.backbone, N_CLASSES, frozen, pre.state_dicts, pre.path)
     info = {"method": pre.method, "step": pre.step, "source": pre.source, "path": pre.path,
             "branches": [s.name for s in specs]}
+    if mc.modalities == "s1s2":  # what runs: one backbone on stacked S1+S2 is early fusion
+        info["fusion"] = "early" if len(specs) == 1 else "late"
     return model, pre.band_stats(), info
 
 
@@ -360,17 +382,54 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Train, early-stop, test; write RUN_DIR/result.json (atomic) and return the result."""
+def check_learning(cfg: FinetuneConfig, train_loss: list[float]) -> str | None:
+    """A warning when the training loss neither fell nor left the chance level.
+
+    Why: with the authors' lr (1e-5) on a small data set the head barely moves and every
+    score sits at chance; without a word the table looks like a result. "Fell" is the mean
+    of the later half of the epochs at least 10 % below the first epoch (epoch-to-epoch noise
+    of a small balanced sample is ~5 %); a run that learnt within its first epoch is already
+    well below chance (ln C for C classes single-label, ln 2 per class multi-label).
+    """
+    losses = [v for v in train_loss if v is not None and math.isfinite(v)]
+    if len(losses) < 2:
+        return None
+    later = losses[len(losses) // 2:] if len(losses) > 2 else losses[1:]
+    mean_later = sum(later) / len(later)
+    chance = math.log(N_CLASSES) if cfg.train.task == "single" else math.log(2)
+    if mean_later < 0.9 * losses[0] or mean_later < 0.5 * chance:
+        return None
+    tc = cfg.train
+    lrs = f"train.lr={tc.lr:g}" + (f", train.backbone_lr={tc.backbone_lr:g}" if cfg.model.mode == "finetune" else "")
+    return (f"training loss did not fall ({losses[0]:.4f} in epoch 1, {mean_later:.4f} later; chance "
+            f"{chance:.2f}) with {lrs}: the classifier is not learning and its scores may be at chance; "
+            "try a larger train.lr (e.g. 1e-3 on small data) or more epochs")
+
+
+def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
+    """Train, early-stop, test; write RUN_DIR/result.json (atomic) and return the result.
+
+    An existing RUN_DIR/result.json (another run's result) is refused unless `overwrite`.
+    """
     t_start = time.perf_counter()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.run_dir and (Path(cfg.run_dir) / "result.json").exists() and not overwrite:
+        raise SatfuseError(_exists_msg(Path(cfg.run_dir)))
+    device = _device(cfg.train.device)
+    model, pre_stats, ckpt_info = build_model(cfg)
+    if ckpt_info.get("fusion", cfg.model.fusion) != cfg.model.fusion:
+        log.warning("model.fusion=%s asked, but %s has one backbone on stacked S1+S2: this runs (and "
+                    "records) %s fusion", cfg.model.fusion, cfg.model.checkpoint, ckpt_info["fusion"])
+        cfg.model.fusion = ckpt_info["fusion"]
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path(DEFAULT_RUNS_ROOT) / run_subdir(
+            method_label(cfg, ckpt_info["method"]), cfg.train.task, cfg.data.label_fraction, cfg.train.seed))
+        if (Path(cfg.run_dir) / "result.json").exists() and not overwrite:
+            raise SatfuseError(_exists_msg(Path(cfg.run_dir)))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, run_dir / "config.yaml")
-    _seed_everything(cfg.train.seed)
-    device = _device(cfg.train.device)
-    model, pre_stats, ckpt_info = build_model(cfg)
     model.to(device)
     prep = prepare_data(cfg)
     stats, stats_source = band_stats(cfg, prep.train, pre_stats)
@@ -384,6 +443,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         raise SatfuseError(f"{cfg.data.test_shards}: no test patch has a valid label in its "
                            f"{cfg.data.crop}px centre crop; nothing to score")
     metrics = score(cfg.train.task, pred, cfg.train.threshold)
+    warning = check_learning(cfg, trainer.curves["train_loss"])
+    if warning:
+        log.warning("%s: %s", run_dir, warning)
     t_end = time.perf_counter()
     result = {
         "format": RESULT_FORMAT,
@@ -399,11 +461,17 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         "timings": {"load_s": round(t_loaded - t_start, 3), "train_s": round(t_trained - t_loaded, 3),
                     "test_s": round(t_end - t_trained, 3), "total_s": round(t_end - t_start, 3)},
         "threads": torch.get_num_threads(), "config": to_dict(cfg),
+        "warnings": [warning] if warning else [],
     }
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
     log.info("%s frac %g seed %d: %s (%.1fs) -> %s", result["method"], cfg.data.label_fraction,
              cfg.train.seed, _summary(cfg.train.task, metrics), t_end - t_start, run_dir / "result.json")
     return result
+
+
+def _exists_msg(run_dir: Path) -> str:
+    return (f"{run_dir / 'result.json'} exists (a finished run); pass --overwrite to replace it, or "
+            "another --run-dir / --seed")
 
 
 def _summary(task: str, m: dict) -> str:

@@ -60,7 +60,7 @@ def load_pretrained(path: str | Path) -> PretrainedBackbones:
     if not p.exists():
         raise SatfuseError(f"{p}: checkpoint not found; pass an exported backbones file "
                            "(`satfuse ckpt export`), a checkpoint directory, or `none`")
-    if p.is_dir():
+    if p.is_dir() or p.name == "latest":  # a step dir, `latest`, `checkpoints/` or a run dir
         return _from_checkpoint_dir(p)
     try:
         raw = torch.load(p, map_location="cpu", weights_only=True)
@@ -72,7 +72,7 @@ def load_pretrained(path: str | Path) -> PretrainedBackbones:
 
 def _from_checkpoint_dir(ckpt_dir: Path) -> PretrainedBackbones:
     try:
-        from satfuse.checkpoint.export import export_backbones
+        from satfuse.checkpoint.export import export_backbones, resolve_checkpoint
     except ImportError as exc:
         raise SatfuseError(f"{ckpt_dir}: a checkpoint directory needs satfuse.checkpoint.export, "
                            "which is not available; export the backbones first") from exc
@@ -80,6 +80,7 @@ def _from_checkpoint_dir(ckpt_dir: Path) -> PretrainedBackbones:
         import satfuse.checkpoint.deepspeed_export  # noqa: F401
     except ImportError:
         log.debug("satfuse.checkpoint.deepspeed_export unavailable: DCP checkpoints only")
+    ckpt_dir = resolve_checkpoint(ckpt_dir)  # the step dir, as `satfuse ckpt export` takes it
     with tempfile.TemporaryDirectory(prefix="satfuse-export-") as tmp:
         out = Path(tmp) / "backbones.pt"
         log.info("exporting backbones of %s", ckpt_dir)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -26,7 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from satfuse.config import ConfigError, from_dict, load_config, read_yaml, set_dotted
-from satfuse.evaluation.finetune import FinetuneConfig, run_finetune
+from satfuse.evaluation.finetune import FinetuneConfig, run_finetune, run_subdir, slug  # noqa: F401
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -68,11 +67,6 @@ def load_sweep_config(path: str | None, overrides: list[str] | None = None) -> S
         if candidate.is_file():
             cfg.base_config = str(candidate)
     return cfg
-
-
-def slug(text: str) -> str:
-    """Directory-safe form of a method label ('Dual-SimCLR (fine-tune)' -> 'dual-simclr_fine-tune')."""
-    return re.sub(r"[^a-z0-9.-]+", "_", text.lower()).strip("_") or "method"
 
 
 @dataclass
@@ -138,7 +132,7 @@ def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
         for m in sweep.methods:
             for frac in fracs:
                 for seed in sweep.seeds:
-                    d = Path(sweep.out) / slug(m.label) / task / f"frac{frac:g}" / f"seed{seed}"
+                    d = Path(sweep.out) / run_subdir(m.label, task, frac, seed)
                     try:
                         cfg = _run_config(sweep, m, task, frac, seed, d)
                     except ConfigError as exc:
