@@ -10,7 +10,8 @@ and gets one `.pth` file holding the *path* of the running interpreter's site-pa
 therefore wins, while torch, numpy, rasterio... come from `.venv`. A plain path line does not
 process `.venv`'s own `.pth` files, so the editable install of the checkout stays invisible
 (`--system-site-packages` would not help: torch lives in `.venv`, not in the system Python).
-The wheel goes in with this pip (`pip --python NEW_ENV install --no-deps --no-index`).
+The wheel goes in with this pip (`pip --python NEW_ENV install --no-deps --no-index`), before
+the `.pth` is written, so pip never sees (let alone uninstalls) the checkout's editable install.
 Every command then runs from an empty directory with PYTHONPATH removed.
 """
 
@@ -97,10 +98,12 @@ def installed(built) -> dict[str, Path]:
     py = env_dir / "bin" / "python"
     purelib = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                    built["base"]).strip()
-    base_site = os.path.realpath(sysconfig.get_paths()["purelib"])  # torch and the other deps
-    Path(purelib, "_satfuse_test_base_env.pth").write_text(base_site + "\n")
+    # install before the .pth exists: pip then sees an empty env and can never touch .venv's
+    # own (editable) satfuse
     _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
           str(built["wheel"])], built["base"])
+    base_site = os.path.realpath(sysconfig.get_paths()["purelib"])  # torch and the other deps
+    Path(purelib, "_satfuse_test_base_env.pth").write_text(base_site + "\n")
     return {"venv": env_dir, "satfuse": env_dir / "bin" / "satfuse", "python": py}
 
 
