@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pretrain from a YAML config (hpc/pretrain/*.yaml) with key=value overrides, "
         "e.g. `satfuse pretrain --config hpc/pretrain/dual_simclr.yaml train.steps=100 resume=auto`.",
     )
-    p.add_argument("--config", default=None, help="YAML config (see hpc/pretrain/)")
+    p.add_argument("--config", default=None, help="YAML path or packaged name, e.g. tiny (see `satfuse configs`)")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="start this many local ranks with torchrun (ignored inside torchrun/SLURM tasks)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 resume=auto")
