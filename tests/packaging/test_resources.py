@@ -173,3 +173,16 @@ def test_demo_writes_only_under_out(empty_cwd, monkeypatch):
     assert main(["demo"]) == 0  # default: ./satfuse-demo
     assert sorted(p.name for p in empty_cwd.iterdir()) == ["elsewhere", "satfuse-demo"]
     assert (empty_cwd / "satfuse-demo/reports/table.md").is_file()
+
+
+def test_local_launch_checks_the_config_once_before_starting_ranks(monkeypatch):
+    import subprocess
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: started.append(cmd) or 0)
+    assert main(["pretrain", "--config", "nope", "--nproc-per-node", "2"]) == 2
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    assert main(["pretrain", "--config", "tiny_deepspeed", "--nproc-per-node", "2"]) == 2
+    assert started == []  # no torchrun for a config that cannot run
+    assert main(["pretrain", "--config", "tiny", "--nproc-per-node", "2"]) == 0
+    assert started and "--config" in started[0] and "tiny" in started[0]

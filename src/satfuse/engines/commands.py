@@ -42,7 +42,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def launch_local(config: str | None, overrides: list[str], nproc: int) -> int:
-    """Re-run this command under torchrun with `nproc` ranks on this machine."""
+    """Re-run this command under torchrun with `nproc` ranks on this machine.
+
+    The config is loaded here first: a bad path/name or a missing DeepSpeed fails once, with
+    one line, instead of on every rank followed by torchrun's traceback.
+    """
+    from satfuse.config import PretrainConfig, load_config
+    from satfuse.resources import require_deepspeed
+
+    if load_config(PretrainConfig, config, overrides).train.engine == "deepspeed":
+        require_deepspeed(config or "command line")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "satfuse.cli", "pretrain"]
     if config:
