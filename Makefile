@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	# DeepSpeed's sdist is pure Python: build it against the torch above, not in an isolated
 	# build env that could pull a CUDA torch; no ops are prebuilt (DS_BUILD_OPS unset)
 	$(PY) -m pip install -q --no-build-isolation deepspeed
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,deepspeed]'
 	DS_ACCELERATOR=cpu $(PY) -m satfuse.engines.warmup || true
 	touch $(STAMP)
 
@@ -36,4 +36,4 @@ lint: setup
 	$(VENV)/bin/ruff check src tests
 
 clean:
-	rm -rf $(VENV) runs data reports
+	rm -rf $(VENV) runs data reports satfuse-demo build dist

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "satfuse.evaluation.commands",  # finetune, report
     "satfuse.bench.commands",  # bench
     "satfuse.demo",  # demo (the README's main command)
+    "satfuse.resources",  # configs, init (packaged configs and templates)
 ]
 
 

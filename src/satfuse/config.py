@@ -131,21 +131,31 @@ class PretrainConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `schema` from a YAML file (optional) and `key=value` overrides, strictly."""
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                kind: str | None = None) -> T:
+    """Build `schema` from a YAML file or packaged name (optional) and `key=value` overrides, strictly.
+
+    `kind` says where a bare name is looked up (see `satfuse.resources`); by default the
+    schema's own kind (PretrainConfig -> hpc/pretrain, ...).
+    """
     raw: dict[str, Any] = {}
+    where = "command line"
     if path:
-        raw = read_yaml(path)
+        from satfuse.resources import SCHEMA_KINDS, resolve_config
+
+        resolved = resolve_config(path, kind or SCHEMA_KINDS.get(schema.__name__))
+        raw, where = read_yaml(resolved), str(resolved)
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    return from_dict(schema, raw, where=str(path) if path else "command line")
+    return from_dict(schema, raw, where=where)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found; pass an existing YAML file (see hpc/)")
+def read_yaml(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """A YAML mapping from a file or a packaged config name (`kind` narrows where names are looked up)."""
+    from satfuse.resources import resolve_config
+
+    p = resolve_config(path, kind)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -6,6 +6,10 @@ export -> fine-tuning at several label fractions beside the supervised baselines
 Every stage is resumable: a stage whose output is complete is skipped on a rerun, so an
 interrupted demo continues where it stopped. Sizes are set for ~20 minutes on 2 CPU cores;
 `satfuse demo key=value` overrides them (e.g. `scenes=8` for a quick look).
+
+Everything is written under `--out DIR` (default `./satfuse-demo`: data, shards, runs and the
+report), never into the working directory's `data/` or `reports/`, so the demo runs from any
+directory with an installed satfuse (its configs are the packaged ones).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ log = logging.getLogger("satfuse.demo")
 
 @dataclass
 class DemoConfig:
-    out: str = "data/demo"
+    out: str = "satfuse-demo"  # everything the demo writes goes under this directory
     seed: int = 0
     patch_size: int = 128  # real patches are 256; the demo halves them to fit 2 cores
     scenes: int = 20  # SEN12MS scenes (every 5th is held out for retrieval accuracy)
@@ -37,17 +41,20 @@ class DemoConfig:
     nproc: int = 2  # pretraining ranks
     pretrain_config: str = "hpc/pretrain/demo.yaml"
     finetune_config: str = "hpc/finetune/demo_sweep.yaml"
-    report: str = "reports/demo"
+    report: str = ""  # table + plot directory; empty: <out>/reports
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline end to end on synthetic data (README)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write everything under DIR (default ./satfuse-demo); same as out=DIR")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo sizes")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    cfg = load_config(DemoConfig, None, args.overrides)
+    overrides = [*args.overrides, *([f"out={args.out}"] if args.out else [])]
+    cfg = load_config(DemoConfig, None, overrides)
     run_demo(cfg)
     return 0
 
@@ -76,7 +83,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     ckpt = stages.run(f"pretrain Dual-SimCLR on {cfg.nproc} ranks", lambda: pretrain(cfg, out))
     backbone = stages.run("export pretrained backbones", lambda: export(ckpt, out))
     runs = stages.run("fine-tune vs supervised baselines", lambda: finetune(cfg, out, backbone))
-    summary = stages.run("report: table + label-fraction plot", lambda: report(cfg, runs))
+    summary = stages.run("report: table + label-fraction plot", lambda: report(cfg, out, runs))
     stages.timings["total"] = round(sum(stages.timings.values()), 1)
     (out / "demo_timings.json").write_text(json.dumps(stages.timings, indent=2) + "\n")
     log.info("stage timings (s): %s", stages.timings)
@@ -147,12 +154,13 @@ def finetune(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
     return run_sweep(sweep)
 
 
-def report(cfg: DemoConfig, runs: list[Path]) -> dict:
+def report(cfg: DemoConfig, out: Path, runs: list[Path]) -> dict:
     from satfuse.evaluation.report import make_report
 
-    summary = make_report(runs, Path(cfg.report))
-    table = Path(cfg.report) / "table.md"
+    where = Path(cfg.report) if cfg.report else out / "reports"
+    summary = make_report(runs, where)
+    table = where / "table.md"
     if table.exists():
         print(table.read_text())
-    log.info("report written to %s (table.md, label_fractions.png)", cfg.report)
+    log.info("report written to %s (table.md, label_fractions.png)", where)
     return summary

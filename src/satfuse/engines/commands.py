@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pretrain from a YAML config (hpc/pretrain/*.yaml) with key=value overrides, "
         "e.g. `satfuse pretrain --config hpc/pretrain/dual_simclr.yaml train.steps=100 resume=auto`.",
     )
-    p.add_argument("--config", default=None, help="YAML config (see hpc/pretrain/)")
+    p.add_argument("--config", default=None, help="YAML path or packaged name, e.g. tiny (see `satfuse configs`)")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="start this many local ranks with torchrun (ignored inside torchrun/SLURM tasks)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 resume=auto")
@@ -54,7 +54,14 @@ def launch_local(config: str | None, overrides: list[str], nproc: int) -> int:
     """Re-run this command under torchrun with `nproc` ranks on this machine.
 
     Returns the ranks' status (75: saved after a stop signal; 2: bad input), not torchrun's 1.
+    The config is loaded here first: a bad path/name or a missing DeepSpeed fails once, with
+    one line, instead of on every rank followed by torchrun's traceback.
     """
+    from satfuse.config import PretrainConfig, load_config
+    from satfuse.resources import require_deepspeed
+
+    if load_config(PretrainConfig, config, overrides).train.engine == "deepspeed":
+        require_deepspeed(config or "command line")
     cmd = [sys.executable, "-m", "satfuse.engines.torchrun", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "satfuse.cli", "pretrain"]
     if config:

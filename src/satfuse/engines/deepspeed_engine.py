@@ -69,18 +69,11 @@ PARALLEL_KEYS = ("pipeline", "tensor_parallel", "sequence_parallel_size", "autot
 
 
 def resolve_ds_config_path(path: str) -> Path:
-    """The DeepSpeed file as given (relative to the working directory), else relative to
-    the satfuse checkout, so the default `hpc/deepspeed/...` works from any directory."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    repo = Path(__file__).resolve().parents[3] / path
-    if not p.is_absolute() and repo.is_file():
-        return repo
-    raise SatfuseError(
-        f"{path}: DeepSpeed config not found; set deepspeed.config to one of hpc/deepspeed/*.json "
-        f"(or your own JSON/YAML file)"
-    )
+    """The DeepSpeed file as given, else a packaged name (`zero1_bf16`) or the packaged copy
+    of `hpc/deepspeed/...`, so the default works from any directory (`satfuse.resources`)."""
+    from satfuse.resources import resolve_config
+
+    return resolve_config(path, "deepspeed")
 
 
 def read_ds_file(path: Path) -> dict[str, Any]:

@@ -40,6 +40,10 @@ def is_comm_error(exc: BaseException) -> bool:
 
 def run_pretrain(config_path: str | None, overrides: list[str]) -> int:
     cfg = load_config(PretrainConfig, config_path, overrides)
+    if cfg.train.engine == "deepspeed":
+        from satfuse.resources import require_deepspeed
+
+        require_deepspeed(config_path or "command line")
     try:
         result = pretrain(cfg)
     finally:

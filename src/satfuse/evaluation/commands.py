@@ -97,7 +97,7 @@ def finetune_config_from_args(args: argparse.Namespace, overrides: list[str]):
     """YAML, then flags, then key=value: the precedence the issue asks for."""
     from satfuse.evaluation.finetune import FinetuneConfig
 
-    raw: dict[str, Any] = read_yaml(args.config) if args.config else {}
+    raw: dict[str, Any] = read_yaml(args.config, kind="finetune") if args.config else {}
     for dest, key in FLAG_KEYS.items():
         value = getattr(args, dest, None)
         if value is not None:

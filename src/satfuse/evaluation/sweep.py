@@ -12,6 +12,7 @@ is substituted wherever a method says `checkpoint: pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -66,6 +67,11 @@ def load_sweep_config(path: str | None, overrides: list[str] | None = None) -> S
         candidate = Path(path).parent / cfg.base_config
         if candidate.is_file():
             cfg.base_config = str(candidate)
+        else:  # a packaged finetune name or the packaged copy of hpc/finetune/... (satfuse.resources)
+            from satfuse.resources import ConfigNotFound, resolve_config
+
+            with contextlib.suppress(ConfigNotFound):  # plan_sweep reports a missing base_config
+                cfg.base_config = str(resolve_config(cfg.base_config, "finetune"))
     return cfg
 
 

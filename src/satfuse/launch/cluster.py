@@ -32,7 +32,6 @@ from satfuse.utils import SatfuseError
 log = logging.getLogger(__name__)
 
 LOCAL_NAME = "local"
-PROFILE_DIR = Path("hpc") / "clusters"
 SIGNALS = ("USR1", "USR2", "TERM", "HUP", "INT")
 
 
@@ -75,29 +74,17 @@ class ClusterProfile:
 # --------------------------------------------------------------------------------------------
 
 
-def _profile_dirs() -> list[Path]:
-    """`hpc/clusters` of the current directory, then of the source checkout (editable install)."""
-    repo = Path(__file__).resolve().parents[3] / PROFILE_DIR
-    return [Path.cwd() / PROFILE_DIR, repo]
-
-
 def resolve_profile_path(name: str) -> Path | None:
-    """A path as given, else `hpc/clusters/NAME.yaml`; None for the built-in `local`."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml") or "/" in name:
-        if not p.is_file():
-            raise SatfuseError(f"{p}: cluster profile not found; pass an existing YAML file or a name from hpc/clusters/")
-        return p
-    for d in _profile_dirs():
-        cand = d / f"{name}.yaml"
-        if cand.is_file():
-            return cand
-    if name == LOCAL_NAME:
-        return None
-    known = sorted({f.stem for d in _profile_dirs() if d.is_dir() for f in d.glob("*.yaml")})
-    raise SatfuseError(
-        f"cluster profile {name!r} not found in hpc/clusters/; use one of {known} or a path to a YAML file"
-    )
+    """A path, a project copy `./hpc/clusters/NAME.yaml` or a packaged profile (see
+    `satfuse.resources`); None for the built-in `local` when no file of that name exists."""
+    from satfuse.resources import ConfigNotFound, resolve_config
+
+    try:
+        return resolve_config(name, "clusters")
+    except ConfigNotFound:
+        if name == LOCAL_NAME:
+            return None
+        raise
 
 
 def load_profile(name: str, flags: dict[str, Any] | None = None) -> tuple[ClusterProfile, str]:

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", required=True,
-                   help="cluster profile: a name in hpc/clusters/ (e.g. local, localslurm) or a YAML path")
+                   help="cluster profile: a name (e.g. example, local; see `satfuse configs`) or a YAML path")
     g = p.add_argument_group("cluster profile overrides")
     for flag, (dest, tp) in PROFILE_FLAGS.items():
         g.add_argument(flag, dest=f"prof_{dest}", type=tp, default=None, metavar=dest.split("_")[0].upper(),
@@ -54,7 +54,7 @@ def _register_submit(sub: argparse._SubParsersAction) -> None:
     pre = ss.add_parser("pretrain", help="one task per GPU (or CPU worker), requeued on preemption",
                         description="e.g. satfuse submit pretrain --config hpc/pretrain/dual_simclr.yaml "
                         "--cluster example --nodes 2 --gpus-per-node 4 train.steps=10000")
-    pre.add_argument("--config", default=None, help="pretraining YAML (hpc/pretrain/)")
+    pre.add_argument("--config", default=None, help="pretraining YAML path or packaged name (`satfuse configs`)")
     _cluster_args(pre)
     pre.add_argument("--entry", default=None, help=argparse.SUPPRESS)  # module:function, for tests
     pre.add_argument("overrides", nargs="*", help="key=value config overrides")
