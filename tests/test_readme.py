@@ -36,6 +36,9 @@ SKIPS: list[tuple[str, str]] = [
     (r"^satfuse jobs\b", "needs a submitted job (tests/slurm)"),
     (r"^(jid=\$\()?sbatch\b", "needs a SLURM cluster (tests/slurm)"),
     (r"^slurm/local-cluster/|^export SLURM_CONF=", "starts a SLURM cluster as root (tests/slurm)"),
+    (r"^pip (wheel|install) ", "builds/installs the wheel: tests/packaging/test_wheel.py does it in a fresh venv"),
+    (r"^cd myproject$|data\.shards=PATH\b", "the wheel walk-through on the user's shards: tests/packaging/test_wheel.py"),
+    (r"^satfuse demo\b", "the full-size demo (as make demo)"),
 ]
 
 
