@@ -35,7 +35,8 @@ from satfuse.data.normalize import BandStats, normalize
 from satfuse.evaluation import data as D
 from satfuse.evaluation.metrics import multi_label_metrics, single_label_metrics
 from satfuse.evaluation.models import Classifier, build_classifier, scratch_branches
-from satfuse.evaluation.pretrained import METHOD_NAMES, load_pretrained, pretrained_branches
+from satfuse.evaluation.plain_weights import load_for_finetune
+from satfuse.evaluation.pretrained import METHOD_NAMES, pretrained_branches
 from satfuse.evaluation.targets import CLASS_NAMES, IGNORE, N_CLASSES, batch_targets
 from satfuse.utils import SatfuseError, atomic_write_text
 
@@ -68,6 +69,12 @@ class FtModelConfig:
     mode: Literal["finetune", "linear"] = "finetune"
     modalities: Literal["s1", "s2", "s1s2"] = "s1s2"
     fusion: Literal["early", "late"] = "late"
+    # a plain (torchvision-named) single-modality state dict: which input it takes (s1, s2,
+    # s2_rgb, s1s2); empty = the one whose band count its conv1 has
+    checkpoint_modality: str = ""
+    # JSON of band mean/std/clip for plain weights (export's .normalization.json); empty =
+    # the one beside the weights, else the training shards' statistics
+    normalization: str = ""
 
 
 @dataclass
@@ -271,7 +278,7 @@ def build_model(cfg: FinetuneConfig) -> tuple[Classifier, dict | None, dict]:
     if mc.checkpoint.lower() in ("", "none"):
         specs = scratch_branches(mc.modalities, mc.fusion)
         return build_classifier(specs, mc.backbone, N_CLASSES, frozen), None, {"method": None}
-    pre = load_pretrained(mc.checkpoint)
+    pre = load_for_finetune(mc.checkpoint, mc.backbone, mc.checkpoint_modality, mc.normalization)
     specs = pretrained_branches(pre, mc.backbone, mc.modalities, mc.fusion)
     model = build_classifier(specs, mc.backbone, N_CLASSES, frozen, pre.state_dicts, pre.path)
     info = {"method": pre.method, "step": pre.step, "source": pre.source, "path": pre.path,
