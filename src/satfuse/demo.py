@@ -76,7 +76,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     ckpt = stages.run(f"pretrain Dual-SimCLR on {cfg.nproc} ranks", lambda: pretrain(cfg, out))
     backbone = stages.run("export pretrained backbones", lambda: export(ckpt, out))
     runs = stages.run("fine-tune vs supervised baselines", lambda: finetune(cfg, out, backbone))
-    summary = stages.run("report: table + label-fraction plot", lambda: report(cfg, runs))
+    pre_run = out / "runs" / "pretrain"
+    summary = stages.run("report: table + label-fraction plot + pretraining curves",
+                         lambda: report(cfg, [pre_run, *runs]))
     stages.timings["total"] = round(sum(stages.timings.values()), 1)
     (out / "demo_timings.json").write_text(json.dumps(stages.timings, indent=2) + "\n")
     log.info("stage timings (s): %s", stages.timings)
@@ -148,11 +150,12 @@ def finetune(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
 
 
 def report(cfg: DemoConfig, runs: list[Path]) -> dict:
-    from satfuse.evaluation.report import make_report
+    from satfuse.evaluation.curves import make_full_report
 
-    summary = make_report(runs, Path(cfg.report))
+    summary = make_full_report(runs, Path(cfg.report))
     table = Path(cfg.report) / "table.md"
     if table.exists():
         print(table.read_text())
-    log.info("report written to %s (table.md, label_fractions.png)", cfg.report)
+    log.info("report written to %s (table.md, label_fractions.png, pretrain_curves.png; "
+             "TensorBoard: tensorboard --logdir %s)", cfg.report, Path(cfg.out) / "runs")
     return summary

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from satfuse.config import dump_yaml, load_config, to_dict
+from satfuse.config import LogConfig, dump_yaml, load_config, to_dict
 from satfuse.data.normalize import BandStats, normalize
+from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.evaluation import data as D
 from satfuse.evaluation.metrics import multi_label_metrics, single_label_metrics
 from satfuse.evaluation.models import Classifier, build_classifier, scratch_branches
@@ -100,6 +101,7 @@ class FinetuneConfig:
     train: FtTrainConfig = field(default_factory=FtTrainConfig)
     run_dir: str = "runs/finetune/run"
     label: str = ""  # method name in reports; empty = derived from the config
+    log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / W&B curves per epoch
 
 
 def load_finetune_config(path: str | None, overrides: list[str] | None = None) -> FinetuneConfig:
@@ -298,6 +300,7 @@ class Trainer:
         self.rng = np.random.default_rng([tc.seed, 7])
         self.curves: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": [], "val_metric": [],
                                         "lr_head": [], "seconds": []}
+        self.sinks = MetricSinks(cfg.log, Path(cfg.run_dir), config=to_dict(cfg), kind="finetune")
 
     def _drop_lr(self, epoch: int) -> None:
         at = self.cfg.train.lr_drop_at
@@ -347,6 +350,7 @@ class Trainer:
                     log.info("early stop at epoch %d (best %d)", epoch, best["epoch"])
                     break
         self.model.load_state_dict(best["state"])
+        self.sinks.close()
         return {"best_epoch": best["epoch"], "epochs_run": len(self.curves["epoch"]),
                 "early_stopping": "val_" + tc.early_stop_on if has_val else "none (no val split)"}
 
@@ -358,6 +362,9 @@ class Trainer:
         c["val_metric"].append(val_metric if math.isfinite(val_metric) else None)
         c["lr_head"].append(self.opt.param_groups[0]["lr"])
         c["seconds"].append(round(secs, 3))
+        self.sinks.scalars(epoch, {"finetune/train_loss": train_loss, "finetune/val_loss": val_loss,
+                                   "finetune/val_metric": val_metric, "finetune/lr_head": c["lr_head"][-1],
+                                   "finetune/epoch_s": secs})
         log.debug("epoch %d train_loss %.4f val_loss %.4f val_metric %.4f", epoch, train_loss,
                   val_loss, val_metric)
 
