@@ -142,3 +142,12 @@ def test_single_modality_file_and_refusals(r50_run: Path, dfc_shards: dict[str, 
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(SatfuseError, match=r"layer1\.0\.bn1\.weight has shape \(32,\).*\(64,\)"):
         load_for_finetune(str(tmp_path / "bad.pt"), "resnet50")
+
+
+def test_build_classifier_names_the_tensor_that_does_not_fit() -> None:
+    from satfuse.evaluation.models import BranchSpec, build_classifier
+    from satfuse.models.backbones import build_backbone
+
+    sd = build_backbone("tiny", 3).state_dict()
+    with pytest.raises(SatfuseError, match=r"conv1\.weight: checkpoint \(16, 3, 3, 3\) vs model \(16, 13, 3, 3\)"):
+        build_classifier([BranchSpec("s2", "s2")], "tiny", 8, False, {"s2": sd}, "x")
