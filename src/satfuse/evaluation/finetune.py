@@ -300,7 +300,9 @@ class Trainer:
         self.rng = np.random.default_rng([tc.seed, 7])
         self.curves: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": [], "val_metric": [],
                                         "lr_head": [], "seconds": []}
-        self.sinks = MetricSinks(cfg.log, Path(cfg.run_dir), config=to_dict(cfg), kind="finetune")
+        # start_step=1: a re-run of an unfinished run starts over; its curves replace the old ones
+        self.sinks = MetricSinks(cfg.log, Path(cfg.run_dir), start_step=1, config=to_dict(cfg),
+                                 kind="finetune")
 
     def _drop_lr(self, epoch: int) -> None:
         at = self.cfg.train.lr_drop_at
