@@ -84,6 +84,14 @@ def test_a_checkpoint_with_old_names_resumes_and_exports(tmp_path: Path) -> None
     assert torch.equal(doc["state_dicts"]["s2"]["bn1.running_mean"],
                        old_sd["backbone_s2.bn1.running_mean"])
 
+    # the tiny backbone has no torchvision counterpart: refused, pointing at the default format
+    from satfuse.checkpoint.formats import export
+    from satfuse.utils import SatfuseError
+
+    with pytest.raises(SatfuseError, match="'tiny' has no torchvision counterpart.*--format satfuse"):
+        export(path, tmp_path / "tv.pt", "torchvision")
+    assert not (tmp_path / "tv.pt").exists()
+
 
 def test_an_old_export_file_loads_into_the_backbone() -> None:
     from satfuse.models.backbones import build_backbone
