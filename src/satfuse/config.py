@@ -116,6 +116,15 @@ class DeepSpeedSection:
 
 
 @dataclass
+class LogConfig:
+    """Where run curves go besides metrics.jsonl (written by rank 0 only)."""
+
+    tensorboard: bool = False  # TensorBoard event files under {run_dir}/tensorboard/
+    wandb: bool = False  # a Weights & Biases run (offline unless WANDB_MODE says otherwise)
+    wandb_project: str = "satfuse"  # W&B project name (used only with log.wandb=true)
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -124,6 +133,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,7 +83,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     ckpt = stages.run(f"pretrain Dual-SimCLR on {cfg.nproc} ranks", lambda: pretrain(cfg, out))
     backbone = stages.run("export pretrained backbones", lambda: export(ckpt, out))
     runs = stages.run("fine-tune vs supervised baselines", lambda: finetune(cfg, out, backbone))
-    summary = stages.run("report: table + label-fraction plot", lambda: report(cfg, out, runs))
+    pre_run = out / "runs" / "pretrain"
+    summary = stages.run("report: table + label-fraction plot + pretraining curves",
+                         lambda: report(cfg, out, [pre_run, *runs]))
     stages.timings["total"] = round(sum(stages.timings.values()), 1)
     (out / "demo_timings.json").write_text(json.dumps(stages.timings, indent=2) + "\n")
     log.info("stage timings (s): %s", stages.timings)
@@ -155,12 +157,13 @@ def finetune(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
 
 
 def report(cfg: DemoConfig, out: Path, runs: list[Path]) -> dict:
-    from satfuse.evaluation.report import make_report
+    from satfuse.evaluation.curves import make_full_report
 
     where = Path(cfg.report) if cfg.report else out / "reports"
-    summary = make_report(runs, where)
+    summary = make_full_report(runs, where)
     table = where / "table.md"
     if table.exists():
         print(table.read_text())
-    log.info("report written to %s (table.md, label_fractions.png)", where)
+    log.info("report written to %s (table.md, label_fractions.png, pretrain_curves.png; "
+             "TensorBoard: tensorboard --logdir %s)", where, out / "runs")
     return summary

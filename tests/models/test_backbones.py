@@ -61,10 +61,10 @@ def test_tiny_trains_a_step() -> None:
     model = build_backbone("tiny", 13)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(4, 13, 64, 64)
-    before = model.stem[0].weight.detach().clone()
+    before = model.conv1.weight.detach().clone()
     model(x).pow(2).mean().backward()
     opt.step()
-    assert not torch.equal(before, model.stem[0].weight)
+    assert not torch.equal(before, model.conv1.weight)
 
 
 def test_projection_head_is_linear_relu_linear() -> None:

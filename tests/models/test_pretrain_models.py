@@ -72,7 +72,7 @@ def test_authors_default_sizes() -> None:
         (128, 2048),
     ]
     assert (
-        model.backbone_s1.stem[0].in_channels == 2 and model.backbone_s2.stem[0].in_channels == 13
+        model.backbone_s1.conv1.in_channels == 2 and model.backbone_s2.conv1.in_channels == 13
     )
 
 

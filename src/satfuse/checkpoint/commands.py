@@ -48,6 +48,10 @@ def register(subparsers: Any) -> None:
     ex.add_argument("--builder", default="",
                     help="MODULE:FUNCTION(meta) -> model, for models not built from the "
                          "checkpoint's config (default: satfuse.models.build_pretrain_model)")
+    ex.add_argument("--format", default="satfuse", choices=["satfuse", "torchvision", "safetensors"],
+                    help="satfuse: one file for `satfuse finetune` (default); torchvision: "
+                         "{modality: torchvision state dict} + normalisation JSON beside it; "
+                         "safetensors: the same tensors as .safetensors, normalisation in its metadata")
     ex.set_defaults(func=cmd_export)
 
 
@@ -137,8 +141,9 @@ def _resolve_builder(spec: str) -> Any:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from satfuse.checkpoint.export import export_backbones
+    from satfuse.checkpoint.formats import export
 
-    summary = export_backbones(args.path, args.out, builder=_resolve_builder(args.builder))
+    summary = export(args.path, args.out, getattr(args, "format", "satfuse"),
+                     builder=_resolve_builder(args.builder))
     print(json.dumps(summary, indent=2))
     return 0

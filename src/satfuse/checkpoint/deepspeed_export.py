@@ -27,6 +27,7 @@ from torch import nn
 from satfuse.checkpoint import export as export_mod
 from satfuse.checkpoint.layout import checkpoint_problems, read_meta
 from satfuse.checkpoint.manager import MISMATCH_FIX, fingerprint_diff
+from satfuse.models.legacy import upgrade_state_dict
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def load_deepspeed_model(ckpt_dir: Path, builder: export_mod.Builder) -> tuple[n
     if meta.get("kind") != "deepspeed":
         raise SatfuseError(f"{ckpt_dir}: a {meta.get('kind', 'dcp')} checkpoint, not DeepSpeed; use `satfuse ckpt export`")
     model = builder(meta)
-    sd = fp32_state_dict(ckpt_dir)
+    sd = upgrade_state_dict(fp32_state_dict(ckpt_dir))  # pre-torchvision names renamed
     diff = fingerprint_diff({k: list(v.shape) for k, v in sd.items()},
                             {k: list(v.shape) for k, v in model.state_dict().items()})
     if diff:

@@ -31,7 +31,8 @@ from satfuse.checkpoint.layout import (
     read_latest,
     read_meta,
 )
-from satfuse.checkpoint.manager import MISMATCH_FIX, fingerprint_diff
+from satfuse.checkpoint.manager import MISMATCH_FIX, _MmapReader, fingerprint_diff
+from satfuse.models.legacy import upgrade_fingerprint
 from satfuse.utils import SatfuseError, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def load_dcp_model(ckpt_dir: Path, builder: Builder) -> tuple[nn.Module, dict[st
     meta = read_meta(ckpt_dir)
     model = builder(meta)
     sd = model.state_dict()
-    saved = (meta.get("model") or {}).get("fingerprint")
+    saved = upgrade_fingerprint((meta.get("model") or {}).get("fingerprint"))
     if saved is not None:
         diff = fingerprint_diff(saved, {k: list(v.shape) for k, v in sd.items()})
         if diff:
@@ -109,7 +110,7 @@ def load_dcp_model(ckpt_dir: Path, builder: Builder) -> tuple[nn.Module, dict[st
     state = {"model_optim": {"model": sd}}  # only the model: optimizer state is never read
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
+        dcp.load(state, storage_reader=_MmapReader(ckpt_dir), no_dist=True)  # renames old names
     model.load_state_dict(state["model_optim"]["model"], strict=True)
     return model, meta
 

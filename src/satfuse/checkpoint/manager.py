@@ -98,6 +98,7 @@ from satfuse.checkpoint.layout import (
     read_meta,
     step_name,
 )
+from satfuse.models.legacy import upgrade_fingerprint, upgrade_metadata, upgrade_optim_state
 from satfuse.utils import SatfuseError, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class ModelOptimState(Stateful):
         return {"model": msd, "optim": osd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "optim" in state_dict:  # param_groups name parameters; old checkpoints, old names
+            state_dict = {**state_dict, "optim": upgrade_optim_state(state_dict["optim"])}
         if self.optimizer is None:
             set_model_state_dict(self.model, state_dict["model"])
         else:
@@ -443,6 +446,10 @@ class _MmapReader(FileSystemReader):
     resharding (`narrow_tensor_by_index`); any item this cannot parse falls back to the
     stock code path for that file. The files were verified (size, crc32) before loading.
     """
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        """The checkpoint's metadata with pre-torchvision-name tensors renamed (models.legacy)."""
+        return upgrade_metadata(super().read_metadata(*args, **kwargs))
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
         per_file: dict[str, list[Any]] = {}
@@ -905,7 +912,7 @@ class CheckpointManager:
 
     def _check_model(self, path: Path, meta: dict[str, Any], app_state: dict[str, Any]) -> None:
         current, _ = _fingerprint(app_state)
-        saved = (meta.get("model") or {}).get("fingerprint")
+        saved = upgrade_fingerprint((meta.get("model") or {}).get("fingerprint"))
         if not current or saved is None:
             return
         diff = fingerprint_diff(saved, current)

@@ -39,6 +39,7 @@ from satfuse.data.bands import channels, check_same_bands, manifest_bands, norma
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
 from satfuse.distributed.env import DistEnv, all_reduce_max_bool
 from satfuse.engines.base import Engine, check_precision
+from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.losses import retrieval_accuracy
 from satfuse.models import build_pretrain_model
 from satfuse.utils import SatfuseError
@@ -272,6 +273,7 @@ class Trainer:
         stop = StopFlag()
         stop.install()
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.env.rank == 0)
+        sinks = MetricSinks(cfg.log, self.run_dir, self.env.rank == 0, self.step, to_dict(cfg))
         total = cfg.train.steps
         bar = tqdm(total=total, initial=self.step, desc="pretrain", disable=self.env.rank != 0,
                    dynamic_ncols=True)
@@ -284,10 +286,15 @@ class Trainer:
         status, saved_at = "completed", -1
         try:
             while self.step < total:
+                t_wait = time.perf_counter()
                 batch = next(data_iter)
+                t_step = time.perf_counter()
                 self.epoch = int(batch.get("epoch", self.epoch))
                 last = self.train_step(batch)
                 self.step += 1
+                last["data_wait_s"] = t_step - t_wait
+                sinks.scalars(self.step, step_scalars(last, self.engine.lr(), global_batch,
+                                                      time.perf_counter() - t_wait))
                 seen += global_batch
                 bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == total:
@@ -310,6 +317,7 @@ class Trainer:
             self.engine.wait()
         finally:
             bar.close()
+            sinks.flush()
         if already and status == "completed":
             status = "already_complete"
         result = TrainResult(status=status, step=self.step, final_loss=last["loss"])
@@ -317,7 +325,10 @@ class Trainer:
             result.retrieval_top1, result.retrieval_chance = self.evaluate_retrieval()
             metrics_log.write({"step": self.step, "heldout_retrieval_top1": result.retrieval_top1,
                                "heldout_retrieval_chance": result.retrieval_chance})
+            sinks.scalars(self.step, {"heldout/retrieval_top1": result.retrieval_top1,
+                                      "heldout/retrieval_chance": result.retrieval_chance})
         metrics_log.close()
+        sinks.close()
         if status == "preempted":
             log.warning("stop signal received: saved step %d; exiting with %d (requeue me)",
                         self.step, REQUEUE_EXIT_CODE)
@@ -355,6 +366,16 @@ class Trainer:
         chance = 1.0 / max(1, int(n))
         log.info("held-out S1->S2 retrieval top-1: %.3f (chance %.4f, n=%d)", top1, chance, int(n))
         return top1, chance
+
+
+def step_scalars(last: dict[str, float], lr: float, global_batch: int, step_s: float) -> dict[str, float]:
+    """The per-step curves of TensorBoard/W&B: loss, lr, pairs/s (global batch over the step's
+    wall time, data wait included), in-batch retrieval top-1, grad norm, data wait."""
+    out = {"train/loss": last.get("loss"), "train/lr": lr,
+           "train/pairs_per_s": global_batch / max(step_s, 1e-9),
+           "train/retrieval_top1": last.get("retrieval_top1"), "train/grad_norm": last.get("grad_norm"),
+           "train/data_wait_s": last.get("data_wait_s")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def pair_embeddings(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ FLAG_KEYS = {
     "fusion": "model.fusion", "seed": "train.seed", "backbone": "model.backbone",
     "run_dir": "run_dir", "label": "label", "train_shards": "data.train_shards",
     "test_shards": "data.test_shards", "epochs": "train.epochs",
+    "checkpoint_modality": "model.checkpoint_modality",
 }
 
 
@@ -40,9 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="`sweep` to run a grid; then config overrides such as train.epochs=5")
     ft.set_defaults(func=cmd_finetune)
 
-    rp = subparsers.add_parser("report", help="paper-style table + label-fraction plot from runs",
+    rp = subparsers.add_parser("report", help="paper-style table + label-fraction plot (+ pretraining curves) from runs",
                                description="Aggregate result.json files (run dirs or sweep roots).")
-    rp.add_argument("runs", nargs="+", help="run directories, sweep roots or result.json files")
+    rp.add_argument("runs", nargs="+", help="run directories, sweep roots or result.json files; "
+                    "pretraining run dirs (metrics.jsonl) are drawn into pretrain_curves.png")
     rp.add_argument("--out", required=True, help="report directory, e.g. reports/demo")
     rp.set_defaults(func=cmd_report)
 
@@ -50,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_finetune_flags(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--config", help="finetune YAML (or sweep YAML with `sweep`)")
     ft.add_argument("--checkpoint", help="exported backbones file, checkpoint dir, or none")
+    ft.add_argument("--checkpoint-modality", choices=["s1", "s2", "s2_rgb", "s1s2"],
+                    help="the input a plain single-modality state dict takes (default: by its conv1 bands)")
     ft.add_argument("--mode", choices=["finetune", "linear"])
     ft.add_argument("--task", choices=["single", "multi"])
     ft.add_argument("--label-fraction", type=float)
@@ -173,8 +177,8 @@ def _cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from satfuse.evaluation.report import make_report
+    from satfuse.evaluation.curves import make_full_report
 
-    summary = make_report(args.runs, Path(args.out))
+    summary = make_full_report(args.runs, Path(args.out))
     print(json.dumps({"n_runs": summary["n_runs"], "files": summary["files"]}, indent=1))
     return 0

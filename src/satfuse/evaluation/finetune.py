@@ -31,12 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from satfuse.config import dump_yaml, load_config, to_dict
+from satfuse.config import LogConfig, dump_yaml, load_config, to_dict
 from satfuse.data.normalize import BandStats, normalize
+from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.evaluation import data as D
 from satfuse.evaluation.metrics import multi_label_metrics, single_label_metrics
 from satfuse.evaluation.models import Classifier, build_classifier, scratch_branches
-from satfuse.evaluation.pretrained import METHOD_NAMES, load_pretrained, pretrained_branches
+from satfuse.evaluation.plain_weights import load_for_finetune
+from satfuse.evaluation.pretrained import METHOD_NAMES, pretrained_branches
 from satfuse.evaluation.targets import CLASS_NAMES, IGNORE, N_CLASSES, batch_targets
 from satfuse.utils import SatfuseError, atomic_write_text
 
@@ -69,6 +71,12 @@ class FtModelConfig:
     mode: Literal["finetune", "linear"] = "finetune"
     modalities: Literal["s1", "s2", "s1s2"] = "s1s2"
     fusion: Literal["early", "late"] = "late"
+    # a plain (torchvision-named) single-modality state dict: which input it takes (s1, s2,
+    # s2_rgb, s1s2); empty = the one whose band count its conv1 has
+    checkpoint_modality: str = ""
+    # JSON of band mean/std/clip for plain weights (export's .normalization.json); empty =
+    # the one beside the weights, else the training shards' statistics
+    normalization: str = ""
 
 
 @dataclass
@@ -96,6 +104,7 @@ class FinetuneConfig:
     # of different methods, fractions or seeds never share a result.json
     run_dir: str = ""
     label: str = ""  # method name in reports; empty = derived from the config
+    log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / W&B curves per epoch
 
 
 DEFAULT_RUNS_ROOT = "runs/finetune"  # where runs without run_dir go (and `satfuse report` reads)
@@ -288,7 +297,7 @@ def build_model(cfg: FinetuneConfig) -> tuple[Classifier, dict | None, dict]:
         specs = scratch_branches(mc.modalities, mc.fusion)
         _seed_everything(cfg.train.seed)
         return build_classifier(specs, mc.backbone, N_CLASSES, frozen), None, {"method": None}
-    pre = load_pretrained(mc.checkpoint)
+    pre = load_for_finetune(mc.checkpoint, mc.backbone, mc.checkpoint_modality, mc.normalization)
     specs = pretrained_branches(pre, mc.backbone, mc.modalities, mc.fusion)
     # seeded after loading: building a pretraining model from a checkpoint directory draws from
     # torch's RNG, so seeding before it would start the head elsewhere than for an export file
@@ -313,6 +322,9 @@ class Trainer:
         self.rng = np.random.default_rng([tc.seed, 7])
         self.curves: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": [], "val_metric": [],
                                         "lr_head": [], "seconds": []}
+        # start_step=1: a re-run of an unfinished run starts over; its curves replace the old ones
+        self.sinks = MetricSinks(cfg.log, Path(cfg.run_dir), start_step=1, config=to_dict(cfg),
+                                 kind="finetune")
 
     def _drop_lr(self, epoch: int) -> None:
         at = self.cfg.train.lr_drop_at
@@ -362,6 +374,7 @@ class Trainer:
                     log.info("early stop at epoch %d (best %d)", epoch, best["epoch"])
                     break
         self.model.load_state_dict(best["state"])
+        self.sinks.close()
         return {"best_epoch": best["epoch"], "epochs_run": len(self.curves["epoch"]),
                 "early_stopping": "val_" + tc.early_stop_on if has_val else "none (no val split)"}
 
@@ -373,6 +386,9 @@ class Trainer:
         c["val_metric"].append(val_metric if math.isfinite(val_metric) else None)
         c["lr_head"].append(self.opt.param_groups[0]["lr"])
         c["seconds"].append(round(secs, 3))
+        self.sinks.scalars(epoch, {"finetune/train_loss": train_loss, "finetune/val_loss": val_loss,
+                                   "finetune/val_metric": val_metric, "finetune/lr_head": c["lr_head"][-1],
+                                   "finetune/epoch_s": secs})
         log.debug("epoch %d train_loss %.4f val_loss %.4f val_metric %.4f", epoch, train_loss,
                   val_loss, val_metric)
 

@@ -105,6 +105,18 @@ class Classifier(nn.Module):
         return groups
 
 
+def first_mismatch(got: dict, want: dict) -> str:
+    """The first tensor that keeps `got` from loading into a module with state dict `want`,
+    named with both shapes ("" if none)."""
+    for k, v in want.items():
+        if k not in got:
+            return f"{k} {tuple(v.shape)} missing in the checkpoint"
+        if tuple(got[k].shape) != tuple(v.shape):
+            return f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(v.shape)}"
+    extra = sorted(set(got) - set(want))
+    return f"unexpected {extra[0]} {tuple(got[extra[0]].shape)} in the checkpoint" if extra else ""
+
+
 def build_classifier(specs: list[BranchSpec], backbone: str, n_classes: int, frozen: bool,
                      state_dicts: dict[str, dict] | None = None, source: str = "") -> Classifier:
     """Build each branch's backbone (random init, or the pretrained weights under spec.name)."""
@@ -117,7 +129,8 @@ def build_classifier(specs: list[BranchSpec], backbone: str, n_classes: int, fro
             try:
                 bb.load_state_dict(state_dicts[spec.name], strict=True)
             except RuntimeError as exc:
-                first = str(exc).strip().splitlines()[0]
+                first = (first_mismatch(state_dicts[spec.name], bb.state_dict())
+                         or str(exc).strip().splitlines()[0])
                 raise SatfuseError(
                     f"{source}: backbone '{spec.name}' weights do not fit a {backbone} with "
                     f"{spec.in_channels} input channels ({first}); set model.backbone to the "

@@ -107,7 +107,10 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
-        self.stem = _make_stem(stem, in_channels, widths[0])
+        # torchvision's names (conv1, bn1, relu, maxpool, layer1..4, avgpool), so a satfuse
+        # ResNet-18/50 state dict is a torchvision one (fc aside); checkpoints written with
+        # the old `stem.0`/`stem.1` names are renamed on load (satfuse.models.legacy).
+        self.conv1, self.bn1, self.relu, self.maxpool = _make_stem(stem, in_channels, widths[0])
         cin = widths[0]
         stages = []
         for i, (blocks, width) in enumerate(zip(layers, widths, strict=True)):
@@ -115,24 +118,35 @@ class ResNet(nn.Module):
             stages.append(stage)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_dim = cin
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         _init_weights(self, zero_init_residual)
+        self._register_load_state_dict_pre_hook(_upgrade_legacy_keys)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.pool(self.forward_features(x)), 1)
+        return torch.flatten(self.avgpool(self.forward_features(x)), 1)
 
 
-def _make_stem(kind: str, in_channels: int, width: int) -> nn.Sequential:
+def _upgrade_legacy_keys(state_dict: dict, prefix: str, *args: object) -> None:
+    """load_state_dict pre-hook: rename old `stem.0.*`/`stem.1.*` keys in place."""
+    from satfuse.models.legacy import upgrade_key
+
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = prefix + upgrade_key(key[len(prefix):])
+        if new != key and new not in state_dict:
+            state_dict[new] = state_dict.pop(key)
+
+
+def _make_stem(
+    kind: str, in_channels: int, width: int
+) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Module]:
     """'imagenet': 7x7/2 conv + 3x3/2 max-pool (stride 4); 'tiny': 3x3/2 conv (stride 2)."""
     if kind == "tiny":
-        return nn.Sequential(
-            _conv3x3(in_channels, width, 2), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
-        )
-    return nn.Sequential(
+        return _conv3x3(in_channels, width, 2), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.Identity()
+    return (
         nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
         nn.BatchNorm2d(width),
         nn.ReLU(inplace=True),

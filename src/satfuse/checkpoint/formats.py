@@ -1,0 +1,141 @@
+"""Export formats that tools outside satfuse open: torchvision state dicts and safetensors.
+
+Why: a pretrained backbone is only useful if it loads where people already work. satfuse's
+ResNet-18/50 use torchvision's module names, so each modality's state dict loads with
+`strict=True` into `torchvision.models.resnet50()` (or timm's `resnet50`, same names) once
+its `conv1` takes that modality's channel count (2 for S1, 13 for S2); the classifier `fc`
+is the only thing it lacks.
+
+- `torchvision`: `torch.save({"s1": state_dict, "s2": state_dict})`, plain tensors only
+  (`torch.load(..., weights_only=True)`), plus `<out stem>.normalization.json` beside it:
+  the band means/stds and clipping the backbones were trained with (feed them anything else
+  and the features are off).
+- `safetensors`: the same tensors in one `.safetensors` file, keys prefixed by modality
+  (`s2.conv1.weight`), with the same normalisation JSON in the file's metadata (and beside).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from satfuse.checkpoint import export as export_mod
+from satfuse.utils import SatfuseError, atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("satfuse", "torchvision", "safetensors")
+NORMALIZATION_FORMAT = "satfuse-normalization/1"
+TORCHVISION_BACKBONES = ("resnet18", "resnet50")
+HOW = ("x = (clip(raw, clip[0], clip[1]) - mean) / std per band, bands in the listed order; "
+       "NaN/Inf -> the band mean (0 after standardising)")
+
+
+def normalization_path(out: Path) -> Path:
+    """`backbone.pt` -> `backbone.normalization.json` (beside the weights)."""
+    return out.with_name(out.stem + ".normalization.json")
+
+
+def _load_model(ckpt_dir: Path, builder: export_mod.Builder | None) -> tuple[nn.Module, dict, Path, str]:
+    ckpt_dir = export_mod.resolve_checkpoint(Path(ckpt_dir))
+    kind = export_mod.detect_kind(ckpt_dir)
+    if kind == "deepspeed":  # registers its loader (a module of its own, imported lazily)
+        import satfuse.checkpoint.deepspeed_export  # noqa: F401
+    if kind not in export_mod.LOADERS:
+        raise SatfuseError(f"{ckpt_dir}: unknown checkpoint kind {kind!r}; known: {sorted(export_mod.LOADERS)}")
+    model, meta = export_mod.LOADERS[kind](ckpt_dir, builder or export_mod.default_builder)
+    if not (hasattr(model, "backbones") and hasattr(model, "in_channels")):
+        raise SatfuseError(f"{type(model).__name__} has no backbones()/in_channels(); the builder "
+                           "must return a satfuse pretraining model")
+    return model, meta, ckpt_dir, kind
+
+
+def plain_backbones(ckpt_dir: Path, builder: export_mod.Builder | None = None
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+    """({modality: torchvision-named state dict}, normalisation document, summary) of a checkpoint."""
+    model, meta, ckpt_dir, kind = _load_model(ckpt_dir, builder)
+    model_cfg = (meta.get("config") or {}).get("model") or {}
+    backbone = str(model_cfg.get("backbone", ""))
+    if backbone not in TORCHVISION_BACKBONES:
+        raise SatfuseError(
+            f"{ckpt_dir}: backbone {backbone or '?'!r} has no torchvision counterpart (only "
+            f"{', '.join(TORCHVISION_BACKBONES)} do); export it with the default --format satfuse")
+    sds = {name: {k: v.detach().cpu().contiguous().clone() for k, v in m.state_dict().items()}
+           for name, m in model.backbones().items()}
+    doc = {
+        "format": NORMALIZATION_FORMAT,
+        "architecture": f"torchvision.models.{backbone}",
+        "backbone": backbone,
+        "method": str(model_cfg.get("method", getattr(model, "method", ""))),
+        "in_channels": {k: int(v) for k, v in model.in_channels().items()},
+        "conv1": "replace conv1 with nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False) before loading",
+        "normalization": meta.get("normalization"),
+        "how": HOW,
+        "step": int(meta.get("step", -1)),
+        "source": str(ckpt_dir),
+    }
+    summary = {"kind": kind, "step": doc["step"], "backbones": sorted(sds), "backbone": backbone,
+               "parameters": sum(t.numel() for sd in sds.values() for t in sd.values())}
+    return sds, doc, summary
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def export_torchvision(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None) -> dict[str, Any]:
+    """Write `out` = {modality: state dict} (torch.save, plain tensors) and its normalisation JSON."""
+    out = Path(out)
+    sds, doc, summary = plain_backbones(ckpt_dir, builder)
+    buf = io.BytesIO()
+    torch.save(sds, buf)
+    _write(out, buf.getvalue())
+    norm = normalization_path(out)
+    _write_json(norm, {**doc, "weights": out.name})
+    log.info("exported %s (torchvision names) -> %s, normalisation -> %s", ", ".join(sds), out, norm)
+    return {"out": str(out), "normalization": str(norm), "format": "torchvision", **summary,
+            "bytes": out.stat().st_size}
+
+
+def export_safetensors(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None) -> dict[str, Any]:
+    """Write `out` (.safetensors, keys `<modality>.<torchvision name>`) with the normalisation
+    JSON in its metadata (key "satfuse_normalization") and beside it."""
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise SatfuseError("--format safetensors needs the `safetensors` package: pip install safetensors") from None
+    out = Path(out)
+    sds, doc, summary = plain_backbones(ckpt_dir, builder)
+    flat = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
+    metadata = {"format": "satfuse-torchvision-backbones/1", "modalities": ",".join(sds),
+                "satfuse_normalization": json.dumps({**doc, "weights": out.name}, default=str)}
+    _write(out, save(flat, metadata=metadata))
+    norm = normalization_path(out)
+    _write_json(norm, {**doc, "weights": out.name})
+    log.info("exported %s (torchvision names) -> %s", ", ".join(sds), out)
+    return {"out": str(out), "normalization": str(norm), "format": "safetensors", **summary,
+            "bytes": out.stat().st_size}
+
+
+def _write(out: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(out, data)
+    except OSError as exc:
+        raise SatfuseError(f"{out}: cannot write the export ({exc.strerror or exc}); choose another --out") from None
+
+
+def export(ckpt_dir: Path, out: Path, fmt: str = "satfuse", builder: export_mod.Builder | None = None) -> dict[str, Any]:
+    """`satfuse ckpt export --format FMT`: dispatch to the writer of that format."""
+    if fmt == "satfuse":
+        return export_mod.export_backbones(ckpt_dir, out, builder=builder)
+    if fmt == "torchvision":
+        return export_torchvision(ckpt_dir, out, builder)
+    if fmt == "safetensors":
+        return export_safetensors(ckpt_dir, out, builder)
+    raise SatfuseError(f"--format {fmt!r}: unknown; choose one of {', '.join(FORMATS)}")

@@ -1,0 +1,216 @@
+"""Fine-tuning from plain torchvision-named ResNet weights (not a satfuse export).
+
+What is accepted as `model.checkpoint` besides satfuse's own export:
+- `{"s1": state_dict, "s2": state_dict}` (what `satfuse ckpt export --format torchvision`
+  writes; any of the input names s1, s2, s2_rgb, s1s2 as keys);
+- a `.safetensors` file whose keys are `<modality>.<torchvision name>` (`--format safetensors`);
+- the authors' Dual-SimCLR release, `{"state_dict": {"backbone1.<name>": ..., "backbone2.<name>": ...}, ...}`
+  (backbone1 = S1, backbone2 = S2; their projection heads `fc.*` are dropped);
+- one flat state dict (e.g. ImageNet weights whose conv1 was adapted to 13 bands): its
+  modality is `model.checkpoint_modality`, or else the one whose channel count its conv1 has.
+
+`fc.*` (a classifier or projection head) is dropped with a log line. The architecture
+(resnet18 / resnet50 / tiny) is read from the tensor names, and every tensor is compared
+with the configured backbone: a mismatch is refused naming the tensor and both shapes.
+Normalisation: `model.normalization` (a JSON file), else the `.normalization.json` written
+beside the weights by the export, else the safetensors metadata; with none of them the
+fine-tuning run standardises with the training shards' statistics (and says so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from satfuse.evaluation.models import CHANNELS_TO_INPUT, INPUT_CHANNELS
+from satfuse.evaluation.pretrained import PretrainedBackbones, load_pretrained
+from satfuse.models.legacy import upgrade_state_dict
+from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
+
+AUTHORS_PREFIXES = {"backbone1": "s1", "backbone2": "s2"}
+
+
+def load_for_finetune(checkpoint: str, backbone: str, modality: str = "",
+                      normalization: str = "") -> PretrainedBackbones:
+    """`model.checkpoint` as PretrainedBackbones: satfuse exports/checkpoints via
+    `load_pretrained`, plain torchvision-named weights here."""
+    p = Path(checkpoint)
+    raw: Any = None
+    if p.is_file() and p.suffix == ".safetensors":
+        raw, meta_norm = _read_safetensors(p)
+    elif p.is_file():
+        try:
+            raw = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - let load_pretrained report it in its words
+            raw = None
+        meta_norm = None
+        if isinstance(raw, dict) and "format" in raw:
+            raw = None  # a satfuse export
+    if raw is None:
+        pre = load_pretrained(checkpoint)
+        if normalization:
+            pre.normalization = read_normalization(Path(normalization))
+        return pre
+    sds = split_modalities(raw, str(p), modality)
+    arch = {name: check_architecture(sd, backbone, name, str(p)) for name, sd in sds.items()}
+    norm, method = None, "pretrained"
+    beside = p.with_name(p.stem + ".normalization.json")
+    if normalization:
+        norm = read_normalization(Path(normalization))
+    elif beside.is_file():
+        norm = read_normalization(beside)
+        log.info("%s: normalisation from %s", p, beside)
+    elif meta_norm is not None:
+        norm = meta_norm
+    if beside.is_file():
+        method = str(json.loads(beside.read_text()).get("method") or method)
+    if norm is None:
+        log.warning("%s: no normalisation given (model.normalization) or found beside it; "
+                    "inputs are standardised with the training shards' statistics", p)
+    return PretrainedBackbones(
+        method=method, backbone=backbone, in_channels=arch, state_dicts=sds,
+        normalization=norm, step=-1, source=str(p), path=str(p))
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict | None]:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise SatfuseError(f"{p}: reading .safetensors needs the `safetensors` package: pip install safetensors") from None
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            flat = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no iterator
+            meta = fh.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - any parse failure: a bad file
+        raise SatfuseError(f"{p}: not a readable .safetensors file ({exc.__class__.__name__}); re-export it") from None
+    nested: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in flat.items():
+        head, _, rest = k.partition(".")
+        nested.setdefault(head, {})[rest] = v
+    norm = None
+    if meta.get("satfuse_normalization"):
+        norm = json.loads(meta["satfuse_normalization"]).get("normalization")
+    return nested if all(k in INPUT_CHANNELS for k in nested) else flat, norm
+
+
+def read_normalization(path: Path) -> dict:
+    """{"s1": {"mean", "std", "clip"}, "s2": {...}}, from that dict itself or from the JSON
+    that `satfuse ckpt export --format torchvision` writes (under "normalization")."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SatfuseError(f"model.normalization={path}: not a readable JSON file ({exc}); pass "
+                           "the .normalization.json written beside the exported weights") from None
+    norm = doc.get("normalization", doc) if isinstance(doc, dict) else None
+    if not isinstance(norm, dict) or not {"s1", "s2"} <= set(norm):
+        raise SatfuseError(f"model.normalization={path}: needs 's1' and 's2' entries with mean, "
+                           "std and clip per band")
+    for s in ("s1", "s2"):
+        missing = [k for k in ("mean", "std", "clip") if k not in (norm[s] or {})]
+        if missing:
+            raise SatfuseError(f"model.normalization={path}: {s} lacks {', '.join(missing)}")
+    return norm
+
+
+def _is_tensor_dict(d: Any) -> bool:
+    return isinstance(d, dict) and bool(d) and all(torch.is_tensor(v) for v in d.values())
+
+
+def split_modalities(raw: Any, where: str, modality: str = "") -> dict[str, dict[str, torch.Tensor]]:
+    """{modality: state dict without fc.*} from any accepted layout (see the module doc)."""
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]  # the authors' {"epoch", "arch", "state_dict", "optimizer"}
+    if not isinstance(raw, dict) or not raw:
+        raise SatfuseError(f"{where}: not a state dict (got {type(raw).__name__}); pass a "
+                           "torchvision-named ResNet state dict or a satfuse export")
+    if all(_is_tensor_dict(v) for v in raw.values()):
+        bad = [k for k in raw if k not in INPUT_CHANNELS]
+        if bad:
+            raise SatfuseError(f"{where}: modality keys {bad} unknown; expected some of {list(INPUT_CHANNELS)}")
+        sds = {k: dict(v) for k, v in raw.items()}
+    elif _is_tensor_dict(raw):
+        heads = {k.split(".", 1)[0] for k in raw}
+        if heads <= set(AUTHORS_PREFIXES):
+            sds = {AUTHORS_PREFIXES[h]: {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith(h + ".")}
+                   for h in sorted(heads)}
+        else:
+            sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
+            name = modality or _modality_from_channels(sd, where)
+            if name not in INPUT_CHANNELS:
+                raise SatfuseError(f"model.checkpoint_modality={name!r}: not one of {list(INPUT_CHANNELS)}")
+            sds = {name: sd}
+    else:
+        raise SatfuseError(f"{where}: neither a state dict nor {{modality: state dict}}; pass a "
+                           "torchvision-named ResNet state dict or a satfuse export")
+    out = {}
+    for name, sd in sds.items():
+        dropped = sorted(k for k in sd if k.startswith("fc."))
+        if dropped:
+            log.info("%s: %s: dropping the head tensors %s", where, name, ", ".join(dropped))
+        out[name] = upgrade_state_dict({k: v for k, v in sd.items() if not k.startswith("fc.")})
+    return out
+
+
+def _modality_from_channels(sd: dict[str, torch.Tensor], where: str) -> str:
+    w = sd.get("conv1.weight")
+    if w is None or w.dim() != 4:
+        raise SatfuseError(f"{where}: no conv1.weight: not a torchvision-named ResNet state dict")
+    ch = int(w.shape[1])
+    if ch not in CHANNELS_TO_INPUT:
+        raise SatfuseError(f"{where}: conv1.weight {tuple(w.shape)} takes {ch} channels, which no input "
+                           f"provides ({INPUT_CHANNELS}); adapt conv1 or set model.checkpoint_modality")
+    return CHANNELS_TO_INPUT[ch]
+
+
+def infer_architecture(sd: dict[str, torch.Tensor]) -> str:
+    """"resnet18" / "resnet50" / "tiny" / a description, from the tensor names and conv1."""
+    blocks: dict[int, set[int]] = {}
+    for k in sd:
+        m = re.match(r"layer(\d)\.(\d+)\.", k)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    layers = [len(blocks.get(i, ())) for i in (1, 2, 3, 4)]
+    bottleneck = any(k.endswith(".conv3.weight") for k in sd)
+    w = sd.get("conv1.weight")
+    k7 = w is not None and w.dim() == 4 and w.shape[-1] == 7
+    if bottleneck and layers == [3, 4, 6, 3] and k7:
+        return "resnet50"
+    if not bottleneck and layers == [2, 2, 2, 2] and k7:
+        return "resnet18"
+    if not bottleneck and layers == [1, 1, 1, 1] and not k7:
+        return "tiny"
+    return f"{'Bottleneck' if bottleneck else 'BasicBlock'} ResNet with blocks {layers}"
+
+
+def check_architecture(sd: dict[str, torch.Tensor], backbone: str, name: str, where: str) -> int:
+    """The input channels of `sd`, after checking every tensor against `backbone` built for the
+    modality `name`; refuses naming the first differing tensor and both shapes."""
+    from satfuse.models.backbones import build_backbone
+
+    want_ch = INPUT_CHANNELS[name]
+    arch = infer_architecture(sd)
+    if arch != backbone:
+        raise SatfuseError(f"{where}: the {name} weights are a {arch}, the config has "
+                           f"model.backbone={backbone}; set model.backbone={arch} or pass other weights")
+    ref = build_backbone(backbone, want_ch).state_dict()
+    for k, v in ref.items():
+        if k not in sd:
+            raise SatfuseError(f"{where}: {name} weights lack {k} (model shape {tuple(v.shape)}); "
+                               f"not a torchvision {backbone} state dict")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise SatfuseError(
+                f"{where}: {name} tensor {k} has shape {tuple(sd[k].shape)} in the checkpoint but "
+                f"{tuple(v.shape)} in a {backbone} for {name} ({want_ch} bands); adapt the weights "
+                "(e.g. conv1 to the band count) or set model.checkpoint_modality")
+    extra = sorted(set(sd) - set(ref))
+    if extra:
+        raise SatfuseError(f"{where}: {name} weights have tensors a {backbone} lacks: "
+                           f"{', '.join(extra[:5])}; strip them (only fc.* is dropped)")
+    return want_ch
