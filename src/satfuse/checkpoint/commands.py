@@ -25,6 +25,9 @@ from satfuse.checkpoint.layout import (
 )
 from satfuse.utils import SatfuseError
 
+TRUST_HELP = ("read checkpoint files that are not plain data (they may run code when loaded); "
+              "only for checkpoints whose author you trust")
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("ckpt", help="list, inspect and export checkpoints")
@@ -38,6 +41,7 @@ def register(subparsers: Any) -> None:
     ins = sub.add_parser("inspect", help="details of one checkpoint; exit 1 if incomplete")
     ins.add_argument("path", type=Path, help="a step_XXXXXXXX directory")
     ins.add_argument("--quick", action="store_true", help="sizes only, skip crc32 verification")
+    ins.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ins.set_defaults(func=cmd_inspect)
 
     ex = sub.add_parser("export", help="consolidated backbones file for fine-tuning")
@@ -46,6 +50,7 @@ def register(subparsers: Any) -> None:
     ex.add_argument("--builder", default="",
                     help="MODULE:FUNCTION(meta) -> model, for models not built from the "
                          "checkpoint's config (default: satfuse.models.build_pretrain_model)")
+    ex.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ex.set_defaults(func=cmd_export)
 
 
@@ -100,6 +105,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         meta = json.loads((path / "meta.json").read_text())
     files = meta.get("files") or {}
     fp = (meta.get("model") or {}).get("fingerprint") or {}
+    ranks = _rank_summaries(path, meta, args.trust_checkpoint, problems)
     report = {
         "path": str(path),
         "complete": not problems,
@@ -114,10 +120,35 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "model_tensors": len(fp),
         "total_bytes": meta.get("total_bytes"),
         "files": {name: rec.get("size") for name, rec in files.items()},
+        "ranks": ranks,
         "model_config": (meta.get("config") or {}).get("model"),
     }
     print(json.dumps(report, indent=2, default=str))
     return 0 if not problems else 1
+
+
+def _rank_summaries(path: Path, meta: dict[str, Any], trust: bool, problems: list[str]) -> list[dict[str, Any]]:
+    """Step and loader position of every rank file, each read as data only (a file that is
+    not, and DeepSpeed files holding more than DeepSpeed's inert records, become a problem
+    naming the file: inspecting a checkpoint never runs code from it without --trust-checkpoint)."""
+    from satfuse.checkpoint.trust import check_deepspeed_files, load_rank_files
+
+    if not meta:
+        return []
+    try:
+        if meta.get("kind") == "deepspeed":
+            check_deepspeed_files(path, trust)
+        states = load_rank_files(path, int(meta.get("world_size") or 0), trust)
+    except SatfuseError as exc:
+        problems.append(str(exc))
+        return []
+    out = []
+    for st in states:
+        loader = st.get("loader") if isinstance(st, dict) else None
+        loader = loader if isinstance(loader, dict) else {}
+        out.append({"step": st.get("step") if isinstance(st, dict) else None,
+                    "epoch": loader.get("epoch"), "samples_consumed": loader.get("samples_consumed")})
+    return out
 
 
 def _resolve_builder(spec: str) -> Any:
@@ -135,6 +166,7 @@ def _resolve_builder(spec: str) -> Any:
 def cmd_export(args: argparse.Namespace) -> int:
     from satfuse.checkpoint.export import export_backbones
 
-    summary = export_backbones(args.path, args.out, builder=_resolve_builder(args.builder))
+    summary = export_backbones(args.path, args.out, builder=_resolve_builder(args.builder),
+                               trust=args.trust_checkpoint)
     print(json.dumps(summary, indent=2))
     return 0

@@ -26,6 +26,7 @@ FLAG_KEYS = {
     "fusion": "model.fusion", "seed": "train.seed", "backbone": "model.backbone",
     "run_dir": "run_dir", "label": "label", "train_shards": "data.train_shards",
     "test_shards": "data.test_shards", "epochs": "train.epochs",
+    "trust_checkpoint": "model.trust_checkpoint",
 }
 
 
@@ -50,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_finetune_flags(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--config", help="finetune YAML (or sweep YAML with `sweep`)")
     ft.add_argument("--checkpoint", help="exported backbones file, checkpoint dir, or none")
+    ft.add_argument("--trust-checkpoint", action="store_true", default=None,
+                    help="read checkpoint-dir files that are not plain data (they may run code); "
+                         "same as model.trust_checkpoint=true")
     ft.add_argument("--mode", choices=["finetune", "linear"])
     ft.add_argument("--task", choices=["single", "multi"])
     ft.add_argument("--label-fraction", type=float)

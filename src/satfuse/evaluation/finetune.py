@@ -64,6 +64,7 @@ class FtDataConfig:
 @dataclass
 class FtModelConfig:
     checkpoint: str = "none"  # export file, checkpoint dir, or none (supervised from scratch)
+    trust_checkpoint: bool = False  # read checkpoint-dir files that are not plain data (may run code)
     backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"
     mode: Literal["finetune", "linear"] = "finetune"
     modalities: Literal["s1", "s2", "s1s2"] = "s1s2"
@@ -271,7 +272,7 @@ def build_model(cfg: FinetuneConfig) -> tuple[Classifier, dict | None, dict]:
     if mc.checkpoint.lower() in ("", "none"):
         specs = scratch_branches(mc.modalities, mc.fusion)
         return build_classifier(specs, mc.backbone, N_CLASSES, frozen), None, {"method": None}
-    pre = load_pretrained(mc.checkpoint)
+    pre = load_pretrained(mc.checkpoint, trust=mc.trust_checkpoint)
     specs = pretrained_branches(pre, mc.backbone, mc.modalities, mc.fusion)
     model = build_classifier(specs, mc.backbone, N_CLASSES, frozen, pre.state_dicts, pre.path)
     info = {"method": pre.method, "step": pre.step, "source": pre.source, "path": pre.path,
