@@ -14,7 +14,6 @@ import json
 import logging
 import pickle
 import shutil
-import zlib
 from pathlib import Path
 
 import pytest
@@ -26,35 +25,17 @@ from satfuse.checkpoint.manager import _load_rank_state
 from satfuse.checkpoint.trust import TRUST_FLAG, read_dcp_metadata
 from satfuse.evaluation.pretrained import load_pretrained
 from satfuse.utils import SatfuseError
+from tests.checkpoint.planted import Planted, rerecord
 from tests.engines.ranks import logs, run_ranks
 
 STEP = "checkpoints/step_00000004"
-
-
-class Planted:
-    """Unpickling this creates `marker` (what a crafted checkpoint would do, harmlessly)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def _rerecord(ckpt: Path, name: str) -> None:
-    """Update meta.json's size + crc32 of `name`: the crafted file passes verification, as a
-    file crafted by whoever wrote the checkpoint would."""
-    meta = json.loads((ckpt / META_NAME).read_text())
-    data = (ckpt / name).read_bytes()
-    meta["files"][name] = {"size": len(data), "crc32": f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"}
-    (ckpt / META_NAME).write_text(json.dumps(meta))
 
 
 def plant_rank_file(ckpt: Path, marker: Path) -> None:
     state = torch.load(ckpt / "rank_00000.pt", weights_only=True)
     state["extra"] = Planted(marker)
     torch.save(state, ckpt / "rank_00000.pt")
-    _rerecord(ckpt, "rank_00000.pt")
+    rerecord(ckpt, "rank_00000.pt")
 
 
 def plant_metadata(ckpt: Path, marker: Path) -> None:
@@ -62,7 +43,7 @@ def plant_metadata(ckpt: Path, marker: Path) -> None:
         md = pickle.load(fh)  # noqa: S301 - our own test file
     md.planner_data = {"extra": Planted(marker)}
     (ckpt / DCP_METADATA).write_bytes(pickle.dumps(md))
-    _rerecord(ckpt, DCP_METADATA)
+    rerecord(ckpt, DCP_METADATA)
 
 
 @pytest.fixture(scope="module")
