@@ -137,8 +137,9 @@ def test_unknown_config_key_fails_before_training(sen12ms_shards, tmp_path):
 def test_world_size_larger_than_shards_fails_clearly(sen12ms_heldout, tmp_path):
     # the held-out set has 2 shards: 3 ranks cannot each get one
     codes = run_ranks(3, common(sen12ms_heldout, tmp_path / "run", 3), tmp_path)
-    assert all(c != 0 for c in codes)
-    assert "shard" in logs(tmp_path).lower()
+    assert codes == [2, 2, 2], logs(tmp_path)
+    assert (f"{sen12ms_heldout}: 2 shards < world size 3 x 1 workers = 3; re-shard with a smaller "
+            "--maxcount or lower data.num_workers") in logs(tmp_path)
 
 
 def test_fp16_on_cpu_fails_at_start(sen12ms_shards, tmp_path):
