@@ -221,3 +221,27 @@ def test_gradient_accumulation_steps_at_boundaries_only(sen12ms_shards, tmp_path
     stepped = [s for s, m in rows.items() if math.isfinite(m["grad_norm"])]
     assert stepped == [4, 8]
     assert read_meta(ckpt(run, 8))["deepspeed"]["gradient_accumulation_steps"] == 4
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_clips_the_accumulated_gradient(tmp_path):
+    """zero2_accum4.yaml's claim "clipped by optim.grad_clip": the one optimizer step after 4
+    micro-batches moves every bias by exactly clip / ||mean gradient of the 4|| of the
+    unclipped step (the norm computed independently in plain torch); LARS steps biases with
+    plain SGD, so the update is proportional to the clipped gradient."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "tests.deepspeed.accum_clip", str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["reference_norm"] > 10 * doc["clip"]  # clipping is active in this step
+    expected = doc["clip"] / (doc["reference_norm"] + 1e-6)
+    assert len(doc["ratios"]) > 10
+    for name, ratio in doc["ratios"].items():
+        assert ratio == pytest.approx(expected, rel=2e-3), name
