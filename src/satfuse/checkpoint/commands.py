@@ -133,7 +133,7 @@ def _rank_summaries(path: Path, meta: dict[str, Any], trust: bool, problems: lis
     naming the file: inspecting a checkpoint never runs code from it without --trust-checkpoint)."""
     from satfuse.checkpoint.trust import check_deepspeed_files, load_rank_files
 
-    if not meta:
+    if not meta or problems:  # a damaged checkpoint is reported as such, its files not read
         return []
     try:
         if meta.get("kind") == "deepspeed":
@@ -141,6 +141,9 @@ def _rank_summaries(path: Path, meta: dict[str, Any], trust: bool, problems: lis
         states = load_rank_files(path, int(meta.get("world_size") or 0), trust)
     except SatfuseError as exc:
         problems.append(str(exc))
+        return []
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # e.g. cut short under --quick
+        problems.append(f"rank files unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         return []
     out = []
     for st in states:
