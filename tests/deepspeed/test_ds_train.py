@@ -102,12 +102,19 @@ def deepspeed_zero_to_fp32(run: Path, step: int, out_dir: Path) -> dict[str, tor
 
     script = run / "checkpoints" / "zero_to_fp32.py"
     assert script.is_file()
-    proc = subprocess.run([sys.executable, str(script), str(run / "checkpoints"), str(out_dir),
-                           "--tag", f"step_{step:08d}"], capture_output=True, text=True, timeout=600,
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "consolidated.pt"
+    # the script's own function (its CLI's sharded writer needs huggingface_hub)
+    code = ("import importlib.util, sys, torch\n"
+            "spec = importlib.util.spec_from_file_location('zero_to_fp32', sys.argv[1])\n"
+            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+            "sd = mod.get_fp32_state_dict_from_zero_checkpoint(sys.argv[2], tag=sys.argv[3])\n"
+            "torch.save(dict(sd), sys.argv[4])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(script), str(run / "checkpoints"),
+                           f"step_{step:08d}", str(out)], capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (found,) = list(out_dir.glob("pytorch_model*.bin"))
-    return torch.load(found, weights_only=True)
+    return torch.load(out, weights_only=True)
 
 
 def ddp_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
