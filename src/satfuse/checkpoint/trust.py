@@ -27,6 +27,7 @@ export`) are tensors and JSON-like values only and are always read with `weights
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -110,7 +111,7 @@ _DCP_CLASSES[("torch", "Size")] = torch.Size
 _DCP_CLASSES[("pathlib", "PosixPath")] = pathlib.PosixPath
 _DCP_CLASSES[("pathlib", "WindowsPath")] = pathlib.PureWindowsPath
 _DCP_CLASSES[("pathlib", "PurePosixPath")] = pathlib.PurePosixPath
-_DCP_CLASSES[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+_DCP_CLASSES[("collections", "OrderedDict")] = collections.OrderedDict
 if hasattr(torch.serialization, "_get_layout"):
     _DCP_CLASSES[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
 
