@@ -201,3 +201,41 @@ def test_crafted_rank_file_unit(tmp_path: Path) -> None:
     with pytest.raises(SatfuseError, match=r"rank_00000.pt: refused: it holds Python objects, not only tensors and containers \(GLOBAL io.open\)"):
         _load_rank_state(tmp_path / "rank_00000.pt")
     assert not marker.exists()
+
+
+def _load_into_fresh_model(run: Path) -> dict:
+    from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+    from satfuse.config import ModelConfig
+    from satfuse.models import build_pretrain_model
+
+    model = build_pretrain_model(ModelConfig(backbone="tiny", proj_hidden=64, proj_out=32))
+    CheckpointManager(run).load(run / STEP, {"model_optim": ModelOptimState(model)})
+    return model.state_dict()
+
+
+def test_fast_reader_falls_back_on_parse_errors_only_and_says_so(
+        run: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A file the mmap reader cannot parse goes to DCP's own reader with a warning naming it
+    (same weights); any other exception is a bug and propagates."""
+    from satfuse.checkpoint import manager
+
+    expected = _load_into_fresh_model(run)
+
+    def unparsable(self, storage, view, item):
+        raise ValueError("an item layout this parser does not know")
+
+    monkeypatch.setattr(manager._MmapReader, "_item_tensor", unparsable)
+    with caplog.at_level(logging.WARNING, logger="satfuse.checkpoint.manager"):
+        got = _load_into_fresh_model(run)
+    assert "fast read not possible (ValueError: an item layout this parser does not know), " \
+           "reading it with DCP's reader" in caplog.text
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+    def bug(self, storage, view, item):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(manager._MmapReader, "_item_tensor", bug)
+    with pytest.raises(SatfuseError, match="loading the checkpoint failed") as info:
+        _load_into_fresh_model(run)
+    failures = repr(info.value.__cause__.failures)  # DCP's per-rank errors: the bug itself
+    assert "KeyError('a bug')" in failures and "BufferError" not in failures

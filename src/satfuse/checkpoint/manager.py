@@ -477,6 +477,9 @@ class _MmapReader(SafeFileSystemReader):
                             path, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
                 view.release()
                 return False
+            except BaseException:
+                view.release()  # else closing the mapping raises BufferError over the real error
+                raise
             for item, tensor in zip(items, tensors, strict=True):
                 if item.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(item, io.BytesIO(tensor))
