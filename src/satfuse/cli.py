@@ -43,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # area not built yet in this checkout
-                continue
-            raise
+        except ImportError as exc:  # a missing module or dependency: the others still work
+            log.warning("satfuse: the commands of %s are unavailable (%s: %s); reinstall with "
+                        "`make setup` (or pip install the missing package)", name, type(exc).__name__, exc)
+            continue
         module.register(sub)
     return parser
 

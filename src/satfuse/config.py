@@ -107,6 +107,7 @@ class CheckpointConfig:
     keep_every: int = 0  # additionally keep every Nth step (0 = none)
     async_save: bool = False
     resume: str = "auto"  # auto | none | PATH
+    trust_checkpoint: bool = False  # load checkpoint files that are not plain data (may run their code)
 
 
 @dataclass

@@ -43,6 +43,17 @@ def positive(node, *keys: str) -> None:
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
 
 
+def ratio_of_rows(node: dict, ratio: str, num: str, den: str, row_round: float = 0.0,
+                  ratio_round: float = 0.0) -> None:
+    """`node[ratio]` is the ratio of the two measured rows it names, within the rounding of the
+    rows (half a unit of `row_round`) and of the ratio (`ratio_round`): a ratio computed from
+    anything else, or a constant, fails."""
+    h, r = row_round / 2, ratio_round / 2 + 1e-12
+    low = (node[num] - h) / (node[den] + h) - r
+    high = (node[num] + h) / (node[den] - h) + r
+    assert low <= node[ratio] <= high, (ratio, node[ratio], num, node[num], den, node[den])
+
+
 @pytest.mark.slow
 def test_bench_all_writes_complete_json(tmp_path: Path) -> None:
     out = tmp_path / "RESULTS.json"
@@ -59,8 +70,21 @@ def test_bench_all_writes_complete_json(tmp_path: Path) -> None:
     positive(b["shard"]["result"], "read_pairs_per_s", "shard_pairs_per_s", "shard_over_read_time")
     positive(b["ckpt"]["result"], "torch_save_s", "manager_save_s", "save_ratio_vs_torch_save",
              "torch_load_s", "manager_load_s", "load_ratio_vs_torch_load")
+    shard = b["shard"]["result"]
+    ratio_of_rows(shard, "shard_over_read_time", "read_pairs_per_s", "shard_pairs_per_s", ratio_round=1e-9)
+    ck = b["ckpt"]["result"]  # times rounded to 1e-4 s, ratios to 1e-3
+    for ratio, num, den in (("save_ratio_vs_torch_save", "manager_save_s", "torch_save_s"),
+                            ("save_ratio_vs_torch_save_fsync", "manager_save_s", "torch_save_fsync_s"),
+                            ("load_ratio_vs_torch_load", "manager_load_s", "torch_load_s"),
+                            ("load_ratio_already_verified", "manager_load_already_verified_s", "torch_load_s"),
+                            ("async_blocking_ratio_vs_torch_save", "async_save_blocking_s", "torch_save_s")):
+        ratio_of_rows(ck, ratio, num, den, row_round=1e-4, ratio_round=1e-3)
     for row in b["train"]["result"]["cpu"]:
         positive(row, "sec_per_step", "pairs_per_s")
+    cpu_rows = {(r["model"], r["precision"], r["ranks"]): r for r in b["train"]["result"]["cpu"]}
+    for sc in b["train"]["result"]["scaling"]:
+        two, one = cpu_rows[(sc["model"], sc["precision"], 2)], cpu_rows[(sc["model"], sc["precision"], 1)]
+        assert sc["efficiency_2_vs_1"] == pytest.approx(two["pairs_per_s"] / (2 * one["pairs_per_s"]), rel=1e-9)
     assert b["train"]["result"]["scaling"], "2-rank vs 1-rank efficiency missing"
     gpu = b["train"]["result"]["gpu"]
     assert all(r["pairs_per_s_per_gpu"] == "no GPU" for r in gpu) or all(

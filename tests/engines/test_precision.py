@@ -49,3 +49,36 @@ def test_bf16_on_an_emulating_cpu_warns_and_fp16_on_cpu_is_refused(
     assert caplog.text == ""
     with pytest.raises(SatfuseError, match="fp16 needs a CUDA GPU"):
         check_precision("fp16", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_training_step_runs_its_layers_in_the_configured_dtype(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, dtype: torch.dtype
+) -> None:
+    """The trainer's own step (Trainer.train_step through the DDP engine): every conv and
+    linear layer computes in bf16 under train.precision=bf16 (not only a finite loss), and
+    the optimizer still updates fp32 master weights."""
+    from types import SimpleNamespace
+
+    from satfuse.config import PretrainConfig, load_config
+    from satfuse.engines.ddp import DDPEngine
+    from satfuse.engines.trainer import Trainer
+    from satfuse.models import build_pretrain_model
+    from tests.models.test_pretrain_models import batch
+
+    monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: True)  # no emulation warning needed
+    cfg = load_config(PretrainConfig, None, [
+        "model.backbone=tiny", "model.proj_hidden=64", "model.proj_out=32",
+        f"train.precision={precision}", f"train.run_dir={tmp_path}", "train.steps=2"])
+    module = build_pretrain_model(cfg.model)
+    engine = DDPEngine(cfg, module, torch.device("cpu"))
+    seen: dict[str, torch.dtype] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.dtype))
+             for n, m in module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    fake = SimpleNamespace(engine=engine, device=torch.device("cpu"), module=module, cfg=cfg, step=0)
+    out = Trainer.train_step(fake, {"key": ["a"] * 6, **batch()})
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen.values()) == {dtype}, seen
+    assert torch.isfinite(torch.tensor(out["loss"]))
+    assert all(p.dtype == torch.float32 for p in module.parameters())

@@ -79,7 +79,18 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_equal(sen12ms_shards, tmp
     kill_at = random.Random().randint(4, steps - 2)
     wait_for_step(run, kill_at, procs)
     kill_all(procs, signal.SIGKILL)
-    assert run_ranks(2, args, tmp_path / "l2") == [0, 0], logs(tmp_path / "l2")
+    # the kill landed mid-run (a fresh deterministic run would also end bitwise equal: what
+    # proves the resume is the checkpoint named on restart and no step redone before it)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2
+    saved = max(p for p in (run / "checkpoints").glob("step_*") if (p / "meta.json").is_file())
+    at = int(saved.name.split("_")[1])  # the newest committed one (what resume=auto takes)
+    assert 3 <= at < steps, saved
+    logged_before = len([m for m in metrics(run) if "loss" in m])
+    (tmp_path / "l3").mkdir()
+    assert run_ranks(2, args, tmp_path / "l3") == [0, 0], logs(tmp_path / "l3")
+    assert f"resumed from {saved} at step {at}" in logs(tmp_path / "l3")
+    after = [m["step"] for m in metrics(run) if "loss" in m][logged_before:]
+    assert after == list(range(at + 1, steps + 1)), after
     a, b = flatten(final_params(latest(ref))), flatten(final_params(latest(run)))
     assert a.keys() == b.keys()
     for k in a:

@@ -45,12 +45,15 @@ def check_loss_step(
         n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
     ]
     assert not missing, missing
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(5):
         opt.step()
         opt.zero_grad()
         loss2, _ = model.loss(model(data), loss_cfg)
         loss2.backward()
     assert float(loss2.detach()) < metrics["loss"]
+    unmoved = [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])]
+    assert not unmoved, f"parameters the optimiser steps left unchanged: {unmoved}"
     return metrics
 
 

@@ -25,6 +25,9 @@ from satfuse.checkpoint.layout import (
 )
 from satfuse.utils import SatfuseError
 
+TRUST_HELP = ("read checkpoint files that are not plain data (they may run code when loaded); "
+              "only for checkpoints whose author you trust")
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("ckpt", help="list, inspect and export checkpoints")
@@ -39,6 +42,7 @@ def register(subparsers: Any) -> None:
     ins.add_argument("path", type=Path, help="a step_XXXXXXXX directory, its `latest` pointer, "
                      "`checkpoints/` or the run dir (both: the latest step)")
     ins.add_argument("--quick", action="store_true", help="sizes only, skip crc32 verification")
+    ins.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ins.set_defaults(func=cmd_inspect)
 
     ex = sub.add_parser("export", help="consolidated backbones file for fine-tuning")
@@ -52,6 +56,7 @@ def register(subparsers: Any) -> None:
                     help="satfuse: one file for `satfuse finetune` (default); torchvision: "
                          "{modality: torchvision state dict} + normalisation JSON beside it; "
                          "safetensors: the same tensors as .safetensors, normalisation in its metadata")
+    ex.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ex.set_defaults(func=cmd_export)
 
 
@@ -108,6 +113,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         meta = json.loads((path / "meta.json").read_text())
     files = meta.get("files") or {}
     fp = (meta.get("model") or {}).get("fingerprint") or {}
+    ranks = _rank_summaries(path, meta, args.trust_checkpoint, problems)
     report = {
         "path": str(path),
         "complete": not problems,
@@ -122,10 +128,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "model_tensors": len(fp),
         "total_bytes": meta.get("total_bytes"),
         "files": {name: rec.get("size") for name, rec in files.items()},
+        "ranks": ranks,
         "model_config": (meta.get("config") or {}).get("model"),
     }
     print(json.dumps(report, indent=2, default=str))
     return 0 if not problems else 1
+
+
+def _rank_summaries(path: Path, meta: dict[str, Any], trust: bool, problems: list[str]) -> list[dict[str, Any]]:
+    """Step and loader position of every rank file, each read as data only (a file that is
+    not, and DeepSpeed files holding more than DeepSpeed's inert records, become a problem
+    naming the file: inspecting a checkpoint never runs code from it without --trust-checkpoint)."""
+    from satfuse.checkpoint.trust import check_deepspeed_files, load_rank_files
+
+    if not meta or problems:  # a damaged checkpoint is reported as such, its files not read
+        return []
+    try:
+        if meta.get("kind") == "deepspeed":
+            check_deepspeed_files(path, trust)
+        states = load_rank_files(path, int(meta.get("world_size") or 0), trust)
+    except SatfuseError as exc:
+        problems.append(str(exc))
+        return []
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # e.g. cut short under --quick
+        problems.append(f"rank files unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        return []
+    out = []
+    for st in states:
+        loader = st.get("loader") if isinstance(st, dict) else None
+        loader = loader if isinstance(loader, dict) else {}
+        out.append({"step": st.get("step") if isinstance(st, dict) else None,
+                    "epoch": loader.get("epoch"), "samples_consumed": loader.get("samples_consumed")})
+    return out
 
 
 def _resolve_builder(spec: str) -> Any:
@@ -144,6 +178,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from satfuse.checkpoint.formats import export
 
     summary = export(args.path, args.out, getattr(args, "format", "satfuse"),
-                     builder=_resolve_builder(args.builder))
+                     builder=_resolve_builder(args.builder), trust=args.trust_checkpoint)
     print(json.dumps(summary, indent=2))
     return 0

@@ -27,6 +27,12 @@ from torch import nn
 from satfuse.checkpoint import export as export_mod
 from satfuse.checkpoint.layout import checkpoint_problems, read_meta
 from satfuse.checkpoint.manager import MISMATCH_FIX, fingerprint_diff
+from satfuse.checkpoint.trust import (
+    check_deepspeed_files,
+    deepspeed_weights_only,
+    load_rank_files,
+    load_torch_file,
+)
 from satfuse.models.legacy import upgrade_state_dict
 from satfuse.utils import SatfuseError
 
@@ -39,28 +45,32 @@ def _partitioned(ckpt_dir: Path) -> bool:
     return any(Path(ckpt_dir).glob("*zero_pp_rank_*_optim_states.pt"))
 
 
-def fp32_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict (parameters and buffers) of a DeepSpeed checkpoint."""
+def fp32_state_dict(ckpt_dir: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict (parameters and buffers) of a DeepSpeed checkpoint.
+
+    DeepSpeed's files are read weights-only (its few inert classes allowed) unless `trust`
+    (`satfuse.checkpoint.trust`); a file holding anything else is refused, naming it."""
     ckpt_dir = Path(ckpt_dir)
+    check_deepspeed_files(ckpt_dir, trust)
     if _partitioned(ckpt_dir):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
+        with contextlib.redirect_stdout(io.StringIO()), deepspeed_weights_only(trust):  # it prints per-tensor progress
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
         return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     states = ckpt_dir / MODEL_STATES
     if not states.is_file():
         raise SatfuseError(f"{ckpt_dir}: no {MODEL_STATES}: not a DeepSpeed checkpoint directory")
-    # DeepSpeed pickles its config objects next to the weights: not weights_only-loadable.
-    # The file's crc32 was verified against meta.json before this point.
-    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    # Stage 0 model states are tensors and containers: weights_only, like every file here.
+    module = load_torch_file(states, trust)["module"]
     if any(v.dtype == torch.float16 for v in module.values()):
         log.warning("%s: stage-0 fp16 checkpoint: exporting its fp16 weights upcast to fp32", ckpt_dir)
     return {k: (v.float() if v.is_floating_point() else v) for k, v in module.items()}
 
 
-def load_deepspeed_model(ckpt_dir: Path, builder: export_mod.Builder) -> tuple[nn.Module, dict[str, Any]]:
+def load_deepspeed_model(ckpt_dir: Path, builder: export_mod.Builder,
+                         trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """`export.LOADERS` entry: verify, build the model from meta.json, load fp32 weights."""
     ckpt_dir = Path(ckpt_dir)
     problems = checkpoint_problems(ckpt_dir, checksums=True)
@@ -69,8 +79,9 @@ def load_deepspeed_model(ckpt_dir: Path, builder: export_mod.Builder) -> tuple[n
     meta = read_meta(ckpt_dir)
     if meta.get("kind") != "deepspeed":
         raise SatfuseError(f"{ckpt_dir}: a {meta.get('kind', 'dcp')} checkpoint, not DeepSpeed; use `satfuse ckpt export`")
+    load_rank_files(ckpt_dir, int(meta.get("world_size", 0)), trust)
     model = builder(meta)
-    sd = upgrade_state_dict(fp32_state_dict(ckpt_dir))  # pre-torchvision names renamed
+    sd = upgrade_state_dict(fp32_state_dict(ckpt_dir, trust))  # pre-torchvision names renamed
     diff = fingerprint_diff({k: list(v.shape) for k, v in sd.items()},
                             {k: list(v.shape) for k, v in model.state_dict().items()})
     if diff:
@@ -82,7 +93,7 @@ def load_deepspeed_model(ckpt_dir: Path, builder: export_mod.Builder) -> tuple[n
 export_mod.LOADERS["deepspeed"] = load_deepspeed_model
 
 
-def export_deepspeed_backbones(ckpt_dir: Path, out: Path) -> dict[str, Any]:
+def export_deepspeed_backbones(ckpt_dir: Path, out: Path, trust: bool = False) -> dict[str, Any]:
     """Write the consolidated fp32 backbones of a DeepSpeed checkpoint to `out` (atomic,
     `torch.load(out, weights_only=True)`-loadable); returns export's summary dict."""
-    return export_mod.export_backbones(Path(ckpt_dir), Path(out))
+    return export_mod.export_backbones(Path(ckpt_dir), Path(out), trust=trust)

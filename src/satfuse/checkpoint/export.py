@@ -32,6 +32,7 @@ from satfuse.checkpoint.layout import (
     read_meta,
 )
 from satfuse.checkpoint.manager import MISMATCH_FIX, _MmapReader, fingerprint_diff
+from satfuse.checkpoint.trust import load_rank_files, read_dcp_metadata
 from satfuse.models.legacy import upgrade_fingerprint
 from satfuse.utils import SatfuseError, atomic_write_bytes
 
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = "satfuse-backbones/1"
 
 Builder = Callable[[dict[str, Any]], nn.Module]
-Loader = Callable[[Path, Builder], tuple[nn.Module, dict[str, Any]]]
+# (checkpoint dir, builder, trust) -> (model, meta); trust: --trust-checkpoint (see trust.py)
+Loader = Callable[[Path, Builder, bool], tuple[nn.Module, dict[str, Any]]]
 
 
 def default_builder(meta: dict[str, Any]) -> nn.Module:
@@ -94,12 +96,16 @@ def detect_kind(ckpt_dir: Path) -> str:
     )
 
 
-def load_dcp_model(ckpt_dir: Path, builder: Builder) -> tuple[nn.Module, dict[str, Any]]:
-    """Verify a DCP checkpoint and load its model weights in this one process."""
+def load_dcp_model(ckpt_dir: Path, builder: Builder, trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Verify a DCP checkpoint and load its model weights in this one process. Every file is
+    read as data (`satfuse.checkpoint.trust`); the rank files are checked although export
+    does not need them, so a crafted checkpoint is refused as a whole."""
     problems = checkpoint_problems(ckpt_dir, checksums=True)
     if problems:
         raise SatfuseError(f"{ckpt_dir}: not a complete checkpoint: {'; '.join(problems)}; export another one")
     meta = read_meta(ckpt_dir)
+    load_rank_files(ckpt_dir, int(meta.get("world_size", 0)), trust)
+    read_dcp_metadata(Path(ckpt_dir) / DCP_METADATA, trust)
     model = builder(meta)
     sd = model.state_dict()
     saved = upgrade_fingerprint((meta.get("model") or {}).get("fingerprint"))
@@ -110,28 +116,32 @@ def load_dcp_model(ckpt_dir: Path, builder: Builder) -> tuple[nn.Module, dict[st
     state = {"model_optim": {"model": sd}}  # only the model: optimizer state is never read
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, storage_reader=_MmapReader(ckpt_dir), no_dist=True)  # renames old names
+        reader = _MmapReader(ckpt_dir)  # safe .metadata (unless trust) + old names renamed
+        reader.trust = trust
+        dcp.load(state, storage_reader=reader, no_dist=True)
     model.load_state_dict(state["model_optim"]["model"], strict=True)
     return model, meta
 
 
-def _load_deepspeed(ckpt_dir: Path, builder: Builder) -> tuple[nn.Module, dict[str, Any]]:
+def _load_deepspeed(ckpt_dir: Path, builder: Builder, trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Imported lazily: DeepSpeed takes ~2 s to import and DCP exports do not need it."""
     from satfuse.checkpoint.deepspeed_export import load_deepspeed_model
 
-    return load_deepspeed_model(ckpt_dir, builder)
+    return load_deepspeed_model(ckpt_dir, builder, trust)
 
 
 LOADERS: dict[str, Loader] = {"dcp": load_dcp_model, "deepspeed": _load_deepspeed}
 
 
-def export_backbones(ckpt_dir: Path, out: Path, builder: Builder | None = None) -> dict[str, Any]:
-    """Write `out` (atomically) with the backbones of the checkpoint; returns a summary."""
+def export_backbones(ckpt_dir: Path, out: Path, builder: Builder | None = None,
+                     trust: bool = False) -> dict[str, Any]:
+    """Write `out` (atomically) with the backbones of the checkpoint; returns a summary.
+    `trust` (--trust-checkpoint): read checkpoint files that are not plain data anyway."""
     ckpt_dir, out = resolve_checkpoint(Path(ckpt_dir)), Path(out)
     kind = detect_kind(ckpt_dir)
     if kind not in LOADERS:
         raise SatfuseError(f"{ckpt_dir}: unknown checkpoint kind {kind!r}; known: {sorted(LOADERS)}")
-    model, meta = LOADERS[kind](ckpt_dir, builder or default_builder)
+    model, meta = LOADERS[kind](ckpt_dir, builder or default_builder, trust)
     if not (hasattr(model, "backbones") and hasattr(model, "in_channels")):
         raise SatfuseError(f"{type(model).__name__} has no backbones()/in_channels(); the builder must return a satfuse pretraining model")
     backbones: dict[str, nn.Module] = model.backbones()

@@ -42,24 +42,24 @@ def normalization_path(out: Path) -> Path:
     return out.with_name(out.stem + ".normalization.json")
 
 
-def _load_model(ckpt_dir: Path, builder: export_mod.Builder | None) -> tuple[nn.Module, dict, Path, str]:
+def _load_model(ckpt_dir: Path, builder: export_mod.Builder | None, trust: bool = False) -> tuple[nn.Module, dict, Path, str]:
     ckpt_dir = export_mod.resolve_checkpoint(Path(ckpt_dir))
     kind = export_mod.detect_kind(ckpt_dir)
     if kind == "deepspeed":  # registers its loader (a module of its own, imported lazily)
         import satfuse.checkpoint.deepspeed_export  # noqa: F401
     if kind not in export_mod.LOADERS:
         raise SatfuseError(f"{ckpt_dir}: unknown checkpoint kind {kind!r}; known: {sorted(export_mod.LOADERS)}")
-    model, meta = export_mod.LOADERS[kind](ckpt_dir, builder or export_mod.default_builder)
+    model, meta = export_mod.LOADERS[kind](ckpt_dir, builder or export_mod.default_builder, trust)
     if not (hasattr(model, "backbones") and hasattr(model, "in_channels")):
         raise SatfuseError(f"{type(model).__name__} has no backbones()/in_channels(); the builder "
                            "must return a satfuse pretraining model")
     return model, meta, ckpt_dir, kind
 
 
-def plain_backbones(ckpt_dir: Path, builder: export_mod.Builder | None = None
+def plain_backbones(ckpt_dir: Path, builder: export_mod.Builder | None = None, trust: bool = False
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
     """({modality: torchvision-named state dict}, normalisation document, summary) of a checkpoint."""
-    model, meta, ckpt_dir, kind = _load_model(ckpt_dir, builder)
+    model, meta, ckpt_dir, kind = _load_model(ckpt_dir, builder, trust)
     model_cfg = (meta.get("config") or {}).get("model") or {}
     backbone = str(model_cfg.get("backbone", ""))
     if backbone not in TORCHVISION_BACKBONES:
@@ -89,10 +89,10 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 
 
-def export_torchvision(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None) -> dict[str, Any]:
+def export_torchvision(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None, trust: bool = False) -> dict[str, Any]:
     """Write `out` = {modality: state dict} (torch.save, plain tensors) and its normalisation JSON."""
     out = Path(out)
-    sds, doc, summary = plain_backbones(ckpt_dir, builder)
+    sds, doc, summary = plain_backbones(ckpt_dir, builder, trust)
     buf = io.BytesIO()
     torch.save(sds, buf)
     _write(out, buf.getvalue())
@@ -103,7 +103,7 @@ def export_torchvision(ckpt_dir: Path, out: Path, builder: export_mod.Builder | 
             "bytes": out.stat().st_size}
 
 
-def export_safetensors(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None) -> dict[str, Any]:
+def export_safetensors(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None, trust: bool = False) -> dict[str, Any]:
     """Write `out` (.safetensors, keys `<modality>.<torchvision name>`) with the normalisation
     JSON in its metadata (key "satfuse_normalization") and beside it."""
     try:
@@ -111,7 +111,7 @@ def export_safetensors(ckpt_dir: Path, out: Path, builder: export_mod.Builder | 
     except ImportError:
         raise SatfuseError("--format safetensors needs the `safetensors` package: pip install safetensors") from None
     out = Path(out)
-    sds, doc, summary = plain_backbones(ckpt_dir, builder)
+    sds, doc, summary = plain_backbones(ckpt_dir, builder, trust)
     flat = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
     metadata = {"format": "satfuse-torchvision-backbones/1", "modalities": ",".join(sds),
                 "satfuse_normalization": json.dumps({**doc, "weights": out.name}, default=str)}
@@ -130,12 +130,13 @@ def _write(out: Path, data: bytes) -> None:
         raise SatfuseError(f"{out}: cannot write the export ({exc.strerror or exc}); choose another --out") from None
 
 
-def export(ckpt_dir: Path, out: Path, fmt: str = "satfuse", builder: export_mod.Builder | None = None) -> dict[str, Any]:
+def export(ckpt_dir: Path, out: Path, fmt: str = "satfuse", builder: export_mod.Builder | None = None,
+           trust: bool = False) -> dict[str, Any]:
     """`satfuse ckpt export --format FMT`: dispatch to the writer of that format."""
     if fmt == "satfuse":
-        return export_mod.export_backbones(ckpt_dir, out, builder=builder)
+        return export_mod.export_backbones(ckpt_dir, out, builder=builder, trust=trust)
     if fmt == "torchvision":
-        return export_torchvision(ckpt_dir, out, builder)
+        return export_torchvision(ckpt_dir, out, builder, trust)
     if fmt == "safetensors":
-        return export_safetensors(ckpt_dir, out, builder)
+        return export_safetensors(ckpt_dir, out, builder, trust)
     raise SatfuseError(f"--format {fmt!r}: unknown; choose one of {', '.join(FORMATS)}")

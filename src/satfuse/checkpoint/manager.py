@@ -56,7 +56,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard._utils import narrow_tensor_by_index
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
 from torch.distributed.checkpoint.planner import (
@@ -98,6 +98,7 @@ from satfuse.checkpoint.layout import (
     read_meta,
     step_name,
 )
+from satfuse.checkpoint.trust import SafeFileSystemReader, load_torch_file, read_dcp_metadata
 from satfuse.models.legacy import upgrade_fingerprint, upgrade_metadata, upgrade_optim_state
 from satfuse.utils import SatfuseError, atomic_write_text
 
@@ -256,14 +257,13 @@ def _write_rank_state(path: Path, rank_state: dict[str, Any]) -> dict[str, Any]:
     return {"size": len(data), "crc32": f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"}
 
 
-def _load_rank_state(path: Path) -> dict[str, Any]:
-    """weights_only first (plain containers, numbers, tensors); a checkpoint whose rank
-    state holds other objects falls back to a full unpickle of our own checksummed file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.debug("%s: not weights_only-loadable, loading with full unpickling", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+def _load_rank_state(path: Path, trust: bool = False) -> dict[str, Any]:
+    """weights_only only: a rank state is plain containers, numbers, strings and tensors
+    (loader position, RNG, schedule, scaler). A file holding anything else was not written
+    by satfuse and is refused, naming it, unless the user passed --trust-checkpoint
+    (`satfuse.checkpoint.trust`): a crc32 only proves the file is unchanged since the save,
+    not who wrote it."""
+    return load_torch_file(path, trust)
 
 
 def _local_files(tmp: Path, rank: int, known: dict[str, dict[str, Any]] | None = None
@@ -435,7 +435,7 @@ class _MemFile(io.RawIOBase):
         return self._pos
 
 
-class _MmapReader(FileSystemReader):
+class _MmapReader(SafeFileSystemReader):
     """DCP's FileSystemReader, reading each data file through one mmap.
 
     Why: the stock reader `torch.load`s every tensor from a buffered stream (a copy into a
@@ -443,8 +443,10 @@ class _MmapReader(FileSystemReader):
     of the same state). Here each tensor is a zero-copy view of the mapped file, as
     `torch.load(mmap=True)` does for a single-archive file, so the only pass over the data
     is the copy into the model/optimizer. Same on-disk format, same planner, same
-    resharding (`narrow_tensor_by_index`); any item this cannot parse falls back to the
-    stock code path for that file. The files were verified (size, crc32) before loading.
+    resharding (`narrow_tensor_by_index`); a file with an item this cannot parse (ValueError,
+    RuntimeError, UnpicklingError; any other exception propagates) goes to the stock code path,
+    with a warning. `.metadata` is read by `SafeFileSystemReader` (no full unpickling unless
+    `trust`). The files were verified (size, crc32) before loading.
     """
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
@@ -476,10 +478,16 @@ class _MmapReader(FileSystemReader):
             storage = torch.UntypedStorage.from_file(str(path), False, size)
             try:
                 tensors = [self._item_tensor(storage, view, i) for i in items]
-            except Exception as exc:  # noqa: BLE001 - any parse trouble: DCP's own path decides
-                log.debug("%s: fast read not possible (%s), using DCP's reader", path, exc)
+            except (ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+                # a layout this parser does not know (transformed items, another torch's zip
+                # records): DCP's own reader reads the file (also weights-only) and decides
+                log.warning("%s: fast read not possible (%s: %s), reading it with DCP's reader",
+                            path, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
                 view.release()
                 return False
+            except BaseException:
+                view.release()  # else closing the mapping raises BufferError over the real error
+                raise
             for item, tensor in zip(items, tensors, strict=True):
                 if item.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(item, io.BytesIO(tensor))
@@ -529,12 +537,15 @@ class CheckpointManager:
     timeout_s: bound on every collective of the manager's group. Generous by default (a
     slow filesystem can keep a rank writing for many minutes while the others wait in DCP's
     gather), but finite: a rank that dies mid-save fails the others with an error naming the
-    collective instead of hanging them.
+    collective instead of hanging them;
+    trust: load files that are not plain data with full unpickling (`--trust-checkpoint`);
+    without it they are refused, naming the file (`satfuse.checkpoint.trust`).
     """
 
     def __init__(self, run_dir: Path, keep_last: int = 3, keep_every: int = 0,
-                 async_save: bool = False, timeout_s: float = 1800.0) -> None:
+                 async_save: bool = False, timeout_s: float = 1800.0, trust: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        self.trust = trust  # --trust-checkpoint: files that are not plain data may be unpickled
         self.timeout_s = timeout_s
         self.ckpt_dir = checkpoints_dir(self.run_dir)
         self.keep_last = keep_last
@@ -898,17 +909,23 @@ class CheckpointManager:
             path = verified if verified is not None else path
         meta = read_meta(path)
         self._check_model(path, meta, app_state)
+        read_dcp_metadata(path / DCP_METADATA, self.trust)  # a refusal names the file, on every rank
         try:
             with _quiet_single_process():
-                dcp.load(app_state, storage_reader=_MmapReader(path), process_group=self.group())
+                dcp.load(app_state, storage_reader=self._reader(path), process_group=self.group())
         except (Exception, CheckpointException) as exc:  # turned into a one-line user error
             raise SatfuseError(
                 f"{path}: loading the checkpoint failed ({_short(exc)}); {MISMATCH_FIX}"
             ) from exc
-        rank_states = [_load_rank_state(path / rank_file(r)) for r in range(int(meta["world_size"]))]
+        rank_states = [_load_rank_state(path / rank_file(r), self.trust) for r in range(int(meta["world_size"]))]
         log.info("loaded %s (step %s, saved by %s ranks, loading on %d)", path, meta.get("step"),
                  meta["world_size"], _world())
         return rank_states, meta
+
+    def _reader(self, path: Path) -> _MmapReader:
+        reader = _MmapReader(path)
+        reader.trust = self.trust
+        return reader
 
     def _check_model(self, path: Path, meta: dict[str, Any], app_state: dict[str, Any]) -> None:
         current, _ = _fingerprint(app_state)

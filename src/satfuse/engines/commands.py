@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML path or packaged name, e.g. tiny (see `satfuse configs`)")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="start this many local ranks with torchrun (ignored inside torchrun/SLURM tasks)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="resume from a checkpoint whose files are not plain data (they may run code "
+                        "when loaded); same as checkpoint.trust_checkpoint=true")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 resume=auto")
     p.set_defaults(func=cmd_pretrain)
 
@@ -29,6 +32,8 @@ def normalise_overrides(items: list[str]) -> list[str]:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = normalise_overrides(args.overrides)
+    if getattr(args, "trust_checkpoint", False):
+        overrides.append("checkpoint.trust_checkpoint=true")
     inside_launcher = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if args.nproc_per_node > 1 and not inside_launcher:
         return launch_local(args.config, overrides, args.nproc_per_node)

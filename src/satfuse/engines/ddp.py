@@ -41,7 +41,7 @@ class DDPEngine(Engine):
         ck = cfg.checkpoint
         self.ckpt = CheckpointManager(
             Path(cfg.train.run_dir), keep_last=ck.keep_last, keep_every=ck.keep_every,
-            async_save=ck.async_save, timeout_s=cfg.train.comm_timeout_s,
+            async_save=ck.async_save, timeout_s=cfg.train.comm_timeout_s, trust=ck.trust_checkpoint,
         )
 
     def backward_step(self, loss: torch.Tensor) -> float:

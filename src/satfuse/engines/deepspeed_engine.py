@@ -44,6 +44,14 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from satfuse.checkpoint.trust import (
+    check_deepspeed_files,
+    deepspeed_weights_only,
+    load_torch_file,
+    reason,
+    refusal,
+    unpickling_cause,
+)
 from satfuse.config import PretrainConfig
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import Engine, check_precision
@@ -339,7 +347,7 @@ class DeepSpeedEngine(Engine):
         ck = self.cfg.checkpoint
         return DeepSpeedCheckpointManager(
             Path(self.cfg.train.run_dir), self, keep_last=ck.keep_last, keep_every=ck.keep_every,
-            timeout_s=self.cfg.train.comm_timeout_s)
+            timeout_s=self.cfg.train.comm_timeout_s, trust=ck.trust_checkpoint)
 
     def autocast(self):
         """No autocast: under bf16/fp16 DeepSpeed runs the whole model in that dtype (inputs
@@ -425,16 +433,30 @@ def _files_written_by(tmp: Path, rank: int) -> list[Path]:
     return mine
 
 
-def convert_to_universal(src: Path, out: Path, timeout_s: int = 1800) -> None:
+# Runs DeepSpeed's converter with every torch.load weights-only (DeepSpeed's inert classes
+# allowed), as in-process loads are (`satfuse.checkpoint.trust`).
+_SAFE_CONVERTER = (
+    "import os, runpy, sys, torch\n"
+    "from satfuse.checkpoint.trust import deepspeed_safe_globals\n"
+    "os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'\n"
+    "torch.serialization.add_safe_globals(deepspeed_safe_globals())\n"
+    "sys.argv[0] = 'ds_to_universal'\n"
+    "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__')\n"
+)
+
+
+def convert_to_universal(src: Path, out: Path, timeout_s: int = 1800, trust: bool = False) -> None:
     """DeepSpeed's universal checkpoint of `src` in `out` (rank 0 only; a subprocess, so its
     worker pools and memory never live in a training rank). `--inject_missing_state` is
-    needed for models that do not declare universal-checkpoint info (all of ours)."""
+    needed for models that do not declare universal-checkpoint info (all of ours). Without
+    `trust` the converter's loads are weights-only too."""
     import shutil
     import subprocess
     import sys
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+    entry = ["-m", "deepspeed.checkpoint.ds_to_universal"] if trust else ["-c", _SAFE_CONVERTER]
+    cmd = [sys.executable, *entry, "--input_folder", str(src),
            "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
            "--num_merge_workers", "1"]
     env = dict(os.environ)
@@ -463,12 +485,13 @@ class DeepSpeedCheckpointManager:
     """
 
     def __init__(self, run_dir: Path, engine: DeepSpeedEngine, keep_last: int = 3,
-                 keep_every: int = 0, timeout_s: float = 1800.0) -> None:
+                 keep_every: int = 0, timeout_s: float = 1800.0, trust: bool = False) -> None:
         from satfuse.checkpoint.manager import CheckpointManager
 
         self.engine = engine
+        self.trust = trust  # --trust-checkpoint: DeepSpeed's files may be fully unpickled
         self.base = CheckpointManager(run_dir, keep_last=keep_last, keep_every=keep_every,
-                                      timeout_s=timeout_s)
+                                      timeout_s=timeout_s, trust=trust)
         self.ckpt_dir = self.base.ckpt_dir
 
     def find_resume(self, resume: str) -> Path | None:
@@ -524,12 +547,13 @@ class DeepSpeedCheckpointManager:
                 "it with train.engine=ddp, or start a new run_dir"
             )
         self.base._check_model(path, meta, self._model_state())
+        check_deepspeed_files(path, self.trust)  # names a refused file on every rank
         universal = self._needs_universal(path, meta)
         if universal:
             self._load_universal(path, meta)
         else:
             self._load_ds(path.parent, path.name)
-        states = [_load_rank_state(path / rank_file(r)) for r in range(int(meta["world_size"]))]
+        states = [_load_rank_state(path / rank_file(r), self.trust) for r in range(int(meta["world_size"]))]
         log.info("loaded %s (step %s, saved by %s ranks%s)", path, meta.get("step"),
                  meta["world_size"], ", via a universal checkpoint" if universal else "")
         return states, meta
@@ -560,9 +584,13 @@ class DeepSpeedCheckpointManager:
 
     def _load_ds(self, load_dir: Path, tag: str) -> None:
         try:
-            loaded, _ = self.engine.model.load_checkpoint(
-                str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+            with deepspeed_weights_only(self.trust):
+                loaded, _ = self.engine.model.load_checkpoint(
+                    str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
         except Exception as exc:  # noqa: BLE001 - one line for the user, chained for debugging
+            refused = unpickling_cause(exc)
+            if refused is not None:
+                raise refusal(load_dir / tag, reason(refused)) from None
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SatfuseError(
                 f"{load_dir / tag}: DeepSpeed could not load it ({type(exc).__name__}: {first[:300]}); "
@@ -575,8 +603,7 @@ class DeepSpeedCheckpointManager:
         """A universal load restores parameters only; BatchNorm running statistics would be
         silently reset to their initial values (measured). Copy every buffer back from the
         saved model states."""
-        saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=False)["module"]
+        saved = load_torch_file(path / "mp_rank_00_model_states.pt", self.trust)["module"]
         missing = []
         with torch.no_grad():
             for name, buf in self.engine.module.named_buffers():
@@ -599,7 +626,7 @@ class DeepSpeedCheckpointManager:
             log.info("converting %s (world size %s) to a universal checkpoint for world size %d",
                      path, meta["world_size"], dist.get_world_size())
             try:
-                convert_to_universal(path, out)
+                convert_to_universal(path, out, trust=self.trust)
             except (SatfuseError, OSError, TimeoutError) as exc:
                 error = str(exc)
         error = _broadcast(error, group)

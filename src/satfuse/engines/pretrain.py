@@ -10,6 +10,7 @@ steps are done, `REQUEUE_EXIT_CODE` (75) when a stop signal made every rank save
 from __future__ import annotations
 
 import logging
+import os
 
 from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 from satfuse.config import PretrainConfig, load_config
@@ -38,12 +39,27 @@ def is_comm_error(exc: BaseException) -> bool:
     return any(w in text for w in ("gloo", "nccl", "connection", "timed out", "read error", "closed"))
 
 
+def show_shell_commands(cfg: PretrainConfig, where: str) -> list[str]:
+    """Log every `pipe:` shard URL (a shell command this run will execute) with where it came
+    from. Why: a `pipe:` URL is code; it is only ever taken from the user's own YAML or command
+    line (never from a checkpoint's recorded config), and it is shown before it runs."""
+    from satfuse.data.reader import split_spec
+
+    specs = [*(cfg.data.shards if isinstance(cfg.data.shards, list) else [cfg.data.shards]), cfg.data.val_shards]
+    cmds = [u for spec in specs for u in split_spec(spec or "") if u.startswith("pipe:")]
+    if cmds and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("data.shards/val_shards from %s run %d shell command(s): %s", where, len(cmds),
+                    "; ".join(c[len("pipe:"):] for c in cmds[:4]) + (" ..." if len(cmds) > 4 else ""))
+    return cmds
+
+
 def run_pretrain(config_path: str | None, overrides: list[str]) -> int:
     cfg = load_config(PretrainConfig, config_path, overrides)
     if cfg.train.engine == "deepspeed":
         from satfuse.resources import require_deepspeed
 
         require_deepspeed(config_path or "command line")
+    show_shell_commands(cfg, config_path or "the command line")
     try:
         result = pretrain(cfg)
     finally:

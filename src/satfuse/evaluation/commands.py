@@ -27,6 +27,7 @@ FLAG_KEYS = {
     "run_dir": "run_dir", "label": "label", "train_shards": "data.train_shards",
     "test_shards": "data.test_shards", "epochs": "train.epochs",
     "checkpoint_modality": "model.checkpoint_modality",
+    "trust_checkpoint": "model.trust_checkpoint",
 }
 
 
@@ -54,6 +55,9 @@ def _add_finetune_flags(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--checkpoint", help="exported backbones file, checkpoint dir, or none")
     ft.add_argument("--checkpoint-modality", choices=["s1", "s2", "s2_rgb", "s1s2"],
                     help="the input a plain single-modality state dict takes (default: by its conv1 bands)")
+    ft.add_argument("--trust-checkpoint", action="store_true", default=None,
+                    help="read checkpoint-dir files that are not plain data (they may run code); "
+                         "same as model.trust_checkpoint=true")
     ft.add_argument("--mode", choices=["finetune", "linear"])
     ft.add_argument("--task", choices=["single", "multi"])
     ft.add_argument("--label-fraction", type=float)

@@ -67,6 +67,7 @@ class FtDataConfig:
 @dataclass
 class FtModelConfig:
     checkpoint: str = "none"  # export file, checkpoint dir, or none (supervised from scratch)
+    trust_checkpoint: bool = False  # read checkpoint-dir files that are not plain data (may run code)
     backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"
     mode: Literal["finetune", "linear"] = "finetune"
     modalities: Literal["s1", "s2", "s1s2"] = "s1s2"
@@ -297,7 +298,8 @@ def build_model(cfg: FinetuneConfig) -> tuple[Classifier, dict | None, dict]:
         specs = scratch_branches(mc.modalities, mc.fusion)
         _seed_everything(cfg.train.seed)
         return build_classifier(specs, mc.backbone, N_CLASSES, frozen), None, {"method": None}
-    pre = load_for_finetune(mc.checkpoint, mc.backbone, mc.checkpoint_modality, mc.normalization)
+    pre = load_for_finetune(mc.checkpoint, mc.backbone, mc.checkpoint_modality, mc.normalization,
+                            trust=mc.trust_checkpoint)
     specs = pretrained_branches(pre, mc.backbone, mc.modalities, mc.fusion)
     # seeded after loading: building a pretraining model from a checkpoint directory draws from
     # torch's RNG, so seeding before it would start the head elsewhere than for an export file

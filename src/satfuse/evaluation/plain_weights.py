@@ -38,7 +38,7 @@ AUTHORS_PREFIXES = {"backbone1": "s1", "backbone2": "s2"}
 
 
 def load_for_finetune(checkpoint: str, backbone: str, modality: str = "",
-                      normalization: str = "") -> PretrainedBackbones:
+                      normalization: str = "", trust: bool = False) -> PretrainedBackbones:
     """`model.checkpoint` as PretrainedBackbones: satfuse exports/checkpoints via
     `load_pretrained`, plain torchvision-named weights here."""
     p = Path(checkpoint)
@@ -54,7 +54,7 @@ def load_for_finetune(checkpoint: str, backbone: str, modality: str = "",
         if isinstance(raw, dict) and "format" in raw:
             raw = None  # a satfuse export
     if raw is None:
-        pre = load_pretrained(checkpoint)
+        pre = load_pretrained(checkpoint, trust=trust)
         if normalization:
             pre.normalization = read_normalization(Path(normalization))
         return pre

@@ -54,14 +54,19 @@ class PretrainedBackbones:
                                "checkpoint with `satfuse ckpt export`") from exc
 
 
-def load_pretrained(path: str | Path) -> PretrainedBackbones:
-    """Read an export file, or export a checkpoint directory to a temp file first."""
+def load_pretrained(path: str | Path, trust: bool = False) -> PretrainedBackbones:
+    """Read an export file, or export a checkpoint directory to a temp file first.
+
+    Exports are the exchange format (tensors and JSON-like values, read weights_only); a
+    checkpoint directory is read as data too (`satfuse.checkpoint.trust`: a file that is not
+    is refused unless `trust`, i.e. --trust-checkpoint), with a warning when another user
+    owns it."""
     p = Path(path)
     if not p.exists():
         raise SatfuseError(f"{p}: checkpoint not found; pass an exported backbones file "
                            "(`satfuse ckpt export`), a checkpoint directory, or `none`")
     if p.is_dir() or p.name == "latest":  # a step dir, `latest`, `checkpoints/` or a run dir
-        return _from_checkpoint_dir(p)
+        return _from_checkpoint_dir(p, trust)
     try:
         raw = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unreadable file, whatever the cause
@@ -70,7 +75,7 @@ def load_pretrained(path: str | Path) -> PretrainedBackbones:
     return _check_export(raw, str(p))
 
 
-def _from_checkpoint_dir(ckpt_dir: Path) -> PretrainedBackbones:
+def _from_checkpoint_dir(ckpt_dir: Path, trust: bool = False) -> PretrainedBackbones:
     try:
         from satfuse.checkpoint.export import export_backbones, resolve_checkpoint
     except ImportError as exc:
@@ -81,10 +86,17 @@ def _from_checkpoint_dir(ckpt_dir: Path) -> PretrainedBackbones:
     except ImportError:
         log.debug("satfuse.checkpoint.deepspeed_export unavailable: DCP checkpoints only")
     ckpt_dir = resolve_checkpoint(ckpt_dir)  # the step dir, as `satfuse ckpt export` takes it
+    from satfuse.checkpoint.trust import foreign_owner
+
+    owner = foreign_owner(ckpt_dir)
+    if owner is not None:
+        log.warning("%s: a checkpoint directory of another user (uid %d); checkpoint directories "
+                    "are code to satfuse, exports are data: ask for `satfuse ckpt export` output "
+                    "and pass that file as --checkpoint", ckpt_dir, owner)
     with tempfile.TemporaryDirectory(prefix="satfuse-export-") as tmp:
         out = Path(tmp) / "backbones.pt"
         log.info("exporting backbones of %s", ckpt_dir)
-        export_backbones(ckpt_dir, out)
+        export_backbones(ckpt_dir, out, trust=trust)
         raw = torch.load(out, map_location="cpu", weights_only=True)
     return _check_export(raw, str(ckpt_dir))
 
