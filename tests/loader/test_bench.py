@@ -16,7 +16,9 @@ def test_bench_loader_writes_json(tmp_path: Path) -> None:
     assert rc == 0
     res = json.loads(out.read_text())["result"]
     rows = res["rows"]
-    assert set(rows) == {"per_file_rasterio", "raw_tar_bytes", "loader_w0_crop16", "loader_w1_crop16"}
+    assert set(rows) == {"per_file_rasterio", "raw_tar_bytes", "loader_w0_crop16", "loader_w1_crop16",
+                         "loader_w0_crop16_1epoch", "loader_w0_crop16_1epoch_noverify", "sha256_pass"}
+    assert res["verify_overhead"]["slowdown_first_epoch"] > 0 and res["verify_overhead"]["sha256_pass_s"] > 0
     assert rows["per_file_rasterio"]["samples"] == rows["raw_tar_bytes"]["samples"] == res["samples"] == 16
     assert rows["loader_w0_crop16"]["samples"] == 16 - 4  # one epoch minus the first batch (start-up, timed apart)
     assert all(r["samples_per_s"] > 0 for r in rows.values()) and rows["per_file_rasterio"]["x_per_file"] == 1.0

@@ -105,9 +105,12 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MISMATCH_FIX = (
-    "this checkpoint was written by a different model config; start a new run_dir or pass "
-    "checkpoint.resume=none"
+    "this checkpoint was written by a different model config; start a new train.run_dir, or "
+    "pass checkpoint.resume=none --force-new-run to move this run to run_dir/previous-<time>/"
 )
+# Words of a collective that gave up on a peer (gloo/NCCL/our own timeouts), not a disk problem.
+_UNANSWERED = ("timed out", "timeout", "connection reset", "connection closed", "broken pipe",
+               "peer", "read error")
 
 
 class ModelOptimState(Stateful):
@@ -716,6 +719,13 @@ class CheckpointManager:
     def _save_error(self, step: int, why: str) -> SatfuseError:
         latest = read_latest(self.run_dir)
         prev = f"the previous checkpoint {latest.name} is intact" if latest else "no earlier checkpoint exists"
+        if any(w in why.lower() for w in _UNANSWERED) and "no space" not in why.lower():
+            return SatfuseError(
+                f"{self.ckpt_dir}: saving step {step} failed: a rank did not answer within "
+                f"train.comm_timeout_s={self.timeout_s:.0f}s ({why}); a peer was stopped (SIGSTOP), "
+                f"hung or died, not a disk problem; nothing was committed and {prev}: find the "
+                "stopped/dead rank, then resume"
+            )
         return SatfuseError(
             f"{self.ckpt_dir}: saving step {step} failed ({why}); nothing was committed and "
             f"{prev}: free disk space there (or lower checkpoint.keep_last) and resume"
@@ -788,8 +798,9 @@ class CheckpointManager:
         if skipped:
             raise SatfuseError(
                 f"{self.ckpt_dir}: no complete checkpoint among {', '.join(skipped)}; inspect "
-                "them with `satfuse ckpt inspect`, resume from one with resume=PATH, or pass "
-                "checkpoint.resume=none to start over (a new run_dir keeps them for diagnosis)"
+                "them with `satfuse ckpt inspect`, resume from one with resume=PATH, or start over "
+                "in a new train.run_dir (or with checkpoint.resume=none --force-new-run, which "
+                "moves them to run_dir/previous-<time>/)"
             )
         return None
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML config (see hpc/pretrain/)")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="start this many local ranks with torchrun (ignored inside torchrun/SLURM tasks)")
+    p.add_argument("--force-new-run", action="store_true",
+                   help="with checkpoint.resume=none on a used run_dir: move the earlier run to "
+                   "run_dir/previous-<time>/ instead of refusing")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 resume=auto")
     p.set_defaults(func=cmd_pretrain)
 
@@ -29,9 +35,16 @@ def normalise_overrides(items: list[str]) -> list[str]:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = normalise_overrides(args.overrides)
+    if getattr(args, "force_new_run", False):
+        overrides.append("checkpoint.force_new_run=true")
     inside_launcher = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if args.nproc_per_node > 1 and not inside_launcher:
+        from satfuse.engines.pretrain import precheck
+
+        precheck(args.config, overrides)  # config/shard errors: one line here, not one per rank
         return launch_local(args.config, overrides, args.nproc_per_node)
+    if os.environ.get(LAUNCHER_PID_VAR):
+        die_with_launcher()
     from satfuse.distributed.env import exit_cleanly
     from satfuse.engines.pretrain import run_pretrain
 
@@ -49,4 +62,73 @@ def launch_local(config: str | None, overrides: list[str], nproc: int) -> int:
         cmd += ["--config", config]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd + overrides, env=env)
+    env[LAUNCHER_PID_VAR] = str(os.getpid())
+    return subprocess.call(cmd + overrides, env=env, preexec_fn=_term_on_parent_death)
+
+
+# Set by `launch_local` for torchrun's ranks: the pid of the `satfuse pretrain` that started them.
+LAUNCHER_PID_VAR = "SATFUSE_LAUNCHER_PID"
+PR_SET_PDEATHSIG = 1
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    """Ask Linux to send `sig` to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux: the rank-side watchdog still covers it
+        return False
+
+
+def _term_on_parent_death() -> None:
+    """In torchrun's agent (between fork and exec): SIGTERM when the launcher dies, so the
+    agent stops its ranks the way it does on Ctrl-C (they save and exit)."""
+    _set_pdeathsig(signal.SIGTERM)
+
+
+def die_with_launcher(poll_s: float = 0.5) -> None:
+    """In a rank started by `launch_local`: die with the launcher, however it died.
+
+    torchrun's agent sits between the launcher and the ranks and starts them in their own
+    sessions, so a SIGKILL of `satfuse pretrain --nproc-per-node N` used to leave the ranks
+    training and checkpointing on, invisibly. Two guards: SIGKILL when our parent (the agent)
+    dies, and a watchdog thread that SIGKILLs this rank once the launcher's pid is gone (or
+    is another process): checkpoints are atomic, so a kill at any point loses only the steps
+    since the last one, never the run_dir."""
+    import threading
+
+    launcher = int(os.environ[LAUNCHER_PID_VAR])
+    parent = os.getppid()
+    _set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent:  # the agent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    stamp = _start_time(launcher)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if not _alive(launcher) or _start_time(launcher) != stamp:
+                logging.getLogger(__name__).error(
+                    "the launcher (pid %d) is gone: stopping this rank", launcher)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="satfuse-launcher-watchdog", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _start_time(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return ""

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
 from satfuse.distributed.env import DistEnv, all_reduce_max_bool
 from satfuse.engines.base import Engine, check_precision
+from satfuse.engines.optim import apply_hparams
+from satfuse.engines.rundir import RunLease, prepare_fresh_start
 from satfuse.losses import retrieval_accuracy
 from satfuse.models import build_pretrain_model
 from satfuse.utils import SatfuseError
@@ -49,6 +52,7 @@ class TrainResult:
     final_loss: float
     retrieval_top1: float | None = None
     retrieval_chance: float | None = None
+    skipped_samples: int = 0  # undecodable/truncated/altered samples skipped, all ranks
 
 
 def select_device(cfg: PretrainConfig, env: DistEnv) -> torch.device:
@@ -110,6 +114,8 @@ class Trainer:
         self.engine = build_engine(cfg, self.module, self.device)
         self.step = 0
         self.epoch = 0
+        self.lease: RunLease | None = None
+        self.resumed_config: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, Any]:
@@ -141,15 +147,45 @@ class Trainer:
         rank_states, meta = self.engine.load(path)
         same_world = len(rank_states) == self.env.world_size
         mine = rank_states[self.env.rank] if same_world else rank_states[0]
+        changed = config_changes(meta.get("config") or {}, to_dict(self.cfg))
+        refuse_changes(changed, path)
         self.step = int(mine["step"])
         self.engine.load_engine_state(mine["engine"])
+        if any(k.startswith("optim.") for k in changed):  # the restored optimizer had the old values
+            apply_hparams(self.engine.optimizer, self.engine.scheduler, self.cfg.optim)
+        if self.env.rank == 0:
+            record_overrides(self.run_dir, self.step, path, changed)
         self.loader.load_state_dict([s["loader"] for s in rank_states])
+        self.epoch = self.loader.epoch
         if same_world:
             restore_rng(mine["rng"])
         log.info(
             "resumed from %s at step %d (saved by %d ranks, now %d)",
             path, self.step, len(rank_states), self.env.world_size,
         )
+
+    # ---------------------------------------------------------------- skipped samples
+    def skipped(self) -> int:
+        """Samples skipped so far on all ranks (collective when distributed)."""
+        n = int(self.loader.decode_errors)
+        if self.env.world_size > 1 and dist.is_initialized():
+            t = torch.tensor([n], dtype=torch.long)
+            dist.all_reduce(t)
+            n = int(t.item())
+        return n
+
+    def check_skipped(self, skipped: int) -> None:
+        """Fail (on every rank alike) once more than data.max_skipped_fraction of the samples
+        read were skipped: a truncated shard must not quietly shrink the data set."""
+        read = skipped + self.step * self.cfg.data.batch_size * self.env.world_size
+        limit = self.cfg.data.max_skipped_fraction
+        if skipped and skipped > limit * max(read, 1):
+            raise SatfuseError(
+                f"{self.cfg.data.shards}: {skipped} of {read} samples read were skipped as undecodable "
+                f"(truncated, damaged or altered shards; the warnings above name them), more than "
+                f"data.max_skipped_fraction={limit}: check the shards with `satfuse shard verify`, "
+                "or raise data.max_skipped_fraction to accept the loss"
+            )
 
     # ---------------------------------------------------------------- training
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -172,11 +208,43 @@ class Trainer:
             f"resume from the last checkpoint in {self.run_dir / 'checkpoints'}"
         )
 
-    def fit(self) -> TrainResult:
-        cfg = self.cfg
+    def claim_run_dir(self) -> None:
+        """Rank 0 takes the run_dir's lease and, for resume=none, makes sure no earlier run
+        is overwritten; every rank gets the outcome (one error, raised everywhere)."""
+        error = None
         if self.env.rank == 0:
-            dump_yaml(cfg, self.run_dir / "config.yaml")
+            try:
+                self.lease = RunLease(self.run_dir, timeout_s=self.cfg.train.lease_timeout_s)
+                self.lease.acquire()
+                if str(self.cfg.checkpoint.resume).strip().lower() in ("none", "", "false"):
+                    prepare_fresh_start(self.run_dir, self.cfg.checkpoint.force_new_run)
+            except (SatfuseError, OSError) as exc:
+                error = str(exc) if isinstance(exc, SatfuseError) else f"{self.run_dir}: {exc}"
+                if self.lease is not None and "another run is writing" not in error:
+                    self.lease.release()
+                self.lease = None
+        if self.env.world_size > 1 and dist.is_initialized():
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise SatfuseError(error)
+        if self.lease is not None:
+            self.lease.start_heartbeat()
+
+    def fit(self) -> TrainResult:
+        self.claim_run_dir()
+        try:
+            return self._fit()
+        finally:
+            if self.lease is not None:
+                self.lease.release()
+
+    def _fit(self) -> TrainResult:
+        cfg = self.cfg
         self.resume()
+        if self.env.rank == 0:  # after resume: a refused change must not be recorded as run
+            dump_yaml(cfg, self.run_dir / "config.yaml")
         stop = StopFlag()
         stop.install()
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.env.rank == 0)
@@ -192,21 +260,31 @@ class Trainer:
         status, saved_at = "completed", -1
         try:
             while self.step < total:
+                if self.lease is not None:
+                    self.lease.check()
                 batch = next(data_iter)
-                self.epoch = int(batch.get("epoch", self.epoch))
+                new_epoch = int(batch.get("epoch", self.epoch))
+                if new_epoch != self.epoch:
+                    skipped = self.skipped()
+                    log.info("epoch %d done at step %d: %d samples skipped so far", self.epoch, self.step, skipped)
+                    metrics_log.write({"step": self.step, "epoch_done": self.epoch, "skipped_samples": skipped})
+                    self.check_skipped(skipped)
+                self.epoch = new_epoch
                 last = self.train_step(batch)
                 self.step += 1
                 seen += global_batch
                 bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    skipped = self.skipped()
                     record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(),
-                              "samples_per_s": rate, **last}
+                              "samples_per_s": rate, "skipped_samples": skipped, **last}
                     metrics_log.write(record)
                     log.info("step %d/%d loss %.4f top1 %.3f lr %.2e %.1f pairs/s", self.step, total,
                              last["loss"], last.get("retrieval_top1", float("nan")), record["lr"], rate)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
                     t0, seen = time.perf_counter(), 0
+                    self.check_skipped(skipped)
                 if stop.should_stop():
                     status = "preempted"
                     break
@@ -218,7 +296,7 @@ class Trainer:
             self.engine.wait()
         finally:
             bar.close()
-        result = TrainResult(status=status, step=self.step, final_loss=last["loss"])
+        result = TrainResult(status=status, step=self.step, final_loss=last["loss"], skipped_samples=self.skipped())
         if status == "completed" and cfg.data.val_shards:
             result.retrieval_top1, result.retrieval_chance = self.evaluate_retrieval()
             metrics_log.write({"step": self.step, "heldout_retrieval_top1": result.retrieval_top1,
@@ -258,6 +336,49 @@ class Trainer:
         chance = 1.0 / max(1, int(n))
         log.info("held-out S1->S2 retrieval top-1: %.3f (chance %.4f, n=%d)", top1, chance, int(n))
         return top1, chance
+
+
+# Keys whose change on resume cannot be honoured: the restored state is of the old kind.
+REFUSED_ON_RESUME = {
+    "optim.name": "the checkpoint's optimizer state is of another optimizer type",
+    "train.engine": "the checkpoint is in the other engine's format",
+}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
+    """{dotted key: [value in the checkpoint, value now]} of every leaf that differs."""
+    out: dict[str, list[Any]] = {}
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b and key in saved:
+            out[f"{prefix}{key}"] = [a, b]
+    return out
+
+
+def refuse_changes(changed: dict[str, list[Any]], path: Path) -> None:
+    for key, why in REFUSED_ON_RESUME.items():
+        if key in changed:
+            old, new = changed[key]
+            raise SatfuseError(
+                f"{path}: {key} was {old!r} when this checkpoint was written, now {new!r}: {why}; "
+                f"resume with {key}={old} or start a new train.run_dir"
+            )
+
+
+def record_overrides(run_dir: Path, step: int, path: Path, changed: dict[str, list[Any]]) -> None:
+    """Append what changed at this resume to run_dir/overrides.jsonl (the run's history)."""
+    if not changed:
+        return
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "checkpoint": str(path),
+              "changed": {k: {"was": a, "now": b} for k, (a, b) in changed.items()}}
+    with open(run_dir / "overrides.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.warning("resumed at step %d with changed settings, applied from here on: %s", step,
+                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
 def pair_embeddings(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
