@@ -3,11 +3,11 @@
 Two guarantees of `satfuse pretrain`:
 
 - One writer per run_dir. Rank 0 holds an exclusive lease, `run_dir/.lock`: a small JSON file
-  (host, pid, process start time, SLURM job id, start time, heartbeat) created atomically with
-  `link(2)` of a fully written temp file, which fails with EEXIST when the lease exists. That
-  works on NFS and Lustre, where `flock`/`fcntl` locks are not trustworthy. A daemon thread
-  rewrites the heartbeat every `lease_timeout_s / 10` seconds (at most 60 s) while the run
-  lives. A second run refuses with one line naming the holder, unless the holder is provably
+  (host, pid, process start time, SLURM job id, start time) created atomically with `link(2)`
+  of a fully written temp file, which fails with EEXIST when the lease exists. That works on
+  NFS and Lustre, where `flock`/`fcntl` locks are not trustworthy. The heartbeat is the file's
+  mtime: a daemon thread touches it every `lease_timeout_s / 10` seconds (at most 60 s) while
+  the run lives, after checking the lease is still its own. A second run refuses with one line naming the holder, unless the holder is provably
   gone: the same host and a dead pid (or a reused one: the process start time differs), a
   SLURM job that `squeue` no longer lists as running, or a heartbeat older than
   `train.lease_timeout_s`. Then the lease is taken over with a warning. A requeued SLURM job
@@ -149,7 +149,7 @@ def slurm_job_state(job: str) -> str | None:
 
 def describe(holder: dict[str, Any]) -> str:
     job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-    age = time.time() - float(holder.get("heartbeat", 0))
+    age = time.time() - max(float(holder.get("heartbeat", 0) or 0), float(holder.get("_mtime", 0) or 0))
     return (f"pid {holder.get('pid')} on {holder.get('host')}{job}, started {holder.get('started_at', '?')}, "
             f"heartbeat {age:.0f}s ago")
 
@@ -298,8 +298,10 @@ class RunLease:
                          "one run writes this run_dir")
             log.error("%s", self.lost)
             return
-        tmp = self._write_tmp()
-        os.replace(tmp, self.path)
+        # The heartbeat is the file's mtime: touching it never replaces the file, so a run that
+        # took the lease over meanwhile cannot be overwritten by this one (a content rewrite
+        # would race between the token check and the rename).
+        os.utime(self.path)
 
     def check(self) -> None:
         """Raise if the lease was lost (called by the training loop every step)."""
