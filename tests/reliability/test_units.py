@@ -63,6 +63,24 @@ def test_requeued_slurm_job_takes_over_its_own_lease(tmp_path: Path, monkeypatch
         RunLease(tmp_path).acquire()
 
 
+@pytest.mark.parametrize("squeue_says, taken", [("", True), ("RUNNING", False)])
+def test_lease_of_a_slurm_job_that_ended_is_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      squeue_says: str, taken: bool) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho '{squeue_says}'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    _holder(run, host="node7", pid=12345, slurm_job="777")
+    if taken:
+        RunLease(run).acquire()
+    else:
+        with pytest.raises(SatfuseError, match="SLURM job 777"):
+            RunLease(run).acquire()
+
+
 def test_heartbeat_keeps_the_lease_and_notices_losing_it(tmp_path: Path) -> None:
     lease = RunLease(tmp_path, timeout_s=600, heartbeat_s=0.05)
     lease.acquire()

@@ -253,7 +253,7 @@ class RunLease:
             return f"pid {pid} is no longer running on {self.host}"
         if not same_host and holder.get("slurm_job") and holder.get("slurm_job") != self.slurm_job:
             state = slurm_job_state(str(holder["slurm_job"]))
-            if state is not None and state.split()[0] not in LIVE_SLURM_STATES:
+            if state is not None and (state.split() or [""])[0] not in LIVE_SLURM_STATES:
                 return f"SLURM job {holder['slurm_job']} is no longer running ({state or 'not in squeue'})"
         if now - beat > self.timeout_s:
             return f"its heartbeat is {now - beat:.0f}s old (train.lease_timeout_s={self.timeout_s:.0f})"

@@ -61,9 +61,10 @@ def _emit_dry_run(profile: ClusterProfile, script: str | None, extra: str = "") 
 def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterProfile, where: str,
                     dry_run: bool = False, wait: bool = False, entry: str = DEFAULT_ENTRY) -> Submission | None:
     """Queue one job of `profile.nodes x tasks` tasks, each running `PretrainTask`."""
-    from satfuse.config import PretrainConfig, load_config
+    from satfuse.config import PretrainConfig, load_config, validate_pretrain
 
     cfg = load_config(PretrainConfig, config, overrides)  # a bad config fails here, not in the queue
+    validate_pretrain(cfg)  # ranges too
     run_dir = Path(cfg.train.run_dir).resolve()
     # the job's working directory may differ: pin the run dir to an absolute path
     overrides = [o for o in overrides if not o.startswith("train.run_dir=")] + [f"train.run_dir={run_dir}"]
