@@ -126,17 +126,20 @@ def verify_digest(path: str, tar: MappedTar) -> str:
     is nothing to compare with), else why not."""
     if not VERIFY_SHARDS:
         return ""
-    expected = manifest_digests(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path))
+    expected, size = manifest_digests(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path), ("", -1))
     if not expected:
         return ""
+    if size >= 0 and size != tar.size:
+        return (f"IntegrityError: {tar.size} bytes, manifest.json says {size} (truncated or replaced); "
+                "restore the shard or re-shard (`satfuse shard verify` lists every damaged one)")
     if hashlib.sha256(tar.data).hexdigest() != expected:
         return ("IntegrityError: sha256 differs from manifest.json (bytes altered after packing); "
                 "restore the shard or re-shard (`satfuse shard verify` lists every damaged one)")
     return ""
 
 
-def manifest_digests(folder: str) -> dict[str, str]:
-    """{tar name: sha256} from `folder/manifest.json` ({} when absent or unreadable)."""
+def manifest_digests(folder: str) -> dict[str, tuple[str, int]]:
+    """{tar name: (sha256, bytes)} from `folder/manifest.json` ({} when absent or unreadable)."""
     path = os.path.join(folder, "manifest.json")
     try:
         mtime = os.stat(path).st_mtime_ns
@@ -146,11 +149,12 @@ def manifest_digests(folder: str) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _digests(path: str, mtime_ns: int) -> dict[str, str]:
+def _digests(path: str, mtime_ns: int) -> dict[str, tuple[str, int]]:
     try:
         with open(path) as fh:
             shards = json.load(fh).get("shards", [])
-        return {s["name"]: s["sha256"] for s in shards if isinstance(s, dict) and s.get("sha256")}
+        return {s["name"]: (s["sha256"], int(s.get("bytes", -1))) for s in shards
+                if isinstance(s, dict) and s.get("sha256")}
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return {}
 
