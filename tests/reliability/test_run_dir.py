@@ -150,3 +150,16 @@ def test_skipped_samples_are_counted_and_bounded(sen12ms_shards, tmp_path):
     codes = run_ranks(1, common(shards, tmp_path / "strict", 8, **{"data.max_skipped_fraction": "0.0"}), tmp_path / "f")
     assert codes == [2]
     assert "data.max_skipped_fraction=0.0" in logs(tmp_path / "f")
+
+
+def test_auto_start_without_checkpoint_keeps_the_dead_runs_metrics_apart(sen12ms_shards, tmp_path):
+    run = tmp_path / "run"
+    args = common(sen12ms_shards, run, 3, **{"checkpoint.every_steps": "100"})
+    procs = start_ranks(1, args, log_dir=tmp_path)
+    wait_for_step(run, 1, procs)
+    procs[0].kill()  # before its first checkpoint
+    procs[0].wait()
+    assert run_ranks(1, args, tmp_path) == [0], logs(tmp_path)
+    assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2, 3]  # no step logged twice
+    (prev,) = run.glob("previous-*")
+    assert (prev / "metrics.jsonl").exists()

@@ -87,7 +87,7 @@ def prepare_fresh_start(run_dir: Path, force: bool) -> Path | None:
     for p in old:
         os.replace(p, dest / p.name)
     _fsync_dir(run_dir)
-    log.warning("%s: fresh start (--force-new-run): the earlier run (%s) was moved to %s", run_dir, names, dest)
+    log.warning("%s: fresh start: the files of an earlier run (%s) were moved to %s", run_dir, names, dest)
     return dest
 
 

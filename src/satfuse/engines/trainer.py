@@ -143,6 +143,10 @@ class Trainer:
     def resume(self) -> None:
         path = self.engine.find_resume(self.cfg.checkpoint.resume)
         if path is None:
+            if self.env.rank == 0 and str(self.cfg.checkpoint.resume).strip().lower() == "auto":
+                # an earlier run that died before its first checkpoint: its metrics would mix
+                # with this run's (steps 1.. twice), so its files go to previous-<time>/
+                prepare_fresh_start(self.run_dir, force=True)
             return
         rank_states, meta = self.engine.load(path)
         same_world = len(rank_states) == self.env.world_size
