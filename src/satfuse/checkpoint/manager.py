@@ -580,7 +580,7 @@ class CheckpointManager:
         except (Exception, CheckpointException) as exc:  # DCP raises on every rank together
             if rank == 0:
                 _rmtree_quiet(tmp)
-            raise self._save_error(step, f"{_short(exc)}") from exc
+            raise self._save_error(step, f"{_short(exc)}", exc) from exc
         self._finalize(step, tmp, final, doc, local_error, group, known=writer.records)
         self.last_save_seconds = time.perf_counter() - t0
         return final
@@ -640,7 +640,7 @@ class CheckpointManager:
         except (Exception, CheckpointException) as exc:  # every rank sees the failure
             if _rank() == 0:
                 _rmtree_quiet(pending.tmp)
-            raise self._save_error(pending.step, _short(exc)) from exc
+            raise self._save_error(pending.step, _short(exc), exc) from exc
         self._finalize(pending.step, pending.tmp, pending.final, pending.meta,
                        pending.local_error, self.group(), known=pending.known)
         log.info("async checkpoint step %d committed (%.2fs after save())",
@@ -716,10 +716,11 @@ class CheckpointManager:
                  doc["total_bytes"] / 2**20)
         return None
 
-    def _save_error(self, step: int, why: str) -> SatfuseError:
+    def _save_error(self, step: int, why: str, exc: BaseException | None = None) -> SatfuseError:
         latest = read_latest(self.run_dir)
         prev = f"the previous checkpoint {latest.name} is intact" if latest else "no earlier checkpoint exists"
-        if any(w in why.lower() for w in _UNANSWERED) and "no space" not in why.lower():
+        text = f"{why} {exc or ''}".lower()  # DCP wraps per-rank failures: look inside
+        if any(w in text for w in _UNANSWERED) and "no space" not in text and "errno 28" not in text:
             return SatfuseError(
                 f"{self.ckpt_dir}: saving step {step} failed: a rank did not answer within "
                 f"train.comm_timeout_s={self.timeout_s:.0f}s ({why}); a peer was stopped (SIGSTOP), "

@@ -168,6 +168,7 @@ class RunLease:
         self.slurm_job = slurm_job_id()
         self.started = time.time()
         self.lost: str | None = None  # why the lease was lost, set by the heartbeat thread
+        self.completing_wait_s = 120.0  # how long to wait for a holder's SLURM job in COMPLETING
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -253,6 +254,10 @@ class RunLease:
             return f"pid {pid} is no longer running on {self.host}"
         if not same_host and holder.get("slurm_job") and holder.get("slurm_job") != self.slurm_job:
             state = slurm_job_state(str(holder["slurm_job"]))
+            deadline = time.time() + self.completing_wait_s
+            while state and state.startswith("COMPLETING") and time.time() < deadline:
+                time.sleep(2)  # its processes are being killed: wait for that, not for the timeout
+                state = slurm_job_state(str(holder["slurm_job"]))
             if state is not None and (state.split() or [""])[0] not in LIVE_SLURM_STATES:
                 return f"SLURM job {holder['slurm_job']} is no longer running ({state or 'not in squeue'})"
         if now - beat > self.timeout_s:
