@@ -311,6 +311,9 @@ def validate_pretrain(cfg: Any) -> None:
             raise ConfigError(f"config: {key}={value!r} is out of range: it must be {bound}{extra}")
     if any(not 0 <= b < 1 for b in cfg.optim.betas) or len(cfg.optim.betas) != 2:
         raise ConfigError(f"config: optim.betas={cfg.optim.betas!r}: give two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if cfg.checkpoint.force_new_run and str(cfg.checkpoint.resume).strip().lower() != "none":
+        raise ConfigError(f"config: checkpoint.force_new_run=true needs checkpoint.resume=none (got "
+                          f"{cfg.checkpoint.resume!r}): it is for a fresh start in a used run_dir")
     if not str(cfg.train.run_dir).strip():
         raise ConfigError("config: train.run_dir is empty; give the run's directory, e.g. train.run_dir=runs/my_run")
     run_dir = Path(cfg.train.run_dir)

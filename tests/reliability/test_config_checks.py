@@ -22,6 +22,7 @@ TINY = str(ROOT / "hpc/pretrain/tiny.yaml")
     ("loss.temperature=0", "loss.temperature=0.0 is out of range"),
     ("optim.betas=[0.9, 1.5]", "optim.betas"),
     ("train.run_dir=", "train.run_dir is empty"),
+    ("checkpoint.force_new_run=true", "force_new_run=true needs checkpoint.resume=none"),
 ])
 def test_out_of_range_values_fail_naming_the_key(override: str, message: str) -> None:
     cfg = load_config(PretrainConfig, TINY, [override])

@@ -39,7 +39,7 @@ def test_resume_none_on_a_used_run_dir_refuses_then_force_moves_it_aside(sen12ms
     assert str(run) in text and "--force-new-run" in text and "new train.run_dir" in text
     assert steps_of(run) == before and len(metrics(run)) == 3  # nothing touched
     (tmp_path / "c").mkdir()
-    codes = run_ranks(1, ["--force-new-run", *common(sen12ms_shards, run, 2), "checkpoint.resume=none"], tmp_path / "c")
+    codes = run_ranks(1, ["--force-new-run", *common(sen12ms_shards, run, 2)], tmp_path / "c")
     assert codes == [0], logs(tmp_path / "c")
     (prev,) = run.glob("previous-*")
     assert steps_of(prev) == before and len(metrics(prev)) == 3

@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="start this many local ranks with torchrun (ignored inside torchrun/SLURM tasks)")
     p.add_argument("--force-new-run", action="store_true",
-                   help="with checkpoint.resume=none on a used run_dir: move the earlier run to "
-                   "run_dir/previous-<time>/ instead of refusing")
+                   help="start afresh (checkpoint.resume=none) in a used run_dir: move the earlier "
+                   "run to run_dir/previous-<time>/ instead of refusing (not in a job that may be "
+                   "requeued: each requeue would start afresh again)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 resume=auto")
     p.set_defaults(func=cmd_pretrain)
 
@@ -35,8 +36,8 @@ def normalise_overrides(items: list[str]) -> list[str]:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = normalise_overrides(args.overrides)
-    if getattr(args, "force_new_run", False):
-        overrides.append("checkpoint.force_new_run=true")
+    if getattr(args, "force_new_run", False):  # a fresh start, the earlier run moved aside
+        overrides += ["checkpoint.resume=none", "checkpoint.force_new_run=true"]
     inside_launcher = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if args.nproc_per_node > 1 and not inside_launcher:
         from satfuse.engines.pretrain import precheck

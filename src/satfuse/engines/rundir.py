@@ -183,10 +183,14 @@ class RunLease:
 
     def _write_tmp(self) -> Path:
         tmp = self.run_dir / f"{LOCK_NAME}.{self.token}.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(self.record()) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(self.record()) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)  # disk full: leave no debris
+            raise
         return tmp
 
     def _read(self) -> tuple[str, dict[str, Any]] | None:

@@ -248,7 +248,11 @@ class Trainer:
         cfg = self.cfg
         self.resume()
         if self.env.rank == 0:  # after resume: a refused change must not be recorded as run
-            dump_yaml(cfg, self.run_dir / "config.yaml")
+            try:
+                dump_yaml(cfg, self.run_dir / "config.yaml")
+            except OSError as exc:
+                raise SatfuseError(f"{self.run_dir / 'config.yaml'}: cannot write the run's config "
+                                   f"({exc.strerror or exc}); free space there and start again") from exc
         stop = StopFlag()
         stop.install()
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.env.rank == 0)
@@ -377,10 +381,14 @@ def record_overrides(run_dir: Path, step: int, path: Path, changed: dict[str, li
         return
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "checkpoint": str(path),
               "changed": {k: {"was": a, "now": b} for k, (a, b) in changed.items()}}
-    with open(run_dir / "overrides.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(run_dir / "overrides.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:  # the record is part of the run: do not train on without it
+        raise SatfuseError(f"{run_dir / 'overrides.jsonl'}: cannot record the changed settings "
+                           f"({exc.strerror or exc}); free space there and resume again") from exc
     log.warning("resumed at step %d with changed settings, applied from here on: %s", step,
                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
