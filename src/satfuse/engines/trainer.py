@@ -115,7 +115,6 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.lease: RunLease | None = None
-        self.resumed_config: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, Any]:
@@ -173,7 +172,8 @@ class Trainer:
         """Samples skipped so far on all ranks (collective when distributed)."""
         n = int(self.loader.decode_errors)
         if self.env.world_size > 1 and dist.is_initialized():
-            t = torch.tensor([n], dtype=torch.long)
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([n], dtype=torch.long, device=device)
             dist.all_reduce(t)
             n = int(t.item())
         return n
@@ -224,8 +224,8 @@ class Trainer:
                     prepare_fresh_start(self.run_dir, self.cfg.checkpoint.force_new_run)
             except (SatfuseError, OSError) as exc:
                 error = str(exc) if isinstance(exc, SatfuseError) else f"{self.run_dir}: {exc}"
-                if self.lease is not None and "another run is writing" not in error:
-                    self.lease.release()
+                if self.lease is not None:
+                    self.lease.release()  # deletes the lease only if it is ours
                 self.lease = None
         if self.env.world_size > 1 and dist.is_initialized():
             box = [error]
@@ -297,6 +297,8 @@ class Trainer:
                     status = "preempted"
                     break
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    if self.lease is not None:
+                        self.lease.check()  # a run that lost its lease must not commit a checkpoint
                     self.save()
                     saved_at = self.step
             if saved_at != self.step:
