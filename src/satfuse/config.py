@@ -317,9 +317,13 @@ def validate_pretrain(cfg: Any) -> None:
     if not str(cfg.train.run_dir).strip():
         raise ConfigError("config: train.run_dir is empty; give the run's directory, e.g. train.run_dir=runs/my_run")
     run_dir = Path(cfg.train.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: train.run_dir is an existing file, not a directory; "
-                          "pick another train.run_dir (or move the file away)")
+    for p in (run_dir, *run_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is an existing file" if p == run_dir else f"is inside {p}, which is a file"
+                raise ConfigError(f"{run_dir}: train.run_dir {what}, not a directory; "
+                                  "pick another train.run_dir (or move the file away)")
+            break
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

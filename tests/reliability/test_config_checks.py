@@ -35,6 +35,8 @@ def test_run_dir_that_is_a_file(tmp_path: Path) -> None:
     f.write_text("x")
     with pytest.raises(ConfigError, match="is an existing file"):
         validate_pretrain(load_config(PretrainConfig, TINY, [f"train.run_dir={f}"]))
+    with pytest.raises(ConfigError, match="which is a file"):
+        validate_pretrain(load_config(PretrainConfig, TINY, [f"train.run_dir={f}/sub/run"]))
 
 
 def test_unknown_key_on_the_command_line_is_reported_as_such() -> None:

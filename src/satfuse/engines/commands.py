@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from satfuse.utils import SatfuseError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -37,6 +39,9 @@ def normalise_overrides(items: list[str]) -> list[str]:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = normalise_overrides(args.overrides)
     if getattr(args, "force_new_run", False):  # a fresh start, the earlier run moved aside
+        other = [o for o in overrides if o.startswith("checkpoint.resume=") and o.split("=", 1)[1].strip() != "none"]
+        if other:
+            raise SatfuseError(f"--force-new-run starts afresh, but {other[-1]} asks to resume; pass one of them")
         overrides += ["checkpoint.resume=none", "checkpoint.force_new_run=true"]
     inside_launcher = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if args.nproc_per_node > 1 and not inside_launcher:

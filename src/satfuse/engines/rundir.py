@@ -148,6 +148,8 @@ def slurm_job_state(job: str) -> str | None:
 
 
 def describe(holder: dict[str, Any]) -> str:
+    if not holder.get("token"):
+        return "an unreadable lease file, written under a minute ago (delete it if no run is alive)"
     job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
     age = time.time() - max(float(holder.get("heartbeat", 0) or 0), float(holder.get("_mtime", 0) or 0))
     return (f"pid {holder.get('pid')} on {holder.get('host')}{job}, started {holder.get('started_at', '?')}, "
@@ -197,7 +199,7 @@ class RunLease:
         """(raw text, parsed holder) of the current lease, None when there is none."""
         try:
             text = self.path.read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         try:
             holder = json.loads(text)
@@ -207,7 +209,7 @@ class RunLease:
             holder = {}
         try:
             holder["_mtime"] = self.path.stat().st_mtime
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         return text, holder
 
