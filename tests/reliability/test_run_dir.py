@@ -163,3 +163,14 @@ def test_auto_start_without_checkpoint_keeps_the_dead_runs_metrics_apart(sen12ms
     assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2, 3]  # no step logged twice
     (prev,) = run.glob("previous-*")
     assert (prev / "metrics.jsonl").exists()
+
+
+def test_changed_lr_on_resume_is_applied_under_deepspeed(sen12ms_shards, tmp_path):
+    run = tmp_path / "run"
+    cfg = "hpc/pretrain/tiny_deepspeed.yaml"
+    assert run_ranks(1, common(sen12ms_shards, run, 3), tmp_path, config=cfg) == [0], logs(tmp_path)
+    assert run_ranks(1, common(sen12ms_shards, run, 5, **{"optim.lr": "2e-4"}), tmp_path, config=cfg) == [0], logs(tmp_path)
+    lrs = {m["step"]: m["lr"] for m in metrics(run) if "lr" in m}
+    assert lrs[3] == 1e-3 and lrs[4] == lrs[5] == 2e-4
+    (rec,) = [json.loads(ln) for ln in (run / "overrides.jsonl").read_text().splitlines()]
+    assert rec["changed"] == {"optim.lr": {"was": 1e-3, "now": 2e-4}, "train.steps": {"was": 3, "now": 5}}
