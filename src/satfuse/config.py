@@ -46,6 +46,9 @@ class DataConfig:
     shuffle_buffer: int = 256
     crop: int = 128  # random crop size for pretraining (authors: 128); 0 = full patch
     on_decode_error: Literal["skip", "fatal"] = "skip"
+    # with on_decode_error=skip: fail the run once more than this fraction of the samples read
+    # were skipped (undecodable, truncated or altered shards); 0 = any skip fails
+    max_skipped_fraction: float = 0.01
     s1_clip: list[float] = field(default_factory=lambda: [-25.0, 0.0])
     s2_clip: list[float] = field(default_factory=lambda: [0.0, 10000.0])
 
@@ -98,6 +101,8 @@ class TrainConfig:
     # collectives: raise it if one rank's checkpoint write can take longer.
     comm_timeout_s: int = 300
     nan_policy: Literal["stop", "skip"] = "stop"
+    # run_dir/.lock: a holder whose heartbeat is older than this is taken to be gone
+    lease_timeout_s: int = 600
 
 
 @dataclass
@@ -108,6 +113,8 @@ class CheckpointConfig:
     async_save: bool = False
     resume: str = "auto"  # auto | none | PATH
     trust_checkpoint: bool = False  # load checkpoint files that are not plain data (may run their code)
+    # resume=none on a used run_dir: move the old run to run_dir/previous-<time>/ (else refuse)
+    force_new_run: bool = False
 
 
 @dataclass
@@ -158,6 +165,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         raw, where = read_yaml(resolved), str(resolved)
     for item in overrides or []:
         key, value = parse_override(item)
+        check_override_key(schema, key, item)
         set_dotted(raw, key, value)
     return from_dict(schema, raw, where=where)
 
@@ -188,6 +196,24 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = text
     return key, value
+
+
+def check_override_key(schema: type, key: str, item: str) -> None:
+    """An override's key must exist in the schema: reported as a command-line error (the
+    YAML file is not where the typo is)."""
+    node: Any = schema
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            return  # a value, not a section: set_dotted/coerce report it
+        names = {f.name for f in dataclasses.fields(node)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(
+                f"command line: unknown key {'.'.join(parts[: i + 1])} (in override {item!r}); "
+                f"valid keys in {where}: {', '.join(sorted(names))}"
+            )
+        node = get_type_hints(node)[part]
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -270,6 +296,60 @@ def coerce(tp: Any, value: Any, where: str, key: str) -> Any:
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
         return "" if value is None else str(value)
     return value
+
+
+# (dotted key, lower bound, inclusive?, upper bound or None): what a pretraining run accepts.
+PRETRAIN_RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
+    ("data.batch_size", 1, True, None),
+    ("data.num_workers", 0, True, None),
+    ("data.shuffle_buffer", 1, True, None),
+    ("data.crop", 0, True, None),
+    ("data.max_skipped_fraction", 0, True, 1),
+    ("loss.temperature", 0, False, None),
+    ("optim.lr", 0, True, None),
+    ("optim.weight_decay", 0, True, None),
+    ("optim.momentum", 0, True, None),
+    ("optim.warmup_steps", 0, True, None),
+    ("optim.min_lr_ratio", 0, True, 1),
+    ("optim.grad_clip", 0, True, None),
+    ("train.steps", 1, True, None),
+    ("train.log_every", 1, True, None),
+    ("train.eval_every", 0, True, None),
+    ("train.comm_timeout_s", 1, True, None),
+    ("train.lease_timeout_s", 10, True, None),
+    ("checkpoint.every_steps", 0, True, None),
+)
+
+
+def validate_pretrain(cfg: Any) -> None:
+    """Ranges, not only types, checked before any process group or file exists: a negative
+    lr would otherwise surface as torch's ValueError on every rank, `train.steps=0` as a
+    checkpoint of untrained weights, an empty run_dir as files in the current directory."""
+    for key, low, inclusive, high in PRETRAIN_RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        bad = value < low if inclusive else value <= low
+        if bad or (high is not None and value > high):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            if high is not None:
+                bound += f" and <= {high}"
+            extra = " (there is nothing to train with 0 steps)" if key == "train.steps" else ""
+            raise ConfigError(f"config: {key}={value!r} is out of range: it must be {bound}{extra}")
+    if any(not 0 <= b < 1 for b in cfg.optim.betas) or len(cfg.optim.betas) != 2:
+        raise ConfigError(f"config: optim.betas={cfg.optim.betas!r}: give two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if cfg.checkpoint.force_new_run and str(cfg.checkpoint.resume).strip().lower() != "none":
+        raise ConfigError(f"config: checkpoint.force_new_run=true needs checkpoint.resume=none (got "
+                          f"{cfg.checkpoint.resume!r}): it is for a fresh start in a used run_dir")
+    if not str(cfg.train.run_dir).strip():
+        raise ConfigError("config: train.run_dir is empty; give the run's directory, e.g. train.run_dir=runs/my_run")
+    run_dir = Path(cfg.train.run_dir)
+    for p in (run_dir, *run_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is an existing file" if p == run_dir else f"is inside {p}, which is a file"
+                raise ConfigError(f"{run_dir}: train.run_dir {what}, not a directory; "
+                                  "pick another train.run_dir (or move the file away)")
+            break
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -17,12 +17,14 @@ def test_bench_loader_writes_json(tmp_path: Path) -> None:
     res = json.loads(out.read_text())["result"]
     rows = res["rows"]
     deal = {f"deal_{k}_w{w}_crop16" for k in ("shards", "members") for w in (0, 1)}
-    assert set(rows) == {"per_file_rasterio", "raw_tar_bytes", "loader_w0_crop16", "loader_w1_crop16"} | deal
+    verify = {"loader_w0_crop16_1epoch", "loader_w0_crop16_1epoch_noverify", "sha256_pass"}
+    assert set(rows) == {"per_file_rasterio", "raw_tar_bytes", "loader_w0_crop16", "loader_w1_crop16"} | deal | verify
     # rank 0 of 2 ranks: 8 of the 16 pairs an epoch, minus the first batch; 4 shards vs the same pairs in 1
     assert rows["deal_shards_w1_crop16"]["samples"] == rows["deal_members_w1_crop16"]["samples"] == 8 - 4
     dealing = res["member_dealing"]
     assert dealing["world"] == 2 and dealing["shards"] == 4 and set(dealing["members_vs_shards"]) == {"w0_crop16", "w1_crop16"}
     assert all(v > 0 for v in dealing["members_vs_shards"].values())
+    assert res["verify_overhead"]["slowdown_first_epoch"] > 0 and res["verify_overhead"]["sha256_pass_s"] > 0
     assert rows["per_file_rasterio"]["samples"] == rows["raw_tar_bytes"]["samples"] == res["samples"] == 16
     assert rows["loader_w0_crop16"]["samples"] == 16 - 4  # one epoch minus the first batch (start-up, timed apart)
     assert all(r["samples_per_s"] > 0 for r in rows.values()) and rows["per_file_rasterio"]["x_per_file"] == 1.0

@@ -114,6 +114,32 @@ def raw_tar_bytes(urls: list[str]) -> tuple[float, int]:
     return time.perf_counter() - t0, len(keys)
 
 
+def sha256_pass(shards) -> tuple[float, int]:
+    """The loader's integrity check alone: one sha256 pass over every shard (the worst case
+    per epoch, when every shard is indexed afresh by another worker)."""
+    from satfuse.data.stream_io import MappedTar, verify_digest
+
+    t0 = time.perf_counter()
+    for url in shards.urls:
+        if verify_digest(url, MappedTar(url)):
+            raise RuntimeError(f"{url}: sha256 differs from the manifest")
+    return time.perf_counter() - t0, shards.total
+
+
+def unverified(fn: Callable[[], tuple]) -> Callable[[], tuple]:
+    """`fn` with the loader's per-shard sha256 check off (the A/B of its cost)."""
+    from satfuse.data import stream_io
+
+    def run() -> tuple:
+        stream_io.VERIFY_SHARDS = False
+        try:
+            return fn()
+        finally:
+            stream_io.VERIFY_SHARDS = True
+
+    return run
+
+
 def loader_epochs(
     shards, workers: int, batch: int, crop: int, epochs: int, world: int = 1,
 ) -> tuple[float, int, float]:
@@ -151,6 +177,13 @@ def row_functions(
                 for kind, ss in (("shards", shards), ("members", single)):
                     fns[f"deal_{kind}_w{workers}_crop{crop}"] = (
                         lambda w=workers, c=crop, s=ss: loader_epochs(s, w, args.batch, c, args.epochs, args.deal_world))
+    # the sha256 check's cost: the best loader row's configuration without it (1 epoch: every
+    # shard indexed, so hashed, once; later epochs reuse the index), and the hash pass alone
+    crop = max(args.crops)
+    fns[f"loader_w0_crop{crop}_1epoch"] = lambda: loader_epochs(shards, 0, args.batch, crop, 1)
+    fns[f"loader_w0_crop{crop}_1epoch_noverify"] = unverified(
+        lambda: loader_epochs(shards, 0, args.batch, crop, 1))
+    fns["sha256_pass"] = lambda: sha256_pass(shards)
     return fns
 
 
@@ -200,7 +233,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for r in rows.values():
             r["x_per_file"] = round(r["samples_per_s"] / ref, 2) if ref else None
             r["fraction_of_floor"] = round(r["samples_per_s"] / floor, 3)
-        loaders = {k: v for k, v in rows.items() if k.startswith("loader_")}
+        verify = {k: v for k, v in rows.items() if k.endswith("_1epoch") or k.endswith("_noverify")}
+        on, off = sorted(verify)
+        loaders = {k: v for k, v in rows.items() if k.startswith("loader_") and k not in verify}
         top = max(loaders, key=lambda k: loaders[k]["samples_per_s"])
         goal = {"best_row": top, "x_per_file": loaders[top]["x_per_file"],
                 "met": bool(ref) and loaders[top]["x_per_file"] >= 5.0}
@@ -211,6 +246,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "member_dealing": dealing,
             "samples": shards.total, "shards": len(shards.urls), "patch": args.size if not args.shards else None,
             "batch": args.batch, "rows": rows,
+            "verify_overhead": {"rows": [on, off], "slowdown_first_epoch": round(
+                rows[off]["samples_per_s"] / rows[on]["samples_per_s"], 3),
+                "sha256_pass_s": rows["sha256_pass"]["seconds"]},
             "note": ("per_file_rasterio reads both rasters only; loader rows also decode, crop, normalise and "
                      "batch; loader rates are steady-state (after the first batch), start-up is startup_s; "
                      "all rows read from the page cache"),

@@ -108,9 +108,12 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MISMATCH_FIX = (
-    "this checkpoint was written by a different model config; start a new run_dir or pass "
-    "checkpoint.resume=none"
+    "this checkpoint was written by a different model config; start a new train.run_dir, or "
+    "pass checkpoint.resume=none --force-new-run to move this run to run_dir/previous-<time>/"
 )
+# Words of a collective that gave up on a peer (gloo/NCCL/our own timeouts), not a disk problem.
+_UNANSWERED = ("timed out", "timeout", "connection reset", "connection closed", "broken pipe",
+               "peer", "read error")
 
 
 class ModelOptimState(Stateful):
@@ -598,7 +601,7 @@ class CheckpointManager:
             why = self._disk_why(exc, tmp)  # before the partial files are removed
             if rank == 0:
                 _rmtree_quiet(tmp)
-            raise self._save_error(step, why) from exc
+            raise self._save_error(step, why, exc) from exc
         self._finalize(step, tmp, final, doc, local_error, group, known=writer.records)
         self.last_save_seconds = time.perf_counter() - t0
         return final
@@ -660,7 +663,7 @@ class CheckpointManager:
             why = self._disk_why(exc, pending.tmp)
             if _rank() == 0:
                 _rmtree_quiet(pending.tmp)
-            raise self._save_error(pending.step, why) from exc
+            raise self._save_error(pending.step, why, exc) from exc
         self._finalize(pending.step, pending.tmp, pending.final, pending.meta,
                        pending.local_error, self.group(), known=pending.known)
         log.info("async checkpoint step %d committed (%.2fs after save())",
@@ -736,11 +739,19 @@ class CheckpointManager:
                  doc["total_bytes"] / 2**20)
         return None
 
-    def _save_error(self, step: int, why: str) -> SatfuseError:
+    def _save_error(self, step: int, why: str, exc: BaseException | None = None) -> SatfuseError:
         from satfuse.diskspace import free_bytes, human
 
         latest = read_latest(self.run_dir)
         prev = f"the previous checkpoint {latest.name} is intact" if latest else "no earlier checkpoint exists"
+        text = f"{why} {exc or ''}".lower()  # DCP wraps per-rank failures: look inside
+        if any(w in text for w in _UNANSWERED) and "no space" not in text and "errno 28" not in text:
+            return SatfuseError(
+                f"{self.ckpt_dir}: saving step {step} failed: a rank did not answer within "
+                f"train.comm_timeout_s={self.timeout_s:.0f}s ({why}); a peer was stopped (SIGSTOP), "
+                f"hung or died, not a disk problem; nothing was committed and {prev}: find the "
+                "stopped/dead rank, then resume"
+            )
         if "No space left" in why or "Errno 28" in why or "ENOSPC" in why:
             needed = self._needed_estimate()
             need = f", about {human(needed)} needed" if needed else ""
@@ -877,8 +888,9 @@ class CheckpointManager:
         if skipped:
             raise SatfuseError(
                 f"{self.ckpt_dir}: no complete checkpoint among {', '.join(skipped)}; inspect "
-                "them with `satfuse ckpt inspect`, resume from one with resume=PATH, or pass "
-                "checkpoint.resume=none to start over (a new run_dir keeps them for diagnosis)"
+                "them with `satfuse ckpt inspect`, resume from one with resume=PATH, or start over "
+                "in a new train.run_dir (or with checkpoint.resume=none --force-new-run, which "
+                "moves them to run_dir/previous-<time>/)"
             )
         return None
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
+
+from satfuse.utils import SatfuseError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="resume from a checkpoint whose files are not plain data (they may run code "
                         "when loaded); same as checkpoint.trust_checkpoint=true")
+    p.add_argument("--force-new-run", action="store_true",
+                   help="start afresh (checkpoint.resume=none) in a used run_dir: move the earlier "
+                   "run to run_dir/previous-<time>/ instead of refusing (not in a job that may be "
+                   "requeued: each requeue would start afresh again)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 resume=auto")
     p.set_defaults(func=cmd_pretrain)
 
@@ -34,9 +43,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = normalise_overrides(args.overrides)
     if getattr(args, "trust_checkpoint", False):
         overrides.append("checkpoint.trust_checkpoint=true")
+    if getattr(args, "force_new_run", False):  # a fresh start, the earlier run moved aside
+        other = [o for o in overrides if o.startswith("checkpoint.resume=") and o.split("=", 1)[1].strip() != "none"]
+        if other:
+            raise SatfuseError(f"--force-new-run starts afresh, but {other[-1]} asks to resume; pass one of them")
+        overrides += ["checkpoint.resume=none", "checkpoint.force_new_run=true"]
     inside_launcher = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if args.nproc_per_node > 1 and not inside_launcher:
+        from satfuse.engines.pretrain import precheck
+
+        precheck(args.config, overrides)  # config/shard errors: one line here, not one per rank
         return launch_local(args.config, overrides, args.nproc_per_node)
+    if os.environ.get(LAUNCHER_PID_VAR):
+        die_with_launcher()
     from satfuse.distributed.env import exit_cleanly
     from satfuse.engines.pretrain import run_pretrain
 
@@ -45,7 +64,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except Exception as exc:  # the launcher reports the first rank's line and status
         from satfuse.config import ConfigError
         from satfuse.engines.torchrun import record_rank_error
-        from satfuse.utils import SatfuseError
 
         if isinstance(exc, (SatfuseError, ConfigError)):
             record_rank_error(str(exc))
@@ -59,18 +77,81 @@ def launch_local(config: str | None, overrides: list[str], nproc: int) -> int:
     """Re-run this command under torchrun with `nproc` ranks on this machine.
 
     Returns the ranks' status (75: saved after a stop signal; 2: bad input), not torchrun's 1.
-    The config is loaded here first: a bad path/name or a missing DeepSpeed fails once, with
-    one line, instead of on every rank followed by torchrun's traceback.
+    The caller ran `engines.pretrain.precheck` first, so a bad config fails once, with one line.
     """
-    from satfuse.config import PretrainConfig, load_config
-    from satfuse.resources import require_deepspeed
-
-    if load_config(PretrainConfig, config, overrides).train.engine == "deepspeed":
-        require_deepspeed(config or "command line")
     cmd = [sys.executable, "-m", "satfuse.engines.torchrun", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "satfuse.cli", "pretrain"]
     if config:
         cmd += ["--config", config]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd + overrides, env=env)
+    env[LAUNCHER_PID_VAR] = str(os.getpid())
+    return subprocess.call(cmd + overrides, env=env, preexec_fn=_term_on_parent_death)
+
+
+# Set by `launch_local` for torchrun's ranks: the pid of the `satfuse pretrain` that started them.
+LAUNCHER_PID_VAR = "SATFUSE_LAUNCHER_PID"
+PR_SET_PDEATHSIG = 1
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    """Ask Linux to send `sig` to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux: the rank-side watchdog still covers it
+        return False
+
+
+def _term_on_parent_death() -> None:
+    """In torchrun's agent (between fork and exec): SIGTERM when the launcher dies, so the
+    agent stops its ranks the way it does on Ctrl-C (they save and exit)."""
+    _set_pdeathsig(signal.SIGTERM)
+
+
+def die_with_launcher(poll_s: float = 0.5) -> None:
+    """In a rank started by `launch_local`: die with the launcher, however it died.
+
+    torchrun's agent sits between the launcher and the ranks and starts them in their own
+    sessions, so a SIGKILL of `satfuse pretrain --nproc-per-node N` used to leave the ranks
+    training and checkpointing on, invisibly. Two guards: SIGKILL when our parent (the agent)
+    dies, and a watchdog thread that SIGKILLs this rank once the launcher's pid is gone (or
+    is another process): checkpoints are atomic, so a kill at any point loses only the steps
+    since the last one, never the run_dir."""
+    import threading
+
+    launcher = int(os.environ[LAUNCHER_PID_VAR])
+    parent = os.getppid()
+    _set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent:  # the agent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    stamp = _start_time(launcher)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if not _alive(launcher) or _start_time(launcher) != stamp:
+                logging.getLogger(__name__).error(
+                    "the launcher (pid %d) is gone: stopping this rank", launcher)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="satfuse-launcher-watchdog", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _start_time(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return ""

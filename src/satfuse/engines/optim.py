@@ -75,3 +75,25 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+
+
+def apply_hparams(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                  cfg: OptimConfig) -> None:
+    """Re-apply the configured hyperparameters after a resume restored the old ones.
+
+    Why: loading an optimizer's state dict brings back the lr, weight decay and betas it was
+    saved with, and LambdaLR's state its base lrs; a changed `optim.lr` would silently be
+    ignored while config.yaml claims it ran. The schedule's shape (schedule, warmup_steps,
+    min_lr_ratio) comes from the current config already (its lambdas are not saved); the
+    step counter stays the checkpoint's.
+    """
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * fn(scheduler.last_epoch)
+        group["weight_decay"] = cfg.weight_decay
+        if "betas" in group:
+            group["betas"] = tuple(cfg.betas)
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports

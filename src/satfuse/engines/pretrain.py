@@ -13,7 +13,7 @@ import logging
 import os
 
 from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
-from satfuse.config import PretrainConfig, load_config
+from satfuse.config import PretrainConfig, load_config, validate_pretrain
 from satfuse.distributed.env import comm_failure, init_distributed, teardown
 from satfuse.engines.trainer import Trainer, TrainResult
 
@@ -53,12 +53,30 @@ def show_shell_commands(cfg: PretrainConfig, where: str) -> list[str]:
     return cmds
 
 
+def precheck(config_path: str | None, overrides: list[str]) -> PretrainConfig:
+    """What a launcher checks before it starts ranks: the config (keys, types, ranges) and
+    that the shards resolve. One line, once, instead of one traceback per rank."""
+    from satfuse.data.reader import resolve_shards
+
+    cfg = load_config(PretrainConfig, config_path, overrides)
+    validate_pretrain(cfg)
+    if cfg.train.engine == "deepspeed":
+        from satfuse.resources import require_deepspeed
+
+        require_deepspeed(config_path or "command line")
+    resolve_shards(cfg.data.shards, cfg.data.manifest, cfg.data.shard_weights)
+    if cfg.data.val_shards:
+        resolve_shards(cfg.data.val_shards)
+    return cfg
+
+
 def run_pretrain(config_path: str | None, overrides: list[str]) -> int:
     cfg = load_config(PretrainConfig, config_path, overrides)
     if cfg.train.engine == "deepspeed":
         from satfuse.resources import require_deepspeed
 
         require_deepspeed(config_path or "command line")
+    validate_pretrain(cfg)
     show_shell_commands(cfg, config_path or "the command line")
     try:
         result = pretrain(cfg)
@@ -69,5 +87,6 @@ def run_pretrain(config_path: str | None, overrides: list[str]) -> int:
     if result.status == "stopped":
         return STOP_EXIT_CODE
     if result.status != "already_complete":
-        log.info("done: step %d, loss %.4f", result.step, result.final_loss)
+        log.info("done: step %d, loss %.4f, %d samples skipped as undecodable", result.step, result.final_loss,
+                 result.skipped_samples)
     return 0

@@ -40,6 +40,8 @@ from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
 from satfuse.distributed.env import DistEnv, all_reduce_max_bool
 from satfuse.engines.base import Engine, check_precision
 from satfuse.engines.metrics_sinks import MetricSinks
+from satfuse.engines.optim import apply_hparams
+from satfuse.engines.rundir import RunLease, prepare_fresh_start
 from satfuse.losses import retrieval_accuracy
 from satfuse.models import build_pretrain_model
 from satfuse.utils import SatfuseError
@@ -56,6 +58,7 @@ class TrainResult:
     final_loss: float
     retrieval_top1: float | None = None
     retrieval_chance: float | None = None
+    skipped_samples: int = 0  # undecodable/truncated/altered samples skipped, all ranks
 
 
 def select_device(cfg: PretrainConfig, env: DistEnv) -> torch.device:
@@ -186,6 +189,7 @@ class Trainer:
         self.engine = build_engine(cfg, self.module, self.device)
         self.step = 0
         self.epoch = 0
+        self.lease: RunLease | None = None
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, Any]:
@@ -213,14 +217,25 @@ class Trainer:
     def resume(self) -> None:
         path = self.engine.find_resume(self.cfg.checkpoint.resume)
         if path is None:
+            if self.env.rank == 0 and str(self.cfg.checkpoint.resume).strip().lower() == "auto":
+                # an earlier run that died before its first checkpoint: its metrics would mix
+                # with this run's (steps 1.. twice), so its files go to previous-<time>/
+                prepare_fresh_start(self.run_dir, force=True)
             return
         self._check_checkpoint_bands(path)  # before loading: a band mismatch is a shape error there
         rank_states, meta = self.engine.load(path)
         same_world = len(rank_states) == self.env.world_size
         mine = rank_states[self.env.rank] if same_world else rank_states[0]
+        changed = config_changes(meta.get("config") or {}, to_dict(self.cfg))
+        refuse_changes(changed, path)
         self.step = int(mine["step"])
         self.engine.load_engine_state(mine["engine"])
+        if any(k.startswith("optim.") for k in changed):  # the restored optimizer had the old values
+            apply_hparams(self.engine.optimizer, self.engine.scheduler, self.cfg.optim)
+        if self.env.rank == 0:
+            record_overrides(self.run_dir, self.step, path, changed)
         self.loader.load_state_dict([s["loader"] for s in rank_states])
+        self.epoch = self.loader.epoch
         if same_world:
             restore_rng(mine["rng"])
         log.info(
@@ -238,6 +253,30 @@ class Trainer:
         trained = normalization_bands(meta.get("normalization") if isinstance(meta, dict) else None)
         if trained is not None:
             check_same_bands(trained, self.loader.bands, str(path), self.shards.spec)
+
+    # ---------------------------------------------------------------- skipped samples
+    def skipped(self) -> int:
+        """Samples skipped so far on all ranks (collective when distributed)."""
+        n = int(self.loader.decode_errors)
+        if self.env.world_size > 1 and dist.is_initialized():
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([n], dtype=torch.long, device=device)
+            dist.all_reduce(t)
+            n = int(t.item())
+        return n
+
+    def check_skipped(self, skipped: int) -> None:
+        """Fail (on every rank alike) once more than data.max_skipped_fraction of the samples
+        read were skipped: a truncated shard must not quietly shrink the data set."""
+        read = skipped + self.step * self.cfg.data.batch_size * self.env.world_size
+        limit = self.cfg.data.max_skipped_fraction
+        if skipped and skipped > limit * max(read, 1):
+            raise SatfuseError(
+                f"{self.cfg.data.shards}: {skipped} of {read} samples read were skipped as undecodable "
+                f"(truncated, damaged or altered shards; the warnings above name them), more than "
+                f"data.max_skipped_fraction={limit}: check the shards with `satfuse shard verify`, "
+                "or raise data.max_skipped_fraction to accept the loss"
+            )
 
     # ---------------------------------------------------------------- training
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -260,11 +299,43 @@ class Trainer:
             f"resume from the last checkpoint in {self.run_dir / 'checkpoints'}"
         )
 
-    def fit(self) -> TrainResult:
-        cfg = self.cfg
+    def claim_run_dir(self) -> None:
+        """Rank 0 takes the run_dir's lease and, for resume=none, makes sure no earlier run
+        is overwritten; every rank gets the outcome (one error, raised everywhere)."""
+        error = None
         if self.env.rank == 0:
-            write_config(cfg, self.run_dir / "config.yaml")
+            try:
+                self.lease = RunLease(self.run_dir, timeout_s=self.cfg.train.lease_timeout_s)
+                self.lease.acquire()
+                if str(self.cfg.checkpoint.resume).strip().lower() in ("none", "", "false"):
+                    prepare_fresh_start(self.run_dir, self.cfg.checkpoint.force_new_run)
+            except (SatfuseError, OSError) as exc:
+                error = str(exc) if isinstance(exc, SatfuseError) else f"{self.run_dir}: {exc}"
+                if self.lease is not None:
+                    self.lease.release()  # deletes the lease only if it is ours
+                self.lease = None
+        if self.env.world_size > 1 and dist.is_initialized():
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise SatfuseError(error)
+        if self.lease is not None:
+            self.lease.start_heartbeat()
+
+    def fit(self) -> TrainResult:
+        self.claim_run_dir()
+        try:
+            return self._fit()
+        finally:
+            if self.lease is not None:
+                self.lease.release()
+
+    def _fit(self) -> TrainResult:
+        cfg = self.cfg
         self.resume()
+        if self.env.rank == 0:  # after resume: a refused change must not be recorded as run
+            write_config(cfg, self.run_dir / "config.yaml")
         already = self.step >= cfg.train.steps > 0
         if already:  # still re-saved below: on another world size that converts the layout
             log.info("already complete: %s holds step %d of train.steps=%d; nothing to train (raise "
@@ -286,10 +357,18 @@ class Trainer:
         status, saved_at = "completed", -1
         try:
             while self.step < total:
+                if self.lease is not None:
+                    self.lease.check()
                 t_wait = time.perf_counter()
                 batch = next(data_iter)
                 t_step = time.perf_counter()
-                self.epoch = int(batch.get("epoch", self.epoch))
+                new_epoch = int(batch.get("epoch", self.epoch))
+                if new_epoch != self.epoch:
+                    skipped = self.skipped()
+                    log.info("epoch %d done at step %d: %d samples skipped so far", self.epoch, self.step, skipped)
+                    metrics_log.write({"step": self.step, "epoch_done": self.epoch, "skipped_samples": skipped})
+                    self.check_skipped(skipped)
+                self.epoch = new_epoch
                 last = self.train_step(batch)
                 self.step += 1
                 last["data_wait_s"] = t_step - t_wait
@@ -299,17 +378,21 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    skipped = self.skipped()
                     record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(),
-                              "pairs_per_s": rate, **last}
+                              "pairs_per_s": rate, "skipped_samples": skipped, **last}
                     metrics_log.write(record)
                     log.info("step %d/%d loss %.4f top1 %.3f lr %.2e %.1f pairs/s", self.step, total,
                              last["loss"], last.get("retrieval_top1", float("nan")), record["lr"], rate)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
                     t0, seen = time.perf_counter(), 0
+                    self.check_skipped(skipped)
                 if stop.should_stop():
                     status = "stopped" if stop.terminate else "preempted"
                     break
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    if self.lease is not None:
+                        self.lease.check()  # a run that lost its lease must not commit a checkpoint
                     self.save()
                     saved_at = self.step
             if saved_at != self.step:
@@ -320,7 +403,7 @@ class Trainer:
             sinks.flush()
         if already and status == "completed":
             status = "already_complete"
-        result = TrainResult(status=status, step=self.step, final_loss=last["loss"])
+        result = TrainResult(status=status, step=self.step, final_loss=last["loss"], skipped_samples=self.skipped())
         if status == "completed" and cfg.data.val_shards:
             result.retrieval_top1, result.retrieval_chance = self.evaluate_retrieval()
             metrics_log.write({"step": self.step, "heldout_retrieval_top1": result.retrieval_top1,
@@ -376,6 +459,53 @@ def step_scalars(last: dict[str, float], lr: float, global_batch: int, step_s: f
            "train/retrieval_top1": last.get("retrieval_top1"), "train/grad_norm": last.get("grad_norm"),
            "train/data_wait_s": last.get("data_wait_s")}
     return {k: v for k, v in out.items() if v is not None}
+
+
+# Keys whose change on resume cannot be honoured: the restored state is of the old kind.
+REFUSED_ON_RESUME = {
+    "optim.name": "the checkpoint's optimizer state is of another optimizer type",
+    "train.engine": "the checkpoint is in the other engine's format",
+}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
+    """{dotted key: [value in the checkpoint, value now]} of every leaf that differs."""
+    out: dict[str, list[Any]] = {}
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b and key in saved:
+            out[f"{prefix}{key}"] = [a, b]
+    return out
+
+
+def refuse_changes(changed: dict[str, list[Any]], path: Path) -> None:
+    for key, why in REFUSED_ON_RESUME.items():
+        if key in changed:
+            old, new = changed[key]
+            raise SatfuseError(
+                f"{path}: {key} was {old!r} when this checkpoint was written, now {new!r}: {why}; "
+                f"resume with {key}={old} or start a new train.run_dir"
+            )
+
+
+def record_overrides(run_dir: Path, step: int, path: Path, changed: dict[str, list[Any]]) -> None:
+    """Append what changed at this resume to run_dir/overrides.jsonl (the run's history)."""
+    if not changed:
+        return
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "checkpoint": str(path),
+              "changed": {k: {"was": a, "now": b} for k, (a, b) in changed.items()}}
+    try:
+        with open(run_dir / "overrides.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:  # the record is part of the run: do not train on without it
+        raise SatfuseError(f"{run_dir / 'overrides.jsonl'}: cannot record the changed settings "
+                           f"({exc.strerror or exc}); free space there and resume again") from exc
+    log.warning("resumed at step %d with changed settings, applied from here on: %s", step,
+                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
 def pair_embeddings(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

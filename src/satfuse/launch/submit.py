@@ -93,10 +93,11 @@ def refuse_if_running(run_dir: Path) -> None:
 def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterProfile, where: str,
                     dry_run: bool = False, wait: bool = False, entry: str = DEFAULT_ENTRY) -> Submission | None:
     """Queue one job of `profile.nodes x tasks` tasks, each running `PretrainTask`."""
-    from satfuse.config import PretrainConfig, load_config
+    from satfuse.config import PretrainConfig, load_config, validate_pretrain
     from satfuse.resources import require_deepspeed, resolve_config
 
     cfg = load_config(PretrainConfig, config, overrides)  # a bad config fails here, not in the queue
+    validate_pretrain(cfg)  # ranges too
     if cfg.train.engine == "deepspeed":
         require_deepspeed(config or "command line")
     run_dir = Path(cfg.train.run_dir).resolve()
