@@ -98,6 +98,8 @@ class TrainConfig:
     # collectives: raise it if one rank's checkpoint write can take longer.
     comm_timeout_s: int = 300
     nan_policy: Literal["stop", "skip"] = "stop"
+    channels_last: bool = False  # model and 4-D batches in channels_last (NHWC): faster convs on GPU tensor cores
+    compile: bool = False  # torch.compile the forward pass (inductor; the first steps compile, DDP engine only)
 
 
 @dataclass

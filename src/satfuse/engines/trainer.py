@@ -31,7 +31,7 @@ from satfuse.checkpoint.rng import capture_rng, restore_rng
 from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
-from satfuse.distributed.env import DistEnv, all_reduce_max_bool
+from satfuse.distributed.env import DistEnv, all_reduce_max_bool, cuda_index
 from satfuse.engines.base import Engine, check_precision
 from satfuse.losses import retrieval_accuracy
 from satfuse.models import build_pretrain_model
@@ -56,7 +56,7 @@ def select_device(cfg: PretrainConfig, env: DistEnv) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise SatfuseError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", cuda_index(env.local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
@@ -70,8 +70,32 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, device: torch.devi
     return DDPEngine(cfg, model, device)
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    """Tensors to `device` with non_blocking copies (they overlap with compute when the loader
+    pinned the batch); 4-D image tensors in channels_last when the model is."""
+    def move(v: torch.Tensor) -> torch.Tensor:
+        if channels_last and v.dim() == 4:
+            return v.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return v.to(device, non_blocking=True)
+
+    return {k: (move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
+    """cuDNN autotuning for fixed input shapes: with a fixed crop (data.crop > 0) every batch
+    has the same shape, so benchmarking the convolution algorithms once pays back at once."""
+    if device.type == "cuda" and cfg.data.crop > 0:
+        torch.backends.cudnn.benchmark = True
+
+
+def compiled_forward(cfg: PretrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """`train.compile=true`: the forward pass through torch.compile (inductor)."""
+    if not cfg.train.compile:
+        return model
+    if cfg.train.engine != "ddp":
+        raise SatfuseError("train.compile=true works with train.engine=ddp; set train.compile=false "
+                           "for train.engine=deepspeed")
+    return torch.compile(model)
 
 
 class MetricsLog:
@@ -99,15 +123,20 @@ class Trainer:
         self.env = env
         self.device = select_device(cfg, env)
         check_precision(cfg.train.precision, self.device)
+        configure_backends(cfg, self.device)
         self.run_dir = Path(cfg.train.run_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.shards = resolve_shards(cfg.data.shards, cfg.data.manifest, cfg.data.shard_weights)
         self.loader = PretrainLoader(
             self.shards, cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
             method=cfg.model.method, simclr_input=cfg.model.simclr_input,
+            pin_memory=self.device.type == "cuda",
         )
         self.module = build_pretrain_model(cfg.model)
+        if cfg.train.channels_last:
+            self.module.to(memory_format=torch.channels_last)
         self.engine = build_engine(cfg, self.module, self.device)
+        self.forward = compiled_forward(cfg, self.engine.model)
         self.step = 0
         self.epoch = 0
 
@@ -154,9 +183,9 @@ class Trainer:
     # ---------------------------------------------------------------- training
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         self.engine.model.train()
-        batch = to_device(batch, self.device)
+        batch = to_device(batch, self.device, self.cfg.train.channels_last)
         with self.engine.autocast():
-            outputs = self.engine.model(batch)
+            outputs = self.forward(batch)
         loss, metrics = self.module.loss(outputs, self.cfg.loss)
         bad = not bool(torch.isfinite(loss.detach()).item())
         if all_reduce_max_bool(bad):
