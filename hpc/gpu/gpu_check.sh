@@ -2,8 +2,8 @@
 # `make gpu-check`: the one prepared check for a GPU machine (CUDA torch installed, no network).
 #   1. install the wheels carried in .whl/ (hpc/gpu/build_wheels.sh) into a target dir;
 #   2. synthesise a small SEN12MS-like shard set (256x256 patches);
-#   3. run the tests marked `cuda`;
-#   4. run `satfuse bench gpu` on the shards.
+#   3. run `satfuse bench gpu` on the shards (GPU_CHECK_BENCH_TIMEOUT, default 400 s);
+#   4. run the tests marked `cuda` (GPU_CHECK_TESTS_TIMEOUT, default 120 s).
 # The JSON and the log go to $OUT (or ./gpu-check-out when OUT is unset). Exit status: non-zero
 # when a step or a check failed. Knobs: GPU_CHECK_PATCHES (default 1600: one batch of 128 per
 # worker at 12 workers), GPU_CHECK_PYTHON, GPU_CHECK_SITE, GPU_CHECK_WORK, GPU_CHECK_TESTS=0,
@@ -38,15 +38,16 @@ if [ ! -f "$SHARDS/manifest.json" ]; then
     --workers "$(nproc)" --overwrite || exit 1
 fi
 
-if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
-  step "tests marked cuda"
-  "$PY" -m pytest -q -m cuda tests/gpu -p no:cacheprovider \
-    --junitxml "$OUT/gpu-check-tests.xml" || status=1
-fi
-
+# the bench first: its JSON (gpu-check.json.partial after each section) is what matters most
 step "satfuse bench gpu"
 # shellcheck disable=SC2086
-"$PY" -m satfuse.cli bench gpu --shards "$SHARDS" --out "$OUT/gpu-check.json" \
-  ${GPU_CHECK_BENCH_ARGS:-} || status=1
+timeout "${GPU_CHECK_BENCH_TIMEOUT:-400}" "$PY" -m satfuse.cli bench gpu --shards "$SHARDS" \
+  --out "$OUT/gpu-check.json" ${GPU_CHECK_BENCH_ARGS:-} || status=1
+
+if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
+  step "tests marked cuda"
+  timeout "${GPU_CHECK_TESTS_TIMEOUT:-120}" "$PY" -m pytest -q -m cuda tests/gpu -p no:cacheprovider \
+    --junitxml "$OUT/gpu-check-tests.xml" || status=1
+fi
 step "done (status $status): $OUT/gpu-check.json"
 exit $status

@@ -120,3 +120,61 @@ def test_local_rank_to_gpu(monkeypatch: pytest.MonkeyPatch, environ: dict, local
 def test_no_visible_gpu_is_a_clear_error() -> None:
     with pytest.raises(SatfuseError, match="CUDA_VISIBLE_DEVICES"):
         cuda_index(0, 0)
+
+
+def test_training_step_reads_nothing_on_the_host(sen12ms_shards: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `.item()`/`float()`/`bool()` of a tensor in satfuse's code inside a step (each one
+    is a GPU synchronisation); the numbers are read on log steps only (`read_metrics`)."""
+    trainer = tr.Trainer(tiny(sen12ms_shards, tmp_path / "run"), DistEnv())
+    batches = iter(trainer.loader)
+    trainer.train_step(next(batches))  # warm-up
+    src = str(Path(tr.__file__).resolve().parents[1])
+    reads: list[str] = []
+
+    def spy(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            import sys
+
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.startswith(src):
+                reads.append(f"{name} at {frame.f_code.co_filename}:{frame.f_lineno}")
+            return original(self, *a, **k)
+        return wrapper
+
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    out = trainer.train_step(next(batches))
+    assert reads == []
+    monkeypatch.undo()
+    values = tr.read_metrics(out)
+    assert set(values) >= {"loss", "grad_norm", "retrieval_top1"}
+    assert all(isinstance(v, float) for v in values.values())
+
+
+def test_equal_rows_skips_the_size_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
+    from satfuse.distributed import gather
+
+    def no_collective(*_a, **_k):
+        raise AssertionError("all_gather called")
+
+    monkeypatch.setattr(gather.dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(gather.dist, "all_gather", no_collective)
+    monkeypatch.setattr(gather.dist, "get_backend", lambda group=None: "gloo")
+    with gather.equal_rows():
+        assert gather.gather_sizes(torch.zeros(3, 2)) == [3, 3, 3, 3]
+    with pytest.raises(AssertionError, match="all_gather called"):
+        gather.gather_sizes(torch.zeros(3, 2))
+
+
+def test_nan_found_at_the_next_save_is_never_checkpointed(sen12ms_shards: Path, tmp_path: Path) -> None:
+    """The NaN check runs on log steps and before every save: a non-finite step between two
+    log steps stops the run at the next save, naming the step, and no checkpoint keeps it."""
+    run = tmp_path / "run"
+    cfg = tiny(sen12ms_shards, run, "optim.lr=1e30", "optim.name=lars", "train.steps=6",
+               "train.log_every=100", "checkpoint.every_steps=3")
+    with pytest.raises(SatfuseError, match=r"non-finite loss at step [123] \(batch keys \["):
+        tr.Trainer(cfg, DistEnv()).fit()
+    assert not (run / "checkpoints" / "latest").exists()

@@ -49,3 +49,20 @@ def test_pinned_batch_copies_non_blocking() -> None:
     torch.cuda.synchronize()
     assert out["s1"].is_cuda and out["s1"].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out["s1"].cpu(), batch["s1"])
+
+
+def test_training_step_does_not_synchronise(sen12ms_shards: Path, tmp_path: Path) -> None:
+    """A bf16 step on the GPU queues its work without any CUDA synchronisation."""
+    t = tr.Trainer(cfg(sen12ms_shards, tmp_path / "run", "train.precision=bf16",
+                       "train.channels_last=true"), DistEnv())
+    batches = iter(t.loader)
+    for _ in range(2):
+        t.train_step(next(batches))  # warm-up: cuDNN autotuning, optimizer state
+    batch = next(batches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = t.train_step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(tr.read_metrics(out)["loss"])

@@ -624,18 +624,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"quick": args.quick, "backbone": backbone,
                               "compile_backend": compile_backend, "precision": args.precision}
     t_all = time.perf_counter()
+    partial = Path(f"{args.out}.partial") if getattr(args, "out", None) else None
     with tempfile.TemporaryDirectory(prefix="satfuse-gpu-check-") as tmp:
         work = Path(tmp)
         if "environment" not in args.skip:
             result["environment"] = environment(device)
+            save_partial(partial, result)
         if "correctness" not in args.skip:
             result["correctness"] = correctness(device, args, work)
+            save_partial(partial, result)
         model_rows: list[dict[str, Any]] = []
         if "model_only" not in args.skip:
             result["model_only"] = model_only(device, args, backbone, compile_backend)
             model_rows = result["model_only"]["rows"]
+            save_partial(partial, result)
         if "loader" not in args.skip:
             result["loader"] = loader_rows(device, args, backbone, model_rows)
+            save_partial(partial, result)
         if "reference" not in args.skip:
             result["reference"] = guarded(lambda: reference(device, args))
     result["ratio"] = dual_over_reference(result)
@@ -644,7 +649,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["ok"] = result.get("correctness", {}).get("ok", True) and not errors
     result["check_wall_s"] = round(time.perf_counter() - t_all, 2)
     log.info("\n%s", format_table(result))
+    if partial is not None:
+        partial.unlink(missing_ok=True)  # the complete JSON follows (bench commands' writer)
     return result
+
+
+def save_partial(path: Path | None, result: dict[str, Any]) -> None:
+    """The sections done so far, so a run stopped at a time limit still leaves its numbers."""
+    if path is not None:
+        from satfuse.utils import atomic_write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def find_errors(node: Any, path: str = "") -> list[str]:

@@ -4,8 +4,10 @@
 2. resume from the newest complete checkpoint (`checkpoint.resume=auto`), restoring model,
    optimizer, schedule, loader position and RNG state, so the continuation is bitwise equal
    to an uninterrupted run on the same world size;
-3. step: forward under autocast -> global contrastive loss -> NaN check agreed by all ranks ->
-   engine backward/step -> log;
+3. step: forward under autocast -> global contrastive loss -> engine backward/step, queued
+   without a host synchronisation (loss, metrics and grad norm stay on the device; a
+   non-finite loss is noted there) -> on log steps and before every save: the NaN check
+   agreed by all ranks, then the numbers are read and logged;
 4. checkpoint every N steps, at the end, and when any rank got a stop signal (SLURM
    preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`;
 5. at the end, cross-modal retrieval accuracy on held-out shards.
@@ -32,6 +34,7 @@ from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
 from satfuse.distributed.env import DistEnv, all_reduce_max_bool, cuda_index
+from satfuse.distributed.gather import equal_rows
 from satfuse.engines.base import Engine, check_precision
 from satfuse.losses import retrieval_accuracy
 from satfuse.models import build_pretrain_model
@@ -139,6 +142,9 @@ class Trainer:
         self.forward = compiled_forward(cfg, self.engine.model)
         self.step = 0
         self.epoch = 0
+        # first step whose loss was not finite (0: none), kept on the device: no per-step sync
+        self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
+        self._recent_keys: dict[int, list] = {}  # batch keys since the last check, for the message
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, Any]:
@@ -159,6 +165,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        self.check_finite()  # never keep the weights of a non-finite step
         path = self.engine.save(self.step, self.rank_state(), self.meta())
         log.info("checkpoint step %d -> %s", self.step, path)
         return path
@@ -181,22 +188,35 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------- training
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One step, queued without reading anything on the host: the returned loss, metrics
+        and grad norm are 0-d device tensors (`read_metrics` on log steps). Every rank has the
+        same batch size (the loader's plan), so the loss's gathers skip the size exchange."""
         self.engine.model.train()
+        self._recent_keys[self.step + 1] = list(batch.get("key", [])[:4])
         batch = to_device(batch, self.device, self.cfg.train.channels_last)
-        with self.engine.autocast():
-            outputs = self.forward(batch)
-        loss, metrics = self.module.loss(outputs, self.cfg.loss)
-        bad = not bool(torch.isfinite(loss.detach()).item())
-        if all_reduce_max_bool(bad):
-            self.on_nan(batch)
+        with equal_rows():
+            with self.engine.autocast():
+                outputs = self.forward(batch)
+            loss, metrics = self.module.loss(outputs, self.cfg.loss)
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad = torch.where((self._first_bad == 0) & bad, self.step + 1, self._first_bad)
         grad_norm = self.engine.backward_step(loss)
-        return {"loss": float(loss.detach()), "grad_norm": grad_norm, **metrics}
+        return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
 
-    def on_nan(self, batch: dict[str, Any]) -> None:
-        keys = batch.get("key", [])[:4]
+    def check_finite(self) -> None:
+        """Stop if any rank saw a non-finite loss. Collective: every rank calls it at the same
+        steps (log steps, saves); the one host read of the NaN bookkeeping."""
+        first = int(self._first_bad)
+        if all_reduce_max_bool(first > 0):
+            self.on_nan(first)
+        self._recent_keys.clear()
+
+    def on_nan(self, step: int) -> None:
+        where = (f"at step {step} (batch keys {self._recent_keys.get(step, [])}...)" if step
+                 else f"on another rank before step {self.step}")
         raise SatfuseError(
-            f"non-finite loss at step {self.step + 1} (batch keys {keys}...): try a lower "
+            f"non-finite loss {where}: try a lower "
             f"optim.lr (now {self.cfg.optim.lr}), optim.grad_clip=1.0, train.precision=fp32, or "
             f"resume from the last checkpoint in {self.run_dir / 'checkpoints'}"
         )
@@ -214,6 +234,7 @@ class Trainer:
                    dynamic_ncols=True)
         data_iter = iter(self.loader)
         last: dict[str, float] = {"loss": math.nan}
+        pending: dict[str, Any] | None = None  # the latest step's numbers, still on the device
         t0, seen = time.perf_counter(), 0
         global_batch = cfg.data.batch_size * self.env.world_size
         # a resumed run re-saves even at the end: after a world-size change the newest
@@ -223,11 +244,13 @@ class Trainer:
             while self.step < total:
                 batch = next(data_iter)
                 self.epoch = int(batch.get("epoch", self.epoch))
-                last = self.train_step(batch)
+                pending = self.train_step(batch)
                 self.step += 1
                 seen += global_batch
                 bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == total:
+                    self.check_finite()
+                    last = read_metrics(pending)
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(),
                               "samples_per_s": rate, **last}
@@ -247,6 +270,8 @@ class Trainer:
             self.engine.wait()
         finally:
             bar.close()
+        if pending is not None:
+            last = read_metrics(pending)
         result = TrainResult(status=status, step=self.step, final_loss=last["loss"])
         if status == "completed" and cfg.data.val_shards:
             result.retrieval_top1, result.retrieval_chance = self.evaluate_retrieval()
@@ -287,6 +312,11 @@ class Trainer:
         chance = 1.0 / max(1, int(n))
         log.info("held-out S1->S2 retrieval top-1: %.3f (chance %.4f, n=%d)", top1, chance, int(n))
         return top1, chance
+
+
+def read_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """The step's device tensors as floats: a host synchronisation, on log steps only."""
+    return {k: float(v) for k, v in values.items()}
 
 
 def pair_embeddings(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
