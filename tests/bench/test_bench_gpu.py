@@ -29,7 +29,9 @@ def test_quick_cpu_dry_run_covers_every_section(sen12ms_shards: Path, tmp_path: 
     env = res["environment"]
     assert env["device"] == "cpu" and env["cpu_cores"] >= 1 and env["torch"]
     c = res["correctness"]
-    assert c["loss_grad"]["ok"] and c["loss_grad"]["max_abs_diff_grad_s1"] <= gpu.LOSS_TOL
+    lg = c["loss_grad"]
+    assert lg["ok"] and 0 < lg["max_abs_diff_grad_s1"] <= gpu.LOSS_TOL  # fp32 vs float64: measured
+    assert lg["max_abs_diff_loss"] + lg["max_abs_diff_grad_s2"] > 0
     assert c["ddp_bf16"]["backend"] == "gloo" and c["ddp_bf16"]["falling"]
     assert c["ddp_fp16"]["skipped"]  # CUDA only
     ck = c["checkpoint_cross_device"]
