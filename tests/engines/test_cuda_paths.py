@@ -17,9 +17,10 @@ from satfuse.distributed.env import DistEnv, cuda_index, detect_env
 from satfuse.engines import trainer as tr
 from satfuse.utils import SatfuseError
 
+TINY = Path(__file__).resolve().parents[2] / "hpc" / "pretrain" / "tiny.yaml"
 
 def tiny(shards: Path, run_dir: Path, *extra: str) -> PretrainConfig:
-    return load_config(PretrainConfig, "hpc/pretrain/tiny.yaml", [
+    return load_config(PretrainConfig, TINY, [
         f"data.shards={shards}", f"train.run_dir={run_dir}", "train.steps=2", "train.log_every=1",
         "checkpoint.every_steps=2", *extra])
 

@@ -20,8 +20,10 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+TINY = Path(__file__).resolve().parents[2] / "hpc" / "pretrain" / "tiny.yaml"
+
 def cfg(shards: Path, run_dir: Path, *extra: str) -> PretrainConfig:
-    return load_config(PretrainConfig, "hpc/pretrain/tiny.yaml", [
+    return load_config(PretrainConfig, TINY, [
         f"data.shards={shards}", f"train.run_dir={run_dir}", "train.steps=6", "train.log_every=3",
         "train.device=cuda", "data.num_workers=1", *extra])
 
