@@ -179,3 +179,19 @@ def test_nan_found_at_the_next_save_is_never_checkpointed(sen12ms_shards: Path, 
     with pytest.raises(SatfuseError, match=r"non-finite loss at step [123] \(batch keys \["):
         tr.Trainer(cfg, DistEnv()).fit()
     assert not (run / "checkpoints" / "latest").exists()
+
+
+def test_stop_flag_goes_through_gloo_on_nccl_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-step stop agreement uses a gloo group when the job is NCCL (no GPU sync),
+    made once; the default group when it is gloo; none without a group."""
+    made: list[str] = []
+    monkeypatch.setattr(denv, "_GROUPS", {})
+    monkeypatch.setattr(denv, "_dist_ready", lambda: False)
+    assert denv.control_group() is None
+    monkeypatch.setattr(denv, "_dist_ready", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    assert denv.control_group() is None
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.distributed, "new_group", lambda backend=None: made.append(backend) or "g")
+    assert denv.control_group() == "g" and denv.control_group() == "g"
+    assert made == ["gloo"]

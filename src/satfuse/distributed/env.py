@@ -421,6 +421,7 @@ def init_distributed(
 def teardown() -> None:
     """Destroy the process group without a barrier (a dead peer must not block the exit)."""
     _STATE.pop("env", None)
+    _GROUPS.clear()
     try:
         import torch.distributed as dist
 
@@ -476,6 +477,26 @@ def comm_failure(exc: BaseException, what: str = "a collective") -> SatfuseError
 # --------------------------------------------------------------------------------------------
 # Small helpers (all safe without a process group)
 # --------------------------------------------------------------------------------------------
+
+
+def control_group():
+    """The process group for per-step control flags (stop signals): the default group when it
+    is gloo, else one gloo group over all ranks, made once. Why: a flag all-reduced through
+    NCCL is copied to the GPU and read back with `.item()`, which waits for every queued
+    kernel - a host synchronisation at every step; through gloo it stays on the CPU.
+    Collective on first use (every rank calls it at the same point); None without a group."""
+    if not _dist_ready():
+        return None
+    import torch.distributed as dist
+
+    if dist.get_backend() != "nccl":
+        return None
+    if "control" not in _GROUPS:
+        _GROUPS["control"] = dist.new_group(backend="gloo")
+    return _GROUPS["control"]
+
+
+_GROUPS: dict[str, object] = {}
 
 
 def _dist_ready() -> bool:

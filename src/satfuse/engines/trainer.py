@@ -33,7 +33,7 @@ from satfuse.checkpoint.rng import capture_rng, restore_rng
 from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
-from satfuse.distributed.env import DistEnv, all_reduce_max_bool, cuda_index
+from satfuse.distributed.env import DistEnv, all_reduce_max_bool, control_group, cuda_index
 from satfuse.distributed.gather import equal_rows
 from satfuse.engines.base import Engine, check_precision
 from satfuse.losses import retrieval_accuracy
@@ -259,7 +259,7 @@ class Trainer:
                              last["loss"], last.get("retrieval_top1", float("nan")), record["lr"], rate)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
                     t0, seen = time.perf_counter(), 0
-                if stop.should_stop():
+                if stop.should_stop(control_group()):  # gloo on NCCL jobs: no GPU sync
                     status = "preempted"
                     break
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
