@@ -194,6 +194,8 @@ class Trainer:
         same batch size (the loader's plan), so the loss's gathers skip the size exchange."""
         self.engine.model.train()
         self._recent_keys[self.step + 1] = list(batch.get("key", [])[:4])
+        if len(self._recent_keys) > 10_000:  # a huge log_every: keep the message's memory bounded
+            self._recent_keys.pop(next(iter(self._recent_keys)))
         batch = to_device(batch, self.device, self.cfg.train.channels_last)
         with equal_rows():
             with self.engine.autocast():
