@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.satfuse-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -35,5 +35,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests
 
+# On a GPU machine with CUDA torch and no network (wheels from hpc/gpu/build_wheels.sh in .whl/):
+# cuda-marked tests + `satfuse bench gpu`; JSON and log to $$OUT (or ./gpu-check-out).
+gpu-check:
+	bash hpc/gpu/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) runs data reports satfuse-demo build dist
+	rm -rf $(VENV) runs data reports satfuse-demo build dist gpu-check-out

@@ -103,6 +103,8 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = "stop"
     # run_dir/.lock: a holder whose heartbeat is older than this is taken to be gone
     lease_timeout_s: int = 600
+    channels_last: bool = False  # model and 4-D batches in channels_last (NHWC): faster convs on GPU tensor cores
+    compile: bool = False  # torch.compile the forward pass (inductor; the first steps compile, DDP engine only)
 
 
 @dataclass

@@ -82,7 +82,7 @@ def run_pretrain(data, method, wrap):
     inner = model.module if isinstance(model, DDP) else model
     return (
         float(loss.detach()),
-        metrics["retrieval_top1"],
+        float(metrics["retrieval_top1"]),  # metrics are 0-d device tensors (no host read)
         {n: p.grad.clone() for n, p in inner.named_parameters()},
     )
 

@@ -25,9 +25,12 @@ BENCHES = {
     "train": "satfuse.bench.train",  # training-step throughput, 1 vs 2 ranks, fp32/bf16, GPU rows
     "model": "satfuse.bench.model",  # communication and memory model, 1..1024 GPUs
     "commbytes": "satfuse.bench.commbytes",  # wire bytes of a 2-node run vs the model
+    "gpu": "satfuse.bench.gpu",  # CUDA-path check + pairs/s per GPU (`make gpu-check`)
 }
 # Needs root and the 2-node cluster of slurm/local-cluster/multinode.sh: not part of `bench all`.
 NEEDS_CLUSTER = {"commbytes"}
+# Its own check (`make gpu-check`; CI runs its --device cpu --quick dry run): not part of `bench all`.
+STANDALONE = {"gpu"}
 
 
 def available() -> dict[str, object]:
@@ -61,7 +64,7 @@ def run_one(name: str, mod, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = {"bench": name, "result": mod.run(args), "wall_s": round(time.perf_counter() - t0, 3)}
     write_result(result, args.out)
-    return 0
+    return 0 if result["result"].get("ok", True) else 1  # a failed check fails the command
 
 
 def defaults_for(mod) -> argparse.Namespace:
@@ -75,7 +78,7 @@ def run_all(args: argparse.Namespace) -> int:
     results: dict[str, object] = {}
     t_all = time.perf_counter()
     for name, mod in available().items():
-        if name in args.skip or name in NEEDS_CLUSTER:
+        if name in args.skip or name in NEEDS_CLUSTER or name in STANDALONE:
             continue
         log.info("bench %s ...", name)
         t0 = time.perf_counter()

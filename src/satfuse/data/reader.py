@@ -647,8 +647,12 @@ class PretrainLoader:
     def __init__(
         self, shards: ShardSet, cfg: DataConfig, *, rank: int, world_size: int, seed: int,
         method: str = "dual_simclr", simclr_input: str = "s2_rgb", drop_last: bool = True,
+        pin_memory: bool = False,
     ) -> None:
         self.shards, self.cfg = shards, cfg
+        # batches in page-locked memory, so the trainer's non_blocking copy to a GPU overlaps
+        # with compute (the trainer sets it when it trains on CUDA)
+        self.pin_memory = pin_memory
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.method, self.drop_last = method, drop_last
         self.workers = max(1, cfg.num_workers)
@@ -728,7 +732,8 @@ class PretrainLoader:
             transform=self.transform, epoch=self._epoch, base=self._base, cursors=list(self._cursors),
             batches=list(self._batches), mix=self.shards.mix,
         )
-        loader = DataLoader(_StreamDataset(spec), batch_size=None, num_workers=self.cfg.num_workers)
+        loader = DataLoader(_StreamDataset(spec), batch_size=None, num_workers=self.cfg.num_workers,
+                            pin_memory=self.pin_memory)
         stream = iter(loader)
         ready: dict[int, deque] = {w: deque() for w in range(self.workers)}
         while True:

@@ -358,6 +358,27 @@ def _rendezvous_error(env: DistEnv, timeout_s: int, exc: BaseException) -> Satfu
     )
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a local rank among the `visible` ones.
+
+    torchrun and `srun --gpus-per-node` show every GPU of the node to every rank (index =
+    local rank); `srun --gpus-per-task=1` and submitit's per-task binding show each rank
+    only its own GPU (CUDA_VISIBLE_DEVICES has one entry: index 0, whatever the local rank).
+    """
+    if visible < 1:
+        raise SatfuseError("the NCCL backend needs a CUDA device but none is visible to this rank; "
+                           "check CUDA_VISIBLE_DEVICES and the job's GPU request (--gpus-per-node)")
+    return local_rank % visible
+
+
+def configure_nccl() -> None:
+    """A dead or stuck rank fails the job instead of hanging it: with async error handling
+    NCCL's watchdog aborts the communicators and ends the process once a collective exceeds
+    the process group's timeout (`train.comm_timeout_s`). A value the user set is kept."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    os.environ.setdefault("NCCL_ASYNC_ERROR_HANDLING", "1")  # the name before torch 2.2
+
+
 def init_distributed(
     timeout_s: int = 300, backend: str = "auto", ifname: str | None = None
 ) -> DistEnv:
@@ -374,7 +395,8 @@ def init_distributed(
     import torch.distributed as dist
 
     if env.backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
+        configure_nccl()
+        torch.cuda.set_device(cuda_index(env.local_rank, torch.cuda.device_count()))
     if env.world_size > 1 and not dist.is_initialized():
         _export(env)
         log.info(
@@ -399,6 +421,7 @@ def init_distributed(
 def teardown() -> None:
     """Destroy the process group without a barrier (a dead peer must not block the exit)."""
     _STATE.pop("env", None)
+    _GROUPS.clear()
     try:
         import torch.distributed as dist
 
@@ -454,6 +477,26 @@ def comm_failure(exc: BaseException, what: str = "a collective") -> SatfuseError
 # --------------------------------------------------------------------------------------------
 # Small helpers (all safe without a process group)
 # --------------------------------------------------------------------------------------------
+
+
+def control_group():
+    """The process group for per-step control flags (stop signals): the default group when it
+    is gloo, else one gloo group over all ranks, made once. Why: a flag all-reduced through
+    NCCL is copied to the GPU and read back with `.item()`, which waits for every queued
+    kernel - a host synchronisation at every step; through gloo it stays on the CPU.
+    Collective on first use (every rank calls it at the same point); None without a group."""
+    if not _dist_ready():
+        return None
+    import torch.distributed as dist
+
+    if dist.get_backend() != "nccl":
+        return None
+    if "control" not in _GROUPS:
+        _GROUPS["control"] = dist.new_group(backend="gloo")
+    return _GROUPS["control"]
+
+
+_GROUPS: dict[str, object] = {}
 
 
 def _dist_ready() -> bool:

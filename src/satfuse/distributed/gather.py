@@ -14,6 +14,9 @@ and a wrong backward reduction silently breaks the loss (lightly #1528). Ours:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -38,9 +41,28 @@ def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     return y.to(x.device)
 
 
+_EQUAL_ROWS: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def equal_rows() -> Iterator[None]:
+    """Inside: every rank promises the same row count, so `gather_sizes` needs neither its
+    collective nor the host read of its result (a GPU synchronisation in the middle of the
+    forward). The trainer uses it for training steps: the loader gives every rank equal,
+    full batches (drop_last; the same steps per epoch on all ranks)."""
+    saved = _EQUAL_ROWS[0]
+    _EQUAL_ROWS[0] = True
+    try:
+        yield
+    finally:
+        _EQUAL_ROWS[0] = saved
+
+
 def gather_sizes(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[int]:
     """Row count of `x` on every rank, in rank order (one tiny collective)."""
     world = dist.get_world_size(group)
+    if _EQUAL_ROWS[0]:
+        return [int(x.shape[0])] * world
     size = torch.tensor([x.shape[0]], dtype=torch.int64, device=comm_device(x, group))
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)

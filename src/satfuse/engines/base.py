@@ -85,9 +85,9 @@ class Engine(ABC):
         self.model: nn.Module = module
 
     @abstractmethod
-    def backward_step(self, loss: torch.Tensor) -> float:
+    def backward_step(self, loss: torch.Tensor) -> float | torch.Tensor:
         """Backward, clip, optimizer step, LR schedule step, zero grads. Returns grad norm
-        before clipping (nan if not computed)."""
+        before clipping (nan if not computed), as a float or a 0-d tensor (read on log steps)."""
 
     @abstractmethod
     def lr(self) -> float: ...

@@ -44,11 +44,13 @@ class DDPEngine(Engine):
             async_save=ck.async_save, timeout_s=cfg.train.comm_timeout_s, trust=ck.trust_checkpoint,
         )
 
-    def backward_step(self, loss: torch.Tensor) -> float:
+    def backward_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """No host read: the norm stays a 0-d device tensor (fp16's GradScaler.step reads
+        its inf check on the host: torch's own synchronisation, fp16 only)."""
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16; the norm is of true grads
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), clip))
+        norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip).detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

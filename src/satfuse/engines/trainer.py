@@ -4,8 +4,10 @@
 2. resume from the newest complete checkpoint (`checkpoint.resume=auto`), restoring model,
    optimizer, schedule, loader position and RNG state, so the continuation is bitwise equal
    to an uninterrupted run on the same world size;
-3. step: forward under autocast -> global contrastive loss -> NaN check agreed by all ranks ->
-   engine backward/step -> log;
+3. step: forward under autocast -> global contrastive loss -> engine backward/step, queued
+   without a host synchronisation (loss, metrics and grad norm stay on the device; a
+   non-finite loss is noted there) -> on log steps and before every save: the NaN check
+   agreed by all ranks, then the numbers are read and logged;
 4. checkpoint every N steps, at the end, and when any rank got a stop signal (SLURM
    preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`
    (`STOP_EXIT_CODE` after SIGTERM, i.e. scancel: saved, not to be requeued);
@@ -37,7 +39,8 @@ from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, StopFl
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
-from satfuse.distributed.env import DistEnv, all_reduce_max_bool
+from satfuse.distributed.env import DistEnv, all_reduce_max_bool, control_group, cuda_index
+from satfuse.distributed.gather import equal_rows
 from satfuse.engines.base import Engine, check_precision
 from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.engines.optim import apply_hparams
@@ -66,7 +69,7 @@ def select_device(cfg: PretrainConfig, env: DistEnv) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise SatfuseError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", cuda_index(env.local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
@@ -80,8 +83,32 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, device: torch.devi
     return DDPEngine(cfg, model, device)
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    """Tensors to `device` with non_blocking copies (they overlap with compute when the loader
+    pinned the batch); 4-D image tensors in channels_last when the model is."""
+    def move(v: torch.Tensor) -> torch.Tensor:
+        if channels_last and v.dim() == 4:
+            return v.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return v.to(device, non_blocking=True)
+
+    return {k: (move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
+    """cuDNN autotuning for fixed input shapes: with a fixed crop (data.crop > 0) every batch
+    has the same shape, so benchmarking the convolution algorithms once pays back at once."""
+    if device.type == "cuda" and cfg.data.crop > 0:
+        torch.backends.cudnn.benchmark = True
+
+
+def compiled_forward(cfg: PretrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """`train.compile=true`: the forward pass through torch.compile (inductor)."""
+    if not cfg.train.compile:
+        return model
+    if cfg.train.engine != "ddp":
+        raise SatfuseError("train.compile=true works with train.engine=ddp; set train.compile=false "
+                           "for train.engine=deepspeed")
+    return torch.compile(model)
 
 
 class MetricsLog:
@@ -171,12 +198,14 @@ class Trainer:
         if cfg.model.sync_bn and self.device.type != "cuda":  # refused at start, like fp16
             raise SatfuseError("model.sync_bn=true needs CUDA (torch's SyncBatchNorm does not run on "
                                "CPU/gloo); set model.sync_bn=false for CPU runs")
+        configure_backends(cfg, self.device)
         self.run_dir = Path(cfg.train.run_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.shards = resolve_shards(cfg.data.shards, cfg.data.manifest, cfg.data.shard_weights)
         self.loader = PretrainLoader(
             self.shards, cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
             method=cfg.model.method, simclr_input=cfg.model.simclr_input,
+            pin_memory=self.device.type == "cuda",
         )
         if cfg.data.val_shards:  # held-out pairs go through the same model: refuse other bands now, not at the end
             val = manifest_bands(resolve_shards(cfg.data.val_shards).manifest, cfg.data.val_shards)
@@ -186,10 +215,16 @@ class Trainer:
                     f"holds {self.loader.bands}; evaluate on shards with the training bands"
                 )
         self.module = build_pretrain_model(cfg.model, channels(self.loader.bands))
+        if cfg.train.channels_last:
+            self.module.to(memory_format=torch.channels_last)
         self.engine = build_engine(cfg, self.module, self.device)
+        self.forward = compiled_forward(cfg, self.engine.model)
         self.step = 0
         self.epoch = 0
         self.lease: RunLease | None = None
+        # first step whose loss was not finite (0: none), kept on the device: no per-step sync
+        self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
+        self._recent_keys: dict[int, list] = {}  # batch keys since the last check, for the message
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, Any]:
@@ -210,6 +245,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        self.check_finite()  # never keep the weights of a non-finite step
         path = self.engine.save(self.step, self.rank_state(), self.meta())
         log.info("checkpoint step %d -> %s", self.step, path)
         return path
@@ -279,22 +315,37 @@ class Trainer:
             )
 
     # ---------------------------------------------------------------- training
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One step, queued without reading anything on the host: the returned loss, metrics
+        and grad norm are 0-d device tensors (`read_metrics` on log steps). Every rank has the
+        same batch size (the loader's plan), so the loss's gathers skip the size exchange."""
         self.engine.model.train()
-        batch = to_device(batch, self.device)
-        with self.engine.autocast():
-            outputs = self.engine.model(batch)
-        loss, metrics = self.module.loss(outputs, self.cfg.loss)
-        bad = not bool(torch.isfinite(loss.detach()).item())
-        if all_reduce_max_bool(bad):
-            self.on_nan(batch)
+        self._recent_keys[self.step + 1] = list(batch.get("key", [])[:4])
+        if len(self._recent_keys) > 10_000:  # a huge log_every: keep the message's memory bounded
+            self._recent_keys.pop(next(iter(self._recent_keys)))
+        batch = to_device(batch, self.device, self.cfg.train.channels_last)
+        with equal_rows():
+            with self.engine.autocast():
+                outputs = self.forward(batch)
+            loss, metrics = self.module.loss(outputs, self.cfg.loss)
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad = torch.where((self._first_bad == 0) & bad, self.step + 1, self._first_bad)
         grad_norm = self.engine.backward_step(loss)
-        return {"loss": float(loss.detach()), "grad_norm": grad_norm, **metrics}
+        return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
 
-    def on_nan(self, batch: dict[str, Any]) -> None:
-        keys = batch.get("key", [])[:4]
+    def check_finite(self) -> None:
+        """Stop if any rank saw a non-finite loss. Collective: every rank calls it at the same
+        steps (log steps, saves); the one host read of the NaN bookkeeping."""
+        first = int(self._first_bad)
+        if all_reduce_max_bool(first > 0):
+            self.on_nan(first)
+        self._recent_keys.clear()
+
+    def on_nan(self, step: int) -> None:
+        where = (f"at step {step} (batch keys {self._recent_keys.get(step, [])}...)" if step
+                 else f"on another rank before step {self.step}")
         raise SatfuseError(
-            f"non-finite loss at step {self.step + 1} (batch keys {keys}...): try a lower "
+            f"non-finite loss {where}: try a lower "
             f"optim.lr (now {self.cfg.optim.lr}), optim.grad_clip=1.0, train.precision=fp32, or "
             f"resume from the last checkpoint in {self.run_dir / 'checkpoints'}"
         )
@@ -350,6 +401,7 @@ class Trainer:
                    dynamic_ncols=True)
         data_iter = iter(self.loader)
         last: dict[str, float] = {"loss": math.nan}
+        pending: dict[str, Any] | None = None  # the latest step's numbers, still on the device
         t0, seen = time.perf_counter(), 0
         global_batch = cfg.data.batch_size * self.env.world_size
         # a resumed run re-saves even at the end: after a world-size change the newest
@@ -369,14 +421,16 @@ class Trainer:
                     metrics_log.write({"step": self.step, "epoch_done": self.epoch, "skipped_samples": skipped})
                     self.check_skipped(skipped)
                 self.epoch = new_epoch
-                last = self.train_step(batch)
+                pending = self.train_step(batch)
                 self.step += 1
-                last["data_wait_s"] = t_step - t_wait
-                sinks.scalars(self.step, step_scalars(last, self.engine.lr(), global_batch,
-                                                      time.perf_counter() - t_wait))
                 seen += global_batch
                 bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == total:
+                    self.check_finite()
+                    last = read_metrics(pending)  # the host reads the step's numbers only here
+                    last["data_wait_s"] = t_step - t_wait
+                    sinks.scalars(self.step, step_scalars(last, self.engine.lr(), global_batch,
+                                                          time.perf_counter() - t_wait))
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     skipped = self.skipped()
                     record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(),
@@ -387,7 +441,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
                     t0, seen = time.perf_counter(), 0
                     self.check_skipped(skipped)
-                if stop.should_stop():
+                if stop.should_stop(control_group()):  # gloo on NCCL jobs: no GPU sync
                     status = "stopped" if stop.terminate else "preempted"
                     break
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
@@ -401,6 +455,8 @@ class Trainer:
         finally:
             bar.close()
             sinks.flush()
+        if pending is not None:
+            last = read_metrics(pending)
         if already and status == "completed":
             status = "already_complete"
         result = TrainResult(status=status, step=self.step, final_loss=last["loss"], skipped_samples=self.skipped())
@@ -506,6 +562,11 @@ def record_overrides(run_dir: Path, step: int, path: Path, changed: dict[str, li
                            f"({exc.strerror or exc}); free space there and resume again") from exc
     log.warning("resumed at step %d with changed settings, applied from here on: %s", step,
                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
+def read_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """The step's device tensors as floats: a host synchronisation, on log steps only."""
+    return {k: float(v) for k, v in values.items()}
 
 
 def pair_embeddings(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

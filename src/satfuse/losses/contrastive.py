@@ -182,13 +182,23 @@ def dense_alignment_loss(
     )
 
 
-@torch.no_grad()
 def retrieval_accuracy(
     z_query: torch.Tensor,
     z_key: torch.Tensor,
     valid: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> float:
+    """`retrieval_accuracy_tensor` read on the host (a GPU synchronisation)."""
+    return float(retrieval_accuracy_tensor(z_query, z_key, valid, group))
+
+
+@torch.no_grad()
+def retrieval_accuracy_tensor(
+    z_query: torch.Tensor,
+    z_key: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
     """Top-1 accuracy of finding each query's own pair among all keys of the global batch.
 
     z_query / z_key: (B_local, D), row i of each from the same place (e.g. S1 -> S2).
@@ -213,4 +223,4 @@ def retrieval_accuracy(
     stats = torch.stack([hits, count])
     if is_distributed(group):
         stats = all_reduce_sum(stats, group)
-    return float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
+    return stats[0] / stats[1]  # 0-d, on the device, no host read (0/0 = nan: no valid row)

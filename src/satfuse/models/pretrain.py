@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from satfuse.config import LossConfig, ModelConfig
-from satfuse.losses import dense_alignment_loss, nt_xent, retrieval_accuracy
+from satfuse.losses import dense_alignment_loss, nt_xent, retrieval_accuracy_tensor
 from satfuse.models.backbones import build_backbone
 from satfuse.models.heads import DenseProjectionHead, ProjectionHead
 from satfuse.utils import SatfuseError
@@ -65,7 +65,8 @@ class PretrainModel(nn.Module, abc.ABC):
     def loss(
         self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss over the global batch and float metrics."""
+        """The loss over the global batch and metrics as 0-d tensors on the device: reading
+        one (`float(...)`) synchronises a GPU, so the trainer does it on log steps only."""
 
     def _check_sync_bn(self, x: torch.Tensor) -> None:
         """SyncBatchNorm is CUDA-only in torch; fail with the fix instead of deep in forward."""
@@ -84,9 +85,9 @@ class PretrainModel(nn.Module, abc.ABC):
 def _pair_loss(
     z_a: torch.Tensor, z_b: torch.Tensor, loss_cfg: LossConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """nt_xent/infonce over the global batch plus the a->b top-1 retrieval accuracy."""
+    """nt_xent/infonce over the global batch plus the a->b top-1 retrieval accuracy (0-d tensors)."""
     loss = nt_xent(z_a, z_b, loss_cfg.temperature, loss_cfg.variant, loss_cfg.local_loss)
-    return loss, {"loss": float(loss.detach()), "retrieval_top1": retrieval_accuracy(z_a, z_b)}
+    return loss, {"loss": loss.detach(), "retrieval_top1": retrieval_accuracy_tensor(z_a, z_b)}
 
 
 class DualSimCLR(PretrainModel):
@@ -209,8 +210,8 @@ class MMA(PretrainModel):
         loss = dense_alignment_loss(
             f1, f2, loss_cfg.temperature, loss_cfg.variant, loss_cfg.local_loss
         )
-        top1 = retrieval_accuracy(f1.mean(dim=(2, 3)), f2.mean(dim=(2, 3)))
-        return loss, {"loss": float(loss.detach()), "retrieval_top1": top1}
+        top1 = retrieval_accuracy_tensor(f1.mean(dim=(2, 3)), f2.mean(dim=(2, 3)))
+        return loss, {"loss": loss.detach(), "retrieval_top1": top1}
 
 
 METHODS: dict[str, type[PretrainModel]] = {"dual_simclr": DualSimCLR, "simclr": SimCLR, "mma": MMA}

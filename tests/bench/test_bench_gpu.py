@@ -1,0 +1,76 @@
+"""`satfuse bench gpu --device cpu --quick`: the GPU check's dry run exercises every section
+(environment, correctness, model-only rows incl. torch.compile, the largest-batch search, the
+real loader, the reference) and writes one JSON with measured, finite figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from satfuse.bench import gpu
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_cpu_dry_run_covers_every_section(sen12ms_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "satfuse.cli", "bench", "gpu", "--device", "cpu",
+                           "--quick", "--no-deepspeed", "--shards", str(sen12ms_shards),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["result"]
+    assert res["ok"] and res["errors"] == []
+    env = res["environment"]
+    assert env["device"] == "cpu" and env["cpu_cores"] >= 1 and env["torch"]
+    c = res["correctness"]
+    lg = c["loss_grad"]
+    assert lg["ok"] and 0 < lg["max_abs_diff_grad_s1"] <= gpu.LOSS_TOL  # fp32 vs float64: measured
+    assert lg["max_abs_diff_loss"] + lg["max_abs_diff_grad_s2"] > 0
+    assert c["ddp_bf16"]["backend"] == "gloo" and c["ddp_bf16"]["falling"]
+    assert c["ddp_fp16"]["skipped"]  # CUDA only
+    ck = c["checkpoint_cross_device"]
+    assert ck["device_to_cpu"]["max_abs_diff"] == 0.0 and ck["cpu_to_device"]["max_abs_diff"] == 0.0
+    rows = res["model_only"]["rows"]
+    assert {r["variant"] for r in rows} == {"eager", "channels_last", "compile"}
+    for r in rows:
+        assert math.isfinite(r["pairs_per_s"]) and r["pairs_per_s"] > 0 and r["loss_finite"]
+    assert res["model_only"]["largest_batch"][0]["largest_batch_fits"] >= 8
+    lrows = res["loader"]["rows"]
+    assert [r["workers"] for r in lrows] == [0, 1]
+    for r in lrows:
+        assert 0 <= r["idle_fraction"] < 1 and r["loader_alone_pairs_per_s"] > 0 and r["bottleneck"]
+    assert res["reference"]["images_per_s"] > 0
+    assert "satfuse bench gpu:" in proc.stderr + proc.stdout  # the table
+
+
+def test_a_failed_check_fails_the_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A correctness check that raises is recorded (the others still run) and `ok` is false."""
+    def boom(*_a, **_k):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(gpu, "check_loss_grad", boom)
+    from satfuse.bench.commands import defaults_for, run_one
+
+    args = defaults_for(gpu)
+    args.device, args.quick, args.skip = "cpu", True, ["model_only", "loader", "reference"]
+    args.out = str(tmp_path / "r.json")
+    assert run_one("gpu", gpu, args) == 1
+    res = json.loads((tmp_path / "r.json").read_text())["result"]
+    assert res["ok"] is False and "planted" in res["correctness"]["loss_grad"]["error"]
+    assert res["correctness"]["ddp_bf16"]["ok"]
+
+
+def test_bottleneck_is_named_from_the_rows() -> None:
+    row = {"idle_fraction": 0.02, "step_s": 1.0, "data_wait_s": 0.02, "h2d_copy_s": 0.0,
+           "loader_alone_pairs_per_s": 1e9, "batch": 8}
+    assert gpu.name_bottleneck(row).startswith("none")
+    row.update(idle_fraction=0.5, data_wait_s=0.5, h2d_copy_s=0.4)
+    assert gpu.name_bottleneck(row) == "host-to-device copy"
+    row.update(h2d_copy_s=0.0, loader_alone_pairs_per_s=1.0)
+    assert gpu.name_bottleneck(row).startswith("CPU decode")
