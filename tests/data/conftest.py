@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from satfuse.data.synth import write_dfc2020, write_sen12ms
+from tests.data.loader_shards import make_shards
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +37,9 @@ def tree(sen12ms_tree: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "src"
     shutil.copytree(sen12ms_tree, dst)
     return dst
+
+
+@pytest.fixture
+def shard_dir(tmp_path: Path) -> Path:
+    """7 shards of uneven sizes (137 samples), 16x16 patches (loader tests; helpers in loader_shards.py)."""
+    return make_shards(tmp_path, [23, 17, 30, 9, 21, 25, 12])

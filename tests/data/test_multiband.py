@@ -349,7 +349,7 @@ def test_cli_synth_shard_verify_and_option_checks(tmp_path, capsys):
 
 
 def test_job_array_parts_merge_to_the_single_run_and_reruns_reuse(ben1_tree, tmp_path):
-    from satfuse.data.shard_writer import merge
+    from satfuse.data.manifest import merge
 
     single = shard_dataset(ben1_tree, "bigearthnet", tmp_path / "one", maxcount=2, seed=5)
     for i in range(2):

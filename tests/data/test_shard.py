@@ -18,7 +18,10 @@ import rasterio
 import webdataset as wds
 
 from satfuse.data.layout import scan
-from satfuse.data.shard_writer import merge, npy_buffer, plan_shards, shard_dataset
+from satfuse.data.manifest import merge
+from satfuse.data.raster import npy_buffer
+from satfuse.data.shard_plan import plan_shards
+from satfuse.data.shard_writer import shard_dataset
 from satfuse.utils import SatfuseError, sha256_file
 
 VOLATILE = {"created", "command", "part_commands"}

@@ -79,7 +79,7 @@ def test_sharding_into_a_full_fs_is_one_line_and_leaves_nothing_complete(
     assert f"{out}: no space left on device (ENOSPC) writing shards:" in line
     assert " free, about " in line and " bytes (" in line and " needed; " in line
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
-    from satfuse.data.shard_writer import sidecar_path
+    from satfuse.data.manifest import sidecar_path
 
     for tar in out.glob("*.tar"):  # a finished shard has its record (it is reused on rerun)
         assert sidecar_path(out, tar.name).is_file()

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import satfuse.data.reader as reader
+import satfuse.data.pretrain_loader as pretrain_loader
 import satfuse.distributed.env as denv
 from satfuse.config import DataConfig, PretrainConfig, load_config
+from satfuse.data.pretrain_loader import PretrainLoader
+from satfuse.data.shard_sets import resolve_shards
 from satfuse.distributed.env import DistEnv, cuda_index, detect_env
 from satfuse.engines import trainer as tr
 from satfuse.utils import SatfuseError
@@ -56,10 +58,10 @@ def test_loader_pins_batches_when_asked(sen12ms_shards: Path, monkeypatch: pytes
             seen.append(kwargs)
             raise StopIteration
 
-    monkeypatch.setattr(reader, "DataLoader", Spy)
-    shards = reader.resolve_shards(str(sen12ms_shards))
+    monkeypatch.setattr(pretrain_loader, "DataLoader", Spy)
+    shards = resolve_shards(str(sen12ms_shards))
     for pin in (True, False):
-        loader = reader.PretrainLoader(shards, DataConfig(shards=str(sen12ms_shards), batch_size=4,
+        loader = PretrainLoader(shards, DataConfig(shards=str(sen12ms_shards), batch_size=4,
                                                           num_workers=0, crop=32),
                                        rank=0, world_size=1, seed=0, pin_memory=pin)
         with pytest.raises((StopIteration, RuntimeError)):

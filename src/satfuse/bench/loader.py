@@ -146,7 +146,7 @@ def loader_epochs(
     """`epochs` epochs of PretrainLoader on rank 0 of `world`: (seconds after the first batch,
     samples after the first batch, start-up seconds = worker start + first batch). Workers
     start once per iterator, so the steady rate is what a training run sees."""
-    from satfuse.data.reader import PretrainLoader
+    from satfuse.data.pretrain_loader import PretrainLoader
 
     cfg = DataConfig(batch_size=batch, num_workers=workers, shuffle_buffer=64, crop=crop)
     ld = PretrainLoader(shards, cfg, rank=0, world_size=world, seed=0)
@@ -218,7 +218,7 @@ def measure(fns: dict[str, Callable[[], tuple]], repeats: int) -> dict[str, dict
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from satfuse.data.reader import resolve_shards
+    from satfuse.data.shard_sets import resolve_shards
 
     with tempfile.TemporaryDirectory(prefix="satfuse-bench-loader-") as tmp:
         if args.shards:

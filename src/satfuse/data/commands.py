@@ -115,7 +115,9 @@ def slurm_array_defaults(env: dict[str, str] | None = None) -> tuple[int | None,
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from satfuse.data.shard_writer import quiet_gdal, shard_dataset, summary
+    from satfuse.data.manifest import summary
+    from satfuse.data.shard_plan import quiet_gdal
+    from satfuse.data.shard_writer import shard_dataset
 
     missing = [f"--{n}" for n in ("src", "dataset", "out") if getattr(args, n) is None]
     if missing:
@@ -141,6 +143,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from satfuse.data.manifest import load_dir
     from satfuse.data.verify import verify
 
     problems = verify(args.dir)
@@ -149,13 +152,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if problems:
         log.error("%s: %d problem(s) found", args.dir, len(problems))
         return 1
-    manifest = json.loads((args.dir / "manifest.json").read_text())
+    manifest = load_dir(args.dir)
     print(json.dumps({"dir": str(args.dir), "ok": True, "shards": len(manifest["shards"]), "samples": manifest["total_samples"]}))
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from satfuse.data.shard_writer import merge, summary
+    from satfuse.data.manifest import merge, summary
 
     manifest = merge(args.dir, command=["satfuse", *sys.argv[1:]])
     log.info("merged: %s -> %s", summary(manifest), args.dir / "manifest.json")

@@ -5,7 +5,7 @@ pair is two reads and an identity check of transforms; these datasets store ever
 its own file at its native resolution, on grids that differ between S1 and S2. What is
 shared is everything after the pixels are on one grid: the seeded plan, the atomic tar +
 sidecar protocol, resume, job-array parts and `merge`, the manifest and its exact stats
-sums - all reused from `shard_writer` so both produce the same `satfuse-shards/1` format.
+sums - all shared with `shard_writer` (`shard_plan`, `tar_writer`, `shard_dir`, `manifest`) so both produce the same `satfuse-shards/1` format.
 
 What this adds to the format (see shards/FORMAT.md and `satfuse.data.bands`):
 - manifest `bands` {s1: [...], s2: [...]} (canonical names `B1`..`B12`, `B8A`, `VV`, `VH`;
@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
-import os
 import sys
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,9 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from satfuse.data import shard_writer as sw
 from satfuse.data.layout import Excluded
+from satfuse.data.manifest import FORMAT, build, publish, write_part
+from satfuse.data.raster import BadData, NotColocated, npy_buffer
 from satfuse.data.resample import (
     DEFAULT_METHOD,
     DEFAULT_TOL_M,
@@ -48,7 +48,17 @@ from satfuse.data.resample import (
     open_bands,
     read_resampled,
 )
-from satfuse.utils import SatfuseError, atomic_write_text
+from satfuse.data.shard_dir import check_paths, prepare_out, remove_stale
+from satfuse.data.shard_plan import (
+    MAX_ERRORS_SHOWN,
+    check_args,
+    plan_digest,
+    plan_shards,
+    raise_on_errors,
+    run_tasks,
+)
+from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
+from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
@@ -112,46 +122,46 @@ class SampleArrays:
 def read_sample(sample: BandSample, method: str, tol_m: float) -> SampleArrays:
     """Check co-location and read every band onto the reference grid.
 
-    Raises sw.BadData (untrustworthy data) or sw.NotColocated (footprints disagree)."""
+    Raises BadData (untrustworthy data) or NotColocated (footprints disagree)."""
     with rasterio.Env(), ExitStack() as stack:  # one GDAL environment and one open per file
         try:
             s1_infos = open_bands([p for _, p in sample.s1], stack)
             s2_infos = open_bands([p for _, p in sample.s2], stack)
         except BandError as exc:
-            raise sw.BadData(str(exc)) from None
+            raise BadData(str(exc)) from None
         return _read_opened(sample, s1_infos, s2_infos, method, tol_m)
 
 
 def _read_opened(sample: BandSample, s1_infos: list[BandInfo], s2_infos: list[BandInfo], method: str, tol_m: float) -> SampleArrays:
     for info in s2_infos:
         if np.dtype(info.dtype).kind not in "ui":
-            raise sw.BadData(f"wrong dtype: {info.path} is {info.dtype}, an S2 band must be an integer type (uint16/int16 reflectance x 10000)")
+            raise BadData(f"wrong dtype: {info.path} is {info.dtype}, an S2 band must be an integer type (uint16/int16 reflectance x 10000)")
     for info in s1_infos:
         if np.dtype(info.dtype).kind not in "uif":
-            raise sw.BadData(f"wrong dtype: {info.path} is {info.dtype}, an S1 band must be numeric (float32 dB)")
+            raise BadData(f"wrong dtype: {info.path} is {info.dtype}, an S1 band must be numeric (float32 dB)")
     ref = max(s2_infos, key=lambda i: i.height * i.width)  # first of the largest
     shape = (ref.height, ref.width)
     try:  # pixels first: a truncated file (which also loses its georeferencing) is bad data
         s2_raw = [read_resampled(i, shape, method) for i in s2_infos]
         s1_raw = [read_resampled(i, shape, method) for i in s1_infos]
     except BandError as exc:
-        raise sw.BadData(str(exc)) from None
+        raise BadData(str(exc)) from None
     try:
         problems = footprint_gaps(s1_infos + s2_infos, ref, tol_m)
     except Misaligned as exc:
-        raise sw.NotColocated(str(exc)) from None
+        raise NotColocated(str(exc)) from None
     if problems:
-        raise sw.NotColocated(f"not co-located: {'; '.join(problems)}")
+        raise NotColocated(f"not co-located: {'; '.join(problems)}")
     s2 = np.empty((len(s2_raw), *shape), dtype=np.uint16)
     for k, (band, info) in enumerate(zip(s2_raw, s2_infos, strict=True)):
         lo, hi = int(band.min()), int(band.max())
         if lo < 0 or hi > 65535:
-            raise sw.BadData(f"out of range: {info.path} holds values {lo}..{hi}, S2 reflectance must fit uint16 (0..65535)")
+            raise BadData(f"out of range: {info.path} holds values {lo}..{hi}, S2 reflectance must fit uint16 (0..65535)")
         s2[k] = band
     s1 = np.stack([b.astype(np.float32, copy=False) for b in s1_raw])
     if not np.isfinite(s1).all():
         bad = int(np.count_nonzero(~np.isfinite(s1)))
-        raise sw.BadData(f"non-finite: {sample.key} S1 ({sample.s1[0][1].parent}) has {bad} NaN/Inf pixel(s); fill them or remove the sample")
+        raise BadData(f"non-finite: {sample.key} S1 ({sample.s1[0][1].parent}) has {bad} NaN/Inf pixel(s); fill them or remove the sample")
     return SampleArrays(s1, s2, ref)
 
 
@@ -161,14 +171,14 @@ def sample_dict(sample: BandSample, arrays: SampleArrays, dataset: str, src: Pat
     meta = {
         "key": sample.key, "dataset": dataset, **sample.meta,
         "bands": {"s1": [b for b, _ in sample.s1], "s2": [b for b, _ in sample.s2]},
-        "sources": {**{f"s1/{b}": sw._rel(p, src) for b, p in sample.s1}, **{f"s2/{b}": sw._rel(p, src) for b, p in sample.s2}},
+        "sources": {**{f"s1/{b}": rel_path(p, src) for b, p in sample.s1}, **{f"s2/{b}": rel_path(p, src) for b, p in sample.s2}},
         "crs": ref.crs.to_string() if ref.crs else None, "transform": list(ref.transform),
         "height": int(ref.height), "width": int(ref.width), "resample": method,
         "dtype": {"s1": "float32", "s2": "uint16"},
     }  # fmt: skip
     out: dict[str, Any] = {"__key__": sample.key, "json": json.dumps(meta).encode()}
     for sensor, array in (("s1", arrays.s1), ("s2", arrays.s2)):
-        buf, view = sw.npy_buffer(array.shape, array.dtype)
+        buf, view = npy_buffer(array.shape, array.dtype)
         view[...] = array
         out[f"{sensor}.npy"] = buf
     return out
@@ -195,77 +205,26 @@ class BandShardTask:
 
 def _task_digest(task: BandShardTask) -> str:
     """What a shard's bytes depend on: samples, their files' sizes and mtimes, settings."""
-    items = []
-    for s in task.samples:
-        stats = []
-        for f in s.files:
-            try:
-                st = f.stat()
-                stats.append([sw._rel(f, task.src), st.st_size, st.st_mtime_ns])
-            except OSError:
-                stats.append([sw._rel(f, task.src), None, None])
-        items.append([s.key, s.meta, stats])
-    return sw.plan_digest([sw.FORMAT, task.dataset, task.method, task.tol_m, items])
+    items = [[s.key, s.meta, file_stamps(s.files, task.src)] for s in task.samples]
+    return plan_digest([FORMAT, task.dataset, task.method, task.tol_m, items])
+
+
+def _items(task: BandShardTask) -> Iterator[Item]:
+    """The task's samples read one by one, as the tar writer's items."""
+    for sample in task.samples:
+        try:
+            arrays = read_sample(sample, task.method, task.tol_m)
+        except (BadData, NotColocated) as exc:
+            yield sample.key, [str(p) for p in sample.files], exc
+            continue
+        packed = sample_dict(sample, arrays, task.dataset, task.src, task.method)
+        yield sample.key, [], Packed(packed, {"s1": arrays.s1, "s2": arrays.s2})
 
 
 def write_band_shard(task: BandShardTask) -> dict[str, Any]:
     """Write one shard atomically (or keep a verified one), as `shard_writer.write_shard`."""
-    tar = task.out / sw.shard_name(task.name, task.index)
-    digest = _task_digest(task)
-    kept = sw._reusable(task, tar, digest)  # type: ignore[arg-type]  # uses task.out only
-    if kept is not None:
-        return {**kept, "reused": True}
-    tmp = tar.with_name(tar.name + ".tmp")
-    sums = {"s1": sw.empty_sums(2), "s2": sw.empty_sums(task.s2_bands)}
-    excluded: list[dict[str, Any]] = []
-    errors: list[str] = []
-    count = 0
-    try:
-        with open(tmp, "wb") as raw:
-            sink = sw.AsyncHashingSink(raw)
-            try:
-                writer = sw.ShardTarWriter(sink, encoder=False, mtime=sw.TAR_MTIME)
-                for sample in task.samples:
-                    try:
-                        arrays = read_sample(sample, task.method, task.tol_m)
-                    except (sw.BadData, sw.NotColocated) as exc:
-                        paths = [str(p) for p in sample.files]
-                        if isinstance(exc, sw.NotColocated) or task.exclude_bad:
-                            excluded.append(Excluded(sample.key, str(exc), paths).to_dict())
-                        else:
-                            errors.append(f"{sample.key}: {exc}")
-                        continue
-                    writer.write(sample_dict(sample, arrays, task.dataset, task.src, task.method))
-                    sums["s1"] = sw.add_sums(sums["s1"], sw.sample_sums(arrays.s1))
-                    sums["s2"] = sw.add_sums(sums["s2"], sw.sample_sums(arrays.s2))
-                    count += 1
-                writer.close()
-            except BaseException:
-                sink.abort()
-                raise
-            sha = sink.finish()
-        if errors:
-            tmp.unlink(missing_ok=True)
-            return {"index": task.index, "name": tar.name, "errors": errors}
-        os.replace(tmp, tar)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    record = {
-        "index": task.index, "name": tar.name, "plan": digest, "count": count,
-        "bytes": sink.size, "sha256": sha, "sums": sums, "excluded": excluded,
-    }  # fmt: skip
-    atomic_write_text(sw.sidecar_path(task.out, tar.name), json.dumps(record))
-    return {**record, "reused": False}
-
-
-def _run(tasks: list[BandShardTask], workers: int) -> list[dict[str, Any]]:
-    if workers == 1 or len(tasks) <= 1:
-        return [write_band_shard(t) for t in tasks]
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(min(workers, len(tasks)), initializer=sw.quiet_gdal) as pool:
-        records = list(pool.imap_unordered(write_band_shard, tasks))
-    return sorted(records, key=lambda r: r["index"])
+    return write_tar(task.out, task.name, task.index, _task_digest(task), _items(task),
+                     {"s1": 2, "s2": task.s2_bands}, task.exclude_bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,9 +270,9 @@ def _count_limit(scan: BandScan, maxcount: int, maxsize: int | None) -> int:
             continue
         pixels = ref.height * ref.width
         size = 3 * 512 + 1024 + 2 * 128 + pixels * (4 * len(sample.s1) + 2 * len(sample.s2)) + 2 * 512
-        fit = (maxsize - sw.TAR_RECORD) // size
+        fit = (maxsize - TAR_RECORD) // size
         if fit < 1:
-            raise SatfuseError(f"--maxsize {maxsize} is smaller than one sample (~{size + sw.TAR_RECORD} bytes); raise --maxsize")
+            raise SatfuseError(f"--maxsize {maxsize} is smaller than one sample (~{size + TAR_RECORD} bytes); raise --maxsize")
         return min(maxcount, int(fit))
     return maxcount
 
@@ -336,17 +295,17 @@ def shard_bands(
         raise SatfuseError(f"--resample {resample!r}: use one of {list(METHODS)}")
     if not tol_m >= 0:
         raise SatfuseError(f"--colocation-tol-m {tol_m}: must be >= 0 metres")
-    part = sw._check_args(maxcount, maxsize, workers, shard_index, num_shards)
-    sw._check_paths(src, out)
+    part = check_args(maxcount, maxsize, workers, shard_index, num_shards)
+    check_paths(src, out)
     scan = scan_dataset(dataset, src, split_file=split_file, split=split, s2_level=s2_level, max_gap_days=max_gap_days)
     if not scan.samples:
-        reasons = "; ".join(e.reason for e in scan.excluded[: sw.MAX_ERRORS_SHOWN])
+        reasons = "; ".join(e.reason for e in scan.excluded[: MAX_ERRORS_SHOWN])
         raise SatfuseError(f"{src}: no complete {dataset} pair to pack ({len(scan.excluded)} excluded: {reasons}); fix the layout or the split")
     if scan.ignored:
         first = ", ".join(i["path"] for i in scan.ignored[:3])
         log.warning("%s: %d file(s)/folder(s) not used (%s ...); listed in the manifest under 'ignored'", src, len(scan.ignored), first)
     count = _count_limit(scan, maxcount, maxsize)
-    plan = sw.plan_shards(scan.samples, seed, count)  # type: ignore[arg-type]  # any keyed list
+    plan = plan_shards(scan.samples, seed, count)  # type: ignore[arg-type]  # any keyed list
     header = {
         "name": out.name, "dataset": dataset, "seed": seed, "maxcount": count, "label": None,
         "split_file": str(split_file) if split_file else None, "split": split, "planned_shards": len(plan),
@@ -356,18 +315,18 @@ def shard_bands(
         "patch_size": _patch_size(scan), "native_resolution_m": NATIVE_RESOLUTION_M,
         **scan.extras, "ignored": scan.ignored,
     }  # fmt: skip
-    header["plan"] = sw.plan_digest([header, [[s.key for s in shard] for shard in plan]])
-    sw._prepare_out(out, overwrite, {"dataset": dataset})
-    sw._remove_stale(out, out.name, len(plan), part[0] if part else None)
+    header["plan"] = plan_digest([header, [[s.key for s in shard] for shard in plan]])
+    prepare_out(out, overwrite, {"dataset": dataset})
+    remove_stale(out, out.name, len(plan), part[0] if part else None)
     mine = [j for j in range(len(plan)) if part is None or j % part[1] == part[0]]
     s2_bands = len(scan.bands["s2"])
     tasks = [BandShardTask(j, out.name, out, src, dataset, plan[j], exclude_bad, resample, tol_m, s2_bands) for j in mine]
-    records = _run(tasks, workers)
-    sw._raise_on_errors(records, out)
+    records = run_tasks(write_band_shard, tasks, [len(t.samples) for t in tasks], workers)
+    raise_on_errors(records, out)
     scan_excluded = [e.to_dict() for e in scan.excluded]
     command = command if command is not None else sys.argv
     if part is not None:
-        return sw._write_part(out, header, part, records, scan_excluded, command)
-    manifest = sw.build_manifest(header, records, scan_excluded, command)
-    sw.publish_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        return write_part(out, header, part, records, scan_excluded, command)
+    manifest = build(header, records, scan_excluded, command)
+    publish(out, manifest)
     return manifest

@@ -1,4 +1,10 @@
-"""Per-sensor normalisation, explicit and stored with every checkpoint.
+"""Band statistics: measured while packing (exact, mergeable sums) and applied when reading.
+
+One owner for both ends: the sharding tool accumulates per-band sums here (`sample_sums`,
+`add_sums`, `finish_stats` -> manifest `stats`), and the loaders standardise with them
+(`BandStats`, `normalize`).
+
+Per-sensor normalisation is explicit and stored with every checkpoint.
 
 Why explicit: silently dividing by 255 (or not clipping SAR dB) is the classic EO bug. The
 authors clip S1 to [-25, 0] dB and S2 to [0, 10000]; we then standardise per band with the
@@ -11,8 +17,10 @@ slip through (e.g. real SEN12MS S1 nodata) to the band mean (0 after standardisa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -72,3 +80,59 @@ def normalize_into(x: np.ndarray, stats: BandStats, out: np.ndarray) -> None:
     np.clip(out, np.float32(stats.clip[0]), np.float32(stats.clip[1]), out=out)
     out -= mean
     out /= std
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring: stats as exact, mergeable sums (S2 integers, S1 float64 combined in shard order)
+# --------------------------------------------------------------------------------------------
+
+
+def empty_sums(bands: int) -> dict[str, Any]:
+    """The sums of no pixel, for `bands` bands."""
+    return {"sum": [0] * bands, "sumsq": [0] * bands, "min": [None] * bands, "max": [None] * bands, "count": 0}
+
+
+def sample_sums(array: np.ndarray) -> dict[str, Any]:
+    """Per-band sums of one (C, H, W) array: exact Python ints for integer rasters (uint64
+    accumulation of uint32 squares), float64 sums for float rasters."""
+    flat = array.reshape(array.shape[0], -1)
+    if np.issubdtype(array.dtype, np.integer):
+        wide = flat.astype(np.uint64 if flat.dtype.itemsize > 2 else np.uint32)
+        sums = flat.sum(axis=1, dtype=np.uint64)
+        wide *= wide
+        sumsq = wide.sum(axis=1, dtype=np.uint64)
+        conv: Any = int
+    else:
+        x = flat.astype(np.float64)
+        sums, sumsq, conv = x.sum(axis=1), np.einsum("ij,ij->i", x, x), float
+    return {
+        "sum": [conv(v) for v in sums],
+        "sumsq": [conv(v) for v in sumsq],
+        "min": [conv(v) for v in flat.min(axis=1)],
+        "max": [conv(v) for v in flat.max(axis=1)],
+        "count": int(flat.shape[1]),
+    }
+
+
+def add_sums(acc: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """acc + other, in this order (float sums are combined in a fixed order everywhere)."""
+    def pick(a: Any, b: Any, f: Any) -> Any:
+        return b if a is None else a if b is None else f(a, b)
+
+    return {
+        "sum": [a + b for a, b in zip(acc["sum"], other["sum"], strict=True)],
+        "sumsq": [a + b for a, b in zip(acc["sumsq"], other["sumsq"], strict=True)],
+        "min": [pick(a, b, min) for a, b in zip(acc["min"], other["min"], strict=True)],
+        "max": [pick(a, b, max) for a, b in zip(acc["max"], other["max"], strict=True)],
+        "count": acc["count"] + other["count"],
+    }
+
+
+def finish_stats(sums: dict[str, Any]) -> dict[str, Any]:
+    """Sums -> mean/std/min/max/count (population std): a manifest's `stats` entry."""
+    n = sums["count"]
+    if n == 0:
+        return {"mean": [], "std": [], "min": [], "max": [], "count": 0}
+    mean = [s / n for s in sums["sum"]]
+    std = [math.sqrt(max(sq / n - m * m, 0.0)) for sq, m in zip(sums["sumsq"], mean, strict=True)]
+    return {"mean": mean, "std": std, "min": [float(v) for v in sums["min"]], "max": [float(v) for v in sums["max"]], "count": n}

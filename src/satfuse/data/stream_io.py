@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import json
 import logging
 import mmap
 import os
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import webdataset as wds
+
+from satfuse.data.manifest import MANIFEST_NAME, shard_digests
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def verify_digest(path: str, tar: MappedTar) -> str:
 
 def manifest_digests(folder: str) -> dict[str, tuple[str, int]]:
     """{tar name: (sha256, bytes)} from `folder/manifest.json` ({} when absent or unreadable)."""
-    path = os.path.join(folder, "manifest.json")
+    path = os.path.join(folder, MANIFEST_NAME)
     try:
         mtime = os.stat(path).st_mtime_ns
     except OSError:
@@ -150,13 +151,7 @@ def manifest_digests(folder: str) -> dict[str, tuple[str, int]]:
 
 @functools.lru_cache(maxsize=16)
 def _digests(path: str, mtime_ns: int) -> dict[str, tuple[str, int]]:
-    try:
-        with open(path) as fh:
-            shards = json.load(fh).get("shards", [])
-        return {s["name"]: (s["sha256"], int(s.get("bytes", -1))) for s in shards
-                if isinstance(s, dict) and s.get("sha256")}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return {}
+    return shard_digests(path)  # cached per (path, mtime): a rewritten manifest is read again
 
 
 def group_members(tar: MappedTar, members: Iterator[tuple[str, int, int]]) -> ShardIndex:

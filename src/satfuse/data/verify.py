@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from satfuse.data.bands import manifest_bands
 from satfuse.data.layout import EXPECTED_BANDS
-from satfuse.data.shard_writer import FORMAT
+from satfuse.data.manifest import MANIFEST_NAME, load_dir
+from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +32,24 @@ log = logging.getLogger(__name__)
 def verify(shard_dir: Path) -> list[str]:
     """Every problem of the shard set in `shard_dir`, one line each (empty list = all good)."""
     shard_dir = Path(shard_dir)
-    manifest, problems = _load_manifest(shard_dir)
-    if manifest is None:
-        return problems
+    try:
+        manifest = load_dir(shard_dir, f"`satfuse shard verify {shard_dir}`")
+    except SatfuseError as exc:
+        return [str(exc)]
+    problems: list[str] = []
     listed = {s["name"] for s in manifest["shards"]}
     for stray in sorted(p.name for p in shard_dir.glob("*.tar") if p.name not in listed):
         problems.append(f"{shard_dir / stray}: tar not listed in manifest.json; remove it or re-shard")
     total = 0
-    bands = manifest_bands(manifest, str(shard_dir / "manifest.json"))  # 12 S2 bands for BigEarthNet / L2A
+    bands = manifest_bands(manifest, str(shard_dir / MANIFEST_NAME))  # 12 S2 bands for BigEarthNet / L2A
     bar = tqdm(manifest["shards"], desc="verify", unit="shard", disable=not sys.stderr.isatty())
     for entry in bar:
         count, found = _verify_shard(shard_dir / entry["name"], entry, manifest.get("label"), bands, manifest.get("aux", []))
         problems += found
         total += count
     if total != manifest.get("total_samples"):
-        problems.append(f"{shard_dir / 'manifest.json'}: total_samples {manifest.get('total_samples')} but the shards hold {total}; re-shard")
+        problems.append(f"{shard_dir / MANIFEST_NAME}: total_samples {manifest.get('total_samples')} but the shards hold {total}; re-shard")
     return problems
-
-
-def _load_manifest(shard_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    path = shard_dir / "manifest.json"
-    if not shard_dir.is_dir():
-        return None, [f"{shard_dir}: not a directory; pass a shard directory (shards/NAME)"]
-    if not path.is_file():
-        return None, [f"{path}: missing (the sharding run did not finish, or job-array parts were not merged); rerun `satfuse shard` or `satfuse shard merge {shard_dir}`"]
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        return None, [f"{path}: not valid JSON ({exc.__class__.__name__}); rerun `satfuse shard` to rewrite it"]
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
-        return None, [f"{path}: not a {FORMAT} manifest; re-shard with this satfuse version"]
-    return manifest, []
 
 
 def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None, bands: dict[str, list[str]], aux: list[str] | None = None) -> tuple[int, list[str]]:

@@ -38,7 +38,9 @@ from satfuse.checkpoint.rng import capture_rng, restore_rng
 from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, StopFlag
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
-from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
+from satfuse.data.eval_loader import EvalLoader
+from satfuse.data.pretrain_loader import PretrainLoader
+from satfuse.data.shard_sets import resolve_shards
 from satfuse.distributed.env import DistEnv, all_reduce_max_bool, control_group, cuda_index
 from satfuse.distributed.gather import equal_rows
 from satfuse.engines.base import Engine, check_precision

@@ -62,16 +62,11 @@ class LabeledSplit:
 def read_manifest(shard_dir: Path) -> dict:
     """The shard set's manifest.json, or a SatfuseError naming the directory and the fix."""
     shard_dir = Path(shard_dir)
-    path = shard_dir / "manifest.json"
+    path = shard_dir / MANIFEST_NAME
     if not shard_dir.is_dir():
         raise SatfuseError(f"{shard_dir}: shard directory not found; write it with `satfuse shard` "
                            "(or fix data.train_shards / data.test_shards)")
-    if not path.is_file():
-        raise SatfuseError(f"{path}: missing; the shard set is incomplete (re-run `satfuse shard`)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SatfuseError(f"{path}: not valid JSON ({exc.msg}); re-run `satfuse shard`") from exc
+    return load(path, "the DFC2020 pipeline", stats=False)
 
 
 def shard_paths(shard_dir: Path, manifest: dict) -> list[Path]:

@@ -276,7 +276,7 @@ class ShardPart:
 
 def merge_shards(out: str) -> Any:
     """The dependent job after the array: join the part manifests into manifest.json."""
-    from satfuse.data.shard_writer import merge
+    from satfuse.data.manifest import merge
 
     setup_logging()
     log.info("merging shard parts in %s", out)

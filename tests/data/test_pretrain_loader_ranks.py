@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from satfuse.data.reader import PretrainLoader, resolve_shards
+from satfuse.data.pretrain_loader import PretrainLoader
+from satfuse.data.shard_sets import resolve_shards
 from satfuse.distributed.ports import free_port
-from tests.loader.shards import data_cfg, make_shards, sample_ids, truncate
+from tests.data.loader_shards import data_cfg, make_shards, sample_ids, truncate
 
 
 def _rank(rank: int, world: int, port: int, shard_dir: str, out: str) -> None:

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from satfuse.config import PretrainConfig, load_config
-from satfuse.data.reader import PretrainLoader, resolve_shards
+from satfuse.data.pretrain_loader import PretrainLoader
+from satfuse.data.shard_sets import resolve_shards
 from satfuse.utils import SatfuseError
-from tests.loader.shards import data_cfg, make_shards, run_rank, sample_ids
+from tests.data.loader_shards import data_cfg, make_shards, run_rank, sample_ids
 
 B0 = 5000  # ids of set b start here: a row's id tells its set
 

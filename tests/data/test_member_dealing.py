@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from satfuse.data.reader import PretrainLoader, resolve_shards
+from satfuse.data.pretrain_loader import PretrainLoader
+from satfuse.data.shard_sets import resolve_shards
 from satfuse.data.stream_plan import make_plan, runs_size
 from satfuse.distributed.ports import free_port
-from tests.loader.shards import data_cfg, make_shards, sample_ids
+from tests.data.loader_shards import data_cfg, make_shards, sample_ids
 
 TOTAL, STOP = 96, 3  # one shard of 96 samples; the first run stops after 3 batches per rank
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from satfuse.data.reader import PretrainLoader, resolve_shards
+from satfuse.data.pretrain_loader import PretrainLoader
+from satfuse.data.shard_sets import resolve_shards
 from satfuse.utils import SatfuseError
-from tests.loader.shards import data_cfg, run_rank, sample_ids
+from tests.data.loader_shards import data_cfg, run_rank, sample_ids
 
 
 def test_directory_spec(shard_dir: Path) -> None:

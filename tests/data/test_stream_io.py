@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from satfuse.data.reader import PretrainLoader, resolve_shards
+from satfuse.data.pretrain_loader import PretrainLoader
+from satfuse.data.shard_sets import resolve_shards
 from satfuse.data.stream_io import (
     MemberRef,
     ShardCache,
@@ -21,7 +22,7 @@ from satfuse.data.stream_io import (
     read_shard,
 )
 from satfuse.utils import SatfuseError
-from tests.loader.shards import data_cfg, make_sample, make_shards, run_rank, truncate
+from tests.data.loader_shards import data_cfg, make_sample, make_shards, run_rank, truncate
 
 
 def tarfile_members(path: Path) -> list[tuple[str, int, int]]:

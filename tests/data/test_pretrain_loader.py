@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from satfuse.data.reader import PretrainLoader, resolve_shards
+from satfuse.data.pretrain_loader import PretrainLoader
+from satfuse.data.shard_sets import resolve_shards
 from satfuse.utils import SatfuseError
-from tests.loader.shards import S2_STATS, data_cfg, make_shards, run_rank, sample_ids, truncate
+from tests.data.loader_shards import S2_STATS, data_cfg, make_shards, run_rank, sample_ids, truncate
 
 TOTAL = 137
 

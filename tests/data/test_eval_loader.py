@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from satfuse.data.reader import EvalLoader, resolve_shards
+from satfuse.data.eval_loader import EvalLoader
+from satfuse.data.shard_sets import resolve_shards
 from satfuse.utils import SatfuseError
-from tests.loader.shards import data_cfg, make_shards, sample_ids
+from tests.data.loader_shards import data_cfg, make_shards, sample_ids
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])

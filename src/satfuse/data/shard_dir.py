@@ -1,0 +1,107 @@
+"""The output directory of a sharding run: claiming it, refusing someone else's, removing stale files.
+
+One job, shared by both writers: `check_paths` before the scan, `prepare_out` (refuse a
+non-empty directory that is not a shard directory, or one holding another shard set, unless
+`--overwrite`, which empties it first) and `remove_stale` (an old manifest must not describe
+a changing directory; tars past the new plan must not be picked up by a glob).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from satfuse.data.layout import MAX_SHOWN
+from satfuse.data.manifest import (
+    FORMAT,
+    MANIFEST_NAME,
+    OWNER_FILE,
+    PART_GLOB,
+    STATE_DIR,
+    is_own_file,
+    sidecar_path,
+    tar_name_pattern,
+)
+from satfuse.utils import SatfuseError, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def check_paths(src: Path, out: Path) -> None:
+    """Refuse an output inside the source (or containing it), or one that is a file."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents:
+        raise SatfuseError(f"{out}: output is inside the source {src}; write shards outside the dataset tree (e.g. shards/NAME)")
+    if o in s.parents:
+        raise SatfuseError(f"{out}: output contains the source {src}; choose an output directory outside it")
+    if out.exists() and not out.is_dir():
+        raise SatfuseError(f"{out}: exists and is not a directory; choose another --out")
+
+
+def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
+    """Claim the output directory: refuse someone else's non-empty dir, or one holding
+    another shard set (another dataset, or tars of another name), unless `overwrite`, which
+    empties it first so no old tar is left behind for a glob to pick up."""
+    marker = out / STATE_DIR / OWNER_FILE
+    if out.is_dir() and not overwrite:
+        if not marker.is_file() and not only_our_files(out):
+            raise SatfuseError(f"{out}: not empty and not a satfuse shard directory; choose an empty --out or pass --overwrite to replace its contents")
+        if (other := other_shard_set(out, settings)) is not None:
+            raise SatfuseError(f"{out}: holds another shard set ({other}); choose another --out or pass --overwrite to replace it")
+    if overwrite and out.is_dir() and any(out.iterdir()):
+        log.warning("%s: --overwrite: removing its contents", out)
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        atomic_write_text(marker, json.dumps({"format": FORMAT, "name": out.name, **settings}, indent=1))
+
+
+def other_shard_set(out: Path, settings: dict[str, Any]) -> str | None:
+    """What says `out` holds a shard set other than the one about to be written, or None."""
+    marker = out / STATE_DIR / OWNER_FILE
+    if marker.is_file():
+        try:
+            owner = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            owner = {}
+        if owner.get("dataset", settings["dataset"]) != settings["dataset"]:
+            return f"dataset {owner.get('dataset')!r} per {marker}, this run packs {settings['dataset']!r}"
+        if owner.get("name", out.name) != out.name:
+            return f"name {owner.get('name')!r} per {marker}"
+    manifest = out / MANIFEST_NAME
+    if manifest.is_file():
+        try:
+            doc = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            doc = {}
+        if doc.get("dataset", settings["dataset"]) != settings["dataset"] or doc.get("name", out.name) != out.name:
+            return f"{doc.get('dataset')!r} shards named {doc.get('name')!r} per {manifest}"
+    ours = tar_name_pattern(out.name)
+    strays = sorted(p.name for p in out.glob("*.tar*") if not ours.match(p.name))
+    if strays:
+        return f"tars of another name: {', '.join(strays[:MAX_SHOWN])}{' ...' if len(strays) > MAX_SHOWN else ''}"
+    return None
+
+
+def only_our_files(out: Path) -> bool:
+    """True for an empty dir or one holding only what this tool writes (a job-array part
+    may look while another part has created `.satfuse/` but not yet its marker)."""
+    return all(is_own_file(out, child.name) for child in out.iterdir())
+
+
+def remove_stale(out: Path, name: str, num_planned: int, part: int | None) -> None:
+    """Before writing: a stale manifest must not describe a changing directory; shards past
+    the new plan (from an older, larger run) must not be picked up by a glob."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    if part is None:
+        for p in out.glob(PART_GLOB):
+            p.unlink()
+    for tar in out.glob(f"{name}-*.tar"):
+        stem = tar.name[len(name) + 1 : -4]
+        if stem.isdigit() and int(stem) >= num_planned:
+            tar.unlink(missing_ok=True)
+            sidecar_path(out, tar.name).unlink(missing_ok=True)
