@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from satfuse.data.layout import make_key, patch_path, read_split, scan
+from satfuse.data.layout import make_key, patch_path
+from satfuse.data.split_lists import read_split
+from satfuse.data.tree_scan import scan
 from satfuse.utils import SatfuseError
 
 

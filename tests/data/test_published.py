@@ -18,9 +18,11 @@ import pytest
 import rasterio
 
 from satfuse.cli import main
-from satfuse.data.layout import patch_path, read_split, scan
+from satfuse.data.layout import patch_path
 from satfuse.data.shard_writer import shard_dataset
+from satfuse.data.split_lists import read_split
 from satfuse.data.synth import write_dfc2020, write_sen12ms
+from satfuse.data.tree_scan import scan
 from satfuse.data.verify import verify
 from satfuse.utils import SatfuseError
 

@@ -10,7 +10,8 @@ import pytest
 import rasterio
 
 from satfuse.data import synth
-from satfuse.data.layout import IGBP2DFC, scan
+from satfuse.data.layout import IGBP2DFC
+from satfuse.data.tree_scan import scan
 from satfuse.utils import SatfuseError
 
 

@@ -89,7 +89,7 @@ def per_file_reads(raw: Path) -> tuple[float, int]:
     """Reference: open and read both GeoTIFFs of every pair with rasterio."""
     import rasterio
 
-    from satfuse.data.layout import scan
+    from satfuse.data.tree_scan import scan
 
     pairs = scan(raw, "sen12ms").pairs
     t0 = time.perf_counter()

@@ -22,9 +22,10 @@ from typing import Any
 
 import rasterio
 
-from satfuse.data.layout import Pair, scan
+from satfuse.data.layout import Pair
 from satfuse.data.shard_writer import shard_dataset
 from satfuse.data.synth import write_sen12ms
+from satfuse.data.tree_scan import scan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

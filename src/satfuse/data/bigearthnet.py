@@ -204,11 +204,9 @@ def _scan_v1(root: Path, split_file: Path | None, split: str | None) -> BandScan
             continue
         s2_dir, s1_dir = s2_root / s2, s1_root / s1
         used.update((s2, s1))
-        s2_files = [(b, s2_dir / f"{s2}_{f}.tif") for b, f in zip(S2_BANDS, S2_FILES, strict=True)]
-        s1_files = [(b, s1_dir / f"{s1}_{b}.tif") for b in S1_BANDS]
-        missing = [str(p.relative_to(root)) for _, p in s2_files + s1_files if not p.is_file()]
-        if missing:
-            excluded.append(Excluded(key, f"missing: {len(missing)} band file(s) of the pair ({missing[0]} ...); re-extract the archives", missing))
+        s2_files, s1_files, missing = _band_files(key, root, s2_dir, s2, s1_dir, s1)
+        if missing is not None:
+            excluded.append(missing)
             continue
         labels43 = _v1_labels(s2_dir / f"{s2}_labels_metadata.json", s1_dir / f"{s1}_labels_metadata.json")
         meta: dict[str, Any] = {"s2_name": s2, "s1_name": s1}
@@ -223,6 +221,16 @@ def _scan_v1(root: Path, split_file: Path | None, split: str | None) -> BandScan
     else:
         ignored += [{"path": str(d.relative_to(root)), "reason": f"not in the pair list ({source})"} for d in unused]
     return BandScan("bigearthnet", samples, excluded, sorted(ignored, key=lambda i: i["path"]), {"s1": list(S1_BANDS), "s2": list(S2_BANDS)}, extras)
+
+
+def _band_files(key: str, root: Path, s2_dir: Path, s2: str, s1_dir: Path, s1: str) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]], Excluded | None]:
+    """(S2 band files, S1 band files, the exclusion naming the missing ones or None) of a pair."""
+    s2_files = [(b, s2_dir / f"{s2}_{f}.tif") for b, f in zip(S2_BANDS, S2_FILES, strict=True)]
+    s1_files = [(b, s1_dir / f"{s1}_{b}.tif") for b in S1_BANDS]
+    missing = [str(p.relative_to(root)) for _, p in s2_files + s1_files if not p.is_file()]
+    if not missing:
+        return s2_files, s1_files, None
+    return s2_files, s1_files, Excluded(key, f"missing: {len(missing)} band file(s) of the pair ({missing[0]} ...); re-extract the archives", missing)
 
 
 def _v1_labels(*jsons: Path) -> list[int] | None:
@@ -292,11 +300,9 @@ def _scan_v2(root: Path, split_file: Path | None, split: str | None) -> BandScan
         s2_dir = root / V2_S2_DIR / v2_s2_folder(pid) / pid
         s1 = row["s1_name"]
         s1_dir = root / V2_S1_DIR / v2_s1_folder(s1) / s1
-        s2_files = [(b, s2_dir / f"{pid}_{f}.tif") for b, f in zip(S2_BANDS, S2_FILES, strict=True)]
-        s1_files = [(b, s1_dir / f"{s1}_{b}.tif") for b in S1_BANDS]
-        missing = [str(p.relative_to(root)) for _, p in s2_files + s1_files if not p.is_file()]
-        if missing:
-            excluded.append(Excluded(key, f"missing: {len(missing)} band file(s) of the pair ({missing[0]} ...); re-extract the archives", missing))
+        s2_files, s1_files, missing = _band_files(key, root, s2_dir, pid, s1_dir, s1)
+        if missing is not None:
+            excluded.append(missing)
             continue
         labels = list(row["labels"] or [])
         meta = {

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import rasterio
 
+from satfuse.data import shard_plan
 from satfuse.data.layout import Excluded
 from satfuse.data.manifest import FORMAT, build, publish, write_part
 from satfuse.data.raster import BadData, NotColocated, npy_buffer
@@ -49,14 +50,6 @@ from satfuse.data.resample import (
     read_resampled,
 )
 from satfuse.data.shard_dir import check_paths, prepare_out, remove_stale
-from satfuse.data.shard_plan import (
-    MAX_ERRORS_SHOWN,
-    check_args,
-    plan_digest,
-    plan_shards,
-    raise_on_errors,
-    run_tasks,
-)
 from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
 from satfuse.utils import SatfuseError
 
@@ -206,7 +199,7 @@ class BandShardTask:
 def _task_digest(task: BandShardTask) -> str:
     """What a shard's bytes depend on: samples, their files' sizes and mtimes, settings."""
     items = [[s.key, s.meta, file_stamps(s.files, task.src)] for s in task.samples]
-    return plan_digest([FORMAT, task.dataset, task.method, task.tol_m, items])
+    return shard_plan.plan_digest([FORMAT, task.dataset, task.method, task.tol_m, items])
 
 
 def _items(task: BandShardTask) -> Iterator[Item]:
@@ -295,17 +288,17 @@ def shard_bands(
         raise SatfuseError(f"--resample {resample!r}: use one of {list(METHODS)}")
     if not tol_m >= 0:
         raise SatfuseError(f"--colocation-tol-m {tol_m}: must be >= 0 metres")
-    part = check_args(maxcount, maxsize, workers, shard_index, num_shards)
+    part = shard_plan.check_args(maxcount, maxsize, workers, shard_index, num_shards)
     check_paths(src, out)
     scan = scan_dataset(dataset, src, split_file=split_file, split=split, s2_level=s2_level, max_gap_days=max_gap_days)
     if not scan.samples:
-        reasons = "; ".join(e.reason for e in scan.excluded[: MAX_ERRORS_SHOWN])
+        reasons = "; ".join(e.reason for e in scan.excluded[: shard_plan.MAX_ERRORS_SHOWN])
         raise SatfuseError(f"{src}: no complete {dataset} pair to pack ({len(scan.excluded)} excluded: {reasons}); fix the layout or the split")
     if scan.ignored:
         first = ", ".join(i["path"] for i in scan.ignored[:3])
         log.warning("%s: %d file(s)/folder(s) not used (%s ...); listed in the manifest under 'ignored'", src, len(scan.ignored), first)
     count = _count_limit(scan, maxcount, maxsize)
-    plan = plan_shards(scan.samples, seed, count)  # type: ignore[arg-type]  # any keyed list
+    plan = shard_plan.plan_shards(scan.samples, seed, count)  # type: ignore[arg-type]  # any keyed list
     header = {
         "name": out.name, "dataset": dataset, "seed": seed, "maxcount": count, "label": None,
         "split_file": str(split_file) if split_file else None, "split": split, "planned_shards": len(plan),
@@ -315,14 +308,14 @@ def shard_bands(
         "patch_size": _patch_size(scan), "native_resolution_m": NATIVE_RESOLUTION_M,
         **scan.extras, "ignored": scan.ignored,
     }  # fmt: skip
-    header["plan"] = plan_digest([header, [[s.key for s in shard] for shard in plan]])
+    header["plan"] = shard_plan.plan_digest([header, [[s.key for s in shard] for shard in plan]])
     prepare_out(out, overwrite, {"dataset": dataset})
     remove_stale(out, out.name, len(plan), part[0] if part else None)
     mine = [j for j in range(len(plan)) if part is None or j % part[1] == part[0]]
     s2_bands = len(scan.bands["s2"])
     tasks = [BandShardTask(j, out.name, out, src, dataset, plan[j], exclude_bad, resample, tol_m, s2_bands) for j in mine]
-    records = run_tasks(write_band_shard, tasks, [len(t.samples) for t in tasks], workers)
-    raise_on_errors(records, out)
+    records = shard_plan.run_tasks(write_band_shard, tasks, [len(t.samples) for t in tasks], workers)
+    shard_plan.raise_on_errors(records, out)
     scan_excluded = [e.to_dict() for e in scan.excluded]
     command = command if command is not None else sys.argv
     if part is not None:

@@ -47,7 +47,7 @@ import rasterio
 from rasterio.errors import RasterioError
 
 from satfuse.data import manifest as mf
-from satfuse.data.layout import MAX_SHOWN, Pair, scan_dataset
+from satfuse.data.layout import MAX_SHOWN, Pair
 from satfuse.data.raster import Prefetcher, Raster
 from satfuse.data.shard_dir import check_paths, prepare_out, remove_stale
 from satfuse.data.shard_plan import (
@@ -59,6 +59,7 @@ from satfuse.data.shard_plan import (
     run_tasks,
 )
 from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
+from satfuse.data.tree_scan import scan_dataset
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

@@ -46,17 +46,8 @@ import rasterio
 from rasterio.transform import Affine
 from tqdm import tqdm
 
-from satfuse.data.layout import (
-    DFC2020_ROIS,
-    IGBP2DFC,
-    SEN12MS_ROIS,
-    patch_path,
-    season_of,
-    write_list_pkl,
-    write_list_txt,
-    write_scene_list,
-    write_split,
-)
+from satfuse.data.layout import DFC2020_ROIS, IGBP2DFC, SEN12MS_ROIS, patch_path, season_of
+from satfuse.data.split_lists import write_list_pkl, write_list_txt, write_scene_list, write_split
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ the classes that vanish are reported (log + result.json `classes_missing_in_trai
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import tarfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from satfuse.data.manifest import MANIFEST_NAME, load
 from satfuse.evaluation.targets import IGNORE, N_CLASSES, label_map_from_member, single_label
 from satfuse.utils import SatfuseError
 
