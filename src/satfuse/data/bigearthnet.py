@@ -42,8 +42,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from satfuse.data.band_scan import BandSample, BandScan
 from satfuse.data.layout import Excluded
-from satfuse.data.multiband import BandSample, BandScan
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 from satfuse.data import multiband_cli
+from satfuse.data.band_scan import BAND_DATASETS
 from satfuse.utils import SatfuseError
-
-BAND_DATASETS = ("ssl4eo-s12", "bigearthnet", "bigearthnet-v2")  # one GeoTIFF per band (data.multiband)
 
 log = logging.getLogger(__name__)
 

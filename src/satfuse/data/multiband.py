@@ -26,7 +26,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 import rasterio
 
 from satfuse.data import shard_plan
-from satfuse.data.layout import Excluded
+from satfuse.data.band_scan import BAND_DATASETS, BandSample, BandScan
 from satfuse.data.manifest import FORMAT, build, publish, write_part
 from satfuse.data.raster import BadData, NotColocated, npy_buffer
 from satfuse.data.resample import (
@@ -55,7 +55,6 @@ from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("ssl4eo-s12", "bigearthnet", "bigearthnet-v2")
 # Sentinel-2 native band resolutions (S1 GRD: 10 m) - what the files hold before resampling.
 NATIVE_RESOLUTION_M = {
     "B1": 60, "B2": 10, "B3": 10, "B4": 10, "B5": 20, "B6": 20, "B7": 20, "B8": 10, "B8A": 20,
@@ -66,38 +65,6 @@ GRID_RULE = (
     "with the most pixels, a 10 m band) after its footprint, reprojected to a metric CRS, lies within "
     "tolerance_m + half its own pixel of the reference footprint; output CRS/transform = the reference band's"
 )
-
-
-@dataclass
-class BandSample:
-    """One S1/S2 pair stored as per-band files: (canonical band name, file) in output order."""
-
-    key: str
-    s1: list[tuple[str, Path]]
-    s2: list[tuple[str, Path]]
-    meta: dict[str, Any] = field(default_factory=dict)  # dataset fields for the sample JSON
-
-    @property
-    def files(self) -> list[Path]:
-        return [p for _, p in self.s1] + [p for _, p in self.s2]
-
-
-@dataclass
-class BandScan:
-    """What a per-band dataset scan found."""
-
-    dataset: str
-    samples: list[BandSample]
-    excluded: list[Excluded]
-    ignored: list[dict[str, str]]  # {"path", "reason"}: files/folders not used
-    bands: dict[str, list[str]]
-    extras: dict[str, Any] = field(default_factory=dict)  # manifest fields of the dataset
-
-
-def canonical_band(name: str) -> str:
-    """`B01` -> `B1`, `B8A` -> `B8A`, `vv` -> `VV`: one spelling across datasets."""
-    up = name.upper()
-    return f"B{int(up[1:])}" if up.startswith("B") and up[1:].isdigit() else up
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +204,7 @@ def scan_dataset(dataset: str, src: Path, *, split_file: Path | None, split: str
         from satfuse.data.bigearthnet import scan_bigearthnet
 
         return scan_bigearthnet(src, version=2 if dataset == "bigearthnet-v2" else 1, split_file=split_file, split=split)
-    raise SatfuseError(f"unknown per-band dataset {dataset!r}; use one of {list(DATASETS)}")
+    raise SatfuseError(f"unknown per-band dataset {dataset!r}; use one of {list(BAND_DATASETS)}")
 
 
 def _patch_size(scan: BandScan) -> list[int] | None:

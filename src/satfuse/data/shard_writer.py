@@ -47,6 +47,7 @@ import rasterio
 from rasterio.errors import RasterioError
 
 from satfuse.data import manifest as mf
+from satfuse.data.band_scan import BAND_DATASETS
 from satfuse.data.layout import MAX_SHOWN, Pair
 from satfuse.data.raster import Prefetcher, Raster
 from satfuse.data.shard_dir import check_paths, prepare_out, remove_stale
@@ -64,7 +65,6 @@ from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
-BAND_DATASETS = ("ssl4eo-s12", "bigearthnet", "bigearthnet-v2")  # one GeoTIFF per band
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Reading samples out of WebDataset shard tars, and decoding them, for the streaming loader.
 
+One job (index, map, read and decode shard members); it is long because it parses USTAR
+headers itself and keeps a tarfile fallback with the same errors.
+
 Why not `webdataset.WebDataset(...).decode()`: exact resume needs to address samples by
 their index inside a shard and to skip what was consumed without decoding it, and stock
 `.decode()` of our `.npy` members is ~4x slower than `np.frombuffer` on the member bytes.
