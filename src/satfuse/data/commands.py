@@ -114,7 +114,7 @@ def slurm_array_defaults(env: dict[str, str] | None = None) -> tuple[int | None,
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from satfuse.data.manifest import summary
+    from satfuse.data.manifest import MANIFEST_NAME, summary
     from satfuse.data.shard_plan import quiet_gdal
     from satfuse.data.shard_writer import shard_dataset
 
@@ -137,7 +137,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         n = sum(r["count"] for r in result["records"])
         log.info("part %d of %d: packed %d pairs into %d shards; run `satfuse shard merge %s` after the last part", result["part"], result["num_parts"], n, len(result["records"]), args.out)
         return 0
-    log.info("%s -> %s", summary(result), args.out / "manifest.json")
+    log.info("%s -> %s", summary(result), args.out / MANIFEST_NAME)
     return 0
 
 
@@ -157,8 +157,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from satfuse.data.manifest import merge, summary
+    from satfuse.data.manifest import MANIFEST_NAME, merge, summary
 
     manifest = merge(args.dir, command=["satfuse", *sys.argv[1:]])
-    log.info("merged: %s -> %s", summary(manifest), args.dir / "manifest.json")
+    log.info("merged: %s -> %s", summary(manifest), args.dir / MANIFEST_NAME)
     return 0

@@ -153,7 +153,7 @@ _CACHE: dict[tuple, LabeledSplit] = {}
 def load_split_cached(shard_dir: str | Path, center_crop: int = 0) -> LabeledSplit:
     """`load_split`, memoised per process on (path, manifest mtime, crop): sweeps read once."""
     p = Path(shard_dir).resolve()
-    mtime = (p / "manifest.json").stat().st_mtime_ns if (p / "manifest.json").exists() else 0
+    mtime = (p / MANIFEST_NAME).stat().st_mtime_ns if (p / MANIFEST_NAME).exists() else 0
     key = (str(p), mtime, center_crop)
     if key not in _CACHE:
         if len(_CACHE) >= 4:
