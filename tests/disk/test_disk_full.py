@@ -22,7 +22,8 @@ from satfuse.checkpoint.layout import (
     list_partial,
     read_latest,
 )
-from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+from satfuse.checkpoint.manager import CheckpointManager
+from satfuse.checkpoint.state import ModelOptimState
 from satfuse.cli import main
 from satfuse.utils import SatfuseError
 
