@@ -368,7 +368,8 @@ class Trainer:
                 if str(self.cfg.checkpoint.resume).strip().lower() in ("none", "", "false"):
                     prepare_fresh_start(self.run_dir, self.cfg.checkpoint.force_new_run)
             except (SatfuseError, OSError) as exc:
-                error = str(exc) if isinstance(exc, SatfuseError) else f"{self.run_dir}: {exc}"
+                error = str(exc) if isinstance(exc, SatfuseError) else str(
+                    _write_error(exc, self.run_dir, 4096, "claiming the run_dir (its lease file)"))
                 if self.lease is not None:
                     self.lease.release()  # deletes the lease only if it is ours
                 self.lease = None
