@@ -120,7 +120,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class DeepSpeedSection:
+class DeepSpeedConfig:
     config: str = "hpc/deepspeed/zero1_fp32.json"  # DeepSpeed JSON/YAML config
     zero_stage: int = -1  # -1: take it from the DeepSpeed config file
 
@@ -142,7 +142,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from satfuse.checkpoint.layout import checkpoint_problems, list_partial, read_latest
-from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+from satfuse.checkpoint.manager import CheckpointManager
+from satfuse.checkpoint.state import ModelOptimState
 from satfuse.utils import SatfuseError
 from tests.checkpoint import launch
 from tests.checkpoint.toy_train import ToyModel
@@ -117,7 +118,8 @@ def test_file_size_limit_during_save_keeps_previous_checkpoint(tmp_path: Path) -
     script = textwrap.dedent(f"""
         import resource, signal, torch
         from pathlib import Path
-        from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+        from satfuse.checkpoint.manager import CheckpointManager
+        from satfuse.checkpoint.state import ModelOptimState
         from satfuse.utils import SatfuseError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         m = torch.nn.Linear(4, 4)

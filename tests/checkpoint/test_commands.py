@@ -90,7 +90,8 @@ def test_export_cli_with_builder_and_bad_inputs(reference: Reference, tmp_path: 
 def test_export_of_a_real_pretraining_model_with_the_default_builder(tmp_path: Path) -> None:
     """The path `satfuse ckpt export` takes for `satfuse pretrain` checkpoints: the model is
     rebuilt from meta.json's config (satfuse.models.build_pretrain_model)."""
-    from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+    from satfuse.checkpoint.manager import CheckpointManager
+    from satfuse.checkpoint.state import ModelOptimState
     from satfuse.config import ModelConfig, PretrainConfig, to_dict
     from satfuse.models import build_pretrain_model
 

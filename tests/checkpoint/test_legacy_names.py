@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+from satfuse.checkpoint.manager import CheckpointManager
+from satfuse.checkpoint.state import ModelOptimState
 from satfuse.config import ModelConfig, PretrainConfig, to_dict
 from satfuse.models import build_pretrain_model
 from satfuse.models.backbones import ResNet

@@ -18,7 +18,7 @@ import torch
 
 from satfuse.checkpoint.layout import checkpoint_problems, list_partial, read_latest, read_meta
 from satfuse.checkpoint.manager import CheckpointManager
-from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE
+from satfuse.engines.signals import REQUEUE_EXIT_CODE
 from tests.checkpoint import launch
 from tests.checkpoint.conftest import EVERY, STEPS, Reference
 

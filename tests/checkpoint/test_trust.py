@@ -21,7 +21,7 @@ import torch
 
 from satfuse.checkpoint import commands
 from satfuse.checkpoint.layout import DCP_METADATA, META_NAME
-from satfuse.checkpoint.manager import _load_rank_state
+from satfuse.checkpoint.state import load_rank_state
 from satfuse.checkpoint.trust import TRUST_FLAG, read_dcp_metadata
 from satfuse.evaluation.pretrained import load_pretrained
 from satfuse.utils import SatfuseError
@@ -75,7 +75,7 @@ def ckpt_cli(argv: list[str]) -> int:
 
 def test_rank_state_of_a_real_run_loads_weights_only(run: Path) -> None:
     """What satfuse writes is plain data: nothing to trust for its own files."""
-    state = _load_rank_state(run / STEP / "rank_00000.pt")
+    state = load_rank_state(run / STEP / "rank_00000.pt")
     assert state["step"] == 4 and set(state) >= {"loader", "rng", "engine"}
     assert read_dcp_metadata(run / STEP / DCP_METADATA).state_dict_metadata
 
@@ -149,7 +149,8 @@ def test_finetune_cli_flag_reaches_the_config() -> None:
 
 def test_crafted_dcp_metadata_is_refused_by_resume_and_export(run: Path, tmp_path: Path) -> None:
     from satfuse.checkpoint.export import export_backbones
-    from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+    from satfuse.checkpoint.manager import CheckpointManager
+    from satfuse.checkpoint.state import ModelOptimState
     from satfuse.config import ModelConfig
     from satfuse.models import build_pretrain_model
 
@@ -199,12 +200,13 @@ def test_crafted_rank_file_unit(tmp_path: Path) -> None:
     torch.save({"step": 1, "x": Planted(marker)}, buf)
     (tmp_path / "rank_00000.pt").write_bytes(buf.getvalue())
     with pytest.raises(SatfuseError, match=r"rank_00000.pt: refused: it holds Python objects, not only tensors and containers \(GLOBAL io.open\)"):
-        _load_rank_state(tmp_path / "rank_00000.pt")
+        load_rank_state(tmp_path / "rank_00000.pt")
     assert not marker.exists()
 
 
 def _load_into_fresh_model(run: Path) -> dict:
-    from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+    from satfuse.checkpoint.manager import CheckpointManager
+    from satfuse.checkpoint.state import ModelOptimState
     from satfuse.config import ModelConfig
     from satfuse.models import build_pretrain_model
 
@@ -217,15 +219,15 @@ def test_fast_reader_falls_back_on_parse_errors_only_and_says_so(
         run: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A file the mmap reader cannot parse goes to DCP's own reader with a warning naming it
     (same weights); any other exception is a bug and propagates."""
-    from satfuse.checkpoint import manager
+    from satfuse.checkpoint import dcp_storage
 
     expected = _load_into_fresh_model(run)
 
     def unparsable(self, storage, view, item):
         raise ValueError("an item layout this parser does not know")
 
-    monkeypatch.setattr(manager._MmapReader, "_item_tensor", unparsable)
-    with caplog.at_level(logging.WARNING, logger="satfuse.checkpoint.manager"):
+    monkeypatch.setattr(dcp_storage.MmapReader, "_item_tensor", unparsable)
+    with caplog.at_level(logging.WARNING, logger="satfuse.checkpoint.dcp_storage"):
         got = _load_into_fresh_model(run)
     assert "fast read not possible (ValueError: an item layout this parser does not know), " \
            "reading it with DCP's reader" in caplog.text
@@ -234,7 +236,7 @@ def test_fast_reader_falls_back_on_parse_errors_only_and_says_so(
     def bug(self, storage, view, item):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(manager._MmapReader, "_item_tensor", bug)
+    monkeypatch.setattr(dcp_storage.MmapReader, "_item_tensor", bug)
     with pytest.raises(SatfuseError, match="loading the checkpoint failed") as info:
         _load_into_fresh_model(run)
     failures = repr(info.value.__cause__.failures)  # DCP's per-rank errors: the bug itself

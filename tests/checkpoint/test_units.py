@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from satfuse.checkpoint.layout import list_checkpoints, read_latest, read_meta
-from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
-from satfuse.checkpoint.rng import capture_rng, restore_rng
-from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
+from satfuse.checkpoint.manager import CheckpointManager
+from satfuse.checkpoint.state import ModelOptimState
+from satfuse.engines.rng import capture_rng, restore_rng
+from satfuse.engines.signals import REQUEUE_EXIT_CODE, StopFlag
 
 
 def draws() -> tuple[float, float, list[float]]:
@@ -93,7 +94,7 @@ def test_mmap_reader_loads_the_same_as_dcps_stock_reader(tmp_path: Path, monkeyp
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    from satfuse.checkpoint.manager import _MmapReader
+    from satfuse.checkpoint.dcp_storage import MmapReader
 
     torch.manual_seed(1)
     src = {"w": torch.randn(37, 5), "i": torch.arange(11, dtype=torch.int64), "extra": {"epoch": 3, "s": "x"}}
@@ -105,7 +106,7 @@ def test_mmap_reader_loads_the_same_as_dcps_stock_reader(tmp_path: Path, monkeyp
     fast, stock = fresh(), fresh()
     with monkeypatch.context() as mp:  # the fast path must not fall back to the stock one
         mp.setattr(FileSystemReader, "read_data", lambda *a: pytest.fail("fell back to DCP's reader"))
-        dcp.load(fast, storage_reader=_MmapReader(tmp_path / "c"), no_dist=True)
+        dcp.load(fast, storage_reader=MmapReader(tmp_path / "c"), no_dist=True)
     dcp.load(stock, storage_reader=FileSystemReader(tmp_path / "c"), no_dist=True)
     assert torch.equal(fast["w"], src["w"]) and torch.equal(fast["i"], src["i"])
     assert torch.equal(fast["w"], stock["w"]) and fast["extra"] == stock["extra"] == src["extra"]
@@ -150,17 +151,17 @@ def test_writer_output_is_stock_dcp_and_its_records_match_the_disk(tmp_path: Pat
 
 def test_a_shard_cut_short_after_writing_fails_the_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Records taken while writing are checked against the disk before the commit."""
-    from satfuse.checkpoint import manager as mgr_mod
+    from satfuse.checkpoint import dcp_storage
     from satfuse.utils import SatfuseError
 
-    real_sync = mgr_mod._Crc32File.sync
+    real_sync = dcp_storage.Crc32File.sync
 
-    def sync_then_truncate(self: mgr_mod._Crc32File) -> dict:
+    def sync_then_truncate(self: dcp_storage.Crc32File) -> dict:
         record = real_sync(self)
         os.truncate(self.path, record["size"] - 1)
         return record
 
-    monkeypatch.setattr(mgr_mod._Crc32File, "sync", sync_then_truncate)
+    monkeypatch.setattr(dcp_storage.Crc32File, "sync", sync_then_truncate)
     mgr = CheckpointManager(tmp_path)
     with pytest.raises(SatfuseError, match="saving step 1 failed.*bytes on disk"):
         save_steps(mgr, [1])

@@ -32,9 +32,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
-from satfuse.checkpoint.rng import capture_rng, restore_rng
-from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, StopFlag
+from satfuse.checkpoint.manager import CheckpointManager
+from satfuse.checkpoint.state import ModelOptimState
+from satfuse.engines.rng import capture_rng, restore_rng
+from satfuse.engines.signals import REQUEUE_EXIT_CODE, StopFlag
 
 EPOCH_SIZE = 48
 PER_RANK_BATCH = 2

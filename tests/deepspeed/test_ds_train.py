@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from satfuse.checkpoint.deepspeed_export import export_deepspeed_backbones, fp32_state_dict
+from satfuse.checkpoint.deepspeed_export import fp32_state_dict
+from satfuse.checkpoint.export import export_backbones
 from satfuse.checkpoint.layout import checkpoint_problems, read_meta
 from tests.engines.ranks import kill_all, logs, metrics, run_ranks, start_ranks, wait_for_step
 
@@ -134,7 +135,7 @@ def test_export_consolidates_fp32_backbones(runs, tmp_path):
     ds_own = deepspeed_zero_to_fp32(runs["zero1"], STEPS, tmp_path / "zero_to_fp32")
     for name in ("zero0", "zero1"):
         out = tmp_path / f"{name}.pt"
-        summary = export_deepspeed_backbones(ckpt(runs[name], STEPS), out)
+        summary = export_backbones(ckpt(runs[name], STEPS), out)
         assert summary["kind"] == "deepspeed" and summary["backbones"] == ["s1", "s2"]
         doc = torch.load(out, weights_only=True)
         for branch in ("s1", "s2"):

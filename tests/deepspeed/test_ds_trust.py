@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from satfuse.checkpoint.deepspeed_export import export_deepspeed_backbones
+from satfuse.checkpoint.export import export_backbones
 from satfuse.checkpoint.trust import TRUST_FLAG
 from satfuse.utils import SatfuseError
 from tests.checkpoint.planted import Planted, rerecord
@@ -67,7 +67,7 @@ def test_crafted_deepspeed_optimizer_file_is_refused_by_export(ds_run: Path, tmp
     ckpt = plant(ds_run / STEP, tmp_path / "step_00000004", name, marker)
     out = tmp_path / "b.pt"
     with pytest.raises(SatfuseError, match=rf"{name}: refused: .*builtins.open|{name}: refused: .*io.open"):
-        export_deepspeed_backbones(ckpt, out)
+        export_backbones(ckpt, out)
     assert not marker.exists() and not out.exists()
-    export_deepspeed_backbones(ckpt, out, trust=True)
+    export_backbones(ckpt, out, trust=True)
     assert marker.exists() and out.is_file()

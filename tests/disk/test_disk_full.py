@@ -22,7 +22,8 @@ from satfuse.checkpoint.layout import (
     list_partial,
     read_latest,
 )
-from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+from satfuse.checkpoint.manager import CheckpointManager
+from satfuse.checkpoint.state import ModelOptimState
 from satfuse.cli import main
 from satfuse.utils import SatfuseError
 
@@ -122,7 +123,8 @@ def test_pretraining_with_a_full_run_dir_is_one_line(tmpfs: Callable[[str], Path
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert res.returncode != 0
     line = one_line(res.stderr)
-    assert f"{fs / 'run' / 'config.yaml'}: no space left on device (ENOSPC) writing config.yaml:" in line
+    # the run_dir lease is the first file a run writes (before config.yaml)
+    assert f"{fs / 'run'}: no space left on device (ENOSPC) claiming the run_dir (its lease file):" in line
     assert " free, about " in line and "needed" in line
 
 

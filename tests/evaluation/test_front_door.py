@@ -45,7 +45,8 @@ def _cfg(shards, **sections) -> FinetuneConfig:
 @pytest.fixture
 def dcp_run(tmp_path) -> Path:
     """A real DCP pretraining checkpoint (run/checkpoints/step_5 + latest), tiny Dual-SimCLR."""
-    from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+    from satfuse.checkpoint.manager import CheckpointManager
+    from satfuse.checkpoint.state import ModelOptimState
     from satfuse.config import ModelConfig, to_dict
     from satfuse.models import build_pretrain_model
 

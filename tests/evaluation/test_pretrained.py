@@ -81,7 +81,8 @@ def test_not_an_export(tmp_path):
 
 def test_ddp_checkpoint_directory_is_exported_and_loaded(tmp_path):
     """A real DCP checkpoint (as `satfuse pretrain` with DDP writes it) -> backbones."""
-    from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+    from satfuse.checkpoint.manager import CheckpointManager
+    from satfuse.checkpoint.state import ModelOptimState
     from satfuse.config import ModelConfig, to_dict
     from satfuse.models import build_pretrain_model
 

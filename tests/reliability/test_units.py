@@ -123,14 +123,14 @@ def test_loader_catches_altered_shard_bytes_of_the_same_size(sen12ms_shards: Pat
 
 @pytest.mark.parametrize("why, blamed", [
     ("RuntimeError: [gloo] Timed out waiting 30000ms for recv operation", "a rank did not answer"),
-    ("OSError: [Errno 28] No space left on device", "free disk space"),
+    ("OSError: [Errno 28] No space left on device", "no space left on device (ENOSPC)"),
 ])
 def test_failed_save_is_blamed_on_what_happened(tmp_path: Path, why: str, blamed: str) -> None:
-    err = CheckpointManager(tmp_path, timeout_s=30)._save_error(7, why)
+    err = CheckpointManager(tmp_path, timeout_s=30).save_error(7, why)
     assert blamed in str(err)
     # DCP's wrapper: the first line says nothing, the cause is in the per-rank traceback
     wrapped = RuntimeError(f"CheckpointException ranks:dict_keys([0])\nTraceback ...\n{why}")
-    err = CheckpointManager(tmp_path, timeout_s=30)._save_error(7, "CheckpointException ranks:dict_keys([0])", wrapped)
+    err = CheckpointManager(tmp_path, timeout_s=30).save_error(7, "CheckpointException ranks:dict_keys([0])", wrapped)
     assert blamed in str(err)
     if "answer" in blamed:
         assert "disk space" not in str(err) and "train.comm_timeout_s=30" in str(err)

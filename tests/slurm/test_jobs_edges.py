@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, StopFlag
+from satfuse.engines.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, StopFlag
 from tests.slurm.slurm_helpers import TINY, cli
 
 

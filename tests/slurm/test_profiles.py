@@ -99,8 +99,8 @@ def test_master_port_is_shared_and_moves_on_requeue() -> None:
 
 
 def test_requeue_code_matches_the_trainer() -> None:
-    from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE as TRAINER_CODE
-    from satfuse.checkpoint.signals import STOP_EXIT_CODE as TRAINER_STOP
+    from satfuse.engines.signals import REQUEUE_EXIT_CODE as TRAINER_CODE
+    from satfuse.engines.signals import STOP_EXIT_CODE as TRAINER_STOP
     from satfuse.launch.task import STOP_EXIT_CODE
 
     assert REQUEUE_EXIT_CODE == TRAINER_CODE and STOP_EXIT_CODE == TRAINER_STOP

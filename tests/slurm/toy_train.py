@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from satfuse.checkpoint.signals import StopFlag
 from satfuse.config import PretrainConfig, load_config
 from satfuse.distributed.env import init_distributed, teardown
+from satfuse.engines.signals import StopFlag
 from satfuse.utils import atomic_write_text
 
 

@@ -12,10 +12,8 @@ about `--params-m` million parameters plus its AdamW state (3x the parameters in
 - async save: time `save()` blocks the training loop, and the time until `wait()` commits.
 Variants run round-robin, `--repeats` rounds: best of N each, and the median of the
 per-round ratios (`*_median`: robust when a neighbour's burst hits one variant; best-of-N
-ratios compare two lucky minima). Goal from the issue: manager / reference <= 1.5. Measured on
-2 shared cores (load average 5-8): save 1.18-1.28x (median, side by side with the previous
-version's 1.9-2.05x), 1.6-2.4x in bench runs under heavier load; load incl. verification
-2.0-2.7x (crc32 of every file costs about one torch.load); async save blocks 0.2-1.0x.
+ratios compare two lucky minima). Goal: manager / reference <= 1.5; the measured
+ratios are in the JSON this prints and in the README's Performance table.
 """
 
 from __future__ import annotations
@@ -32,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+from satfuse.checkpoint.manager import CheckpointManager
+from satfuse.checkpoint.state import ModelOptimState
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

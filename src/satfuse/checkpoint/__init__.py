@@ -1,6 +1,11 @@
-"""satfuse.checkpoint: sharded atomic checkpoints (DCP), exact resume, stop signals, export.
+"""satfuse.checkpoint: sharded atomic checkpoints, exact resume, export.
 
-Modules: `manager` (CheckpointManager, ModelOptimState), `rng` (capture_rng/restore_rng),
-`signals` (StopFlag, REQUEUE_EXIT_CODE), `layout` (on-disk names and verification),
-`export` (consolidated backbones for fine-tuning), `commands` (`satfuse ckpt ...`).
+Modules: `protocol` (the commit protocol both backends share: begin, finish, find_resume,
+prune, check_model, verify, the save cadence), `manager` (the DCP backend, CheckpointManager),
+`dcp_storage` (its one-pass writer and mmap reader), `deepspeed_backend` (the DeepSpeed
+backend), `state` (ModelOptimState, fingerprints, rank files), `layout` (on-disk names and
+verification), `trust` (weights-only loads, --trust-checkpoint), `export` and
+`deepspeed_export` (consolidated backbones for fine-tuning, a loader per recorded kind),
+`formats` (torchvision/timm exports), `commands` (`satfuse ckpt ...`). The trainer's stop
+signals and RNG capture live in `satfuse.engines` (signals, rng).
 """

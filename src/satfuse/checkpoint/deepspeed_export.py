@@ -8,8 +8,9 @@ flat per-rank partitions; only stage 0 fp32 keeps usable fp32 weights in
 drops tied weights (DeepSpeed #1896), which satfuse's models do not have, and the strict
 `load_state_dict` below would catch any missing key.
 
-The output format is `satfuse.checkpoint.export`'s (`satfuse-backbones/1`); this module plugs
-`load_deepspeed_model` into its `LOADERS["deepspeed"]`.
+The output format is `satfuse.checkpoint.export`'s (`satfuse-backbones/1`): its
+`LOADERS["deepspeed"]` imports `load_deepspeed_model` from here (lazily: DeepSpeed takes ~2 s
+to import); this module does not import `export`.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import contextlib
 import io
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from satfuse.checkpoint import export as export_mod
+from satfuse.checkpoint.deepspeed_backend import MODEL_STATES, partitioned_files
 from satfuse.checkpoint.layout import checkpoint_problems, read_meta
-from satfuse.checkpoint.manager import MISMATCH_FIX, fingerprint_diff
+from satfuse.checkpoint.state import MISMATCH_FIX, fingerprint_diff
 from satfuse.checkpoint.trust import (
     check_deepspeed_files,
     deepspeed_weights_only,
@@ -38,11 +40,6 @@ from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-
-
-def _partitioned(ckpt_dir: Path) -> bool:
-    return any(Path(ckpt_dir).glob("*zero_pp_rank_*_optim_states.pt"))
 
 
 def fp32_state_dict(ckpt_dir: Path, trust: bool = False) -> dict[str, torch.Tensor]:
@@ -52,7 +49,7 @@ def fp32_state_dict(ckpt_dir: Path, trust: bool = False) -> dict[str, torch.Tens
     (`satfuse.checkpoint.trust`); a file holding anything else is refused, naming it."""
     ckpt_dir = Path(ckpt_dir)
     check_deepspeed_files(ckpt_dir, trust)
-    if _partitioned(ckpt_dir):
+    if partitioned_files(ckpt_dir):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -69,7 +66,7 @@ def fp32_state_dict(ckpt_dir: Path, trust: bool = False) -> dict[str, torch.Tens
     return {k: (v.float() if v.is_floating_point() else v) for k, v in module.items()}
 
 
-def load_deepspeed_model(ckpt_dir: Path, builder: export_mod.Builder,
+def load_deepspeed_model(ckpt_dir: Path, builder: Callable[[dict[str, Any]], nn.Module],
                          trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """`export.LOADERS` entry: verify, build the model from meta.json, load fp32 weights."""
     ckpt_dir = Path(ckpt_dir)
@@ -88,12 +85,3 @@ def load_deepspeed_model(ckpt_dir: Path, builder: export_mod.Builder,
         raise SatfuseError(f"{ckpt_dir}: model mismatch ({'; '.join(diff)}): {MISMATCH_FIX}")
     model.load_state_dict(sd, strict=True)
     return model, meta
-
-
-export_mod.LOADERS["deepspeed"] = load_deepspeed_model
-
-
-def export_deepspeed_backbones(ckpt_dir: Path, out: Path, trust: bool = False) -> dict[str, Any]:
-    """Write the consolidated fp32 backbones of a DeepSpeed checkpoint to `out` (atomic,
-    `torch.load(out, weights_only=True)`-loadable); returns export's summary dict."""
-    return export_mod.export_backbones(Path(ckpt_dir), Path(out), trust=trust)

@@ -5,9 +5,10 @@ the model's size, and needs the DCP reader; a fine-tuning script wants `torch.lo
 weights_only=True)` and a dict of backbone state dicts, plus the normalisation the backbones
 were trained with (torchgeo #4061: silent /255 when it is not stored with the weights).
 
-Checkpoint kinds plug in through `LOADERS`: a kind is detected from the directory, and its
-loader returns (model with the checkpoint's weights, meta). DCP is built in; DeepSpeed is
-meant to add its own loader here.
+`load_model` picks a loader by the checkpoint's recorded kind (meta.json "kind", `LOADERS`),
+which returns (model with the checkpoint's weights, meta): DCP here, DeepSpeed in
+`satfuse.checkpoint.deepspeed_export` (imported only for DeepSpeed checkpoints; it does not
+import this module, so there is no import cycle and no registration on import).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from satfuse.checkpoint.dcp_storage import MmapReader
 from satfuse.checkpoint.layout import (
     DCP_METADATA,
     LATEST,
@@ -31,7 +33,7 @@ from satfuse.checkpoint.layout import (
     read_latest,
     read_meta,
 )
-from satfuse.checkpoint.manager import MISMATCH_FIX, _MmapReader, fingerprint_diff
+from satfuse.checkpoint.state import MISMATCH_FIX, fingerprint_diff
 from satfuse.checkpoint.trust import load_rank_files, read_dcp_metadata
 from satfuse.models.legacy import upgrade_fingerprint
 from satfuse.utils import SatfuseError, atomic_write_bytes
@@ -116,7 +118,7 @@ def load_dcp_model(ckpt_dir: Path, builder: Builder, trust: bool = False) -> tup
     state = {"model_optim": {"model": sd}}  # only the model: optimizer state is never read
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        reader = _MmapReader(ckpt_dir)  # safe .metadata (unless trust) + old names renamed
+        reader = MmapReader(ckpt_dir)  # safe .metadata (unless trust) + old names renamed
         reader.trust = trust
         dcp.load(state, storage_reader=reader, no_dist=True)
     model.load_state_dict(state["model_optim"]["model"], strict=True)
@@ -133,15 +135,23 @@ def _load_deepspeed(ckpt_dir: Path, builder: Builder, trust: bool = False) -> tu
 LOADERS: dict[str, Loader] = {"dcp": load_dcp_model, "deepspeed": _load_deepspeed}
 
 
+def load_model(ckpt_dir: Path, builder: Builder | None = None, trust: bool = False
+               ) -> tuple[nn.Module, dict[str, Any], str]:
+    """(model with the weights of the step directory `ckpt_dir`, meta, kind), by the loader of
+    the checkpoint's recorded kind."""
+    kind = detect_kind(ckpt_dir)
+    if kind not in LOADERS:
+        raise SatfuseError(f"{ckpt_dir}: unknown checkpoint kind {kind!r}; known: {sorted(LOADERS)}")
+    model, meta = LOADERS[kind](ckpt_dir, builder or default_builder, trust)
+    return model, meta, kind
+
+
 def export_backbones(ckpt_dir: Path, out: Path, builder: Builder | None = None,
                      trust: bool = False) -> dict[str, Any]:
     """Write `out` (atomically) with the backbones of the checkpoint; returns a summary.
     `trust` (--trust-checkpoint): read checkpoint files that are not plain data anyway."""
     ckpt_dir, out = resolve_checkpoint(Path(ckpt_dir)), Path(out)
-    kind = detect_kind(ckpt_dir)
-    if kind not in LOADERS:
-        raise SatfuseError(f"{ckpt_dir}: unknown checkpoint kind {kind!r}; known: {sorted(LOADERS)}")
-    model, meta = LOADERS[kind](ckpt_dir, builder or default_builder, trust)
+    model, meta, kind = load_model(ckpt_dir, builder, trust)
     if not (hasattr(model, "backbones") and hasattr(model, "in_channels")):
         raise SatfuseError(f"{type(model).__name__} has no backbones()/in_channels(); the builder must return a satfuse pretraining model")
     backbones: dict[str, nn.Module] = model.backbones()

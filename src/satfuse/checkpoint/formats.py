@@ -44,12 +44,7 @@ def normalization_path(out: Path) -> Path:
 
 def _load_model(ckpt_dir: Path, builder: export_mod.Builder | None, trust: bool = False) -> tuple[nn.Module, dict, Path, str]:
     ckpt_dir = export_mod.resolve_checkpoint(Path(ckpt_dir))
-    kind = export_mod.detect_kind(ckpt_dir)
-    if kind == "deepspeed":  # registers its loader (a module of its own, imported lazily)
-        import satfuse.checkpoint.deepspeed_export  # noqa: F401
-    if kind not in export_mod.LOADERS:
-        raise SatfuseError(f"{ckpt_dir}: unknown checkpoint kind {kind!r}; known: {sorted(export_mod.LOADERS)}")
-    model, meta = export_mod.LOADERS[kind](ckpt_dir, builder or export_mod.default_builder, trust)
+    model, meta, kind = export_mod.load_model(ckpt_dir, builder, trust)
     if not (hasattr(model, "backbones") and hasattr(model, "in_channels")):
         raise SatfuseError(f"{type(model).__name__} has no backbones()/in_channels(); the builder "
                            "must return a satfuse pretraining model")

@@ -1,9 +1,10 @@
 """The engine layer: the only place where DDP and DeepSpeed differ.
 
 The training loop (`satfuse.engines.trainer`) owns data, model forward, the global loss,
-logging, signals and the checkpoint cadence. An engine owns what the two backends do
-differently: wrapping the model, backward + optimizer step (with clipping, loss scaling and
-the LR schedule), and saving/loading checkpoints in its own sharded format.
+logging and signals. An engine owns what the two backends do differently: wrapping the
+model, backward + optimizer step (with clipping, loss scaling and the LR schedule), and its
+checkpointer (`ckpt`, a backend of `satfuse.checkpoint`), which saves/loads in its own sharded
+format and decides the checkpoint cadence (`ckpt.due`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from satfuse.checkpoint.protocol import CommitProtocol
 from satfuse.config import PretrainConfig
 from satfuse.utils import SatfuseError
 
@@ -77,6 +79,7 @@ class Engine(ABC):
     `model` is what the forward pass goes through (a DDP wrapper, a DeepSpeed engine)."""
 
     kind: str = "base"
+    ckpt: CommitProtocol  # the checkpointer: a DCP or DeepSpeed backend of the commit protocol
 
     def __init__(self, cfg: PretrainConfig, module: nn.Module, device: torch.device) -> None:
         self.cfg = cfg

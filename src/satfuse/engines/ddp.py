@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from satfuse.checkpoint.manager import CheckpointManager, ModelOptimState
+from satfuse.checkpoint.manager import CheckpointManager
+from satfuse.checkpoint.state import ModelOptimState
 from satfuse.config import PretrainConfig
 from satfuse.engines.base import Engine
 from satfuse.engines.optim import build_optimizer, build_scheduler
@@ -38,11 +39,8 @@ class DDPEngine(Engine):
         self.optimizer = build_optimizer(module, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-        ck = cfg.checkpoint
-        self.ckpt = CheckpointManager(
-            Path(cfg.train.run_dir), keep_last=ck.keep_last, keep_every=ck.keep_every,
-            async_save=ck.async_save, timeout_s=cfg.train.comm_timeout_s, trust=ck.trust_checkpoint,
-        )
+        self.ckpt = CheckpointManager.from_config(Path(cfg.train.run_dir), cfg.checkpoint,
+                                                  cfg.train.comm_timeout_s)
 
     def backward_step(self, loss: torch.Tensor) -> torch.Tensor:
         """No host read: the norm stays a 0-d device tensor (fp16's GradScaler.step reads

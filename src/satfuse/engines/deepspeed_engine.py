@@ -3,7 +3,8 @@
 The model, the global contrastive loss, the loader and the logging are the DDP path's; this
 module only wraps the model with `deepspeed.initialize` and maps the engine layer onto
 DeepSpeed: `backward_step` -> `engine.backward` + `engine.step`, checkpoints -> DeepSpeed's
-own sharded `save_checkpoint`/`load_checkpoint` inside satfuse's atomic checkpoint layout.
+own sharded `save_checkpoint`/`load_checkpoint` inside satfuse's atomic checkpoint layout
+(`satfuse.checkpoint.deepspeed_backend`).
 
 Who decides what (precedence, checked at start):
 - satfuse's config owns the training recipe, so DDP and DeepSpeed runs of one YAML train
@@ -44,14 +45,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from satfuse.checkpoint.trust import (
-    check_deepspeed_files,
-    deepspeed_weights_only,
-    load_torch_file,
-    reason,
-    refusal,
-    unpickling_cause,
-)
+from satfuse.checkpoint.deepspeed_backend import DeepSpeedCheckpointManager
 from satfuse.config import PretrainConfig
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import Engine, check_precision
@@ -67,7 +61,6 @@ OWNED_SCALARS = {
     "gradient_clipping": "optim.grad_clip",
 }
 OWNED_SECTIONS = {"optimizer": "optim.*", "scheduler": "optim.* (schedule, warmup_steps)"}
-MISMATCH_HINT = "it was written by a different model config; start a new run_dir"
 PARALLEL_KEYS = ("pipeline", "tensor_parallel", "sequence_parallel_size", "autotp_size")
 
 
@@ -344,10 +337,8 @@ class DeepSpeedEngine(Engine):
             )
 
     def _checkpoint_manager(self) -> DeepSpeedCheckpointManager:
-        ck = self.cfg.checkpoint
-        return DeepSpeedCheckpointManager(
-            Path(self.cfg.train.run_dir), self, keep_last=ck.keep_last, keep_every=ck.keep_every,
-            timeout_s=self.cfg.train.comm_timeout_s, trust=ck.trust_checkpoint)
+        return DeepSpeedCheckpointManager.from_config(
+            Path(self.cfg.train.run_dir), self, self.cfg.checkpoint, self.cfg.train.comm_timeout_s)
 
     def autocast(self):
         """No autocast: under bf16/fp16 DeepSpeed runs the whole model in that dtype (inputs
@@ -403,244 +394,3 @@ class DeepSpeedEngine(Engine):
             "config_file": str(self.cfg.deepspeed.config),
             "deepspeed_version": deepspeed.__version__,
         }
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints: DeepSpeed's shards inside satfuse's atomic layout
-# --------------------------------------------------------------------------------------------
-
-
-def partitioned_files(ckpt: Path) -> list[Path]:
-    """DeepSpeed's per-DP-rank optimizer shards (ZeRO 1/2, or bf16 at stage 0)."""
-    return sorted(Path(ckpt).glob("*zero_pp_rank_*_optim_states.pt"))
-
-
-def _fsync_files(paths: list[Path]) -> None:
-    """DeepSpeed's torch.save does not fsync; the writer makes its own shards durable
-    before rank 0 commits the directory."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _files_written_by(tmp: Path, rank: int) -> list[Path]:
-    mine = list(tmp.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
-    if rank == 0:
-        mine += list(tmp.glob("mp_rank_*_model_states.pt"))
-    return mine
-
-
-# Runs DeepSpeed's converter with every torch.load weights-only (DeepSpeed's inert classes
-# allowed), as in-process loads are (`satfuse.checkpoint.trust`).
-_SAFE_CONVERTER = (
-    "import os, runpy, sys, torch\n"
-    "from satfuse.checkpoint.trust import deepspeed_safe_globals\n"
-    "os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'\n"
-    "torch.serialization.add_safe_globals(deepspeed_safe_globals())\n"
-    "sys.argv[0] = 'ds_to_universal'\n"
-    "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__')\n"
-)
-
-
-def convert_to_universal(src: Path, out: Path, timeout_s: int = 1800, trust: bool = False) -> None:
-    """DeepSpeed's universal checkpoint of `src` in `out` (rank 0 only; a subprocess, so its
-    worker pools and memory never live in a training rank). `--inject_missing_state` is
-    needed for models that do not declare universal-checkpoint info (all of ours). Without
-    `trust` the converter's loads are weights-only too."""
-    import shutil
-    import subprocess
-    import sys
-
-    shutil.rmtree(out, ignore_errors=True)
-    entry = ["-m", "deepspeed.checkpoint.ds_to_universal"] if trust else ["-c", _SAFE_CONVERTER]
-    cmd = [sys.executable, *entry, "--input_folder", str(src),
-           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
-    if res.returncode != 0:
-        shutil.rmtree(out, ignore_errors=True)
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise SatfuseError(
-            f"{src}: conversion to a universal checkpoint failed ({tail[0][:300]}); resume on "
-            f"the world size that saved it"
-        )
-
-
-class DeepSpeedCheckpointManager:
-    """Save/find/load DeepSpeed checkpoints with the DDP manager's guarantees and layout.
-
-    `run_dir/checkpoints/step_XXXXXXXX/` holds DeepSpeed's files (`mp_rank_00_model_states.pt`,
-    `*zero_pp_rank_R_mp_rank_00_optim_states.pt`), the per-rank `rank_XXXXX.pt` (loader
-    position, RNG, schedule) and `meta.json` (kind "deepspeed"), so `satfuse ckpt ls/inspect`
-    and `resume=auto` treat both kinds alike. Every rank calls save and load (DeepSpeed
-    #2993). Saves go to `.tmp-step_X` (DeepSpeed's tag), every writer fsyncs its shards,
-    and the DDP manager's commit (meta.json last, rename, `latest`, prune) is reused. A
-    checkpoint of another world size or ZeRO layout is converted to DeepSpeed's universal
-    format by rank 0 (a temporary `.universal-step_X` beside it, removed after loading).
-    """
-
-    def __init__(self, run_dir: Path, engine: DeepSpeedEngine, keep_last: int = 3,
-                 keep_every: int = 0, timeout_s: float = 1800.0, trust: bool = False) -> None:
-        from satfuse.checkpoint.manager import CheckpointManager
-
-        self.engine = engine
-        self.trust = trust  # --trust-checkpoint: DeepSpeed's files may be fully unpickled
-        self.base = CheckpointManager(run_dir, keep_last=keep_last, keep_every=keep_every,
-                                      timeout_s=timeout_s, trust=trust)
-        self.ckpt_dir = self.base.ckpt_dir
-
-    def find_resume(self, resume: str) -> Path | None:
-        return self.base.find_resume(resume)
-
-    def _model_state(self):
-        from satfuse.checkpoint.manager import ModelOptimState
-
-        return {"model": ModelOptimState(self.engine.module)}
-
-    # ---------------------------------------------------------------- save
-    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        from satfuse.checkpoint.layout import TMP_PREFIX, rank_file, step_name
-        from satfuse.checkpoint.manager import _broadcast, _fingerprint, _write_rank_state
-
-        base, rank = self.base, dist.get_rank()
-        group = base.group()
-        tmp, final = self.ckpt_dir / f"{TMP_PREFIX}{step_name(step)}", self.ckpt_dir / step_name(step)
-        error = _broadcast(base._prepare_tmp(tmp) if rank == 0 else None, group)
-        if error:
-            raise SatfuseError(error)
-        fp, nparams = _fingerprint(self._model_state())
-        base._nparams = nparams
-        doc = {**base._meta_doc(step, meta, fp, nparams), "kind": "deepspeed",
-               "deepspeed": self.engine.describe()}
-        local_error = None
-        try:
-            _write_rank_state(tmp / rank_file(rank), rank_state)
-            self.engine.model.save_checkpoint(str(self.ckpt_dir), tag=tmp.name, save_latest=False)
-            _fsync_files(_files_written_by(tmp, rank))
-        except (OSError, RuntimeError) as exc:
-            local_error = f"rank {rank}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            from satfuse.diskspace import free_bytes, is_no_space
-
-            # torch.save on a full disk says only "unexpected pos 128 vs 0": ask the disk
-            if is_no_space(exc) or free_bytes(tmp) < max(base._needed_estimate(), 1 << 20):
-                local_error = f"rank {rank}: No space left on device (DeepSpeed: {local_error.split(': ', 1)[1]})"
-        base._finalize(step, tmp, final, doc, local_error, group)
-        return final
-
-    # ---------------------------------------------------------------- load
-    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from satfuse.checkpoint.layout import rank_file, read_meta
-        from satfuse.checkpoint.manager import _load_rank_state
-
-        path = Path(path)
-        if str(path.resolve()) not in self.base._verified:
-            path = self.base.find_resume(str(path)) or path
-        meta = read_meta(path)
-        if meta.get("kind") != "deepspeed":
-            raise SatfuseError(
-                f"{path}: written by the {meta.get('kind', 'dcp')} engine, not DeepSpeed; resume "
-                "it with train.engine=ddp, or start a new run_dir"
-            )
-        self.base._check_model(path, meta, self._model_state())
-        check_deepspeed_files(path, self.trust)  # names a refused file on every rank
-        universal = self._needs_universal(path, meta)
-        if universal:
-            self._load_universal(path, meta)
-        else:
-            self._load_ds(path.parent, path.name)
-        states = [_load_rank_state(path / rank_file(r), self.trust) for r in range(int(meta["world_size"]))]
-        log.info("loaded %s (step %s, saved by %s ranks%s)", path, meta.get("step"),
-                 meta["world_size"], ", via a universal checkpoint" if universal else "")
-        return states, meta
-
-    def _needs_universal(self, path: Path, meta: dict[str, Any]) -> bool:
-        """Direct load when the shards fit this run; universal when only their partitioning
-        differs; refuse when the optimizer state would silently be lost."""
-        saved = meta.get("deepspeed") or {}
-        saved_partitioned = bool(partitioned_files(path))
-        now_partitioned = self.engine.zero_stage > 0 or self.cfg_precision == "bf16"
-        if saved_partitioned != now_partitioned:
-            raise SatfuseError(
-                f"{path}: saved with ZeRO stage {saved.get('zero_stage')} / {saved.get('precision')}, "
-                f"whose optimizer state layout cannot load into stage {self.engine.zero_stage} / "
-                f"{self.cfg_precision} (it would be silently reset); resume with "
-                f"deepspeed.zero_stage={saved.get('zero_stage')} train.precision={saved.get('precision')}"
-            )
-        if not saved_partitioned:
-            return False  # stage 0 fp32/fp16: replicated state, any world size loads it
-        same = (int(meta["world_size"]) == dist.get_world_size()
-                and saved.get("zero_stage") == self.engine.zero_stage
-                and saved.get("precision") == self.cfg_precision)
-        return not same
-
-    @property
-    def cfg_precision(self) -> str:
-        return self.engine.cfg.train.precision
-
-    def _load_ds(self, load_dir: Path, tag: str) -> None:
-        try:
-            with deepspeed_weights_only(self.trust):
-                loaded, _ = self.engine.model.load_checkpoint(
-                    str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
-        except Exception as exc:  # noqa: BLE001 - one line for the user, chained for debugging
-            refused = unpickling_cause(exc)
-            if refused is not None:
-                raise refusal(load_dir / tag, reason(refused)) from None
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise SatfuseError(
-                f"{load_dir / tag}: DeepSpeed could not load it ({type(exc).__name__}: {first[:300]}); "
-                "resume with the ZeRO stage, precision and world size that saved it"
-            ) from exc
-        if loaded is None:
-            raise SatfuseError(f"{load_dir / tag}: DeepSpeed found no model states in it; it is damaged")
-
-    def _restore_buffers(self, path: Path) -> None:
-        """A universal load restores parameters only; BatchNorm running statistics would be
-        silently reset to their initial values (measured). Copy every buffer back from the
-        saved model states."""
-        saved = load_torch_file(path / "mp_rank_00_model_states.pt", self.trust)["module"]
-        missing = []
-        with torch.no_grad():
-            for name, buf in self.engine.module.named_buffers():
-                if name in saved:
-                    buf.copy_(saved[name].to(buf.dtype))
-                else:
-                    missing.append(name)
-        if missing:
-            raise SatfuseError(f"{path}: buffers {missing[:5]} are not in the checkpoint; {MISMATCH_HINT}")
-
-    def _load_universal(self, path: Path, meta: dict[str, Any]) -> None:
-        import shutil
-
-        from satfuse.checkpoint.manager import _broadcast
-
-        group = self.base.group()
-        out = self.ckpt_dir / f".universal-{path.name}"
-        error = None
-        if dist.get_rank() == 0:
-            log.info("converting %s (world size %s) to a universal checkpoint for world size %d",
-                     path, meta["world_size"], dist.get_world_size())
-            try:
-                convert_to_universal(path, out, trust=self.trust)
-            except (SatfuseError, OSError, TimeoutError) as exc:
-                error = str(exc)
-        error = _broadcast(error, group)
-        if error:
-            raise SatfuseError(error)
-        cfg = self.engine.model._config
-        cfg.load_universal_checkpoint = True
-        try:
-            self._load_ds(out.parent, out.name)
-            self._restore_buffers(path)
-        finally:
-            cfg.load_universal_checkpoint = False
-            dist.barrier(group=group)
-            if dist.get_rank() == 0:
-                shutil.rmtree(out, ignore_errors=True)
-                # ds_to_universal also points `latest_universal` at its output: not ours to keep
-                (self.ckpt_dir / "latest_universal").unlink(missing_ok=True)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import os
 
-from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 from satfuse.config import PretrainConfig, load_config, validate_pretrain
 from satfuse.distributed.env import comm_failure, init_distributed, teardown
 from satfuse.engines.trainer import Trainer, TrainResult
+from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 
 log = logging.getLogger(__name__)
 

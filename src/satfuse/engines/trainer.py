@@ -34,8 +34,6 @@ from tqdm import tqdm
 
 import satfuse
 from satfuse.checkpoint.layout import META_NAME
-from satfuse.checkpoint.rng import capture_rng, restore_rng
-from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, StopFlag
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
 from satfuse.data.eval_loader import EvalLoader
@@ -46,7 +44,10 @@ from satfuse.distributed.gather import equal_rows
 from satfuse.engines.base import Engine, check_precision
 from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.engines.optim import apply_hparams
+from satfuse.engines.rng import capture_rng, restore_rng
 from satfuse.engines.rundir import RunLease, prepare_fresh_start
+from satfuse.engines.signals import StopFlag
+from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 from satfuse.losses import retrieval_accuracy
 from satfuse.models import build_pretrain_model
 from satfuse.utils import SatfuseError
@@ -246,7 +247,13 @@ class Trainer:
             "engine": self.engine.engine_state(),
         }
 
-    def save(self) -> Path:
+    def save(self, last_step: bool = False) -> Path | None:
+        """Save the current step when the checkpointer's cadence says so (`due`: every
+        checkpoint.every_steps, and the last step unless just saved); None when not due."""
+        if not self.engine.ckpt.due(self.step, last_step=last_step):
+            return None
+        if self.lease is not None:
+            self.lease.check()  # a run that lost its lease must not commit a checkpoint
         self.check_finite()  # never keep the weights of a non-finite step
         path = self.engine.save(self.step, self.rank_state(), self.meta())
         log.info("checkpoint step %d -> %s", self.step, path)
@@ -363,7 +370,8 @@ class Trainer:
                 if str(self.cfg.checkpoint.resume).strip().lower() in ("none", "", "false"):
                     prepare_fresh_start(self.run_dir, self.cfg.checkpoint.force_new_run)
             except (SatfuseError, OSError) as exc:
-                error = str(exc) if isinstance(exc, SatfuseError) else f"{self.run_dir}: {exc}"
+                error = str(exc) if isinstance(exc, SatfuseError) else str(
+                    _write_error(exc, self.run_dir, 4096, "claiming the run_dir (its lease file)"))
                 if self.lease is not None:
                     self.lease.release()  # deletes the lease only if it is ours
                 self.lease = None
@@ -406,9 +414,7 @@ class Trainer:
         pending: dict[str, Any] | None = None  # the latest step's numbers, still on the device
         t0, seen = time.perf_counter(), 0
         global_batch = cfg.data.batch_size * self.env.world_size
-        # a resumed run re-saves even at the end: after a world-size change the newest
-        # checkpoint is then in the current layout (DeepSpeed need not convert it again)
-        status, saved_at = "completed", -1
+        status = "completed"
         try:
             while self.step < total:
                 if self.lease is not None:
@@ -446,13 +452,8 @@ class Trainer:
                 if stop.should_stop(control_group()):  # gloo on NCCL jobs: no GPU sync
                     status = "stopped" if stop.terminate else "preempted"
                     break
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                    if self.lease is not None:
-                        self.lease.check()  # a run that lost its lease must not commit a checkpoint
-                    self.save()
-                    saved_at = self.step
-            if saved_at != self.step:
-                self.save()
+                self.save()  # the checkpointer decides whether this step is due
+            self.save(last_step=True)
             self.engine.wait()
         finally:
             bar.close()

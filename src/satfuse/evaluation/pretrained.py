@@ -81,10 +81,6 @@ def _from_checkpoint_dir(ckpt_dir: Path, trust: bool = False) -> PretrainedBackb
     except ImportError as exc:
         raise SatfuseError(f"{ckpt_dir}: a checkpoint directory needs satfuse.checkpoint.export, "
                            "which is not available; export the backbones first") from exc
-    try:  # registers the DeepSpeed loader in export.LOADERS (a module of its own)
-        import satfuse.checkpoint.deepspeed_export  # noqa: F401
-    except ImportError:
-        log.debug("satfuse.checkpoint.deepspeed_export unavailable: DCP checkpoints only")
     ckpt_dir = resolve_checkpoint(ckpt_dir)  # the step dir, as `satfuse ckpt export` takes it
     from satfuse.checkpoint.trust import foreign_owner
 

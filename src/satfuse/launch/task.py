@@ -46,13 +46,12 @@ from typing import Any, NoReturn
 import submitit
 
 from satfuse.distributed.ports import port_from_job_id
+from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 from satfuse.utils import SatfuseError, atomic_write_text, setup_logging
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENTRY = "satfuse.engines.pretrain:run_pretrain"
-REQUEUE_EXIT_CODE = 75  # == satfuse.engines.pretrain.REQUEUE_EXIT_CODE (kept importable without torch)
-STOP_EXIT_CODE = 143  # == satfuse.checkpoint.signals.STOP_EXIT_CODE: saved after SIGTERM, do not requeue
 LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local restarts all tasks when one exits with this
 
 

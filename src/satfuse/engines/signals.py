@@ -12,6 +12,7 @@ SLURM sends at the end of a time limit or preemption grace time (and then requeu
 preempted job itself). Following SLURM's and submitit's meaning, TERM means "save if there
 is time and stop for good": the loop exits with `STOP_EXIT_CODE` (143, 128 + SIGTERM) and no
 launcher requeues. If any rank saw TERM, every rank stops that way (cancel beats requeue).
+The codes themselves live in the torch-free `satfuse.exit_codes`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
+
 log = logging.getLogger(__name__)
 
-REQUEUE_EXIT_CODE = 75
-STOP_EXIT_CODE = 143  # saved after SIGTERM (scancel): stop, do not requeue
 DEFAULT_SIGNALS: tuple[str, ...] = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGHUP")
 
 

@@ -1,0 +1,258 @@
+"""The DeepSpeed checkpoint backend: DeepSpeed's own sharded `save_checkpoint` /
+`load_checkpoint` inside satfuse's commit protocol (`satfuse.checkpoint.protocol`), using only
+its public API, plus the conversion to DeepSpeed's universal format when the world size or
+ZeRO layout changed. DeepSpeed itself is imported by the engine (`engines/deepspeed_engine.py`),
+never here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from satfuse.checkpoint.layout import rank_file, read_meta
+from satfuse.checkpoint.protocol import CommitProtocol, broadcast, remove_tree
+from satfuse.checkpoint.state import (
+    MISMATCH_FIX,
+    ModelOptimState,
+    fingerprint,
+    load_rank_state,
+    write_rank_state,
+)
+from satfuse.checkpoint.trust import (
+    check_deepspeed_files,
+    deepspeed_weights_only,
+    load_torch_file,
+    reason,
+    refusal,
+    unpickling_cause,
+)
+from satfuse.utils import SatfuseError
+
+if TYPE_CHECKING:
+    from satfuse.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's model file (stage 0 weights, buffers)
+
+
+def partitioned_files(ckpt: Path) -> list[Path]:
+    """DeepSpeed's per-DP-rank optimizer shards (ZeRO 1/2, or bf16 at stage 0)."""
+    return sorted(Path(ckpt).glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    """DeepSpeed's torch.save does not fsync; the writer makes its own shards durable
+    before rank 0 commits the directory."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _files_written_by(tmp: Path, rank: int) -> list[Path]:
+    mine = list(tmp.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
+    if rank == 0:
+        mine += list(tmp.glob("mp_rank_*_model_states.pt"))
+    return mine
+
+
+# Runs DeepSpeed's converter with every torch.load weights-only (DeepSpeed's inert classes
+# allowed), as in-process loads are (`satfuse.checkpoint.trust`).
+_SAFE_CONVERTER = (
+    "import os, runpy, sys, torch\n"
+    "from satfuse.checkpoint.trust import deepspeed_safe_globals\n"
+    "os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'\n"
+    "torch.serialization.add_safe_globals(deepspeed_safe_globals())\n"
+    "sys.argv[0] = 'ds_to_universal'\n"
+    "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__')\n"
+)
+
+
+def convert_to_universal(src: Path, out: Path, timeout_s: int = 1800, trust: bool = False) -> None:
+    """DeepSpeed's universal checkpoint of `src` in `out` (rank 0 only; a subprocess, so its
+    worker pools and memory never live in a training rank). `--inject_missing_state` is
+    needed for models that do not declare universal-checkpoint info (all of ours). Without
+    `trust` the converter's loads are weights-only too."""
+    remove_tree(out)
+    entry = ["-m", "deepspeed.checkpoint.ds_to_universal"] if trust else ["-c", _SAFE_CONVERTER]
+    cmd = [sys.executable, *entry, "--input_folder", str(src),
+           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    if res.returncode != 0:
+        remove_tree(out)
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise SatfuseError(
+            f"{src}: conversion to a universal checkpoint failed ({tail[0][:300]}); resume on "
+            f"the world size that saved it"
+        )
+
+
+class DeepSpeedCheckpointManager(CommitProtocol):
+    """Save/find/load DeepSpeed checkpoints with the DCP backend's guarantees and layout.
+
+    `run_dir/checkpoints/step_XXXXXXXX/` holds DeepSpeed's files (`mp_rank_00_model_states.pt`,
+    `*zero_pp_rank_R_mp_rank_00_optim_states.pt`), the per-rank `rank_XXXXX.pt` (loader
+    position, RNG, schedule) and `meta.json` (kind "deepspeed"), so `satfuse ckpt ls/inspect`
+    and `resume=auto` treat both kinds alike. Every rank calls save and load (DeepSpeed
+    #2993). Saves go to the protocol's `.tmp-step_X` (DeepSpeed's tag), every writer fsyncs
+    its shards, and the protocol commits (meta.json last, rename, `latest`, prune). A
+    checkpoint of another world size or ZeRO layout is converted to DeepSpeed's universal
+    format by rank 0 (a temporary `.universal-step_X` beside it, removed after loading).
+
+    `engine`: the `satfuse.engines.deepspeed_engine.DeepSpeedEngine` (its DeepSpeed engine
+    `model`, bare `module`, `zero_stage`, `describe()` and config).
+    """
+
+    kind = "deepspeed"
+
+    def __init__(self, run_dir: Path, engine: Any, keep_last: int = 3, keep_every: int = 0,
+                 timeout_s: float = 1800.0, trust: bool = False, every_steps: int = 0) -> None:
+        super().__init__(run_dir, keep_last=keep_last, keep_every=keep_every, timeout_s=timeout_s,
+                         trust=trust, every_steps=every_steps)
+        self.engine = engine
+
+    @classmethod
+    def from_config(cls, run_dir: Path, engine: Any, section: CheckpointConfig,
+                    timeout_s: float) -> DeepSpeedCheckpointManager:
+        """The manager of the `checkpoint` config section."""
+        return cls(run_dir, engine, **cls.config_kwargs(section, timeout_s))
+
+    def _model_state(self) -> dict[str, Any]:
+        return {"model": ModelOptimState(self.engine.module)}
+
+    # ---------------------------------------------------------------- save
+    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        me = dist.get_rank()
+        staged = self.begin(step, meta, *fingerprint(self._model_state()),
+                            deepspeed=self.engine.describe())
+        local_error = None
+        try:
+            write_rank_state(staged.tmp / rank_file(me), rank_state)
+            self.engine.model.save_checkpoint(str(self.ckpt_dir), tag=staged.tmp.name, save_latest=False)
+            _fsync_files(_files_written_by(staged.tmp, me))
+        except (OSError, RuntimeError) as exc:
+            local_error = f"rank {me}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            from satfuse.diskspace import free_bytes, is_no_space
+
+            # torch.save on a full disk says only "unexpected pos 128 vs 0": ask the disk
+            if is_no_space(exc) or free_bytes(staged.tmp) < max(self.needed_estimate(), 1 << 20):
+                local_error = f"rank {me}: No space left on device (DeepSpeed: {local_error.split(': ', 1)[1]})"
+        return self.finish(staged, local_error)
+
+    # ---------------------------------------------------------------- load
+    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        path = self.verify(Path(path))
+        meta = read_meta(path)
+        if meta.get("kind") != "deepspeed":
+            raise SatfuseError(
+                f"{path}: written by the {meta.get('kind', 'dcp')} engine, not DeepSpeed; resume "
+                "it with train.engine=ddp, or start a new run_dir"
+            )
+        self.check_model(path, meta, fingerprint(self._model_state())[0])
+        check_deepspeed_files(path, self.trust)  # names a refused file on every rank
+        universal = self._needs_universal(path, meta)
+        if universal:
+            self._load_universal(path, meta)
+        else:
+            self._load_ds(path.parent, path.name)
+        states = [load_rank_state(path / rank_file(r), self.trust) for r in range(int(meta["world_size"]))]
+        log.info("loaded %s (step %s, saved by %s ranks%s)", path, meta.get("step"),
+                 meta["world_size"], ", via a universal checkpoint" if universal else "")
+        return states, meta
+
+    def _needs_universal(self, path: Path, meta: dict[str, Any]) -> bool:
+        """Direct load when the shards fit this run; universal when only their partitioning
+        differs; refuse when the optimizer state would silently be lost."""
+        saved = meta.get("deepspeed") or {}
+        saved_partitioned = bool(partitioned_files(path))
+        now_partitioned = self.engine.zero_stage > 0 or self.cfg_precision == "bf16"
+        if saved_partitioned != now_partitioned:
+            raise SatfuseError(
+                f"{path}: saved with ZeRO stage {saved.get('zero_stage')} / {saved.get('precision')}, "
+                f"whose optimizer state layout cannot load into stage {self.engine.zero_stage} / "
+                f"{self.cfg_precision} (it would be silently reset); resume with "
+                f"deepspeed.zero_stage={saved.get('zero_stage')} train.precision={saved.get('precision')}"
+            )
+        if not saved_partitioned:
+            return False  # stage 0 fp32/fp16: replicated state, any world size loads it
+        same = (int(meta["world_size"]) == dist.get_world_size()
+                and saved.get("zero_stage") == self.engine.zero_stage
+                and saved.get("precision") == self.cfg_precision)
+        return not same
+
+    @property
+    def cfg_precision(self) -> str:
+        return self.engine.cfg.train.precision
+
+    def _load_ds(self, load_dir: Path, tag: str) -> None:
+        try:
+            with deepspeed_weights_only(self.trust):
+                loaded, _ = self.engine.model.load_checkpoint(
+                    str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        except Exception as exc:  # noqa: BLE001 - one line for the user, chained for debugging
+            refused = unpickling_cause(exc)
+            if refused is not None:
+                raise refusal(load_dir / tag, reason(refused)) from None
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SatfuseError(
+                f"{load_dir / tag}: DeepSpeed could not load it ({type(exc).__name__}: {first[:300]}); "
+                "resume with the ZeRO stage, precision and world size that saved it"
+            ) from exc
+        if loaded is None:
+            raise SatfuseError(f"{load_dir / tag}: DeepSpeed found no model states in it; it is damaged")
+
+    def _restore_buffers(self, path: Path) -> None:
+        """A universal load restores parameters only; BatchNorm running statistics would be
+        silently reset to their initial values (measured). Copy every buffer back from the
+        saved model states."""
+        saved = load_torch_file(path / MODEL_STATES, self.trust)["module"]
+        missing = []
+        with torch.no_grad():
+            for name, buf in self.engine.module.named_buffers():
+                if name in saved:
+                    buf.copy_(saved[name].to(buf.dtype))
+                else:
+                    missing.append(name)
+        if missing:
+            raise SatfuseError(f"{path}: buffers {missing[:5]} are not in the checkpoint; {MISMATCH_FIX}")
+
+    def _load_universal(self, path: Path, meta: dict[str, Any]) -> None:
+        group = self.group()
+        out = self.ckpt_dir / f".universal-{path.name}"
+        error = None
+        if dist.get_rank() == 0:
+            log.info("converting %s (world size %s) to a universal checkpoint for world size %d",
+                     path, meta["world_size"], dist.get_world_size())
+            try:
+                convert_to_universal(path, out, trust=self.trust)
+            except (SatfuseError, OSError, TimeoutError) as exc:
+                error = str(exc)
+        error = broadcast(error, group)
+        if error:
+            raise SatfuseError(error)
+        cfg = self.engine.model._config
+        cfg.load_universal_checkpoint = True
+        try:
+            self._load_ds(out.parent, out.name)
+            self._restore_buffers(path)
+        finally:
+            cfg.load_universal_checkpoint = False
+            dist.barrier(group=group)
+            if dist.get_rank() == 0:
+                remove_tree(out)
+                # ds_to_universal also points `latest_universal` at its output: not ours to keep
+                (self.ckpt_dir / "latest_universal").unlink(missing_ok=True)

@@ -1,0 +1,7 @@
+"""Exit codes a satfuse training process ends with, for launchers (SLURM/submitit, `launch/`)
+to tell "saved, requeue me" from "saved, stop for good" from a crash. Torch-free, so the
+launcher side can import it without torch; `satfuse.engines.signals` explains the meaning.
+"""
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: a stop signal (preemption, time limit) was saved: requeue
+STOP_EXIT_CODE = 143  # 128 + SIGTERM (scancel): saved, stop, do not requeue
