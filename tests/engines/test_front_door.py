@@ -74,14 +74,23 @@ def test_launcher_returns_75_when_the_ranks_saved_after_a_signal(sen12ms_shards,
     assert (run / "checkpoints" / "latest").is_file()
 
 
-def test_launcher_returns_2_and_the_ranks_error_line(tmp_path):
+def test_launcher_returns_2_and_the_ranks_error_line(sen12ms_shards, tmp_path):
+    # a config error is caught before torchrun starts: one line, status 2
     out = tmp_path / "out.txt"
     proc = _launch([f"data.shards={tmp_path / 'missing'}", f"train.run_dir={tmp_path / 'run'}"], out)
     code = proc.wait(timeout=180)
     text = out.read_text(errors="replace")
     assert code == 2, text
     assert "ChildFailedError" not in text and "Traceback" not in text, text
-    assert "failed with exit status 2:" in text and "shard not found" in text.splitlines()[-1], text
+    assert "shard not found" in text.splitlines()[-1], text
+    # an error only a rank can see (sync_bn needs CUDA: known once the device is picked):
+    # the launcher returns that rank's status and line, not torchrun's 1 and its traceback
+    proc = _launch(common(sen12ms_shards, tmp_path / "run2", 3, **{"model.sync_bn": "true"}), out)
+    code = proc.wait(timeout=180)
+    text = out.read_text(errors="replace")
+    assert code == 2, text
+    assert "ChildFailedError" not in text and "Traceback" not in text, text
+    assert "failed with exit status 2:" in text and "model.sync_bn=true needs CUDA" in text.splitlines()[-1], text
 
 
 def test_sync_bn_on_cpu_is_refused_at_start(sen12ms_shards, tmp_path):

@@ -175,7 +175,7 @@ def test_demo_writes_only_under_out(empty_cwd, monkeypatch):
     assert (empty_cwd / "satfuse-demo/reports/table.md").is_file()
 
 
-def test_local_launch_checks_the_config_once_before_starting_ranks(monkeypatch):
+def test_local_launch_checks_the_config_once_before_starting_ranks(monkeypatch, sen12ms_shards):
     import subprocess
 
     started: list[list[str]] = []
@@ -184,5 +184,7 @@ def test_local_launch_checks_the_config_once_before_starting_ranks(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     assert main(["pretrain", "--config", "tiny_deepspeed", "--nproc-per-node", "2"]) == 2
     assert started == []  # no torchrun for a config that cannot run
-    assert main(["pretrain", "--config", "tiny", "--nproc-per-node", "2"]) == 0
+    assert main(["pretrain", "--config", "tiny", "--nproc-per-node", "2"]) == 2  # its shards are not here
+    assert started == []
+    assert main(["pretrain", "--config", "tiny", "--nproc-per-node", "2", f"data.shards={sen12ms_shards}"]) == 0
     assert started and "--config" in started[0] and "tiny" in started[0]
