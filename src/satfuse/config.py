@@ -95,12 +95,15 @@ class TrainConfig:
     engine: Literal["ddp", "deepspeed"] = "ddp"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 10
-    eval_every: int = 0  # retrieval accuracy on val_shards every N steps (0 = at the end only)
+    eval_every: int = 0  # held-out retrieval on data.val_shards every N steps, logged (0 = at the end only)
     max_requeues: int = 5
     # A dead peer fails the job after this, never a silent hang. It also bounds the checkpoint
     # collectives: raise it if one rank's checkpoint write can take longer.
     comm_timeout_s: int = 300
+    # non-finite loss/grad norm: stop (checked on log steps and saves), or skip = drop that step's
+    # update on every rank (agreed each step; DDP engine only), failing after nan_skip_limit in a row
     nan_policy: Literal["stop", "skip"] = "stop"
+    nan_skip_limit: int = 10  # nan_policy=skip: stop after this many skipped steps in a row
     # run_dir/.lock: a holder whose heartbeat is older than this is taken to be gone
     lease_timeout_s: int = 600
     channels_last: bool = False  # model and 4-D batches in channels_last (NHWC): faster convs on GPU tensor cores
@@ -317,6 +320,7 @@ PRETRAIN_RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("train.steps", 1, True, None),
     ("train.log_every", 1, True, None),
     ("train.eval_every", 0, True, None),
+    ("train.nan_skip_limit", 1, True, None),
     ("train.comm_timeout_s", 1, True, None),
     ("train.lease_timeout_s", 10, True, None),
     ("checkpoint.every_steps", 0, True, None),
@@ -342,6 +346,12 @@ def validate_pretrain(cfg: Any) -> None:
     if cfg.checkpoint.force_new_run and str(cfg.checkpoint.resume).strip().lower() != "none":
         raise ConfigError(f"config: checkpoint.force_new_run=true needs checkpoint.resume=none (got "
                           f"{cfg.checkpoint.resume!r}): it is for a fresh start in a used run_dir")
+    if cfg.train.eval_every and not cfg.data.val_shards:
+        raise ConfigError(f"config: train.eval_every={cfg.train.eval_every} needs data.val_shards (held-out "
+                          "shards to evaluate on); set data.val_shards or train.eval_every=0")
+    if cfg.train.nan_policy == "skip" and cfg.train.engine != "ddp":
+        raise ConfigError("config: train.nan_policy=skip works with train.engine=ddp (DeepSpeed steps "
+                          "inside its engine); use train.nan_policy=stop with train.engine=deepspeed")
     if not str(cfg.train.run_dir).strip():
         raise ConfigError("config: train.run_dir is empty; give the run's directory, e.g. train.run_dir=runs/my_run")
     run_dir = Path(cfg.train.run_dir)

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import satfuse.data.reader as reader
+import satfuse.distributed.collectives as coll
 import satfuse.distributed.env as denv
+import satfuse.distributed.launcher_env as lenv
 from satfuse.config import DataConfig, PretrainConfig, load_config
 from satfuse.distributed.env import DistEnv, cuda_index, detect_env
 from satfuse.engines import trainer as tr
@@ -106,8 +108,8 @@ def test_local_rank_to_gpu(monkeypatch: pytest.MonkeyPatch, environ: dict, local
                            visible: int, index: int | None) -> None:
     """All GPUs visible (torchrun, srun --gpus-per-node): GPU = local rank; one GPU bound per
     task (srun --gpus-per-task=1, submitit): GPU 0 - never set_device(local rank) on it."""
-    monkeypatch.setattr(denv, "parse_nodelist", lambda _: ["gpu01", "gpu02"])
-    monkeypatch.setattr(denv.shutil, "which", lambda _: None)
+    monkeypatch.setattr(lenv, "parse_nodelist", lambda _: ["gpu01", "gpu02"])
+    monkeypatch.setattr(lenv.shutil, "which", lambda _: None)
     env = detect_env(environ, backend="nccl")
     assert env.local_rank == local
     want = local if index is None else index
@@ -185,13 +187,13 @@ def test_stop_flag_goes_through_gloo_on_nccl_jobs(monkeypatch: pytest.MonkeyPatc
     """The per-step stop agreement uses a gloo group when the job is NCCL (no GPU sync),
     made once; the default group when it is gloo; none without a group."""
     made: list[str] = []
-    monkeypatch.setattr(denv, "_GROUPS", {})
-    monkeypatch.setattr(denv, "_dist_ready", lambda: False)
-    assert denv.control_group() is None
-    monkeypatch.setattr(denv, "_dist_ready", lambda: True)
+    monkeypatch.setattr(coll, "_GROUPS", {})
+    monkeypatch.setattr(coll, "dist_ready", lambda: False)
+    assert coll.control_group() is None
+    monkeypatch.setattr(coll, "dist_ready", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
-    assert denv.control_group() is None
+    assert coll.control_group() is None
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(torch.distributed, "new_group", lambda backend=None: made.append(backend) or "g")
-    assert denv.control_group() == "g" and denv.control_group() == "g"
+    assert coll.control_group() == "g" and coll.control_group() == "g"
     assert made == ["gloo"]

@@ -64,7 +64,7 @@ def test_training_step_runs_its_layers_in_the_configured_dtype(
     from satfuse.engines.ddp import DDPEngine
     from satfuse.engines.trainer import Trainer
     from satfuse.models import build_pretrain_model
-    from tests.models.test_pretrain_models import batch
+    from tests.models.test_methods import batch
 
     monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: True)  # no emulation warning needed
     cfg = load_config(PretrainConfig, None, [
@@ -75,7 +75,9 @@ def test_training_step_runs_its_layers_in_the_configured_dtype(
     seen: dict[str, torch.dtype] = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.dtype))
              for n, m in module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    fake = SimpleNamespace(engine=engine, device=torch.device("cpu"), module=module, cfg=cfg, step=0)
+    fake = SimpleNamespace(engine=engine, device=torch.device("cpu"), module=module, cfg=cfg, step=0,
+                           forward=engine.model, _recent_keys={},
+                           _first_bad=torch.zeros((), dtype=torch.long))
     out = Trainer.train_step(fake, {"key": ["a"] * 6, **batch()})
     for h in hooks:
         h.remove()

@@ -617,8 +617,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # quick: the compile row runs Dynamo + AOT autograd without inductor's C++ build (seconds,
     # not minutes, on 2 CPU cores); `train.compile=true` is tested with inductor elsewhere
     compile_backend = "aot_eager" if args.quick else "inductor"
-    # throughput is measured in bf16; a --quick dry run on a CPU that only emulates bf16 (~45x
-    # slower) times fp32 instead, so it stays well under a minute (the DDP check keeps bf16)
+    # throughput is measured in bf16; a --quick dry run on a CPU that only emulates bf16 (far
+    # slower: `satfuse bench train` shows by how much) times fp32 instead, so it stays well under a minute (the DDP check keeps bf16)
     args.precision = "bf16"
     if args.quick and device.type == "cpu" and cpu_has_native_bf16() is False:
         args.precision = "fp32"

@@ -7,7 +7,10 @@
 3. step: forward under autocast -> global contrastive loss -> engine backward/step, queued
    without a host synchronisation (loss, metrics and grad norm stay on the device; a
    non-finite loss is noted there) -> on log steps and before every save: the NaN check
-   agreed by all ranks, then the numbers are read and logged;
+   agreed by all ranks, then the numbers are read and logged. The in-batch retrieval metric
+   (three collectives) is computed on log steps only. Per step there is ONE flag reduction
+   (stop signal, plus the non-finite flag under `train.nan_policy=skip`, which drops that
+   step's update on every rank);
 4. checkpoint every N steps, at the end, and when any rank got a stop signal (SLURM
    preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`
    (`STOP_EXIT_CODE` after SIGTERM, i.e. scancel: saved, not to be requeued);
@@ -39,7 +42,8 @@ from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, StopFl
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
 from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
-from satfuse.distributed.env import DistEnv, all_reduce_max_bool, control_group, cuda_index
+from satfuse.distributed.collectives import agree_max, any_rank, control_group
+from satfuse.distributed.env import DistEnv, cuda_index
 from satfuse.distributed.gather import equal_rows
 from satfuse.engines.base import Engine, check_precision
 from satfuse.engines.metrics_sinks import MetricSinks
@@ -62,6 +66,7 @@ class TrainResult:
     retrieval_top1: float | None = None
     retrieval_chance: float | None = None
     skipped_samples: int = 0  # undecodable/truncated/altered samples skipped, all ranks
+    skipped_steps: int = 0  # train.nan_policy=skip: steps whose update was dropped (non-finite)
 
 
 def select_device(cfg: PretrainConfig, env: DistEnv) -> torch.device:
@@ -225,6 +230,10 @@ class Trainer:
         # first step whose loss was not finite (0: none), kept on the device: no per-step sync
         self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
         self._recent_keys: dict[int, list] = {}  # batch keys since the last check, for the message
+        self.stop = StopFlag()
+        self.skipped_steps = 0  # nan_policy=skip: updates dropped so far (this attempt)
+        self._skips_in_row = 0
+        self._stop_level: int | None = None  # the stop level agreed inside this step (skip policy)
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, Any]:
@@ -304,7 +313,7 @@ class Trainer:
     def check_skipped(self, skipped: int) -> None:
         """Fail (on every rank alike) once more than data.max_skipped_fraction of the samples
         read were skipped: a truncated shard must not quietly shrink the data set."""
-        read = skipped + self.step * self.cfg.data.batch_size * self.env.world_size
+        read = skipped + self.step * self.cfg.data.batch_size * self.env.world_size * self.engine.accumulation
         limit = self.cfg.data.max_skipped_fraction
         if skipped and skipped > limit * max(read, 1):
             raise SatfuseError(
@@ -315,10 +324,13 @@ class Trainer:
             )
 
     # ---------------------------------------------------------------- training
-    def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def train_step(self, batch: dict[str, Any], metrics: bool = True) -> dict[str, Any]:
         """One step, queued without reading anything on the host: the returned loss, metrics
         and grad norm are 0-d device tensors (`read_metrics` on log steps). Every rank has the
-        same batch size (the loader's plan), so the loss's gathers skip the size exchange."""
+        same batch size (the loader's plan), so the loss's gathers skip the size exchange.
+        `metrics=False` (steps that are not logged) skips the retrieval metric's collectives.
+        Under `train.nan_policy=skip` the step agrees with every rank on one small reduction
+        (stop level, non-finite flag) before the update: one host read per step, that policy only."""
         self.engine.model.train()
         self._recent_keys[self.step + 1] = list(batch.get("key", [])[:4])
         if len(self._recent_keys) > 10_000:  # a huge log_every: keep the message's memory bounded
@@ -327,17 +339,44 @@ class Trainer:
         with equal_rows():
             with self.engine.autocast():
                 outputs = self.forward(batch)
-            loss, metrics = self.module.loss(outputs, self.cfg.loss)
+            loss, values = self.module.loss(outputs, self.cfg.loss, metrics=metrics)
         bad = ~torch.isfinite(loss.detach())
-        self._first_bad = torch.where((self._first_bad == 0) & bad, self.step + 1, self._first_bad)
-        grad_norm = self.engine.backward_step(loss)
-        return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
+        if self.cfg.train.nan_policy == "skip":
+            grad_norm = self.engine.backward_step(loss, skip=lambda norm: self._agree_skip(bad, norm))
+        else:
+            self._first_bad = torch.where((self._first_bad == 0) & bad, self.step + 1, self._first_bad)
+            grad_norm = self.engine.backward_step(loss)
+        return {"loss": loss.detach(), "grad_norm": grad_norm, **values}
+
+    def _agree_skip(self, bad_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """nan_policy=skip: the step's one reduction, [stop level, non-finite] MAX over ranks
+        (gloo on NCCL jobs), before the update. True = every rank drops this update."""
+        bad = bool(bad_loss | ~torch.isfinite(grad_norm))  # the policy's one host read per step
+        self._stop_level, any_bad = agree_max([self.stop.level, int(bad)], control_group())
+        step = self.step + 1
+        if not any_bad:
+            self._skips_in_row = 0
+            return False
+        self.skipped_steps += 1
+        self._skips_in_row += 1
+        limit = self.cfg.train.nan_skip_limit
+        keys = self._recent_keys.get(step, [])
+        if self._skips_in_row >= limit:
+            raise SatfuseError(
+                f"non-finite loss or gradients at {self._skips_in_row} steps in a row (last: step {step}, "
+                f"batch keys {keys}...), train.nan_skip_limit={limit}: the run diverged; try a lower "
+                f"optim.lr (now {self.cfg.optim.lr}), optim.grad_clip=1.0, train.precision=fp32, or resume "
+                f"from the last checkpoint in {self.run_dir / 'checkpoints'}")
+        log.warning("train.nan_policy=skip: non-finite loss or gradients at step %d (%s on this rank, batch "
+                    "keys %s...): update dropped on every rank (%d skipped so far, %d in a row)", step,
+                    "seen" if bad else "not seen", keys, self.skipped_steps, self._skips_in_row)
+        return True
 
     def check_finite(self) -> None:
         """Stop if any rank saw a non-finite loss. Collective: every rank calls it at the same
         steps (log steps, saves); the one host read of the NaN bookkeeping."""
         first = int(self._first_bad)
-        if all_reduce_max_bool(first > 0):
+        if any_rank(first > 0):
             self.on_nan(first)
         self._recent_keys.clear()
 
@@ -392,7 +431,7 @@ class Trainer:
             log.info("already complete: %s holds step %d of train.steps=%d; nothing to train (raise "
                      "train.steps to continue, or start a new train.run_dir)",
                      self.run_dir / "checkpoints", self.step, cfg.train.steps)
-        stop = StopFlag()
+        stop = self.stop
         stop.install()
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.env.rank == 0)
         sinks = MetricSinks(cfg.log, self.run_dir, self.env.rank == 0, self.step, to_dict(cfg))
@@ -403,7 +442,8 @@ class Trainer:
         last: dict[str, float] = {"loss": math.nan}
         pending: dict[str, Any] | None = None  # the latest step's numbers, still on the device
         t0, seen = time.perf_counter(), 0
-        global_batch = cfg.data.batch_size * self.env.world_size
+        # pairs per optimizer step: every trainer step is one, over `accumulation` micro-batches
+        global_batch = cfg.data.batch_size * self.env.world_size * self.engine.accumulation
         # a resumed run re-saves even at the end: after a world-size change the newest
         # checkpoint is then in the current layout (DeepSpeed need not convert it again)
         status, saved_at = "completed", -1
@@ -412,16 +452,18 @@ class Trainer:
                 if self.lease is not None:
                     self.lease.check()
                 t_wait = time.perf_counter()
-                batch = next(data_iter)
+                batches = [next(data_iter) for _ in range(self.engine.accumulation)]
                 t_step = time.perf_counter()
-                new_epoch = int(batch.get("epoch", self.epoch))
-                if new_epoch != self.epoch:
-                    skipped = self.skipped()
-                    log.info("epoch %d done at step %d: %d samples skipped so far", self.epoch, self.step, skipped)
-                    metrics_log.write({"step": self.step, "epoch_done": self.epoch, "skipped_samples": skipped})
-                    self.check_skipped(skipped)
-                self.epoch = new_epoch
-                pending = self.train_step(batch)
+                log_step = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == total
+                for i, batch in enumerate(batches):  # micro-batches of one optimizer step
+                    new_epoch = int(batch.get("epoch", self.epoch))
+                    if new_epoch != self.epoch:
+                        skipped = self.skipped()
+                        log.info("epoch %d done at step %d: %d samples skipped so far", self.epoch, self.step, skipped)
+                        metrics_log.write({"step": self.step, "epoch_done": self.epoch, "skipped_samples": skipped})
+                        self.check_skipped(skipped)
+                    self.epoch = new_epoch
+                    pending = self.train_step(batch, metrics=log_step and i == len(batches) - 1)
                 self.step += 1
                 seen += global_batch
                 bar.update(1)
@@ -435,13 +477,20 @@ class Trainer:
                     skipped = self.skipped()
                     record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(),
                               "pairs_per_s": rate, "skipped_samples": skipped, **last}
+                    if cfg.train.nan_policy == "skip":
+                        record["skipped_steps"] = self.skipped_steps
                     metrics_log.write(record)
                     log.info("step %d/%d loss %.4f top1 %.3f lr %.2e %.1f pairs/s", self.step, total,
                              last["loss"], last.get("retrieval_top1", float("nan")), record["lr"], rate)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
                     t0, seen = time.perf_counter(), 0
                     self.check_skipped(skipped)
-                if stop.should_stop(control_group()):  # gloo on NCCL jobs: no GPU sync
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
+                    self.log_retrieval(metrics_log, sinks)
+                # the step's one flag reduction: already done inside the step under nan_policy=skip
+                level, self._stop_level = self._stop_level, None
+                if (stop.agreed(level) if level is not None
+                        else stop.should_stop(control_group())):  # gloo on NCCL jobs: no GPU sync
                     status = "stopped" if stop.terminate else "preempted"
                     break
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
@@ -459,13 +508,10 @@ class Trainer:
             last = read_metrics(pending)
         if already and status == "completed":
             status = "already_complete"
-        result = TrainResult(status=status, step=self.step, final_loss=last["loss"], skipped_samples=self.skipped())
+        result = TrainResult(status=status, step=self.step, final_loss=last["loss"], skipped_samples=self.skipped(),
+                             skipped_steps=self.skipped_steps)
         if status == "completed" and cfg.data.val_shards:
-            result.retrieval_top1, result.retrieval_chance = self.evaluate_retrieval()
-            metrics_log.write({"step": self.step, "heldout_retrieval_top1": result.retrieval_top1,
-                               "heldout_retrieval_chance": result.retrieval_chance})
-            sinks.scalars(self.step, {"heldout/retrieval_top1": result.retrieval_top1,
-                                      "heldout/retrieval_chance": result.retrieval_chance})
+            result.retrieval_top1, result.retrieval_chance = self.log_retrieval(metrics_log, sinks)
         metrics_log.close()
         sinks.close()
         if status == "preempted":
@@ -477,6 +523,13 @@ class Trainer:
         return result
 
     # ---------------------------------------------------------------- evaluation
+    def log_retrieval(self, metrics_log: MetricsLog, sinks: MetricSinks) -> tuple[float | None, float | None]:
+        """Held-out retrieval now (every `train.eval_every` steps and at the end), logged."""
+        top1, chance = self.evaluate_retrieval()
+        metrics_log.write({"step": self.step, "heldout_retrieval_top1": top1, "heldout_retrieval_chance": chance})
+        sinks.scalars(self.step, {"heldout/retrieval_top1": top1, "heldout/retrieval_chance": chance})
+        return top1, chance
+
     @torch.no_grad()
     def evaluate_retrieval(self) -> tuple[float | None, float | None]:
         """S1 -> S2 top-1 retrieval over the whole held-out set (chance = 1 / N)."""
