@@ -16,6 +16,7 @@ import satfuse.distributed.env as denv
 import satfuse.distributed.launcher_env as lenv
 from satfuse.config import DataConfig, PretrainConfig, load_config
 from satfuse.distributed.env import DistEnv, cuda_index, detect_env
+from satfuse.engines import setup
 from satfuse.engines import trainer as tr
 from satfuse.utils import SatfuseError
 
@@ -29,11 +30,11 @@ def tiny(shards: Path, run_dir: Path, *extra: str) -> PretrainConfig:
 
 def test_to_device_channels_last_only_for_images() -> None:
     batch = {"s1": torch.randn(2, 2, 8, 8), "mask": torch.ones(2), "key": ["a", "b"]}
-    out = tr.to_device(batch, torch.device("cpu"), channels_last=True)
+    out = setup.to_device(batch, torch.device("cpu"), channels_last=True)
     assert out["s1"].is_contiguous(memory_format=torch.channels_last)
     assert not batch["s1"].is_contiguous(memory_format=torch.channels_last)
     assert out["mask"].shape == (2,) and out["key"] == ["a", "b"]
-    plain = tr.to_device(batch, torch.device("cpu"))
+    plain = setup.to_device(batch, torch.device("cpu"))
     assert plain["s1"].is_contiguous()
 
 
@@ -44,7 +45,7 @@ def test_cudnn_benchmark_for_fixed_crops(device: str, crop: int, want: bool) -> 
     try:
         torch.backends.cudnn.benchmark = False
         cfg = load_config(PretrainConfig, None, [f"data.crop={crop}"])
-        tr.configure_backends(cfg, torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
+        setup.configure_backends(cfg, torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
         assert torch.backends.cudnn.benchmark is want
     finally:
         torch.backends.cudnn.benchmark = saved
@@ -83,7 +84,7 @@ def test_trainer_channels_last_and_compile(sen12ms_shards: Path, tmp_path: Path)
 def test_compile_with_deepspeed_is_refused() -> None:
     cfg = load_config(PretrainConfig, None, ["train.compile=true", "train.engine=deepspeed"])
     with pytest.raises(SatfuseError, match="train.compile=true works with train.engine=ddp"):
-        tr.compiled_forward(cfg, torch.nn.Linear(2, 2))
+        setup.compiled_forward(cfg, torch.nn.Linear(2, 2))
 
 
 def test_nccl_async_error_handling_is_set_but_user_values_kept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,7 +118,7 @@ def test_local_rank_to_gpu(monkeypatch: pytest.MonkeyPatch, environ: dict, local
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     cfg = load_config(PretrainConfig, None, ["train.device=cuda"])
-    assert tr.select_device(cfg, env) == torch.device("cuda", want)
+    assert setup.select_device(cfg, env) == torch.device("cuda", want)
 
 
 def test_no_visible_gpu_is_a_clear_error() -> None:

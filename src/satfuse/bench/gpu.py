@@ -482,7 +482,7 @@ def fitting_batch(total: int, want: int, workers: int) -> int:
 def loader_row(device: torch.device, args: argparse.Namespace, backbone: str, crop: int,
                workers: int, model_step_s: float | None) -> dict[str, Any]:
     from satfuse.data.reader import resolve_shards
-    from satfuse.engines.trainer import to_device
+    from satfuse.engines.setup import to_device
 
     total = resolve_shards(args.shards).total
     batch = fitting_batch(total, min(args.batches), workers)

@@ -14,41 +14,62 @@
 4. checkpoint every N steps, at the end, and when any rank got a stop signal (SLURM
    preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`
    (`STOP_EXIT_CODE` after SIGTERM, i.e. scancel: saved, not to be requeued);
-5. at the end, cross-modal retrieval accuracy on held-out shards.
+5. at the end (and every `train.eval_every` steps), cross-modal retrieval accuracy on
+   held-out shards.
+
+One job, the loop: its set-up (device, engine, compile) is in `engines/setup.py`, what the run
+writes beside checkpoints (metrics.jsonl, config.yaml, overrides.jsonl) in
+`engines/run_records.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import satfuse
 from satfuse.checkpoint.layout import META_NAME
 from satfuse.checkpoint.rng import capture_rng, restore_rng
 from satfuse.checkpoint.signals import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, StopFlag
-from satfuse.config import PretrainConfig, dump_yaml, to_dict
+from satfuse.config import PretrainConfig, to_dict
 from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
 from satfuse.data.reader import EvalLoader, PretrainLoader, resolve_shards
-from satfuse.distributed.collectives import agree_max, any_rank, control_group
-from satfuse.distributed.env import DistEnv, cuda_index
+from satfuse.distributed.collectives import (
+    agree_max,
+    all_reduce_sum,
+    any_rank,
+    broadcast_object,
+    control_group,
+)
+from satfuse.distributed.env import DistEnv
 from satfuse.distributed.gather import equal_rows
-from satfuse.engines.base import Engine, check_precision
+from satfuse.engines.base import check_precision
 from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.engines.optim import apply_hparams
+from satfuse.engines.run_records import (
+    MetricsLog,
+    config_changes,
+    record_overrides,
+    refuse_changes,
+    write_config,
+)
 from satfuse.engines.rundir import RunLease, prepare_fresh_start
+from satfuse.engines.setup import (
+    build_engine,
+    compiled_forward,
+    configure_backends,
+    select_device,
+    to_device,
+)
 from satfuse.losses import retrieval_accuracy
 from satfuse.models import build_pretrain_model
 from satfuse.utils import SatfuseError
@@ -67,131 +88,6 @@ class TrainResult:
     retrieval_chance: float | None = None
     skipped_samples: int = 0  # undecodable/truncated/altered samples skipped, all ranks
     skipped_steps: int = 0  # train.nan_policy=skip: steps whose update was dropped (non-finite)
-
-
-def select_device(cfg: PretrainConfig, env: DistEnv) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise SatfuseError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        return torch.device("cuda", cuda_index(env.local_rank, torch.cuda.device_count()))
-    return torch.device("cpu")
-
-
-def build_engine(cfg: PretrainConfig, model: torch.nn.Module, device: torch.device) -> Engine:
-    if cfg.train.engine == "deepspeed":
-        from satfuse.engines.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, model, device)
-    from satfuse.engines.ddp import DDPEngine
-
-    return DDPEngine(cfg, model, device)
-
-
-def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
-    """Tensors to `device` with non_blocking copies (they overlap with compute when the loader
-    pinned the batch); 4-D image tensors in channels_last when the model is."""
-    def move(v: torch.Tensor) -> torch.Tensor:
-        if channels_last and v.dim() == 4:
-            return v.to(device, non_blocking=True, memory_format=torch.channels_last)
-        return v.to(device, non_blocking=True)
-
-    return {k: (move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
-    """cuDNN autotuning for fixed input shapes: with a fixed crop (data.crop > 0) every batch
-    has the same shape, so benchmarking the convolution algorithms once pays back at once."""
-    if device.type == "cuda" and cfg.data.crop > 0:
-        torch.backends.cudnn.benchmark = True
-
-
-def compiled_forward(cfg: PretrainConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """`train.compile=true`: the forward pass through torch.compile (inductor)."""
-    if not cfg.train.compile:
-        return model
-    if cfg.train.engine != "ddp":
-        raise SatfuseError("train.compile=true works with train.engine=ddp; set train.compile=false "
-                           "for train.engine=deepspeed")
-    return torch.compile(model)
-
-
-class MetricsLog:
-    """JSONL metrics on rank 0, appended across requeues (one file per run).
-
-    Lines are written whole: one `write` per line, and a line the disk could not take in full
-    is cut off again, so a full disk never leaves a torn line for the next run to append to.
-    A torn last line left by an older version or a kill is removed when the log is opened.
-    """
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = path
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            repair_torn_tail(path)
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        data = (json.dumps(record) + "\n").encode()
-        size = os.fstat(self.fd).st_size
-        try:
-            if os.write(self.fd, data) != len(data):  # a regular file writes short only when full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, size)  # no torn line
-            raise _write_error(exc, self.path, len(data), "appending a metrics line") from None
-
-    def close(self) -> None:
-        if self.enabled:
-            os.close(self.fd)
-
-
-def repair_torn_tail(path: Path) -> None:
-    """Cut a last line without its newline (a write cut short) off `path`, saying so."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as fh:
-        fh.seek(0, os.SEEK_END)
-        end = fh.tell()
-        fh.seek(end - 1)
-        if fh.read(1) == b"\n":
-            return
-        keep = end
-        while keep > 0:
-            step = min(4096, keep)
-            fh.seek(keep - step)
-            chunk = fh.read(step)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                keep = keep - step + nl + 1
-                break
-            keep -= step
-        fh.truncate(keep)
-    log.warning("%s: removed a torn last line (%d bytes, a write cut short) before appending", path, end - keep)
-
-
-def _write_error(exc: OSError, path: Path, needed: int, doing: str) -> SatfuseError:
-    """One line for a failed run-dir write: ENOSPC with free/needed bytes, else the OS's reason."""
-    from satfuse.diskspace import is_no_space, no_space_error
-
-    if is_no_space(exc):
-        return no_space_error(path, needed, doing, "free space there (or use another train.run_dir) and resume")
-    return SatfuseError(f"{path}: {doing} failed ({exc.strerror or exc}); check that train.run_dir is writable")
-
-
-def write_config(cfg: PretrainConfig, path: Path) -> None:
-    """config.yaml of the run (atomic), a full disk said in one line."""
-    try:
-        dump_yaml(cfg, path)
-    except OSError as exc:
-        import yaml
-
-        raise _write_error(exc, path, len(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()),
-                           "writing config.yaml") from None
 
 
 class Trainer:
@@ -302,13 +198,7 @@ class Trainer:
     # ---------------------------------------------------------------- skipped samples
     def skipped(self) -> int:
         """Samples skipped so far on all ranks (collective when distributed)."""
-        n = int(self.loader.decode_errors)
-        if self.env.world_size > 1 and dist.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            t = torch.tensor([n], dtype=torch.long, device=device)
-            dist.all_reduce(t)
-            n = int(t.item())
-        return n
+        return int(all_reduce_sum(torch.tensor([int(self.loader.decode_errors)], dtype=torch.long)))
 
     def check_skipped(self, skipped: int) -> None:
         """Fail (on every rank alike) once more than data.max_skipped_fraction of the samples
@@ -404,10 +294,7 @@ class Trainer:
                 if self.lease is not None:
                     self.lease.release()  # deletes the lease only if it is ours
                 self.lease = None
-        if self.env.world_size > 1 and dist.is_initialized():
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
+        error = broadcast_object(error)
         if error:
             raise SatfuseError(error)
         if self.lease is not None:
@@ -551,9 +438,7 @@ class Trainer:
             za.append(a.float().cpu()[mask])
             zb.append(b.float().cpu()[mask])
         a, b = torch.cat(za), torch.cat(zb)
-        n = torch.tensor([a.shape[0]], dtype=torch.long)
-        if dist.is_initialized():
-            dist.all_reduce(n)
+        n = all_reduce_sum(torch.tensor([a.shape[0]], dtype=torch.long))
         top1 = retrieval_accuracy(a, b)
         chance = 1.0 / max(1, int(n))
         log.info("held-out S1->S2 retrieval top-1: %.3f (chance %.4f, n=%d)", top1, chance, int(n))
@@ -568,53 +453,6 @@ def step_scalars(last: dict[str, float], lr: float, global_batch: int, step_s: f
            "train/retrieval_top1": last.get("retrieval_top1"), "train/grad_norm": last.get("grad_norm"),
            "train/data_wait_s": last.get("data_wait_s")}
     return {k: v for k, v in out.items() if v is not None}
-
-
-# Keys whose change on resume cannot be honoured: the restored state is of the old kind.
-REFUSED_ON_RESUME = {
-    "optim.name": "the checkpoint's optimizer state is of another optimizer type",
-    "train.engine": "the checkpoint is in the other engine's format",
-}
-
-
-def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
-    """{dotted key: [value in the checkpoint, value now]} of every leaf that differs."""
-    out: dict[str, list[Any]] = {}
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.update(config_changes(a, b, f"{prefix}{key}."))
-        elif a != b and key in saved:
-            out[f"{prefix}{key}"] = [a, b]
-    return out
-
-
-def refuse_changes(changed: dict[str, list[Any]], path: Path) -> None:
-    for key, why in REFUSED_ON_RESUME.items():
-        if key in changed:
-            old, new = changed[key]
-            raise SatfuseError(
-                f"{path}: {key} was {old!r} when this checkpoint was written, now {new!r}: {why}; "
-                f"resume with {key}={old} or start a new train.run_dir"
-            )
-
-
-def record_overrides(run_dir: Path, step: int, path: Path, changed: dict[str, list[Any]]) -> None:
-    """Append what changed at this resume to run_dir/overrides.jsonl (the run's history)."""
-    if not changed:
-        return
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "checkpoint": str(path),
-              "changed": {k: {"was": a, "now": b} for k, (a, b) in changed.items()}}
-    try:
-        with open(run_dir / "overrides.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:  # the record is part of the run: do not train on without it
-        raise SatfuseError(f"{run_dir / 'overrides.jsonl'}: cannot record the changed settings "
-                           f"({exc.strerror or exc}); free space there and resume again") from exc
-    log.warning("resumed at step %d with changed settings, applied from here on: %s", step,
-                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
 def read_metrics(values: dict[str, Any]) -> dict[str, float]:
