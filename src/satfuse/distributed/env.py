@@ -23,7 +23,7 @@ import re
 import socket
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -39,27 +39,15 @@ _STATE: dict[str, DistEnv] = {}
 
 
 @dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in the job. `source` says which launcher the values came from."""
+class DistEnv(WorldInfo):
+    """`WorldInfo` (where this process sits, from the launcher) plus how it communicates."""
 
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
     backend: str = "gloo"
     device: str = "cpu"
-    num_nodes: int = 1
-    source: str = "single"  # torchrun | slurm | submitit_local | single (see launcher_env)
 
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -133,8 +121,7 @@ def configure_interface(ifname: str | None = None) -> str | None:
 
 def _export(env: DistEnv) -> None:
     """Publish the layout as torchrun-style variables: DeepSpeed and others read them."""
-    fields = {k: v for k, v in env.as_dict().items() if k not in ("backend", "device")}
-    os.environ.update(torchrun_vars(WorldInfo(**fields)))
+    os.environ.update(torchrun_vars(env))
 
 
 def _rendezvous_error(env: DistEnv, timeout_s: int, exc: BaseException) -> SatfuseError:
