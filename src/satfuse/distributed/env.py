@@ -121,7 +121,9 @@ def configure_interface(ifname: str | None = None) -> str | None:
 
 def _export(env: DistEnv) -> None:
     """Publish the layout as torchrun-style variables: DeepSpeed and others read them."""
-    os.environ.update(torchrun_vars(env))
+    # the six variables torch's env:// and DeepSpeed read (as before launcher_env existed)
+    keep = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    os.environ.update({k: v for k, v in torchrun_vars(env).items() if k in keep})
 
 
 def _rendezvous_error(env: DistEnv, timeout_s: int, exc: BaseException) -> SatfuseError:
