@@ -42,65 +42,74 @@ class DataConfig:
     manifest: str = ""  # defaults to <shard dir>/manifest.json
     val_shards: str = ""  # held-out shards for retrieval accuracy (empty: none)
     batch_size: int = 32  # per rank
-    num_workers: int = 1
-    shuffle_buffer: int = 256
+    num_workers: int = 1  # loader worker processes per rank (0 = read in the training process)
+    shuffle_buffer: int = 256  # raw samples a loader slot holds for shuffling
     crop: int = 128  # random crop size for pretraining (authors: 128); 0 = full patch
-    on_decode_error: Literal["skip", "fatal"] = "skip"
+    on_decode_error: Literal["skip", "fatal"] = "skip"  # an undecodable sample: skip it (counted, warned) or fail
     # with on_decode_error=skip: fail the run once more than this fraction of the samples read
     # were skipped (undecodable, truncated or altered shards); 0 = any skip fails
     max_skipped_fraction: float = 0.01
-    s1_clip: list[float] = field(default_factory=lambda: [-25.0, 0.0])
-    s2_clip: list[float] = field(default_factory=lambda: [0.0, 10000.0])
+    s1_clip: list[float] = field(default_factory=lambda: [-25.0, 0.0])  # S1 dB range kept before normalising
+    s2_clip: list[float] = field(default_factory=lambda: [0.0, 10000.0])  # S2 reflectance range kept before normalising
 
 
 @dataclass
 class ModelConfig:
     """Which method and backbone. Sizes follow the authors (ResNet-50, 2048-2048-128 head)."""
 
-    method: Literal["dual_simclr", "simclr", "mma"] = "dual_simclr"
-    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"
-    proj_hidden: int = 2048
-    proj_out: int = 128
-    sync_bn: bool = False
+    method: Literal["dual_simclr", "simclr", "mma"] = "dual_simclr"  # pretraining method (satfuse.models.methods)
+    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"  # trunk per modality (tiny: tests and CPU demos)
+    proj_hidden: int = 2048  # hidden width of the projection head
+    proj_out: int = 128  # embedding size the contrastive loss compares
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
     simclr_input: Literal["s2_rgb", "s2", "s1s2"] = "s2_rgb"  # SimCLR only
     mma_dim: int = 256  # MMA only: embedding size of the aligned feature maps
 
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.07
+    """The global contrastive loss (`satfuse.losses`)."""
+
+    temperature: float = 0.07  # softmax temperature of the logits (authors: 0.07)
     variant: Literal["nt_xent", "infonce"] = "nt_xent"  # infonce = cross-modal terms only
     local_loss: bool = True  # open_clip scheme: logits of local rows vs the global batch
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adam", "adamw", "lars"] = "adam"
-    lr: float = 3e-5
-    weight_decay: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Optimizer and LR schedule, the same for both engines (`satfuse.engines.optim`)."""
+
+    name: Literal["adam", "adamw", "lars"] = "adam"  # optimizer (authors: adam)
+    lr: float = 3e-5  # base learning rate
+    weight_decay: float = 1e-4  # L2 (adam, lars) or decoupled (adamw) weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam/AdamW moment decays
     momentum: float = 0.9  # LARS only
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 0.0  # 0 = off
+    schedule: Literal["constant", "cosine"] = "constant"  # LR after warmup, over train.steps optimizer steps
+    warmup_steps: int = 0  # linear warmup, in optimizer steps
+    min_lr_ratio: float = 0.0  # cosine: the final LR as a fraction of optim.lr
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/pretrain"
-    steps: int = 1000  # total optimizer steps
-    seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    engine: Literal["ddp", "deepspeed"] = "ddp"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every: int = 10
-    eval_every: int = 0  # retrieval accuracy on val_shards every N steps (0 = at the end only)
-    max_requeues: int = 5
+    """The training loop (`satfuse.engines.trainer`)."""
+
+    run_dir: str = "runs/pretrain"  # checkpoints, metrics.jsonl, config.yaml and logs of the run
+    steps: int = 1000  # total optimizer steps, on both engines (DeepSpeed: each runs its accumulation's micro-batches)
+    seed: int = 0  # initial weights and the data order
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute precision (fp16: CUDA only)
+    engine: Literal["ddp", "deepspeed"] = "ddp"  # DDP + DCP checkpoints, or DeepSpeed ZeRO
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when visible
+    log_every: int = 10  # metrics (and the NaN check) every N steps
+    eval_every: int = 0  # held-out retrieval on data.val_shards every N steps, logged (0 = at the end only)
+    max_requeues: int = 5  # SLURM requeues after preemption before the job stops for good
     # A dead peer fails the job after this, never a silent hang. It also bounds the checkpoint
     # collectives: raise it if one rank's checkpoint write can take longer.
     comm_timeout_s: int = 300
+    # non-finite loss/grad norm: stop (checked on log steps and saves), or skip = drop that step's
+    # update on every rank (agreed each step; DDP engine only), failing after nan_skip_limit in a row
     nan_policy: Literal["stop", "skip"] = "stop"
+    nan_skip_limit: int = 10  # nan_policy=skip: stop after this many skipped steps in a row
     # run_dir/.lock: a holder whose heartbeat is older than this is taken to be gone
     lease_timeout_s: int = 600
     channels_last: bool = False  # model and 4-D batches in channels_last (NHWC): faster convs on GPU tensor cores
@@ -109,11 +118,13 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 100
-    keep_last: int = 3
+    """Checkpoint cadence, retention and resume."""
+
+    every_steps: int = 100  # save every N optimizer steps (0: only at the end and on a stop signal)
+    keep_last: int = 3  # newest complete checkpoints kept
     keep_every: int = 0  # additionally keep every Nth step (0 = none)
-    async_save: bool = False
-    resume: str = "auto"  # auto | none | PATH
+    async_save: bool = False  # DDP: write in the background while training goes on
+    resume: str = "auto"  # auto (newest complete in run_dir) | none | PATH
     trust_checkpoint: bool = False  # load checkpoint files that are not plain data (may run their code)
     # resume=none on a used run_dir: move the old run to run_dir/previous-<time>/ (else refuse)
     force_new_run: bool = False
@@ -121,6 +132,8 @@ class CheckpointConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    """DeepSpeed engine settings (train.engine=deepspeed)."""
+
     config: str = "hpc/deepspeed/zero1_fp32.json"  # DeepSpeed JSON/YAML config
     zero_stage: int = -1  # -1: take it from the DeepSpeed config file
 
@@ -136,14 +149,16 @@ class LogConfig:
 
 @dataclass
 class PretrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    """Everything `satfuse pretrain` reads, one section per component."""
+
+    data: DataConfig = field(default_factory=DataConfig)  # shards and the streaming loader
+    model: ModelConfig = field(default_factory=ModelConfig)  # method, backbone, heads
+    loss: LossConfig = field(default_factory=LossConfig)  # the contrastive loss
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and LR schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # the loop, engine, precision
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # save cadence and resume
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # DeepSpeed engine only
+    log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / W&B
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +332,7 @@ PRETRAIN_RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("train.steps", 1, True, None),
     ("train.log_every", 1, True, None),
     ("train.eval_every", 0, True, None),
+    ("train.nan_skip_limit", 1, True, None),
     ("train.comm_timeout_s", 1, True, None),
     ("train.lease_timeout_s", 10, True, None),
     ("checkpoint.every_steps", 0, True, None),
@@ -342,6 +358,12 @@ def validate_pretrain(cfg: Any) -> None:
     if cfg.checkpoint.force_new_run and str(cfg.checkpoint.resume).strip().lower() != "none":
         raise ConfigError(f"config: checkpoint.force_new_run=true needs checkpoint.resume=none (got "
                           f"{cfg.checkpoint.resume!r}): it is for a fresh start in a used run_dir")
+    if cfg.train.eval_every and not cfg.data.val_shards:
+        raise ConfigError(f"config: train.eval_every={cfg.train.eval_every} needs data.val_shards (held-out "
+                          "shards to evaluate on); set data.val_shards or train.eval_every=0")
+    if cfg.train.nan_policy == "skip" and cfg.train.engine != "ddp":
+        raise ConfigError("config: train.nan_policy=skip works with train.engine=ddp (DeepSpeed steps "
+                          "inside its engine); use train.nan_policy=stop with train.engine=deepspeed")
     if not str(cfg.train.run_dir).strip():
         raise ConfigError("config: train.run_dir is empty; give the run's directory, e.g. train.run_dir=runs/my_run")
     run_dir = Path(cfg.train.run_dir)

@@ -17,7 +17,7 @@ import torch
 from satfuse.config import PretrainConfig, load_config
 from satfuse.engines.deepspeed_engine import DeepSpeedEngine
 from satfuse.models import build_pretrain_model
-from tests.models.test_pretrain_models import batch
+from tests.models.test_methods import batch
 
 CLIP = 1e-3
 

@@ -218,17 +218,26 @@ def test_resume_through_universal_checkpoint_is_exact(runs, sen12ms_shards, tmp_
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_steps_at_boundaries_only(sen12ms_shards, tmp_path):
-    """hpc/deepspeed/zero2_accum4.yaml: one optimizer step (with a grad norm, clipped by
-    optim.grad_clip) every 4 micro-batches; checkpoints land on optimizer steps."""
-    run = tmp_path / "run"
-    extra = {"deepspeed.config": "hpc/deepspeed/zero2_accum4.yaml", "optim.grad_clip": "1.0",
-             "checkpoint.every_steps": "4"}
-    train(2, args(sen12ms_shards, run, steps=8, **extra), tmp_path / "logs")
-    rows = {m["step"]: m for m in metrics(run) if "loss" in m}
-    stepped = [s for s, m in rows.items() if math.isfinite(m["grad_norm"])]
-    assert stepped == [4, 8]
-    assert read_meta(ckpt(run, 8))["deepspeed"]["gradient_accumulation_steps"] == 4
+def test_gradient_accumulation_counts_optimizer_steps_like_ddp(sen12ms_shards, tmp_path):
+    """hpc/deepspeed/zero2_accum4.yaml: train.steps counts optimizer steps under DeepSpeed as
+    under DDP. With accumulation 4 both engines run the same number of optimizer steps (each
+    with a grad norm, clipped by optim.grad_clip) at the same LR each, from one scheduler
+    builder; the DeepSpeed run read 4 micro-batches per step; checkpoints land on steps."""
+    extra = {"optim.grad_clip": "1.0", "checkpoint.every_steps": "2", "optim.schedule": "cosine",
+             "optim.warmup_steps": "1", "optim.lr": "0.001"}
+    ds_run, ddp_run = tmp_path / "ds", tmp_path / "ddp"
+    train(2, args(sen12ms_shards, ds_run, steps=3, **extra,
+                  **{"deepspeed.config": "hpc/deepspeed/zero2_accum4.yaml"}), tmp_path / "ds-logs")
+    train(2, args(sen12ms_shards, ddp_run, steps=3, **extra), tmp_path / "ddp-logs", config="hpc/pretrain/tiny.yaml")
+    ds_rows = {m["step"]: m for m in metrics(ds_run) if "loss" in m}
+    ddp_rows = {m["step"]: m for m in metrics(ddp_run) if "loss" in m}
+    assert sorted(ds_rows) == sorted(ddp_rows) == [1, 2, 3]
+    # a finite norm at every step: each step ended on an accumulation boundary (4 micro-batches)
+    assert all(math.isfinite(m["grad_norm"]) for m in ds_rows.values())
+    assert [ds_rows[s]["lr"] for s in (1, 2, 3)] == pytest.approx([ddp_rows[s]["lr"] for s in (1, 2, 3)], rel=1e-9)
+    assert len({ds_rows[s]["lr"] for s in (1, 2, 3)}) == 3  # the schedule really moves
+    meta = read_meta(ckpt(ds_run, 3))
+    assert meta["deepspeed"]["gradient_accumulation_steps"] == 4
 
 
 @pytest.mark.slow

@@ -88,7 +88,7 @@ def test_sharding_into_a_full_fs_is_one_line_and_leaves_nothing_complete(
 
 def test_metrics_lines_stay_whole_on_a_full_disk_and_a_torn_line_is_repaired(
         tmpfs: Callable[[str], Path], caplog: pytest.LogCaptureFixture) -> None:
-    from satfuse.engines.trainer import MetricsLog
+    from satfuse.engines.run_records import MetricsLog
 
     fs = tmpfs("64k")
     path = fs / "run" / "metrics.jsonl"

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 import satfuse.data.pretrain_loader as pretrain_loader
+import satfuse.distributed.collectives as coll
 import satfuse.distributed.env as denv
+import satfuse.distributed.launcher_env as lenv
 from satfuse.config import DataConfig, PretrainConfig, load_config
 from satfuse.data.pretrain_loader import PretrainLoader
 from satfuse.data.shard_sets import resolve_shards
 from satfuse.distributed.env import DistEnv, cuda_index, detect_env
+from satfuse.engines import setup
 from satfuse.engines import trainer as tr
 from satfuse.utils import SatfuseError
 
@@ -29,11 +32,11 @@ def tiny(shards: Path, run_dir: Path, *extra: str) -> PretrainConfig:
 
 def test_to_device_channels_last_only_for_images() -> None:
     batch = {"s1": torch.randn(2, 2, 8, 8), "mask": torch.ones(2), "key": ["a", "b"]}
-    out = tr.to_device(batch, torch.device("cpu"), channels_last=True)
+    out = setup.to_device(batch, torch.device("cpu"), channels_last=True)
     assert out["s1"].is_contiguous(memory_format=torch.channels_last)
     assert not batch["s1"].is_contiguous(memory_format=torch.channels_last)
     assert out["mask"].shape == (2,) and out["key"] == ["a", "b"]
-    plain = tr.to_device(batch, torch.device("cpu"))
+    plain = setup.to_device(batch, torch.device("cpu"))
     assert plain["s1"].is_contiguous()
 
 
@@ -44,7 +47,7 @@ def test_cudnn_benchmark_for_fixed_crops(device: str, crop: int, want: bool) -> 
     try:
         torch.backends.cudnn.benchmark = False
         cfg = load_config(PretrainConfig, None, [f"data.crop={crop}"])
-        tr.configure_backends(cfg, torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
+        setup.configure_backends(cfg, torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
         assert torch.backends.cudnn.benchmark is want
     finally:
         torch.backends.cudnn.benchmark = saved
@@ -83,7 +86,7 @@ def test_trainer_channels_last_and_compile(sen12ms_shards: Path, tmp_path: Path)
 def test_compile_with_deepspeed_is_refused() -> None:
     cfg = load_config(PretrainConfig, None, ["train.compile=true", "train.engine=deepspeed"])
     with pytest.raises(SatfuseError, match="train.compile=true works with train.engine=ddp"):
-        tr.compiled_forward(cfg, torch.nn.Linear(2, 2))
+        setup.compiled_forward(cfg, torch.nn.Linear(2, 2))
 
 
 def test_nccl_async_error_handling_is_set_but_user_values_kept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,8 +111,8 @@ def test_local_rank_to_gpu(monkeypatch: pytest.MonkeyPatch, environ: dict, local
                            visible: int, index: int | None) -> None:
     """All GPUs visible (torchrun, srun --gpus-per-node): GPU = local rank; one GPU bound per
     task (srun --gpus-per-task=1, submitit): GPU 0 - never set_device(local rank) on it."""
-    monkeypatch.setattr(denv, "parse_nodelist", lambda _: ["gpu01", "gpu02"])
-    monkeypatch.setattr(denv.shutil, "which", lambda _: None)
+    monkeypatch.setattr(lenv, "parse_nodelist", lambda _: ["gpu01", "gpu02"])
+    monkeypatch.setattr(lenv.shutil, "which", lambda _: None)
     env = detect_env(environ, backend="nccl")
     assert env.local_rank == local
     want = local if index is None else index
@@ -117,7 +120,7 @@ def test_local_rank_to_gpu(monkeypatch: pytest.MonkeyPatch, environ: dict, local
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     cfg = load_config(PretrainConfig, None, ["train.device=cuda"])
-    assert tr.select_device(cfg, env) == torch.device("cuda", want)
+    assert setup.select_device(cfg, env) == torch.device("cuda", want)
 
 
 def test_no_visible_gpu_is_a_clear_error() -> None:
@@ -187,13 +190,13 @@ def test_stop_flag_goes_through_gloo_on_nccl_jobs(monkeypatch: pytest.MonkeyPatc
     """The per-step stop agreement uses a gloo group when the job is NCCL (no GPU sync),
     made once; the default group when it is gloo; none without a group."""
     made: list[str] = []
-    monkeypatch.setattr(denv, "_GROUPS", {})
-    monkeypatch.setattr(denv, "_dist_ready", lambda: False)
-    assert denv.control_group() is None
-    monkeypatch.setattr(denv, "_dist_ready", lambda: True)
+    monkeypatch.setattr(coll, "_GROUPS", {})
+    monkeypatch.setattr(coll, "dist_ready", lambda: False)
+    assert coll.control_group() is None
+    monkeypatch.setattr(coll, "dist_ready", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
-    assert denv.control_group() is None
+    assert coll.control_group() is None
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(torch.distributed, "new_group", lambda backend=None: made.append(backend) or "g")
-    assert denv.control_group() == "g" and denv.control_group() == "g"
+    assert coll.control_group() == "g" and coll.control_group() == "g"
     assert made == ["gloo"]

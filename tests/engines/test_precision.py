@@ -64,7 +64,7 @@ def test_training_step_runs_its_layers_in_the_configured_dtype(
     from satfuse.engines.ddp import DDPEngine
     from satfuse.engines.trainer import Trainer
     from satfuse.models import build_pretrain_model
-    from tests.models.test_pretrain_models import batch
+    from tests.models.test_methods import batch
 
     monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: True)  # no emulation warning needed
     cfg = load_config(PretrainConfig, None, [

@@ -16,7 +16,7 @@ from .conftest import BASE, NODES, REPO, cluster_env, run_script
 pytestmark = pytest.mark.multinode
 
 PYTHON = REPO / ".venv" / "bin" / "python"
-WORKER = REPO / "tests" / "distributed_env" / "dist_worker.py"
+WORKER = REPO / "tests" / "distributed" / "dist_worker.py"
 
 
 def srun(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:

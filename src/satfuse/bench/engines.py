@@ -105,7 +105,7 @@ def _rank_main(rank: int, world: int, port: int, a: dict[str, Any], setup: str, 
                       DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from satfuse.engines.trainer import build_engine
+    from satfuse.engines.setup import build_engine
     from satfuse.models import build_pretrain_model
 
     engine_kind, stage = SETUPS[setup]

@@ -483,7 +483,7 @@ def fitting_batch(total: int, want: int, workers: int) -> int:
 def loader_row(device: torch.device, args: argparse.Namespace, backbone: str, crop: int,
                workers: int, model_step_s: float | None) -> dict[str, Any]:
     from satfuse.data.shard_sets import resolve_shards
-    from satfuse.engines.trainer import to_device
+    from satfuse.engines.setup import to_device
 
     total = resolve_shards(args.shards).total
     batch = fitting_batch(total, min(args.batches), workers)
@@ -618,8 +618,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # quick: the compile row runs Dynamo + AOT autograd without inductor's C++ build (seconds,
     # not minutes, on 2 CPU cores); `train.compile=true` is tested with inductor elsewhere
     compile_backend = "aot_eager" if args.quick else "inductor"
-    # throughput is measured in bf16; a --quick dry run on a CPU that only emulates bf16 (~45x
-    # slower) times fp32 instead, so it stays well under a minute (the DDP check keeps bf16)
+    # throughput is measured in bf16; a --quick dry run on a CPU that only emulates bf16 (far
+    # slower: `satfuse bench train` shows by how much) times fp32 instead, so it stays well under a minute (the DDP check keeps bf16)
     args.precision = "bf16"
     if args.quick and device.type == "cpu" and cpu_has_native_bf16() is False:
         args.precision = "fp32"

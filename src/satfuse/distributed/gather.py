@@ -20,26 +20,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-
-def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
-    """True when a process group is up and has more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def comm_device(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.device:
-    """Where a collective on `x` can run: a pure NCCL group cannot move CPU tensors (metrics
-    gathered on CPU would fail there), so those go through the current GPU."""
-    if x.device.type == "cpu" and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return x.device
-
-
-def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Out-of-place SUM over ranks of a small tensor on any device (see `comm_device`)."""
-    y = x.detach().to(comm_device(x, group), copy=True)
-    dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
-    return y.to(x.device)
-
+from satfuse.distributed.collectives import comm_device, is_distributed
 
 _EQUAL_ROWS: list[bool] = [False]
 

@@ -53,7 +53,7 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
         log.warning(
             "train.precision=bf16 on a CPU without native bf16 (no avx512_bf16/amx_bf16): torch "
-            "emulates it, measured ~45x slower than fp32 for a 512x512 matmul on an AVX2 EPYC; "
+            "emulates it, many times slower than fp32 (`satfuse bench train` measures it here); "
             "use train.precision=fp32 on this machine"
         )
 
@@ -80,6 +80,10 @@ class Engine(ABC):
 
     kind: str = "base"
     ckpt: CommitProtocol  # the checkpointer: a DCP or DeepSpeed backend of the commit protocol
+    # micro-batches per trainer step: the trainer calls `backward_step` this many times per
+    # step, so one trainer step is one optimizer step on every engine (DeepSpeed: its
+    # gradient_accumulation_steps)
+    accumulation: int = 1
 
     def __init__(self, cfg: PretrainConfig, module: nn.Module, device: torch.device) -> None:
         self.cfg = cfg

@@ -8,6 +8,7 @@ bf16 needs none.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +43,20 @@ class DDPEngine(Engine):
         self.ckpt = CheckpointManager.from_config(Path(cfg.train.run_dir), cfg.checkpoint,
                                                   cfg.train.comm_timeout_s)
 
-    def backward_step(self, loss: torch.Tensor) -> torch.Tensor:
+    def backward_step(self, loss: torch.Tensor,
+                      skip: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
         """No host read: the norm stays a 0-d device tensor (fp16's GradScaler.step reads
-        its inf check on the host: torch's own synchronisation, fp16 only)."""
+        its inf check on the host: torch's own synchronisation, fp16 only).
+
+        `skip(grad_norm)` (train.nan_policy=skip) is asked after the gradients are reduced and
+        before the update; True drops this step's update (the LR schedule still advances, so
+        the LR stays a function of the step number)."""
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16; the norm is of true grads
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip).detach()
-        self.scaler.step(self.optimizer)
+        if skip is None or not skip(norm):
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

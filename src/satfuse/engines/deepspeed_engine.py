@@ -25,9 +25,10 @@ per-layer trust ratio), bf16 gradient accumulation in bf16 (diverges: DeepSpeed 
 #2768), tensor/pipeline/sequence parallelism (the loss gathers over the default group, which
 must be DeepSpeed's data-parallel group), async checkpoint saves.
 
-With `gradient_accumulation_steps = k > 1` one trainer step is one micro-batch: the
-optimizer steps every k trainer steps, the LR schedule runs over `train.steps / k`
-optimizer steps, and `train.steps` and `checkpoint.every_steps` must be multiples of k.
+With `gradient_accumulation_steps = k > 1` one trainer step is one optimizer step, as under
+DDP: the trainer feeds k micro-batches (`Engine.accumulation`) through `backward_step`
+before it counts the step, so `train.steps`, `checkpoint.every_steps` and the LR schedule
+(`satfuse.engines.optim.build_scheduler`, the DDP engine's) all count optimizer steps.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from satfuse.checkpoint.deepspeed_backend import DeepSpeedCheckpointManager
 from satfuse.config import PretrainConfig
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import Engine, check_precision
-from satfuse.engines.optim import build_optimizer, lr_factor
+from satfuse.engines.optim import build_optimizer, build_scheduler
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -220,14 +221,6 @@ def check_combination(cfg: PretrainConfig, ds: dict[str, Any], device: torch.dev
             "checkpoint.async_save=true is not supported with train.engine=deepspeed (DeepSpeed "
             "writes its own shards synchronously); set checkpoint.async_save=false"
         )
-    gas = ds["gradient_accumulation_steps"]
-    every = cfg.checkpoint.every_steps
-    if gas > 1 and (cfg.train.steps % gas or (every and every % gas)):
-        raise SatfuseError(
-            f"gradient_accumulation_steps={gas} (from {cfg.deepspeed.config}): train.steps "
-            f"({cfg.train.steps}) and checkpoint.every_steps ({every}) count micro-batches and "
-            f"must be multiples of {gas}, so that checkpoints fall on optimizer steps"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,9 +299,8 @@ class DeepSpeedEngine(Engine):
         ensure_process_group(device, cfg.train.comm_timeout_s)
         module.to(device)
         self.optimizer = build_optimizer(module, cfg.optim)
-        opt_steps = max(1, cfg.train.steps // self.gas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, opt_steps, cfg.optim))
+        self.accumulation = self.gas  # micro-batches per trainer (= optimizer) step
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.model, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler,
             config=self.ds_config, dist_init_required=False,
@@ -347,7 +339,8 @@ class DeepSpeedEngine(Engine):
 
     # ------------------------------------------------------------------ step
     def backward_step(self, loss: torch.Tensor) -> float:
-        """DeepSpeed scales by 1/k, reduces, clips, steps and schedules at the boundary."""
+        """One micro-batch: DeepSpeed scales by 1/k, reduces, clips, steps and schedules at
+        the boundary (every `accumulation`-th call; the trainer makes that one step)."""
         boundary = self.model.is_gradient_accumulation_boundary()
         self.model.backward(loss)
         self.model.step()

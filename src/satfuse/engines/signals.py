@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
+from satfuse.distributed.collectives import agree_max
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 
 log = logging.getLogger(__name__)
@@ -89,20 +89,22 @@ class StopFlag:
         """Whether this rank itself received a stop signal."""
         return self.received is not None
 
-    def should_stop(self, group: dist.ProcessGroup | None = None) -> bool:
-        """True on every rank if any rank got a stop signal. Collective: call on all ranks."""
-        level = 0 if not self.local else 2 if self.received == signal.SIGTERM else 1
-        if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([level], dtype=torch.int32)
-            if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
-                t = t.cuda()
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-            level = int(t.item())
+    @property
+    def level(self) -> int:
+        """This rank's stop level for the per-step agreement: 0 none, 1 requeue, 2 SIGTERM."""
+        return 0 if not self.local else 2 if self.received == signal.SIGTERM else 1
+
+    def agreed(self, level: int) -> bool:
+        """Take the MAX of every rank's `level` (from the step's one reduction): True = stop."""
         self.terminate = level == 2
         if level:
             name = signal.Signals(self.received).name if self.received else "a peer rank"
             log.info("stop requested (%s): saving and exiting with %d", name, self.exit_code)
         return bool(level)
+
+    def should_stop(self, group: dist.ProcessGroup | None = None) -> bool:
+        """True on every rank if any rank got a stop signal. Collective: call on all ranks."""
+        return self.agreed(agree_max([self.level], group)[0])
 
     @property
     def exit_code(self) -> int:

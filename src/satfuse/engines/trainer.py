@@ -7,45 +7,71 @@
 3. step: forward under autocast -> global contrastive loss -> engine backward/step, queued
    without a host synchronisation (loss, metrics and grad norm stay on the device; a
    non-finite loss is noted there) -> on log steps and before every save: the NaN check
-   agreed by all ranks, then the numbers are read and logged;
+   agreed by all ranks, then the numbers are read and logged. The in-batch retrieval metric
+   (three collectives) is computed on log steps only. Per step there is ONE flag reduction
+   (stop signal, plus the non-finite flag under `train.nan_policy=skip`, which drops that
+   step's update on every rank);
 4. checkpoint every N steps, at the end, and when any rank got a stop signal (SLURM
    preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`
    (`STOP_EXIT_CODE` after SIGTERM, i.e. scancel: saved, not to be requeued);
-5. at the end, cross-modal retrieval accuracy on held-out shards.
+5. at the end (and every `train.eval_every` steps), cross-modal retrieval accuracy on
+   held-out shards.
+
+One job, the loop: its set-up (device, engine, compile) is in `engines/setup.py`, what the run
+writes beside checkpoints (metrics.jsonl, config.yaml, overrides.jsonl) in
+`engines/run_records.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import satfuse
 from satfuse.checkpoint.layout import META_NAME
-from satfuse.config import PretrainConfig, dump_yaml, to_dict
+from satfuse.config import PretrainConfig, to_dict
 from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
 from satfuse.data.eval_loader import EvalLoader
 from satfuse.data.pretrain_loader import PretrainLoader
 from satfuse.data.shard_sets import resolve_shards
-from satfuse.distributed.env import DistEnv, all_reduce_max_bool, control_group, cuda_index
+from satfuse.distributed.collectives import (
+    agree_max,
+    all_reduce_sum,
+    any_rank,
+    broadcast_object,
+    control_group,
+)
+from satfuse.distributed.env import DistEnv
 from satfuse.distributed.gather import equal_rows
-from satfuse.engines.base import Engine, check_precision
+from satfuse.engines.base import check_precision
 from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.engines.optim import apply_hparams
 from satfuse.engines.rng import capture_rng, restore_rng
+from satfuse.engines.run_records import (
+    MetricsLog,
+    config_changes,
+    record_overrides,
+    refuse_changes,
+    write_config,
+    write_error,
+)
 from satfuse.engines.rundir import RunLease, prepare_fresh_start
+from satfuse.engines.setup import (
+    build_engine,
+    compiled_forward,
+    configure_backends,
+    select_device,
+    to_device,
+)
 from satfuse.engines.signals import StopFlag
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 from satfuse.losses import retrieval_accuracy
@@ -65,131 +91,7 @@ class TrainResult:
     retrieval_top1: float | None = None
     retrieval_chance: float | None = None
     skipped_samples: int = 0  # undecodable/truncated/altered samples skipped, all ranks
-
-
-def select_device(cfg: PretrainConfig, env: DistEnv) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise SatfuseError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        return torch.device("cuda", cuda_index(env.local_rank, torch.cuda.device_count()))
-    return torch.device("cpu")
-
-
-def build_engine(cfg: PretrainConfig, model: torch.nn.Module, device: torch.device) -> Engine:
-    if cfg.train.engine == "deepspeed":
-        from satfuse.engines.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, model, device)
-    from satfuse.engines.ddp import DDPEngine
-
-    return DDPEngine(cfg, model, device)
-
-
-def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
-    """Tensors to `device` with non_blocking copies (they overlap with compute when the loader
-    pinned the batch); 4-D image tensors in channels_last when the model is."""
-    def move(v: torch.Tensor) -> torch.Tensor:
-        if channels_last and v.dim() == 4:
-            return v.to(device, non_blocking=True, memory_format=torch.channels_last)
-        return v.to(device, non_blocking=True)
-
-    return {k: (move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
-    """cuDNN autotuning for fixed input shapes: with a fixed crop (data.crop > 0) every batch
-    has the same shape, so benchmarking the convolution algorithms once pays back at once."""
-    if device.type == "cuda" and cfg.data.crop > 0:
-        torch.backends.cudnn.benchmark = True
-
-
-def compiled_forward(cfg: PretrainConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """`train.compile=true`: the forward pass through torch.compile (inductor)."""
-    if not cfg.train.compile:
-        return model
-    if cfg.train.engine != "ddp":
-        raise SatfuseError("train.compile=true works with train.engine=ddp; set train.compile=false "
-                           "for train.engine=deepspeed")
-    return torch.compile(model)
-
-
-class MetricsLog:
-    """JSONL metrics on rank 0, appended across requeues (one file per run).
-
-    Lines are written whole: one `write` per line, and a line the disk could not take in full
-    is cut off again, so a full disk never leaves a torn line for the next run to append to.
-    A torn last line left by an older version or a kill is removed when the log is opened.
-    """
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = path
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            repair_torn_tail(path)
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        data = (json.dumps(record) + "\n").encode()
-        size = os.fstat(self.fd).st_size
-        try:
-            if os.write(self.fd, data) != len(data):  # a regular file writes short only when full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, size)  # no torn line
-            raise _write_error(exc, self.path, len(data), "appending a metrics line") from None
-
-    def close(self) -> None:
-        if self.enabled:
-            os.close(self.fd)
-
-
-def repair_torn_tail(path: Path) -> None:
-    """Cut a last line without its newline (a write cut short) off `path`, saying so."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as fh:
-        fh.seek(0, os.SEEK_END)
-        end = fh.tell()
-        fh.seek(end - 1)
-        if fh.read(1) == b"\n":
-            return
-        keep = end
-        while keep > 0:
-            step = min(4096, keep)
-            fh.seek(keep - step)
-            chunk = fh.read(step)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                keep = keep - step + nl + 1
-                break
-            keep -= step
-        fh.truncate(keep)
-    log.warning("%s: removed a torn last line (%d bytes, a write cut short) before appending", path, end - keep)
-
-
-def _write_error(exc: OSError, path: Path, needed: int, doing: str) -> SatfuseError:
-    """One line for a failed run-dir write: ENOSPC with free/needed bytes, else the OS's reason."""
-    from satfuse.diskspace import is_no_space, no_space_error
-
-    if is_no_space(exc):
-        return no_space_error(path, needed, doing, "free space there (or use another train.run_dir) and resume")
-    return SatfuseError(f"{path}: {doing} failed ({exc.strerror or exc}); check that train.run_dir is writable")
-
-
-def write_config(cfg: PretrainConfig, path: Path) -> None:
-    """config.yaml of the run (atomic), a full disk said in one line."""
-    try:
-        dump_yaml(cfg, path)
-    except OSError as exc:
-        import yaml
-
-        raise _write_error(exc, path, len(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()),
-                           "writing config.yaml") from None
+    skipped_steps: int = 0  # train.nan_policy=skip: steps whose update was dropped (non-finite)
 
 
 class Trainer:
@@ -228,6 +130,10 @@ class Trainer:
         # first step whose loss was not finite (0: none), kept on the device: no per-step sync
         self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
         self._recent_keys: dict[int, list] = {}  # batch keys since the last check, for the message
+        self.stop = StopFlag()
+        self.skipped_steps = 0  # nan_policy=skip: updates dropped so far (this attempt)
+        self._skips_in_row = 0
+        self._stop_level: int | None = None  # the stop level agreed inside this step (skip policy)
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, Any]:
@@ -302,18 +208,12 @@ class Trainer:
     # ---------------------------------------------------------------- skipped samples
     def skipped(self) -> int:
         """Samples skipped so far on all ranks (collective when distributed)."""
-        n = int(self.loader.decode_errors)
-        if self.env.world_size > 1 and dist.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            t = torch.tensor([n], dtype=torch.long, device=device)
-            dist.all_reduce(t)
-            n = int(t.item())
-        return n
+        return int(all_reduce_sum(torch.tensor([int(self.loader.decode_errors)], dtype=torch.long)))
 
     def check_skipped(self, skipped: int) -> None:
         """Fail (on every rank alike) once more than data.max_skipped_fraction of the samples
         read were skipped: a truncated shard must not quietly shrink the data set."""
-        read = skipped + self.step * self.cfg.data.batch_size * self.env.world_size
+        read = skipped + self.step * self.cfg.data.batch_size * self.env.world_size * self.engine.accumulation
         limit = self.cfg.data.max_skipped_fraction
         if skipped and skipped > limit * max(read, 1):
             raise SatfuseError(
@@ -324,10 +224,13 @@ class Trainer:
             )
 
     # ---------------------------------------------------------------- training
-    def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def train_step(self, batch: dict[str, Any], metrics: bool = True) -> dict[str, Any]:
         """One step, queued without reading anything on the host: the returned loss, metrics
         and grad norm are 0-d device tensors (`read_metrics` on log steps). Every rank has the
-        same batch size (the loader's plan), so the loss's gathers skip the size exchange."""
+        same batch size (the loader's plan), so the loss's gathers skip the size exchange.
+        `metrics=False` (steps that are not logged) skips the retrieval metric's collectives.
+        Under `train.nan_policy=skip` the step agrees with every rank on one small reduction
+        (stop level, non-finite flag) before the update: one host read per step, that policy only."""
         self.engine.model.train()
         self._recent_keys[self.step + 1] = list(batch.get("key", [])[:4])
         if len(self._recent_keys) > 10_000:  # a huge log_every: keep the message's memory bounded
@@ -336,17 +239,44 @@ class Trainer:
         with equal_rows():
             with self.engine.autocast():
                 outputs = self.forward(batch)
-            loss, metrics = self.module.loss(outputs, self.cfg.loss)
+            loss, values = self.module.loss(outputs, self.cfg.loss, metrics=metrics)
         bad = ~torch.isfinite(loss.detach())
-        self._first_bad = torch.where((self._first_bad == 0) & bad, self.step + 1, self._first_bad)
-        grad_norm = self.engine.backward_step(loss)
-        return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
+        if self.cfg.train.nan_policy == "skip":
+            grad_norm = self.engine.backward_step(loss, skip=lambda norm: self._agree_skip(bad, norm))
+        else:
+            self._first_bad = torch.where((self._first_bad == 0) & bad, self.step + 1, self._first_bad)
+            grad_norm = self.engine.backward_step(loss)
+        return {"loss": loss.detach(), "grad_norm": grad_norm, **values}
+
+    def _agree_skip(self, bad_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """nan_policy=skip: the step's one reduction, [stop level, non-finite] MAX over ranks
+        (gloo on NCCL jobs), before the update. True = every rank drops this update."""
+        bad = bool(bad_loss | ~torch.isfinite(grad_norm))  # the policy's one host read per step
+        self._stop_level, any_bad = agree_max([self.stop.level, int(bad)], control_group())
+        step = self.step + 1
+        if not any_bad:
+            self._skips_in_row = 0
+            return False
+        self.skipped_steps += 1
+        self._skips_in_row += 1
+        limit = self.cfg.train.nan_skip_limit
+        keys = self._recent_keys.get(step, [])
+        if self._skips_in_row >= limit:
+            raise SatfuseError(
+                f"non-finite loss or gradients at {self._skips_in_row} steps in a row (last: step {step}, "
+                f"batch keys {keys}...), train.nan_skip_limit={limit}: the run diverged; try a lower "
+                f"optim.lr (now {self.cfg.optim.lr}), optim.grad_clip=1.0, train.precision=fp32, or resume "
+                f"from the last checkpoint in {self.run_dir / 'checkpoints'}")
+        log.warning("train.nan_policy=skip: non-finite loss or gradients at step %d (%s on this rank, batch "
+                    "keys %s...): update dropped on every rank (%d skipped so far, %d in a row)", step,
+                    "seen" if bad else "not seen", keys, self.skipped_steps, self._skips_in_row)
+        return True
 
     def check_finite(self) -> None:
         """Stop if any rank saw a non-finite loss. Collective: every rank calls it at the same
         steps (log steps, saves); the one host read of the NaN bookkeeping."""
         first = int(self._first_bad)
-        if all_reduce_max_bool(first > 0):
+        if any_rank(first > 0):
             self.on_nan(first)
         self._recent_keys.clear()
 
@@ -371,14 +301,11 @@ class Trainer:
                     prepare_fresh_start(self.run_dir, self.cfg.checkpoint.force_new_run)
             except (SatfuseError, OSError) as exc:
                 error = str(exc) if isinstance(exc, SatfuseError) else str(
-                    _write_error(exc, self.run_dir, 4096, "claiming the run_dir (its lease file)"))
+                    write_error(exc, self.run_dir, 4096, "claiming the run_dir (its lease file)"))
                 if self.lease is not None:
                     self.lease.release()  # deletes the lease only if it is ours
                 self.lease = None
-        if self.env.world_size > 1 and dist.is_initialized():
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
+        error = broadcast_object(error)
         if error:
             raise SatfuseError(error)
         if self.lease is not None:
@@ -402,7 +329,7 @@ class Trainer:
             log.info("already complete: %s holds step %d of train.steps=%d; nothing to train (raise "
                      "train.steps to continue, or start a new train.run_dir)",
                      self.run_dir / "checkpoints", self.step, cfg.train.steps)
-        stop = StopFlag()
+        stop = self.stop
         stop.install()
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.env.rank == 0)
         sinks = MetricSinks(cfg.log, self.run_dir, self.env.rank == 0, self.step, to_dict(cfg))
@@ -413,23 +340,26 @@ class Trainer:
         last: dict[str, float] = {"loss": math.nan}
         pending: dict[str, Any] | None = None  # the latest step's numbers, still on the device
         t0, seen = time.perf_counter(), 0
-        global_batch = cfg.data.batch_size * self.env.world_size
+        # pairs per optimizer step: every trainer step is one, over `accumulation` micro-batches
+        global_batch = cfg.data.batch_size * self.env.world_size * self.engine.accumulation
         status = "completed"
         try:
             while self.step < total:
                 if self.lease is not None:
                     self.lease.check()
                 t_wait = time.perf_counter()
-                batch = next(data_iter)
+                batches = [next(data_iter) for _ in range(self.engine.accumulation)]
                 t_step = time.perf_counter()
-                new_epoch = int(batch.get("epoch", self.epoch))
-                if new_epoch != self.epoch:
-                    skipped = self.skipped()
-                    log.info("epoch %d done at step %d: %d samples skipped so far", self.epoch, self.step, skipped)
-                    metrics_log.write({"step": self.step, "epoch_done": self.epoch, "skipped_samples": skipped})
-                    self.check_skipped(skipped)
-                self.epoch = new_epoch
-                pending = self.train_step(batch)
+                log_step = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == total
+                for i, batch in enumerate(batches):  # micro-batches of one optimizer step
+                    new_epoch = int(batch.get("epoch", self.epoch))
+                    if new_epoch != self.epoch:
+                        skipped = self.skipped()
+                        log.info("epoch %d done at step %d: %d samples skipped so far", self.epoch, self.step, skipped)
+                        metrics_log.write({"step": self.step, "epoch_done": self.epoch, "skipped_samples": skipped})
+                        self.check_skipped(skipped)
+                    self.epoch = new_epoch
+                    pending = self.train_step(batch, metrics=log_step and i == len(batches) - 1)
                 self.step += 1
                 seen += global_batch
                 bar.update(1)
@@ -443,13 +373,20 @@ class Trainer:
                     skipped = self.skipped()
                     record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(),
                               "pairs_per_s": rate, "skipped_samples": skipped, **last}
+                    if cfg.train.nan_policy == "skip":
+                        record["skipped_steps"] = self.skipped_steps
                     metrics_log.write(record)
                     log.info("step %d/%d loss %.4f top1 %.3f lr %.2e %.1f pairs/s", self.step, total,
                              last["loss"], last.get("retrieval_top1", float("nan")), record["lr"], rate)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
                     t0, seen = time.perf_counter(), 0
                     self.check_skipped(skipped)
-                if stop.should_stop(control_group()):  # gloo on NCCL jobs: no GPU sync
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
+                    self.log_retrieval(metrics_log, sinks)
+                # the step's one flag reduction: already done inside the step under nan_policy=skip
+                level, self._stop_level = self._stop_level, None
+                if (stop.agreed(level) if level is not None
+                        else stop.should_stop(control_group())):  # gloo on NCCL jobs: no GPU sync
                     status = "stopped" if stop.terminate else "preempted"
                     break
                 self.save()  # the checkpointer decides whether this step is due
@@ -462,13 +399,10 @@ class Trainer:
             last = read_metrics(pending)
         if already and status == "completed":
             status = "already_complete"
-        result = TrainResult(status=status, step=self.step, final_loss=last["loss"], skipped_samples=self.skipped())
+        result = TrainResult(status=status, step=self.step, final_loss=last["loss"], skipped_samples=self.skipped(),
+                             skipped_steps=self.skipped_steps)
         if status == "completed" and cfg.data.val_shards:
-            result.retrieval_top1, result.retrieval_chance = self.evaluate_retrieval()
-            metrics_log.write({"step": self.step, "heldout_retrieval_top1": result.retrieval_top1,
-                               "heldout_retrieval_chance": result.retrieval_chance})
-            sinks.scalars(self.step, {"heldout/retrieval_top1": result.retrieval_top1,
-                                      "heldout/retrieval_chance": result.retrieval_chance})
+            result.retrieval_top1, result.retrieval_chance = self.log_retrieval(metrics_log, sinks)
         metrics_log.close()
         sinks.close()
         if status == "preempted":
@@ -480,6 +414,13 @@ class Trainer:
         return result
 
     # ---------------------------------------------------------------- evaluation
+    def log_retrieval(self, metrics_log: MetricsLog, sinks: MetricSinks) -> tuple[float | None, float | None]:
+        """Held-out retrieval now (every `train.eval_every` steps and at the end), logged."""
+        top1, chance = self.evaluate_retrieval()
+        metrics_log.write({"step": self.step, "heldout_retrieval_top1": top1, "heldout_retrieval_chance": chance})
+        sinks.scalars(self.step, {"heldout/retrieval_top1": top1, "heldout/retrieval_chance": chance})
+        return top1, chance
+
     @torch.no_grad()
     def evaluate_retrieval(self) -> tuple[float | None, float | None]:
         """S1 -> S2 top-1 retrieval over the whole held-out set (chance = 1 / N)."""
@@ -501,9 +442,7 @@ class Trainer:
             za.append(a.float().cpu()[mask])
             zb.append(b.float().cpu()[mask])
         a, b = torch.cat(za), torch.cat(zb)
-        n = torch.tensor([a.shape[0]], dtype=torch.long)
-        if dist.is_initialized():
-            dist.all_reduce(n)
+        n = all_reduce_sum(torch.tensor([a.shape[0]], dtype=torch.long))
         top1 = retrieval_accuracy(a, b)
         chance = 1.0 / max(1, int(n))
         log.info("held-out S1->S2 retrieval top-1: %.3f (chance %.4f, n=%d)", top1, chance, int(n))
@@ -518,53 +457,6 @@ def step_scalars(last: dict[str, float], lr: float, global_batch: int, step_s: f
            "train/retrieval_top1": last.get("retrieval_top1"), "train/grad_norm": last.get("grad_norm"),
            "train/data_wait_s": last.get("data_wait_s")}
     return {k: v for k, v in out.items() if v is not None}
-
-
-# Keys whose change on resume cannot be honoured: the restored state is of the old kind.
-REFUSED_ON_RESUME = {
-    "optim.name": "the checkpoint's optimizer state is of another optimizer type",
-    "train.engine": "the checkpoint is in the other engine's format",
-}
-
-
-def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
-    """{dotted key: [value in the checkpoint, value now]} of every leaf that differs."""
-    out: dict[str, list[Any]] = {}
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.update(config_changes(a, b, f"{prefix}{key}."))
-        elif a != b and key in saved:
-            out[f"{prefix}{key}"] = [a, b]
-    return out
-
-
-def refuse_changes(changed: dict[str, list[Any]], path: Path) -> None:
-    for key, why in REFUSED_ON_RESUME.items():
-        if key in changed:
-            old, new = changed[key]
-            raise SatfuseError(
-                f"{path}: {key} was {old!r} when this checkpoint was written, now {new!r}: {why}; "
-                f"resume with {key}={old} or start a new train.run_dir"
-            )
-
-
-def record_overrides(run_dir: Path, step: int, path: Path, changed: dict[str, list[Any]]) -> None:
-    """Append what changed at this resume to run_dir/overrides.jsonl (the run's history)."""
-    if not changed:
-        return
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "checkpoint": str(path),
-              "changed": {k: {"was": a, "now": b} for k, (a, b) in changed.items()}}
-    try:
-        with open(run_dir / "overrides.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:  # the record is part of the run: do not train on without it
-        raise SatfuseError(f"{run_dir / 'overrides.jsonl'}: cannot record the changed settings "
-                           f"({exc.strerror or exc}); free space there and resume again") from exc
-    log.warning("resumed at step %d with changed settings, applied from here on: %s", step,
-                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
 def read_metrics(values: dict[str, Any]) -> dict[str, float]:

@@ -25,27 +25,29 @@ is time and returns `STOP_EXIT_CODE` (143), and the task leaves WITHOUT requeuei
 job that `satfuse jobs cancel` recorded as cancelled in `jobs.json` is never requeued by
 the task, whatever signal it got; if SLURM starts it again anyway, it leaves at once.
 
-The rendezvous port is derived from the job id *and* the restart count, so all tasks agree
-without talking, and a requeued job does not hit its previous port still in TIME_WAIT.
+Each task's place in the job and the rendezvous port come from
+`satfuse.distributed.launcher_env.world_info_from_env` (the same reader the trainer uses),
+with the restart count passed in: the port is derived from the job id *and* the restart
+count, so all tasks agree without talking, and a requeued job does not hit its previous
+port. Tasks leave through `satfuse.distributed.env.exit_cleanly`.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import importlib
 import logging
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import submitit
 
-from satfuse.distributed.ports import port_from_job_id
+from satfuse.distributed.env import exit_cleanly
+from satfuse.distributed.launcher_env import torchrun_vars, world_info_from_env
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 from satfuse.utils import SatfuseError, atomic_write_text, setup_logging
 
@@ -82,52 +84,13 @@ def _local_restart_file(env: Any) -> Path:
     return Path(os.environ["SUBMITIT_FOLDER"]) / f".restarts_{env.job_id}"
 
 
-def master_addr(env: Any) -> str:
-    """First host of the job's node list (`scontrol show hostnames`), loopback locally."""
-    if is_local(env):
-        return "127.0.0.1"
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
-    if not nodelist:
-        return env.hostnames[0]
-    from satfuse.distributed.env import expand_nodelist
-
-    return expand_nodelist(nodelist)[0]
-
-
-def distributed_vars(env: Any, restart: int) -> dict[str, str]:
-    """torch.distributed env:// variables for this task, from `submitit.JobEnvironment`."""
-    world = env.num_tasks
-    return {
-        "RANK": str(env.global_rank),
-        "WORLD_SIZE": str(world),
-        "LOCAL_RANK": str(env.local_rank),
-        "LOCAL_WORLD_SIZE": str(max(1, world // max(1, env.num_nodes))),
-        "NODE_RANK": str(env.node),
-        "GROUP_WORLD_SIZE": str(env.num_nodes),
-        "MASTER_ADDR": master_addr(env),
-        "MASTER_PORT": str(port_from_job_id(env.raw_job_id, restart)),
-    }
-
-
-def _flush() -> None:
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-
-
-def _hard_exit(code: int) -> NoReturn:
-    """Leave without interpreter shutdown (gloo threads abort it ~1 in 3) and without a result."""
-    _flush()
-    os._exit(code)
-
-
 def _exit_after_result(env: Any) -> None:
-    """At interpreter exit, after submitit wrote the result: os._exit (see `_hard_exit`)."""
+    """At interpreter exit, after submitit wrote the result: `exit_cleanly` (gloo threads
+    abort a normal interpreter shutdown about 1 run in 3)."""
     result = env.paths.result_pickle
 
     def _bye() -> None:
-        _hard_exit(0 if result.exists() else 1)
+        exit_cleanly(0 if result.exists() else 1)
 
     atexit.register(_bye)
 
@@ -146,7 +109,7 @@ class PretrainTask(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         cfg = load_config(PretrainConfig, self.config_path, self.overrides)
         restart = restart_count(env)
-        os.environ.update(distributed_vars(env, restart))
+        os.environ.update(torchrun_vars(world_info_from_env(restart=restart)))
         setup_logging(rank=env.global_rank)
         log.info(
             "task rank %d/%d (local %d) job %s attempt %d: master %s:%s, run dir %s",
@@ -155,7 +118,7 @@ class PretrainTask(submitit.helpers.Checkpointable):
         )  # fmt: skip
         if self._cancelled(env, cfg.train.run_dir):
             log.warning("job %s was cancelled with `satfuse jobs cancel` (jobs.json); not training", env.job_id)
-            _hard_exit(0)
+            exit_cleanly(0)
         code = int(resolve_entry(self.entry)(self.config_path, self.overrides) or 0)
         if code == 0:
             if env.num_tasks > 1:
@@ -165,12 +128,12 @@ class PretrainTask(submitit.helpers.Checkpointable):
             log.warning("job %s stopped by SIGTERM (scancel, or SLURM ending/preempting it): checkpoint saved in "
                         "%s/checkpoints; not requeueing (submit the same command again to continue)",
                         env.job_id, cfg.train.run_dir)
-            _hard_exit(0)
+            exit_cleanly(0)
         if code == REQUEUE_EXIT_CODE:
             if self._cancelled(env, cfg.train.run_dir):
                 log.warning("job %s was cancelled with `satfuse jobs cancel`: checkpoint saved, not requeueing",
                             env.job_id)
-                _hard_exit(0)
+                exit_cleanly(0)
             self._requeue(env, restart, cfg.train.max_requeues, cfg.train.run_dir)
         raise SatfuseError(
             f"pretraining rank {env.global_rank} of job {env.job_id} exited with status {code}; "
@@ -189,12 +152,12 @@ class PretrainTask(submitit.helpers.Checkpointable):
             if env.global_rank == 0:
                 atomic_write_text(_local_restart_file(env), str(restart + 1))
             log.warning("checkpoint saved; restarting the local job (requeue %d)", restart + 1)
-            _hard_exit(LOCAL_REQUEUE_EXIT_CODE)
+            exit_cleanly(LOCAL_REQUEUE_EXIT_CODE)
         if env.global_rank == 0:
             requeue_slurm_job(env.job_id)
             log.warning("checkpoint saved; job %s requeued (requeue %d of at most %d)",
                         env.job_id, restart + 1, max_requeues)
-        _hard_exit(0)
+        exit_cleanly(0)
 
     @staticmethod
     def _cancelled(env: Any, run_dir: str) -> bool:
@@ -215,7 +178,7 @@ class PretrainTask(submitit.helpers.Checkpointable):
         run_dir = self._run_dir()
         if run_dir is not None and self._cancelled(submitit.JobEnvironment(), run_dir):
             log.warning("job was cancelled with `satfuse jobs cancel`: not requeueing")
-            _hard_exit(0)
+            exit_cleanly(0)
         log.warning("submitit checkpoint(): requeueing the task unchanged; it resumes from its run dir")
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 

@@ -33,13 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from satfuse.distributed.gather import (
-    all_reduce_sum,
-    gather_no_grad,
-    gather_sizes,
-    gather_with_grad,
-    is_distributed,
-)
+from satfuse.distributed.collectives import all_reduce_sum, is_distributed
+from satfuse.distributed.gather import gather_no_grad, gather_sizes, gather_with_grad
 from satfuse.utils import SatfuseError
 
 Variant = Literal["nt_xent", "infonce"]

@@ -2,7 +2,7 @@
 
 from satfuse.models.backbones import build_backbone
 from satfuse.models.heads import DenseProjectionHead, ProjectionHead
-from satfuse.models.pretrain import (
+from satfuse.models.methods import (
     MMA,
     SIMCLR_CHANNELS,
     DualSimCLR,

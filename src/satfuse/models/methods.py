@@ -2,7 +2,9 @@
 
 Common interface (what the trainer, the DeepSpeed engine and the export call):
 - forward(batch) -> dict of the embeddings the loss needs;
-- loss(outputs, loss_cfg) -> (loss over the GLOBAL batch, metrics dict of floats);
+- loss(outputs, loss_cfg, metrics=True) -> (loss over the GLOBAL batch, metrics dict of 0-d
+  tensors); `metrics=False` skips the retrieval metric and its collectives (the trainer
+  asks for metrics on log steps only, as torchtitan's `train_step` and open_clip do);
 - backbones() / in_channels(): the trunks to export for fine-tuning and their input bands.
 """
 
@@ -63,10 +65,12 @@ class PretrainModel(nn.Module, abc.ABC):
         """The embeddings the loss needs."""
 
     def loss(
-        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig, metrics: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss over the global batch and metrics as 0-d tensors on the device: reading
-        one (`float(...)`) synchronises a GPU, so the trainer does it on log steps only."""
+        one (`float(...)`) synchronises a GPU, so the trainer does it on log steps only.
+        `metrics=False`: only {"loss"}; the in-batch retrieval accuracy costs three
+        collectives (gather keys, gather mask, reduce hits), so it runs on log steps only."""
 
     def _check_sync_bn(self, x: torch.Tensor) -> None:
         """SyncBatchNorm is CUDA-only in torch; fail with the fix instead of deep in forward."""
@@ -83,11 +87,15 @@ class PretrainModel(nn.Module, abc.ABC):
 
 
 def _pair_loss(
-    z_a: torch.Tensor, z_b: torch.Tensor, loss_cfg: LossConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """nt_xent/infonce over the global batch plus the a->b top-1 retrieval accuracy (0-d tensors)."""
+    z_a: torch.Tensor, z_b: torch.Tensor, loss_cfg: LossConfig, metrics: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """nt_xent/infonce over the global batch plus (with `metrics`) the a->b top-1 retrieval
+    accuracy (0-d tensors)."""
     loss = nt_xent(z_a, z_b, loss_cfg.temperature, loss_cfg.variant, loss_cfg.local_loss)
-    return loss, {"loss": loss.detach(), "retrieval_top1": retrieval_accuracy_tensor(z_a, z_b)}
+    out = {"loss": loss.detach()}
+    if metrics:
+        out["retrieval_top1"] = retrieval_accuracy_tensor(z_a, z_b)
+    return loss, out
 
 
 class DualSimCLR(PretrainModel):
@@ -118,9 +126,9 @@ class DualSimCLR(PretrainModel):
         }
 
     def loss(
-        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        return _pair_loss(outputs["z_s1"], outputs["z_s2"], loss_cfg)
+        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig, metrics: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return _pair_loss(outputs["z_s1"], outputs["z_s2"], loss_cfg, metrics)
 
 
 class SimCLR(PretrainModel):
@@ -158,9 +166,9 @@ class SimCLR(PretrainModel):
         return {"z_view1": z1, "z_view2": z2}
 
     def loss(
-        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        return _pair_loss(outputs["z_view1"], outputs["z_view2"], loss_cfg)
+        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig, metrics: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return _pair_loss(outputs["z_view1"], outputs["z_view2"], loss_cfg, metrics)
 
 
 class MMA(PretrainModel):
@@ -204,14 +212,16 @@ class MMA(PretrainModel):
         return {"f_s1": f1, "f_s2": f2}
 
     def loss(
-        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig, metrics: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         f1, f2 = outputs["f_s1"], outputs["f_s2"]
         loss = dense_alignment_loss(
             f1, f2, loss_cfg.temperature, loss_cfg.variant, loss_cfg.local_loss
         )
-        top1 = retrieval_accuracy_tensor(f1.mean(dim=(2, 3)), f2.mean(dim=(2, 3)))
-        return loss, {"loss": loss.detach(), "retrieval_top1": top1}
+        out = {"loss": loss.detach()}
+        if metrics:
+            out["retrieval_top1"] = retrieval_accuracy_tensor(f1.mean(dim=(2, 3)), f2.mean(dim=(2, 3)))
+        return loss, out
 
 
 METHODS: dict[str, type[PretrainModel]] = {"dual_simclr": DualSimCLR, "simclr": SimCLR, "mma": MMA}

@@ -1,4 +1,4 @@
-"""satfuse.distributed.env: layout detection from launcher variables, interface checks, and
+"""satfuse.distributed.env and launcher_env: layout detection from launcher variables, interface checks, and
 real 2-process gloo rendezvous (success and a dead peer) in subprocesses."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from satfuse.distributed import collectives as coll
 from satfuse.distributed import env as denv
-from satfuse.distributed.ports import free_port
+from satfuse.distributed import launcher_env as lenv
+from satfuse.distributed.ports import free_port, port_from_job_id
 from satfuse.utils import SatfuseError
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -37,25 +39,25 @@ WORKER = Path(__file__).with_name("dist_worker.py")
     ],
 )
 def test_parse_nodelist(nodelist: str, hosts: list[str]) -> None:
-    assert denv.parse_nodelist(nodelist) == hosts
+    assert lenv.parse_nodelist(nodelist) == hosts
 
 
 @pytest.mark.parametrize("bad", ["n[1-2", "n1-2]", "n[a-b]", "n[5-2]", ""])
 def test_parse_nodelist_rejects_bad_lists(bad: str) -> None:
     with pytest.raises(SatfuseError, match="node list"):
-        denv.parse_nodelist(bad)
+        lenv.parse_nodelist(bad)
 
 
 def test_expand_nodelist_without_scontrol(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert denv.expand_nodelist("c[1-3]") == ["c1", "c2", "c3"]
+    assert lenv.expand_nodelist("c[1-3]") == ["c1", "c2", "c3"]
 
 
 def test_parse_tasks_per_node() -> None:
-    assert denv.parse_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
-    assert denv.parse_tasks_per_node("4") == [4]
+    assert lenv.parse_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert lenv.parse_tasks_per_node("4") == [4]
     with pytest.raises(SatfuseError, match="tasks-per-node"):
-        denv.parse_tasks_per_node("2x3")
+        lenv.parse_tasks_per_node("2x3")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ def test_slurm_single_node_two_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert (e.rank, e.world_size, e.local_rank, e.local_world_size) == (1, 2, 1, 2)
     assert (e.master_addr, e.num_nodes, e.source) == ("solo", 1, "slurm")
-    assert e.master_port == denv.port_from_job_id("1234") == 21234
+    assert e.master_port == port_from_job_id("1234") == 21234
 
 
 def test_slurm_multi_node_master_is_first_host(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,9 +245,9 @@ def test_world_one_creates_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         assert e.world_size == 1 and not dist.is_initialized()
         assert denv.init_distributed() is e  # idempotent
-        assert (denv.rank(), denv.world(), denv.is_main()) == (0, 1, True)
-        assert denv.all_reduce_max_bool(True) is True and denv.all_reduce_max_bool(False) is False
-        denv.barrier()
+        assert (coll.rank(), coll.world(), coll.is_main()) == (0, 1, True)
+        assert coll.any_rank(True) is True and coll.any_rank(False) is False
+        coll.barrier()
     finally:
         denv.teardown()
 

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 
+from satfuse.distributed import collectives as coll
 from satfuse.distributed import env as denv
 from satfuse.utils import SatfuseError
 
@@ -31,7 +32,7 @@ def main() -> int:
     t = torch.tensor([float(info.rank + 1)])
     if dist.is_initialized():
         dist.all_reduce(t)
-    stop = denv.all_reduce_max_bool(info.rank == info.world_size - 1)
+    stop = coll.any_rank(info.rank == info.world_size - 1)
     print(
         json.dumps(
             {
@@ -39,9 +40,9 @@ def main() -> int:
                 "sum": t.item(),
                 "stop": stop,
                 "host": socket.gethostname(),
-                "world": denv.world(),
-                "rank": denv.rank(),
-                "is_main": denv.is_main(),
+                "world": coll.world(),
+                "rank": coll.rank(),
+                "is_main": coll.is_main(),
                 "gloo_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
             }
         ),

@@ -1,0 +1,64 @@
+"""Where and how a pretraining run computes: device, engine, input transfer, compiled forward.
+
+The decisions made once before the first step (which CUDA device a local rank uses, DDP or
+DeepSpeed, cuDNN autotuning, torch.compile) and the per-batch host-to-device copy, kept out
+of the training loop (`satfuse.engines.trainer`) so that it reads as the loop alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from satfuse.config import PretrainConfig
+from satfuse.distributed.env import DistEnv, cuda_index
+from satfuse.engines.base import Engine
+from satfuse.utils import SatfuseError
+
+
+def select_device(cfg: PretrainConfig, env: DistEnv) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SatfuseError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        return torch.device("cuda", cuda_index(env.local_rank, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+def build_engine(cfg: PretrainConfig, model: torch.nn.Module, device: torch.device) -> Engine:
+    if cfg.train.engine == "deepspeed":
+        from satfuse.engines.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, model, device)
+    from satfuse.engines.ddp import DDPEngine
+
+    return DDPEngine(cfg, model, device)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    """Tensors to `device` with non_blocking copies (they overlap with compute when the loader
+    pinned the batch); 4-D image tensors in channels_last when the model is."""
+    def move(v: torch.Tensor) -> torch.Tensor:
+        if channels_last and v.dim() == 4:
+            return v.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return v.to(device, non_blocking=True)
+
+    return {k: (move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
+    """cuDNN autotuning for fixed input shapes: with a fixed crop (data.crop > 0) every batch
+    has the same shape, so benchmarking the convolution algorithms once pays back at once."""
+    if device.type == "cuda" and cfg.data.crop > 0:
+        torch.backends.cudnn.benchmark = True
+
+
+def compiled_forward(cfg: PretrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """`train.compile=true`: the forward pass through torch.compile (inductor)."""
+    if not cfg.train.compile:
+        return model
+    if cfg.train.engine != "ddp":
+        raise SatfuseError("train.compile=true works with train.engine=ddp; set train.compile=false "
+                           "for train.engine=deepspeed")
+    return torch.compile(model)
