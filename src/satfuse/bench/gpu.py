@@ -1,5 +1,8 @@
 """GPU check: proves the CUDA path (correctness) and measures Dual-SimCLR pairs/s per GPU.
 
+One job, the GPU check; it is long because the check has the four sections below, each a
+few small row functions.
+
 One command for whoever has a GPU at hand (`make gpu-check` wraps it), finishing in a few
 minutes on one H100/H200, writing one JSON and logging a table:
 

@@ -219,7 +219,7 @@ def write_tif(path: Path, array: np.ndarray, crs: str, transform: Affine) -> Non
         raise
 
 
-def _scene_mix(rng: np.random.Generator, season: str) -> tuple[np.ndarray, np.ndarray]:
+def scene_mix(rng: np.random.Generator, season: str) -> tuple[np.ndarray, np.ndarray]:
     """The classes of a scene and their weights: 2-5 classes of the season, Dirichlet mix."""
     pool = np.array(_SEASON_CLASSES.get(season, _ALL_CLASSES))
     n = int(rng.integers(2, 6))
@@ -279,7 +279,7 @@ def write_sen12ms(out: Path, scenes: int, patches_per_scene: int, seed: int, siz
             roi, scene = SEN12MS_ROIS[i % 4], i + 1
             season = season_of(roi)
             scene_rng = np.random.default_rng([seed, 1, scene])
-            classes, weights = _scene_mix(scene_rng, season)
+            classes, weights = scene_mix(scene_rng, season)
             for j in range(patches_per_scene):
                 patch = j + 1
                 rng = np.random.default_rng([seed, 2, scene, patch])
@@ -324,7 +324,7 @@ def write_dfc2020(out: Path, n_validation: int, n_test: int, seed: int, size: in
                 patch, region = j + 1, j // 25
                 region_rng = np.random.default_rng([seed, 11, split_no, region])
                 season = seasons[int(region_rng.integers(0, 4))]
-                classes, weights = _scene_mix(region_rng, season)
+                classes, weights = scene_mix(region_rng, season)
                 rng = np.random.default_rng([seed, 12, split_no, patch])
                 igbp = land_cover(rng, size, classes, weights)
                 arrays = {"s1": render_s1(rng, igbp), "s2": render_s2(rng, igbp, season), "lc": lc_bands(igbp), "dfc": dfc_band(igbp)}

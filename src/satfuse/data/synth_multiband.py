@@ -138,7 +138,7 @@ def write_ssl4eo(out: Path, locations: int = 4, seed: int = 0, size: int = 264, 
         dx = dy / np.cos(np.radians(lat))
         half = size / 2
         offset = int(rng.integers(0, 365))
-        classes, weights = synth._scene_mix(rng, "summer")
+        classes, weights = synth.scene_mix(rng, "summer")
         igbp = synth.land_cover(rng, size, classes, weights)  # one place, four seasons
         for t, ref in enumerate(_REF_DATES):
             season = _SEASONS[t]
@@ -210,7 +210,7 @@ def _ben_patch(out: Path, version: int, j: int, seed: int, size: int) -> dict:
     day = datetime(2017, 6, 13, 10, 10, 31) + timedelta(days=29 * tile_no)
     season = _SEASONS[(day.month % 12) // 3]
     scene_rng = np.random.default_rng([seed, 42, tile_no])
-    classes, weights = synth._scene_mix(scene_rng, season)
+    classes, weights = synth.scene_mix(scene_rng, season)
     if j % 7 == 3:  # a snowy patch (listed as such, as in the release)
         classes, weights = np.array([15, 16]), np.array([0.7, 0.3])
     igbp = synth.land_cover(rng, size, classes, weights)

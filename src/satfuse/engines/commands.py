@@ -127,31 +127,16 @@ def die_with_launcher(poll_s: float = 0.5) -> None:
     _set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:  # the agent died before prctl took effect
         os.kill(os.getpid(), signal.SIGKILL)
-    stamp = _start_time(launcher)
+    from satfuse.engines.rundir import pid_alive, process_start_time
+
+    stamp = process_start_time(launcher)
 
     def watch() -> None:
         while True:
             time.sleep(poll_s)
-            if not _alive(launcher) or _start_time(launcher) != stamp:
+            if not pid_alive(launcher) or process_start_time(launcher) != stamp:
                 logging.getLogger(__name__).error(
                     "the launcher (pid %d) is gone: stopping this rank", launcher)
                 os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="satfuse-launcher-watchdog", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _start_time(pid: int) -> str:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[19]
-    except (OSError, IndexError):
-        return ""

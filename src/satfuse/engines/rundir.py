@@ -117,10 +117,9 @@ def process_start_time(pid: int) -> str:
     """Start time of `pid` in clock ticks since boot ('' where /proc is unreadable): tells a
     live holder from a new process that got its pid."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
         return ""
-    return stat.rsplit(")", 1)[-1].split()[19]
 
 
 def pid_alive(pid: int) -> bool:

@@ -11,12 +11,12 @@ history the final checkpoint descends from.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from satfuse.evaluation.report import png_bytes
 from satfuse.utils import SatfuseError, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,7 @@ def plot_pretrain_curves(runs: list[str | Path]) -> bytes:
     for ax in (ax_l, ax_t):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def make_full_report(runs: list[str | Path], out: str | Path) -> dict[str, Any]:

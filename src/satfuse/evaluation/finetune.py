@@ -1,5 +1,8 @@
 """One downstream run: fine-tune or linear-probe on DFC2020, early-stop, score on test.
 
+One job (a single run: its config, model, training loop and result record); the sweep,
+the report and the data live beside it.
+
 Protocol (the authors' unless stated): train on the DFC2020 *validation* split minus a
 stratified held-out part for early stopping (`data.val_fraction`, the same patches for
 every label fraction of a seed, so fractions differ only in training labels), test on the

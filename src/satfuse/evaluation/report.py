@@ -16,6 +16,7 @@ import logging
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -168,6 +169,14 @@ def plot_fractions(agg_task: dict, key: str, ylabel: str, title: str) -> bytes:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    return png_bytes(fig)
+
+
+def png_bytes(fig: Any) -> bytes:
+    """A matplotlib figure laid out and rendered as PNG bytes, then closed (matplotlib is
+    imported lazily, so the type is not named here; the caller writes the bytes atomically)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
