@@ -17,6 +17,7 @@ from pathlib import Path
 from satfuse.distributed.ports import free_port
 
 TOY = Path(__file__).with_name("toy_train.py")
+STACK_SIGNAL = signal.SIGQUIT  # toy_train.py dumps every thread's stack on it
 
 
 def start(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
@@ -35,7 +36,8 @@ def start(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
 
 def wait(procs: list[subprocess.Popen], timeout: float = 120.0, log_dir: Path | None = None) -> list[int]:
     """Exit codes of every rank. A rank that hangs past `timeout` fails the test with every
-    rank's Python stack (SIGUSR2 -> faulthandler in toy_train.py) and log, then all are killed."""
+    rank's Python stack (SIGQUIT -> faulthandler in toy_train.py; not SIGUSR2, which the stop
+    flag takes over) and log, then all are killed."""
     deadline = time.monotonic() + timeout
     codes = []
     try:
@@ -44,12 +46,31 @@ def wait(procs: list[subprocess.Popen], timeout: float = 120.0, log_dir: Path | 
     except subprocess.TimeoutExpired:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGUSR2)
+                p.send_signal(STACK_SIGNAL)
         time.sleep(2.0)
+        states = "\n".join(proc_state(p) for p in procs)
         kill(procs)
         where = logs(log_dir) if log_dir is not None else "(no logs)"
-        raise AssertionError(f"ranks hung for {timeout:.0f} s; exit codes so far {codes}\n{where}") from None
+        raise AssertionError(f"ranks hung for {timeout:.0f} s; exit codes so far {codes}\n"
+                             f"{states}\n{where}") from None
     return codes
+
+
+def proc_state(p: subprocess.Popen) -> str:
+    """The kernel's view of a rank that did not answer: its state and where each thread waits
+    (a rank in D state or mid-exit cannot run faulthandler, so its log stays empty)."""
+    if p.poll() is not None:
+        return f"pid {p.pid}: exited {p.returncode}"
+    lines = [f"pid {p.pid}:"]
+    for task in sorted(Path(f"/proc/{p.pid}/task").glob("*")):
+        try:
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            wchan = (task / "wchan").read_text()
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        lines.append(f"  tid {task.name} {comm} state={stat[0]} wchan={wchan}")
+    return "\n".join(lines)
 
 
 def kill(procs: list[subprocess.Popen]) -> None:

@@ -153,7 +153,8 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    faulthandler.register(signal.SIGUSR2, all_threads=True)  # launch.wait asks for stacks on a hang
+    # launch.wait asks for stacks on a hang. SIGQUIT, because StopFlag takes SIGUSR1/2, TERM, HUP.
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
