@@ -73,11 +73,15 @@ def test_a_crop_touches_fewer_pages_than_the_full_patch(result: dict) -> None:
     assert touched[32]["bytes_read"] < touched[0]["bytes_read"]
     geo = s["geometry"]["crops"]
     assert geo["32"]["pages_today"] < geo["0"]["pages_today"] == geo["0"]["pages_full_patch"]
+    ranges = {r["crop"]: r for r in s["prototype_range_reads"]}
+    assert all(r["cold_verified"] for r in ranges.values())
+    assert 0 < ranges[32]["bytes_per_pair"] < ranges[0]["bytes_per_pair"] <= s["shard_bytes_per_pair"] + bench_io.PAGE
 
 
 def test_model_is_the_arithmetic_of_measured_bytes(result: dict) -> None:
     (s,) = [s for s in result["sets"] if "rows" in s]
     cold = {(r["crop"] or 64, r["mode"]): r["bytes_per_pair"] for r in s["rows"] if r["cache"] == "cold"}
+    cold.update({(r["crop"] or 64, "range_reads"): r["bytes_per_pair"] for r in s["prototype_range_reads"]})
     rows = result["model"]["rows"]
     assert len(rows) == len(cold)
     for m in rows:

@@ -23,6 +23,9 @@ touches in today's row-major (C, H, W) `.npy` members, against band-major square
 (page-aligned band starts) - computed from the members' real offsets in the tars. A member
 that is not a plain `.npy` (e.g. compressed) counts as read whole.
 
+Prototype (`prototype_range_reads`): the crop read as one pread per band of its row range,
+read-ahead off, cold: what a loader could read with today's format (bench only).
+
 Default: a synthetic SEN12MS set packed once per encoding variant (`VARIANTS`: extra
 `satfuse shard` flags). `--shards DIR ...` measures your own shard sets (real data), the
 only way to know a compressed encoding's real ratio. `--variant NAME=FLAGS` adds a variant.
@@ -339,7 +342,7 @@ def pages_tiled(shape: tuple[int, ...], item: int, tile: int, top: int, left: in
     return ch * min(len(per_band), band_pages)
 
 
-def geometry(urls: list[str], crops: list[int], samples: int, tiles=(32, 64), seed: int = 0) -> dict[str, Any]:
+def geometry(urls: list[str], crops: list[int], samples: int, tiles=(16, 32, 64), seed: int = 0) -> dict[str, Any]:
     """Mean pages (and bytes) per pair that a uniformly placed crop touches, today and tiled."""
     rng = np.random.default_rng(seed)
     members = [s for s in npy_members(urls[0], samples) if s]
@@ -377,6 +380,42 @@ def geometry(urls: list[str], crops: list[int], samples: int, tiles=(32, 64), se
     return out
 
 
+def range_reads(urls: list[str], crops: list[int], seed: int = 0) -> list[dict[str, Any]]:
+    """Bench-only prototype of reading a crop without a new layout: one pread per band of the
+    crop's row range (rows are contiguous per band in today's (C, H, W) members), read-ahead
+    off (POSIX_FADV_RANDOM), from a cold cache. Bytes by mincore, pairs/s from this disk."""
+    members = {u: [s for s in npy_members(u, 1 << 30) if s] for u in urls}  # headers: before the drop
+    rows = []
+    for crop in crops:
+        rng = np.random.default_rng(seed)
+        for url in urls:
+            drop_cache(url)
+        before = sum(resident_pages(u) for u in urls)
+        pairs, t0 = 0, time.perf_counter()
+        for url in urls:
+            fd = os.open(url, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                for sample in members[url]:
+                    pairs += 1
+                    for start, size, shape, item in sample:
+                        h = shape[1] if shape else 0
+                        if not shape or not crop or crop >= h:
+                            os.pread(fd, size, start)
+                            continue
+                        w = shape[2]
+                        top = int(rng.integers(0, h - crop + 1))
+                        for b in range(shape[0]):
+                            os.pread(fd, crop * w * item, start + (b * h + top) * w * item)
+            finally:
+                os.close(fd)
+        seconds = time.perf_counter() - t0
+        new = (sum(resident_pages(u) for u in urls) - before) * PAGE
+        rows.append({"crop": crop, "cold_verified": before == 0, "pairs": pairs, "bytes_per_pair": round(new / max(1, pairs)),
+                     "seconds": round(seconds, 4), "pairs_per_s": round(pairs / seconds, 1)})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # The bandwidth model
 # --------------------------------------------------------------------------------------------
@@ -403,14 +442,15 @@ def bandwidth(bytes_per_pair: float, pairs_per_s_per_gpu: float, gpus_per_node: 
 
 
 def model(sets: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows per (set, crop, loader mode) from the cold rows' bytes/pair, and the text table."""
+    """Rows per (set, crop, loader mode or the range-read prototype) from the cold rows'
+    bytes/pair, and the text table."""
     rates = parse_rates(args.rate)
     rows = []
     for s in sets:
         if "rows" not in s:
             continue
         side = s["patch"]
-        for r in s["rows"]:
+        for r in [*s["rows"], *({**p, "mode": "range_reads", "cache": "cold"} for p in s["prototype_range_reads"])]:
             if r["cache"] != "cold":
                 continue
             crop_side = r["crop"] or side
@@ -439,13 +479,15 @@ def measure_set(entry: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     members = member_bytes(shards.urls)  # reads headers: before any cold row
     geo = geometry(shards.urls, args.crops, args.geometry_samples)
     rows = loader_rows(shards, args)
-    cold = [r for r in rows if r["cache"] == "cold"]
+    ranges = range_reads(shards.urls, args.crops)
+    cold = [r for r in rows if r["cache"] == "cold"] + ranges
     if not all(r["cold_verified"] for r in cold):
         log.warning("bench io: %s: the page cache kept shard pages after POSIX_FADV_DONTNEED (tmpfs?); "
                     "cold rows are not cold - use --workdir on a disk", entry["dir"])
     first = npy_members(shards.urls[0], 1)
     patch = next((m[2][1] for m in first[0] if m[2]), args.size) if first and first[0] else args.size
     return {**entry, "patch": patch, "shards": len(shards.urls), **members, "geometry": geo, "rows": rows,
+            "prototype_range_reads": ranges,
             "cold_verified": all(r["cold_verified"] for r in cold)}
 
 
