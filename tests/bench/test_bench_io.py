@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from satfuse.bench import io as bench_io
+from satfuse.bench import io_pagecache
 
 
 def args_for(tmp_path: Path, *extra: str) -> argparse.Namespace:
@@ -34,11 +35,11 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_page_cache_helpers_see_a_drop_and_a_read(tmp_path: Path) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(64 * bench_io.PAGE))
-    bench_io.drop_cache(path)
-    assert bench_io.resident_pages(path) == 0
+    io_pagecache.drop_cache(path)
+    assert io_pagecache.resident_pages(path) == 0
     with open(path, "rb") as fh:
         fh.read()
-    assert bench_io.resident_pages(path) == 64
+    assert io_pagecache.resident_pages(path) == 64
 
 
 def test_cold_rows_read_some_but_at_most_the_shards(result: dict) -> None:
@@ -105,3 +106,14 @@ def test_identical_flags_are_measured_once_and_bad_specs_fail(tmp_path: Path, re
         bench_io.variants(args_for(tmp_path, "--variant", "zstd"))
     with pytest.raises(SystemExit, match="no --rate for crop side 64"):
         bench_io.model(result["sets"], args_for(tmp_path, "--rate", "32=5000"))
+
+
+def test_users_shard_sets_are_measured_as_given(tmp_path: Path) -> None:
+    packed = bench_io.pack_variants(tmp_path / "work", args_for(tmp_path))
+    mine = Path(packed[0]["dir"]).rename(tmp_path / "my-set")
+    res = bench_io.run(args_for(tmp_path, "--shards", str(mine), "--crops", "32", "--batches", "1"))
+    (s,) = res["sets"]
+    assert s["name"] == "my-set" and s["cold_verified"] and s["pairs"] == 8
+    shipped = next(r for r in s["rows"] if r["mode"] == "shipped" and r["cache"] == "cold")
+    assert shipped["pairs"] == 4  # --batches 1 of batch 4
+    assert 0 < shipped["bytes_read"] <= shipped["shard_pages"] * bench_io.PAGE

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import io
 import logging
 import mmap
@@ -48,11 +47,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from satfuse.bench.io_layout import geometry, npy_members, range_reads
+from satfuse.bench.io_pagecache import PAGE, drop_cache, read_bytes, resident_pages
 
 log = logging.getLogger(__name__)
 
-PAGE = mmap.PAGESIZE
 # Encoding variants of the synthetic set: (name, extra `satfuse shard` flags). "default" is
 # what `satfuse shard` writes with no flags; "today" is the format of 2026-12-01 (float32 S1,
 # plain .npy members, labels kept): give it the flags that pin that format once the defaults
@@ -82,56 +81,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pairs/s per GPU by crop side (full patch: its side)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--nodes", nargs="*", type=int, default=[1, 64])
-
-
-# --------------------------------------------------------------------------------------------
-# Page cache: mincore and fadvise
-# --------------------------------------------------------------------------------------------
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_libc.mincore.restype = ctypes.c_int
-
-
-def resident_pages(path: str | Path) -> int:
-    """Pages of `path` now in the page cache (mincore on a fresh, untouched map)."""
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if not size:
-            return 0
-        mm = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ)
-    try:
-        view = np.frombuffer(mm, dtype=np.uint8)  # only for its address: no page is touched
-        vec = np.zeros(-(-size // PAGE), dtype=np.uint8)
-        if _libc.mincore(ctypes.c_void_p(view.ctypes.data), size, ctypes.c_void_p(vec.ctypes.data)):
-            err = ctypes.get_errno()
-            raise OSError(err, f"mincore({path}): {os.strerror(err)}")
-        del view
-        return int((vec & 1).sum())
-    finally:
-        mm.close()
-
-
-def drop_cache(path: str | Path) -> None:
-    """Ask the kernel to drop `path` from the page cache (flushed first: dirty pages stay)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def read_bytes() -> int | None:
-    """This process's bytes fetched from storage (/proc/self/io), None where unavailable."""
-    try:
-        for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,140 +228,6 @@ def loader_rows(shards, args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append({"crop": crop, **measure_row(shards, crop, mode, True, args)})
             if mode == "shipped":  # every page of the pass is resident now: the warm row
                 rows.append({"crop": crop, **measure_row(shards, crop, mode, False, args)})
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Layout geometry: pages a crop touches, today vs tiles
-# --------------------------------------------------------------------------------------------
-
-
-def npy_members(url: str, limit: int) -> list[list[tuple[int, int, tuple[int, ...], int]]]:
-    """Per sample of `url` (first `limit`): the s1/s2 members as (data offset in the file,
-    member size, (C, H, W) or () when not a plain .npy, itemsize)."""
-    from satfuse.data.stream_io import npy_layout, split_name
-
-    samples: list[list[tuple[int, int, tuple[int, ...], int]]] = []
-    last = None
-    with open(url, "rb") as fh, tarfile.open(url, "r:") as tf:
-        for info in tf:
-            key, ext = split_name(info.name)
-            if key != last:
-                if len(samples) == limit:
-                    break
-                samples.append([])
-                last = key
-            if not ext.startswith(("s1.", "s2.")):
-                continue
-            shape: tuple[int, ...] = ()
-            item = 1
-            if ext in ("s1.npy", "s2.npy"):
-                fh.seek(info.offset_data)
-                shp, fortran, dtype, off = npy_layout(fh.read(min(info.size, 4096)))
-                if len(shp) == 3 and not fortran:
-                    samples[-1].append((info.offset_data + off, info.size - off, tuple(shp), dtype.itemsize))
-                    continue
-            samples[-1].append((info.offset_data, info.size, shape, item))
-    return samples
-
-
-def pages_rowmajor(start: int, shape: tuple[int, ...], item: int, top: int, left: int, c: int) -> set[int]:
-    ch, h, w = shape
-    pages: set[int] = set()
-    for b in range(ch):
-        for r in range(top, top + c):
-            lo = start + ((b * h + r) * w + left) * item
-            pages.update(range(lo // PAGE, (lo + c * item - 1) // PAGE + 1))
-    return pages
-
-
-def pages_tiled(shape: tuple[int, ...], item: int, tile: int, top: int, left: int, c: int) -> int:
-    """Pages touched with each band stored as tile x tile blocks (row-major blocks, bands
-    back to back, each band starting on a page)."""
-    ch, h, w = shape
-    tiles_x = -(-w // tile)
-    band_bytes = -(-h // tile) * tiles_x * tile * tile * item
-    band_pages = -(-band_bytes // PAGE)
-    per_band: set[int] = set()
-    tb = tile * tile * item
-    for ty in range(top // tile, (top + c - 1) // tile + 1):
-        for tx in range(left // tile, (left + c - 1) // tile + 1):
-            lo = (ty * tiles_x + tx) * tb
-            per_band.update(range(lo // PAGE, (lo + tb - 1) // PAGE + 1))
-    return ch * min(len(per_band), band_pages)
-
-
-def geometry(urls: list[str], crops: list[int], samples: int, tiles=(16, 32, 64), seed: int = 0) -> dict[str, Any]:
-    """Mean pages (and bytes) per pair that a uniformly placed crop touches, today and tiled."""
-    rng = np.random.default_rng(seed)
-    members = [s for s in npy_members(urls[0], samples) if s]
-    out: dict[str, Any] = {"samples": len(members), "page_bytes": PAGE, "crops": {}}
-    for crop in crops:
-        today, full, tiled = [], [], {t: [] for t in tiles}
-        for sample in members:
-            t_today = t_full = 0
-            t_tiled = dict.fromkeys(tiles, 0)
-            for start, size, shape, item in sample:
-                whole = len(range(start // PAGE, (start + size - 1) // PAGE + 1))
-                t_full += whole
-                h = shape[1] if shape else 0
-                c = crop or h
-                if not shape or c >= h:  # not a plain .npy, or no crop: the whole member
-                    t_today += whole
-                    for t in tiles:
-                        t_tiled[t] += whole if not shape else pages_tiled(shape, item, t, 0, 0, h)
-                    continue
-                top, left = (int(v) for v in rng.integers(0, h - c + 1, size=2))
-                t_today += len(pages_rowmajor(start, shape, item, top, left, c))
-                for t in tiles:
-                    t_tiled[t] += pages_tiled(shape, item, t, top, left, c)
-            today.append(t_today)
-            full.append(t_full)
-            for t in tiles:
-                tiled[t].append(t_tiled[t])
-        mean_full = float(np.mean(full))
-        row = {"pages_full_patch": round(mean_full, 1), "pages_today": round(float(np.mean(today)), 1),
-               "fraction_today": round(float(np.mean(today)) / mean_full, 3)}
-        for t in tiles:
-            row[f"pages_tiled_{t}"] = round(float(np.mean(tiled[t])), 1)
-            row[f"fraction_tiled_{t}"] = round(float(np.mean(tiled[t])) / mean_full, 3)
-        out["crops"][str(crop)] = row
-    return out
-
-
-def range_reads(urls: list[str], crops: list[int], seed: int = 0) -> list[dict[str, Any]]:
-    """Bench-only prototype of reading a crop without a new layout: one pread per band of the
-    crop's row range (rows are contiguous per band in today's (C, H, W) members), read-ahead
-    off (POSIX_FADV_RANDOM), from a cold cache. Bytes by mincore, pairs/s from this disk."""
-    members = {u: [s for s in npy_members(u, 1 << 30) if s] for u in urls}  # headers: before the drop
-    rows = []
-    for crop in crops:
-        rng = np.random.default_rng(seed)
-        for url in urls:
-            drop_cache(url)
-        before = sum(resident_pages(u) for u in urls)
-        pairs, t0 = 0, time.perf_counter()
-        for url in urls:
-            fd = os.open(url, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                for sample in members[url]:
-                    pairs += 1
-                    for start, size, shape, item in sample:
-                        h = shape[1] if shape else 0
-                        if not shape or not crop or crop >= h:
-                            os.pread(fd, size, start)
-                            continue
-                        w = shape[2]
-                        top = int(rng.integers(0, h - crop + 1))
-                        for b in range(shape[0]):
-                            os.pread(fd, crop * w * item, start + (b * h + top) * w * item)
-            finally:
-                os.close(fd)
-        seconds = time.perf_counter() - t0
-        new = (sum(resident_pages(u) for u in urls) - before) * PAGE
-        rows.append({"crop": crop, "cold_verified": before == 0, "pairs": pairs, "bytes_per_pair": round(new / max(1, pairs)),
-                     "seconds": round(seconds, 4), "pairs_per_s": round(pairs / seconds, 1)})
     return rows
 
 
