@@ -117,3 +117,4 @@ def test_users_shard_sets_are_measured_as_given(tmp_path: Path) -> None:
     shipped = next(r for r in s["rows"] if r["mode"] == "shipped" and r["cache"] == "cold")
     assert shipped["pairs"] == 4  # --batches 1 of batch 4
     assert 0 < shipped["bytes_read"] <= shipped["shard_pages"] * bench_io.PAGE
+    assert [r["pairs"] for r in s["prototype_range_reads"]] == [4]  # --batches limits the prototype too

@@ -294,7 +294,7 @@ def measure_set(entry: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     members = member_bytes(shards.urls)  # reads headers: before any cold row
     geo = geometry(shards.urls, args.crops, args.geometry_samples)
     rows = loader_rows(shards, args)
-    ranges = range_reads(shards.urls, args.crops)
+    ranges = range_reads(shards.urls, args.crops, limit=args.batches * args.batch)
     cold = [r for r in rows if r["cache"] == "cold"] + ranges
     if not all(r["cold_verified"] for r in cold):
         log.warning("bench io: %s: the page cache kept shard pages after POSIX_FADV_DONTNEED (tmpfs?); "

@@ -109,11 +109,19 @@ def geometry(urls: list[str], crops: list[int], samples: int, tiles=(16, 32, 64)
     return out
 
 
-def range_reads(urls: list[str], crops: list[int], seed: int = 0) -> list[dict[str, Any]]:
+def range_reads(urls: list[str], crops: list[int], limit: int = 0, seed: int = 0) -> list[dict[str, Any]]:
     """Bench-only prototype of reading a crop without a new layout: one pread per band of the
     crop's row range (rows are contiguous per band in today's (C, H, W) members), read-ahead
-    off (POSIX_FADV_RANDOM), from a cold cache. Bytes by mincore, pairs/s from this disk."""
-    members = {u: [s for s in npy_members(u, 1 << 30) if s] for u in urls}  # headers: before the drop
+    off (POSIX_FADV_RANDOM), from a cold cache. Bytes by mincore, pairs/s from this disk.
+    `limit`: the first pairs in shard order only (0: all)."""
+    members: dict[str, list] = {}
+    left = limit or 1 << 62
+    for u in urls:  # headers are read before the drop
+        if left <= 0:
+            break
+        members[u] = [s for s in npy_members(u, min(left, 1 << 30)) if s]
+        left -= len(members[u])
+    urls = list(members)
     rows = []
     for crop in crops:
         rng = np.random.default_rng(seed)
