@@ -118,3 +118,5 @@ def test_users_shard_sets_are_measured_as_given(tmp_path: Path) -> None:
     assert shipped["pairs"] == 4  # --batches 1 of batch 4
     assert 0 < shipped["bytes_read"] <= shipped["shard_pages"] * bench_io.PAGE
     assert [r["pairs"] for r in s["prototype_range_reads"]] == [4]  # --batches limits the prototype too
+    with pytest.raises(SystemExit, match="no --rate for crop side 64"):  # the full patch of this set
+        bench_io.run(args_for(tmp_path, "--shards", str(mine), "--crops", "0", "--rate", "32=5000"))

@@ -1,4 +1,4 @@
-"""Bytes read from storage per pair by the pretraining loader, cold and warm cache, per crop, per shard encoding; the GB/s model.
+"""Bytes read from storage per pair by the loader (cold/warm, per crop and encoding); GB/s model.
 
 Why bytes per pair: at 1,500-5,000 pairs/s per GPU a node needs tens of GB/s, more than a
 parallel filesystem gives one node, so the loader's bytes per pair decide the cluster design.
@@ -291,6 +291,13 @@ def measure_set(entry: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     from satfuse.data.shard_sets import resolve_shards
 
     shards = resolve_shards(entry["dir"])
+    first = npy_members(shards.urls[0], 1)
+    patch = next((m[2][1] for m in first[0] if m[2]), args.size) if first and first[0] else args.size
+    rates = parse_rates(args.rate)
+    missing = sorted({c or patch for c in args.crops} - set(rates))
+    if missing:  # before the measurement, not after
+        raise SystemExit(f"bench io: {entry['dir']}: no --rate for crop side {missing[0]} "
+                         f"(give --rate {missing[0]}=PAIRS_PER_S)")
     members = member_bytes(shards.urls)  # reads headers: before any cold row
     geo = geometry(shards.urls, args.crops, args.geometry_samples)
     rows = loader_rows(shards, args)
@@ -299,8 +306,6 @@ def measure_set(entry: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     if not all(r["cold_verified"] for r in cold):
         log.warning("bench io: %s: the page cache kept shard pages after POSIX_FADV_DONTNEED (tmpfs?); "
                     "cold rows are not cold - use --workdir on a disk", entry["dir"])
-    first = npy_members(shards.urls[0], 1)
-    patch = next((m[2][1] for m in first[0] if m[2]), args.size) if first and first[0] else args.size
     return {**entry, "patch": patch, "shards": len(shards.urls), **members, "geometry": geo, "rows": rows,
             "prototype_range_reads": ranges,
             "cold_verified": all(r["cold_verified"] for r in cold)}
@@ -310,7 +315,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parse_rates(args.rate)  # a bad --rate fails before anything is packed
     with contextlib.ExitStack() as stack:
         if args.shards:
-            entries = [{"name": Path(d).name, "dir": str(d)} for d in args.shards]
+            names = [Path(d).name for d in args.shards]
+            entries = [{"name": n if names.count(n) == 1 else str(d), "dir": str(d)} for n, d in zip(names, args.shards, strict=True)]
         else:
             root = stack.enter_context(tempfile.TemporaryDirectory(prefix="satfuse-bench-io-", dir=args.workdir or None))
             entries = pack_variants(Path(root), args)
