@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHES = {"shard", "loader", "loss", "ckpt", "engines", "train", "model"}
+BENCHES = {"shard", "loader", "io", "loss", "ckpt", "engines", "train", "model"}
 
 
 def satfuse(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 BENCHES = {
     "shard": "satfuse.bench.shard",  # sharding vs plain rasterio reads
     "loader": "satfuse.bench.loader",  # streaming loader vs per-file reads vs raw bytes
+    "io": "satfuse.bench.io",  # bytes read from storage per pair, cold/warm, per crop and encoding; GB/s model
     "loss": "satfuse.bench.loss",  # global loss time/memory vs global batch
     "ckpt": "satfuse.bench.ckpt",  # DCP save/load vs torch.save/load
     "engines": "satfuse.bench.engines",  # DDP vs DeepSpeed ZeRO-1/2
