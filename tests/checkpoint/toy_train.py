@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from satfuse.checkpoint.manager import CheckpointManager
 from satfuse.checkpoint.state import ModelOptimState
+from satfuse.distributed.env import teardown
 from satfuse.engines.rng import capture_rng, restore_rng
 from satfuse.engines.signals import REQUEUE_EXIT_CODE, StopFlag
 
@@ -225,9 +226,7 @@ def main(argv: list[str]) -> int:
     mgr.wait()
     if args.out and rank == 0 and code == 0:
         torch.save(dump_state(module, opt), args.out)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    teardown()  # as the trainer ends: no barrier, a destroy that cannot hang the exit
     sys.stdout.flush()
     sys.stderr.flush()
     return code

@@ -252,6 +252,26 @@ def test_world_one_creates_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
         denv.teardown()
 
 
+def test_teardown_returns_when_destroy_hangs(monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A destroy that never returns (gloo waiting for a peer that already left) must not keep
+    the process from exiting: teardown gives up after its timeout and says so."""
+    import threading
+
+    import torch.distributed as dist
+
+    released = threading.Event()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: released.wait())
+    caller = threading.Thread(target=denv.teardown, kwargs={"timeout_s": 0.5}, daemon=True)
+    with caplog.at_level("WARNING", logger="satfuse.distributed.env"):
+        caller.start()
+        caller.join(timeout=20)
+    released.set()
+    assert not caller.is_alive(), "teardown waited for a destroy_process_group that never returns"
+    assert "did not return within 0.5 s" in caplog.text
+
+
 # ----------------------------------------------------------------------------------------------
 # Real 2-process rendezvous
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -197,20 +198,42 @@ def init_distributed(
     return env
 
 
-def teardown() -> None:
-    """Destroy the process group without a barrier (a dead peer must not block the exit)."""
+TEARDOWN_TIMEOUT_S = 30.0  # destroy_process_group waits this long at most, then the exit goes on
+
+
+def teardown(timeout_s: float = TEARDOWN_TIMEOUT_S) -> None:
+    """Destroy the process group without a barrier (a dead peer must not block the exit), and
+    within `timeout_s`.
+
+    Why bounded: gloo's context destruction can wait forever for a peer that has already
+    exited (a rank that finishes its last collective first and leaves while another is still
+    draining it; gloo issue 155, pytorch issue 75097). Seen here as 1 rank in a few hundred
+    3-rank runs never exiting. At the end of a job that would hold the allocation until its
+    time limit; after the timeout the process exits without the clean destroy (the OS frees
+    the sockets anyway).
+    """
     _STATE.pop("env", None)
-    try:
-        import torch.distributed as dist
+    done = threading.Event()
 
-        from satfuse.distributed.collectives import forget_groups
+    def destroy() -> None:
+        try:
+            import torch.distributed as dist
 
-        forget_groups()
+            from satfuse.distributed.collectives import forget_groups
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception as exc:  # exiting anyway: say why, do not mask the exit code
-        log.warning("destroy_process_group failed: %s", exc)
+            forget_groups()
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception as exc:  # exiting anyway: say why, do not mask the exit code
+            log.warning("destroy_process_group failed: %s", exc)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=destroy, name="satfuse-teardown", daemon=True)
+    worker.start()
+    if not done.wait(timeout_s):
+        log.warning("destroy_process_group did not return within %g s (a peer left first); "
+                    "exiting without it", timeout_s)
 
 
 def exit_cleanly(code: int = 0) -> NoReturn:

@@ -51,6 +51,7 @@ from satfuse.config import PretrainConfig
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import Engine, check_precision
 from satfuse.engines.optim import build_optimizer, build_scheduler
+from satfuse.engines.warmup import check_build_locks
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,7 @@ def import_deepspeed(device: torch.device):
     """Import DeepSpeed on the accelerator that matches `device` (CPU: DS_ACCELERATOR=cpu)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    check_build_locks()  # a lock left by a killed JIT build would hang initialize() silently
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

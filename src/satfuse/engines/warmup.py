@@ -18,11 +18,56 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
+
+from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
 # Ops a satfuse run loads on the CPU accelerator (see module doc for why not FusedAdam).
 CPU_OPS = ("ShareMemCommBuilder",)
+
+# A JIT build of one op takes ~25 s here (minutes for CUDA ops); a build lock this old was
+# left by a build that was killed.
+STALE_LOCK_S = 600.0
+
+
+def extensions_root() -> Path:
+    """Where torch's JIT builds go: `$TORCH_EXTENSIONS_DIR`, else
+    `~/.cache/torch_extensions/py3X_{cpu|cuXYZ}` (torch's own rule, restated here so that
+    no private torch function is needed)."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        return Path(env)
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accel = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip
+             else f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{accel}"
+
+
+def check_build_locks(max_age_s: float = STALE_LOCK_S, root: Path | None = None) -> None:
+    """Refuse to start when a JIT build lock was left behind.
+
+    Why: torch's build lock (`<op>/lock`, a FileBaton) is a plain file; a build killed by
+    Ctrl-C, `scancel` or the OOM killer leaves it, and every later `deepspeed.initialize`
+    then polls it forever without a word. A lock older than `max_age_s` is such a leftover: a
+    one-line error names it and the fix. A younger one may be a build in progress (another
+    rank or job): logged, then DeepSpeed waits for it as usual.
+    """
+    root = root or extensions_root()
+    for lock in sorted(root.glob("*/lock")):
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:  # released while we looked
+            continue
+        if age > max_age_s:
+            raise SatfuseError(
+                f"{lock}: a DeepSpeed op build lock left by a killed build ({age / 60:.0f} min old); "
+                f"DeepSpeed would wait on it forever. Remove it (rm {lock}) and start again")
+        log.warning("%s: a DeepSpeed op build is in progress (%.0f s); waiting for it. If no "
+                    "build is running, remove the file", lock, age)
 
 
 def warm_ops(names: tuple[str, ...] = CPU_OPS) -> dict[str, float]:
