@@ -67,9 +67,11 @@ class NodeLayout:
 
     @classmethod
     def from_env(cls, rank: int, world_size: int) -> NodeLayout:
-        """The layout the launcher gave (`launcher_env`), checked against the loader's rank and
+        """The layout the launcher gave (the joined process group's, else `launcher_env`'s), checked against the loader's rank and
         world size and against the node-by-node rank numbering the plan relies on."""
-        info = world_info_from_env()
+        from satfuse.distributed.env import current_env
+
+        info = current_env() or world_info_from_env()
         if world_size == 1:
             return cls()
         if (info.rank, info.world_size) != (rank, world_size):

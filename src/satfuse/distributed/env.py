@@ -197,6 +197,13 @@ def init_distributed(
     return env
 
 
+def current_env() -> DistEnv | None:
+    """The layout `init_distributed` joined with (None before it ran). Why not re-read the
+    environment: `_export` rewrote RANK/WORLD_SIZE in torchrun's style without the node
+    variables, so a SLURM job's node rank can no longer be read from it."""
+    return _STATE.get("env")
+
+
 def teardown() -> None:
     """Destroy the process group without a barrier (a dead peer must not block the exit)."""
     _STATE.pop("env", None)
