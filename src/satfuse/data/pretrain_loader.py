@@ -24,6 +24,11 @@ Epoch semantics
   others give a seeded, per-epoch different part), and the runs of all sets are permuted
   together (`stream_plan.mixed_runs`). Band sets must agree; stats are pooled
   (`STATS_POOLING`) and recorded under `normalization["mix"]` in checkpoints.
+- Staged shards (`data.stage_dir`, `satfuse.data.staging`): the shards are split once into one
+  group per node (`stream_plan.node_groups`) and each group is planned as above for that node's
+  ranks only (`stream_plan.epoch_slots`), so a node reads only its local copies, every epoch.
+  On one node this is the plan above; the state records the group count, and a resume on
+  another node count deals the epoch's leftovers to the nodes now holding their shards.
 - A slot streams its samples through a shuffle buffer of `data.shuffle_buffer` raw samples
   (bytes only: samples are decoded when they leave the buffer) seeded by (seed, epoch, slot).
 - Batches of `data.batch_size` are built in the worker; the rank interleaves its workers
