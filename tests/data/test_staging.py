@@ -201,3 +201,51 @@ def test_staged_loader_resumes_exactly_on_the_same_nodes(tmp_path: Path) -> None
     for want in expected:
         got = next(it)
         assert torch.equal(got["s1"], want["s1"]) and torch.equal(got["s2"], want["s2"])
+
+
+def _staging_rank(rank: int, port: int, src: str, root: str, out: str) -> None:
+    import os
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=60))
+        shards, node = resolve_shards(src), NodeLayout(rank, 2, 0, 1)
+        report: dict = {}
+        bad = f"{root}/node{rank}" + ("/$SF_UNSET_ON_RANK1" if rank == 1 else "")
+        try:  # a value only rank 1 cannot expand: every rank must fail, none may hang
+            PretrainLoader(shards, data_cfg(stage_dir=bad), rank=rank, world_size=2, seed=0, node=node)
+        except SatfuseError as exc:
+            report["error"] = str(exc)
+        ld = PretrainLoader(shards, data_cfg(stage_dir=f"{root}/node{rank}"), rank=rank, world_size=2, seed=0,
+                            node=node)
+        report["held"] = sorted(os.path.basename(u) for u in ld.shards.urls if os.path.exists(u))
+        Path(f"{out}.{rank}").write_text(json.dumps(report))
+        dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 - report it, then die with a failure status
+        print(f"rank {rank}: {exc!r}", file=sys.stderr, flush=True)
+        os._exit(1)
+    os._exit(0)
+
+
+def test_staging_in_a_process_group_fails_together_and_splits_the_set(tmp_path: Path) -> None:
+    import time
+
+    import torch.multiprocessing as mp
+
+    from satfuse.distributed.ports import free_port
+
+    src = hashed_shards(tmp_path, [6, 6, 6, 6])
+    out = tmp_path / "report"
+    ctx = mp.start_processes(_staging_rank, args=(free_port(), str(src), str(tmp_path / "stage"), str(out)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < deadline, "ranks did not finish: a hang"
+    r0, r1 = (json.loads(Path(f"{out}.{r}").read_text()) for r in range(2))
+    assert "SF_UNSET_ON_RANK1" in r1["error"] and "staging failed on another node" in r0["error"]
+    assert r0["held"] and r1["held"] and not set(r0["held"]) & set(r1["held"])
+    assert len(r0["held"]) + len(r1["held"]) == 4

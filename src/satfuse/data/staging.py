@@ -144,17 +144,20 @@ def stage(shards: ShardSet, stage_dir: str, seed: int, node: NodeLayout) -> Shar
     """Copy this node's share (local rank 0), wait for every node, return the set with local URLs.
 
     Collective: every rank of the job calls it at the same point (the loader's constructor)."""
-    root = stage_root(stage_dir)
-    set_dir, rows = plan_copies(shards, root)
-    owner = node_groups(shards.counts, seed, node.nodes, shards.mix)
-    mine = [r for r in rows if owner[r.index] == node.node]
-    _check_share(shards, owner, node.nodes, stage_dir)
     box: dict[str, BaseException] = {}
-    copier = None
-    if node.local_rank == 0:
-        copier = threading.Thread(target=_guarded, args=(box, shards, set_dir, mine, node), name="satfuse-stage",
-                                  daemon=True)
-        copier.start()
+    copier, rows = None, []
+    try:  # a bad value on one node only (an unset variable) must stop every rank, not hang them
+        set_dir, rows = plan_copies(shards, stage_root(stage_dir))
+        owner = node_groups(shards.counts, seed, node.nodes, shards.mix)
+        mine = [r for r in rows if owner[r.index] == node.node]
+        _check_share(shards, owner, node.nodes, stage_dir)
+    except SatfuseError as exc:
+        box["error"] = exc
+    else:
+        if node.local_rank == 0:
+            copier = threading.Thread(target=_guarded, args=(box, shards, set_dir, mine, node),
+                                      name="satfuse-stage", daemon=True)
+            copier.start()
     _wait_for_all_nodes(copier, box, node)
     urls = [str(r.dest) for r in rows]
     parts = []
