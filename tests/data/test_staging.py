@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,8 +104,14 @@ def test_copy_then_reuse_then_recopy_a_damaged_copy(tmp_path: Path) -> None:
         assert r.dest.read_bytes() == Path(r.source).read_bytes()
     assert (set_dir / "part0" / "manifest.json").is_file()  # the loader's first-open check reads it
     assert not list(set_dir.rglob(".*tmp*"))
+    dead = rows[0].dest.with_name(f".{rows[0].dest.name}.tmp-{(1 << 22) + 12345}-1")  # beyond pid_max: no process
+    live = rows[0].dest.with_name(f".{rows[0].dest.name}.tmp-{os.getpid()}-1")
+    dead.write_bytes(b"half a shard")
+    live.write_bytes(b"being written")
     again = copy_share(shards, set_dir, rows)
     assert (again["copied"], again["reused"], again["bytes_copied"]) == (0, 3, 0)
+    assert not dead.exists() and live.exists()  # a dead copier's temp goes, a live one's stays
+    live.unlink()
     # same size, other bytes: only the sha256 notices; it is copied again, the others reused
     damaged = rows[1].dest
     data = bytearray(damaged.read_bytes())

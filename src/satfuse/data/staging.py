@@ -198,8 +198,10 @@ def _wait_for_all_nodes(copier: threading.Thread | None, box: dict[str, BaseExce
         if failed_any:
             if failed:
                 err = box["error"]
-                raise err if isinstance(err, SatfuseError) else SatfuseError(
-                    f"data.stage_dir: staging failed on node {node.node}: {err.__class__.__name__}: {err}") from err
+                if isinstance(err, SatfuseError):
+                    raise err
+                raise SatfuseError(f"data.stage_dir: staging failed on node {node.node}: "
+                                   f"{err.__class__.__name__}: {err}") from err
             raise SatfuseError("data.stage_dir: staging failed on another node (its log names the shard and why); "
                                "fix that and restart")
         if not busy_any:
@@ -220,6 +222,7 @@ def copy_share(shards: ShardSet, set_dir: Path, mine: list[StagedShard], node: i
         folder = set_dir / f"part{k}"
         folder.mkdir(parents=True, exist_ok=True)
         _publish(folder / "manifest.json", json.dumps(man, indent=1).encode())
+    _drop_dead_temps(mine)
     present = [r for r in mine if _size(r.dest) == r.size]
     absent = [r for r in mine if r not in present]
     need = sum(r.size for r in absent)
@@ -265,6 +268,21 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return -1
+
+
+def _drop_dead_temps(mine: list[StagedShard]) -> None:
+    """Remove the temp files of copiers that died mid-copy (killed job, node reboot): their
+    process is gone, so nothing will rename them; a live copier's temps are left alone."""
+    for r in mine:
+        for tmp in r.dest.parent.glob(f".{r.dest.name}.tmp-*"):
+            pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+            try:
+                os.kill(int(pid), 0)
+            except (ValueError, ProcessLookupError):
+                log.info("%s: removing the temp file of a copier that died", tmp)
+                tmp.unlink(missing_ok=True)
+            except PermissionError:  # alive, another user's
+                pass
 
 
 def _hash_file(path: Path) -> str:
