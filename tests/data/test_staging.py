@@ -160,18 +160,22 @@ def test_stage_dir_key_changes_with_the_bytes(tmp_path: Path, monkeypatch: pytes
 # -------------------------------------------------------------------------- the loader
 
 
-def test_two_nodes_stage_disjoint_subsets_and_read_only_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_nodes_stage_disjoint_subsets_and_read_only_them(tmp_path: Path, workers: int) -> None:
     """Two 1-rank 'nodes' in one process (no group: the agreement is local): each copies only
-    its share, reads only local files, and together they read every sample once per epoch."""
+    its share, reads only local files (in loader workers too), and they read disjoint samples."""
     src = hashed_shards(tmp_path, [12, 12, 12, 12, 12, 12])
     shards = resolve_shards(str(src))
-    ids, held = [], []
+    ids, held, loaders = [], [], []
     for node in range(2):
-        cfg = data_cfg(num_workers=0, stage_dir=str(tmp_path / f"node{node}"))
+        cfg = data_cfg(num_workers=workers, stage_dir=str(tmp_path / f"node{node}"), on_decode_error="fatal")
         ld = PretrainLoader(shards, cfg, rank=node, world_size=2, seed=0, node=NodeLayout(node, 2, 0, 1))
         local = [Path(u) for u in ld.shards.urls]
         assert all(str(p).startswith(str(tmp_path / f"node{node}")) for p in local)
         held.append({p.name for p in local if p.exists()})
+        loaders.append(ld)
+    src.rename(tmp_path / "shared-storage-gone")  # from here on only the local copies exist
+    for ld in loaders:
         it = iter(ld)
         ids.append([i for _ in range(ld.steps_per_epoch) for i in sample_ids(next(it))])
     assert held[0] and held[1] and not held[0] & held[1] and len(held[0] | held[1]) == 6
