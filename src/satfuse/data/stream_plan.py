@@ -21,6 +21,9 @@ Terms
 - slot: one (rank, worker) stream; slot = rank * workers + worker. The epoch's runs are cut
   into `world * workers` contiguous pieces of equal sample count (+-1), so the ranks get
   equal data even when shard sizes are uneven.
+- node groups (staged shards, `data.stage_dir`): the shards split once into one group per
+  node (`node_groups`); each group is planned as above for its node's slots only
+  (`epoch_slots`). One group is the plain plan.
 - order: inside a slot, a shuffle buffer of `k` samples. Its choices depend only on the
   buffer length, never on the contents, so `shuffle_order` gives the slot's whole output
   order as a permutation of local positions, for the worker and for a resume alike.
