@@ -40,6 +40,7 @@ class DataConfig:
     shards: str | list[str] = "shards/sen12ms"  # a shard dir (with manifest.json), a brace URL or a pipe: URL; a list of those mixes sets
     shard_weights: list[float] = field(default_factory=list)  # shares of each epoch per set of a data.shards list (empty: by size)
     manifest: str = ""  # defaults to <shard dir>/manifest.json
+    stage_dir: str = ""  # node-local dir ($VARS expanded, e.g. $TMPDIR): each node copies its fixed share there at start and reads only it; empty = off
     val_shards: str = ""  # held-out shards for retrieval accuracy (empty: none)
     batch_size: int = 32  # per rank
     num_workers: int = 1  # loader worker processes per rank (0 = read in the training process)

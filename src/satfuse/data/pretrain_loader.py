@@ -24,6 +24,11 @@ Epoch semantics
   others give a seeded, per-epoch different part), and the runs of all sets are permuted
   together (`stream_plan.mixed_runs`). Band sets must agree; stats are pooled
   (`STATS_POOLING`) and recorded under `normalization["mix"]` in checkpoints.
+- Staged shards (`data.stage_dir`, `satfuse.data.staging`): the shards are split once into one
+  group per node (`stream_plan.node_groups`) and each group is planned as above for that node's
+  ranks only (`stream_plan.epoch_slots`), so a node reads only its local copies, every epoch.
+  On one node this is the plan above; the state records the group count, and a resume on
+  another node count deals the epoch's leftovers to the nodes now holding their shards.
 - A slot streams its samples through a shuffle buffer of `data.shuffle_buffer` raw samples
   (bytes only: samples are decoded when they leave the buffer) seeded by (seed, epoch, slot).
 - Batches of `data.batch_size` are built in the worker; the rank interleaves its workers
@@ -87,6 +92,7 @@ from satfuse.data.bands import manifest_bands
 from satfuse.data.normalize import BandStats
 from satfuse.data.sample_transform import SampleTransform
 from satfuse.data.shard_sets import STATS_POOLING, ShardSet, patch_size
+from satfuse.data.staging import NodeLayout, node_layout, stage
 from satfuse.data.stream_plan import EpochPlan, make_plan
 from satfuse.data.stream_worker import StreamDataset, StreamSpec
 from satfuse.utils import SatfuseError
@@ -102,9 +108,12 @@ class PretrainLoader:
     def __init__(
         self, shards: ShardSet, cfg: DataConfig, *, rank: int, world_size: int, seed: int,
         method: str = "dual_simclr", simclr_input: str = "s2_rgb", drop_last: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool = False, node: NodeLayout | None = None,
     ) -> None:
         self.shards, self.cfg = shards, cfg
+        # data.stage_dir: each node reads only its own shards, from local copies (data/staging.py)
+        self.node = node_layout(cfg, rank, world_size, node)
+        self.groups = self.node.nodes if self.node is not None else 1
         # batches in page-locked memory, so the trainer's non_blocking copy to a GPU overlaps
         # with compute (the trainer sets it when it trains on CUDA)
         self.pin_memory = pin_memory
@@ -125,6 +134,8 @@ class PretrainLoader:
         self._epoch, self._step, self._base = 0, 0, None
         self._cursors, self._batches = [0] * self.workers, [0] * self.workers
         self._errors_before, self._errors_run = 0, [0] * self.workers
+        if self.node is not None:  # last: a config error above is reported before a long copy
+            self.shards = stage(shards, cfg.stage_dir, seed, self.node)
 
     def _check(self, shards: ShardSet, cfg: DataConfig) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -141,7 +152,7 @@ class PretrainLoader:
     def _plan(self, epoch: int, base: dict | None) -> EpochPlan:
         return make_plan(
             self.shards.counts, self.seed, epoch, base, world_size=self.world_size, workers=self.workers,
-            batch_size=self.cfg.batch_size, drop_last=self.drop_last, mix=self.shards.mix,
+            batch_size=self.cfg.batch_size, drop_last=self.drop_last, mix=self.shards.mix, groups=self.groups,
         )
 
     @property
@@ -185,7 +196,7 @@ class PretrainLoader:
             world_size=self.world_size, workers=self.workers, batch_size=self.cfg.batch_size,
             shuffle_buffer=self.cfg.shuffle_buffer, drop_last=self.drop_last, on_error=self.cfg.on_decode_error,
             transform=self.transform, epoch=self._epoch, base=self._base, cursors=list(self._cursors),
-            batches=list(self._batches), mix=self.shards.mix,
+            batches=list(self._batches), mix=self.shards.mix, groups=self.groups,
         )
         loader = DataLoader(StreamDataset(spec), batch_size=None, num_workers=self.cfg.num_workers,
                             pin_memory=self.pin_memory)
@@ -248,6 +259,7 @@ class PretrainLoader:
             "decode_errors": self.decode_errors,
             "shards": self.shards.fingerprint(),
             "base": self._base,
+            "groups": self.groups,
         }
 
     def load_state_dict(self, states: list[dict]) -> None:
@@ -258,7 +270,7 @@ class PretrainLoader:
         same = (
             first["world_size"] == self.world_size and first["num_workers"] == self.workers
             and first["batch_size"] == self.cfg.batch_size and first["shuffle_buffer"] == self.cfg.shuffle_buffer
-            and bool(first["drop_last"]) == self.drop_last
+            and bool(first["drop_last"]) == self.drop_last and int(first.get("groups", 1)) == self.groups
         )
         if same:
             mine = states[self.rank]
@@ -274,6 +286,7 @@ class PretrainLoader:
             "world_size": first["world_size"], "workers": first["num_workers"],
             "shuffle_buffer": first["shuffle_buffer"],
             "cursors": [int(c) for s in states for c in s["cursors"]], "base": first["base"],
+            "groups": int(first.get("groups", 1)),
         }
         log.info("loader: resuming epoch %d (was %d ranks x %d workers, now %d x %d): %d batches left",
                  self._epoch, first["world_size"], first["num_workers"], self.world_size, self.workers,

@@ -21,6 +21,9 @@ Terms
 - slot: one (rank, worker) stream; slot = rank * workers + worker. The epoch's runs are cut
   into `world * workers` contiguous pieces of equal sample count (+-1), so the ranks get
   equal data even when shard sizes are uneven.
+- node groups (staged shards, `data.stage_dir`): the shards split once into one group per
+  node (`node_groups`); each group is planned as above for its node's slots only
+  (`epoch_slots`). One group is the plain plan.
 - order: inside a slot, a shuffle buffer of `k` samples. Its choices depend only on the
   buffer length, never on the contents, so `shuffle_order` gives the slot's whole output
   order as a permutation of local positions, for the worker and for a resume alike.
@@ -29,6 +32,7 @@ Terms
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -262,28 +266,80 @@ def epoch_runs(
     return remaining_runs(counts, seed, epoch, base, mix)
 
 
+def node_groups(counts: list[int], seed: int, groups: int, mix: Mix | None = None) -> list[int]:
+    """Which node group holds each shard when shards are staged to node-local disks.
+
+    Fixed for a run (seed and group count only, never the epoch): a node keeps its shards
+    across epochs. Shards are taken in a seeded order, each given to the group holding the
+    fewest samples so far (of its own set, for a mix), so groups get equal data to within
+    one shard. `groups=1`: every shard in group 0."""
+    if groups <= 1:
+        return [0] * len(counts)
+    return list(_node_groups(tuple(counts), seed, groups, mix))
+
+
+@functools.lru_cache(maxsize=8)
+def _node_groups(counts: tuple[int, ...], seed: int, groups: int, mix: Mix | None) -> tuple[int, ...]:
+    out = [0] * len(counts)
+    bounds = list(mix.bounds) if mix is not None else [0, len(counts)]
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        load = [0] * groups
+        rng = np.random.default_rng(stable_seed("node-groups", seed, groups, a, b))
+        for i in rng.permutation(b - a):
+            s = a + int(i)
+            g = min(range(groups), key=lambda k: (load[k], k))
+            out[s] = g
+            load[g] += counts[s]
+    return tuple(out)
+
+
+def epoch_slots(
+    counts: list[int], seed: int, epoch: int, base: dict | None, n_slots: int, mix: Mix | None = None,
+    groups: int = 1,
+) -> list[list[Run]]:
+    """The epoch's data cut into `n_slots` slot pieces. `groups` > 1 (staged shards): slots
+    are dealt to node groups in order (group g: slots g*n_slots/groups ...), and a group's
+    slots read only the shards of that group (`node_groups`); each group's share is planned
+    like a whole set (permuted per epoch, members dealt when it has fewer shards than slots).
+    `groups=1` is the plain plan."""
+    if groups <= 1:
+        return split_runs(epoch_runs(counts, seed, epoch, base, n_slots, mix), n_slots)
+    per = n_slots // groups
+    owner = node_groups(counts, seed, groups, mix)
+    if base is not None:  # the saving run's leftovers, each given to the group now holding its shard
+        left = remaining_runs(counts, seed, epoch, base, mix)
+    out: list[list[Run]] = []
+    for g in range(groups):
+        if base is None:
+            mine = [c if owner[s] == g else 0 for s, c in enumerate(counts)]
+            runs = epoch_runs(mine, seed, epoch, None, per, mix)
+        else:
+            runs = [r for r in left if owner[r[0]] == g]
+        out.extend(split_runs(runs, per))
+    return out
+
+
 def make_plan(
     counts: list[int], seed: int, epoch: int, base: dict | None, *, world_size: int, workers: int,
-    batch_size: int, drop_last: bool, mix: Mix | None = None,
+    batch_size: int, drop_last: bool, mix: Mix | None = None, groups: int = 1,
 ) -> EpochPlan:
-    runs = epoch_runs(counts, seed, epoch, base, world_size * workers, mix)
     return EpochPlan(
-        slots=split_runs(runs, world_size * workers), world_size=world_size, workers=workers,
-        batch_size=batch_size, drop_last=drop_last, generation=base_generation(base),
+        slots=epoch_slots(counts, seed, epoch, base, world_size * workers, mix, groups), world_size=world_size,
+        workers=workers, batch_size=batch_size, drop_last=drop_last, generation=base_generation(base),
     )
 
 
 def remaining_runs(counts: list[int], seed: int, epoch: int, base: dict, mix: Mix | None = None) -> list[Run]:
     """Samples of the epoch that the saving run (described by `base`) had not pulled.
 
-    `base` = {"world_size", "workers", "shuffle_buffer", "cursors": per old slot, "base"}.
+    `base` = {"world_size", "workers", "shuffle_buffer", "cursors": per old slot, "base",
+    "groups" (node groups of a staged run; absent: 1)}.
     The old slot's shuffle order is recomputed from counts alone; its first `cursor` outputs
     were consumed, everything else (the shuffle buffer's contents and all unread samples)
     is returned, in the old epoch order. Nothing is read from the shards.
     """
     n_slots = base["world_size"] * base["workers"]
-    old_runs = epoch_runs(counts, seed, epoch, base.get("base"), n_slots, mix)
-    pieces = split_runs(old_runs, n_slots)
+    pieces = epoch_slots(counts, seed, epoch, base.get("base"), n_slots, mix, int(base.get("groups", 1)))
     gen = base_generation(base.get("base"))
     out: list[Run] = []
     for s, piece in enumerate(pieces):

@@ -78,10 +78,12 @@ class StreamSpec:
     cursors: list[int]
     batches: list[int]
     mix: Mix | None = None
+    groups: int = 1  # node groups of staged shards (stream_plan.epoch_slots)
 
     def plan(self, epoch: int, base: dict | None) -> EpochPlan:
         return make_plan(self.counts, self.seed, epoch, base, world_size=self.world_size, workers=self.workers,
-                         batch_size=self.batch_size, drop_last=self.drop_last, mix=self.mix)
+                         batch_size=self.batch_size, drop_last=self.drop_last, mix=self.mix,
+                         groups=self.groups)
 
     def epoch_spec(self, epoch: int, plan: EpochPlan, cache: ShardCache | None = None) -> EpochSpec:
         return EpochSpec(self.urls, epoch, self.seed, plan.generation, len(plan.slots), self.batch_size,

@@ -198,6 +198,13 @@ def init_distributed(
     return env
 
 
+def current_env() -> DistEnv | None:
+    """The layout `init_distributed` joined with (None before it ran). Why not re-read the
+    environment: `_export` rewrote RANK/WORLD_SIZE in torchrun's style without the node
+    variables, so a SLURM job's node rank can no longer be read from it."""
+    return _STATE.get("env")
+
+
 TEARDOWN_TIMEOUT_S = 30.0  # destroy_process_group waits this long at most, then the exit goes on
 
 
