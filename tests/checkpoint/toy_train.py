@@ -226,7 +226,7 @@ def main(argv: list[str]) -> int:
     mgr.wait()
     if args.out and rank == 0 and code == 0:
         torch.save(dump_state(module, opt), args.out)
-    teardown()  # as the trainer ends: no barrier, a destroy that cannot hang the exit
+    teardown()  # as the trainer ends: no barrier; the group is left to os._exit (see teardown)
     sys.stdout.flush()
     sys.stderr.flush()
     return code

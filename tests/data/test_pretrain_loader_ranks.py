@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from satfuse.data.pretrain_loader import PretrainLoader
 from satfuse.data.shard_sets import resolve_shards
+from satfuse.distributed.env import teardown
 from satfuse.distributed.ports import free_port
 from tests.data.loader_shards import data_cfg, make_shards, sample_ids, truncate
 
@@ -38,7 +39,7 @@ def _rank(rank: int, world: int, port: int, shard_dir: str, out: str) -> None:
         dist.all_gather_object(gathered, report)
         if rank == 0:
             Path(out).write_text(json.dumps(gathered))
-        dist.destroy_process_group()
+        teardown()
     except BaseException as exc:  # noqa: BLE001 - report it, then die with a failure status
         print(f"rank {rank}: {exc!r}", file=sys.stderr, flush=True)
         os._exit(1)

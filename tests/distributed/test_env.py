@@ -252,24 +252,30 @@ def test_world_one_creates_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
         denv.teardown()
 
 
-def test_teardown_returns_when_destroy_hangs(monkeypatch: pytest.MonkeyPatch,
-                                             caplog: pytest.LogCaptureFixture) -> None:
-    """A destroy that never returns (gloo waiting for a peer that already left) must not keep
-    the process from exiting: teardown gives up after its timeout and says so."""
-    import threading
+def test_teardown_leaves_a_multi_rank_group_to_the_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Destroying a multi-rank gloo group can deadlock against its own worker threads (see
+    `teardown`); with several ranks teardown must not call it (the process exits right after)."""
+    import torch.distributed as dist
+
+    def destroy(*_a: object, **_k: object) -> None:
+        raise AssertionError("destroy_process_group called with 2 ranks")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *_a, **_k: 2)
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    denv.teardown()  # no warning either: nothing was attempted
+
+
+def test_teardown_destroys_a_one_rank_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rank (DeepSpeed's private group): destroyed, so the process can train again."""
+    from datetime import timedelta
 
     import torch.distributed as dist
 
-    released = threading.Event()
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: released.wait())
-    caller = threading.Thread(target=denv.teardown, kwargs={"timeout_s": 0.5}, daemon=True)
-    with caplog.at_level("WARNING", logger="satfuse.distributed.env"):
-        caller.start()
-        caller.join(timeout=20)
-    released.set()
-    assert not caller.is_alive(), "teardown waited for a destroy_process_group that never returns"
-    assert "did not return within 0.5 s" in caplog.text
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=30))
+    denv.teardown()
+    assert not dist.is_initialized()
 
 
 # ----------------------------------------------------------------------------------------------

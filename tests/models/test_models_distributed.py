@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from satfuse.config import LossConfig, ModelConfig
+from satfuse.distributed.env import teardown
 from satfuse.distributed.ports import free_port
 from satfuse.losses import nt_xent, retrieval_accuracy
 from satfuse.models import build_pretrain_model
@@ -123,7 +124,7 @@ def worker(rank: int, world: int, port: int, sizes: list[int], out_dir: str) -> 
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.barrier()
-        dist.destroy_process_group()
+        teardown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)  # gloo threads can abort a normal interpreter exit (deepspeed-cpu.md)

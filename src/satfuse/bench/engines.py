@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from satfuse.config import PretrainConfig, from_dict
+from satfuse.distributed.env import teardown
 from satfuse.distributed.ports import free_port
 
 SETUPS = {
@@ -134,7 +135,7 @@ def _rank_main(rank: int, world: int, port: int, a: dict[str, Any], setup: str, 
            "optim_state_mib": _optim_state_mib(engine), "loss": float(loss.detach())}
     Path(out_dir, f"{setup}_{rank}.json").write_text(json.dumps(res))
     dist.barrier()
-    dist.destroy_process_group()
+    teardown()
     os._exit(0)  # gloo threads alive at interpreter exit can abort the process
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from satfuse.distributed.env import teardown
 from satfuse.distributed.ports import free_port
 from satfuse.losses import nt_xent
 from satfuse.utils import SatfuseError
@@ -109,7 +110,7 @@ def _rank_main(
             Path(out).write_text(json.dumps(result))
     finally:
         dist.barrier()
-        dist.destroy_process_group()
+        teardown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)  # gloo threads can abort a normal interpreter exit (deepspeed-cpu.md)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from satfuse.config import LossConfig, ModelConfig
+from satfuse.distributed.env import teardown
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import cpu_has_native_bf16
 
@@ -109,8 +111,10 @@ def _rank_main(rank: int, world: int, port: int, job: dict, out: dict) -> None:
             best[key] = min(sec, best.get(key, float("inf")))
     if rank == 0:
         out.update(best)
-    if world > 1:
-        dist.destroy_process_group()
+    if world > 1:  # leave through os._exit: see distributed.env.teardown
+        teardown()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def cpu_row(backbone: str, world: int, precision: str, args: argparse.Namespace) -> dict:

@@ -10,8 +10,8 @@ configurable (`SATFUSE_IFNAME`) and checked *before* connecting; and the rendezv
 timeout that turns a missing peer into a one-line `SatfuseError` naming the rank and host.
 
 Entry points end with `exit_cleanly(code)`: gloo worker threads that are still alive at
-interpreter shutdown abort the process (SIGABRT) in about 1 run in 3, so we destroy the
-group, flush and `os._exit`.
+interpreter shutdown abort the process (SIGABRT) in about 1 run in 3, and destroying a
+multi-rank gloo group can deadlock (see `teardown`), so we flush and `os._exit`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import os
 import re
 import socket
 import sys
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -205,42 +204,32 @@ def current_env() -> DistEnv | None:
     return _STATE.get("env")
 
 
-TEARDOWN_TIMEOUT_S = 30.0  # destroy_process_group waits this long at most, then the exit goes on
+def teardown() -> None:
+    """Forget this process's rendezvous. torch's process group is destroyed only when this
+    process is the whole world (it may train again in-process: tests, notebooks); with several
+    ranks it is left to the process exit, and every multi-rank entry point ends in
+    `exit_cleanly` (`os._exit`), so the OS frees its sockets and threads.
 
-
-def teardown(timeout_s: float = TEARDOWN_TIMEOUT_S) -> None:
-    """Destroy the process group without a barrier (a dead peer must not block the exit), and
-    within `timeout_s`.
-
-    Why bounded: gloo's context destruction can wait forever for a peer that has already
-    exited (a rank that finishes its last collective first and leaves while another is still
-    draining it; gloo issue 155, pytorch issue 75097). Seen here as 1 rank in a few hundred
-    3-rank runs never exiting. At the end of a job that would hold the allocation until its
-    time limit; after the timeout the process exits without the clean destroy (the OS frees
-    the sockets anyway).
+    Why not destroy it with several ranks: the last reference to a gloo group runs
+    `~ProcessGroupGloo`, which joins the group's worker threads while holding the GIL; a worker
+    still freeing its last finished collective needs the GIL to drop a Python object kept in
+    that op's thread-local state. Both wait forever: gdb on a rank that never exited showed the
+    main thread in `ProcessGroupGloo::~ProcessGroupGloo -> std::thread::join` and a
+    `pt_gloo_runloop` thread in `AsyncWork::~AsyncWork -> take_gil`. A race, more likely on
+    busy cores: it hung a 3-rank resume test in CI, and a loaded 2-core machine here on the
+    first try; in a job it would hold the nodes until the time limit.
     """
     _STATE.pop("env", None)
-    done = threading.Event()
+    try:
+        import torch.distributed as dist
 
-    def destroy() -> None:
-        try:
-            import torch.distributed as dist
+        from satfuse.distributed.collectives import forget_groups
 
-            from satfuse.distributed.collectives import forget_groups
-
-            forget_groups()
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception as exc:  # exiting anyway: say why, do not mask the exit code
-            log.warning("destroy_process_group failed: %s", exc)
-        finally:
-            done.set()
-
-    worker = threading.Thread(target=destroy, name="satfuse-teardown", daemon=True)
-    worker.start()
-    if not done.wait(timeout_s):
-        log.warning("destroy_process_group did not return within %g s (a peer left first); "
-                    "exiting without it", timeout_s)
+        forget_groups()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
+            dist.destroy_process_group()
+    except Exception as exc:  # exiting anyway: say why, do not mask the exit code
+        log.warning("destroy_process_group failed: %s", exc)
 
 
 def exit_cleanly(code: int = 0) -> NoReturn:
