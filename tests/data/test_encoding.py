@@ -213,3 +213,20 @@ def test_per_band_datasets_take_the_flags(tmp_path):
 def test_bad_flags_are_one_line_errors(kw, match):
     with pytest.raises(SatfuseError, match=match):
         make_encoding(**kw)
+
+
+def test_cli_flags_pack_verify_and_pretrain_loader(sen12ms_tree, tmp_path, capfd):
+    from satfuse.cli import main
+    from satfuse.data.pretrain_loader import PretrainLoader
+
+    out = tmp_path / "cli"
+    assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(out), "--maxcount", "4",
+                 "--compress", "zstd", "--compress-level", "5", "--s1-dtype", "float16", "--no-labels"]) == 0
+    enc = json.loads((out / "manifest.json").read_text())["encoding"]
+    assert (enc["compress"], enc["level"], enc["s1_dtype"], enc["labels"]) == ("zstd", 5, "float16", False)
+    assert main(["shard", "verify", str(out)]) == 0
+    batch = next(iter(PretrainLoader(resolve_shards(str(out)), data_cfg(crop=16), rank=0, world_size=1, seed=0)))
+    assert batch["s1"].dtype == torch.float32 and batch["s1"].shape[1:] == (2, 16, 16) and torch.isfinite(batch["s1"]).all()
+    assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(tmp_path / "x"),
+                 "--compress-level", "5"]) != 0
+    assert "--compress-level 5 needs --compress zstd|lz4" in capfd.readouterr().err and not (tmp_path / "x").exists()
