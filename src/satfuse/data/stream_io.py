@@ -494,7 +494,13 @@ def load_member(sample: RawSample, ext: str, codec: str | None, want: tuple[int,
     value = sample.members[ext]
     if codec is None:
         return load_npy(value, want)
-    arr = decode_npy(decompress(value.read() if isinstance(value, MemberRef) else value, codec))
+    if isinstance(value, MemberRef):  # decompressed straight from the map: no copy of the member
+        value.check()
+        with memoryview(value.tar.data)[value.offset : value.offset + value.size] as view:
+            data = decompress(view, codec)
+    else:
+        data = decompress(value, codec)
+    arr = decode_npy(data)
     _check_shape(arr.shape, want)
     return arr
 
