@@ -230,3 +230,15 @@ def test_cli_flags_pack_verify_and_pretrain_loader(sen12ms_tree, tmp_path, capfd
     assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(tmp_path / "x"),
                  "--compress-level", "5"]) != 0
     assert "--compress-level 5 needs --compress zstd|lz4" in capfd.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_an_unknown_encoding_is_refused_naming_the_manifest(sen12ms_tree, tmp_path):
+    out = tmp_path / "future"
+    pack(sen12ms_tree, out, compress="zstd")
+    path = out / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["encoding"]["compress"] = "brotli"  # written by a newer satfuse, say
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SatfuseError, match=rf"^{path}: unreadable `encoding` \(unknown codec 'brotli'\)"):
+        resolve_shards(str(out))
+    assert any("unknown codec 'brotli'" in p for p in verify(out))

@@ -182,6 +182,10 @@ def load(path: Path, what: str = "", stats: bool = True) -> dict[str, Any]:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s and "count" in s for s in shards):
         raise SatfuseError(f"{path}: manifest has no 'shards' list of {{name, count}}; re-shard with `satfuse shard`")
+    if "encoding" in manifest:  # --compress / --s1-dtype / --no-labels: one this satfuse can read
+        from satfuse.data.codecs import from_manifest
+
+        from_manifest(manifest, str(path))
     if stats:
         if "stats" not in manifest:
             raise SatfuseError(f"{path}: manifest has no 'stats'; re-shard with `satfuse shard`")
