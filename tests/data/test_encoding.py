@@ -242,3 +242,20 @@ def test_an_unknown_encoding_is_refused_naming_the_manifest(sen12ms_tree, tmp_pa
     with pytest.raises(SatfuseError, match=rf"^{path}: unreadable `encoding` \(unknown codec 'brotli'\)"):
         resolve_shards(str(out))
     assert any("unknown codec 'brotli'" in p for p in verify(out))
+
+
+def test_submit_shard_parts_carry_the_encoding(sen12ms_tree, tmp_path):
+    """`satfuse submit shard --compress ...`: every array task packs with the flags, the merge
+    records them, and `jobs ls`'s redo command for a part repeats them."""
+    from satfuse.launch.jobs import part_command
+    from satfuse.launch.task import ShardPart
+
+    enc = {"compress": "lz4", "s1_dtype": "float16", "no_labels": True}
+    part = ShardPart(src=str(sen12ms_tree), dataset="sen12ms", out=str(tmp_path / "arr"), num_shards=2, maxcount=4,
+                     encoding=enc)
+    for i in range(2):
+        part(i)
+    merged = merge(tmp_path / "arr", command=["t"])
+    assert (merged["encoding"]["compress"], merged["encoding"]["s1_dtype"], merged["encoding"]["labels"]) == ("lz4", "float16", False)
+    cmd = part_command({"src": "S", "dataset": "sen12ms", "out": "O", "num_shards": 2, "part": 1, "encoding": enc})
+    assert cmd.endswith("--shard-index 1 --compress lz4 --s1-dtype float16 --no-labels`")
