@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", nargs="*", type=int, default=[0, 128], help="loader crop rows (0 = full patch)")
     p.add_argument("--repeats", type=int, default=3, help="best of N for each row")
     p.add_argument("--epochs", type=int, default=3, help="loader epochs per row (workers start once)")
+    p.add_argument("--encodings", nargs="*", default=[],
+                   help="also pack the pairs with these `satfuse shard` encodings and compare bytes/pair, ratio, decode "
+                        "us/pair/core, loader samples/s (default, zstd, lz4, float16, zstd+float16; with --shards: that set as packed)")
     p.add_argument("--deal-world", type=int, default=2,
                    help="ranks of the dealing rows (rank 0 timed): the shard set vs the same pairs in 1 shard")
 
@@ -239,6 +242,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         top = max(loaders, key=lambda k: loaders[k]["samples_per_s"])
         goal = {"best_row": top, "x_per_file": loaders[top]["x_per_file"],
                 "met": bool(ref) and loaders[top]["x_per_file"] >= 5.0}
+        encodings = None
+        if args.encodings:  # satfuse.bench.encodings: one row per `satfuse shard` encoding
+            from satfuse.bench.encodings import measure as measure_encodings
+
+            encodings = measure_encodings(Path(tmp), raw, Path(args.shards) if args.shards else None, args)
         dealing = (dealing_costs(rows, shards, single, args) if single is not None
                    else {"note": "member dealing rows need --raw (the pairs are packed again into one shard)"})
         return {
@@ -246,6 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "member_dealing": dealing,
             "samples": shards.total, "shards": len(shards.urls), "patch": args.size if not args.shards else None,
             "batch": args.batch, "rows": rows,
+            **({"encodings": encodings} if encodings is not None else {}),
             "verify_overhead": {"rows": [on, off], "slowdown_first_epoch": round(
                 rows[off]["samples_per_s"] / rows[on]["samples_per_s"], 3),
                 "sha256_pass_s": rows["sha256_pass"]["seconds"]},

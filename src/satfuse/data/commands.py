@@ -71,6 +71,13 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
     shard.add_argument("--num-shards", type=int, default=None, help="number of job-array parts (default: SLURM_ARRAY_TASK_COUNT)")
     shard.add_argument("--overwrite", action="store_true", help="replace a non-empty output that is not a shard dir")
     shard.add_argument("--exclude-bad", action="store_true", help="list corrupt/NaN/wrong-band files as excluded instead of failing")
+    enc = shard.add_argument_group("encoding (bytes per pair; recorded in the manifest, read by every loader as is)")
+    enc.add_argument("--compress", choices=["zstd", "lz4"], default=None,
+                     help="lossless compression of the .npy members (s1.npy.zst / .lz4); shards/FORMAT.md has the webdataset decoder")
+    enc.add_argument("--compress-level", type=int, default=None, help="codec level (zstd 1..22, default 3; lz4 0..16, default 0)")
+    enc.add_argument("--s1-dtype", choices=["float32", "float16"], default=None,
+                     help="store S1 dB as float16 (lossy: the manifest records the largest error in dB); default float32")
+    enc.add_argument("--no-labels", action="store_true", help="leave out label members (lc/dfc/label): pretraining-only shards")
     multiband_cli.add_shard_options(shard)
     shard.set_defaults(func=_cmd_shard)
     verbs = shard.add_subparsers(dest="shard_verb", metavar="{verify,merge}")
@@ -114,6 +121,7 @@ def slurm_array_defaults(env: dict[str, str] | None = None) -> tuple[int | None,
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
+    from satfuse.data.codecs import make_encoding
     from satfuse.data.manifest import MANIFEST_NAME, summary
     from satfuse.data.shard_plan import quiet_gdal
     from satfuse.data.shard_writer import shard_dataset
@@ -131,6 +139,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         num_shards=num, overwrite=args.overwrite, exclude_bad=args.exclude_bad,
         command=["satfuse", *sys.argv[1:]], exclude_scenes=args.exclude_scenes,
         pairs_file=args.pairs_file, strict_split=args.strict_split,
+        encoding=make_encoding(args.compress, args.compress_level, args.s1_dtype, args.no_labels),
         **multiband_cli.band_options(args, args.dataset in BAND_DATASETS),
     )  # fmt: skip
     if "records" in result:  # a job-array part

@@ -117,7 +117,7 @@ def build(header: dict[str, Any], records: list[dict[str, Any]], scan_excluded: 
             sums[sensor] = add_sums(sums[sensor], r["sums"][sensor])
         excluded.extend(r["excluded"])
     excluded.sort(key=lambda e: (e["key"], e["reason"]))
-    return {
+    manifest = {
         "format": FORMAT,
         **header,
         "shards": [{"name": r["name"], "count": r["count"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
@@ -129,6 +129,18 @@ def build(header: dict[str, Any], records: list[dict[str, Any]], scan_excluded: 
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if (header.get("encoding") or {}).get("s1_dtype") == "float16":
+        manifest["encoding"] = {**header["encoding"], "s1_max_abs_error_db": _max_error(records)}
+    return manifest
+
+
+def _max_error(records: list[dict[str, Any]]) -> float:
+    """The largest S1 float16 error (dB) over every shard: exact, so merges equal single runs."""
+    missing = [r["name"] for r in records if "s1_max_abs_error_db" not in r]
+    if missing:
+        raise SatfuseError(f"{missing[0]}: its record has no s1_max_abs_error_db although the set is float16; "
+                           "remove .satfuse/ and rerun `satfuse shard` with the same flags")
+    return max((float(r["s1_max_abs_error_db"]) for r in records), default=0.0)
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -170,6 +182,10 @@ def load(path: Path, what: str = "", stats: bool = True) -> dict[str, Any]:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s and "count" in s for s in shards):
         raise SatfuseError(f"{path}: manifest has no 'shards' list of {{name, count}}; re-shard with `satfuse shard`")
+    if "encoding" in manifest:  # --compress / --s1-dtype / --no-labels: one this satfuse can read
+        from satfuse.data.codecs import from_manifest
+
+        from_manifest(manifest, str(path))
     if stats:
         if "stats" not in manifest:
             raise SatfuseError(f"{path}: manifest has no 'stats'; re-shard with `satfuse shard`")
@@ -235,6 +251,10 @@ def merge(out: Path, command: list[str] | None = None) -> dict[str, Any]:
             raise SatfuseError(f"{out}: part {i} of {num} is missing ({part_path(out, i, num).name}); rerun `satfuse shard ... --shard-index {i} --num-shards {num}`")
     header = have[0]["header"]
     for i, d in have.items():
+        if d["header"].get("encoding") != header.get("encoding"):
+            raise SatfuseError(f"{part_path(out, i, num)}: packed with other encoding flags ({d['header'].get('encoding')}) than "
+                               f"part 0 ({header.get('encoding')}); rerun every part with the same --compress/--compress-level/"
+                               "--s1-dtype/--no-labels")
         if d["header"] != header:
             raise SatfuseError(f"{part_path(out, i, num)}: written with other settings or source than part 0; rerun every part with the same arguments")
     records = sorted((r for d in have.values() for r in d["records"]), key=lambda r: r["index"])

@@ -26,7 +26,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import rasterio
 
 from satfuse.data import shard_plan
 from satfuse.data.band_scan import BAND_DATASETS, BandSample, BandScan
+from satfuse.data.codecs import Encoding, add_encoding
 from satfuse.data.manifest import FORMAT, build, publish, write_part
 from satfuse.data.raster import BadData, NotColocated, npy_buffer
 from satfuse.data.resample import (
@@ -161,6 +162,7 @@ class BandShardTask:
     method: str
     tol_m: float
     s2_bands: int
+    encoding: Encoding = field(default_factory=Encoding)
 
 
 def _task_digest(task: BandShardTask) -> str:
@@ -178,13 +180,13 @@ def _items(task: BandShardTask) -> Iterator[Item]:
             yield sample.key, [str(p) for p in sample.files], exc
             continue
         packed = sample_dict(sample, arrays, task.dataset, task.src, task.method)
-        yield sample.key, [], Packed(packed, {"s1": arrays.s1, "s2": arrays.s2})
+        yield sample.key, [], Packed(packed, {"s1": arrays.s1, "s2": arrays.s2}, tuple(str(p) for _, p in sample.s1))
 
 
 def write_band_shard(task: BandShardTask) -> dict[str, Any]:
     """Write one shard atomically (or keep a verified one), as `shard_writer.write_shard`."""
     return write_tar(task.out, task.name, task.index, _task_digest(task), _items(task),
-                     {"s1": 2, "s2": task.s2_bands}, task.exclude_bad)
+                     {"s1": 2, "s2": task.s2_bands}, task.exclude_bad, task.encoding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,11 +244,13 @@ def shard_bands(
     seed: int = 0, split_file: Path | None = None, split: str | None = None, shard_index: int | None = None,
     num_shards: int | None = None, overwrite: bool = False, exclude_bad: bool = False,
     command: list[str] | None = None, resample: str = DEFAULT_METHOD, s2_level: str | None = None,
-    tol_m: float = DEFAULT_TOL_M, max_gap_days: float | None = None,
+    tol_m: float = DEFAULT_TOL_M, max_gap_days: float | None = None, encoding: Encoding | None = None,
 ) -> dict[str, Any]:
     """Pack a per-band dataset into `out`; returns the manifest (or the part manifest).
-    `s2_level` (default l1c) and `max_gap_days` (default 30) are SSL4EO-S12 options."""
+    `s2_level` (default l1c) and `max_gap_days` (default 30) are SSL4EO-S12 options;
+    `encoding` (`satfuse.data.codecs`) as for `shard_writer` (these sets have no label member)."""
     src, out = Path(src), Path(out)
+    encoding = encoding or Encoding()
     if dataset != "ssl4eo-s12" and (s2_level is not None or max_gap_days is not None):
         raise SatfuseError(f"--s2-level/--max-gap-days apply to ssl4eo-s12 only ({dataset} is L2A with one date per pair); drop them")
     s2_level = s2_level or "l1c"
@@ -275,12 +279,16 @@ def shard_bands(
         "patch_size": _patch_size(scan), "native_resolution_m": NATIVE_RESOLUTION_M,
         **scan.extras, "ignored": scan.ignored,
     }  # fmt: skip
+    add_encoding(header, encoding)
+    if encoding.s1_dtype != "float32":
+        header["dtype"] = {**header["dtype"], "s1": encoding.s1_dtype}
     header["plan"] = shard_plan.plan_digest([header, [[s.key for s in shard] for shard in plan]])
     prepare_out(out, overwrite, {"dataset": dataset})
     remove_stale(out, out.name, len(plan), part[0] if part else None)
     mine = [j for j in range(len(plan)) if part is None or j % part[1] == part[0]]
     s2_bands = len(scan.bands["s2"])
-    tasks = [BandShardTask(j, out.name, out, src, dataset, plan[j], exclude_bad, resample, tol_m, s2_bands) for j in mine]
+    tasks = [BandShardTask(j, out.name, out, src, dataset, plan[j], exclude_bad, resample, tol_m, s2_bands, encoding)
+             for j in mine]
     records = shard_plan.run_tasks(write_band_shard, tasks, [len(t.samples) for t in tasks], workers)
     shard_plan.raise_on_errors(records, out)
     scan_excluded = [e.to_dict() for e in scan.excluded]

@@ -21,8 +21,9 @@ import numpy as np
 from braceexpand import braceexpand
 
 from satfuse.data.bands import manifest_bands
+from satfuse.data.codecs import find_member
 from satfuse.data.manifest import MANIFEST_NAME, load, url_tar_name
-from satfuse.data.stream_io import index_shard, load_npy
+from satfuse.data.stream_io import RawSample, index_shard, load_member
 from satfuse.data.stream_plan import Mix
 from satfuse.utils import SatfuseError
 
@@ -200,9 +201,11 @@ def patch_size(ss: ShardSet) -> tuple[int, int] | None:
     for url, count in zip(ss.urls, ss.counts, strict=True):
         if count and not (url.startswith("pipe:") or "://" in url):
             index = index_shard(url)
-            if index.samples and "s1.npy" in index.samples[0][1]:
+            found = find_member(index.samples[0][1], "s1.npy") if index.samples else None
+            if found is not None:  # s1.npy, or s1.npy.zst / .lz4 (satfuse.data.codecs)
                 try:
-                    shape = load_npy(index.samples[0][1]["s1.npy"], (2,)).shape
+                    members = index.samples[0][1]
+                    shape = load_member(RawSample(0, 0, "", dict(members)), *found, (2,)).shape
                 except ValueError:
                     return None
                 return int(shape[1]), int(shape[2])

@@ -38,7 +38,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from rasterio.errors import RasterioError
 
 from satfuse.data import manifest as mf
 from satfuse.data.band_scan import BAND_DATASETS
+from satfuse.data.codecs import Encoding, add_encoding
 from satfuse.data.layout import MAX_SHOWN, Pair
 from satfuse.data.raster import Prefetcher, Raster
 from satfuse.data.shard_dir import check_paths, prepare_out, remove_stale
@@ -159,22 +160,26 @@ class ShardTask:
     label: str | None
     pairs: list[Pair]
     exclude_bad: bool
+    encoding: Encoding = field(default_factory=Encoding)
 
 
 def _items(task: ShardTask) -> Iterator[Item]:
     """The task's pairs read ahead (`Prefetcher`), as the tar writer's items."""
-    for pair, rasters in Prefetcher(task.pairs, task.label):
+    labels = task.encoding.labels  # --no-labels: label files are not even read
+    pairs = task.pairs if labels else [replace(p, label=None, aux=()) for p in task.pairs]
+    for pair, rasters in Prefetcher(pairs, task.label if labels else None):
         if isinstance(rasters, Exception):
             yield pair.key, [str(p) for p in _pair_files(pair)], rasters
             continue
         sample = sample_dict(pair, rasters, task.dataset, task.src)
-        yield pair.key, [], Packed(sample, {"s1": rasters["s1"].array, "s2": rasters["s2"].array})
+        yield pair.key, [], Packed(sample, {"s1": rasters["s1"].array, "s2": rasters["s2"].array}, (str(pair.s1),))
 
 
 def write_shard(task: ShardTask) -> dict[str, Any]:
     """Write one shard atomically (or keep a verified one); return its record (`tar_writer.write_tar`)."""
     digest = _shard_plan_digest(task.pairs, task.src, task.dataset, task.label)
-    return write_tar(task.out, task.name, task.index, digest, _items(task), {"s1": 2, "s2": 13}, task.exclude_bad)
+    return write_tar(task.out, task.name, task.index, digest, _items(task), {"s1": 2, "s2": 13}, task.exclude_bad,
+                     task.encoding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,13 +204,17 @@ def shard_dataset(
     exclude_scenes: Path | None = None,
     pairs_file: Path | None = None,
     strict_split: bool = False,
+    encoding: Encoding | None = None,
     **band_options: Any,
 ) -> dict[str, Any]:
     """Pack `src` into `out` (see module doc). Returns the manifest (or, for a job-array
     part, the part manifest). `num_shards` is the number of job-array parts, not of tars.
     `strict_split` makes split-list entries without files fatal (they are listed otherwise).
-    `band_options` (resample, s2_level, split, tol_m, max_gap_days) are for BAND_DATASETS."""
+    `band_options` (resample, s2_level, split, tol_m, max_gap_days) are for BAND_DATASETS.
+    `encoding` (`satfuse.data.codecs`: --compress, --s1-dtype, --no-labels) defaults to the
+    original format."""
     src, out = Path(src), Path(out)
+    encoding = encoding or Encoding()
     if dataset in BAND_DATASETS:  # one file per band: SSL4EO-S12, BigEarthNet (satfuse.data.multiband)
         unused = [flag for flag, value in (("--exclude-scenes", exclude_scenes), ("--pairs-file", pairs_file),
                                            ("--strict-split", strict_split)) if value]
@@ -215,7 +224,8 @@ def shard_dataset(
 
         return shard_bands(src, dataset, out, maxcount=maxcount, maxsize=maxsize, workers=workers, seed=seed,
                            split_file=split_file, shard_index=shard_index, num_shards=num_shards,
-                           overwrite=overwrite, exclude_bad=exclude_bad, command=command, **band_options)
+                           overwrite=overwrite, exclude_bad=exclude_bad, command=command, encoding=encoding,
+                           **band_options)
     part = check_args(maxcount, maxsize, workers, shard_index, num_shards)
     check_paths(src, out)
     result = scan_dataset(src, dataset, split_file, exclude_scenes, pairs_file)
@@ -236,11 +246,12 @@ def shard_dataset(
         header["exclude_scenes"] = str(exclude_scenes)
     if pairs_file is not None:
         header["pairs_file"] = str(pairs_file)
+    add_encoding(header, encoding)
     header["plan"] = plan_digest([header, [[p.key for p in shard] for shard in plan]])
     prepare_out(out, overwrite, {"dataset": dataset})
     remove_stale(out, out.name, len(plan), part[0] if part else None)
     mine = [j for j in range(len(plan)) if part is None or j % part[1] == part[0]]
-    tasks = [ShardTask(j, out.name, out, src, dataset, result.label, plan[j], exclude_bad) for j in mine]
+    tasks = [ShardTask(j, out.name, out, src, dataset, result.label, plan[j], exclude_bad, encoding) for j in mine]
     try:
         records = run_tasks(write_shard, tasks, [len(t.pairs) for t in tasks], workers)
         raise_on_errors(records, out)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import webdataset as wds
 
+from satfuse.data.codecs import decompress, find_member
 from satfuse.data.manifest import MANIFEST_NAME, shard_digests
 
 log = logging.getLogger(__name__)
@@ -474,20 +475,40 @@ def decode_pair(sample: RawSample, window: Window | None = None, s2_bands: int =
     patch is reported as such even when S2 is broken too. ValueError naming what is wrong."""
     if sample.error:
         raise ValueError(sample.error)
-    for ext in ("s1.npy", "s2.npy"):
-        if ext not in sample.members:
+    found = {ext: find_member(sample.members, ext) for ext in ("s1.npy", "s2.npy")}
+    for ext, where in found.items():
+        if where is None:
             raise ValueError(f"member {ext} missing (has {sorted(sample.members)})")
-    s1 = load_npy(sample.members["s1.npy"], (2,))
+    s1 = load_member(sample, *found["s1.npy"], (2,))  # type: ignore[misc]
     top, left, size = window(s1.shape[1], s1.shape[2]) if window else (0, 0, 0)
-    s2 = load_npy(sample.members["s2.npy"], (s2_bands, *s1.shape[1:]))
+    s2 = load_member(sample, *found["s2.npy"], (s2_bands, *s1.shape[1:]))  # type: ignore[misc]
     if not size:
         return s1, s2
     rows, cols = slice(top, top + size), slice(left, left + size)
     return s1[:, rows, cols], s2[:, rows, cols]
 
 
+def load_member(sample: RawSample, ext: str, codec: str | None, want: tuple[int, ...]) -> np.ndarray:
+    """Member `ext` as a (C, H, W) array: a zero-copy view when stored plain, else the
+    decompressed bytes (`satfuse.data.codecs`: the member's suffix names its codec)."""
+    value = sample.members[ext]
+    if codec is None:
+        return load_npy(value, want)
+    if isinstance(value, MemberRef):  # decompressed straight from the map: no copy of the member
+        value.check()
+        with memoryview(value.tar.data)[value.offset : value.offset + value.size] as view:
+            data = decompress(view, codec)
+    else:
+        data = decompress(value, codec)
+    arr = decode_npy(data)
+    _check_shape(arr.shape, want)
+    return arr
+
+
 def decode_label(sample: RawSample) -> tuple[str, np.ndarray] | None:
     for ext, name in (("dfc.npy", "dfc"), ("lc.npy", "lc")):  # DFC2020 samples carry both: dfc is the label
-        if ext in sample.members:
-            return name, decode_npy(sample.member(ext))
+        found = find_member(sample.members, ext)
+        if found is not None:
+            data = sample.member(found[0])
+            return name, decode_npy(decompress(data, found[1]) if found[1] else data)
     return None

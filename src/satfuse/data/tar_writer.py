@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from satfuse.data.codecs import Encoding, OutOfRange, encode_sample
 from satfuse.data.layout import Excluded
 from satfuse.data.manifest import sidecar_path, tar_name
 from satfuse.data.normalize import add_sums, empty_sums, sample_sums
-from satfuse.data.raster import NotColocated
+from satfuse.data.raster import BadData, NotColocated
 from satfuse.utils import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,8 @@ class Packed:
     """One sample ready for the tar: its members, and the arrays whose stats the manifest sums."""
 
     sample: dict[str, Any]  # `__key__`, `json` and `{sensor}.npy` members (bytes-like values)
-    arrays: dict[str, np.ndarray]  # "s1"/"s2" -> (C, H, W) as stored
+    arrays: dict[str, np.ndarray]  # "s1"/"s2" -> (C, H, W) as read (float32 S1: stats are of these)
+    s1_files: tuple[str, ...] = ()  # the S1 source file(s), named when S1 does not fit float16
 
 
 # (key, source paths, the packed sample or why it cannot be packed: BadData / NotColocated)
@@ -189,14 +191,20 @@ def reusable(out: Path, tar: Path, digest: str) -> dict[str, Any] | None:
     return record
 
 
-def write_tar(out: Path, name: str, index: int, digest: str, items: Iterable[Item], bands: dict[str, int], exclude_bad: bool) -> dict[str, Any]:
+def write_tar(out: Path, name: str, index: int, digest: str, items: Iterable[Item], bands: dict[str, int],
+              exclude_bad: bool, encoding: Encoding | None = None) -> dict[str, Any]:
     """Write shard `index` of set `name` atomically (or keep a verified one); return its record.
 
     `items` are read lazily, in plan order. Co-location problems are exclusions; bad data is
     an error unless `exclude_bad`. A record with `errors` means data that cannot be trusted
     was found (strict mode): the temporary tar is removed and no sidecar is written, so
     nothing half-done looks complete. `bands` gives the band count per summed sensor.
+    `encoding` (`satfuse.data.codecs`) is part of the digest: a shard written with other
+    flags is never reused. With float16 S1 the record holds the shard's largest error in dB.
     """
+    encoding = encoding or Encoding()
+    if not encoding.is_default:  # default digests unchanged: shards of earlier runs stay reusable
+        digest = hashlib.sha256(json.dumps([digest, encoding.to_manifest()], sort_keys=True).encode()).hexdigest()
     tar = out / tar_name(name, index)
     kept = reusable(out, tar, digest)
     if kept is not None:
@@ -206,19 +214,29 @@ def write_tar(out: Path, name: str, index: int, digest: str, items: Iterable[Ite
     excluded: list[dict[str, Any]] = []
     errors: list[str] = []
     count = 0
+    s1_err: float | None = 0.0 if encoding.s1_dtype == "float16" else None
     try:
         with open(tmp, "wb") as raw:
             sink = AsyncHashingSink(raw)
             try:
                 writer = ShardTarWriter(sink, encoder=False, mtime=TAR_MTIME)
                 for key, paths, packed in items:
+                    sample = packed.sample if not isinstance(packed, Exception) else None
+                    if sample is not None and not encoding.is_default:
+                        try:
+                            sample, err = encode_sample(sample, packed.arrays["s1"], encoding,
+                                                        ", ".join(packed.s1_files) or f"sample {key}")
+                        except OutOfRange as exc:
+                            packed, paths = BadData(str(exc)), list(packed.s1_files)
+                        else:
+                            s1_err = max(s1_err, err) if err is not None and s1_err is not None else s1_err
                     if isinstance(packed, Exception):
                         if isinstance(packed, NotColocated) or exclude_bad:
                             excluded.append(Excluded(key, str(packed), paths).to_dict())
                         else:
                             errors.append(f"{key}: {packed}")
                         continue
-                    writer.write(packed.sample)
+                    writer.write(sample)
                     for sensor in sums:
                         sums[sensor] = add_sums(sums[sensor], sample_sums(packed.arrays[sensor]))
                     count += 1
@@ -238,6 +256,8 @@ def write_tar(out: Path, name: str, index: int, digest: str, items: Iterable[Ite
         "index": index, "name": tar.name, "plan": digest, "count": count,
         "bytes": sink.size, "sha256": sha, "sums": sums, "excluded": excluded,
     }  # fmt: skip
+    if s1_err is not None:
+        record["s1_max_abs_error_db"] = s1_err
     try:
         atomic_write_text(sidecar_path(out, tar.name), json.dumps(record))
     except OSError:

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from satfuse.data.bands import manifest_bands
+from satfuse.data.codecs import CODECS, Encoding, from_manifest, load_array, split_codec
 from satfuse.data.layout import EXPECTED_BANDS
 from satfuse.data.manifest import MANIFEST_NAME, load_dir
 from satfuse.utils import SatfuseError
@@ -42,9 +43,14 @@ def verify(shard_dir: Path) -> list[str]:
         problems.append(f"{shard_dir / stray}: tar not listed in manifest.json; remove it or re-shard")
     total = 0
     bands = manifest_bands(manifest, str(shard_dir / MANIFEST_NAME))  # 12 S2 bands for BigEarthNet / L2A
+    try:
+        enc = from_manifest(manifest, str(shard_dir / MANIFEST_NAME))  # compressed members, float16 S1
+    except SatfuseError as exc:
+        return [str(exc)]
+    problems += _check_encoding(shard_dir, manifest, enc)
     bar = tqdm(manifest["shards"], desc="verify", unit="shard", disable=not sys.stderr.isatty())
     for entry in bar:
-        count, found = _verify_shard(shard_dir / entry["name"], entry, manifest.get("label"), bands, manifest.get("aux", []))
+        count, found = _verify_shard(shard_dir / entry["name"], entry, manifest.get("label"), bands, manifest.get("aux", []), enc)
         problems += found
         total += count
     if total != manifest.get("total_samples"):
@@ -52,7 +58,15 @@ def verify(shard_dir: Path) -> list[str]:
     return problems
 
 
-def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None, bands: dict[str, list[str]], aux: list[str] | None = None) -> tuple[int, list[str]]:
+def _check_encoding(shard_dir: Path, manifest: dict[str, Any], enc: Encoding) -> list[str]:
+    """The manifest's `encoding` is complete: a float16 set records its measured error."""
+    if enc.s1_dtype == "float16" and not isinstance(manifest["encoding"].get("s1_max_abs_error_db"), (int, float)):
+        return [f"{shard_dir / MANIFEST_NAME}: float16 set without encoding.s1_max_abs_error_db; re-shard"]
+    return []
+
+
+def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None, bands: dict[str, list[str]], aux: list[str] | None = None,
+                  enc: Encoding | None = None) -> tuple[int, list[str]]:
     """Check one tar against its manifest entry; returns (samples decoded, problems)."""
     if not tar.is_file():
         return 0, [f"{tar}: listed in manifest.json but missing; restore it or re-shard"]
@@ -65,7 +79,7 @@ def _verify_shard(tar: Path, entry: dict[str, Any], label: str | None, bands: di
     samples, read_problems = _read_samples(tar, data)
     problems += read_problems
     for key, members in samples.items():
-        problems += [f"{tar}: sample {key}: {p}" for p in _check_sample(key, members, label, bands, aux)]
+        problems += [f"{tar}: sample {key}: {p}" for p in _check_sample(key, members, label, bands, aux, enc or Encoding())]
     if len(samples) != entry.get("count"):
         problems.append(f"{tar}: {len(samples)} samples, manifest says {entry.get('count')}; restore it or re-shard")
     return len(samples), problems
@@ -87,8 +101,11 @@ def _read_samples(tar: Path, data: bytes) -> tuple[dict[str, dict[str, bytes]], 
     return samples, []
 
 
-def _check_sample(key: str, members: dict[str, bytes], label: str | None, bands: dict[str, list[str]], aux: list[str] | None = None) -> list[str]:
-    want = {"json", "s1.npy", "s2.npy"} | ({f"{label}.npy"} if label else set()) | {f"{a}.npy" for a in aux or []}
+def _check_sample(key: str, members: dict[str, bytes], label: str | None, bands: dict[str, list[str]], aux: list[str] | None = None,
+                  enc: Encoding | None = None) -> list[str]:
+    enc = enc or Encoding()
+    npys = ["s1.npy", "s2.npy"] + ([f"{label}.npy"] if label else []) + [f"{a}.npy" for a in aux or []]
+    want = {"json"} | {enc.member(ext) for ext in npys}  # `s1.npy.zst` when compressed
     problems = []
     if set(members) != want:
         problems.append(f"members {sorted(members)}, expected {sorted(want)}")
@@ -103,19 +120,24 @@ def _check_sample(key: str, members: dict[str, bytes], label: str | None, bands:
         if meta and "bands" in meta and meta["bands"] != bands:
             problems.append(f"json bands {meta['bands']} differ from the manifest's {bands}")
     for ext, blob in members.items():
-        if ext.endswith(".npy"):
-            problems += _check_array(ext[:-4], blob, meta, len(bands[ext[:-4]]) if ext[:-4] in bands else None)
+        base, codec = split_codec(ext)
+        if base.endswith(".npy"):
+            sensor = base[:-4]
+            problems += _check_array(sensor, blob, meta, len(bands[sensor]) if sensor in bands else None, codec, enc)
     return problems
 
 
-def _check_array(sensor: str, blob: bytes, meta: dict[str, Any], count: int | None = None) -> list[str]:
+def _check_array(sensor: str, blob: bytes, meta: dict[str, Any], count: int | None = None, codec: str | None = None,
+                 enc: Encoding | None = None) -> list[str]:
     try:
-        array = np.load(io.BytesIO(blob), allow_pickle=False)
+        array = load_array(blob, codec)
     except (ValueError, OSError, EOFError) as exc:
-        return [f"{sensor}.npy does not decode ({exc})"]
+        return [f"{sensor}.npy{CODECS.get(codec or '', '')} does not decode ({exc})"]
     if sensor not in EXPECTED_BANDS:
         return [f"unexpected member {sensor}.npy"]
     bands, dtype = EXPECTED_BANDS[sensor]
+    if sensor == "s1" and enc is not None:
+        dtype = enc.s1_dtype  # float16 when packed with --s1-dtype float16
     bands = count if count is not None else bands  # s1/s2: the manifest's band count
     shape = (bands, meta.get("height"), meta.get("width"))
     problems = []

@@ -16,7 +16,6 @@ the classes that vanish are reported (log + result.json `classes_missing_in_trai
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import tarfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from satfuse.data.codecs import find_member, from_manifest, load_array
 from satfuse.data.manifest import MANIFEST_NAME, load
 from satfuse.evaluation.targets import IGNORE, N_CLASSES, label_map_from_member, single_label
 from satfuse.utils import SatfuseError
@@ -102,8 +102,10 @@ def iter_tar_samples(path: Path) -> Iterator[dict[str, bytes]]:
 
 
 def _npy(sample: dict[str, bytes], ext: str, where: str) -> np.ndarray:
+    """Member `ext` (`s1.npy`), stored plain or compressed (`s1.npy.zst`: satfuse.data.codecs)."""
+    tar_ext, codec = find_member(sample, ext) or (ext, None)
     try:
-        return np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+        return load_array(sample[tar_ext], codec)
     except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error
         raise SatfuseError(f"{where}: member {ext} does not decode ({exc}); re-run `satfuse shard`") from exc
 
@@ -122,13 +124,16 @@ def load_split(shard_dir: str | Path, center_crop: int = 0) -> LabeledSplit:
     """Read every labelled sample of a shard set into memory (optionally centre-cropped)."""
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
+    if not from_manifest(manifest, str(shard_dir / MANIFEST_NAME)).labels:
+        raise SatfuseError(f"{shard_dir}: packed with --no-labels (pretraining only), so it has no label members; "
+                           "re-shard it without --no-labels for fine-tuning and evaluation")
     keys, s1s, s2s, labs = [], [], [], []
     for tar in shard_paths(shard_dir, manifest):
         for sample in iter_tar_samples(tar):
             key = sample["__key__"].decode()
             where = f"{tar}:{key}"
-            member = next((m for m in LABEL_MEMBERS if f"{m}.npy" in sample), None)
-            if member is None or "s1.npy" not in sample or "s2.npy" not in sample:
+            member = next((m for m in LABEL_MEMBERS if find_member(sample, f"{m}.npy")), None)
+            if member is None or not find_member(sample, "s1.npy") or not find_member(sample, "s2.npy"):
                 raise SatfuseError(f"{where}: needs s1.npy, s2.npy and dfc.npy or lc.npy; "
                                    "shard a labelled dataset (dfc2020, or sen12ms with lc)")
             keys.append(key)

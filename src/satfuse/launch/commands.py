@@ -68,6 +68,10 @@ def _register_submit(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("--maxcount", type=int, default=None, help="samples per shard")
     sh.add_argument("--workers", type=int, default=None, help="worker processes per task")
     sh.add_argument("--seed", type=int, default=None)
+    sh.add_argument("--compress", choices=["zstd", "lz4"], default=None, help="as `satfuse shard --compress`")
+    sh.add_argument("--compress-level", type=int, default=None, help="as `satfuse shard --compress-level`")
+    sh.add_argument("--s1-dtype", choices=["float32", "float16"], default=None, help="as `satfuse shard --s1-dtype`")
+    sh.add_argument("--no-labels", action="store_true", help="as `satfuse shard --no-labels`")
     sh.add_argument("--run-dir", default=None, help="where jobs.json and the submitit folder go "
                     "(default runs/shard-<out name>)")
     _cluster_args(sh)
@@ -93,13 +97,18 @@ def cmd_submit_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_submit_shard(args: argparse.Namespace) -> int:
+    from satfuse.data.codecs import make_encoding
     from satfuse.launch.submit import default_shard_run_dir, print_submission, submit_shard
     from satfuse.launch.task import ShardPart
 
     profile, where = _profile(args)
+    encoding = {"compress": args.compress, "level": args.compress_level, "s1_dtype": args.s1_dtype,
+                "no_labels": args.no_labels}
+    make_encoding(**encoding)  # a bad flag fails here, not in every array task
     part = ShardPart(src=str(Path(args.src).resolve()), dataset=args.dataset,
                      out=str(Path(args.out).resolve()), num_shards=args.array_size,
-                     maxcount=args.maxcount, workers=args.workers, seed=args.seed)
+                     maxcount=args.maxcount, workers=args.workers, seed=args.seed,
+                     encoding={k: v for k, v in encoding.items() if v} or None)
     run_dir = Path(args.run_dir) if args.run_dir else default_shard_run_dir(args.out)
     sub = submit_shard(part, args.array_size, run_dir, profile, where, dry_run=args.dry_run, wait=args.wait)
     return print_submission(sub)

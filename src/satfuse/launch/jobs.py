@@ -262,6 +262,12 @@ def part_command(entry: dict[str, Any]) -> str:
     for key in ("maxcount", "seed", "workers"):
         if entry.get(key) is not None:
             cmd += f" --{key} {entry[key]}"
+    enc = entry.get("encoding") or {}  # the same encoding flags, or the part would not merge
+    for key, flag in (("compress", "--compress"), ("level", "--compress-level"), ("s1_dtype", "--s1-dtype")):
+        if enc.get(key) is not None:
+            cmd += f" {flag} {enc[key]}"
+    if enc.get("no_labels"):
+        cmd += " --no-labels"
     return cmd + "`"
 
 

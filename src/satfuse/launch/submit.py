@@ -198,6 +198,8 @@ def _part_fields(part: ShardPart) -> dict[str, Any]:
     """What `jobs ls` needs to print the command that redoes one part."""
     fields = {"out": part.out, "src": part.src, "dataset": part.dataset, "num_shards": part.num_shards}
     fields.update({k: getattr(part, k) for k in ("maxcount", "seed", "workers") if getattr(part, k) is not None})
+    if part.encoding:
+        fields["encoding"] = part.encoding
     return fields
 
 

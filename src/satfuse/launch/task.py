@@ -223,13 +223,17 @@ class ShardPart:
     maxcount: int | None = None
     workers: int | None = None
     seed: int | None = None
+    encoding: dict[str, Any] | None = None  # codecs.make_encoding keywords (--compress, --s1-dtype, --no-labels)
 
     def __call__(self, index: int) -> Any:
+        from satfuse.data.codecs import make_encoding
         from satfuse.data.shard_writer import shard_dataset
 
         setup_logging()
-        kwargs = {k: v for k, v in (("maxcount", self.maxcount), ("workers", self.workers),
-                                    ("seed", self.seed)) if v is not None}
+        kwargs: dict[str, Any] = {k: v for k, v in (("maxcount", self.maxcount), ("workers", self.workers),
+                                                    ("seed", self.seed)) if v is not None}
+        if self.encoding:
+            kwargs["encoding"] = make_encoding(**self.encoding)
         log.info("shard part %d of %d: %s -> %s", index, self.num_shards, self.src, self.out)
         result = shard_dataset(self.src, self.dataset, self.out, shard_index=index,
                                num_shards=self.num_shards, **kwargs)

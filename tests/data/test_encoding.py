@@ -1,0 +1,261 @@
+"""`satfuse shard --compress / --s1-dtype float16 / --no-labels` (satfuse.data.codecs):
+round trips, stock webdataset reads, the lossy bound, verify, resume and job-array merges."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from satfuse.data.codecs import make_encoding, webdataset_handler
+from satfuse.data.eval_loader import EvalLoader
+from satfuse.data.manifest import merge
+from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.shard_writer import shard_dataset
+from satfuse.data.verify import verify
+from satfuse.evaluation.data import load_split
+from satfuse.utils import SatfuseError
+from tests.data.loader_shards import data_cfg
+
+
+def documented_decoder():
+    """The webdataset handler exactly as shards/FORMAT.md prints it (the code block with `satfuse_npy`)."""
+    text = (Path(__file__).resolve().parents[2] / "shards" / "FORMAT.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def satfuse_npy" in b)
+    namespace: dict = {}
+    exec(block.split("\nfor sample")[0], namespace)  # noqa: S102 - our own documentation
+    return namespace["satfuse_npy"]
+
+
+def pack(src: Path, out: Path, dataset: str = "sen12ms", **enc) -> dict:
+    return shard_dataset(src, dataset, out, maxcount=4, seed=0, command=["test"], encoding=make_encoding(**enc))
+
+
+def members(shard_dir: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {tar extension: bytes} of every sample (plain tarfile: no satfuse reader)."""
+    out: dict[str, dict[str, bytes]] = {}
+    for tar in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf:
+                key, _, ext = m.name.partition(".")
+                out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def arrays(shard_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    return {k: {ext[:-4]: np.load(io.BytesIO(v)) for ext, v in m.items() if ext.endswith(".npy")}
+            for k, m in members(shard_dir).items()}
+
+
+@pytest.fixture(scope="module")
+def plain(sen12ms_tree: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("enc") / "plain"
+    pack(sen12ms_tree, out)
+    return out
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_compressed_set_reads_back_bit_exact_with_stock_webdataset(sen12ms_tree, plain, tmp_path, codec):
+    import webdataset as wds
+
+    out = tmp_path / codec
+    manifest = pack(sen12ms_tree, out, compress=codec)
+    assert manifest["encoding"] == {"compress": codec, "level": 3 if codec == "zstd" else 0,
+                                    "s1_dtype": "float32", "labels": True}
+    assert verify(out) == []
+    names = set(next(iter(members(out).values())))
+    suffix = ".zst" if codec == "zstd" else ".lz4"
+    assert names == {"json", f"s1.npy{suffix}", f"s2.npy{suffix}", f"lc.npy{suffix}"}
+    want = arrays(plain)
+    urls = [str(p) for p in sorted(out.glob("*.tar"))]
+    seen = 0
+    handler = documented_decoder()
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode(handler):  # stock webdataset + the FORMAT.md decoder
+        ref = want[sample["__key__"]]
+        for sensor in ("s1", "s2", "lc"):
+            got = sample[f"{sensor}.npy{suffix}"]
+            assert got.dtype == ref[sensor].dtype and np.array_equal(got, ref[sensor])
+        assert sample["json"]["key"] == sample["__key__"]
+        seen += 1
+    assert seen == len(want) == manifest["total_samples"]
+    blob = members(out)[sample["__key__"]][f"s2.npy{suffix}"]  # the library's handler is the same decoder
+    assert np.array_equal(webdataset_handler(f"k.s2.npy{suffix}", blob), handler(f"k.s2.npy{suffix}", blob))
+    assert sum(s["bytes"] for s in manifest["shards"]) < sum(s["bytes"] for s in json.loads((plain / "manifest.json").read_text())["shards"])
+
+
+def test_loaders_read_every_encoding_without_configuration(sen12ms_tree, plain, tmp_path):
+    """EvalLoader (the same decode path as pretraining) on zstd, and on zstd + float16 + no labels."""
+    lossless, lossy = tmp_path / "z", tmp_path / "zf"
+    pack(sen12ms_tree, lossless, compress="zstd")
+    m = pack(sen12ms_tree, lossy, compress="zstd", s1_dtype="float16", no_labels=True)
+
+    def batches(d: Path) -> list[dict]:
+        return list(EvalLoader(resolve_shards(str(d)), data_cfg(crop=0), rank=0, world_size=1, batch_size=4))
+
+    ref, same, approx = batches(plain), batches(lossless), batches(lossy)
+    std = torch.tensor(resolve_shards(str(plain)).stats["s1"]["std"]).view(1, 2, 1, 1)
+    for a, b, c in zip(ref, same, approx, strict=True):
+        assert a["key"] == b["key"] == c["key"]
+        assert torch.equal(a["s1"], b["s1"]) and torch.equal(a["s2"], b["s2"]) and torch.equal(a["lc"], b["lc"])
+        assert torch.equal(a["s2"], c["s2"]) and "lc" not in c
+        err = ((a["s1"] - c["s1"]).abs() * std).max().item()  # back to dB (stats are of the float32 source)
+        assert 0 < err <= m["encoding"]["s1_max_abs_error_db"] * 1.001 + 1e-6
+
+
+def test_float16_error_is_exact_and_merges_across_job_array_parts(sen12ms_tree, plain, tmp_path):
+    single = pack(sen12ms_tree, tmp_path / "single", s1_dtype="float16")
+    ref = arrays(plain)
+    exact = max(float(np.max(np.abs(ref[k]["s1"].astype(np.float16).astype(np.float64) - ref[k]["s1"].astype(np.float64))))
+                for k in ref)
+    assert single["encoding"]["s1_max_abs_error_db"] == exact > 0
+    assert all(a["s1"].dtype == np.float16 for a in arrays(tmp_path / "single").values())
+    assert single["stats"] == json.loads((plain / "manifest.json").read_text())["stats"]  # stats of the source values
+    parts = tmp_path / "parts"
+    for i in range(2):
+        shard_dataset(sen12ms_tree, "sen12ms", parts, maxcount=4, seed=0, shard_index=i, num_shards=2,
+                      command=["test"], encoding=make_encoding(s1_dtype="float16"))
+    merged = merge(parts, command=["test"])
+    assert merged["encoding"] == single["encoding"]
+    assert [s["sha256"] for s in merged["shards"]] == [s["sha256"] for s in single["shards"]]
+
+
+def test_parts_with_other_flags_refuse_to_merge(sen12ms_tree, tmp_path):
+    out = tmp_path / "mixed"
+    shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=0, num_shards=2, command=["t"],
+                  encoding=make_encoding(compress="zstd"))
+    shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=1, num_shards=2, command=["t"],
+                  encoding=make_encoding(compress="lz4"))
+    with pytest.raises(SatfuseError, match="other encoding flags.*--compress"):
+        merge(out, command=["t"])
+
+
+def test_rerun_with_other_flags_rewrites_every_shard(sen12ms_tree, tmp_path):
+    out = tmp_path / "s"
+    first = pack(sen12ms_tree, out, compress="lz4")
+    again = pack(sen12ms_tree, out, compress="zstd")  # same plan, other flags: nothing reused
+    assert all(".zst" in ext or ext == "json" for m in members(out).values() for ext in m)
+    assert not {s["sha256"] for s in first["shards"]} & {s["sha256"] for s in again["shards"]}
+    side = json.loads(next((out / ".satfuse").glob("*.tar.json")).read_text())
+    assert pack(sen12ms_tree, out, compress="zstd")["shards"] == again["shards"]  # same flags: kept
+    assert json.loads(next((out / ".satfuse").glob("*.tar.json")).read_text()) == side
+
+
+def test_float16_out_of_range_is_an_error_naming_the_file(sen12ms_tree, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(sen12ms_tree, src)
+    bad = sorted(src.rglob("*_s1_*.tif"))[0]
+    with rasterio.open(bad, "r+") as ds:
+        a = ds.read()
+        a[0, 0, 0] = 1e6  # linear power, not dB
+        ds.write(a)
+    with pytest.raises(SatfuseError, match=rf"{bad.name}.*out of range|out of range.*{bad.name}"):
+        pack(src, tmp_path / "out", s1_dtype="float16")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    pack(src, tmp_path / "ok")  # float32 holds it
+
+
+def test_no_labels_pretraining_set_and_downstream_refusal(dfc_tree, tmp_path):
+    out = tmp_path / "nolab"
+    m = pack(dfc_tree, out, "dfc2020", no_labels=True)
+    assert m["label"] is None and "aux" not in m and m["encoding"]["labels_dropped"] == ["dfc", "lc"]
+    assert all(set(s) == {"json", "s1.npy", "s2.npy"} for s in members(out).values())
+    assert verify(out) == []
+    with pytest.raises(SatfuseError, match=rf"^{out}: packed with --no-labels.*re-shard it without --no-labels") as exc:
+        load_split(out)
+    assert "\n" not in str(exc.value)
+    down = tmp_path / "down"
+    pack(dfc_tree, down, "dfc2020", compress="zstd", s1_dtype="float16")  # downstream: labels kept
+    split = load_split(down)
+    assert len(split) == m["total_samples"] and split.labels.shape[0] == len(split)
+
+
+def test_verify_reads_the_encoding_from_the_manifest(sen12ms_tree, tmp_path):
+    out = tmp_path / "v"
+    pack(sen12ms_tree, out, compress="zstd", s1_dtype="float16")
+    assert verify(out) == []
+    path = out / "manifest.json"
+    doc = json.loads(path.read_text())
+    lost = {k: v for k, v in doc.items() if k != "encoding"}  # as if an old satfuse had written it
+    path.write_text(json.dumps(lost))
+    problems = verify(out)
+    assert any("members" in p and "s1.npy.zst" in p for p in problems)
+    assert any("s1.npy is float16(2, 32, 32), expected float32" in p for p in problems)
+    doc["encoding"]["s1_dtype"] = "float32"
+    path.write_text(json.dumps(doc))
+    assert any("s1.npy is float16" in p for p in verify(out))
+
+
+def test_per_band_datasets_take_the_flags(tmp_path):
+    from satfuse.data.synth_multiband import write_ssl4eo
+
+    write_ssl4eo(tmp_path / "ssl", locations=1, seed=1, size=36)
+    m = pack(tmp_path / "ssl", tmp_path / "out", "ssl4eo-s12", compress="lz4", s1_dtype="float16", no_labels=True)
+    assert m["dtype"]["s1"] == "float16" and m["encoding"]["s1_max_abs_error_db"] > 0
+    assert verify(tmp_path / "out") == []
+    meta = json.loads(next(iter(members(tmp_path / "out").values()))["json"])
+    assert meta["dtype"]["s1"] == "float16"
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"level": 3}, "--compress-level 3 needs --compress"),
+    ({"compress": "zstd", "level": 40}, "zstd levels are 1..22"),
+    ({"compress": "gzip"}, "--compress 'gzip'"),
+    ({"s1_dtype": "bfloat16"}, "--s1-dtype 'bfloat16'"),
+])
+def test_bad_flags_are_one_line_errors(kw, match):
+    with pytest.raises(SatfuseError, match=match):
+        make_encoding(**kw)
+
+
+def test_cli_flags_pack_verify_and_pretrain_loader(sen12ms_tree, tmp_path, capfd):
+    from satfuse.cli import main
+    from satfuse.data.pretrain_loader import PretrainLoader
+
+    out = tmp_path / "cli"
+    assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(out), "--maxcount", "4",
+                 "--compress", "zstd", "--compress-level", "5", "--s1-dtype", "float16", "--no-labels"]) == 0
+    enc = json.loads((out / "manifest.json").read_text())["encoding"]
+    assert (enc["compress"], enc["level"], enc["s1_dtype"], enc["labels"]) == ("zstd", 5, "float16", False)
+    assert main(["shard", "verify", str(out)]) == 0
+    batch = next(iter(PretrainLoader(resolve_shards(str(out)), data_cfg(crop=16), rank=0, world_size=1, seed=0)))
+    assert batch["s1"].dtype == torch.float32 and batch["s1"].shape[1:] == (2, 16, 16) and torch.isfinite(batch["s1"]).all()
+    assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(tmp_path / "x"),
+                 "--compress-level", "5"]) != 0
+    assert "--compress-level 5 needs --compress zstd|lz4" in capfd.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_an_unknown_encoding_is_refused_naming_the_manifest(sen12ms_tree, tmp_path):
+    out = tmp_path / "future"
+    pack(sen12ms_tree, out, compress="zstd")
+    path = out / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["encoding"]["compress"] = "brotli"  # written by a newer satfuse, say
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SatfuseError, match=rf"^{path}: unreadable `encoding` \(unknown codec 'brotli'\)"):
+        resolve_shards(str(out))
+    assert any("unknown codec 'brotli'" in p for p in verify(out))
+
+
+def test_submit_shard_parts_carry_the_encoding(sen12ms_tree, tmp_path):
+    """`satfuse submit shard --compress ...`: every array task packs with the flags, the merge
+    records them, and `jobs ls`'s redo command for a part repeats them."""
+    from satfuse.launch.jobs import part_command
+    from satfuse.launch.task import ShardPart
+
+    enc = {"compress": "lz4", "s1_dtype": "float16", "no_labels": True}
+    part = ShardPart(src=str(sen12ms_tree), dataset="sen12ms", out=str(tmp_path / "arr"), num_shards=2, maxcount=4,
+                     encoding=enc)
+    for i in range(2):
+        part(i)
+    merged = merge(tmp_path / "arr", command=["t"])
+    assert (merged["encoding"]["compress"], merged["encoding"]["s1_dtype"], merged["encoding"]["labels"]) == ("lz4", "float16", False)
+    cmd = part_command({"src": "S", "dataset": "sen12ms", "out": "O", "num_shards": 2, "part": 1, "encoding": enc})
+    assert cmd.endswith("--shard-index 1 --compress lz4 --s1-dtype float16 --no-labels`")
