@@ -24,12 +24,21 @@ def args_for(tmp_path: Path, *extra: str) -> argparse.Namespace:
     return parser.parse_args(["--scenes", "2", "--patches", "4", "--size", "64", "--maxcount", "4",
                               "--crops", "32", "0", "--batch", "4", "--geometry-samples", "4",
                               "--rate", "32=5000", "64=1500", "--nodes", "1", "64",
-                              "--workdir", str(tmp_path), *extra])
+                              "--workdir", str(tmp_path), "--variants", "default", *extra])
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return bench_io.run(args_for(tmp_path_factory.mktemp("io")))
+    return bench_io.run(args_for(tmp_path_factory.mktemp("io"), "--variants", "default", SMALLEST,
+                                 "--variant", "plain="))
+
+
+SMALLEST = "zstd+float16+no-labels"
+
+
+def measured(result: dict, name: str = "default") -> dict:
+    (s,) = [s for s in result["sets"] if s["name"] == name and "rows" in s]
+    return s
 
 
 def test_page_cache_helpers_see_a_drop_and_a_read(tmp_path: Path) -> None:
@@ -43,7 +52,7 @@ def test_page_cache_helpers_see_a_drop_and_a_read(tmp_path: Path) -> None:
 
 
 def test_cold_rows_read_some_but_at_most_the_shards(result: dict) -> None:
-    (s,) = [s for s in result["sets"] if "rows" in s]
+    s = measured(result)
     assert s["pairs"] == 8 and s["patch"] == 64
     assert s["member_bytes"]["s1.npy"] >= 8 * 2 * 64 * 64 * 4 and s["member_bytes"]["s2.npy"] >= 8 * 13 * 64 * 64 * 2
     assert sum(s["member_bytes"].values()) + s["tar_framing_bytes"] == s["shard_bytes"]
@@ -61,7 +70,7 @@ def test_cold_rows_read_some_but_at_most_the_shards(result: dict) -> None:
 
 
 def test_warm_row_reads_nothing_new(result: dict) -> None:
-    (s,) = [s for s in result["sets"] if "rows" in s]
+    s = measured(result)
     warm = [r for r in s["rows"] if r["cache"] == "warm"]
     assert warm
     for r in warm:
@@ -69,7 +78,7 @@ def test_warm_row_reads_nothing_new(result: dict) -> None:
 
 
 def test_a_crop_touches_fewer_pages_than_the_full_patch(result: dict) -> None:
-    (s,) = [s for s in result["sets"] if "rows" in s]
+    s = measured(result)
     touched = {r["crop"]: r for r in s["rows"] if r["mode"] == "touched"}
     assert touched[32]["bytes_read"] < touched[0]["bytes_read"]
     geo = s["geometry"]["crops"]
@@ -80,13 +89,15 @@ def test_a_crop_touches_fewer_pages_than_the_full_patch(result: dict) -> None:
 
 
 def test_model_is_the_arithmetic_of_measured_bytes(result: dict) -> None:
-    (s,) = [s for s in result["sets"] if "rows" in s]
-    cold = {(r["crop"] or 64, r["mode"]): r["bytes_per_pair"] for r in s["rows"] if r["cache"] == "cold"}
-    cold.update({(r["crop"] or 64, "range_reads"): r["bytes_per_pair"] for r in s["prototype_range_reads"]})
+    cold = {}
+    for name in ("default", SMALLEST):
+        s = measured(result, name)
+        cold.update({(name, r["crop"] or 64, r["mode"]): r["bytes_per_pair"] for r in s["rows"] if r["cache"] == "cold"})
+        cold.update({(name, r["crop"] or 64, "range_reads"): r["bytes_per_pair"] for r in s["prototype_range_reads"]})
     rows = result["model"]["rows"]
     assert len(rows) == len(cold)
     for m in rows:
-        bpp = cold[(m["crop"], m["mode"])]
+        bpp = cold[(m["set"], m["crop"], m["mode"])]
         rate = {32: 5000, 64: 1500}[m["crop"]]
         assert m["bytes_per_pair"] == bpp and m["pairs_per_s_per_gpu"] == rate
         per_node = bpp * rate * 8 / 1e9
@@ -98,14 +109,27 @@ def test_model_is_the_arithmetic_of_measured_bytes(result: dict) -> None:
 
 
 def test_identical_flags_are_measured_once_and_bad_specs_fail(tmp_path: Path, result: dict) -> None:
-    today = [s for s in result["sets"] if s["name"] == "today"]
-    assert today == [{"name": "today", "flags": [], "same_as": "default"}]
+    plain = [s for s in result["sets"] if s["name"] == "plain"]
+    assert plain == [{"name": "plain", "flags": [], "same_as": "default"}]
+    with pytest.raises(SystemExit, match="choose from"):
+        bench_io.variants(args_for(tmp_path, "--variants", "gzip"))
     with pytest.raises(SystemExit, match="SIDE=PAIRS_PER_S"):
         bench_io.parse_rates(["128:5000"])
     with pytest.raises(SystemExit, match="NAME=FLAGS"):
         bench_io.variants(args_for(tmp_path, "--variant", "zstd"))
     with pytest.raises(SystemExit, match="no --rate for crop side 64"):
         bench_io.model(result["sets"], args_for(tmp_path, "--rate", "32=5000"))
+
+
+def test_the_smallest_encoding_reads_fewer_bytes_per_pair(result: dict) -> None:
+    base, small = measured(result), measured(result, SMALLEST)
+    assert not any(k.startswith(("lc.", "dfc.")) for k in small["member_bytes"]), small["member_bytes"]
+    assert any(k.startswith("s2.npy.") for k in small["member_bytes"])  # compressed member names
+
+    def cold_shipped(s: dict) -> int:
+        return next(r["bytes_per_pair"] for r in s["rows"] if r["mode"] == "shipped" and r["cache"] == "cold")
+
+    assert cold_shipped(small) < 0.8 * cold_shipped(base)
 
 
 def test_users_shard_sets_are_measured_as_given(tmp_path: Path) -> None:

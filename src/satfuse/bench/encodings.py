@@ -27,11 +27,16 @@ ENCODINGS: dict[str, dict[str, Any]] = {
 }
 
 
+def cli_flags(name: str) -> list[str]:
+    """The `satfuse shard` flags of encoding `name` (shared with `bench io`'s variants)."""
+    kw = ENCODINGS[name]
+    parts = ["--compress", kw["compress"]] if "compress" in kw else []
+    return parts + (["--s1-dtype", kw["s1_dtype"]] if "s1_dtype" in kw else [])
+
+
 def flags(name: str) -> str:
     """The row's `satfuse shard` flags, for the JSON."""
-    kw = ENCODINGS[name]
-    parts = [f"--compress {kw['compress']}"] if "compress" in kw else []
-    return " ".join(parts + ([f"--s1-dtype {kw['s1_dtype']}"] if "s1_dtype" in kw else [])) or "(none)"
+    return " ".join(cli_flags(name)) or "(none)"
 
 
 def pack(raw: Path, out: Path, name: str, maxcount: int) -> Path:

@@ -47,24 +47,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from satfuse.bench.encodings import ENCODINGS, cli_flags
 from satfuse.bench.io_layout import geometry, npy_members, range_reads
 from satfuse.bench.io_pagecache import PAGE, drop_cache, read_bytes, resident_pages
 
 log = logging.getLogger(__name__)
 
-# Encoding variants of the synthetic set: (name, extra `satfuse shard` flags). "default" is
-# what `satfuse shard` writes with no flags; "today" is the format of 2026-12-01 (float32 S1,
-# plain .npy members, labels kept): give it the flags that pin that format once the defaults
-# change. Variants with the same flags are packed and measured once.
-VARIANTS: list[tuple[str, list[str]]] = [
-    ("default", []),
-    ("today", []),
+# Encoding variants of the synthetic set: (name, extra `satfuse shard` flags): the encodings
+# `bench loader --encodings` knows, plus the smallest pretraining set (no label members).
+# Variants with the same flags are packed and measured once.
+VARIANTS: list[tuple[str, list[str]]] = [(name, cli_flags(name)) for name in ENCODINGS] + [
+    ("zstd+float16+no-labels", [*cli_flags("zstd+float16"), "--no-labels"]),
 ]
 MODES = ("shipped", "noverify", "touched")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", nargs="*", default=[], help="shard set directories to measure (default: synthesise)")
+    p.add_argument("--variants", nargs="*", default=[name for name, _ in VARIANTS], metavar="NAME",
+                   help=f"built-in encodings of the synthetic set to measure (default: all of {[n for n, _ in VARIANTS]})")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                    help="another encoding of the synthetic set: NAME=extra `satfuse shard` flags (repeatable)")
     p.add_argument("--scenes", type=int, default=4, help="synthetic scenes")
@@ -120,7 +121,11 @@ def pack_variants(workdir: Path, args: argparse.Namespace) -> list[dict[str, Any
 
 
 def variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    out = list(VARIANTS)
+    known = dict(VARIANTS)
+    unknown = [n for n in args.variants if n not in known]
+    if unknown:
+        raise SystemExit(f"bench io: --variants {unknown}: choose from {list(known)} (or --variant NAME=FLAGS)")
+    out = [(n, known[n]) for n in args.variants]
     for spec in args.variant:
         name, sep, flags = spec.partition("=")
         if not sep or not name:

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from satfuse.bench.encodings import ENCODINGS
 from satfuse.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", nargs="*", type=int, default=[0, 128], help="loader crop rows (0 = full patch)")
     p.add_argument("--repeats", type=int, default=3, help="best of N for each row")
     p.add_argument("--epochs", type=int, default=3, help="loader epochs per row (workers start once)")
-    p.add_argument("--encodings", nargs="*", default=[],
+    p.add_argument("--encodings", nargs="*", default=list(ENCODINGS),
                    help="also pack the pairs with these `satfuse shard` encodings and compare bytes/pair, ratio, decode "
-                        "us/pair/core, loader samples/s (default, zstd, lz4, float16, zstd+float16; with --shards: that set as packed)")
+                        "us/pair/core, loader samples/s (default: all of them; none: --encodings with no name; with "
+                        "--shards: that set as packed)")
     p.add_argument("--deal-world", type=int, default=2,
                    help="ranks of the dealing rows (rank 0 timed): the shard set vs the same pairs in 1 shard")
 
