@@ -323,6 +323,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             names = [Path(d).name for d in args.shards]
             entries = [{"name": n if names.count(n) == 1 else str(d), "dir": str(d)} for n, d in zip(names, args.shards, strict=True)]
         else:
+            if args.workdir:
+                Path(args.workdir).mkdir(parents=True, exist_ok=True)
             root = stack.enter_context(tempfile.TemporaryDirectory(prefix="satfuse-bench-io-", dir=args.workdir or None))
             entries = pack_variants(Path(root), args)
         measured: dict[str, dict[str, Any]] = {}
