@@ -211,3 +211,14 @@ def test_shutdown_leaves_no_shared_memory_or_workers(tmp_path: Path, mode: str) 
         time.sleep(0.1)
     assert not [p for p in pids[1:] if alive(p)]
     assert ours_in_shm(before, pids) == []
+
+
+def test_torch_without_use_count_falls_back_with_a_warning(
+    shard_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(pretrain_loader, "supported", lambda: False)
+    it = iter(PretrainLoader(resolve_shards(str(shard_dir)), data_cfg(num_workers=1), rank=0, world_size=1, seed=0))
+    with caplog.at_level("WARNING", logger="satfuse.data.pretrain_loader"):
+        b = next(it)
+    assert b["s2"].shape[0] == 4 and "fresh shared-memory tensor" in caplog.text
+    del it

@@ -53,6 +53,11 @@ CREDIT_POLL_S = 1.0  # a worker waiting for a credit checks this often that the 
 Layout = tuple[tuple[str, str, tuple[int, ...], int], ...]  # (name, dtype, shape, byte offset)
 
 
+def supported() -> bool:
+    """Whether this torch exposes the storage use count the release check needs."""
+    return hasattr(torch._C, "_storage_Use_Count")
+
+
 def storage_users(storage: torch.UntypedStorage) -> int:
     """How many tensors (and the storage object itself) hold `storage`: torch counts every
     view, and numpy arrays made from a tensor hold that tensor. Private torch API, checked

@@ -90,7 +90,7 @@ from torch.utils.data import DataLoader
 
 from satfuse.config import DataConfig
 from satfuse.data.bands import manifest_bands
-from satfuse.data.batch_ring import RingConsumer, credit_queues
+from satfuse.data.batch_ring import RingConsumer, credit_queues, supported
 from satfuse.data.normalize import BandStats
 from satfuse.data.sample_transform import SampleTransform
 from satfuse.data.shard_sets import STATS_POOLING, ShardSet, patch_size
@@ -223,6 +223,10 @@ class PretrainLoader:
     def _ring(self) -> RingConsumer | None:
         """The batch ring of this iterator's workers (None in-process or with BATCH_RING off)."""
         if self.cfg.num_workers <= 0 or not BATCH_RING:
+            return None
+        if not supported():
+            log.warning("torch %s has no storage use count (torch._C._storage_Use_Count): workers hand "
+                        "over each batch in a fresh shared-memory tensor instead of the batch ring", torch.__version__)
             return None
         pin = self.pin_memory and torch.cuda.is_available()  # a no-op on a machine without CUDA
         return RingConsumer(credit_queues(self.workers), RING_DEPTH, pin=pin)
