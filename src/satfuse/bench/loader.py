@@ -31,6 +31,18 @@ noise for local tars (a worker indexes a whole shard's headers, ~10 us a member,
 iterator). Whole shards are still dealt when there are enough: fewer headers to index, and a
 `pipe:` shard is streamed from its start to the end of the range a slot reads, so with S
 slots on one streamed shard the bytes read are (S + 1) / 2 times the shard's.
+
+Per core (`workers` in the JSON): each loader row also reports the CPU seconds of the main
+process (`time.process_time`, all threads) and of the workers (`/proc/PID/stat`, user +
+system) over the timed window, `busy_cores` = CPU seconds / wall seconds and
+`samples_per_cpu_s` = samples / CPU seconds, which does not depend on how many cores the
+neighbours leave free. The main process reads each batch's tensors once (`--touch`, one
+thread), so the hand-off's page faults are counted where a trainer would pay them. `*_fresh`
+rows run the workers with the previous hand-off (a fresh shared-memory tensor per batch,
+`pretrain_loader.BATCH_RING = False`) beside the batch ring; `--no-verify` takes the
+per-worker sha256 check out of every loader row. Measured 2026-12-01 (README, "Loader
+workers, per core"): per CPU second the ring delivers 1.8-3.2x the fresh hand-off at crop 128
+and 2.8-4.3x at 256^2 (1, 2, 4 workers).
 """
 
 from __future__ import annotations
@@ -66,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--touch", action=argparse.BooleanOptionalAction, default=True,
                    help="the main process reads every tensor of each batch once (a sum), as a trainer "
                         "or a host-to-device copy would: the hand-off's page faults are then counted")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-verify: the loader/deal rows run without the per-shard sha256 check (its "
+                        "cost per worker: every worker checks the shards it opens)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--crops", nargs="*", type=int, default=[0, 128], help="loader crop rows (0 = full patch)")
     p.add_argument("--repeats", type=int, default=3, help="best of N for each row")
@@ -230,21 +245,22 @@ def row_functions(
     args: argparse.Namespace, raw: Path | None, shards, single=None,
 ) -> dict[str, Callable[[], tuple]]:
     fns: dict[str, Callable[[], tuple]] = {}
+    checked = (lambda fn: fn) if args.verify else unverified
     if raw is not None:
         fns["per_file_rasterio"] = lambda: per_file_reads(raw)
     fns["raw_tar_bytes"] = lambda: raw_tar_bytes(shards.urls)
     for crop in args.crops:
         for workers in args.workers:
-            fns[f"loader_w{workers}_crop{crop}"] = (
+            fns[f"loader_w{workers}_crop{crop}"] = checked(
                 lambda w=workers, c=crop: loader_epochs(shards, w, args.batch, c, args.epochs, touch=args.touch))
             if workers > 0 and args.fresh:
-                fns[f"loader_w{workers}_crop{crop}_fresh"] = fresh_handoff(
-                    lambda w=workers, c=crop: loader_epochs(shards, w, args.batch, c, args.epochs, touch=args.touch))
+                fns[f"loader_w{workers}_crop{crop}_fresh"] = checked(fresh_handoff(
+                    lambda w=workers, c=crop: loader_epochs(shards, w, args.batch, c, args.epochs, touch=args.touch)))
     if single is not None:  # whole-shard vs member dealing: same pairs, same ranks, same workers
         for crop in args.crops:
             for workers in args.workers:
                 for kind, ss in (("shards", shards), ("members", single)):
-                    fns[f"deal_{kind}_w{workers}_crop{crop}"] = (
+                    fns[f"deal_{kind}_w{workers}_crop{crop}"] = checked(
                         lambda w=workers, c=crop, s=ss: loader_epochs(s, w, args.batch, c, args.epochs, args.deal_world))
     # the sha256 check's cost: the best loader row's configuration without it (1 epoch: every
     # shard indexed, so hashed, once; later epochs reuse the index), and the hash pass alone
