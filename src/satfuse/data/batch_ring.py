@@ -28,10 +28,12 @@ Protocol (one `RingFeed` per worker, one `RingConsumer` in the main process)
 - Pinned (CUDA present and asked for): the main process page-locks each slot's mapping in
   place (`cudaHostRegister`) when it first receives it and unregisters it when the iterator
   closes; without CUDA `pin` is refused, so the CPU path never touches the CUDA runtime.
-- Shutdown: the storages are torch's `file_descriptor` shared memory, whose /dev/shm name is
-  unlinked as soon as it is created; a segment lives only as long as a process maps it, so
-  nothing is left in /dev/shm after a normal end, a worker error or Ctrl-C. `close()` sends
-  each worker a stop marker, so a worker waiting for a credit returns at once.
+- Shutdown: the storages are torch's `file_descriptor` shared memory (its default sharing
+  strategy on Linux), whose /dev/shm name is unlinked as soon as it is created; a segment
+  lives only as long as a process maps it, so nothing is left in /dev/shm after a normal end,
+  a worker error, Ctrl-C or a killed main process (tested). `close()` sends each worker a stop
+  marker, so a worker waiting for a credit returns at once; a worker whose main process is
+  gone stops waiting within CREDIT_POLL_S.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ class RingConsumer:
             with contextlib.suppress(OSError, ValueError):  # a queue already closed
                 q.put(None)
         if self.pinned:
+            torch.cuda.current_stream().synchronize()  # copies queued from a batch still in use finish first
             cudart = torch.cuda.cudart()
             for ptr in self.pinned:
                 cudart.cudaHostUnregister(ptr)
