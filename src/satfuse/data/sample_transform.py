@@ -99,24 +99,46 @@ class Pending:
     stats: BandStats
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of samples; arrays become tensors, keys a list."""
-    out: dict[str, Any] = {"key": [it["key"] for it in items]}
+def batch_fields(items: list[dict[str, Any]]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Dtype and shape of every tensor `collate` makes from `items` (a batch buffer's layout)."""
+    out = {}
+    for name, v in items[0].items():
+        if name == "key":
+            continue
+        if isinstance(v, Pending):
+            out[name] = (torch.float32, (len(items), *v.raw.shape))
+        elif isinstance(v, torch.Tensor):
+            out[name] = (v.dtype, (len(items), *v.shape))
+        else:
+            out[name] = (torch.from_numpy(np.empty(0, dtype=np.asarray(v).dtype)).dtype, (len(items), *np.shape(v)))
+    return out
+
+
+def collate(items: list[dict[str, Any]], out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Stack a list of samples; arrays become tensors, keys a list. With `out` (tensors of
+    `batch_fields(items)`, e.g. a reused shared-memory buffer) the batch is written there."""
+    batch: dict[str, Any] = {"key": [it["key"] for it in items]}
     for name in items[0]:
         if name == "key":
             continue
         vals = [it[name] for it in items]
         if isinstance(vals[0], Pending):
-            tensor = torch.empty((len(vals), *vals[0].raw.shape), dtype=torch.float32)
-            if get_worker_info() is not None:  # written once, straight into what the main process maps
-                tensor.share_memory_()
-            batch = tensor.numpy()
+            if out is not None:
+                tensor = out[name]
+            else:
+                tensor = torch.empty((len(vals), *vals[0].raw.shape), dtype=torch.float32)
+                if get_worker_info() is not None:  # written once, straight into what the main process maps
+                    tensor.share_memory_()
+            rows = tensor.numpy()
             for i, v in enumerate(vals):
-                normalize_into(v.raw, v.stats, batch[i])
-            out[name] = tensor
+                normalize_into(v.raw, v.stats, rows[i])
+            batch[name] = tensor
         elif isinstance(vals[0], torch.Tensor):
-            out[name] = torch.stack(vals)
+            batch[name] = torch.stack(vals, out=out[name]) if out is not None else torch.stack(vals)
+        elif out is not None:
+            np.stack(vals, out=out[name].numpy())
+            batch[name] = out[name]
         else:
-            out[name] = torch.from_numpy(np.stack(vals))
-    return out
+            batch[name] = torch.from_numpy(np.stack(vals))
+    return batch
 

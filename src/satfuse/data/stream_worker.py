@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from satfuse.data.sample_transform import FatalDataError, SampleTransform, collate
+from satfuse.data.batch_ring import RingFeed
+from satfuse.data.sample_transform import FatalDataError, SampleTransform, batch_fields, collate
 from satfuse.data.stream_io import RawSample, ShardCache, read_shard
 from satfuse.data.stream_plan import (
     EpochPlan,
@@ -55,6 +56,7 @@ class EpochSpec:
     on_error: str
     transform: SampleTransform
     cache: ShardCache | None = None  # the worker's indexed shards, kept across epochs
+    feed: RingFeed | None = None  # the worker's reused batch buffers (None: a fresh tensor per batch)
 
 
 @dataclass
@@ -79,15 +81,18 @@ class StreamSpec:
     batches: list[int]
     mix: Mix | None = None
     groups: int = 1  # node groups of staged shards (stream_plan.epoch_slots)
+    credits: list[Any] | None = None  # per worker, slot credits of the batch ring (batch_ring.py)
+    main_pid: int = 0  # the process that reads the batches (a worker stops when it is gone)
 
     def plan(self, epoch: int, base: dict | None) -> EpochPlan:
         return make_plan(self.counts, self.seed, epoch, base, world_size=self.world_size, workers=self.workers,
                          batch_size=self.batch_size, drop_last=self.drop_last, mix=self.mix,
                          groups=self.groups)
 
-    def epoch_spec(self, epoch: int, plan: EpochPlan, cache: ShardCache | None = None) -> EpochSpec:
+    def epoch_spec(self, epoch: int, plan: EpochPlan, cache: ShardCache | None = None,
+                   feed: RingFeed | None = None) -> EpochSpec:
         return EpochSpec(self.urls, epoch, self.seed, plan.generation, len(plan.slots), self.batch_size,
-                         self.shuffle_buffer, self.drop_last, self.on_error, self.transform, cache)
+                         self.shuffle_buffer, self.drop_last, self.on_error, self.transform, cache, feed)
 
 
 def read_in_order(spec: EpochSpec, runs: list[Run], order: np.ndarray, start: int) -> Iterator[RawSample]:
@@ -117,12 +122,14 @@ def _read_needed(spec: EpochSpec, runs: list[Run], needed: np.ndarray) -> Iterat
 
 class SlotWorker:
     """Builds the batches of one slot in one epoch, topping up from extra passes after
-    skipped samples; yields `{"__error__": msg}` instead of raising (the main process raises)."""
+    skipped samples; yields `{"__error__": msg}` instead of raising (the main process raises).
+    `stopped` is set when the main process closed the batch ring (nothing more is read)."""
 
     def __init__(self, spec: EpochSpec, task: SlotTask, errors: int = 0) -> None:
         self.spec, self.task = spec, task
         self.n = runs_size(task.runs)
         self.errors = errors
+        self.stopped = False
 
     def batches(self) -> Iterator[dict[str, Any]]:
         spec, task = self.spec, self.task
@@ -148,12 +155,17 @@ class SlotWorker:
                 good += 1
                 pending.append(item)
                 if len(pending) == spec.batch_size:
-                    yield self._pack(pending, cursor)
+                    packed = self._pack(pending, cursor)
+                    if packed is None:
+                        return
+                    yield packed
                     pending, emitted = [], emitted + 1
                     if emitted == task.quota:
                         return
             if pending and not spec.drop_last and pass_ == 0 and emitted == task.quota - 1:
-                yield self._pack(pending, cursor)
+                packed = self._pack(pending, cursor)
+                if packed is not None:
+                    yield packed
                 return
             if start == 0 and good == 0:
                 shards = sorted({spec.urls[s] for s, _, _ in task.runs})
@@ -179,8 +191,19 @@ class SlotWorker:
             log.warning("%s: skipping sample %s: %s", url, raw.key, exc)
             return None
 
-    def _pack(self, items: list[dict[str, Any]], cursor: int) -> dict[str, Any]:
-        batch = collate(items)
+    def _pack(self, items: list[dict[str, Any]], cursor: int) -> dict[str, Any] | None:
+        """The batch; with a batch ring its tensors are written into a reused slot and only
+        the slot's message travels (`_ring`). None: the ring was closed."""
+        feed = self.spec.feed
+        if feed is None:
+            batch = collate(items)
+        else:
+            taken = feed.take(batch_fields(items))
+            if taken is None:
+                self.stopped = True
+                return None
+            out, msg = taken
+            batch = {"key": collate(items, out=out)["key"], "_ring": msg}
         batch["_meta"] = (self.task.worker, self.spec.epoch, cursor, self.errors)
         return batch
 
@@ -205,17 +228,20 @@ class StreamDataset(IterableDataset):
         epoch, base, cursors, done = sp.epoch, sp.base, list(sp.cursors), list(sp.batches)
         errors = 0
         cache = ShardCache()  # this worker's shard indexes and maps, built once, used every epoch
+        feed = RingFeed(sp.credits[w], sp.main_pid) if sp.credits is not None and info is not None else None
         while True:
             plan = sp.plan(epoch, base)
             sched = plan.schedule(sp.rank)
             left = [sched.count(v) - done[v] for v in range(sp.workers)]
             slot = plan.slot(sp.rank, w)
             task = SlotTask(w, slot, plan.slots[slot], cursors[w], left[w])
-            worker = SlotWorker(sp.epoch_spec(epoch, plan, cache), task, errors)
+            worker = SlotWorker(sp.epoch_spec(epoch, plan, cache, feed), task, errors)
             for batch in worker.batches():
                 yield batch
                 if "__error__" in batch:
                     return
+            if worker.stopped:
+                return
             errors = worker.errors
             for _ in range(max(left, default=0) - max(left[w], 0)):
                 yield {"_pad": True, "_meta": (w, epoch, None, errors)}
