@@ -105,7 +105,7 @@ def measure(workdir: Path, raw: Path | None, given: Path | None, args: argparse.
         shards = resolve_shards(str(shard_dir))
         per_member, n = member_bytes(shards.urls)
         secs, decoded = decode_cost(shards, args.repeats)
-        elapsed, samples, _ = min(loader_epochs(shards, 0, args.batch, crop, args.epochs) for _ in range(max(1, args.repeats)))
+        elapsed, samples, *_ = min(loader_epochs(shards, 0, args.batch, crop, args.epochs) for _ in range(max(1, args.repeats)))
         tar_bytes = sum(s.get("bytes", 0) for s in shards.manifest["shards"])
         rows[name] = {
             "flags": flags(name) if name in ENCODINGS else "as packed",
