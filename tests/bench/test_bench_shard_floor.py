@@ -19,6 +19,8 @@ def test_floor_rows_are_measured_and_ratios_follow_them(tmp_path: Path) -> None:
     assert r["shard_over_floor_time"] == r["shard_s"] / r["floor_s"]
     assert r["meets_goal"] == (r["shard_over_floor_time"] <= r["goal_over_floor"])
     assert r["shard_over_read_time"] == r["shard_s"] / r["read_s"]  # the read-only ratio stays
+    assert set(r["stage_cpu_ms_per_pair"]) == {"read_raw", "read_and_check", "stats_sums", "sha256"}
+    assert all(v > 0 for v in r["stage_cpu_ms_per_pair"].values())
     assert not list(tmp_path.iterdir())  # floor files and shards are cleaned up
 
 
