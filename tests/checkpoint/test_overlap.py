@@ -85,3 +85,14 @@ def test_two_ranks_fall_back_together_when_the_other_ranks_share_is_damaged(ref_
         assert verdict["loaded"] == "step_00000020" and verdict["step"] == 20, (r, verdict)
         assert verdict["bad"] == [], f"rank {r}: state differs from step 20's"
     assert "step_00000024 is damaged" in launch.logs(tmp_path / "logs")
+
+
+def test_checkpoint_crc32_is_isal_and_equals_zlib() -> None:
+    import zlib
+
+    from satfuse.checkpoint import layout
+
+    assert layout.crc32.__module__.startswith("isal")  # the fast one is installed (pyproject)
+    data = bytes(range(256)) * 4099
+    assert layout.crc32(data) == zlib.crc32(data)
+    assert layout.crc32(data[1000:], layout.crc32(data[:1000])) == zlib.crc32(data)  # streaming, as on save
