@@ -77,6 +77,9 @@ def test_bench_all_writes_complete_json(tmp_path: Path) -> None:
                             ("save_ratio_vs_torch_save_fsync", "manager_save_s", "torch_save_fsync_s"),
                             ("load_ratio_vs_torch_load", "manager_load_s", "torch_load_s"),
                             ("load_ratio_already_verified", "manager_load_already_verified_s", "torch_load_s"),
+                            ("load_ratio_overlapped", "manager_load_overlapped_s", "torch_load_s"),
+                            ("load_ratio_overlapped_vs_same_threads", "manager_load_overlapped_s",
+                             "torch_load_same_threads_s"),
                             ("async_blocking_ratio_vs_torch_save", "async_save_blocking_s", "torch_save_s")):
         ratio_of_rows(ck, ratio, num, den, row_round=1e-4, ratio_round=1e-3)
     for row in b["train"]["result"]["cpu"]:

@@ -135,6 +135,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data-log", default="")
     p.add_argument("--progress", default="")
     p.add_argument("--check-after-load", default="")
+    p.add_argument("--defer-checksums", action="store_true", help="verify crc32s while loading (DDP engine's path)")
     return p.parse_args(argv)
 
 
@@ -178,7 +179,7 @@ def main(argv: list[str]) -> int:
     def app_state() -> dict[str, Any]:
         return {"model_optim": ModelOptimState(module, opt), "scheduler": sched, "scaler": scaler}
 
-    path = mgr.find_resume(args.resume)
+    path = mgr.find_resume(args.resume, checksums=not args.defer_checksums)
     if path is not None:
         rank_states, meta = mgr.load(path, app_state())
         step = int(meta["step"])
@@ -189,7 +190,8 @@ def main(argv: list[str]) -> int:
             ref = torch.load(args.check_after_load, weights_only=True)
             bad = compare(ref, dump_state(module, opt))
             verdict = {"rank": rank, "bad": bad, "step": step, "scale": scaler.get_scale(),
-                       "last_epoch": sched.last_epoch, "saved_world": len(rank_states)}
+                       "last_epoch": sched.last_epoch, "saved_world": len(rank_states),
+                       "loaded": mgr.loaded_path.name if mgr.loaded_path else None}
             Path(f"{args.check_after_load}.rank{rank}.json").write_text(json.dumps(verdict))
 
     stop = StopFlag().install()

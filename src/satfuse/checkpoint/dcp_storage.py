@@ -17,7 +17,7 @@ import logging
 import mmap
 import os
 import pickle
-import zlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.storage import WriteResult
 
+from satfuse.checkpoint.layout import crc32
 from satfuse.checkpoint.trust import SafeFileSystemReader
 from satfuse.models.legacy import upgrade_metadata
 
@@ -58,7 +59,7 @@ class Crc32File:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.crc = zlib.crc32(view, self.crc)
+        self.crc = crc32(view, self.crc)
         self._fh.write(view)
         self.size += view.nbytes
         return view.nbytes
@@ -197,6 +198,10 @@ class MmapReader(SafeFileSystemReader):
         return upgrade_metadata(super().read_metadata(*args, **kwargs))
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        # data.pkl (+ byteorder) -> (dtype, size, stride, storage offset, bytes): items with the
+        # same pickle (same shape and dtype, as AdamW's moments and repeated layers have) skip
+        # the weights-only unpickler, which cost about as much as copying the tensors
+        self._layouts: dict[tuple[bytes, bytes | None], tuple[Any, ...]] = {}
         per_file: dict[str, list[Any]] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
@@ -254,9 +259,23 @@ class MmapReader(SafeFileSystemReader):
         if item.type == LoadItemType.BYTE_IO:
             return bytes(view[start:end])
         zip_reader = torch._C.PyTorchFileReader(_MemFile(view[start:end]))
-        tensor = torch.serialization._load(zip_reader, "cpu", torch._weights_only_unpickler,
-                                           overall_storage=storage[start:end])
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"item {item.storage_index} is not a tensor")
+        key = (zip_reader.get_record("data.pkl"),
+               zip_reader.get_record("byteorder") if zip_reader.has_record("byteorder") else None)
+        layout = self._layouts.get(key)
+        if layout is None:
+            tensor = torch.serialization._load(zip_reader, "cpu", torch._weights_only_unpickler,
+                                               overall_storage=storage[start:end])
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"item {item.storage_index} is not a tensor")
+            if (zip_reader.has_record("data/0") and key[1] in (None, sys.byteorder.encode())
+                    and not [r for r in zip_reader.get_all_records() if r.startswith("data/") and r != "data/0"]):
+                self._layouts[key] = (tensor.dtype, tuple(tensor.size()), tuple(tensor.stride()),
+                                      tensor.storage_offset(), tensor.untyped_storage().nbytes())
+        else:  # the same data.pkl as an item the weights-only unpickler read: the same tensor layout
+            dtype, size, stride, offset, nbytes = layout
+            if zip_reader.get_record_size("data/0") != nbytes:
+                raise ValueError(f"item {item.storage_index}: data/0 has {zip_reader.get_record_size('data/0')} bytes, its pickle says {nbytes}")
+            at = start + zip_reader.get_record_offset("data/0")
+            tensor = torch.empty(0, dtype=dtype).set_(storage[at:at + nbytes], offset, size, stride)
         return narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
 

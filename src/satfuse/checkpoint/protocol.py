@@ -12,7 +12,10 @@ and failure messages a save needs).
   directory that looks complete.
 - `find_resume("auto")`: the newest checkpoint that verifies (meta, every file's size and
   crc32), skipping broken ones with a warning naming them; `verify`/`is_verified` remember
-  which paths this process has checked.
+  which paths this process has checked. `find_resume("auto", checksums=False)` checks all
+  but the crc32s and marks the choice `deferred`: the DCP backend then verifies the crc32s
+  while it loads, and every rank agrees on the result before the state is used
+  (`checkpoint.overlap`).
 - `check_model`: refuses a checkpoint of another model, listing the differing keys.
 - `due(step, last_step=...)`: the save cadence (`checkpoint.every_steps`, the last step).
 
@@ -177,6 +180,8 @@ class CommitProtocol:
         self.num_parameters = 0  # of the last saved model, for the size estimate of a failed save
         self._group: Any = None
         self._verified: set[str] = set()
+        self._deferred: set[str] = set()  # chosen by find_resume(checksums=False), crc32s not yet checked
+        self.loaded_path: Path | None = None  # what the last load() loaded (a fallback may differ from its argument)
 
     @staticmethod
     def config_kwargs(section: CheckpointConfig, timeout_s: float) -> dict[str, Any]:
@@ -419,16 +424,19 @@ class CommitProtocol:
                 log.debug("pruned %s", p)
 
     # --------------------------------------------------------------- resume
-    def find_resume(self, resume: str | Path | None) -> Path | None:
+    def find_resume(self, resume: str | Path | None, checksums: bool = True) -> Path | None:
         """"none" -> None; "auto" -> newest complete checkpoint (or None if there are
-        none); PATH -> that checkpoint, verified. Collective: rank 0 verifies, all agree."""
+        none); PATH -> that checkpoint, verified. Collective: rank 0 verifies, all agree.
+        `checksums=False` (only "auto"; a backend that verifies while loading): every check
+        but the crc32s, and the choice is `deferred` until its load has verified it."""
         text = str(resume).strip() if resume is not None else "none"
         if text.lower() in ("none", "", "false"):
             return None
         result: tuple[str | None, str | None] = (None, None)
         if rank() == 0:
             try:
-                found = self._find_auto() if text.lower() == "auto" else self._find_path(Path(text))
+                auto = text.lower() == "auto"
+                found = self._find_auto(checksums or not auto) if auto else self._find_path(Path(text))
                 result = (str(found) if found else None, None)
             except SatfuseError as exc:
                 result = (None, str(exc))
@@ -436,17 +444,21 @@ class CommitProtocol:
         if error:
             raise SatfuseError(error)
         if path is not None:
-            self._verified.add(str(Path(path).resolve()))
+            key = str(Path(path).resolve())
+            if checksums or text.lower() != "auto":
+                self._verified.add(key)
+            elif key not in self._verified:
+                self._deferred.add(key)
         return Path(path) if path else None
 
-    def _find_auto(self) -> Path | None:
+    def _find_auto(self, checksums: bool = True) -> Path | None:
         for p in list_partial(self.run_dir):
             if p.name.startswith(TMP_PREFIX):
                 log.warning("ignoring %s: a save that never finished (killed during save?)", p)
         candidates = list(reversed(list_checkpoints(self.run_dir)))
         skipped: list[str] = []
         for cand in candidates:
-            problems = checkpoint_problems(cand, checksums=True)
+            problems = checkpoint_problems(cand, checksums=checksums)
             if not problems:
                 if skipped:
                     log.warning("resuming from %s, the newest complete checkpoint (skipped: %s)",
@@ -491,6 +503,17 @@ class CommitProtocol:
 
     def is_verified(self, path: Path) -> bool:
         return str(Path(path).resolve()) in self._verified
+
+    def is_deferred(self, path: Path) -> bool:
+        """Chosen by `find_resume("auto", checksums=False)`: its crc32s are checked by the load."""
+        return str(Path(path).resolve()) in self._deferred
+
+    def mark_verified(self, path: Path, intact: bool) -> None:
+        """The collective verdict of an overlapped load on a deferred path."""
+        key = str(Path(path).resolve())
+        self._deferred.discard(key)
+        if intact:
+            self._verified.add(key)
 
     # --------------------------------------------------------------- model check
     def check_model(self, path: Path, meta: dict[str, Any], current: dict[str, list[int]]) -> None:

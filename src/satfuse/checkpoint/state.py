@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from satfuse.checkpoint.layout import crc32
 from satfuse.checkpoint.trust import load_torch_file
 from satfuse.models.legacy import upgrade_optim_state
 
@@ -116,7 +116,7 @@ def write_rank_state(path: Path, rank_state: dict[str, Any]) -> dict[str, Any]:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    return {"size": len(data), "crc32": f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"}
+    return {"size": len(data), "crc32": f"{crc32(data) & 0xFFFFFFFF:08x}"}
 
 
 def load_rank_state(path: Path, trust: bool = False) -> dict[str, Any]:

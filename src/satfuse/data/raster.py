@@ -8,6 +8,7 @@ what is not co-located raises NotColocated; both name the file and the fix.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import threading
@@ -53,13 +54,22 @@ def npy_buffer(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.
     skips zero-filling. The bytes equal `np.save`'s output (format 1.0, C order, no
     pickle); a test checks this.
     """
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
-    head = np.frombuffer(header.getvalue(), dtype=np.uint8)
+    head = _npy_header(tuple(shape), np.dtype(dtype).str)
     count = int(np.prod(shape))
     buf = np.empty(len(head) + count * dtype.itemsize, dtype=np.uint8)
     buf[: len(head)] = head
     return buf, buf[len(head) :].view(dtype).reshape(shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The `.npy` 1.0 header bytes for (shape, dtype), built once per pair of them (numpy's
+    header writer costs ~0.15 ms a call, 0.4 ms per pair of three rasters)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+    head = np.frombuffer(header.getvalue(), dtype=np.uint8)
+    head.flags.writeable = False
+    return head
 
 
 _OPEN_LOCK = threading.Lock()  # catch_warnings edits process-global filters: one reader thread at a time

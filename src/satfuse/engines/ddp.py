@@ -74,7 +74,8 @@ class DDPEngine(Engine):
             self.scaler.load_state_dict(state["scaler"])
 
     def find_resume(self, resume: str) -> Path | None:
-        return self.ckpt.find_resume(resume)
+        # crc32s are checked while `load` reads the files, all ranks agreeing before use
+        return self.ckpt.find_resume(resume, checksums=False)
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's BatchNorm running statistics before a save.

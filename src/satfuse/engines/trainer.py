@@ -175,6 +175,7 @@ class Trainer:
             return
         self._check_checkpoint_bands(path)  # before loading: a band mismatch is a shape error there
         rank_states, meta = self.engine.load(path)
+        path = self.engine.ckpt.loaded_path or path  # an older one if `path` proved damaged while loading
         same_world = len(rank_states) == self.env.world_size
         mine = rank_states[self.env.rank] if same_world else rank_states[0]
         changed = config_changes(meta.get("config") or {}, to_dict(self.cfg))
