@@ -52,61 +52,69 @@ RESULT_FORMAT = "satfuse-finetune/1"
 
 @dataclass
 class FtDataConfig:
+    """The labelled DFC2020 shards and how they are split, sampled and batched."""
+
     train_shards: str = "shards/dfc2020-train"  # the DFC2020 validation split (authors train on it)
-    test_shards: str = "shards/dfc2020-test"
+    test_shards: str = "shards/dfc2020-test"  # the DFC2020 test split, scored once at the end
     val_fraction: float = 0.2  # held out of train_shards for early stopping (stratified)
     crop: int = 224  # random crop (train) / centre crop (val, test); authors 224 of 256
-    label_fraction: float = 1.0
+    label_fraction: float = 1.0  # share of the labelled training patches used (stratified by class)
     keep_every_class: bool = True  # ceil per class (>= 1 example each) vs floor (may drop)
     balanced: bool = True  # class-balanced sampling (authors oversample)
     min_epoch_samples: int = 0  # an epoch draws max(n_train, this) samples
-    multi_label_min_fraction: float = 0.1
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    s1_clip: list[float] = field(default_factory=lambda: [-25.0, 0.0])
-    s2_clip: list[float] = field(default_factory=lambda: [0.0, 10000.0])
+    multi_label_min_fraction: float = 0.1  # multi-label: a class is a target from this share of the valid pixels
+    batch_size: int = 32  # training batch
+    eval_batch_size: int = 128  # validation/test batch (no gradients)
+    s1_clip: list[float] = field(default_factory=lambda: [-25.0, 0.0])  # S1 dB range kept before normalising
+    s2_clip: list[float] = field(default_factory=lambda: [0.0, 10000.0])  # S2 reflectance range kept before normalising
 
 
 @dataclass
 class FtModelConfig:
+    """The classifier: which backbone weights, which inputs, fine-tuned or linear."""
+
     checkpoint: str = "none"  # export file, checkpoint dir, or none (supervised from scratch)
     trust_checkpoint: bool = False  # read checkpoint-dir files that are not plain data (may run code)
-    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"
-    mode: Literal["finetune", "linear"] = "finetune"
-    modalities: Literal["s1", "s2", "s1s2"] = "s1s2"
-    fusion: Literal["early", "late"] = "late"
+    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"  # trunk per branch
+    mode: Literal["finetune", "linear"] = "finetune"  # train the backbone too, or only the head
+    modalities: Literal["s1", "s2", "s1s2"] = "s1s2"  # inputs the classifier sees
+    fusion: Literal["early", "late"] = "late"  # s1s2: one trunk on stacked bands, or one per modality
     # a plain (torchvision-named) single-modality state dict: which input it takes (s1, s2,
     # s2_rgb, s1s2); empty = the one whose band count its conv1 has
-    checkpoint_modality: str = ""
+    checkpoint_modality: str = ""  # plain weights: the input they take (empty: by conv1's bands)
     # JSON of band mean/std/clip for plain weights (export's .normalization.json); empty =
     # the one beside the weights, else the training shards' statistics
-    normalization: str = ""
+    normalization: str = ""  # plain weights: band statistics JSON (empty: beside them, else the shards')
 
 
 @dataclass
 class FtTrainConfig:
-    task: Literal["single", "multi"] = "single"
-    epochs: int = 50
+    """The fine-tuning loop: task, epochs, learning rates, early stopping."""
+
+    task: Literal["single", "multi"] = "single"  # single-label (cross-entropy) or multi-label (BCE)
+    epochs: int = 50  # at most this many epochs (early stopping may end sooner)
     patience: int = 10  # epochs without val improvement before stopping (0 = never stop early)
     early_stop_on: Literal["loss", "metric"] = "loss"  # metric: AA (single) / macro F1 (multi)
     lr: float = 1e-5  # head
-    backbone_lr: float = 1e-5
-    weight_decay: float = 1e-3
+    backbone_lr: float = 1e-5  # backbone (model.mode=finetune)
+    weight_decay: float = 1e-3  # Adam weight decay (L2)
     lr_drop_at: float = 0.5  # lr x0.1 after this fraction of the epochs (0 = never)
     threshold: float = 0.5  # multi-label decision threshold
-    seed: int = 42
+    seed: int = 42  # split, label subset, sampling and head initialisation
     threads: int = 0  # torch intra-op threads; 0 = leave torch's setting
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when visible
 
 
 @dataclass
 class FinetuneConfig:
-    data: FtDataConfig = field(default_factory=FtDataConfig)
-    model: FtModelConfig = field(default_factory=FtModelConfig)
-    train: FtTrainConfig = field(default_factory=FtTrainConfig)
+    """Everything `satfuse finetune` reads (one DFC2020 run), one section per component."""
+
+    data: FtDataConfig = field(default_factory=FtDataConfig)  # labelled shards, split, sampling
+    model: FtModelConfig = field(default_factory=FtModelConfig)  # weights, inputs, fusion, mode
+    train: FtTrainConfig = field(default_factory=FtTrainConfig)  # the loop
     # empty = runs/finetune/<method>/<task>/frac<F>/seed<S>, the layout of a sweep, so that runs
     # of different methods, fractions or seeds never share a result.json
-    run_dir: str = ""
+    run_dir: str = ""  # where result.json and the curves go (empty: the sweep layout, below)
     label: str = ""  # method name in reports; empty = derived from the config
     log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / W&B curves per epoch
 
