@@ -1,16 +1,14 @@
 """Each component receives its own config sections (issue 15, item 5): an engine is built from
 `train`, `optim` and `checkpoint` (DeepSpeed also `deepspeed` and the per-rank batch size),
-without a `PretrainConfig`; only the composition roots see the whole config."""
+without a `PretrainConfig` (tests/config/test_whole_config.py: who may take the whole config)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import torch
 
-import satfuse
 from satfuse.config import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -26,16 +24,7 @@ from satfuse.models import build_pretrain_model
 from satfuse.utils import SatfuseError
 from tests.models.test_methods import batch
 
-SRC = Path(satfuse.__file__).resolve().parent
 CPU = torch.device("cpu")
-# The places that split a run's config into sections (or record all of it): nothing else
-# may take a PretrainConfig.
-COMPOSITION_ROOTS = {
-    "engines/trainer.py:Trainer.__init__",  # builds loader, model, engine from their sections
-    "engines/pretrain.py:pretrain",  # the entry point: process group, then the trainer
-    "engines/pretrain.py:show_shell_commands",  # `--dry-run`: what every section would do
-    "engines/run_records.py:write_config",  # config.yaml records the whole resolved config
-}
 
 
 def tiny_model() -> torch.nn.Module:
@@ -79,24 +68,3 @@ def test_deepspeed_config_from_its_sections_alone() -> None:
     check_combination(ds, CPU, "fp32", optim, CheckpointConfig())
     with pytest.raises(SatfuseError, match="checkpoint.async_save=true is not supported"):
         check_combination(ds, CPU, "fp32", optim, CheckpointConfig(async_save=True))
-
-
-def takers_of_the_whole_config() -> set[str]:
-    """Every function under src/satfuse with a parameter annotated `PretrainConfig`."""
-    found = set()
-    for path in sorted(SRC.rglob("*.py")):
-        tree = ast.parse(path.read_text())
-        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
-            if any(a.annotation is not None and "PretrainConfig" in ast.unparse(a.annotation) for a in args):
-                owner = parents.get(node)
-                name = f"{owner.name}.{node.name}" if isinstance(owner, ast.ClassDef) else node.name
-                found.add(f"{path.relative_to(SRC).as_posix()}:{name}")
-    return found
-
-
-def test_only_the_composition_roots_take_the_whole_config() -> None:
-    assert takers_of_the_whole_config() == COMPOSITION_ROOTS
