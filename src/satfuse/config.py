@@ -49,7 +49,7 @@ class DataConfig:
     on_decode_error: Literal["skip", "fatal"] = "skip"  # an undecodable sample: skip it (counted, warned) or fail
     # with on_decode_error=skip: fail the run once more than this fraction of the samples read
     # were skipped (undecodable, truncated or altered shards); 0 = any skip fails
-    max_skipped_fraction: float = 0.01
+    max_skipped_fraction: float = 0.01  # the largest share of skipped samples a run tolerates
     s1_clip: list[float] = field(default_factory=lambda: [-25.0, 0.0])  # S1 dB range kept before normalising
     s2_clip: list[float] = field(default_factory=lambda: [0.0, 10000.0])  # S2 reflectance range kept before normalising
 
@@ -106,13 +106,13 @@ class TrainConfig:
     max_requeues: int = 5  # SLURM requeues after preemption before the job stops for good
     # A dead peer fails the job after this, never a silent hang. It also bounds the checkpoint
     # collectives: raise it if one rank's checkpoint write can take longer.
-    comm_timeout_s: int = 300
+    comm_timeout_s: int = 300  # seconds a collective may wait for a peer before the job fails
     # non-finite loss/grad norm: stop (checked on log steps and saves), or skip = drop that step's
     # update on every rank (agreed each step; DDP engine only), failing after nan_skip_limit in a row
-    nan_policy: Literal["stop", "skip"] = "stop"
+    nan_policy: Literal["stop", "skip"] = "stop"  # what a non-finite loss/grad norm does (below)
     nan_skip_limit: int = 10  # nan_policy=skip: stop after this many skipped steps in a row
     # run_dir/.lock: a holder whose heartbeat is older than this is taken to be gone
-    lease_timeout_s: int = 600
+    lease_timeout_s: int = 600  # seconds after which a silent run_dir lease is taken over
     channels_last: bool = False  # model and 4-D batches in channels_last (NHWC): faster convs on GPU tensor cores
     compile: bool = False  # torch.compile the forward pass (inductor; the first steps compile, DDP engine only)
 
@@ -128,7 +128,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (newest complete in run_dir) | none | PATH
     trust_checkpoint: bool = False  # load checkpoint files that are not plain data (may run their code)
     # resume=none on a used run_dir: move the old run to run_dir/previous-<time>/ (else refuse)
-    force_new_run: bool = False
+    force_new_run: bool = False  # start afresh in a used run_dir, keeping the old run aside
 
 
 @dataclass

@@ -29,18 +29,20 @@ log = logging.getLogger("satfuse.demo")
 
 @dataclass
 class DemoConfig:
+    """`satfuse demo`: the whole pipeline on synthetic data, sized for a laptop."""
+
     out: str = "satfuse-demo"  # everything the demo writes goes under this directory
-    seed: int = 0
+    seed: int = 0  # synthetic scenes, the shard plan and pretraining (train.seed)
     patch_size: int = 128  # real patches are 256; the demo halves them to fit 2 cores
     scenes: int = 20  # SEN12MS scenes (every 5th is held out for retrieval accuracy)
-    patches_per_scene: int = 100
+    patches_per_scene: int = 100  # synthetic patches per scene
     dfc_validation: int = 400  # labelled training patches (the real DFC2020 has 986)
     dfc_test: int = 1000  # test patches (real: 5,128)
     maxcount: int = 100  # samples per shard
-    shard_workers: int = 2
+    shard_workers: int = 2  # processes packing the shards
     nproc: int = 2  # pretraining ranks
-    pretrain_config: str = "hpc/pretrain/demo.yaml"
-    finetune_config: str = "hpc/finetune/demo_sweep.yaml"
+    pretrain_config: str = "hpc/pretrain/demo.yaml"  # the pretraining config of the demo
+    finetune_config: str = "hpc/finetune/demo_sweep.yaml"  # the fine-tuning sweep of the demo
     report: str = ""  # table + plot directory; empty: <out>/reports
 
 

@@ -44,7 +44,8 @@ def one_step(run_dir: Path, clip: float) -> tuple[float, dict[str, torch.Tensor]
         "train.steps=4", "checkpoint.every_steps=4", f"train.run_dir={run_dir}"])
     torch.manual_seed(0)
     module = build_pretrain_model(cfg.model)
-    engine = DeepSpeedEngine(cfg, module, torch.device("cpu"))
+    engine = DeepSpeedEngine(module, torch.device("cpu"), cfg.train, cfg.optim, cfg.checkpoint, cfg.deepspeed,
+                             micro_batch=cfg.data.batch_size)
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.ndim == 1}
     norms = []
     for data in micro_batches():

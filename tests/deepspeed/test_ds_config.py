@@ -29,9 +29,14 @@ def ds_file(tmp_path: Path, doc: dict) -> str:
     return str(path)
 
 
+def ds_config(cfg: PretrainConfig, world: int = 2, device: torch.device = CPU) -> dict:
+    """The DeepSpeed config from the sections the engine passes (deepspeed, optim, precision, batch)."""
+    return build_ds_config(cfg.deepspeed, cfg.optim, cfg.train.precision, cfg.data.batch_size, world, device)
+
+
 def built(cfg: PretrainConfig, world: int = 2) -> dict:
-    ds = build_ds_config(cfg, world, CPU)
-    check_combination(cfg, ds, CPU)
+    ds = ds_config(cfg, world)
+    check_combination(ds, CPU, cfg.train.precision, cfg.optim, cfg.checkpoint)
     return ds
 
 
@@ -41,7 +46,7 @@ def test_every_shipped_config_builds_with_its_precision(name):
     precision = "bf16" if "bf16" in name else "fp16" if "fp16" in name else "fp32"
     cfg = cfg_with(f"deepspeed.config=hpc/deepspeed/{name}", f"train.precision={precision}",
                    "train.steps=20", "checkpoint.every_steps=4")
-    ds = build_ds_config(cfg, 2, torch.device("cuda") if precision == "fp16" else CPU)
+    ds = ds_config(cfg, 2, torch.device("cuda") if precision == "fp16" else CPU)
     assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
     assert ds["train_batch_size"] == cfg.data.batch_size * ds["gradient_accumulation_steps"] * 2
     assert ds["zero_optimization"]["stage"] in (0, 1, 2)

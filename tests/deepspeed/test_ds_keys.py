@@ -21,7 +21,8 @@ def build(tmp_path: Path, doc: dict) -> dict:
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(doc))
     cfg = load_config(PretrainConfig, ROOT / "hpc/pretrain/tiny_deepspeed.yaml", [f"deepspeed.config={path}"])
-    return build_ds_config(cfg, 2, torch.device("cpu"))
+    return build_ds_config(cfg.deepspeed, cfg.optim, cfg.train.precision, cfg.data.batch_size, 2,
+                           torch.device("cpu"))
 
 
 @pytest.mark.parametrize(("doc", "needle"), [

@@ -46,8 +46,7 @@ def test_cudnn_benchmark_for_fixed_crops(device: str, crop: int, want: bool) -> 
     saved = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
-        cfg = load_config(PretrainConfig, None, [f"data.crop={crop}"])
-        setup.configure_backends(cfg, torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
+        setup.configure_backends(crop, torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
         assert torch.backends.cudnn.benchmark is want
     finally:
         torch.backends.cudnn.benchmark = saved
@@ -86,7 +85,7 @@ def test_trainer_channels_last_and_compile(sen12ms_shards: Path, tmp_path: Path)
 def test_compile_with_deepspeed_is_refused() -> None:
     cfg = load_config(PretrainConfig, None, ["train.compile=true", "train.engine=deepspeed"])
     with pytest.raises(SatfuseError, match="train.compile=true works with train.engine=ddp"):
-        setup.compiled_forward(cfg, torch.nn.Linear(2, 2))
+        setup.compiled_forward(cfg.train, torch.nn.Linear(2, 2))
 
 
 def test_nccl_async_error_handling_is_set_but_user_values_kept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,8 +118,7 @@ def test_local_rank_to_gpu(monkeypatch: pytest.MonkeyPatch, environ: dict, local
     assert cuda_index(env.local_rank, visible) == want
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    cfg = load_config(PretrainConfig, None, ["train.device=cuda"])
-    assert setup.select_device(cfg, env) == torch.device("cuda", want)
+    assert setup.select_device("cuda", env.local_rank) == torch.device("cuda", want)
 
 
 def test_no_visible_gpu_is_a_clear_error() -> None:

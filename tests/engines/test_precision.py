@@ -71,7 +71,7 @@ def test_training_step_runs_its_layers_in_the_configured_dtype(
         "model.backbone=tiny", "model.proj_hidden=64", "model.proj_out=32",
         f"train.precision={precision}", f"train.run_dir={tmp_path}", "train.steps=2"])
     module = build_pretrain_model(cfg.model)
-    engine = DDPEngine(cfg, module, torch.device("cpu"))
+    engine = DDPEngine(module, torch.device("cpu"), cfg.train, cfg.optim, cfg.checkpoint)
     seen: dict[str, torch.dtype] = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.dtype))
              for n, m in module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]

@@ -56,10 +56,10 @@ def test_linear_probe_freezes_backbones_finetune_moves_them(dfc_shards, tmp_path
         cfg = _cfg(dfc_shards, tmp_path / mode, model={"checkpoint": str(export), "mode": mode,
                                                        "modalities": "s1s2", "fusion": "late"},
                    train={"epochs": 2})
-        model, pre_stats, info = build_model(cfg)
+        model, pre_stats, info = build_model(cfg.model, cfg.train.seed)
         head0 = model.head.weight.detach().clone()
-        prep = prepare_data(cfg)
-        stats, _ = band_stats(cfg, prep.train, pre_stats)
+        prep = prepare_data(cfg.data, cfg.train.seed)
+        stats, _ = band_stats(cfg.data, prep.train, pre_stats)
         Trainer(cfg, model, prep, stats, torch.device("cpu")).fit()
         sd = model.backbones[0].state_dict()  # includes BatchNorm running statistics
         same = all(torch.equal(sd[k], pre["s1"][k]) for k in sd)

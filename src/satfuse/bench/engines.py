@@ -120,7 +120,8 @@ def _rank_main(rank: int, world: int, port: int, a: dict[str, Any], setup: str, 
     batch = {"s1": torch.randn(a["batch"], 2, a["crop"], a["crop"], generator=g),
              "s2": torch.randn(a["batch"], 13, a["crop"], a["crop"], generator=g)}
     base = _rss_mib()
-    engine = build_engine(cfg, module, torch.device("cpu"))
+    engine = build_engine(module, torch.device("cpu"), cfg.train, cfg.optim, cfg.checkpoint, cfg.deepspeed,
+                          micro_batch=cfg.data.batch_size)
     times = []
     for i in range(a["warmup"] + a["steps"]):
         dist.barrier()

@@ -114,7 +114,7 @@ class DeepSpeedCheckpointManager(CommitProtocol):
     format by rank 0 (a temporary `.universal-step_X` beside it, removed after loading).
 
     `engine`: the `satfuse.engines.deepspeed_engine.DeepSpeedEngine` (its DeepSpeed engine
-    `model`, bare `module`, `zero_stage`, `describe()` and config).
+    `model`, bare `module`, `zero_stage`, `describe()` and `precision`).
     """
 
     kind = "deepspeed"
@@ -196,7 +196,7 @@ class DeepSpeedCheckpointManager(CommitProtocol):
 
     @property
     def cfg_precision(self) -> str:
-        return self.engine.cfg.train.precision
+        return self.engine.precision
 
     def _load_ds(self, load_dir: Path, tag: str) -> None:
         try:

@@ -5,6 +5,11 @@ logging and signals. An engine owns what the two backends do differently: wrappi
 model, backward + optimizer step (with clipping, loss scaling and the LR schedule), and its
 checkpointer (`ckpt`, a backend of `satfuse.checkpoint`), which saves/loads in its own sharded
 format and decides the checkpoint cadence (`ckpt.due`).
+
+An engine is built from its own config sections (`train`, `optim`, `checkpoint`; DeepSpeed
+also `deepspeed` and the per-rank batch size), never from the whole `PretrainConfig`: the
+trainer (`satfuse.engines.trainer`) is the one place that splits the run's config, so an
+engine can be built, tested and benchmarked without a loader, a model config or a loss.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import torch
 from torch import nn
 
 from satfuse.checkpoint.protocol import CommitProtocol
-from satfuse.config import PretrainConfig
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -85,9 +89,10 @@ class Engine(ABC):
     # gradient_accumulation_steps)
     accumulation: int = 1
 
-    def __init__(self, cfg: PretrainConfig, module: nn.Module, device: torch.device) -> None:
-        self.cfg = cfg
+    def __init__(self, module: nn.Module, device: torch.device, precision: str) -> None:
+        """`precision` is `train.precision` (fp32/bf16/fp16): the autocast of the forward pass."""
         self.module = module
+        self.precision = precision
         self.device = device
         self.model: nn.Module = module
 
@@ -120,4 +125,4 @@ class Engine(ABC):
         """Block until pending asynchronous saves are durable."""
 
     def autocast(self):
-        return autocast_context(self.cfg.train.precision, self.device)
+        return autocast_context(self.precision, self.device)

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from satfuse.checkpoint.manager import CheckpointManager
 from satfuse.checkpoint.state import ModelOptimState
-from satfuse.config import PretrainConfig
+from satfuse.config import CheckpointConfig, OptimConfig, TrainConfig
 from satfuse.engines.base import Engine
 from satfuse.engines.optim import build_optimizer, build_scheduler
 from satfuse.utils import SatfuseError
@@ -30,18 +30,22 @@ log = logging.getLogger(__name__)
 class DDPEngine(Engine):
     kind = "ddp"
 
-    def __init__(self, cfg: PretrainConfig, module: nn.Module, device: torch.device) -> None:
-        super().__init__(cfg, module, device)
+    def __init__(self, module: nn.Module, device: torch.device, train: TrainConfig, optim: OptimConfig,
+                 checkpoint: CheckpointConfig) -> None:
+        """From its sections: `train` (precision; steps, the LR schedule's length; run_dir and
+        comm_timeout_s, where and how long the checkpointer writes), `optim` (optimizer, schedule,
+        clipping) and `checkpoint` (handed to the DCP backend, which owns the cadence)."""
+        super().__init__(module, device, train.precision)
+        self.optim = optim
         module.to(device)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
             ids = [device.index] if device.type == "cuda" else None
             self.model = DDP(module, device_ids=ids)
-        self.optimizer = build_optimizer(module, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-        self.ckpt = CheckpointManager.from_config(Path(cfg.train.run_dir), cfg.checkpoint,
-                                                  cfg.train.comm_timeout_s)
+        self.optimizer = build_optimizer(module, optim)
+        self.scheduler = build_scheduler(self.optimizer, optim, train.steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
+        self.ckpt = CheckpointManager.from_config(Path(train.run_dir), checkpoint, train.comm_timeout_s)
 
     def backward_step(self, loss: torch.Tensor,
                       skip: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
@@ -53,7 +57,7 @@ class DDPEngine(Engine):
         the LR stays a function of the step number)."""
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16; the norm is of true grads
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        clip = self.optim.grad_clip if self.optim.grad_clip > 0 else float("inf")
         norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip).detach()
         if skip is None or not skip(norm):
             self.scaler.step(self.optimizer)

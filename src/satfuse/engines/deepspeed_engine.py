@@ -47,7 +47,7 @@ import yaml
 from torch import nn
 
 from satfuse.checkpoint.deepspeed_backend import DeepSpeedCheckpointManager
-from satfuse.config import PretrainConfig
+from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import Engine, check_precision
 from satfuse.engines.optim import build_optimizer, build_scheduler
@@ -91,27 +91,28 @@ def read_ds_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _refuse_owned(raw: dict[str, Any], cfg: PretrainConfig, where: Path, world: int, gas: int) -> None:
-    """A satfuse-owned key in the DeepSpeed file must agree with satfuse's config."""
+def _refuse_owned(raw: dict[str, Any], micro_batch: int, grad_clip: float, where: Path, world: int,
+                  gas: int) -> None:
+    """A satfuse-owned key in the DeepSpeed file must agree with satfuse's config
+    (`micro_batch` is data.batch_size, `grad_clip` optim.grad_clip)."""
     for key, section in OWNED_SECTIONS.items():
         if key in raw:
             raise SatfuseError(
                 f"{where}: remove the '{key}' section: the optimizer and LR schedule come from "
                 f"the satfuse config ({section}) so that DDP and DeepSpeed train the same recipe"
             )
-    mine = {"train_micro_batch_size_per_gpu": cfg.data.batch_size,
-            "gradient_clipping": float(cfg.optim.grad_clip)}
+    mine = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_clipping": float(grad_clip)}
     for key, value in mine.items():
         if key in raw and float(raw[key]) != float(value):
             raise SatfuseError(
                 f"{where}: {key}={raw[key]} disagrees with {OWNED_SCALARS[key]}={value}; satfuse's "
                 f"config owns it: set {OWNED_SCALARS[key]} (or remove {key} from the file)"
             )
-    want = cfg.data.batch_size * gas * world
+    want = micro_batch * gas * world
     if "train_batch_size" in raw and int(raw["train_batch_size"]) != want:
         raise SatfuseError(
             f"{where}: train_batch_size={raw['train_batch_size']} but data.batch_size "
-            f"({cfg.data.batch_size}) x gradient_accumulation_steps ({gas}) x world size ({world}) "
+            f"({micro_batch}) x gradient_accumulation_steps ({gas}) x world size ({world}) "
             f"= {want}; remove train_batch_size from the file (satfuse computes it)"
         )
 
@@ -170,9 +171,12 @@ def _zero_section(raw: dict[str, Any], override: int, where: Path, device: torch
     return zero
 
 
-def build_ds_config(cfg: PretrainConfig, world: int, device: torch.device) -> dict[str, Any]:
-    """The full DeepSpeed config dict of this run (see the module doc for precedence)."""
-    where = resolve_ds_config_path(cfg.deepspeed.config)
+def build_ds_config(section: DeepSpeedConfig, optim: OptimConfig, precision: str, micro_batch: int,
+                    world: int, device: torch.device) -> dict[str, Any]:
+    """The full DeepSpeed config dict of this run (see the module doc for precedence): the
+    `deepspeed` section's file and stage, filled with what satfuse owns (`optim`'s clipping and
+    optimizer name, train.precision, `micro_batch` = data.batch_size per rank)."""
+    where = resolve_ds_config_path(section.config)
     raw = read_ds_file(where)
     from satfuse.engines.ds_keys import check_keys
 
@@ -186,38 +190,41 @@ def build_ds_config(cfg: PretrainConfig, world: int, device: torch.device) -> di
     gas = int(raw.get("gradient_accumulation_steps", 1))
     if gas < 1:
         raise SatfuseError(f"{where}: gradient_accumulation_steps must be >= 1, got {gas}")
-    _refuse_owned(raw, cfg, where, world, gas)
+    _refuse_owned(raw, micro_batch, optim.grad_clip, where, world, gas)
     ds = {k: v for k, v in raw.items() if k not in ("train_batch_size",)}
-    ds.update(_precision_sections(raw, cfg.train.precision, where))
-    ds["data_types"] = _grad_accum_dtype(raw, cfg.train.precision, where)
-    ds["zero_optimization"] = _zero_section(raw, cfg.deepspeed.zero_stage, where, device)
+    ds.update(_precision_sections(raw, precision, where))
+    ds["data_types"] = _grad_accum_dtype(raw, precision, where)
+    ds["zero_optimization"] = _zero_section(raw, section.zero_stage, where, device)
     ds.update(
-        train_micro_batch_size_per_gpu=cfg.data.batch_size,
+        train_micro_batch_size_per_gpu=micro_batch,
         gradient_accumulation_steps=gas,
-        train_batch_size=cfg.data.batch_size * gas * world,
-        gradient_clipping=float(cfg.optim.grad_clip),
+        train_batch_size=micro_batch * gas * world,
+        gradient_clipping=float(optim.grad_clip),
     )
     ds.setdefault("steps_per_print", 10**9)  # satfuse logs; DeepSpeed's own prints are noise
     ds.setdefault("wall_clock_breakdown", False)
     ds["checkpoint"] = {**(raw.get("checkpoint") or {}), "load_universal": False}
-    if cfg.optim.name not in ("adam", "adamw"):
+    if optim.name not in ("adam", "adamw"):
         ds["zero_allow_untested_optimizer"] = True
     return ds
 
 
-def check_combination(cfg: PretrainConfig, ds: dict[str, Any], device: torch.device) -> None:
-    """Refuse, at start, what would fail or silently train something else mid-run."""
-    check_precision(cfg.train.precision, device)
-    if cfg.train.precision == "fp16" and device.type != "cuda":
+def check_combination(ds: dict[str, Any], device: torch.device, precision: str, optim: OptimConfig,
+                      checkpoint: CheckpointConfig) -> None:
+    """Refuse, at start, what would fail or silently train something else mid-run: the built
+    DeepSpeed config `ds` against train.precision, the optimizer (`optim`) and the checkpoint
+    section (async saves)."""
+    check_precision(precision, device)
+    if precision == "fp16" and device.type != "cuda":
         raise SatfuseError("train.precision=fp16 with DeepSpeed needs CUDA; use bf16 or fp32 on CPU")
     stage = ds["zero_optimization"]["stage"]
-    if cfg.optim.name == "lars" and (stage > 0 or cfg.train.precision != "fp32"):
+    if optim.name == "lars" and (stage > 0 or precision != "fp32"):
         raise SatfuseError(
-            f"optim.name=lars with ZeRO stage {stage} / {cfg.train.precision}: DeepSpeed flattens "
+            f"optim.name=lars with ZeRO stage {stage} / {precision}: DeepSpeed flattens "
             "parameters into partitions there, so LARS's per-layer trust ratio would be wrong; "
             "use deepspeed.zero_stage=0 with train.precision=fp32, or optim.name=adam/adamw"
         )
-    if cfg.checkpoint.async_save:
+    if checkpoint.async_save:
         raise SatfuseError(
             "checkpoint.async_save=true is not supported with train.engine=deepspeed (DeepSpeed "
             "writes its own shards synchronously); set checkpoint.async_save=false"
@@ -291,29 +298,35 @@ class DeepSpeedEngine(Engine):
 
     kind = "deepspeed"
 
-    def __init__(self, cfg: PretrainConfig, module: nn.Module, device: torch.device) -> None:
-        super().__init__(cfg, module, device)
+    def __init__(self, module: nn.Module, device: torch.device, train: TrainConfig, optim: OptimConfig,
+                 checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig, micro_batch: int) -> None:
+        """From its sections, as `DDPEngine` (`train`, `optim`, `checkpoint`), plus `deepspeed`
+        (the DeepSpeed file and ZeRO stage) and `micro_batch`, data.batch_size: DeepSpeed's
+        `train_micro_batch_size_per_gpu`, which satfuse's config owns (the module doc)."""
+        super().__init__(module, device, train.precision)
+        self.ds_section = deepspeed
         world = dist.get_world_size() if dist.is_initialized() else 1
-        self.ds_config = build_ds_config(cfg, world, device)
-        check_combination(cfg, self.ds_config, device)
+        self.ds_config = build_ds_config(deepspeed, optim, train.precision, micro_batch, world, device)
+        check_combination(self.ds_config, device, train.precision, optim, checkpoint)
         self.gas = int(self.ds_config["gradient_accumulation_steps"])
-        deepspeed = import_deepspeed(device)
-        ensure_process_group(device, cfg.train.comm_timeout_s)
+        ds_lib = import_deepspeed(device)
+        ensure_process_group(device, train.comm_timeout_s)
         module.to(device)
-        self.optimizer = build_optimizer(module, cfg.optim)
+        self.optimizer = build_optimizer(module, optim)
         self.accumulation = self.gas  # micro-batches per trainer (= optimizer) step
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.model, self.ds_optimizer, _, _ = deepspeed.initialize(
+        self.scheduler = build_scheduler(self.optimizer, optim, train.steps)
+        self.model, self.ds_optimizer, _, _ = ds_lib.initialize(
             model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler,
             config=self.ds_config, dist_init_required=False,
         )
         self._check_data_parallel()
-        if cfg.train.precision != "fp32":
-            dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+        if train.precision != "fp32":
+            dtype = torch.bfloat16 if train.precision == "bf16" else torch.float16
             self._cast_hook = install_input_cast(module, dtype)
-        self.ckpt = self._checkpoint_manager()
+        self.ckpt = DeepSpeedCheckpointManager.from_config(Path(train.run_dir), self, checkpoint,
+                                                           train.comm_timeout_s)
         log.info("DeepSpeed engine: ZeRO stage %d, %s, %d rank(s), gradient accumulation %d",
-                 self.zero_stage, cfg.train.precision, world, self.gas)
+                 self.zero_stage, train.precision, world, self.gas)
 
     @property
     def zero_stage(self) -> int:
@@ -327,12 +340,8 @@ class DeepSpeedEngine(Engine):
             raise SatfuseError(
                 f"DeepSpeed data-parallel size {dp} (model-parallel {mp}) differs from the world "
                 f"size {world}: the global contrastive loss needs pure data parallelism; remove "
-                f"tensor/pipeline/sequence parallel settings from {self.cfg.deepspeed.config}"
+                f"tensor/pipeline/sequence parallel settings from {self.ds_section.config}"
             )
-
-    def _checkpoint_manager(self) -> DeepSpeedCheckpointManager:
-        return DeepSpeedCheckpointManager.from_config(
-            Path(self.cfg.train.run_dir), self, self.cfg.checkpoint, self.cfg.train.comm_timeout_s)
 
     def autocast(self):
         """No autocast: under bf16/fp16 DeepSpeed runs the whole model in that dtype (inputs
@@ -383,9 +392,9 @@ class DeepSpeedEngine(Engine):
 
         return {
             "zero_stage": self.zero_stage,
-            "precision": self.cfg.train.precision,
+            "precision": self.precision,
             "dp_world_size": int(self.model.dp_world_size),
             "gradient_accumulation_steps": self.gas,
-            "config_file": str(self.cfg.deepspeed.config),
+            "config_file": str(self.ds_section.config),
             "deepspeed_version": deepspeed.__version__,
         }

@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from satfuse.config import LogConfig
+
 log = logging.getLogger(__name__)
 
 TB_DIR = "tensorboard"
@@ -32,17 +34,19 @@ WANDB_MISSING = ("log.wandb=true but the `wandb` package is not installed (pip i
 class MetricSinks:
     """Scalars to TensorBoard / W&B; a no-op when disabled or not on rank 0."""
 
-    def __init__(self, log_cfg: Any, run_dir: Path, enabled: bool = True, start_step: int = 0,
+    def __init__(self, log_cfg: LogConfig, run_dir: Path, enabled: bool = True, start_step: int = 0,
                  config: dict[str, Any] | None = None, kind: str = "pretrain") -> None:
+        """From the `log` section (pretraining and fine-tuning share it). `config` is the run's
+        whole config as a plain dict, recorded as the W&B run's config, not read."""
         self.tb: Any = None
         self.wandb: Any = None
-        if not enabled or log_cfg is None:
+        if not enabled:
             return
         run_dir = Path(run_dir)
-        if getattr(log_cfg, "tensorboard", False):
+        if log_cfg.tensorboard:
             self.tb = _tensorboard_writer(run_dir / TB_DIR, start_step)
-        if getattr(log_cfg, "wandb", False):
-            self.wandb = _wandb_run(run_dir, getattr(log_cfg, "wandb_project", "satfuse"), config, kind)
+        if log_cfg.wandb:
+            self.wandb = _wandb_run(run_dir, log_cfg.wandb_project, config, kind)
 
     @property
     def active(self) -> bool:

@@ -2,7 +2,8 @@
 
 The decisions made once before the first step (which CUDA device a local rank uses, DDP or
 DeepSpeed, cuDNN autotuning, torch.compile) and the per-batch host-to-device copy, kept out
-of the training loop (`satfuse.engines.trainer`) so that it reads as the loop alone.
+of the training loop (`satfuse.engines.trainer`) so that it reads as the loop alone. Each
+function takes the config section or value it reads, not the whole `PretrainConfig`.
 """
 
 from __future__ import annotations
@@ -11,29 +12,32 @@ from typing import Any
 
 import torch
 
-from satfuse.config import PretrainConfig
-from satfuse.distributed.env import DistEnv, cuda_index
+from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
+from satfuse.distributed.env import cuda_index
 from satfuse.engines.base import Engine
 from satfuse.utils import SatfuseError
 
 
-def select_device(cfg: PretrainConfig, env: DistEnv) -> torch.device:
-    want = cfg.train.device
+def select_device(want: str, local_rank: int) -> torch.device:
+    """The device of `train.device` (auto/cpu/cuda) for this local rank."""
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise SatfuseError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        return torch.device("cuda", cuda_index(env.local_rank, torch.cuda.device_count()))
+        return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
-def build_engine(cfg: PretrainConfig, model: torch.nn.Module, device: torch.device) -> Engine:
-    if cfg.train.engine == "deepspeed":
+def build_engine(model: torch.nn.Module, device: torch.device, train: TrainConfig, optim: OptimConfig,
+                 checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig, micro_batch: int) -> Engine:
+    """The engine of `train.engine`, from the sections engines read. `deepspeed` and
+    `micro_batch` (data.batch_size) are for the DeepSpeed engine; the DDP engine does not take them."""
+    if train.engine == "deepspeed":
         from satfuse.engines.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg, model, device)
+        return DeepSpeedEngine(model, device, train, optim, checkpoint, deepspeed, micro_batch)
     from satfuse.engines.ddp import DDPEngine
 
-    return DDPEngine(cfg, model, device)
+    return DDPEngine(model, device, train, optim, checkpoint)
 
 
 def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
@@ -47,18 +51,18 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool =
     return {k: (move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
-    """cuDNN autotuning for fixed input shapes: with a fixed crop (data.crop > 0) every batch
-    has the same shape, so benchmarking the convolution algorithms once pays back at once."""
-    if device.type == "cuda" and cfg.data.crop > 0:
+def configure_backends(crop: int, device: torch.device) -> None:
+    """cuDNN autotuning for fixed input shapes: with a fixed crop (`crop` = data.crop > 0) every
+    batch has the same shape, so benchmarking the convolution algorithms once pays back at once."""
+    if device.type == "cuda" and crop > 0:
         torch.backends.cudnn.benchmark = True
 
 
-def compiled_forward(cfg: PretrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+def compiled_forward(train: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
     """`train.compile=true`: the forward pass through torch.compile (inductor)."""
-    if not cfg.train.compile:
+    if not train.compile:
         return model
-    if cfg.train.engine != "ddp":
+    if train.engine != "ddp":
         raise SatfuseError("train.compile=true works with train.engine=ddp; set train.compile=false "
                            "for train.engine=deepspeed")
     return torch.compile(model)

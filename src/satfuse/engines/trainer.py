@@ -1,6 +1,7 @@
 """The pretraining loop, shared by every engine. Read top to bottom:
 
-1. build loader, model and engine (DDP or DeepSpeed) from one `PretrainConfig`;
+1. build loader, model and engine (DDP or DeepSpeed), each from its own sections of one
+   `PretrainConfig` (the trainer is the one place that splits it);
 2. resume from the newest complete checkpoint (`checkpoint.resume=auto`), restoring model,
    optimizer, schedule, loader position and RNG state, so the continuation is bitwise equal
    to an uninterrupted run on the same world size;
@@ -98,12 +99,12 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, env: DistEnv) -> None:
         self.cfg = cfg
         self.env = env
-        self.device = select_device(cfg, env)
+        self.device = select_device(cfg.train.device, env.local_rank)
         check_precision(cfg.train.precision, self.device)
         if cfg.model.sync_bn and self.device.type != "cuda":  # refused at start, like fp16
             raise SatfuseError("model.sync_bn=true needs CUDA (torch's SyncBatchNorm does not run on "
                                "CPU/gloo); set model.sync_bn=false for CPU runs")
-        configure_backends(cfg, self.device)
+        configure_backends(cfg.data.crop, self.device)
         self.run_dir = Path(cfg.train.run_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.shards = resolve_shards(cfg.data.shards, cfg.data.manifest, cfg.data.shard_weights)
@@ -122,8 +123,9 @@ class Trainer:
         self.module = build_pretrain_model(cfg.model, channels(self.loader.bands))
         if cfg.train.channels_last:
             self.module.to(memory_format=torch.channels_last)
-        self.engine = build_engine(cfg, self.module, self.device)
-        self.forward = compiled_forward(cfg, self.engine.model)
+        self.engine = build_engine(self.module, self.device, cfg.train, cfg.optim, cfg.checkpoint,
+                                   cfg.deepspeed, micro_batch=cfg.data.batch_size)
+        self.forward = compiled_forward(cfg.train, self.engine.model)
         self.step = 0
         self.epoch = 0
         self.lease: RunLease | None = None

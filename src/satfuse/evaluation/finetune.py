@@ -52,61 +52,69 @@ RESULT_FORMAT = "satfuse-finetune/1"
 
 @dataclass
 class FtDataConfig:
+    """The labelled DFC2020 shards and how they are split, sampled and batched."""
+
     train_shards: str = "shards/dfc2020-train"  # the DFC2020 validation split (authors train on it)
-    test_shards: str = "shards/dfc2020-test"
+    test_shards: str = "shards/dfc2020-test"  # the DFC2020 test split, scored once at the end
     val_fraction: float = 0.2  # held out of train_shards for early stopping (stratified)
     crop: int = 224  # random crop (train) / centre crop (val, test); authors 224 of 256
-    label_fraction: float = 1.0
+    label_fraction: float = 1.0  # share of the labelled training patches used (stratified by class)
     keep_every_class: bool = True  # ceil per class (>= 1 example each) vs floor (may drop)
     balanced: bool = True  # class-balanced sampling (authors oversample)
     min_epoch_samples: int = 0  # an epoch draws max(n_train, this) samples
-    multi_label_min_fraction: float = 0.1
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    s1_clip: list[float] = field(default_factory=lambda: [-25.0, 0.0])
-    s2_clip: list[float] = field(default_factory=lambda: [0.0, 10000.0])
+    multi_label_min_fraction: float = 0.1  # multi-label: a class is a target from this share of the valid pixels
+    batch_size: int = 32  # training batch
+    eval_batch_size: int = 128  # validation/test batch (no gradients)
+    s1_clip: list[float] = field(default_factory=lambda: [-25.0, 0.0])  # S1 dB range kept before normalising
+    s2_clip: list[float] = field(default_factory=lambda: [0.0, 10000.0])  # S2 reflectance range kept before normalising
 
 
 @dataclass
 class FtModelConfig:
+    """The classifier: which backbone weights, which inputs, fine-tuned or linear."""
+
     checkpoint: str = "none"  # export file, checkpoint dir, or none (supervised from scratch)
     trust_checkpoint: bool = False  # read checkpoint-dir files that are not plain data (may run code)
-    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"
-    mode: Literal["finetune", "linear"] = "finetune"
-    modalities: Literal["s1", "s2", "s1s2"] = "s1s2"
-    fusion: Literal["early", "late"] = "late"
+    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"  # trunk per branch
+    mode: Literal["finetune", "linear"] = "finetune"  # train the backbone too, or only the head
+    modalities: Literal["s1", "s2", "s1s2"] = "s1s2"  # inputs the classifier sees
+    fusion: Literal["early", "late"] = "late"  # s1s2: one trunk on stacked bands, or one per modality
     # a plain (torchvision-named) single-modality state dict: which input it takes (s1, s2,
     # s2_rgb, s1s2); empty = the one whose band count its conv1 has
-    checkpoint_modality: str = ""
+    checkpoint_modality: str = ""  # plain weights: the input they take (empty: by conv1's bands)
     # JSON of band mean/std/clip for plain weights (export's .normalization.json); empty =
     # the one beside the weights, else the training shards' statistics
-    normalization: str = ""
+    normalization: str = ""  # plain weights: band statistics JSON (empty: beside them, else the shards')
 
 
 @dataclass
 class FtTrainConfig:
-    task: Literal["single", "multi"] = "single"
-    epochs: int = 50
+    """The fine-tuning loop: task, epochs, learning rates, early stopping."""
+
+    task: Literal["single", "multi"] = "single"  # single-label (cross-entropy) or multi-label (BCE)
+    epochs: int = 50  # at most this many epochs (early stopping may end sooner)
     patience: int = 10  # epochs without val improvement before stopping (0 = never stop early)
     early_stop_on: Literal["loss", "metric"] = "loss"  # metric: AA (single) / macro F1 (multi)
     lr: float = 1e-5  # head
-    backbone_lr: float = 1e-5
-    weight_decay: float = 1e-3
+    backbone_lr: float = 1e-5  # backbone (model.mode=finetune)
+    weight_decay: float = 1e-3  # Adam weight decay (L2)
     lr_drop_at: float = 0.5  # lr x0.1 after this fraction of the epochs (0 = never)
     threshold: float = 0.5  # multi-label decision threshold
-    seed: int = 42
+    seed: int = 42  # split, label subset, sampling and head initialisation
     threads: int = 0  # torch intra-op threads; 0 = leave torch's setting
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when visible
 
 
 @dataclass
 class FinetuneConfig:
-    data: FtDataConfig = field(default_factory=FtDataConfig)
-    model: FtModelConfig = field(default_factory=FtModelConfig)
-    train: FtTrainConfig = field(default_factory=FtTrainConfig)
+    """Everything `satfuse finetune` reads (one DFC2020 run), one section per component."""
+
+    data: FtDataConfig = field(default_factory=FtDataConfig)  # labelled shards, split, sampling
+    model: FtModelConfig = field(default_factory=FtModelConfig)  # weights, inputs, fusion, mode
+    train: FtTrainConfig = field(default_factory=FtTrainConfig)  # the loop
     # empty = runs/finetune/<method>/<task>/frac<F>/seed<S>, the layout of a sweep, so that runs
     # of different methods, fractions or seeds never share a result.json
-    run_dir: str = ""
+    run_dir: str = ""  # where result.json and the curves go (empty: the sweep layout, below)
     label: str = ""  # method name in reports; empty = derived from the config
     log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / W&B curves per epoch
 
@@ -118,18 +126,20 @@ def load_finetune_config(path: str | None, overrides: list[str] | None = None) -
     return load_config(FinetuneConfig, path, overrides)
 
 
-def method_label(cfg: FinetuneConfig, method: str | None = None) -> str:
-    """A readable method name for tables: 'Dual-SimCLR (fine-tune)', 'Supervised late fusion'."""
-    if cfg.label:
-        return cfg.label
-    mod = cfg.model.modalities
-    what = {"s1": "S1", "s2": "S2"}.get(mod, f"{cfg.model.fusion} fusion")
+def method_label(model: FtModelConfig, method: str | None = None, label: str = "") -> str:
+    """A readable method name for tables: 'Dual-SimCLR (fine-tune)', 'Supervised late fusion'.
+    `label` (the config's top-level `label`) wins when given; else it is said from the `model`
+    section and the pretraining `method` of the checkpoint (None: trained from scratch)."""
+    if label:
+        return label
+    mod = model.modalities
+    what = {"s1": "S1", "s2": "S2"}.get(mod, f"{model.fusion} fusion")
     if method is None:
         base = f"Supervised {what}"
-        return base if cfg.model.mode == "finetune" else f"Random-init {what} (linear)"
+        return base if model.mode == "finetune" else f"Random-init {what} (linear)"
     name = METHOD_NAMES.get(method, method)
     suffix = "" if mod == "s1s2" else f" {what}"
-    return f"{name}{suffix} ({'fine-tune' if cfg.model.mode == 'finetune' else 'linear'})"
+    return f"{name}{suffix} ({'fine-tune' if model.mode == 'finetune' else 'linear'})"
 
 
 def slug(text: str) -> str:
@@ -167,21 +177,22 @@ def _stats_from_arrays(split: D.LabeledSplit, s1_clip: list[float], s2_clip: lis
     return out
 
 
-def band_stats(cfg: FinetuneConfig, train: D.LabeledSplit, pretrained_stats: dict | None) -> tuple[dict, str]:
-    """Pretraining statistics when fine-tuning a pretrained model, else the train manifest's."""
+def band_stats(data: FtDataConfig, train: D.LabeledSplit, pretrained_stats: dict | None) -> tuple[dict, str]:
+    """Pretraining statistics when fine-tuning a pretrained model, else the train manifest's
+    (clipped to the `data` section's s1_clip/s2_clip)."""
     if pretrained_stats and {"s1", "s2"} <= set(pretrained_stats):
         return pretrained_stats, "checkpoint"
     stats = train.manifest.get("stats") or {}
     if {"s1", "s2"} <= set(stats):
-        return {"s1": BandStats.from_manifest(stats, "s1", cfg.data.s1_clip),
-                "s2": BandStats.from_manifest(stats, "s2", cfg.data.s2_clip)}, "train_manifest"
+        return {"s1": BandStats.from_manifest(stats, "s1", data.s1_clip),
+                "s2": BandStats.from_manifest(stats, "s2", data.s2_clip)}, "train_manifest"
     log.warning("%s: manifest has no stats; measuring them on the training patches", train.source)
-    return _stats_from_arrays(train, cfg.data.s1_clip, cfg.data.s2_clip), "train_arrays"
+    return _stats_from_arrays(train, data.s1_clip, data.s2_clip), "train_arrays"
 
 
-def prepare_data(cfg: FinetuneConfig) -> Prepared:
-    """Load both splits, hold out the early-stopping part, draw the label fraction."""
-    dc = cfg.data
+def prepare_data(dc: FtDataConfig, seed: int) -> Prepared:
+    """Load both splits of the `data` section, hold out the early-stopping part, draw the label
+    fraction (`seed` is train.seed: the split and the subset are the run's, reproducibly)."""
     if dc.crop < 0:
         raise SatfuseError(f"data.crop={dc.crop} must be >= 0 (0 = whole patch)")
     train = D.load_split_cached(dc.train_shards, 0)
@@ -190,8 +201,8 @@ def prepare_data(cfg: FinetuneConfig) -> Prepared:
                            f"{dc.train_shards}; set data.crop <= {min(train.s1.shape[-2:])}")
     test = D.load_split_cached(dc.test_shards, dc.crop)
     strat = train.patch_labels()
-    pool, val_idx = D.train_val_split(strat, dc.val_fraction, cfg.train.seed)
-    train_idx = D.label_fraction_subset(strat, pool, dc.label_fraction, cfg.train.seed,
+    pool, val_idx = D.train_val_split(strat, dc.val_fraction, seed)
+    train_idx = D.label_fraction_subset(strat, pool, dc.label_fraction, seed,
                                         dc.keep_every_class)
     if train_idx.size == 0:
         raise SatfuseError(f"{dc.train_shards}: label fraction {dc.label_fraction} leaves no "
@@ -293,20 +304,20 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(cfg: FinetuneConfig) -> tuple[Classifier, dict | None, dict]:
-    """Classifier for the config; returns (model, pretraining stats or None, checkpoint info)."""
-    mc = cfg.model
+def build_model(mc: FtModelConfig, seed: int) -> tuple[Classifier, dict | None, dict]:
+    """Classifier of the `model` section, its new layers drawn from `seed` (train.seed); returns
+    (model, pretraining stats or None, checkpoint info)."""
     frozen = mc.mode == "linear"
     if mc.checkpoint.lower() in ("", "none"):
         specs = scratch_branches(mc.modalities, mc.fusion)
-        _seed_everything(cfg.train.seed)
+        _seed_everything(seed)
         return build_classifier(specs, mc.backbone, N_CLASSES, frozen), None, {"method": None}
     pre = load_for_finetune(mc.checkpoint, mc.backbone, mc.checkpoint_modality, mc.normalization,
                             trust=mc.trust_checkpoint)
     specs = pretrained_branches(pre, mc.backbone, mc.modalities, mc.fusion)
     # seeded after loading: building a pretraining model from a checkpoint directory draws from
     # torch's RNG, so seeding before it would start the head elsewhere than for an export file
-    _seed_everything(cfg.train.seed)
+    _seed_everything(seed)
     model = build_classifier(specs, mc.backbone, N_CLASSES, frozen, pre.state_dicts, pre.path)
     info = {"method": pre.method, "step": pre.step, "source": pre.source, "path": pre.path,
             "branches": [s.name for s in specs]}
@@ -403,8 +414,9 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def check_learning(cfg: FinetuneConfig, train_loss: list[float]) -> str | None:
-    """A warning when the training loss neither fell nor left the chance level.
+def check_learning(tc: FtTrainConfig, mode: str, train_loss: list[float]) -> str | None:
+    """A warning when the training loss neither fell nor left the chance level (`tc`: the
+    `train` section; `mode`: model.mode, whether the backbone's lr is part of the advice).
 
     Why: with the authors' lr (1e-5) on a small data set the head barely moves and every
     score sits at chance; without a word the table looks like a result. "Fell" is the mean
@@ -417,11 +429,10 @@ def check_learning(cfg: FinetuneConfig, train_loss: list[float]) -> str | None:
         return None
     later = losses[len(losses) // 2:] if len(losses) > 2 else losses[1:]
     mean_later = sum(later) / len(later)
-    chance = math.log(N_CLASSES) if cfg.train.task == "single" else math.log(2)
+    chance = math.log(N_CLASSES) if tc.task == "single" else math.log(2)
     if mean_later < 0.9 * losses[0] or mean_later < 0.5 * chance:
         return None
-    tc = cfg.train
-    lrs = f"train.lr={tc.lr:g}" + (f", train.backbone_lr={tc.backbone_lr:g}" if cfg.model.mode == "finetune" else "")
+    lrs = f"train.lr={tc.lr:g}" + (f", train.backbone_lr={tc.backbone_lr:g}" if mode == "finetune" else "")
     return (f"training loss did not fall ({losses[0]:.4f} in epoch 1, {mean_later:.4f} later; chance "
             f"{chance:.2f}) with {lrs}: the classifier is not learning and its scores may be at chance; "
             "try a larger train.lr (e.g. 1e-3 on small data) or more epochs")
@@ -438,22 +449,22 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     if cfg.run_dir and (Path(cfg.run_dir) / "result.json").exists() and not overwrite:
         raise SatfuseError(_exists_msg(Path(cfg.run_dir)))
     device = _device(cfg.train.device)
-    model, pre_stats, ckpt_info = build_model(cfg)
+    model, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed)
     if ckpt_info.get("fusion", cfg.model.fusion) != cfg.model.fusion:
         log.warning("model.fusion=%s asked, but %s has one backbone on stacked S1+S2: this runs (and "
                     "records) %s fusion", cfg.model.fusion, cfg.model.checkpoint, ckpt_info["fusion"])
         cfg.model.fusion = ckpt_info["fusion"]
     if not cfg.run_dir:
         cfg.run_dir = str(Path(DEFAULT_RUNS_ROOT) / run_subdir(
-            method_label(cfg, ckpt_info["method"]), cfg.train.task, cfg.data.label_fraction, cfg.train.seed))
+            method_label(cfg.model, ckpt_info["method"], cfg.label), cfg.train.task, cfg.data.label_fraction, cfg.train.seed))
         if (Path(cfg.run_dir) / "result.json").exists() and not overwrite:
             raise SatfuseError(_exists_msg(Path(cfg.run_dir)))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, run_dir / "config.yaml")
     model.to(device)
-    prep = prepare_data(cfg)
-    stats, stats_source = band_stats(cfg, prep.train, pre_stats)
+    prep = prepare_data(cfg.data, cfg.train.seed)
+    stats, stats_source = band_stats(cfg.data, prep.train, pre_stats)
     t_loaded = time.perf_counter()
     trainer = Trainer(cfg, model, prep, stats, device)
     fit = trainer.fit()
@@ -464,13 +475,13 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         raise SatfuseError(f"{cfg.data.test_shards}: no test patch has a valid label in its "
                            f"{cfg.data.crop}px centre crop; nothing to score")
     metrics = score(cfg.train.task, pred, cfg.train.threshold)
-    warning = check_learning(cfg, trainer.curves["train_loss"])
+    warning = check_learning(cfg.train, cfg.model.mode, trainer.curves["train_loss"])
     if warning:
         log.warning("%s: %s", run_dir, warning)
     t_end = time.perf_counter()
     result = {
         "format": RESULT_FORMAT,
-        "method": method_label(cfg, ckpt_info["method"]),
+        "method": method_label(cfg.model, ckpt_info["method"], cfg.label),
         "task": cfg.train.task, "mode": cfg.model.mode, "modalities": cfg.model.modalities,
         "fusion": cfg.model.fusion, "label_fraction": cfg.data.label_fraction, "seed": cfg.train.seed,
         **prep.info, "n_test": int(pred["single"].size), "n_test_dropped_no_label": pred["n_dropped"],

@@ -36,27 +36,29 @@ log = logging.getLogger(__name__)
 class SweepMethod:
     """One line of the paper's table: a label and what differs from the base config."""
 
-    label: str
+    label: str  # the method's name in the table (runs/<label>/...)
     checkpoint: str = "none"  # none | pretrained (the sweep's checkpoint) | a path
-    mode: str = "finetune"
-    modalities: str = "s1s2"
-    fusion: str = "late"
+    mode: str = "finetune"  # model.mode of its runs: finetune | linear
+    modalities: str = "s1s2"  # model.modalities of its runs: s1 | s2 | s1s2
+    fusion: str = "late"  # model.fusion of its runs: early | late
     overrides: list[str] = field(default_factory=list)  # extra key=value for this method
 
 
 @dataclass
 class SweepConfig:
-    out: str = "runs/finetune_sweep"
+    """`satfuse finetune sweep`: methods x label fractions x seeds x tasks of DFC2020 runs."""
+
+    out: str = "runs/finetune_sweep"  # every run's directory goes under this
     base_config: str = ""  # a finetune YAML (hpc/finetune/...), applied first
     base: dict[str, Any] = field(default_factory=dict)  # finetune config keys over base_config
     checkpoint: str = "none"  # the pretrained export/ckpt dir behind `checkpoint: pretrained`
     train_shards: str = ""  # non-empty: overrides data.train_shards of every run
     test_shards: str = ""  # non-empty: overrides data.test_shards of every run
-    methods: list[SweepMethod] = field(default_factory=list)
-    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0])
+    methods: list[SweepMethod] = field(default_factory=list)  # the table's rows (see SweepMethod)
+    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0])  # shares of labelled patches
     multi_label_fractions: list[float] = field(default_factory=list)  # empty = label_fractions
-    seeds: list[int] = field(default_factory=lambda: [40, 41, 42])
-    tasks: list[str] = field(default_factory=lambda: ["single", "multi"])
+    seeds: list[int] = field(default_factory=lambda: [40, 41, 42])  # one run per seed (mean ± std in the report)
+    tasks: list[str] = field(default_factory=lambda: ["single", "multi"])  # single- and/or multi-label classification
     workers: int = 1  # runs in parallel (processes); each gets cores // workers torch threads
 
 

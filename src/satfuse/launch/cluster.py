@@ -39,20 +39,20 @@ SIGNALS = ("USR1", "USR2", "TERM", "HUP", "INT")
 class ClusterProfile:
     """Site defaults for `satfuse submit`; every field can be overridden by a CLI flag."""
 
-    executor: Literal["slurm", "local"] = "slurm"
+    executor: Literal["slurm", "local"] = "slurm"  # slurm (sbatch via submitit) or submitit's local executor on this machine
     partition: str = ""  # empty: the cluster's default partition
-    account: str = ""
-    qos: str = ""
+    account: str = ""  # SLURM account charged (empty: the user's default)
+    qos: str = ""  # SLURM quality of service (empty: the default)
     constraint: str = ""  # e.g. "a100|h100"
     exclude: str = ""  # nodes to avoid
-    nodes: int = 1
+    nodes: int = 1  # nodes per job
     gpus_per_node: int = 0  # > 0: one task per GPU
     tasks_per_node: int = 1  # tasks (CPU workers) per node when gpus_per_node == 0
-    cpus_per_task: int = 1
+    cpus_per_task: int = 1  # CPU cores per task (loader workers run on these)
     mem_gb: float = 0.0  # per node; 0: the partition's default
     time: str = "04:00:00"  # SLURM syntax: MM, HH:MM:SS, D-HH[:MM[:SS]]
     signal: str = "USR2"  # sent `signal_delay_s` before the time limit (not USR1: NCCL)
-    signal_delay_s: int = 120
+    signal_delay_s: int = 120  # seconds before the time limit the signal comes (time to checkpoint)
     requeue: bool = True  # allow `scontrol requeue` (preemption and time limits)
     setup: list[str] = field(default_factory=list)  # shell lines before srun (module load ...)
     env: dict[str, str] = field(default_factory=dict)  # exported in the job (e.g. SATFUSE_IFNAME)
