@@ -252,6 +252,20 @@ def test_world_one_creates_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
         denv.teardown()
 
 
+def test_exported_layout_reads_back_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the rendezvous exports torchrun-style variables, a later `world_info_from_env`
+    (staging, a subprocess) still sees this rank's node, not node 0."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+                "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # _export writes here; undone after the test
+    env = denv.DistEnv(rank=3, local_rank=1, world_size=4, local_world_size=2, node_rank=1,
+                       master_addr="sfnode1", master_port=21000, num_nodes=2, source="slurm")
+    denv._export(env)
+    back = lenv.world_info_from_env()
+    assert (back.rank, back.local_rank, back.node_rank, back.num_nodes, back.world_size) == (3, 1, 1, 2, 4)
+
+
 def test_teardown_leaves_a_multi_rank_group_to_the_exit(monkeypatch: pytest.MonkeyPatch) -> None:
     """Destroying a multi-rank gloo group can deadlock against its own worker threads (see
     `teardown`); with several ranks teardown must not call it (the process exits right after)."""

@@ -120,10 +120,11 @@ def configure_interface(ifname: str | None = None) -> str | None:
 
 
 def _export(env: DistEnv) -> None:
-    """Publish the layout as torchrun-style variables: DeepSpeed and others read them."""
-    # the six variables torch's env:// and DeepSpeed read (as before launcher_env existed)
-    keep = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    os.environ.update({k: v for k, v in torchrun_vars(env).items() if k in keep})
+    """Publish the layout as torchrun-style variables: torch's env://, DeepSpeed and others
+    read them. The node variables go too (NODE_RANK, GROUP_WORLD_SIZE): once RANK/WORLD_SIZE
+    are set, `world_info_from_env` reads the torchrun style first, and without them every rank
+    of a SLURM job would read itself as node 0."""
+    os.environ.update(torchrun_vars(env))
 
 
 def _rendezvous_error(env: DistEnv, timeout_s: int, exc: BaseException) -> SatfuseError:
@@ -198,9 +199,8 @@ def init_distributed(
 
 
 def current_env() -> DistEnv | None:
-    """The layout `init_distributed` joined with (None before it ran). Why not re-read the
-    environment: `_export` rewrote RANK/WORLD_SIZE in torchrun's style without the node
-    variables, so a SLURM job's node rank can no longer be read from it."""
+    """The layout `init_distributed` joined with (None before it ran): the resolved layout
+    itself, without re-reading the environment."""
     return _STATE.get("env")
 
 
