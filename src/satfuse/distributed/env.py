@@ -215,9 +215,10 @@ def teardown() -> None:
     still freeing its last finished collective needs the GIL to drop a Python object kept in
     that op's thread-local state. Both wait forever: gdb on a rank that never exited showed the
     main thread in `ProcessGroupGloo::~ProcessGroupGloo -> std::thread::join` and a
-    `pt_gloo_runloop` thread in `AsyncWork::~AsyncWork -> take_gil`. A race, more likely on
-    busy cores: it hung a 3-rank resume test in CI, and a loaded 2-core machine here on the
-    first try; in a job it would hold the nodes until the time limit.
+    `pt_gloo_runloop` thread in `AsyncWork::~AsyncWork -> take_gil`. A race: it hung a 3-rank
+    resume test in CI, and 2 of the first 8 runs of that test's ranks in a loop on 2 cores
+    (0 of 60 once the group was left to the exit); in a job it would hold the nodes until the
+    time limit.
     """
     _STATE.pop("env", None)
     try:
