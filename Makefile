@@ -30,7 +30,7 @@ demo: setup
 	$(VENV)/bin/satfuse demo
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

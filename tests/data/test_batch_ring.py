@@ -119,7 +119,8 @@ def test_pin_is_a_no_op_without_cuda(shard_dir: Path) -> None:
 
 
 SCRIPT = """
-import logging, multiprocessing, os, sys
+import faulthandler, logging, multiprocessing, os, signal, sys
+faulthandler.register(signal.SIGQUIT, all_threads=True)  # the test asks for stacks if we hang
 from satfuse.config import DataConfig
 from satfuse.data.pretrain_loader import PretrainLoader
 from satfuse.data.shard_sets import resolve_shards
@@ -181,7 +182,14 @@ def test_shutdown_leaves_no_shared_memory_or_workers(tmp_path: Path, mode: str) 
     elif mode == "sigkill":  # the main process alone dies: its workers notice and exit
         time.sleep(0.5)
         os.kill(proc.pid, signal.SIGKILL)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGQUIT)  # every thread's stack to stderr, then give up
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{mode}: the loader's process did not exit within 120 s\n{err[-6000:]}") from None
     if mode == "normal":
         assert proc.returncode == 0, err
         assert out.split() == ["CLOSED"], out  # no worker left once the iterator is closed

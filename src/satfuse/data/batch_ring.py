@@ -186,6 +186,9 @@ class RingConsumer:
         for q in self.credits:
             with contextlib.suppress(OSError, ValueError):  # a queue already closed
                 q.put(None)
+                q.close()
+                # a worker killed by Ctrl-C never reads it: the exit must not wait to flush it
+                q.cancel_join_thread()
         if self.pinned:
             torch.cuda.current_stream().synchronize()  # copies queued from a batch still in use finish first
             cudart = torch.cuda.cudart()

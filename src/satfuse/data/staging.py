@@ -145,6 +145,7 @@ def stage(shards: ShardSet, stage_dir: str, seed: int, node: NodeLayout) -> Shar
 
     Collective: every rank of the job calls it at the same point (the loader's constructor)."""
     box: dict[str, BaseException] = {}
+    cancel = threading.Event()  # set when another node failed: this node stops copying
     copier, rows = None, []
     try:  # a bad value on one node only (an unset variable) must stop every rank, not hang them
         set_dir, rows = plan_copies(shards, stage_root(stage_dir))
@@ -155,10 +156,16 @@ def stage(shards: ShardSet, stage_dir: str, seed: int, node: NodeLayout) -> Shar
         box["error"] = exc
     else:
         if node.local_rank == 0:
-            copier = threading.Thread(target=_guarded, args=(box, shards, set_dir, mine, node),
+            copier = threading.Thread(target=_guarded, args=(box, shards, set_dir, mine, node, cancel),
                                       name="satfuse-stage", daemon=True)
             copier.start()
-    _wait_for_all_nodes(copier, box, node)
+    try:
+        _wait_for_all_nodes(copier, box, node)
+    except BaseException:  # another node failed (or Ctrl-C): stop this node's copier before leaving
+        cancel.set()
+        if copier is not None:
+            copier.join(timeout=60)
+        raise
     urls = [str(r.dest) for r in rows]
     parts = []
     for k, part in enumerate(shards.parts):
@@ -179,9 +186,9 @@ def _check_share(shards: ShardSet, owner: list[int], nodes: int, stage_dir: str)
 
 
 def _guarded(box: dict[str, BaseException], shards: ShardSet, set_dir: Path, mine: list[StagedShard],
-             node: NodeLayout) -> None:
+             node: NodeLayout, cancel: threading.Event) -> None:
     try:
-        copy_share(shards, set_dir, mine, node.node)
+        copy_share(shards, set_dir, mine, node.node, cancel)
     except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
         box["error"] = exc
 
@@ -214,9 +221,12 @@ def _wait_for_all_nodes(copier: threading.Thread | None, box: dict[str, BaseExce
 # --------------------------------------------------------------------------------------------
 
 
-def copy_share(shards: ShardSet, set_dir: Path, mine: list[StagedShard], node: int = 0) -> dict[str, int]:
+def copy_share(shards: ShardSet, set_dir: Path, mine: list[StagedShard], node: int = 0,
+               cancel: threading.Event | None = None) -> dict[str, int]:
     """Make `set_dir` hold intact copies of `mine`: reuse verified copies, copy the rest.
-    Returns counts and bytes {"reused", "copied", "recopied", "bytes_copied"}."""
+    Returns counts and bytes {"reused", "copied", "recopied", "bytes_copied"}. `cancel` set:
+    the copies in flight stop at their next chunk (their temp files removed) and it raises."""
+    cancel = cancel or threading.Event()
     parts = _parts(shards)
     for k, (_, man) in enumerate(parts):
         folder = set_dir / f"part{k}"
@@ -248,7 +258,7 @@ def copy_share(shards: ShardSet, set_dir: Path, mine: list[StagedShard], node: i
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"staging node {node}", disable=not todo, mininterval=2)
 
     def one(r: StagedShard) -> None:
-        _copy_verified(r, bar, lock)
+        _copy_verified(r, bar, lock, cancel)
         with lock:
             stats["bytes_copied"] += r.size
 
@@ -295,7 +305,7 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _copy_verified(r: StagedShard, bar: tqdm, lock: threading.Lock) -> None:
+def _copy_verified(r: StagedShard, bar: tqdm, lock: threading.Lock, cancel: threading.Event) -> None:
     """Copy one shard to a temp file, hashing as it goes; rename into place only if it matches."""
     tmp = r.dest.with_name(f".{r.dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     h = hashlib.sha256()
@@ -304,6 +314,8 @@ def _copy_verified(r: StagedShard, bar: tqdm, lock: threading.Lock) -> None:
     try:
         with open(r.source, "rb") as src, open(tmp, "wb") as dst:
             while n := src.readinto(buf):
+                if cancel.is_set():
+                    raise SatfuseError(f"data.stage_dir: copying {r.source} stopped (staging failed elsewhere)")
                 h.update(view[:n])
                 dst.write(view[:n])
                 with lock:
@@ -327,7 +339,7 @@ def _copy_verified(r: StagedShard, bar: tqdm, lock: threading.Lock) -> None:
 
 def _publish(path: Path, data: bytes) -> None:
     """Atomic write (temp + fsync + rename); concurrent writers of the same bytes are harmless."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # one per writer
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
