@@ -121,6 +121,9 @@ def test_pin_is_a_no_op_without_cuda(shard_dir: Path) -> None:
 SCRIPT = """
 import faulthandler, logging, multiprocessing, os, signal, sys
 faulthandler.register(signal.SIGQUIT, all_threads=True)  # the test asks for stacks if we hang
+# a terminal's foreground process: Ctrl-C raises KeyboardInterrupt. A shell that starts a job in
+# the background (a CI runner, `cmd &`) ignores SIGINT for it, which Python then keeps ignoring
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from satfuse.config import DataConfig
 from satfuse.data.pretrain_loader import PretrainLoader
 from satfuse.data.shard_sets import resolve_shards
