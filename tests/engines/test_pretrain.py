@@ -148,14 +148,30 @@ def test_fp16_on_cpu_fails_at_start(sen12ms_shards, tmp_path):
 
 
 def test_sigterm_on_one_rank_saves_on_all_and_stops_without_requeue(sen12ms_shards, tmp_path):
-    """TERM (scancel) beats the requeue signal: rank 0 gets USR1, rank 1 TERM -> both save and
-    exit 143, which no launcher requeues."""
+    """TERM (scancel) on one rank: every rank saves and exits 143, which no launcher requeues.
+    (That TERM beats a requeue signal another rank got at the same step is the agreement's MAX:
+    `test_term_beats_requeue_in_the_agreement`. Sending both here would race: a TERM handled
+    one agreement after the USR1 is a requeue, correctly.)"""
     run = tmp_path / "run"
     args = common(sen12ms_shards, run, 500, **{"checkpoint.every_steps": "1000"})
     procs = start_ranks(2, args, log_dir=tmp_path)
     wait_for_step(run, 3, procs)
     procs[1].send_signal(signal.SIGTERM)
-    procs[0].send_signal(signal.SIGUSR1)
     assert wait_all(procs) == [143, 143], logs(tmp_path)
     assert 3 <= int(latest(run).name.split("_")[1]) < 500
     assert "stopped, not to be requeued" in logs(tmp_path)
+
+
+def test_term_beats_requeue_in_the_agreement() -> None:
+    """One rank got USR1 (requeue), another TERM (stop for good) before the same step's
+    agreement: the MAX of their levels is TERM's, so every rank exits 143."""
+    from satfuse.engines.signals import StopFlag
+
+    usr1, term = StopFlag(), StopFlag()
+    usr1._handler(signal.SIGUSR1, None)
+    term._handler(signal.SIGTERM, None)
+    agreed = max(usr1.level, term.level)  # what agree_max computes across the ranks
+    assert usr1.agreed(agreed) and term.agreed(agreed)
+    assert usr1.exit_code == term.exit_code == 143
+    alone = StopFlag()  # USR1 alone is a requeue
+    assert alone.agreed(usr1.level) and alone.exit_code == 75
