@@ -100,3 +100,17 @@ def run_rank(loader, steps: int) -> list[dict]:
     """The next `steps` batches of a loader's iterator (a fresh iterator from its state)."""
     it = iter(loader)
     return [next(it) for _ in range(steps)]
+
+
+def gather_report(report: dict, world: int, rank: int, out: str) -> None:
+    """End of a test rank: every rank's report to rank 0, which writes them as JSON to `out`;
+    then the group is left to the exit (`satfuse.distributed.env.teardown`)."""
+    import torch.distributed as dist
+
+    from satfuse.distributed.env import teardown
+
+    reports: list = [None] * world
+    dist.all_gather_object(reports, report)
+    if rank == 0:
+        Path(out).write_text(json.dumps(reports))
+    teardown()

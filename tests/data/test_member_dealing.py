@@ -19,9 +19,8 @@ import torch.multiprocessing as mp
 from satfuse.data.pretrain_loader import PretrainLoader
 from satfuse.data.shard_sets import resolve_shards
 from satfuse.data.stream_plan import make_plan, runs_size
-from satfuse.distributed.env import teardown
 from satfuse.distributed.ports import free_port
-from tests.data.loader_shards import data_cfg, make_shards, sample_ids
+from tests.data.loader_shards import data_cfg, gather_report, make_shards, sample_ids
 
 TOTAL, STOP = 96, 3  # one shard of 96 samples; the first run stops after 3 batches per rank
 
@@ -73,11 +72,7 @@ def _rank(rank: int, world: int, port: int, shard_dir: str, states_in: str, out:
                 for b in batches[STOP:]
             )
             del it
-        reports: list = [None] * world
-        dist.all_gather_object(reports, report)
-        if rank == 0:
-            Path(out).write_text(json.dumps(reports))
-        teardown()
+        gather_report(report, world, rank, out)
     except BaseException as exc:  # noqa: BLE001 - report it, then die with a failure status
         print(f"rank {rank}: {exc!r}", file=sys.stderr, flush=True)
         os._exit(1)

@@ -17,9 +17,8 @@ import torch.multiprocessing as mp
 
 from satfuse.data.pretrain_loader import PretrainLoader
 from satfuse.data.shard_sets import resolve_shards
-from satfuse.distributed.env import teardown
 from satfuse.distributed.ports import free_port
-from tests.data.loader_shards import data_cfg, make_shards, sample_ids, truncate
+from tests.data.loader_shards import data_cfg, gather_report, make_shards, sample_ids, truncate
 
 
 def _rank(rank: int, world: int, port: int, shard_dir: str, out: str) -> None:
@@ -35,11 +34,7 @@ def _rank(rank: int, world: int, port: int, shard_dir: str, out: str) -> None:
             if batch["epoch"] == 0:
                 ids += sample_ids(batch)
         report = {"ids": ids, "state": ld.state_dict(), "errors": ld.decode_errors, "steps": ld.steps_per_epoch}
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, report)
-        if rank == 0:
-            Path(out).write_text(json.dumps(gathered))
-        teardown()
+        gather_report(report, world, rank, out)
     except BaseException as exc:  # noqa: BLE001 - report it, then die with a failure status
         print(f"rank {rank}: {exc!r}", file=sys.stderr, flush=True)
         os._exit(1)
