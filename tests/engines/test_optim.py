@@ -113,9 +113,10 @@ def test_constant_schedule_after_warmup() -> None:
 
 @pytest.mark.slow
 def test_kill_and_resume_with_lars_and_warmup_cosine(sen12ms_shards: Path, tmp_path: Path) -> None:
-    """SIGKILL mid-run, restart: the restarted run logs the lr of the closed form at the first
-    step after the checkpoint (warmup + cosine position restored, not restarted), and ends
-    with the same losses as an uninterrupted run."""
+    """SIGKILL mid-run, restart: the first step after the checkpoint updates with the lr of the
+    closed form (warmup + cosine position restored, not restarted; metrics.jsonl logs the lr
+    each step used, so a resume that gets only that one step's lr wrong fails here, not just
+    through the loss), and the run ends with the same losses as an uninterrupted run."""
     steps, every, lr = 12, 4, 0.5
     args = lambda run: [f"data.shards={sen12ms_shards}", f"train.run_dir={run}", f"train.steps={steps}",  # noqa: E731
                         "train.log_every=1", f"checkpoint.every_steps={every}", "optim.name=lars",
@@ -125,8 +126,8 @@ def test_kill_and_resume_with_lars_and_warmup_cosine(sen12ms_shards: Path, tmp_p
     assert run_ranks(1, args(tmp_path / "ref_run"), tmp_path / "ref") == [0], logs(tmp_path / "ref")
     ref = {m["step"]: m for m in metrics(tmp_path / "ref_run") if "loss" in m}
     cfg = OptimConfig(name="lars", lr=lr, schedule="cosine", warmup_steps=3, min_lr_ratio=0.1)
-    for step, m in ref.items():  # the logged lr is the one the next step will use
-        assert m["lr"] == pytest.approx(lr * lr_factor(step, steps, cfg), rel=1e-9), step
+    for step, m in ref.items():  # the logged lr is the one that step used: 0-based index step - 1
+        assert m["lr"] == pytest.approx(lr * lr_factor(step - 1, steps, cfg), rel=1e-9), step
 
     run = tmp_path / "run"
     (tmp_path / "killed").mkdir()
@@ -143,7 +144,7 @@ def test_kill_and_resume_with_lars_and_warmup_cosine(sen12ms_shards: Path, tmp_p
     assert f"resumed from {run / 'checkpoints' / saved} at step {at}" in logs(tmp_path / "resumed")
     after = [m for m in metrics(run) if "loss" in m][len(before):]
     assert after[0]["step"] == at + 1  # continues after the checkpoint: no step before it redone
-    assert after[0]["lr"] == pytest.approx(lr * lr_factor(at + 1, steps, cfg), rel=1e-9)
+    assert after[0]["lr"] == pytest.approx(lr * lr_factor(at, steps, cfg), rel=1e-9)  # step at+1's lr
     for m in after:
         assert m["lr"] == pytest.approx(ref[m["step"]]["lr"], rel=1e-9), m["step"]
         assert m["loss"] == ref[m["step"]]["loss"], m["step"]

@@ -51,8 +51,8 @@ def test_changed_lr_and_batch_size_on_resume_are_applied_and_recorded(sen12ms_sh
     assert run_ranks(1, common(sen12ms_shards, run, 3), tmp_path) == [0], logs(tmp_path)
     args = common(sen12ms_shards, run, 5, **{"optim.lr": "2e-4", "data.batch_size": "4", "optim.weight_decay": "0.0"})
     assert run_ranks(1, args, tmp_path) == [0], logs(tmp_path)
-    lrs = {m["step"]: m["lr"] for m in metrics(run) if "lr" in m}
-    assert lrs[3] == 1e-3 and lrs[4] == lrs[5] == 2e-4  # tiny.yaml: 1e-3, constant schedule
+    lrs = {m["step"]: m["lr"] for m in metrics(run) if "lr" in m}  # the lr each step's update used
+    assert lrs[3] == 1e-3 and lrs[4] == lrs[5] == 2e-4  # tiny.yaml: 1e-3, constant; 4 = first resumed step
     (rec,) = [json.loads(ln) for ln in (run / "overrides.jsonl").read_text().splitlines()]
     assert rec["step"] == 3
     assert rec["changed"]["optim.lr"] == {"was": 1e-3, "now": 2e-4}
@@ -170,7 +170,7 @@ def test_changed_lr_on_resume_is_applied_under_deepspeed(sen12ms_shards, tmp_pat
     cfg = "hpc/pretrain/tiny_deepspeed.yaml"
     assert run_ranks(1, common(sen12ms_shards, run, 3), tmp_path, config=cfg) == [0], logs(tmp_path)
     assert run_ranks(1, common(sen12ms_shards, run, 5, **{"optim.lr": "2e-4"}), tmp_path, config=cfg) == [0], logs(tmp_path)
-    lrs = {m["step"]: m["lr"] for m in metrics(run) if "lr" in m}
-    assert lrs[3] == 1e-3 and lrs[4] == lrs[5] == 2e-4
+    lrs = {m["step"]: m["lr"] for m in metrics(run) if "lr" in m}  # the lr each step's update used
+    assert lrs[3] == 1e-3 and lrs[4] == lrs[5] == 2e-4  # 4 = the first resumed step
     (rec,) = [json.loads(ln) for ln in (run / "overrides.jsonl").read_text().splitlines()]
     assert rec["changed"] == {"optim.lr": {"was": 1e-3, "now": 2e-4}, "train.steps": {"was": 3, "now": 5}}

@@ -354,6 +354,9 @@ class Trainer:
                 batches = [next(data_iter) for _ in range(self.engine.accumulation)]
                 t_step = time.perf_counter()
                 log_step = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == total
+                # the lr this step's update uses: read before the scheduler moves it on (after the
+                # step, engine.lr() is already the next step's; a resume's lr would go unseen)
+                step_lr = self.engine.lr()
                 for i, batch in enumerate(batches):  # micro-batches of one optimizer step
                     new_epoch = int(batch.get("epoch", self.epoch))
                     if new_epoch != self.epoch:
@@ -370,11 +373,11 @@ class Trainer:
                     self.check_finite()
                     last = read_metrics(pending)  # the host reads the step's numbers only here
                     last["data_wait_s"] = t_step - t_wait
-                    sinks.scalars(self.step, step_scalars(last, self.engine.lr(), global_batch,
+                    sinks.scalars(self.step, step_scalars(last, step_lr, global_batch,
                                                           time.perf_counter() - t_wait))
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     skipped = self.skipped()
-                    record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(),
+                    record = {"step": self.step, "epoch": self.epoch, "lr": step_lr,
                               "pairs_per_s": rate, "skipped_samples": skipped, **last}
                     if cfg.train.nan_policy == "skip":
                         record["skipped_steps"] = self.skipped_steps
@@ -453,8 +456,9 @@ class Trainer:
 
 
 def step_scalars(last: dict[str, float], lr: float, global_batch: int, step_s: float) -> dict[str, float]:
-    """The per-step curves of TensorBoard/W&B: loss, lr, pairs/s (global batch over the step's
-    wall time, data wait included), in-batch retrieval top-1, grad norm, data wait."""
+    """The per-step curves of TensorBoard/W&B: loss, lr (the one the step's update used, as in
+    metrics.jsonl), pairs/s (global batch over the step's wall time, data wait included),
+    in-batch retrieval top-1, grad norm, data wait."""
     out = {"train/loss": last.get("loss"), "train/lr": lr,
            "train/pairs_per_s": global_batch / max(step_s, 1e-9),
            "train/retrieval_top1": last.get("retrieval_top1"), "train/grad_norm": last.get("grad_norm"),
