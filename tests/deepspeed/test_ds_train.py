@@ -173,10 +173,18 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_equal(runs, sen12ms_shard
     kill_at = random.Random().randint(6, STEPS - 2)
     wait_for_step(run, kill_at, procs)
     kill_all(procs, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2, f"killed at {kill_at}"
+    saved = max(p for p in (run / "checkpoints").glob("step_*") if (p / "meta.json").is_file())
+    at = int(saved.name.split("_")[1])  # the newest committed one (what resume=auto takes)
+    assert 5 <= at < STEPS, saved
+    before = [m for m in metrics(run) if "loss" in m]
     train(2, over, tmp_path / "l2")
-    assert "resumed from" in logs(tmp_path / "l2")
-    ref, got = losses(runs["zero2"]), losses(run)
-    assert got == ref  # steps logged after the resume overwrite nothing: same values, bitwise
+    assert f"resumed from {saved} at step {at}" in logs(tmp_path / "l2")
+    after = [m for m in metrics(run) if "loss" in m][len(before):]
+    assert [m["step"] for m in after] == list(range(at + 1, STEPS + 1)), [m["step"] for m in after]
+    ref = losses(runs["zero2"])
+    for m in before + after:  # both attempts: same values as the uninterrupted run, bitwise
+        assert m["loss"] == ref[m["step"]], (m["step"], f"killed at {kill_at}")
     a, b = fp32_state_dict(ckpt(runs["zero2"], STEPS)), fp32_state_dict(ckpt(run, STEPS))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), f"killed at {kill_at}"
