@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_ranks(world: int, overrides: list[str], config: str = "hpc/pretrain/tiny.yaml",
-                log_dir: Path | None = None) -> list[subprocess.Popen]:
+                log_dir: Path | None = None, entry: str = "satfuse.cli") -> list[subprocess.Popen]:
+    """`entry`: the module run with `-m` (tests.engines.recording_pretrain records batch keys)."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -24,7 +25,7 @@ def start_ranks(world: int, overrides: list[str], config: str = "hpc/pretrain/ti
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         out = open(log_dir / f"rank{rank}.log", "ab") if log_dir else subprocess.DEVNULL  # noqa: SIM115
-        cmd = [sys.executable, "-m", "satfuse.cli", "pretrain", "--config", str(ROOT / config), *overrides]
+        cmd = [sys.executable, "-m", entry, "pretrain", "--config", str(ROOT / config), *overrides]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
     return procs
 
