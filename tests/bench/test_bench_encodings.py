@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from satfuse.cli import main
 
 
@@ -20,6 +22,18 @@ def test_bench_loader_encodings_rows(tmp_path: Path) -> None:
     assert rows["default"]["encoding"] is None and rows["zstd"]["encoding"]["compress"] == "zstd"
     assert set(rows["zstd"]["member_bytes_per_pair"]) == {"json", "s1.npy.zst", "s2.npy.zst", "lc.npy.zst"}
     assert rows["default"]["compression_ratio"] == {"s1.npy": 1.0, "s2.npy": 1.0}
+    # each ratio recomputed from its row: decoded .npy bytes (128-byte header + the pixels of
+    # the stored dtype, as the default row's members are) over the member's bytes in the tar
+    npy = {"s1": 128 + 2 * 32 * 32 * 4, "s2": 128 + 13 * 32 * 32 * 2}
+    assert {k: v for k, v in rows["default"]["member_bytes_per_pair"].items() if k[:2] in npy} == {
+        "s1.npy": npy["s1"], "s2.npy": npy["s2"]}
+    for name, r in rows.items():
+        images = {k for k in r["member_bytes_per_pair"] if k[:2] in npy}
+        assert set(r["compression_ratio"]) == images, name
+        for k in images:
+            decoded = 128 + 2 * 32 * 32 * 2 if k.startswith("s1") and "float16" in name else npy[k[:2]]
+            assert r["compression_ratio"][k] == pytest.approx(decoded / r["member_bytes_per_pair"][k], rel=1e-3), (name, k)
+        assert r["bytes_vs_default"] == round(r["bytes_per_pair"] / rows["default"]["bytes_per_pair"], 3), name
     assert rows["zstd"]["compression_ratio"]["s2.npy.zst"] > 1.0
     # float16 S1 is half the bytes before compression: fewer bytes than zstd alone
     assert rows["zstd+float16"]["member_bytes_per_pair"]["s1.npy.zst"] < rows["zstd"]["member_bytes_per_pair"]["s1.npy.zst"]

@@ -32,16 +32,31 @@ def test_bench_loader_writes_json(tmp_path: Path) -> None:
     table = res["workers"]["rows"]
     assert set(table) == {"w0_crop16", "w1_crop16", "w1_crop16_fresh"} and table["w0_crop16"]["efficiency_vs_w0"] == 1.0
     assert table["w1_crop16"]["samples_per_cpu_s"] == w1["samples_per_cpu_s"]
+    for name, r in table.items():  # every ratio recomputed from the rows it is made of
+        assert r["efficiency_vs_w0"] == round(r["samples_per_cpu_s"] / w0["samples_per_cpu_s"], 3), name
     # rank 0 of 2 ranks: 8 of the 16 pairs an epoch, minus the first batch; 4 shards vs the same pairs in 1
     assert rows["deal_shards_w1_crop16"]["samples"] == rows["deal_members_w1_crop16"]["samples"] == 8 - 4
     dealing = res["member_dealing"]
     assert dealing["world"] == 2 and dealing["shards"] == 4 and set(dealing["members_vs_shards"]) == {"w0_crop16", "w1_crop16"}
-    assert all(v > 0 for v in dealing["members_vs_shards"].values())
-    assert res["verify_overhead"]["slowdown_first_epoch"] > 0 and res["verify_overhead"]["sha256_pass_s"] > 0
+    for key, ratio in dealing["members_vs_shards"].items():
+        members, whole = rows[f"deal_members_{key}"], rows[f"deal_shards_{key}"]
+        assert ratio == round(members["samples_per_s"] / whole["samples_per_s"], 3), key
+    verify_cost = res["verify_overhead"]
+    on, off = verify_cost["rows"]
+    assert (on, off) == ("loader_w0_crop16_1epoch", "loader_w0_crop16_1epoch_noverify")
+    assert verify_cost["slowdown_first_epoch"] == round(rows[off]["samples_per_s"] / rows[on]["samples_per_s"], 3)
+    assert verify_cost["sha256_pass_s"] == rows["sha256_pass"]["seconds"] > 0
     assert rows["per_file_rasterio"]["samples"] == rows["raw_tar_bytes"]["samples"] == res["samples"] == 16
     assert rows["loader_w0_crop16"]["samples"] == 16 - 4  # one epoch minus the first batch (start-up, timed apart)
     assert all(r["samples_per_s"] > 0 for r in rows.values()) and rows["per_file_rasterio"]["x_per_file"] == 1.0
-    assert res["goal_5x_per_file"]["best_row"].startswith("loader_")
+    per_file, floor = rows["per_file_rasterio"]["samples_per_s"], rows["raw_tar_bytes"]["samples_per_s"]
+    for name, r in rows.items():
+        assert r["x_per_file"] == round(r["samples_per_s"] / per_file, 2), name
+        assert r["fraction_of_floor"] == round(r["samples_per_s"] / floor, 3), name
+    goal = res["goal_5x_per_file"]
+    loaders = ("loader_w0_crop16", "loader_w1_crop16")  # not the 1-epoch, verify or fresh rows
+    assert goal["best_row"] == max(loaders, key=lambda k: rows[k]["samples_per_s"])
+    assert goal["x_per_file"] == rows[goal["best_row"]]["x_per_file"] and goal["met"] == (goal["x_per_file"] >= 5.0)
 
 
 
