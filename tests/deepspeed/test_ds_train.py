@@ -20,6 +20,8 @@ import torch
 from satfuse.checkpoint.deepspeed_export import fp32_state_dict
 from satfuse.checkpoint.export import export_backbones
 from satfuse.checkpoint.layout import checkpoint_problems, read_meta
+from satfuse.config import OptimConfig
+from satfuse.engines.optim import lr_factor
 from tests.engines.ranks import kill_all, logs, metrics, run_ranks, start_ranks, wait_for_step
 
 pytestmark = pytest.mark.deepspeed
@@ -268,8 +270,12 @@ def test_gradient_accumulation_counts_optimizer_steps_like_ddp(sen12ms_shards, t
     assert sorted(ds_rows) == sorted(ddp_rows) == [1, 2, 3]
     # a finite norm at every step: each step ended on an accumulation boundary (4 micro-batches)
     assert all(math.isfinite(m["grad_norm"]) for m in ds_rows.values())
-    assert [ds_rows[s]["lr"] for s in (1, 2, 3)] == pytest.approx([ddp_rows[s]["lr"] for s in (1, 2, 3)], rel=1e-9)
-    assert len({ds_rows[s]["lr"] for s in (1, 2, 3)}) == 3  # the schedule really moves
+    # the lr each step used: the closed form at the step's 0-based index, on both engines
+    cfg = OptimConfig(lr=0.001, schedule="cosine", warmup_steps=1)
+    want = [0.001 * lr_factor(s - 1, 3, cfg) for s in (1, 2, 3)]
+    assert [ds_rows[s]["lr"] for s in (1, 2, 3)] == pytest.approx(want, rel=1e-9)
+    assert [ddp_rows[s]["lr"] for s in (1, 2, 3)] == pytest.approx(want, rel=1e-9)
+    assert want[2] < want[1]  # the schedule really moves
     meta = read_meta(ckpt(ds_run, 3))
     assert meta["deepspeed"]["gradient_accumulation_steps"] == 4
 
