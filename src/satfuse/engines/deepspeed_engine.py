@@ -351,11 +351,21 @@ class DeepSpeedEngine(Engine):
     # ------------------------------------------------------------------ step
     def backward_step(self, loss: torch.Tensor) -> float:
         """One micro-batch: DeepSpeed scales by 1/k, reduces, clips, steps and schedules at
-        the boundary (every `accumulation`-th call; the trainer makes that one step)."""
+        the boundary (every `accumulation`-th call; the trainer makes that one step).
+
+        The grad norm (metrics.jsonl's `grad_norm`, before clipping) is DeepSpeed's, except at
+        ZeRO-0 fp32: there DeepSpeed steps our torch optimizer itself and its clipping keeps no
+        norm (`get_global_grad_norm()` is None), so the log showed NaN. It is measured here
+        instead, after backward's all-reduce at the boundary (every rank holds the averaged
+        gradient) and before the step: one more pass over the gradients per optimizer step."""
         boundary = self.model.is_gradient_accumulation_boundary()
         self.model.backward(loss)
+        norm: Any = None
+        if boundary and not hasattr(self.ds_optimizer, "_global_grad_norm"):  # DeepSpeed's own test
+            norm = nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
         self.model.step()
-        norm = self.model.get_global_grad_norm() if boundary else None
+        if boundary and norm is None:
+            norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     def lr(self) -> float:
