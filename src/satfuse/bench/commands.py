@@ -8,11 +8,11 @@ writes one JSON file.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import time
 
 from satfuse.bench.common import write_result
+from satfuse.utils import import_unless_optional_missing
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,13 @@ SMALLEST_ARGS: dict[str, list[str]] = {
 
 
 def available() -> dict[str, object]:
-    """The importable benchmarks; one that fails to import (a missing module or dependency)
-    is reported at warning level and left out, never silently."""
+    """The importable benchmarks; one whose optional dependency is missing is reported at
+    warning level and left out, never silently; any other import error propagates."""
     mods = {}
     for name, path in BENCHES.items():
-        try:
-            mods[name] = importlib.import_module(path)
-        except ImportError as exc:
-            log.warning("bench %s is unavailable: %s does not import (%s: %s); reinstall with "
-                        "`make setup`", name, path, type(exc).__name__, exc)
+        mod = import_unless_optional_missing(path, f"bench {name} is")
+        if mod is not None:
+            mods[name] = mod
     return mods
 
 
