@@ -73,4 +73,4 @@ def test_any_other_import_error_propagates(body: str, area: Callable[[str], str]
 
 def test_optional_dependencies_are_pyprojects_extras() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert utils.OPTIONAL_DEPENDENCIES == set(extras) - {"dev"}
+    assert set(extras) - {"dev"} == utils.OPTIONAL_DEPENDENCIES
