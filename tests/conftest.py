@@ -35,6 +35,22 @@ def backstop_grace_s(timeout: float) -> float:
     return min(60.0, max(5.0, timeout / 4))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fail-skips", action="store_true",
+                     help="a skipped test fails instead (make gpu-check: a `cuda` test that skips did not "
+                          "test the GPU, so the check must not pass)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    report = yield
+    if report.skipped and item.config.getoption("--fail-skips") and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped ({reason}), and --fail-skips is set: nothing was tested"
+    return report
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[BACKSTOP_FD] = os.dup(2)  # the terminal's stderr: capturing is not on here
 
