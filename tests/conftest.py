@@ -62,7 +62,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.timeout(max(limits)))
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # pytest-timeout's hook: no error without it
 def pytest_timeout_set_timer(item: pytest.Item, settings: object) -> None:
     """Arm the backstop beside pytest-timeout's own timer (returning None lets it set that)."""
     timeout = getattr(settings, "timeout", None)
@@ -71,7 +71,7 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: object) -> None:
                                           file=item.config.stash[BACKSTOP_FD])
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # pytest-timeout's hook: no error without it
 def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
     faulthandler.cancel_dump_traceback_later()
 

@@ -215,6 +215,7 @@ def _load_into_fresh_model(run: Path) -> dict:
     return model.state_dict()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the stock reader's one-process load
 def test_a_real_trainer_checkpoint_loads_through_the_fast_reader_alone(
         run: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The fast reader's fallback takes RuntimeError: everything `satfuse pretrain` writes (model,
