@@ -6,6 +6,7 @@ them from oversubscribing the machine.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from pathlib import Path
 
@@ -15,6 +16,64 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The hang guard (pyproject.toml: pytest-timeout's `timeout`, method `signal`) fails a test that
+# runs too long with every thread's stack and goes on with the next one. SIGALRM needs the main
+# thread to run Python again: one blocked in C (a gloo destructor joining a thread that waits for
+# the GIL, see `satfuse.distributed.env.teardown`) never does. So faulthandler's own thread,
+# which needs no GIL, dumps every thread to the real stderr and ends the run a grace period later.
+BACKSTOP_FD = pytest.StashKey[int]()
+# Per marker, above the default of pyproject.toml: the slurm and multinode tests wait on a real
+# scheduler and start it in their first test's set-up; the deepspeed ones start DeepSpeed ranks
+# (34 s for one 1-rank engine set-up and step on a loaded 2-core machine; their own subprocess
+# limits are up to 600 s). A test's own `@pytest.mark.timeout` wins.
+MARKER_TIMEOUT_S = {"slurm": 900, "multinode": 900, "deepspeed": 600}
+
+
+def backstop_grace_s(timeout: float) -> float:
+    """How long after pytest-timeout's limit the backstop ends the run (5 to 60 s)."""
+    return min(60.0, max(5.0, timeout / 4))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fail-skips", action="store_true",
+                     help="a skipped test fails instead (make gpu-check: a `cuda` test that skips did not "
+                          "test the GPU, so the check must not pass)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    report = yield
+    if report.skipped and item.config.getoption("--fail-skips") and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped ({reason}), and --fail-skips is set: nothing was tested"
+    return report
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[BACKSTOP_FD] = os.dup(2)  # the terminal's stderr: capturing is not on here
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        limits = [s for name, s in MARKER_TIMEOUT_S.items() if item.get_closest_marker(name)]
+        if limits and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(max(limits)))
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # pytest-timeout's hook: no error without it
+def pytest_timeout_set_timer(item: pytest.Item, settings: object) -> None:
+    """Arm the backstop beside pytest-timeout's own timer (returning None lets it set that)."""
+    timeout = getattr(settings, "timeout", None)
+    if timeout and timeout > 0:
+        faulthandler.dump_traceback_later(timeout + backstop_grace_s(timeout), exit=True,
+                                          file=item.config.stash[BACKSTOP_FD])
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # pytest-timeout's hook: no error without it
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True)

@@ -129,6 +129,7 @@ def test_blocks_are_found_and_every_skip_is_a_cluster_or_the_suite():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # every README command in turn: 3.6 min on a shared 2-core machine, 2x that loaded
 def test_every_readme_command_works_as_written(tmp_path):
     (tmp_path / "hpc").symlink_to(ROOT / "hpc")  # the commands name configs as hpc/...
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

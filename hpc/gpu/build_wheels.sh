@@ -15,9 +15,12 @@ mkdir -p "$DEST"
 
 version() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
 
-# satfuse's own needs (webdataset, braceexpand, submitit, rasterio, deepspeed) and theirs
+# satfuse's own needs (webdataset, braceexpand, submitit, rasterio, deepspeed) and theirs, and
+# the check's test runner: pytest, pytest-timeout (the suite's hang guard) and theirs (a CUDA
+# PyTorch image need not have pytest; gpu_check.sh imports both before it starts)
 BINARY=(webdataset braceexpand submitit rasterio affine cligj click-plugins
-        hjson pydantic pydantic-core annotated-types typing-inspection)
+        hjson pydantic pydantic-core annotated-types typing-inspection
+        pytest pytest-timeout pluggy iniconfig pygments)
 specs=()
 for name in "${BINARY[@]}"; do specs+=("$name==$(version "$name")"); done
 

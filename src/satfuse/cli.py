@@ -8,13 +8,12 @@ and turns into exit status 2.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from satfuse import __version__
 from satfuse.config import ConfigError
-from satfuse.utils import SatfuseError, setup_logging
+from satfuse.utils import SatfuseError, import_unless_optional_missing, setup_logging
 
 log = logging.getLogger("satfuse")
 
@@ -41,13 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:  # a missing module or dependency: the others still work
-            log.warning("satfuse: the commands of %s are unavailable (%s: %s); reinstall with "
-                        "`make setup` (or pip install the missing package)", name, type(exc).__name__, exc)
-            continue
-        module.register(sub)
+        module = import_unless_optional_missing(name, f"satfuse: the commands of {name} are")
+        if module is not None:  # None: an optional dependency is missing; the others still work
+            module.register(sub)
     return parser
 
 

@@ -8,11 +8,13 @@ config or pointer that a later run would trust.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -67,3 +69,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 class SatfuseError(RuntimeError):
     """An error meant for the user: one line, naming the file and the fix. The CLI prints
     it without a traceback and exits non-zero."""
+
+
+# Third-party packages satfuse runs without: pyproject's optional extras (the `dev` tools
+# aside). Only a command or benchmark module whose import fails because one of these is missing
+# is left out (with a warning); any other ImportError there is a bug (a typo, a broken install)
+# and must surface, not turn into a missing command and a "reinstall" hint.
+OPTIONAL_DEPENDENCIES = frozenset({"deepspeed"})
+
+
+def import_unless_optional_missing(path: str, what: str) -> ModuleType | None:
+    """Import `path`; None (after a warning naming `what` and the install fix) only when the
+    module that is missing is one of `OPTIONAL_DEPENDENCIES`. Every other error propagates."""
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError as exc:
+        if exc.name not in OPTIONAL_DEPENDENCIES:
+            raise
+        logging.getLogger("satfuse").warning(
+            "%s unavailable: %s needs %s, which is not installed; install it with "
+            "`pip install 'satfuse[%s]'` (or `make setup`)", what, path, exc.name, exc.name)
+        return None

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from satfuse.bench import gpu
 
@@ -33,6 +34,8 @@ def test_quick_cpu_dry_run_covers_every_section(sen12ms_shards: Path, tmp_path: 
     assert lg["ok"] and 0 < lg["max_abs_diff_grad_s1"] <= gpu.LOSS_TOL  # fp32 vs float64: measured
     assert lg["max_abs_diff_loss"] + lg["max_abs_diff_grad_s2"] > 0
     assert c["ddp_bf16"]["backend"] == "gloo" and c["ddp_bf16"]["falling"]
+    assert c["ddp_bf16"]["dtypes"] == {"expected": "torch.bfloat16", "loss": "torch.float32", "ok": True,
+                                       "layers": {"Conv2d": ["torch.bfloat16"], "Linear": ["torch.bfloat16"]}}
     assert c["ddp_fp16"]["skipped"]  # CUDA only
     ck = c["checkpoint_cross_device"]
     assert ck["device_to_cpu"]["max_abs_diff"] == 0.0 and ck["cpu_to_device"]["max_abs_diff"] == 0.0
@@ -74,3 +77,29 @@ def test_bottleneck_is_named_from_the_rows() -> None:
     assert gpu.name_bottleneck(row) == "host-to-device copy"
     row.update(h2d_copy_s=0.0, loader_alone_pairs_per_s=1.0)
     assert gpu.name_bottleneck(row).startswith("CPU decode")
+
+
+def test_dtype_and_overflow_checks_fail_when_precision_is_not_applied() -> None:
+    """The checks bench gpu runs on CUDA, here on the CPU: layers outside autocast, or a scaler
+    that does not skip an overflowing step, make them fail."""
+    from torch import nn
+
+    from satfuse.engines.base import autocast_context
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 8))
+    x = torch.randn(2, 2, 8, 8)
+    with autocast_context("bf16", torch.device("cpu")), gpu.layer_dtypes(model) as seen:
+        out = model(x)
+    assert gpu.check_dtypes(seen, out.float().pow(2).mean(), "bf16")["ok"]
+    with gpu.layer_dtypes(model) as seen:  # autocast off
+        out = model(x)
+    bad = gpu.check_dtypes(seen, out.pow(2).mean(), "bf16")
+    assert not bad["ok"] and bad["layers"] == {"Conv2d": ["torch.float32"], "Linear": ["torch.float32"]}
+    assert not model[0]._forward_hooks  # the hooks are removed
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    res = gpu.overflow_step(model, opt, torch.amp.GradScaler("cpu"), model(x).pow(2).mean())
+    assert res["ok"] and res["weights_unchanged"] and res["scale_after"] == res["scale_before"] / 2
+    res = gpu.overflow_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), model(x).pow(2).mean())
+    assert not res["ok"] and not res["weights_unchanged"]  # the step ran on inf gradients

@@ -215,6 +215,54 @@ def _load_into_fresh_model(run: Path) -> dict:
     return model.state_dict()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the stock reader's one-process load
+def test_a_real_trainer_checkpoint_loads_through_the_fast_reader_alone(
+        run: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The fast reader's fallback takes RuntimeError: everything `satfuse pretrain` writes (model,
+    BatchNorm counters, AdamW moments and step counts) must still be read without it, with the
+    same values DCP's own reader gives."""
+    import torch.distributed.checkpoint as dcp
+
+    from satfuse.checkpoint import dcp_storage
+    from satfuse.checkpoint.manager import CheckpointManager
+    from satfuse.checkpoint.state import ModelOptimState
+    from satfuse.config import PretrainConfig, load_config
+    from satfuse.engines.optim import build_optimizer
+    from satfuse.models import build_pretrain_model
+
+    cfg = load_config(PretrainConfig, run / "config.yaml")
+
+    def fresh() -> ModelOptimState:
+        model = build_pretrain_model(cfg.model)
+        return ModelOptimState(model, build_optimizer(model, cfg.optim))
+
+    fast, stock = fresh(), fresh()
+    with monkeypatch.context() as mp, caplog.at_level(logging.WARNING, logger="satfuse.checkpoint.dcp_storage"):
+        mp.setattr(dcp_storage.SafeFileSystemReader, "read_data",
+                   lambda *a: pytest.fail("the fast reader fell back to DCP's reader"))
+        CheckpointManager(run).load(run / STEP, {"model_optim": fast})
+    assert "fast read not possible" not in caplog.text
+    dcp.load({"model_optim": stock}, storage_reader=dcp_storage.SafeFileSystemReader(run / STEP), no_dist=True)
+    got, want = fast.state_dict(), stock.state_dict()
+    assert got["optim"]["state"] and any(torch.is_tensor(v) and v.dim() == 0
+                                         for st in got["optim"]["state"].values() for v in st.values())
+    flat_got, flat_want = dict(_leaves(got)), dict(_leaves(want))
+    assert flat_got.keys() == flat_want.keys()
+    for key, value in flat_want.items():
+        assert torch.equal(flat_got[key], value) if torch.is_tensor(value) else flat_got[key] == value, key
+
+
+def _leaves(node: object, path: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{path}.{k}")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
 def test_fast_reader_falls_back_on_parse_errors_only_and_says_so(
         run: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A file the mmap reader cannot parse goes to DCP's own reader with a warning naming it

@@ -221,6 +221,8 @@ def _staging_rank(rank: int, port: int, src: str, root: str, out: str) -> None:
 
     import torch.distributed as dist
 
+    from satfuse.distributed.env import exit_cleanly
+
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=timedelta(seconds=60))
@@ -235,11 +237,10 @@ def _staging_rank(rank: int, port: int, src: str, root: str, out: str) -> None:
                             node=node)
         report["held"] = sorted(os.path.basename(u) for u in ld.shards.urls if os.path.exists(u))
         Path(f"{out}.{rank}").write_text(json.dumps(report))
-        dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - report it, then die with a failure status
         print(f"rank {rank}: {exc!r}", file=sys.stderr, flush=True)
-        os._exit(1)
-    os._exit(0)
+        exit_cleanly(1)
+    exit_cleanly(0)  # the 2-rank group is left to the exit: destroying it can deadlock (`teardown`)
 
 
 def test_staging_in_a_process_group_fails_together_and_splits_the_set(tmp_path: Path) -> None:

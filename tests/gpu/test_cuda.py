@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from satfuse.bench import gpu
 from satfuse.config import PretrainConfig, load_config
 from satfuse.distributed.env import DistEnv
 from satfuse.engines import trainer as tr
@@ -34,8 +35,22 @@ def test_trainer_on_cuda(sen12ms_shards: Path, tmp_path: Path, precision: str) -
     assert t.device.type == "cuda" and t.loader.pin_memory and torch.backends.cudnn.benchmark
     result = t.fit()
     assert result.step == 6 and math.isfinite(result.final_loss)
+    precision_checks(t, precision)
+
+
+def precision_checks(t: tr.Trainer, precision: str) -> None:
+    """After training: the layers ran in the autocast dtype (a finite loss would not show autocast
+    off), and under fp16 a step whose gradients overflow is skipped with the scale backed off."""
+    batch = tr.to_device(next(iter(t.loader)), t.device, t.cfg.train.channels_last)
+    with t.engine.autocast(), gpu.layer_dtypes(t.module) as seen:
+        out = t.forward(batch)
+    loss, _ = t.module.loss(out, t.cfg.loss)
+    dtypes = gpu.check_dtypes(seen, loss, precision)
+    assert dtypes["ok"], dtypes
+    assert t.engine.scaler.is_enabled() == (precision == "fp16")
     if precision == "fp16":
-        assert t.engine.scaler.is_enabled() and t.engine.scaler.get_scale() > 0
+        overflow = gpu.overflow_step(t.module, t.engine.optimizer, t.engine.scaler, loss)
+        assert overflow["ok"], overflow
 
 
 def test_channels_last_and_compile_on_cuda(sen12ms_shards: Path, tmp_path: Path) -> None:

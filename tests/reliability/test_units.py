@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,16 +82,26 @@ def test_lease_of_a_slurm_job_that_ended_is_taken_over(tmp_path: Path, monkeypat
             RunLease(run).acquire()
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll `condition` every 10 ms until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_heartbeat_keeps_the_lease_and_notices_losing_it(tmp_path: Path) -> None:
     lease = RunLease(tmp_path, timeout_s=600, heartbeat_s=0.05)
     lease.acquire()
     lease.start_heartbeat()
     old = time.time() - 100
     os.utime(tmp_path / ".lock", (old, old))
-    time.sleep(0.3)
-    assert (tmp_path / ".lock").stat().st_mtime > old + 50  # the heartbeat touched it
+    # polled, not slept: on a loaded machine a beat (every 0.05 s) can be seconds late
+    assert wait_until(lambda: (tmp_path / ".lock").stat().st_mtime > old + 50), "the heartbeat never touched it"
     _holder(tmp_path, host="elsewhere", pid=1)  # another run took it over
-    time.sleep(0.3)
+    assert wait_until(lambda: lease.lost is not None), "the heartbeat never noticed the takeover"
     with pytest.raises(SatfuseError, match="lost its lease"):
         lease.check()
     lease.release()

@@ -10,7 +10,9 @@ minutes on one H100/H200, writing one JSON and logging a table:
 2. correctness: the NT-Xent loss and its gradients on the device (fp32, TF32 off) against
    the CPU reference on the same batch (1e-5); a 1-rank DDP run (NCCL on CUDA, gloo on CPU)
    of the tiny Dual-SimCLR in bf16 and fp16 + GradScaler (fp16 only on CUDA): loss finite
-   and falling, the scaler's scale logged; a checkpoint written by the `Trainer` on the
+   and falling, every convolution and linear layer in the autocast dtype and the loss in fp32,
+   the scaler's scale logged and, after a step whose gradients overflow, halved with the
+   weights untouched; a checkpoint written by the `Trainer` on the
    device resumes on the CPU with the same loss, and back; DeepSpeed ZeRO-1 bf16 (a
    `satfuse pretrain` subprocess) when DeepSpeed imports;
 3. throughput of Dual-SimCLR (two ResNet-50s, bf16): (a) model only, data already on the
@@ -229,10 +231,12 @@ def check_ddp_train(device: torch.device, precision: str, steps: int, batch: int
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         data = learnable_pairs(batch, crop, device)
         losses, scales = [], []
-        for _ in range(steps):
-            with autocast_context(precision, device):
+        for step in range(steps):
+            with autocast_context(precision, device), layer_dtypes(module) as dtypes:
                 out = model(data)
             loss, _ = module.loss(out, LossConfig(temperature=0.1))
+            if step == 0:
+                dtype_check = check_dtypes(dtypes, loss, precision)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -241,6 +245,11 @@ def check_ddp_train(device: torch.device, precision: str, steps: int, batch: int
             if scaler.is_enabled():
                 scales.append(float(scaler.get_scale()))
         values = torch.stack(losses).float().cpu().tolist()
+        overflow = None
+        if scaler.is_enabled():
+            with autocast_context(precision, device):
+                out = model(data)
+            overflow = overflow_step(module, opt, scaler, module.loss(out, LossConfig(temperature=0.1))[0])
     finally:
         dist.destroy_process_group()
     k = max(1, min(5, steps // 3))
@@ -250,7 +259,52 @@ def check_ddp_train(device: torch.device, precision: str, steps: int, batch: int
             "crop": crop, "loss_first": values[0], "loss_last": values[-1],
             "loss_mean_first": first, "loss_mean_last": last, "losses": values,
             "scaler_scale": scales or None, "finite": finite, "falling": last < first,
-            "ok": finite and last < first}
+            "dtypes": dtype_check, "scaler_overflow_step": overflow,
+            "ok": finite and last < first and dtype_check["ok"] and (overflow is None or overflow["ok"])}
+
+
+@contextlib.contextmanager
+def layer_dtypes(model: nn.Module) -> Iterator[dict[str, set[str]]]:
+    """{layer type: dtypes of its outputs} for every Conv2d and Linear that runs inside."""
+    seen: dict[str, set[str]] = {}
+
+    def record(layer: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        seen.setdefault(type(layer).__name__, set()).add(str(output.dtype))
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_dtypes(seen: dict[str, set[str]], loss: torch.Tensor, precision: str) -> dict[str, Any]:
+    """Under bf16/fp16 autocast every convolution and linear layer computes in that dtype (finite
+    losses alone would not show autocast silently off) and the loss in fp32."""
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    layers = {name: sorted(dtypes) for name, dtypes in sorted(seen.items())}
+    ok = set(layers) == {"Conv2d", "Linear"} and all(d == [str(want)] for d in layers.values())
+    return {"expected": str(want), "layers": layers, "loss": str(loss.dtype),
+            "ok": ok and loss.dtype == torch.float32}
+
+
+def overflow_step(module: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  loss: torch.Tensor) -> dict[str, Any]:
+    """A step whose gradients overflow (the loss times inf): GradScaler must skip the optimizer
+    step (weights unchanged) and back its scale off; one that did neither lets fp16 overflows
+    corrupt the weights, which a finite loss on the next steps might not show."""
+    before = float(scaler.get_scale())
+    weights = [p.detach().clone() for p in module.parameters()]
+    scaler.scale(loss * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    after = float(scaler.get_scale())
+    expected = before * scaler.get_backoff_factor() if scaler.is_enabled() else None  # off: no scale
+    unchanged = all(torch.equal(w, p.detach()) for w, p in zip(weights, module.parameters(), strict=True))
+    return {"scale_before": before, "scale_after": after, "expected_scale_after": expected,
+            "weights_unchanged": unchanged, "ok": after == expected and unchanged}
 
 
 def trainer_overrides(shards: str, run_dir: Path, device: torch.device, steps: int,
