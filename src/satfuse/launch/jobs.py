@@ -202,7 +202,10 @@ class RecordOutcome:
             lines = str(exc).strip().splitlines()
             write_outcome("FAILED", error=f"{type(exc).__name__}: {lines[-1] if lines else ''}".strip())
             raise
-        write_outcome("COMPLETED")
+        try:  # plain results travel in the record too (`submit --wait` prints them)
+            write_outcome("COMPLETED", result=json.loads(json.dumps(value)))
+        except (TypeError, ValueError):
+            write_outcome("COMPLETED", result_note=f"a {type(value).__name__}, not JSON: not recorded")
         return value
 
 

@@ -147,12 +147,13 @@ def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterPr
 def _wait(job: Any, poll_s: float = 1.0) -> Any:
     """Block until the job ended; its tasks' results (one value, or one per task).
 
-    Polls result files and `squeue`, never `sacct` (absent on clusters without accounting,
-    where submitit's own wait could spin forever on a job that died without a result).
+    Polls the tasks' JSON outcome records and `squeue`, never `sacct` (absent on clusters
+    without accounting, where submitit's own wait could spin forever on a job that died
+    without a result), and never unpickles submitit's result files (see `jobs`).
     """
     paths = [job.paths] if not job._sub_jobs else [s.paths for s in job._sub_jobs]
     gone = 0
-    while not all(p.result_pickle.exists() for p in paths):
+    while not all(recs := [jobs.read_outcome(p.folder, str(p.job_id), p.task_id) for p in paths]):
         if job.__class__.__name__ == "LocalJob":
             ended = job.done()
         else:
@@ -161,10 +162,11 @@ def _wait(job: Any, poll_s: float = 1.0) -> Any:
         if gone >= 3:  # ended (seen thrice, requeues pass through PENDING) without a result
             raise SatfuseError(f"job {job.job_id} ended without a result; see its logs in {job.paths.folder}")
         time.sleep(poll_s)
-    try:
-        out = job.results()
-    except Exception as exc:
-        raise SatfuseError(f"job {job.job_id} failed: {str(exc).strip().splitlines()[-1]}") from exc
+    failed = [r for r in recs if r and r["state"] != "COMPLETED"]
+    if failed:
+        raise SatfuseError(f"job {job.job_id} failed: {failed[0].get('error', failed[0]['state'])}; see its logs "
+                           f"in {job.paths.folder}")
+    out = [r.get("result") if r else None for r in recs]
     return out[0] if len(out) == 1 else out
 
 
