@@ -1,11 +1,13 @@
-"""Edges of `satfuse jobs` and `submit --dry-run` that need no cluster: a damaged jobs.json, a
-deleted submitit folder, a merge whose parts did not all complete, the dry-run script's
-guard, and TERM vs the requeue signal in the trainer's stop flag."""
+"""Edges of `satfuse jobs` and `submit` that need no cluster: a damaged jobs.json, a deleted
+submitit folder, a merge whose parts did not all complete, a crafted result pickle, task
+numbers, a torn metrics line, the checks `submit` makes before it queues, the dry-run
+script's guard, and TERM vs the requeue signal in the trainer's stop flag."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 from pathlib import Path
@@ -58,12 +60,9 @@ def test_merge_after_an_unfinished_part_says_what_to_run(capsys: pytest.CaptureF
     write_index(tmp_path, [entry(tmp_path, "30_0", "shard", part=0, **part),
                            entry(tmp_path, "30_1", "shard", part=1, **part),
                            entry(tmp_path, "31", "merge", after="30", out="/data/shards")])
-    # part 0 completed (submitit's result pickle), part 1 and the merge left nothing
-    import pickle
-
+    # part 0 completed (the task's outcome record), part 1 and the merge left nothing
     (tmp_path / "submitit").mkdir()
-    with open(tmp_path / "submitit" / "30_0_0_result.pkl", "wb") as fh:
-        pickle.dump(("success", {}), fh)
+    (tmp_path / "submitit" / "30_0_0_outcome.json").write_text('{"state": "COMPLETED"}')
     rc, out, _ = cli(capsys, "jobs", "ls", str(tmp_path))
     assert rc == 0 and "UNKNOWN" not in out
     lines = out.splitlines()
@@ -99,3 +98,107 @@ def test_term_means_stop_the_requeue_signal_means_requeue(sig: signal.Signals, c
     with StopFlag() as flag:
         os.kill(os.getpid(), sig)
         assert flag.should_stop() and flag.terminate is terminate and flag.exit_code == code
+
+
+class _Crafted:
+    """A result pickle as anyone who can write a shared run dir could plant it: loading it
+    creates `marker` (any code could run there)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def test_job_state_never_unpickles_a_run_dirs_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    run, marker = tmp_path / "run", tmp_path / "code-ran"
+    write_index(run, [entry(run, "40"), {**entry(run, "2147480000"), "executor": "local"},  # a dead pid
+                      entry(run, "41")])
+    (run / "submitit").mkdir()
+    for job in ("40", "2147480000"):
+        (run / "submitit" / f"{job}_0_result.pkl").write_bytes(pickle.dumps(_Crafted(marker)))
+    (run / "submitit" / "41_0_outcome.json").write_text('{"state": "FAILED", "error": "SatfuseError: boom"}')
+    rc, out, err = cli(capsys, "jobs", "ls", str(run))
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[4] == "RESULT" and "pass --trust-checkpoint if you trust this run dir" in lines[1]
+    assert lines[2].split()[4] == "RESULT"
+    assert lines[4].split()[4] == "FAILED" and "SatfuseError: boom; see `satfuse jobs logs" in lines[5]
+    status = json.loads(cli(capsys, "jobs", "status", str(run))[1])
+    assert [j["state"] for j in status["jobs"]] == ["RESULT", "RESULT", "FAILED"]
+    assert status["jobs"][2]["error"] == "SatfuseError: boom"
+    # submit's running-job check reads the same states (it then stops: no sbatch on PATH here)
+    rc, _, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm",
+                     f"train.run_dir={run}")
+    assert rc == 2 and "sbatch not found" in err
+    assert not marker.exists()
+    # only the user's --trust-checkpoint unpickles (and then the crafted file runs)
+    rc, out, _ = cli(capsys, "jobs", "ls", "--trust-checkpoint", str(run))
+    assert rc == 0 and marker.exists()
+
+
+def test_logs_of_a_task_the_job_does_not_have(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    write_index(tmp_path, [{**entry(tmp_path, "52"), "tasks": 2}])
+    (tmp_path / "submitit").mkdir()
+    rc, _, err = cli(capsys, "jobs", "logs", str(tmp_path), "--task", "7")
+    assert rc == 2 and "job 52 has no task 7: it has 2 task(s); pass --task 0..1" in err
+    assert "has not started" not in err
+
+
+def test_status_shows_the_last_good_metrics_line_and_parses_scontrol_values_with_spaces(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from satfuse.launch.jobs import parse_scontrol
+
+    write_index(tmp_path, [entry(tmp_path, "60")])
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    status = json.loads(cli(capsys, "jobs", "status", str(tmp_path))[1])
+    assert status["last_metrics"] == {"step": 2, "loss": 1.5}
+    assert "last 1 line(s) unreadable" in status["metrics_note"]
+    line = ("JobId=60 JobName=satfuse-pretrain-my run JobState=PENDING Reason=JobHeldUser Dependency=(null) "
+            "Requeue=1 Restarts=0 Command=/tmp/my run/submitit/60_submission.sh WorkDir=/tmp/my run "
+            "StdErr=/tmp/my run/submitit/60_0_log.err")
+    fields = parse_scontrol(line)
+    assert fields["Command"] == "/tmp/my run/submitit/60_submission.sh"
+    assert fields["JobState"] == "PENDING" and fields["Reason"] == "JobHeldUser" and fields["Restarts"] == "0"
+
+
+def test_submit_checks_the_run_dir_and_the_output_before_queueing(capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    """Each refusal comes before anything is queued (no SLURM tools on PATH here: reaching
+    sbatch would fail with "sbatch not found" instead)."""
+    from satfuse.engines.rundir import RunLease
+    from satfuse.launch import jobs
+
+    run = tmp_path / "run"
+    # 1. another submit is between its checks and its recorded job
+    with jobs.submitting(run):
+        rc, out, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm",
+                           f"train.run_dir={run}")
+    assert rc == 2 and out == "" and "another `satfuse submit` is queueing a job into this run dir" in err
+    assert not (run / "jobs.json").exists()
+    # 2. a local `satfuse pretrain` holds the run dir's lease
+    lease = RunLease(run)
+    lease.acquire()
+    try:
+        rc, out, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm",
+                           f"train.run_dir={run}")
+    finally:
+        lease.release()
+    assert rc == 2 and "another run is writing this run dir (pid " in err and "nothing queued" in err
+    rc, _, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "localslurm",
+                     f"train.run_dir={run}")
+    assert rc == 2 and "sbatch not found" in err  # the lease released: the checks pass
+    # 3. `submit shard` onto a directory the parts would refuse
+    src, out_dir = tmp_path / "raw", tmp_path / "shards"
+    src.mkdir()
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("mine")
+    argv = ["submit", "shard", "--src", str(src), "--out", str(out_dir), "--cluster", "localslurm",
+            "--array-size", "2", "--run-dir", str(tmp_path / "shard-run")]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 2 and "not empty and not a satfuse shard directory" in err and "--overwrite" in err
+    assert "nothing queued" in err
+    rc, _, err = cli(capsys, *argv, "--overwrite")
+    assert rc == 2 and "sbatch not found" in err
+    assert (out_dir / "notes.txt").is_file()  # emptied only once every check passed

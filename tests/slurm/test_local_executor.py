@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.slurm_helpers import TINY, cli_json, metrics, wait_for
+from tests.slurm.slurm_helpers import TINY, cli, cli_json, metrics, wait_for
 
 pytestmark = pytest.mark.usefixtures("job_env")
 TOY = "tests.slurm.toy_train:run"
@@ -54,6 +54,17 @@ def test_local_two_tasks_world_size_2(capsys: pytest.CaptureFixture[str], tmp_pa
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and {r["world"] for r in rows} == {2}
     index = json.loads((run / "jobs.json").read_text())["jobs"]
     assert index[0]["executor"] == "local" and index[0]["tasks"] == 2
+    # results and states come from the tasks' JSON outcome records (no result pickle is read)
+    job = index[0]["job_id"]
+    for task in (0, 1):
+        assert json.loads((run / "submitit" / f"{job}_{task}_outcome.json").read_text())["result"] == 0
+    assert cli_json(capsys, "jobs", "status", str(run))["jobs"][0]["state"] == "COMPLETED"
+    bad = tmp_path / "bad"
+    rc, _, err = cli(capsys, "submit", "pretrain", "--config", TINY, "--cluster", "local", "--entry",
+                     "tests.slurm.toy_train:nope", f"train.run_dir={bad}", "--wait")
+    assert rc == 2 and "failed: SatfuseError: entry 'tests.slurm.toy_train:nope' cannot be imported" in err
+    row = cli_json(capsys, "jobs", "status", str(bad))["jobs"][0]
+    assert row["state"] == "FAILED" and row["error"].startswith("SatfuseError: entry")
 
 
 def test_local_stop_signal_restarts_and_resumes(capsys: pytest.CaptureFixture[str], tmp_path: Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,24 @@ def test_requeue_code_matches_the_trainer() -> None:
     from satfuse.launch.task import STOP_EXIT_CODE
 
     assert REQUEUE_EXIT_CODE == TRAINER_CODE and STOP_EXIT_CODE == TRAINER_STOP
+
+
+def test_a_failing_setup_line_stops_the_job_there_saying_which(tmp_path: Path) -> None:
+    """The batch script stops at the failing line (not after it: a COMPLETED job that ran
+    without its modules), says which line on stderr, and records it where `jobs ls` reads it."""
+    from satfuse.launch.jobs import read_outcome
+
+    folder = tmp_path / "sub it"
+    folder.mkdir()
+    p = ClusterProfile(setup=["export A=1", "echo ran-$A", "false  # a comment stays a comment", "echo never"])
+    script = tmp_path / "job.sh"
+    script.write_text(sbatch_script(p, folder, "satfuse-x"))
+    for env, job in (({"SLURM_JOB_ID": "77"}, "77"),
+                     ({"SLURM_JOB_ID": "81", "SLURM_ARRAY_JOB_ID": "80", "SLURM_ARRAY_TASK_ID": "1"}, "80_1")):
+        res = subprocess.run(["/bin/bash", str(script)], capture_output=True, text=True, timeout=30,
+                             env={"PATH": "/usr/bin:/bin", **env})
+        assert res.returncode == 1 and res.stdout == "ran-1\n"  # nothing after the failing line ran
+        assert res.stderr == ("satfuse: profile setup line 3 failed with status 1: false  # a comment stays a "
+                              "comment; fix setup: in the cluster profile\n")
+        assert read_outcome(folder, job) == {"state": "FAILED", "stage": "setup", "exit_code": 1,
+                                             "error": "profile setup line 3 failed: false  # a comment stays a comment"}

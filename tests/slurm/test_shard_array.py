@@ -110,3 +110,43 @@ def test_cancelled_part_leaves_the_merge_unrun_and_ls_says_what_to_run(
     assert "part(s) 1 (" in hint and "did not complete" in hint and "part(s) 0" not in hint
     assert f"--out {out_dir} --num-shards 2 --shard-index 1 --maxcount 4" in hint
     assert f"`satfuse shard merge {out_dir}`" in hint
+
+
+def test_a_copied_run_dir_acts_on_nothing_of_the_original(capsys: pytest.CaptureFixture[str], raw_sen12ms: Path,
+                                                          tmp_path: Path) -> None:
+    """A held (never running) array of 2 + merge in "run A" (a space in the path: scontrol's
+    line is split at keys, not spaces). `cp -r` to "run B": B shows A's jobs as ELSEWHERE,
+    cancels none of them and does not count them as running; A cancels its array by the id
+    `submit` printed, then the rest; `--task 7` of a 1-task part says there is no such task."""
+    import shutil
+
+    from satfuse.launch.submit import refuse_if_running
+
+    prof = tmp_path / "held.yaml"
+    prof.write_text((ROOT / "hpc" / "clusters" / "localslurm.yaml").read_text() + "sbatch:\n  hold: true\n")
+    run_a, run_b = tmp_path / "run A", tmp_path / "run B"
+    sub = cli_json(capsys, "submit", "shard", "--src", str(raw_sen12ms), "--out", str(tmp_path / "shards"),
+                   "--cluster", str(prof), "--array-size", "2", "--run-dir", str(run_a))
+    ids = [j["job_id"] for j in sub["jobs"]]
+    array_id, merge = ids[0].split("_")[0], ids[2]
+    try:
+        status = cli_json(capsys, "jobs", "status", str(run_a))
+        assert [j["state"].split()[0] for j in status["jobs"]] == ["PENDING"] * 3
+        assert status["jobs"][0]["slurm"]["Command"].startswith(str(run_a / "submitit") + "/")
+        shutil.copytree(run_a, run_b)
+        rc, out, _ = cli(capsys, "jobs", "ls", str(run_b))
+        assert rc == 0 and out.count("ELSEWHERE") == 3 and "PENDING" not in out
+        assert f"recorded by the run dir {run_a}: this one is a copy of it" in out
+        assert cli_json(capsys, "jobs", "cancel", str(run_b)) == {"cancelled": [], "elsewhere": ids}
+        assert "slurm" not in cli_json(capsys, "jobs", "status", str(run_b))["jobs"][0]
+        refuse_if_running(run_b, 600)  # A's pending jobs do not block B
+        assert set(ids) <= queued_ids()
+        rc, _, err = cli(capsys, "jobs", "logs", str(run_a), "--job", ids[0], "--task", "7")
+        assert rc == 2 and f"job {ids[0]} has no task 7: it has 1 task(s)" in err
+        rc, _, err = cli(capsys, "jobs", "logs", str(run_a), "--job", array_id)
+        assert rc == 2 and f"{array_id} is a job array of 2 parts" in err
+        assert cli_json(capsys, "jobs", "cancel", str(run_a), "--job", array_id) == {"cancelled": ids[:2]}
+        assert cli_json(capsys, "jobs", "cancel", str(run_a)) == {"cancelled": [merge]}
+        assert not set(ids) & queued_ids()
+    finally:
+        subprocess.run(["scancel", array_id, merge], capture_output=True, timeout=30, check=False)

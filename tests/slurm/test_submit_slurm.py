@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.slurm_helpers import (
+    ROOT,
     TINY,
     cli,
     cli_json,
@@ -59,6 +60,39 @@ def test_dry_run_prints_a_valid_sbatch_script(capsys: pytest.CaptureFixture[str]
     assert "to start at" in res.stderr
     assert not (tmp_path / "run" / "jobs.json").exists()
     assert queued_ids() == before  # nothing queued
+    # given to sbatch anyway: it fails with a log that says why (not JobLaunchFailure and no log)
+    res = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=1", str(script)], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    wait_gone(job, timeout=120)
+    assert scontrol_field(job, "JobState") == "FAILED" and scontrol_field(job, "ExitCode") == "2:0"
+    assert "printed by satfuse submit --dry-run and cannot run" in (tmp_path / f"slurm-{job}.out").read_text()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_setup_line_fails_the_job_and_says_which(capsys: pytest.CaptureFixture[str],
+                                                           tmp_path: Path) -> None:
+    """`module load nonexistent` (no `module` here: status 127) fails the job at that line;
+    `jobs logs`, `ls` and `status` say which line (the outcome record; SLURM's own record
+    goes after MinJobAge)."""
+    prof = tmp_path / "setup.yaml"
+    prof.write_text((ROOT / "hpc" / "clusters" / "localslurm.yaml").read_text()
+                    + 'setup: ["true", "module load nonexistent", "echo never"]\n')
+    run = tmp_path / "run"
+    job = cli_json(capsys, "submit", "pretrain", "--config", TINY, "--cluster", str(prof), "--tasks-per-node", "1",
+                   "--entry", TOY, f"train.run_dir={run}", "train.steps=2")["jobs"][0]["job_id"]
+    wait_gone(job, timeout=120)
+    assert scontrol_field(job, "JobState") == "FAILED" and scontrol_field(job, "ExitCode") == "127:0"
+    said = "profile setup line 2 failed with status 127: module load nonexistent; fix setup: in the cluster profile"
+    rc, out, _ = cli(capsys, "jobs", "logs", str(run))
+    assert rc == 0 and said in out
+    assert "never" not in (run / "submitit" / f"{job}_0_log.out").read_text() and not metrics(run)
+    status = cli_json(capsys, "jobs", "status", str(run))
+    assert status["jobs"][0]["state"] == "FAILED" and status["jobs"][0]["slurm"]["ExitCode"] == "127:0"
+    assert status["jobs"][0]["error"] == "profile setup line 2 failed: module load nonexistent"
+    rc, out, _ = cli(capsys, "jobs", "ls", str(run))
+    assert rc == 0 and "FAILED" in out and "profile setup line 2 failed: module load nonexistent; see" in out
 
 
 def test_bad_partition_fails_before_queueing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

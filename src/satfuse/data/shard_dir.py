@@ -46,11 +46,8 @@ def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
     another shard set (another dataset, or tars of another name), unless `overwrite`, which
     empties it first so no old tar is left behind for a glob to pick up."""
     marker = out / STATE_DIR / OWNER_FILE
-    if out.is_dir() and not overwrite:
-        if not marker.is_file() and not only_our_files(out):
-            raise SatfuseError(f"{out}: not empty and not a satfuse shard directory; choose an empty --out or pass --overwrite to replace its contents")
-        if (other := other_shard_set(out, settings)) is not None:
-            raise SatfuseError(f"{out}: holds another shard set ({other}); choose another --out or pass --overwrite to replace it")
+    if not overwrite and (problem := claim_problem(out, settings)) is not None:
+        raise SatfuseError(problem)
     if overwrite and out.is_dir() and any(out.iterdir()):
         log.warning("%s: --overwrite: removing its contents", out)
         for child in out.iterdir():
@@ -58,6 +55,18 @@ def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
         atomic_write_text(marker, json.dumps({"format": FORMAT, "name": out.name, **settings}, indent=1))
+
+
+def claim_problem(out: Path, settings: dict[str, Any]) -> str | None:
+    """Why `prepare_out` (without --overwrite) would refuse `out`, or None; writes nothing
+    (`satfuse submit shard` asks before it queues the parts)."""
+    if not out.is_dir():
+        return None
+    if not (out / STATE_DIR / OWNER_FILE).is_file() and not only_our_files(out):
+        return f"{out}: not empty and not a satfuse shard directory; choose an empty --out or pass --overwrite to replace its contents"
+    if (other := other_shard_set(out, settings)) is not None:
+        return f"{out}: holds another shard set ({other}); choose another --out or pass --overwrite to replace it"
+    return None
 
 
 def other_shard_set(out: Path, settings: dict[str, Any]) -> str | None:

@@ -155,6 +155,17 @@ def describe(holder: dict[str, Any]) -> str:
             f"heartbeat {age:.0f}s ago")
 
 
+def live_holder(run_dir: Path, timeout_s: float) -> str | None:
+    """Who holds run_dir's lease now (`describe`), or None when nobody does or the holder is
+    provably gone. Reads only: `satfuse submit` asks before it queues a job that would fail
+    to take the lease at start."""
+    probe = RunLease(run_dir, timeout_s)
+    current = probe._read()
+    if current is None or probe.gone(current[1]) is not None:
+        return None
+    return describe(current[1])
+
+
 class RunLease:
     """The exclusive lease of one run_dir (see the module doc). Held by rank 0 only."""
 

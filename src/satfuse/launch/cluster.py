@@ -147,20 +147,24 @@ def signal_name(p: ClusterProfile) -> str:
     return p.signal.upper().removeprefix("SIG")
 
 
-def setup_lines(p: ClusterProfile) -> list[str]:
+def setup_lines(p: ClusterProfile, folder: Path | None = None) -> list[str]:
     """Shell lines run before the tasks start: the profile's own, then its env exports.
 
+    Each profile line fails the job at once when it fails, saying which line in the job's
+    log and (under SLURM) in the outcome record in `folder` (`jobs.setup_guard`).
     SUBMITIT_PREEMPT_SIGNAL makes submitit's own handler (active until the trainer installs
     its handlers) listen to the same signal the job is sent.
     """
-    lines = list(p.setup)
+    from satfuse.launch.jobs import setup_guard
+
+    lines = setup_guard(list(p.setup), folder)
     env = {"SUBMITIT_PREEMPT_SIGNAL": signal_name(p), **p.env}
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
     return lines
 
 
 def slurm_parameters(p: ClusterProfile, name: str, extra: dict[str, Any] | None = None,
-                     sbatch: dict[str, Any] | None = None) -> dict[str, Any]:
+                     sbatch: dict[str, Any] | None = None, folder: Path | None = None) -> dict[str, Any]:
     """Native `submitit.slurm` parameters (the arguments of `_make_sbatch_string`)."""
     params: dict[str, Any] = {
         "job_name": name,
@@ -169,7 +173,7 @@ def slurm_parameters(p: ClusterProfile, name: str, extra: dict[str, Any] | None 
         "ntasks_per_node": p.tasks,
         "cpus_per_task": p.cpus_per_task,
         "signal_delay_s": p.signal_delay_s,
-        "setup": setup_lines(p),
+        "setup": setup_lines(p, folder),
     }
     if p.gpus_per_node > 0:
         params["gpus_per_node"] = p.gpus_per_node
@@ -221,7 +225,7 @@ def sbatch_script(p: ClusterProfile, folder: Path, name: str, extra: dict[str, A
     """The sbatch script submitit writes for this profile (for --dry-run and --test-only)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = slurm_parameters(p, name, extra, sbatch)
+    params = slurm_parameters(p, name, extra, sbatch, folder)
     try:
         return _make_sbatch_string(command=submitit_command(p, folder), folder=folder, **params)
     except ValueError as exc:
@@ -242,7 +246,7 @@ def make_executor(p: ClusterProfile, folder: Path, name: str, max_requeues: int,
     require_slurm()
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_requeues,
                                slurm_python=python_command(p))
-    ex.update_parameters(**{f"slurm_{k}": v for k, v in slurm_parameters(p, name, extra, sbatch).items()})
+    ex.update_parameters(**{f"slurm_{k}": v for k, v in slurm_parameters(p, name, extra, sbatch, folder).items()})
     return ex
 
 

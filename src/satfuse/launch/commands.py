@@ -72,6 +72,8 @@ def _register_submit(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("--compress-level", type=int, default=None, help="as `satfuse shard --compress-level`")
     sh.add_argument("--s1-dtype", choices=["float32", "float16"], default=None, help="as `satfuse shard --s1-dtype`")
     sh.add_argument("--no-labels", action="store_true", help="as `satfuse shard --no-labels`")
+    sh.add_argument("--overwrite", action="store_true",
+                    help="replace what --out holds: emptied once here, before the parts are queued")
     sh.add_argument("--run-dir", default=None, help="where jobs.json and the submitit folder go "
                     "(default runs/shard-<out name>)")
     _cluster_args(sh)
@@ -110,7 +112,8 @@ def cmd_submit_shard(args: argparse.Namespace) -> int:
                      maxcount=args.maxcount, workers=args.workers, seed=args.seed,
                      encoding={k: v for k, v in encoding.items() if v} or None)
     run_dir = Path(args.run_dir) if args.run_dir else default_shard_run_dir(args.out)
-    sub = submit_shard(part, args.array_size, run_dir, profile, where, dry_run=args.dry_run, wait=args.wait)
+    sub = submit_shard(part, args.array_size, run_dir, profile, where, dry_run=args.dry_run, wait=args.wait,
+                       overwrite=args.overwrite)
     return print_submission(sub)
 
 
@@ -119,15 +122,21 @@ def cmd_submit_shard(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+TRUST_HELP = ("also unpickle submitit's result files of jobs that have no satfuse outcome record (older runs): "
+              "a pickle runs code when loaded, so only for a run dir whose writers you trust")
+
+
 def _register_jobs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("jobs", help="the jobs of a run: ls, status, logs, cancel")
     js = p.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
     ls = js.add_parser("ls", help="one line per job: id, kind, state")
     ls.add_argument("run", help="run directory (or a name under runs/)")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ls.set_defaults(func=cmd_jobs_ls)
     st = js.add_parser("status", help="jobs with SLURM details and the run's progress (JSON)")
     st.add_argument("run")
+    st.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     st.set_defaults(func=cmd_jobs_status)
     lg = js.add_parser("logs", help="a task's log (appended across requeues)")
     lg.add_argument("run")
@@ -145,7 +154,7 @@ def _register_jobs(sub: argparse._SubParsersAction) -> None:
 def cmd_jobs_ls(args: argparse.Namespace) -> int:
     from satfuse.launch import jobs
 
-    rows = jobs.list_jobs(jobs.resolve_run(args.run))
+    rows = jobs.list_jobs(jobs.resolve_run(args.run), args.trust_checkpoint)
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return 0
@@ -160,7 +169,7 @@ def cmd_jobs_ls(args: argparse.Namespace) -> int:
 def cmd_jobs_status(args: argparse.Namespace) -> int:
     from satfuse.launch import jobs
 
-    sys.stdout.write(json.dumps(jobs.status(jobs.resolve_run(args.run)), indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(jobs.status(jobs.resolve_run(args.run), args.trust_checkpoint), indent=2, default=str) + "\n")
     return 0
 
 
@@ -169,7 +178,7 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
 
     run = jobs.resolve_run(args.run)
     entry = jobs.select(run, args.job)
-    text = jobs.log_text(entry, args.task, "stdout" if args.stdout else "stderr", args.tail)
+    text = jobs.log_text(entry, args.task, "stdout" if args.stdout else "stderr", args.tail, run)
     sys.stdout.write(text + ("\n" if text else ""))
     return 0
 
@@ -178,7 +187,8 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     from satfuse.launch import jobs
 
     report = jobs.cancel_report(jobs.resolve_run(args.run), args.job)
-    if not report["gone"]:
-        del report["gone"]
+    for key in ("gone", "elsewhere"):
+        if not report[key]:
+            del report[key]
     sys.stdout.write(json.dumps(report) + "\n")
     return 0

@@ -2,9 +2,19 @@
 
 Why an index: submitit's folder holds pickles and logs named by job id, but not which ids
 belong to this run, which one is the merge of which array, or what command submitted them.
-`satfuse jobs ls|status|logs|cancel RUN` read it; state comes from `squeue` while a job is
-known to SLURM and from submitit's result pickles afterwards (the test cluster has no
-accounting, so `sacct`/`job.state` would say UNKNOWN).
+`satfuse jobs ls|status|logs|cancel RUN` read it; state comes from `squeue` and `scontrol`
+while SLURM knows a job, and from satfuse's own JSON outcome records afterwards (the test
+cluster has no accounting, so `sacct`/`job.state` would say UNKNOWN).
+
+Everything in a run directory is data, never code: submitit's `*_result.pkl` are pickles
+(loading one runs whatever its author put in it, and run dirs are shared), so they are never
+unpickled here unless the user passes `--trust-checkpoint`. Each task records how it ended in
+`submitit/<job>_<task>_outcome.json` instead (`RecordOutcome` wraps every submitted callable;
+a failing profile `setup:` line writes the same record from the batch script, `setup_guard`).
+
+A run's job records belong to the directory they are in: `folder` (absolute) must be this
+run dir's `submitit/`. After `cp -r runA runB`, runB's jobs.json still names runA's jobs;
+they are shown as ELSEWHERE and never cancelled, counted as running, or trusted from runB.
 
 Job ids are not names: a reinstalled or reset slurmctld starts again at 1, and an old run's
 id may then belong to someone else's job. Before a job id is trusted (its state shown, or
@@ -25,6 +35,8 @@ import json
 import logging
 import os
 import pickle
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -39,6 +51,8 @@ log = logging.getLogger(__name__)
 
 INDEX = "jobs.json"
 SUBMITIT_DIR = "submitit"
+OUTCOME = "{job}_{task}_outcome.json"  # satfuse's record of how one task ended (JSON)
+SUBMIT_LOCK = ".submit.lock"
 
 
 def submitit_folder(run_dir: Path) -> Path:
@@ -51,6 +65,30 @@ def _locked(run_dir: Path) -> Iterator[None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".jobs.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def submitting(run_dir: Path) -> Iterator[None]:
+    """Hold the run dir's submit lock from the checks to the recorded job.
+
+    Why: two `satfuse submit`s started together on one run dir would both pass the
+    running-job check and both queue (the trainer's lease then fails one at start). The
+    second one is refused at once instead, before it queues anything.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / SUBMIT_LOCK, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SatfuseError(
+                f"{run_dir}: another `satfuse submit` is queueing a job into this run dir right now; "
+                f"nothing queued: see `satfuse jobs ls {run_dir}` once it is done, or pass another train.run_dir"
+            ) from None
         try:
             yield
         finally:
@@ -91,7 +129,7 @@ def mark_cancelled(run_dir: Path, job_ids: list[str]) -> None:
     with _locked(run_dir):
         entries = read_index(run_dir)
         for e in entries:
-            if e["job_id"] in job_ids or e["job_id"].split("_")[0] in job_ids:
+            if origin(run_dir, e) is None and (e["job_id"] in job_ids or e["job_id"].split("_")[0] in job_ids):
                 e.setdefault("cancelled", when)
         atomic_write_text(run_dir / INDEX, json.dumps({"jobs": entries}, indent=2) + "\n")
 
@@ -111,6 +149,106 @@ def record_jobs(run_dir: Path, entries: list[dict[str, Any]]) -> None:
     with _locked(run_dir):
         jobs = read_index(run_dir) + entries
         atomic_write_text(run_dir / INDEX, json.dumps({"jobs": jobs}, indent=2) + "\n")
+
+
+def outcome_path(folder: Path | str, job_id: str, task: int = 0) -> Path:
+    return Path(folder) / OUTCOME.format(job=job_id, task=task)
+
+
+def write_outcome(state: str, **fields: Any) -> None:
+    """In a task: record how it ended (this task's `OUTCOME` file, atomically)."""
+    import submitit
+
+    env = submitit.JobEnvironment()
+    path = outcome_path(env.paths.folder, str(env.job_id), env.global_rank)
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    try:
+        atomic_write_text(path, json.dumps({"state": state, "ended": when, **fields}) + "\n")
+    except OSError as exc:  # the job's own result stands; only `jobs ls` loses its record
+        log.warning("%s: could not record the outcome %s (%s)", path, state, exc)
+
+
+def read_outcome(folder: Path | str, job_id: str, task: int = 0) -> dict[str, Any] | None:
+    """A task's outcome record, or None when there is none (an unreadable one is said, not used)."""
+    path = outcome_path(folder, job_id, task)
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable outcome record (%s); ignored", path, exc)
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("state"), str) or not rec["state"].isupper():
+        log.warning("%s: not an outcome record ({\"state\": \"COMPLETED\", ...}); ignored", path)
+        return None
+    return rec
+
+
+class RecordOutcome:
+    """A submitted callable that records how it ended as JSON (see the module docstring).
+
+    The record is written in the task, before submitit pickles the result, so `satfuse jobs`
+    never needs to unpickle anything to tell COMPLETED from FAILED. A task that leaves without
+    a result (stopped, requeued: `os._exit`) writes none: SLURM's state says what happened.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            value = self.fn(*args, **kwargs)
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            write_outcome("FAILED", error=f"{type(exc).__name__}: {lines[-1] if lines else ''}".strip())
+            raise
+        try:  # plain results travel in the record too (`submit --wait` prints them)
+            write_outcome("COMPLETED", result=json.loads(json.dumps(value)))
+        except (TypeError, ValueError):
+            write_outcome("COMPLETED", result_note=f"a {type(value).__name__}, not JSON: not recorded")
+        return value
+
+
+class RecordCheckpointable(RecordOutcome):
+    """`RecordOutcome` of a Checkpointable task: submitit's requeue fallback still reaches it."""
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        again = self.fn.checkpoint(*args, **kwargs)
+        if again is None:
+            return None
+        return DelayedSubmission(RecordCheckpointable(again.function), *again.args, **again.kwargs)
+
+
+def recorded(fn: Any) -> RecordOutcome:
+    """`fn`, wrapped to record its outcome (keeping submitit's checkpoint hook when it has one)."""
+    return RecordCheckpointable(fn) if hasattr(fn, "checkpoint") else RecordOutcome(fn)
+
+
+def setup_guard(lines: list[str], folder: Path | None) -> list[str]:
+    """The profile's setup lines, each failing the job at once with a message and a record.
+
+    Why: a batch script runs on after a failing line (`module load nonexistent` gave a
+    COMPLETED job), and `false` ended the job before any log line was written. Each line runs
+    as `{ LINE\n} || { report; exit STATUS; }` (braces: `source`/`export` keep their effect);
+    the report goes to the job's stderr log (task 0's, what `satfuse jobs logs` shows) and,
+    under SLURM, into task 0's outcome record (what `jobs ls|status` show).
+    """
+    out = []
+    for i, line in enumerate(lines, 1):
+        said = f"profile setup line {i} failed"
+        record = ""
+        if folder is not None:
+            rec = json.dumps({"state": "FAILED", "error": f"{said}: {line}", "stage": "setup"})[:-1]
+            target = shlex.quote(str(folder)) + "/" + OUTCOME.format(job='"$_sf_id"', task=0)
+            record = ('_sf_id=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}; '
+                      '_sf_id=${_sf_id:-$SLURM_JOB_ID}; '
+                      f'[ -n "$_sf_id" ] && printf \'%s, "exit_code": %s}}\\n\' {shlex.quote(rec)} "$_rc" '
+                      f'> {target}.tmp && mv -f {target}.tmp {target}; ')
+        out.append(f"{{ {line}\n}} || {{ _rc=$?; printf 'satfuse: {said} with status %s: %s; fix setup: in the "
+                   f"cluster profile\\n' \"$_rc\" {shlex.quote(line)} >&2; {record}exit $_rc; }}")
+    return out
 
 
 def job_entry(job: Any, kind: str, executor: str, tasks: int, **extra: Any) -> dict[str, Any]:
@@ -139,10 +277,17 @@ def resolve_run(run: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _paths(entry: dict[str, Any], task: int = 0) -> Any:
+def _paths(entry: dict[str, Any], task: int = 0, folder: Path | None = None) -> Any:
     from submitit.core.utils import JobPaths
 
-    return JobPaths(entry["folder"], job_id=entry["job_id"], task_id=task)
+    return JobPaths(folder or entry["folder"], job_id=entry["job_id"], task_id=task)
+
+
+def origin(run_dir: Path, entry: dict[str, Any]) -> Path | None:
+    """The run dir that recorded this job when it is not `run_dir` (a copy or a move), else None."""
+    if os.path.realpath(entry["folder"]) == os.path.realpath(submitit_folder(run_dir)):
+        return None
+    return Path(entry["folder"]).parent
 
 
 def squeue_rows(job_ids: list[str]) -> dict[str, tuple[str, str]]:
@@ -183,16 +328,28 @@ def own_queue(entries: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]
     return mine, foreign
 
 
-def result_state(entry: dict[str, Any]) -> str:
-    """COMPLETED/FAILED from submitit's result pickle of task 0, else UNKNOWN."""
-    path = _paths(entry).result_pickle
+def result_state(entry: dict[str, Any], folder: Path | None = None, trust: bool = False) -> str:
+    """COMPLETED/FAILED from task 0's outcome record, else UNKNOWN (no result yet).
+
+    submitit's result pickle of a job without a record (an older satfuse) says only that the
+    job ended (RESULT): it is unpickled, for COMPLETED/FAILED, only with `trust` (the user's
+    `--trust-checkpoint`), since loading a pickle runs code its author chose.
+    """
+    folder = Path(folder or entry["folder"])
+    rec = read_outcome(folder, entry["job_id"])
+    if rec is not None:
+        return rec["state"]
+    path = _paths(entry, folder=folder).result_pickle
     if not path.is_file():
         return "UNKNOWN"
+    if not trust:
+        return "RESULT"
+    log.warning("%s: unpickling (--trust-checkpoint)", path)
     try:
         with open(path, "rb") as fh:
-            outcome = pickle.load(fh)[0]
+            outcome = pickle.load(fh)[0]  # noqa: S301 - the user trusts this run dir
     except Exception:  # a pickle from another environment: still says the job ended
-        return "ENDED"
+        return "RESULT"
     return "COMPLETED" if outcome == "success" else "FAILED"
 
 
@@ -208,13 +365,15 @@ ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEU
           "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING")
 
 
-def job_state(entry: dict[str, Any], queue: dict[str, str], foreign: frozenset[str] = frozenset()) -> str:
+def job_state(entry: dict[str, Any], queue: dict[str, str], foreign: frozenset[str] = frozenset(),
+              trust: bool = False) -> str:
     if entry["executor"] == "local":
-        return "RUNNING" if local_alive(entry) and result_state(entry) == "UNKNOWN" else result_state(entry)
+        state = result_state(entry, trust=trust)
+        return "RUNNING" if local_alive(entry) and state == "UNKNOWN" else state
     jid = entry["job_id"]
     if jid in queue:
         return queue[jid]
-    state = result_state(entry)
+    state = result_state(entry, trust=trust)
     if state != "UNKNOWN":
         return state
     if "cancelled" in entry:
@@ -230,6 +389,12 @@ def job_state(entry: dict[str, Any], queue: dict[str, str], foreign: frozenset[s
 def _hint(entry: dict[str, Any], state: str, by_id: dict[str, dict[str, Any]]) -> str:
     """What to do about a job that did not end with a result."""
     first = state.split()[0] if state else ""
+    if first == "ELSEWHERE":
+        return (f"recorded by the run dir {entry['_origin']}: this one is a copy of it (or was moved); that job "
+                f"is shown and acted on only from there: `satfuse jobs ls {entry['_origin']}`")
+    if first == "RESULT":
+        return ("ended with a result that is not read: submitit's result pickle runs code when loaded; pass "
+                "--trust-checkpoint if you trust this run dir, or see `satfuse jobs logs`")
     if first == "GONE":
         return (f"job id {entry['job_id']} now belongs to another run's job (the controller's ids restarted); "
                 "this run's job is gone: see `satfuse jobs logs`, resubmit to continue")
@@ -271,15 +436,36 @@ def part_command(entry: dict[str, Any]) -> str:
     return cmd + "`"
 
 
-def list_jobs(run_dir: Path) -> list[dict[str, Any]]:
+def split_elsewhere(run_dir: Path, entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(this run dir's entries, entries recorded by another run dir: see `origin`)."""
+    mine = [e for e in entries if origin(run_dir, e) is None]
+    return mine, [e for e in entries if origin(run_dir, e) is not None]
+
+
+def list_jobs(run_dir: Path, trust: bool = False) -> list[dict[str, Any]]:
+    """Every recorded job with its state (and `hint`/`error` where there is something to do)."""
     jobs = read_index(run_dir)
-    queue, foreign = own_queue(jobs)
-    rows = [{**j, "state": job_state(j, queue, frozenset(foreign))} for j in jobs]
+    mine, _ = split_elsewhere(run_dir, jobs)
+    queue, foreign = own_queue(mine)
+    rows = []
+    for j in jobs:
+        where = origin(run_dir, j)
+        if where is not None:
+            rows.append({**j, "state": "ELSEWHERE", "_origin": str(where)})
+            continue
+        row = {**j, "state": job_state(j, queue, frozenset(foreign), trust)}
+        rec = read_outcome(j["folder"], j["job_id"])
+        if rec is not None and rec.get("error") and row["state"] == rec["state"]:
+            row["error"] = str(rec["error"])
+        rows.append(row)
     by_id = {r["job_id"]: {**r, "_state": r["state"]} for r in rows}
     for r in rows:
         hint = _hint(r, r["state"], by_id)
+        if r.get("error"):  # what the task (or a setup line) recorded, then what to do
+            hint = f"{r['error']}; " + (hint or f"see `satfuse jobs logs {run_dir} --job {r['job_id']}`")
         if hint:
             r["hint"] = hint
+        r.pop("_origin", None)
     return rows
 
 
@@ -297,10 +483,15 @@ def run_progress(run_dir: Path) -> dict[str, Any]:
         info["latest_checkpoint"] = latest.read_text().strip()
     metrics = Path(run_dir) / "metrics.jsonl"
     if metrics.is_file():
-        lines = metrics.read_text().strip().splitlines()
-        if lines:
-            with contextlib.suppress(json.JSONDecodeError):
-                info["last_metrics"] = json.loads(lines[-1])
+        lines = metrics.read_text(errors="replace").strip().splitlines()
+        for back, line in enumerate(reversed(lines)):  # a torn last line (a kill mid-write): the one before
+            try:
+                info["last_metrics"] = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if back:
+                info["metrics_note"] = f"{metrics}: last {back} line(s) unreadable (torn write?); showing the one before"
+            break
     return info
 
 
@@ -311,19 +502,29 @@ def scontrol_show(job_id: str) -> dict[str, str]:
                          capture_output=True, text=True, timeout=60, check=False)
     if res.returncode != 0:
         return {}
+    return parse_scontrol(res.stdout.splitlines()[0] if res.stdout.strip() else "")
+
+
+SCONTROL_KEYS = ("JobState", "Reason", "Restarts", "RunTime", "TimeLimit", "NodeList", "Partition", "ExitCode",
+                 "NumTasks", "Requeue", "Command")
+# a key starts each field; values may hold spaces (Command=/runs/my run/...): split only before KEY=
+_FIELD = re.compile(r"(?:^|\s)([A-Z][A-Za-z0-9_:/]*)=")
+
+
+def parse_scontrol(line: str) -> dict[str, str]:
+    """The fields `status` shows from one `scontrol show job -o` line."""
+    marks = list(_FIELD.finditer(line))
     fields: dict[str, str] = {}
-    for tok in res.stdout.split():
-        key, eq, value = tok.partition("=")
-        if eq and key in ("JobState", "Reason", "Restarts", "RunTime", "TimeLimit", "NodeList",
-                          "Partition", "ExitCode", "NumTasks", "Requeue", "Command"):
-            fields[key] = value
+    for m, nxt in zip(marks, [*marks[1:], None], strict=True):
+        if m.group(1) in SCONTROL_KEYS:
+            fields[m.group(1)] = line[m.end():nxt.start() if nxt else len(line)].strip()
     return fields
 
 
-def status(run_dir: Path) -> dict[str, Any]:
-    jobs = list_jobs(run_dir)
+def status(run_dir: Path, trust: bool = False) -> dict[str, Any]:
+    jobs = list_jobs(run_dir, trust)
     for j in jobs:
-        if j["executor"] == "slurm" and j["state"] != "GONE":
+        if j["executor"] == "slurm" and j["state"] not in ("GONE", "ELSEWHERE"):
             info = scontrol_show(j["job_id"])
             if info and owns(j, info.get("Command", "")):
                 j["slurm"] = info
@@ -335,35 +536,49 @@ def status(run_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def select(run_dir: Path, job_id: str | None) -> dict[str, Any]:
+def select_all(run_dir: Path, job_id: str | None) -> list[dict[str, Any]]:
+    """The entries `--job ID` names: one job, or every part of the array `ID` (as `submit` printed it)."""
     jobs = read_index(run_dir)
     if not jobs:
         raise SatfuseError(f"{run_dir / INDEX}: no jobs recorded")
     if job_id is None:
-        return jobs[-1]
-    for j in jobs:
-        if j["job_id"] == job_id:
-            return j
-    raise SatfuseError(f"job {job_id} is not in {run_dir / INDEX}; known: {[j['job_id'] for j in jobs]}")
+        return [jobs[-1]]
+    found = [j for j in jobs if j["job_id"] == job_id] or [j for j in jobs if j["job_id"].split("_")[0] == job_id]
+    if not found:
+        raise SatfuseError(f"job {job_id} is not in {run_dir / INDEX}; known: {[j['job_id'] for j in jobs]}")
+    return found
 
 
-def log_text(entry: dict[str, Any], task: int = 0, stream: str = "stderr", tail: int = 0) -> str:
-    """stdout/stderr of one task (appended across requeues)."""
-    paths = _paths(entry, task)
+def select(run_dir: Path, job_id: str | None) -> dict[str, Any]:
+    found = select_all(run_dir, job_id)
+    if len(found) > 1:
+        raise SatfuseError(f"{job_id} is a job array of {len(found)} parts in {run_dir / INDEX}; pass one of "
+                           f"{[j['job_id'] for j in found]} with --job")
+    return found[0]
+
+
+def log_text(entry: dict[str, Any], task: int = 0, stream: str = "stderr", tail: int = 0,
+             run_dir: Path | None = None) -> str:
+    """stdout/stderr of one task (appended across requeues), read from `run_dir`'s own folder."""
+    folder = submitit_folder(run_dir) if run_dir is not None else Path(entry["folder"])
+    paths = _paths(entry, task, folder)
     path = paths.stderr if stream == "stderr" else paths.stdout
-    folder = Path(entry["folder"])
+    tasks = int(entry.get("tasks", 1) or 1)
+    if not 0 <= task < tasks:
+        raise SatfuseError(f"job {entry['job_id']} has no task {task}: it has {tasks} task(s); pass --task "
+                           f"0..{tasks - 1}")
     if not folder.is_dir():
         raise SatfuseError(
             f"{folder}: the submitit folder was deleted, and with it the logs of job {entry['job_id']}; "
             "the run's checkpoints and metrics.jsonl are unaffected (`satfuse jobs status` shows them)"
         )
     if not path.is_file():
+        if run_dir is not None and origin(run_dir, entry) is not None:
+            raise SatfuseError(f"{path}: no log in this copy; job {entry['job_id']} was recorded by "
+                               f"{origin(run_dir, entry)}: see `satfuse jobs logs {origin(run_dir, entry)}`")
         state = job_state(entry, *own_queue([entry]))
         if state.split()[0] in ("PENDING", "CONFIGURING"):
             raise SatfuseError(f"{path}: no log yet (job {entry['job_id']} is {state}: task {task} has not started)")
-        if task >= int(entry.get("tasks", 1)):
-            raise SatfuseError(f"{path}: job {entry['job_id']} has {entry.get('tasks', 1)} task(s); pass --task "
-                               f"0..{int(entry.get('tasks', 1)) - 1}")
         raise SatfuseError(f"{path}: no log; job {entry['job_id']} is {state} and wrote none "
                            "(it never started, or the file was deleted)")
     lines = path.read_text(errors="replace").splitlines()
@@ -380,8 +595,16 @@ def cancel(run_dir: Path, job_id: str | None = None) -> list[str]:
 
 
 def cancel_report(run_dir: Path, job_id: str | None = None) -> dict[str, list[str]]:
-    """`cancel`, also naming the ids that now belong to other runs' jobs ("gone", left alone)."""
-    jobs = read_index(run_dir) if job_id is None else [select(run_dir, job_id)]
+    """`cancel`, also naming the ids that now belong to other runs' jobs ("gone", left alone) and
+    the jobs recorded by the run dir this one was copied from ("elsewhere", left alone).
+
+    `job_id` may be an array id (as `submit` printed it): every part of that array."""
+    listed = read_index(run_dir) if job_id is None else select_all(run_dir, job_id)
+    jobs, elsewhere = split_elsewhere(run_dir, listed)
+    for j in elsewhere:
+        log.warning("job %s in %s was recorded by %s (this run dir is a copy of it, or was moved): left alone; "
+                    "cancel it from there: `satfuse jobs cancel %s`", j["job_id"], run_dir / INDEX,
+                    origin(run_dir, j), origin(run_dir, j))
     queue, foreign = own_queue(jobs)
     for j in foreign:
         log.warning("job %s of %s is gone: that id now belongs to another run's job, left alone", j, run_dir)
@@ -398,4 +621,4 @@ def cancel_report(run_dir: Path, job_id: str | None = None) -> dict[str, list[st
             mark_cancelled(run_dir, [j["job_id"]])
             os.kill(int(j["job_id"]), signal.SIGINT)  # submitit's local controller stops its tasks
             cancelled.append(j["job_id"])
-    return {"cancelled": cancelled, "gone": foreign}
+    return {"cancelled": cancelled, "gone": foreign, "elsewhere": [j["job_id"] for j in elsewhere]}

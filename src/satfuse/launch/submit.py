@@ -45,18 +45,27 @@ def _job_name(prefix: str, run_dir: Path) -> str:
 
 
 DRY_RUN_HEADER = """\
-# Printed by `satfuse submit --dry-run`: for reading and for `sbatch --test-only` only.
-# Submitted for real it stops at once with a message: the job needs the pickled task that
-# `satfuse submit` writes into its submitit folder. Queue it with the same command without
-# --dry-run.
+# Printed by `satfuse submit --dry-run`: NOT runnable as printed; for reading and for `sbatch --test-only` only.
+# The job needs the pickled task that `satfuse submit` writes into its submitit folder, which does
+# not exist yet: so its --output/--error lines are disabled here (##SBATCH). Given to sbatch anyway,
+# it writes slurm-<job id>.out in the directory sbatch ran in and stops there with a message.
+# Queue the job with the same command without --dry-run.
 """
 DRY_RUN_GUARD = ('echo "this script was printed by satfuse submit --dry-run and cannot run: queue the job with '
                  'the same satfuse submit command without --dry-run" >&2\nexit 2\n')
 
 
+LOG_FLAGS = ("#SBATCH --output=", "#SBATCH --error=")
+
+
 def dry_run_script(script: str) -> str:
-    """The sbatch script, marked as for reading: a header, and a guard after the #SBATCH lines."""
-    lines = script.splitlines(keepends=True)
+    """The sbatch script, marked as for reading: a header, and a guard after the #SBATCH lines.
+
+    The log flags point into the submitit folder that only a real submit creates; SLURM
+    cannot open them and the job would fail with no log (JobLaunchFailure), hiding the guard's
+    message. Disabled, SLURM writes its default slurm-<id>.out, where the message lands.
+    """
+    lines = ["#" + ln if ln.startswith(LOG_FLAGS) else ln for ln in script.splitlines(keepends=True)]
     head = 1 if lines and lines[0].startswith("#!") else 0
     last = max((i for i, ln in enumerate(lines) if ln.startswith("#SBATCH")), default=head - 1)
     return "".join(lines[:head] + [DRY_RUN_HEADER] + lines[head:last + 1] + [DRY_RUN_GUARD] + lines[last + 1:])
@@ -71,8 +80,17 @@ def _emit_dry_run(profile: ClusterProfile, script: str | None, extra: str = "") 
     sys.stdout.flush()
 
 
-def refuse_if_running(run_dir: Path) -> None:
-    """Two jobs must never train one run dir: refuse while jobs.json's pretraining job is queued/running."""
+def refuse_if_running(run_dir: Path, lease_timeout_s: float) -> None:
+    """Two jobs must never train one run dir: refuse while jobs.json's pretraining job is queued or
+    running, or while another run (e.g. a plain `satfuse pretrain`) holds the run dir's lease."""
+    from satfuse.engines.rundir import live_holder
+
+    holder = live_holder(run_dir, lease_timeout_s)
+    if holder is not None:
+        raise SatfuseError(
+            f"{run_dir}: another run is writing this run dir ({holder}); nothing queued: wait for it to end, "
+            "stop it, or pass another train.run_dir"
+        )
     if not (run_dir / jobs.INDEX).is_file():
         return
     active = jobs.active_jobs(run_dir, "pretrain")
@@ -110,14 +128,15 @@ def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterPr
     if dry_run:
         _emit_dry_run(profile, script)
         return None
-    refuse_if_running(run_dir)
-    if script is not None:
-        cluster.preflight(profile, where, script)
-    ex = cluster.make_executor(profile, folder, name, max_requeues=cfg.train.max_requeues)
-    job = ex.submit(PretrainTask(config, overrides, entry=entry))
-    entry_rec = jobs.job_entry(job, "pretrain", profile.executor, profile.world_size,
-                               config=config, overrides=overrides, cluster=where)
-    jobs.record_jobs(run_dir, [entry_rec])
+    with jobs.submitting(run_dir):  # from the checks to the recorded job: one submit at a time
+        refuse_if_running(run_dir, cfg.train.lease_timeout_s)
+        if script is not None:
+            cluster.preflight(profile, where, script)
+        ex = cluster.make_executor(profile, folder, name, max_requeues=cfg.train.max_requeues)
+        job = ex.submit(jobs.recorded(PretrainTask(config, overrides, entry=entry)))
+        entry_rec = jobs.job_entry(job, "pretrain", profile.executor, profile.world_size,
+                                   config=config, overrides=overrides, cluster=where)
+        jobs.record_jobs(run_dir, [entry_rec])
     log.info("submitted pretraining job %s (%d tasks) -> %s", job.job_id, profile.world_size, run_dir)
     sub = Submission(str(run_dir), profile.executor, [entry_rec])
     if wait:
@@ -128,12 +147,13 @@ def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterPr
 def _wait(job: Any, poll_s: float = 1.0) -> Any:
     """Block until the job ended; its tasks' results (one value, or one per task).
 
-    Polls result files and `squeue`, never `sacct` (absent on clusters without accounting,
-    where submitit's own wait could spin forever on a job that died without a result).
+    Polls the tasks' JSON outcome records and `squeue`, never `sacct` (absent on clusters
+    without accounting, where submitit's own wait could spin forever on a job that died
+    without a result), and never unpickles submitit's result files (see `jobs`).
     """
     paths = [job.paths] if not job._sub_jobs else [s.paths for s in job._sub_jobs]
     gone = 0
-    while not all(p.result_pickle.exists() for p in paths):
+    while not all(recs := [jobs.read_outcome(p.folder, str(p.job_id), p.task_id) for p in paths]):
         if job.__class__.__name__ == "LocalJob":
             ended = job.done()
         else:
@@ -142,10 +162,11 @@ def _wait(job: Any, poll_s: float = 1.0) -> Any:
         if gone >= 3:  # ended (seen thrice, requeues pass through PENDING) without a result
             raise SatfuseError(f"job {job.job_id} ended without a result; see its logs in {job.paths.folder}")
         time.sleep(poll_s)
-    try:
-        out = job.results()
-    except Exception as exc:
-        raise SatfuseError(f"job {job.job_id} failed: {str(exc).strip().splitlines()[-1]}") from exc
+    failed = [r for r in recs if r and r["state"] != "COMPLETED"]
+    if failed:
+        raise SatfuseError(f"job {job.job_id} failed: {failed[0].get('error', failed[0]['state'])}; see its logs "
+                           f"in {job.paths.folder}")
+    out = [r.get("result") if r else None for r in recs]
     return out[0] if len(out) == 1 else out
 
 
@@ -155,12 +176,25 @@ def _wait(job: Any, poll_s: float = 1.0) -> Any:
 
 
 def submit_shard(part: ShardPart, array_size: int, run_dir: Path, profile: ClusterProfile, where: str,
-                 dry_run: bool = False, wait: bool = False) -> Submission | None:
-    """An array of `array_size` sharding tasks (disjoint parts), then the merge as a dependent job."""
+                 dry_run: bool = False, wait: bool = False, overwrite: bool = False) -> Submission | None:
+    """An array of `array_size` sharding tasks (disjoint parts), then the merge as a dependent job.
+
+    The output directory is judged here, before queueing, by the rules every part applies
+    (`shard_dir.claim_problem`): a directory the parts would refuse fails the submit, not every
+    part. `overwrite` empties it here, once, before the parts are queued (each part emptying it
+    would race with the others).
+    """
+    from satfuse.data.shard_dir import check_paths, claim_problem, prepare_out
+
     if array_size < 1:
         raise SatfuseError(f"--array-size must be >= 1, got {array_size}")
     if not Path(part.src).is_dir():
         raise SatfuseError(f"{part.src}: source directory not found; pass --src with the raw dataset root")
+    out = Path(part.out)
+    check_paths(Path(part.src).resolve(), out)
+    problem = None if overwrite else claim_problem(out, {"dataset": part.dataset})
+    if problem is not None:
+        raise SatfuseError(f"{problem} (nothing queued)")
     run_dir = run_dir.resolve()
     folder = jobs.submitit_folder(run_dir)
     # array tasks are single-task jobs: one process per part, the profile's CPUs for its workers
@@ -170,20 +204,24 @@ def submit_shard(part: ShardPart, array_size: int, run_dir: Path, profile: Clust
         if dry_run:
             _emit_dry_run(one, None, f"# {array_size} shard parts, then merge of {part.out}\n")
             return None
+        if overwrite:
+            prepare_out(out, True, {"dataset": part.dataset})
         return _shard_local(part, array_size, run_dir, folder, one, name)
     script = cluster.sbatch_script(one, folder, name, extra={"map_count": array_size})
     if dry_run:
         _emit_dry_run(one, script)
         return None
     cluster.preflight(one, where, script)
+    if overwrite:
+        prepare_out(out, True, {"dataset": part.dataset})
     ex = cluster.make_executor(one, folder, name, max_requeues=0)
-    array = ex.map_array(part, list(range(array_size)))
+    array = ex.map_array(jobs.recorded(part), list(range(array_size)))
     array_id = array[0].job_id.split("_")[0]
     # afterok: the merge only runs if every part succeeded; a failed part cancels it
     merge_ex = cluster.make_executor(one, folder, f"{name}-merge", max_requeues=0,
                                      extra={"dependency": f"afterok:{array_id}"},
                                      sbatch={"kill-on-invalid-dep": "yes"})
-    merge_job = merge_ex.submit(merge_shards, part.out)
+    merge_job = merge_ex.submit(jobs.recorded(merge_shards), part.out)
     records = [jobs.job_entry(j, "shard", "slurm", 1, part=i, **_part_fields(part)) for i, j in enumerate(array)]
     records.append(jobs.job_entry(merge_job, "merge", "slurm", 1, after=array_id, out=part.out))
     jobs.record_jobs(run_dir, records)
@@ -213,12 +251,12 @@ def _shard_local(part: ShardPart, array_size: int, run_dir: Path, folder: Path,
                  profile: ClusterProfile, name: str) -> Submission:
     """Locally there are no dependencies: run the parts, wait, then run the merge."""
     ex = cluster.make_executor(profile, folder, name, max_requeues=0)
-    array = ex.map_array(part, list(range(array_size)))
+    array = ex.map_array(jobs.recorded(part), list(range(array_size)))
     records = [jobs.job_entry(j, "shard", "local", 1, part=i, out=part.out) for i, j in enumerate(array)]
     jobs.record_jobs(run_dir, records)
     for j in array:
         _wait(j)
-    merge_job = ex.submit(merge_shards, part.out)
+    merge_job = ex.submit(jobs.recorded(merge_shards), part.out)
     rec = jobs.job_entry(merge_job, "merge", "local", 1, out=part.out)
     jobs.record_jobs(run_dir, [rec])
     return Submission(str(run_dir), "local", [*records, rec], results=[_wait(merge_job)])
