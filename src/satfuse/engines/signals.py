@@ -12,7 +12,7 @@ SLURM sends at the end of a time limit or preemption grace time (and then requeu
 preempted job itself). Following SLURM's and submitit's meaning, TERM means "save if there
 is time and stop for good": the loop exits with `STOP_EXIT_CODE` (143, 128 + SIGTERM) and no
 launcher requeues. If any rank saw TERM, every rank stops that way (cancel beats requeue).
-The codes themselves live in the torch-free `satfuse.exit_codes`.
+The codes and the signal names live in the torch-free `satfuse.exit_codes`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 import torch.distributed as dist
 
 from satfuse.distributed.collectives import agree_max
-from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
+from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNALS: tuple[str, ...] = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGHUP")
+DEFAULT_SIGNALS: tuple[str, ...] = tuple(f"SIG{name}" for name in STOP_SIGNALS)
 
 
 def _to_signal(sig: str | int | signal.Signals) -> signal.Signals:

@@ -27,12 +27,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from satfuse.config import ConfigError, load_config
+from satfuse.exit_codes import STOP_SIGNALS
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
 LOCAL_NAME = "local"
-SIGNALS = ("USR1", "USR2", "TERM", "HUP", "INT")
+# the requeue signals a profile may choose: the trainer saves on each (TERM is scancel's)
+SIGNALS = tuple(s for s in STOP_SIGNALS if s != "TERM")
+# sbatch flags the profile's own `signal`/`requeue` fields set (and validate_profile checks)
+OWN_FLAGS = ("signal", "requeue", "no-requeue")
 
 
 @dataclass
@@ -108,7 +112,16 @@ def validate_profile(p: ClusterProfile, where: str) -> None:
             "not requeued); use signal: USR2"
         )
     if p.signal.upper().removeprefix("SIG") not in SIGNALS:
-        raise ConfigError(f"{where}: signal={p.signal!r} is not one of {list(SIGNALS)} (USR2 is the safe choice)")
+        raise ConfigError(
+            f"{where}: signal={p.signal!r} is not one the trainer saves on ({', '.join(SIGNALS)}): on it "
+            "the ranks would die without a checkpoint; use signal: USR2"
+        )
+    own = [k for k in p.sbatch if str(k).replace("_", "-") in OWN_FLAGS]
+    if own:
+        raise ConfigError(
+            f"{where}: sbatch: {own[0]} would bypass the profile's `signal`/`requeue` fields and their "
+            "checks; set those fields instead"
+        )
     if p.signal_delay_s < 0:
         raise ConfigError(f"{where}: signal_delay_s must be >= 0")
     minutes = time_to_minutes(p.time, where)
