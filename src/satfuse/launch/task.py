@@ -25,6 +25,12 @@ is time and returns `STOP_EXIT_CODE` (143), and the task leaves WITHOUT requeuei
 job that `satfuse jobs cancel` recorded as cancelled in `jobs.json` is never requeued by
 the task, whatever signal it got; if SLURM starts it again anyway, it leaves at once.
 
+A run that stops before `train.steps` never passes for a finished one: rank 0 exits with the
+trainer's code (143 after TERM), so SLURM records a non-zero exit code, and writes
+`stopped` (step, train.steps, why) into the job's `jobs.json` entry, which `satfuse jobs
+ls|status` show (`STOPPED_EARLY at step N/M`). The other ranks exit 0, so a site's
+KillOnBadExit cannot kill rank 0 before it wrote that record.
+
 Each task's place in the job and the rendezvous port come from
 `satfuse.distributed.launcher_env.world_info_from_env` (the same reader the trainer uses),
 with the restart count passed in: the port is derived from the job id *and* the restart
@@ -39,10 +45,11 @@ import importlib
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import submitit
 
@@ -55,6 +62,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENTRY = "satfuse.engines.pretrain:run_pretrain"
 LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local restarts all tasks when one exits with this
+BY_TERM = "SIGTERM (scancel, a kill from outside, or SLURM ending/preempting the job)"
 
 
 def resolve_entry(spec: str) -> Callable[[str | None, list[str]], int]:
@@ -119,16 +127,17 @@ class PretrainTask(submitit.helpers.Checkpointable):
         if self._cancelled(env, cfg.train.run_dir):
             log.warning("job %s was cancelled with `satfuse jobs cancel` (jobs.json); not training", env.job_id)
             exit_cleanly(0)
+        if restart > 0 and env.global_rank == 0:  # this attempt is running: an earlier stop is history
+            from satfuse.launch.jobs import record_stop
+
+            record_stop(Path(cfg.train.run_dir), str(env.job_id), None)
         code = int(resolve_entry(self.entry)(self.config_path, self.overrides) or 0)
         if code == 0:
             if env.num_tasks > 1:
                 _exit_after_result(env)
             return 0
         if code == STOP_EXIT_CODE:
-            log.warning("job %s stopped by SIGTERM (scancel, or SLURM ending/preempting it): checkpoint saved in "
-                        "%s/checkpoints; not requeueing (submit the same command again to continue)",
-                        env.job_id, cfg.train.run_dir)
-            exit_cleanly(0)
+            self._stop(env, cfg, BY_TERM, code)
         if code == REQUEUE_EXIT_CODE:
             if self._cancelled(env, cfg.train.run_dir):
                 log.warning("job %s was cancelled with `satfuse jobs cancel`: checkpoint saved, not requeueing",
@@ -139,6 +148,24 @@ class PretrainTask(submitit.helpers.Checkpointable):
             f"pretraining rank {env.global_rank} of job {env.job_id} exited with status {code}; "
             f"see `satfuse jobs logs {cfg.train.run_dir}`"
         )
+
+    @staticmethod
+    def _stop(env: Any, cfg: Any, why: str, code: int) -> NoReturn:
+        """Saved and stopped before train.steps, not requeued: say so in the log, in the job's exit
+        code (rank 0: `code`, never 0) and in jobs.json (rank 0), at which step."""
+        from satfuse.launch.jobs import record_stop, run_progress
+
+        run_dir = Path(cfg.train.run_dir)
+        latest = run_progress(run_dir).get("latest_checkpoint", "")
+        step = int(latest.rsplit("_", 1)[-1]) if latest.rsplit("_", 1)[-1].isdigit() else None
+        log.warning("job %s stopped by %s at step %s of %d: checkpoint saved in %s/checkpoints; not requeueing "
+                    "(submit the same command again to continue)", env.job_id, why, "?" if step is None else step,
+                    cfg.train.steps, run_dir)
+        if env.global_rank != 0:
+            exit_cleanly(0)
+        record_stop(run_dir, str(env.job_id), {"step": step, "steps": cfg.train.steps, "why": why, "exit_code": code,
+                                               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        exit_cleanly(code)
 
     def _requeue(self, env: Any, restart: int, max_requeues: int, run_dir: str) -> None:
         """Checkpoint saved by the trainer: requeue (rank 0) and leave, or stop past the limit."""

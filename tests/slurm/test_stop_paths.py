@@ -1,0 +1,56 @@
+"""How a pretraining job stops, on the real local SLURM cluster (toy trainer, `satfuse submit`):
+a stop from outside SLURM does not read as a finished run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.slurm_helpers import (
+    cli,
+    cli_json,
+    job_state,
+    metrics,
+    scontrol_field,
+    wait_for,
+    wait_gone,
+)
+from tests.slurm.test_submit_slurm import final_state, submit_toy
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_env", "job_env")]
+ONE = ("--tasks-per-node", "1")
+
+
+def ended_for_good(capsys: pytest.CaptureFixture[str], job: str, run: Path) -> tuple[str, dict]:
+    """The job left the queue without a requeue, saved: its `jobs ls` line and its index entry."""
+    assert wait_gone(job, timeout=90) == 0
+    time.sleep(3)  # a requeue by the task would show up now
+    assert job_state(job) == "" and scontrol_field(job, "Restarts") == "0"
+    assert final_state(run)["step"] == len(metrics(run)) < 400  # saved at the step it stopped
+    rc, out, _ = cli(capsys, "jobs", "ls", str(run))
+    assert rc == 0 and "COMPLETED" not in out
+    return out, json.loads((run / "jobs.json").read_text())["jobs"][0]
+
+
+def test_stop_from_outside_is_not_success(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """C (2 tasks): SIGTERM to rank 1's process, not through SLURM: every rank saves and stops;
+    the job's exit code is 143 (not COMPLETED 0) and `jobs ls`/`status` say stopped, at which step."""
+    monkeypatch.setenv("TOY_STEP_S", "0.3")
+    run_c = tmp_path / "c"
+    job_c = submit_toy(capsys, run_c, "checkpoint.every_steps=1000", steps=400)
+    wait_for(lambda: len(metrics(run_c)) >= 2, 120, "C to make progress")
+    os.kill(int((run_c / "pid.1").read_text()), signal.SIGTERM)
+
+    out, rec = ended_for_good(capsys, job_c, run_c)
+    step = final_state(run_c)["step"]
+    assert scontrol_field(job_c, "JobState") == "FAILED" and scontrol_field(job_c, "ExitCode") == "143:0"
+    assert f"STOPPED_EARLY at step {step}/400" in out and "-> stopped by SIGTERM" in out
+    assert rec["stopped"]["step"] == step
+    status = cli_json(capsys, "jobs", "status", str(run_c))["jobs"][0]
+    assert status["state"].startswith("STOPPED_EARLY") and status["slurm"]["ExitCode"] == "143:0"
