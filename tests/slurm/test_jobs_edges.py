@@ -101,6 +101,27 @@ def test_term_means_stop_the_requeue_signal_means_requeue(sig: signal.Signals, c
         assert flag.should_stop() and flag.terminate is terminate and flag.exit_code == code
 
 
+def test_term_after_the_requeue_signal_still_stops_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`scancel --signal=USR2 J; scancel J`: the TERM wins before the agreement (it replaces the
+    USR2), during the save (the exit code turns 143), and after the trainer returned (the
+    process remembers it for the launcher: `term_seen`)."""
+    from satfuse.engines.signals import term_seen
+
+    monkeypatch.setattr(StopFlag, "term_seen", False)
+    with StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.should_stop() and flag.terminate and flag.exit_code == STOP_EXIT_CODE
+    assert term_seen()
+    monkeypatch.setattr(StopFlag, "term_seen", False)
+    with StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert flag.should_stop() and not flag.terminate and flag.exit_code == REQUEUE_EXIT_CODE
+        assert not term_seen()
+        os.kill(os.getpid(), signal.SIGTERM)  # while the requeue checkpoint is being written
+        assert flag.exit_code == STOP_EXIT_CODE and term_seen()
+
+
 def test_a_run_stopped_early_never_reads_as_finished(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """A job that saved and stopped before train.steps (the task's `stopped` record): `jobs ls`
     and `status` say so with the step; a cancelled one says CANCELLED; neither blocks a resubmit

@@ -1,11 +1,13 @@
 """How a pretraining job stops, on the real local SLURM cluster (toy trainer, `satfuse submit`):
-a stop from outside SLURM does not read as a finished run."""
+a cancel that follows a preemption notice stays a cancel, a stop from outside SLURM does not
+read as a finished run."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,6 +37,37 @@ def ended_for_good(capsys: pytest.CaptureFixture[str], job: str, run: Path) -> t
     rc, out, _ = cli(capsys, "jobs", "ls", str(run))
     assert rc == 0 and "COMPLETED" not in out
     return out, json.loads((run / "jobs.json").read_text())["jobs"][0]
+
+
+def test_a_term_after_the_requeue_signal_wins(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A: `scancel --signal=USR2 A; scancel A` back to back (the reported bug: saved, 75, requeued
+    itself, trained again). B: the USR2 checkpoint is saved and the trainer has decided 75; a TERM
+    from outside SLURM lands before the task requeues (SLURM still says RUNNING): it wins too."""
+    monkeypatch.setenv("TOY_STEP_S", "0.3")
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    job_a = submit_toy(capsys, run_a, "checkpoint.every_steps=1000", steps=400, flags=ONE)
+    monkeypatch.setenv("TOY_LINGER_S", "3")
+    job_b = submit_toy(capsys, run_b, "checkpoint.every_steps=1000", steps=400, flags=ONE)
+    wait_for(lambda: len(metrics(run_a)) >= 2 and len(metrics(run_b)) >= 2, 120, "both jobs to make progress")
+
+    subprocess.run(["scancel", "--signal=USR2", job_a], check=True, timeout=30)
+    subprocess.run(["scancel", job_a], check=True, timeout=30)
+    subprocess.run(["scancel", "--signal=USR2", job_b], check=True, timeout=30)
+    wait_for(lambda: (run_b / "checkpoints" / "latest").is_file(), 30, "B's requeue checkpoint")
+    os.kill(int((run_b / "pid.0").read_text()), signal.SIGTERM)
+
+    out, _ = ended_for_good(capsys, job_a, run_a)
+    assert scontrol_field(job_a, "JobState") == "CANCELLED" and "CANCELLED at step" in out
+    out, rec = ended_for_good(capsys, job_b, run_b)
+    assert scontrol_field(job_b, "ExitCode") == "143:0"
+    assert f"STOPPED_EARLY at step {final_state(run_b)['step']}/400" in out
+    assert rec["stopped"]["exit_code"] == 143
+    for job, run in ((job_a, run_a), (job_b, run_b)):
+        err = (run / "submitit" / f"{job}_0_log.err").read_text()
+        assert "stopped by SIGTERM" in err and "not requeueing" in err and "requeued (requeue" not in err
+    assert "SIGTERM arrived after the checkpoint for the requeue signal" in (
+        run_b / "submitit" / f"{job_b}_0_log.err").read_text()
 
 
 def test_stop_from_outside_is_not_success(capsys: pytest.CaptureFixture[str], tmp_path: Path,

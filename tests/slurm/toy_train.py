@@ -6,7 +6,9 @@ the same return codes (0 done, 75 saved-requeue-me, 143 saved-after-SIGTERM).
 
 Each step all-reduces (rank + 1) so the metrics prove the world size the job really had.
 `TOY_STEP_S` sets the time per step (default 0.2 s) so tests can signal mid-run. Each rank
-writes its pid to `RUN_DIR/pid.RANK` (tests signal one task from outside SLURM).
+writes its pid to `RUN_DIR/pid.RANK` (tests signal one task from outside SLURM);
+`TOY_LINGER_S` holds a stopped run that long after its exit code was decided (the teardown
+window in which a late SIGTERM must still win over a requeue).
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def run(config_path: str | None, overrides: list[str]) -> int:
             if stop.should_stop():
                 if env.rank == 0:
                     _save(run_dir, step, total)
-                return stop.exit_code
+                code = stop.exit_code
+                time.sleep(float(os.environ.get("TOY_LINGER_S", "0")))
+                return code
             if env.rank == 0 and step % cfg.checkpoint.every_steps == 0:
                 _save(run_dir, step, total)
         if env.rank == 0:

@@ -21,9 +21,14 @@ window loses the job.
 
 Cancel means cancel. SIGTERM is `scancel` (or SLURM ending a time limit or a preemption
 grace time, after which SLURM requeues a preempted job itself): the trainer saves if there
-is time and returns `STOP_EXIT_CODE` (143), and the task leaves WITHOUT requeueing. And a
-job that `satfuse jobs cancel` recorded as cancelled in `jobs.json` is never requeued by
-the task, whatever signal it got; if SLURM starts it again anyway, it leaves at once.
+is time and returns `STOP_EXIT_CODE` (143), and the task leaves WITHOUT requeueing. A TERM
+that comes after the requeue signal wins too, up to the moment rank 0 requeues: the trainer
+turns it into 143 while it saves, and after it returned 75 rank 0 asks again, right before
+`scontrol requeue` (a TERM this process caught, `signals.term_seen`, or SLURM no longer
+listing the job as RUNNING: `scancel` marks it COMPLETING before its TERM reaches the
+tasks; `scontrol requeue` would revive even a cancelled job). And a job that `satfuse jobs
+cancel` recorded as cancelled in `jobs.json` is never requeued by the task, whatever signal
+it got; if SLURM starts it again anyway, it leaves at once.
 
 A run that stops before `train.steps` never passes for a finished one: rank 0 exits with the
 trainer's code (143 after TERM), so SLURM records a non-zero exit code, and writes
@@ -136,6 +141,9 @@ class PretrainTask(submitit.helpers.Checkpointable):
             if env.num_tasks > 1:
                 _exit_after_result(env)
             return 0
+        if code == REQUEUE_EXIT_CODE and _term_seen():
+            log.warning("SIGTERM arrived after the checkpoint for the requeue signal: stopping for good")
+            code = STOP_EXIT_CODE
         if code == STOP_EXIT_CODE:
             self._stop(env, cfg, BY_TERM, code)
         if code == REQUEUE_EXIT_CODE:
@@ -143,7 +151,7 @@ class PretrainTask(submitit.helpers.Checkpointable):
                 log.warning("job %s was cancelled with `satfuse jobs cancel`: checkpoint saved, not requeueing",
                             env.job_id)
                 exit_cleanly(0)
-            self._requeue(env, restart, cfg.train.max_requeues, cfg.train.run_dir)
+            self._requeue(env, restart, cfg)
         raise SatfuseError(
             f"pretraining rank {env.global_rank} of job {env.job_id} exited with status {code}; "
             f"see `satfuse jobs logs {cfg.train.run_dir}`"
@@ -167,8 +175,9 @@ class PretrainTask(submitit.helpers.Checkpointable):
                                                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         exit_cleanly(code)
 
-    def _requeue(self, env: Any, restart: int, max_requeues: int, run_dir: str) -> None:
+    def _requeue(self, env: Any, restart: int, cfg: Any) -> None:
         """Checkpoint saved by the trainer: requeue (rank 0) and leave, or stop past the limit."""
+        max_requeues, run_dir = cfg.train.max_requeues, cfg.train.run_dir
         if restart >= max_requeues:
             raise SatfuseError(
                 f"job {env.job_id} was requeued {restart} times (train.max_requeues={max_requeues}) and "
@@ -181,6 +190,10 @@ class PretrainTask(submitit.helpers.Checkpointable):
             log.warning("checkpoint saved; restarting the local job (requeue %d)", restart + 1)
             exit_cleanly(LOCAL_REQUEUE_EXIT_CODE)
         if env.global_rank == 0:
+            ending = _slurm_ending(str(env.job_id))  # asked last, right before the requeue
+            if ending or _term_seen():
+                self._stop(env, cfg, f"SIGTERM (scancel: SLURM lists the job as {ending})" if ending else BY_TERM,
+                           STOP_EXIT_CODE)
             requeue_slurm_job(env.job_id)
             log.warning("checkpoint saved; job %s requeued (requeue %d of at most %d)",
                         env.job_id, restart + 1, max_requeues)
@@ -208,6 +221,22 @@ class PretrainTask(submitit.helpers.Checkpointable):
             exit_cleanly(0)
         log.warning("submitit checkpoint(): requeueing the task unchanged; it resumes from its run dir")
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _term_seen() -> bool:
+    """Whether the trainer's stop flag caught SIGTERM in this process (imported late: torch)."""
+    from satfuse.engines.signals import term_seen
+
+    return term_seen()
+
+
+def _slurm_ending(job_id: str) -> str:
+    """SLURM's state of this running job when it is no longer RUNNING (scancel marks it
+    COMPLETING at once), else ''. Unknown (scontrol failed) counts as running."""
+    from satfuse.launch.jobs import scontrol_show
+
+    state = scontrol_show(job_id).get("JobState", "")
+    return state if state and state != "RUNNING" else ""
 
 
 def requeue_slurm_job(job_id: str) -> None:
