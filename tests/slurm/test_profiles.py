@@ -95,6 +95,13 @@ def test_only_signals_the_trainer_saves_on_are_accepted() -> None:
             validate_profile(ClusterProfile(sbatch={key: "INT@60" if key == "signal" else True}), "x.yaml")
 
 
+def test_requeue_false_submits_no_requeue(tmp_path: Path) -> None:
+    """SLURM's JobRequeue=1 default requeues a job given no flag: `requeue: false` says --no-requeue."""
+    text = sbatch_script(ClusterProfile(requeue=False), tmp_path / "submitit", "satfuse-x")
+    assert "#SBATCH --no-requeue" in text and "#SBATCH --requeue" not in text
+    assert "#SBATCH --requeue" in sbatch_script(ClusterProfile(), tmp_path / "submitit", "satfuse-x")
+
+
 def test_sbatch_text_has_requeue_signal_and_site_values(tmp_path: Path) -> None:
     p = ClusterProfile(partition="gpu", account="acc", qos="high", constraint="a100", gpus_per_node=4,
                        nodes=2, mem_gb=64, time="1-00:00:00", signal="HUP", signal_delay_s=300,

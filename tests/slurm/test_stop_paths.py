@@ -1,6 +1,6 @@
 """How a pretraining job stops, on the real local SLURM cluster (toy trainer, `satfuse submit`):
 a cancel that follows a preemption notice stays a cancel, a stop from outside SLURM does not
-read as a finished run."""
+read as a finished run, and `requeue: false` is honoured. Two small jobs side by side per test."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.slurm_helpers import (
+    ROOT,
     cli,
     cli_json,
     job_state,
@@ -70,15 +71,25 @@ def test_a_term_after_the_requeue_signal_wins(capsys: pytest.CaptureFixture[str]
         run_b / "submitit" / f"{job_b}_0_log.err").read_text()
 
 
-def test_stop_from_outside_is_not_success(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stop_from_outside_and_requeue_false_are_not_success(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """C (2 tasks): SIGTERM to rank 1's process, not through SLURM: every rank saves and stops;
-    the job's exit code is 143 (not COMPLETED 0) and `jobs ls`/`status` say stopped, at which step."""
+    the job's exit code is 143 (not COMPLETED 0) and `jobs ls`/`status` say stopped, at which
+    step. D (`requeue: false`): submitted with --no-requeue; USR2 saves and stops with 75."""
     monkeypatch.setenv("TOY_STEP_S", "0.3")
-    run_c = tmp_path / "c"
+    profile = tmp_path / "norequeue.yaml"
+    profile.write_text((ROOT / "hpc" / "clusters" / "localslurm.yaml").read_text().replace(
+        "requeue: true", "requeue: false"))
+    run_c, run_d = tmp_path / "c", tmp_path / "d"
     job_c = submit_toy(capsys, run_c, "checkpoint.every_steps=1000", steps=400)
+    job_d = cli_json(capsys, "submit", "pretrain", "--config", str(ROOT / "hpc" / "pretrain" / "tiny.yaml"),
+                     "--cluster", str(profile), *ONE, "--entry", "tests.slurm.toy_train:run",
+                     f"train.run_dir={run_d}", "train.steps=400", "checkpoint.every_steps=1000")["jobs"][0]["job_id"]
+    assert scontrol_field(job_d, "Requeue") == "0" and scontrol_field(job_c, "Requeue") == "1"
     wait_for(lambda: len(metrics(run_c)) >= 2, 120, "C to make progress")
     os.kill(int((run_c / "pid.1").read_text()), signal.SIGTERM)
+    wait_for(lambda: len(metrics(run_d)) >= 2, 120, "D to make progress")  # 3 tasks > 2 CPUs: D runs after C
+    subprocess.run(["scancel", "--signal=USR2", job_d], check=True, timeout=30)
 
     out, rec = ended_for_good(capsys, job_c, run_c)
     step = final_state(run_c)["step"]
@@ -87,3 +98,9 @@ def test_stop_from_outside_is_not_success(capsys: pytest.CaptureFixture[str], tm
     assert rec["stopped"]["step"] == step
     status = cli_json(capsys, "jobs", "status", str(run_c))["jobs"][0]
     assert status["state"].startswith("STOPPED_EARLY") and status["slurm"]["ExitCode"] == "143:0"
+
+    out, rec = ended_for_good(capsys, job_d, run_d)
+    assert scontrol_field(job_d, "ExitCode") == "75:0" and "STOPPED_EARLY at step" in out
+    assert "requeue: false" in rec["stopped"]["why"]
+    err = (run_d / "submitit" / f"{job_d}_0_log.err").read_text()
+    assert "with requeue: false in the cluster profile" in err and "requeued (requeue" not in err

@@ -57,7 +57,7 @@ class ClusterProfile:
     time: str = "04:00:00"  # SLURM syntax: MM, HH:MM:SS, D-HH[:MM[:SS]]
     signal: str = "USR2"  # sent `signal_delay_s` before the time limit (not USR1: NCCL)
     signal_delay_s: int = 120  # seconds before the time limit the signal comes (time to checkpoint)
-    requeue: bool = True  # allow `scontrol requeue` (preemption and time limits)
+    requeue: bool = True  # true: --requeue, the task requeues itself after saving on `signal`; false: --no-requeue, it saves and stops
     setup: list[str] = field(default_factory=list)  # shell lines before srun (module load ...)
     env: dict[str, str] = field(default_factory=dict)  # exported in the job (e.g. SATFUSE_IFNAME)
     python: str = ""  # python command in the job; default: this interpreter
@@ -192,8 +192,8 @@ def slurm_parameters(p: ClusterProfile, name: str, extra: dict[str, Any] | None 
         if getattr(p, key):
             params[key] = getattr(p, key)
     additional: dict[str, Any] = {"signal": f"{signal_name(p)}@{p.signal_delay_s}"}
-    if p.requeue:
-        additional["requeue"] = True
+    # explicit both ways: SLURM's JobRequeue=1 default would requeue a job given neither flag
+    additional["requeue" if p.requeue else "no-requeue"] = True
     additional.update(p.sbatch)
     additional.update(sbatch or {})
     params["additional_parameters"] = additional

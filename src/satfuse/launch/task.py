@@ -31,10 +31,11 @@ cancel` recorded as cancelled in `jobs.json` is never requeued by the task, what
 it got; if SLURM starts it again anyway, it leaves at once.
 
 A run that stops before `train.steps` never passes for a finished one: rank 0 exits with the
-trainer's code (143 after TERM), so SLURM records a non-zero exit code, and writes
-`stopped` (step, train.steps, why) into the job's `jobs.json` entry, which `satfuse jobs
-ls|status` show (`STOPPED_EARLY at step N/M`). The other ranks exit 0, so a site's
-KillOnBadExit cannot kill rank 0 before it wrote that record.
+trainer's code (143 after TERM; 75 after the requeue signal when the profile says
+`requeue: false`, which also submits with `--no-requeue`), so SLURM records a non-zero exit
+code, and writes `stopped` (step, train.steps, why) into the job's `jobs.json` entry, which
+`satfuse jobs ls|status` show (`STOPPED_EARLY at step N/M`). The other ranks exit 0, so
+a site's KillOnBadExit cannot kill rank 0 before it wrote that record.
 
 Each task's place in the job and the rendezvous port come from
 `satfuse.distributed.launcher_env.world_info_from_env` (the same reader the trainer uses),
@@ -111,10 +112,14 @@ def _exit_after_result(env: Any) -> None:
 class PretrainTask(submitit.helpers.Checkpointable):
     """One pretraining task (one rank). Pickled once; every requeue runs the same object."""
 
-    def __init__(self, config_path: str | None, overrides: list[str], entry: str = DEFAULT_ENTRY) -> None:
+    requeue: bool = True  # class default too: a task pickled before this field existed requeues as it did
+
+    def __init__(self, config_path: str | None, overrides: list[str], entry: str = DEFAULT_ENTRY,
+                 requeue: bool = True) -> None:
         self.config_path = config_path
         self.overrides = list(overrides)
         self.entry = entry
+        self.requeue = requeue  # the profile's `requeue`: false = save on the signal and stop
 
     def __call__(self) -> int:
         from satfuse.config import PretrainConfig, load_config
@@ -151,6 +156,8 @@ class PretrainTask(submitit.helpers.Checkpointable):
                 log.warning("job %s was cancelled with `satfuse jobs cancel`: checkpoint saved, not requeueing",
                             env.job_id)
                 exit_cleanly(0)
+            if not self.requeue:
+                self._stop(env, cfg, "the requeue signal, with requeue: false in the cluster profile", code)
             self._requeue(env, restart, cfg)
         raise SatfuseError(
             f"pretraining rank {env.global_rank} of job {env.job_id} exited with status {code}; "
@@ -209,12 +216,16 @@ class PretrainTask(submitit.helpers.Checkpointable):
         runs = [o.split("=", 1)[1] for o in self.overrides if o.startswith("train.run_dir=")]
         return runs[-1] if runs else None
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
         """submitit's fallback (signal before the trainer's handlers): resubmit as is.
 
         All state lives in the run directory's checkpoints, so the same task resumes there.
-        A job cancelled with `satfuse jobs cancel` leaves instead.
+        A job cancelled with `satfuse jobs cancel` leaves instead; with `requeue: false` submitit
+        gets None and ends the job with an error result (stopped before the end, not requeued).
         """
+        if not self.requeue:
+            log.warning("requeue: false in the cluster profile: not requeueing (submit the same command again)")
+            return None
         run_dir = self._run_dir()
         if run_dir is not None and self._cancelled(submitit.JobEnvironment(), run_dir):
             log.warning("job was cancelled with `satfuse jobs cancel`: not requeueing")
