@@ -59,6 +59,7 @@ from typing import Any, NoReturn
 
 import submitit
 
+from satfuse.config import TrainConfig
 from satfuse.distributed.env import exit_cleanly
 from satfuse.distributed.launcher_env import torchrun_vars, world_info_from_env
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
@@ -150,41 +151,41 @@ class PretrainTask(submitit.helpers.Checkpointable):
             log.warning("SIGTERM arrived after the checkpoint for the requeue signal: stopping for good")
             code = STOP_EXIT_CODE
         if code == STOP_EXIT_CODE:
-            self._stop(env, cfg, BY_TERM, code)
+            self._stop(env, cfg.train, BY_TERM, code)
         if code == REQUEUE_EXIT_CODE:
             if self._cancelled(env, cfg.train.run_dir):
                 log.warning("job %s was cancelled with `satfuse jobs cancel`: checkpoint saved, not requeueing",
                             env.job_id)
                 exit_cleanly(0)
             if not self.requeue:
-                self._stop(env, cfg, "the requeue signal, with requeue: false in the cluster profile", code)
-            self._requeue(env, restart, cfg)
+                self._stop(env, cfg.train, "the requeue signal, with requeue: false in the cluster profile", code)
+            self._requeue(env, restart, cfg.train)
         raise SatfuseError(
             f"pretraining rank {env.global_rank} of job {env.job_id} exited with status {code}; "
             f"see `satfuse jobs logs {cfg.train.run_dir}`"
         )
 
     @staticmethod
-    def _stop(env: Any, cfg: Any, why: str, code: int) -> NoReturn:
+    def _stop(env: Any, train: TrainConfig, why: str, code: int) -> NoReturn:
         """Saved and stopped before train.steps, not requeued: say so in the log, in the job's exit
         code (rank 0: `code`, never 0) and in jobs.json (rank 0), at which step."""
         from satfuse.launch.jobs import record_stop, run_progress
 
-        run_dir = Path(cfg.train.run_dir)
+        run_dir = Path(train.run_dir)
         latest = run_progress(run_dir).get("latest_checkpoint", "")
         step = int(latest.rsplit("_", 1)[-1]) if latest.rsplit("_", 1)[-1].isdigit() else None
         log.warning("job %s stopped by %s at step %s of %d: checkpoint saved in %s/checkpoints; not requeueing "
                     "(submit the same command again to continue)", env.job_id, why, "?" if step is None else step,
-                    cfg.train.steps, run_dir)
+                    train.steps, run_dir)
         if env.global_rank != 0:
             exit_cleanly(0)
-        record_stop(run_dir, str(env.job_id), {"step": step, "steps": cfg.train.steps, "why": why, "exit_code": code,
+        record_stop(run_dir, str(env.job_id), {"step": step, "steps": train.steps, "why": why, "exit_code": code,
                                                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         exit_cleanly(code)
 
-    def _requeue(self, env: Any, restart: int, cfg: Any) -> None:
+    def _requeue(self, env: Any, restart: int, train: TrainConfig) -> None:
         """Checkpoint saved by the trainer: requeue (rank 0) and leave, or stop past the limit."""
-        max_requeues, run_dir = cfg.train.max_requeues, cfg.train.run_dir
+        max_requeues, run_dir = train.max_requeues, train.run_dir
         if restart >= max_requeues:
             raise SatfuseError(
                 f"job {env.job_id} was requeued {restart} times (train.max_requeues={max_requeues}) and "
@@ -199,7 +200,7 @@ class PretrainTask(submitit.helpers.Checkpointable):
         if env.global_rank == 0:
             ending = _slurm_ending(str(env.job_id))  # asked last, right before the requeue
             if ending or _term_seen():
-                self._stop(env, cfg, f"SIGTERM (scancel: SLURM lists the job as {ending})" if ending else BY_TERM,
+                self._stop(env, train, f"SIGTERM (scancel: SLURM lists the job as {ending})" if ending else BY_TERM,
                            STOP_EXIT_CODE)
             requeue_slurm_job(env.job_id)
             log.warning("checkpoint saved; job %s requeued (requeue %d of at most %d)",
