@@ -94,3 +94,40 @@ def test_metrics_on_log_steps_only(sen12ms_shards: Path, tmp_path: Path) -> None
 def test_step_policy_keys_that_cannot_work_are_refused(overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         validate_pretrain(load_config(PretrainConfig, None, overrides))
+
+
+def test_term_during_the_requeue_save_stops_for_good(sen12ms_shards: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """USR2 (a preemption notice) at step 2, then `scancel` while that checkpoint is written:
+    the run ends "stopped" (143, not requeued), not "preempted", with the checkpoint kept."""
+    import os
+    import signal
+
+    from satfuse.engines.signals import StopFlag
+
+    monkeypatch.setattr(StopFlag, "term_seen", False)
+    run = tmp_path / "run"
+    trainer = tr.Trainer(tiny(sen12ms_shards, run, "train.steps=50", "checkpoint.every_steps=100"), DistEnv())
+    real_loss, real_save = trainer.module.loss, trainer.save
+
+    def loss(outputs, loss_cfg, metrics=True):
+        if trainer.step + 1 == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real_loss(outputs, loss_cfg, metrics)
+
+    def save(*args, **kwargs):
+        if kwargs.get("last_step"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.module, "loss", loss)
+    monkeypatch.setattr(trainer, "save", save)
+    try:
+        with caplog.at_level("WARNING"):
+            result = trainer.fit()
+    finally:
+        trainer.stop.uninstall()
+    assert result.status == "stopped" and result.step == 2
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith("step_00000002")
+    assert "SIGTERM arrived while saving for the requeue signal" in caplog.text

@@ -202,3 +202,46 @@ def test_submit_checks_the_run_dir_and_the_output_before_queueing(capsys: pytest
     rc, _, err = cli(capsys, *argv, "--overwrite")
     assert rc == 2 and "sbatch not found" in err
     assert (out_dir / "notes.txt").is_file()  # emptied only once every check passed
+
+
+def test_term_after_the_requeue_signal_still_stops_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`scancel --signal=USR2 J; scancel J`: the TERM wins before the agreement (it replaces the
+    USR2), during the save (the exit code turns 143), and after the trainer returned (the
+    process remembers it for the launcher: `term_seen`)."""
+    from satfuse.engines.signals import term_seen
+
+    monkeypatch.setattr(StopFlag, "term_seen", False)
+    with StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.should_stop() and flag.terminate and flag.exit_code == STOP_EXIT_CODE
+    assert term_seen()
+    monkeypatch.setattr(StopFlag, "term_seen", False)
+    with StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert flag.should_stop() and not flag.terminate and flag.exit_code == REQUEUE_EXIT_CODE
+        assert not term_seen()
+        os.kill(os.getpid(), signal.SIGTERM)  # while the requeue checkpoint is being written
+        assert flag.exit_code == STOP_EXIT_CODE and term_seen()
+
+
+def test_a_run_stopped_early_never_reads_as_finished(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A job that saved and stopped before train.steps (the task's `stopped` record): `jobs ls`
+    and `status` say so with the step; a cancelled one says CANCELLED; neither blocks a resubmit
+    (SLURM's STOPPED would: that is a suspended job)."""
+    from satfuse.launch.jobs import active_jobs, record_stop
+
+    stop = {"step": 74, "steps": 3000, "why": "SIGTERM (scancel, a kill from outside)", "exit_code": 143}
+    write_index(tmp_path, [entry(tmp_path, "40"), entry(tmp_path, "41"), entry(tmp_path, "42", cancelled="x")])
+    record_stop(tmp_path, "40", stop)
+    record_stop(tmp_path, "42", {**stop, "step": 7})
+    rc, out, _ = cli(capsys, "jobs", "ls", str(tmp_path))
+    rows = out.splitlines()
+    assert rc == 0 and "STOPPED_EARLY at step 74/3000" in rows[0] and "COMPLETED" not in out
+    assert rows[1].startswith("  -> stopped by SIGTERM") and "submit the same command again" in rows[1]
+    assert "ENDED" in rows[2] and "CANCELLED at step 7/3000" in rows[3]
+    status = json.loads(cli(capsys, "jobs", "status", str(tmp_path))[1])
+    assert status["jobs"][0]["stopped"]["step"] == 74 and status["jobs"][0]["state"].startswith("STOPPED_EARLY")
+    assert active_jobs(tmp_path, "pretrain") == []
+    record_stop(tmp_path, "40", None)  # a requeued attempt of the job started
+    assert "stopped" not in json.loads((tmp_path / "jobs.json").read_text())["jobs"][0]

@@ -79,6 +79,30 @@ def test_signal_must_fit_in_the_time_limit() -> None:
         validate_profile(ClusterProfile(signal="SIGTERM"), "x.yaml")
 
 
+def test_only_signals_the_trainer_saves_on_are_accepted() -> None:
+    """On INT only submitit's handler runs (rank 0): the other ranks die unsaved. The profile's
+    signals are exactly the trainer's (StopFlag's handlers) minus TERM, and `sbatch:` cannot
+    slip a signal or requeue flag past those checks."""
+    from satfuse.engines.signals import DEFAULT_SIGNALS
+    from satfuse.launch.cluster import SIGNALS, validate_profile
+
+    with pytest.raises(ConfigError, match=r"x.yaml: signal='INT' is not one the trainer saves on \(USR1, USR2, HUP\)"):
+        validate_profile(ClusterProfile(signal="INT"), "x.yaml")
+    assert {f"SIG{s}" for s in SIGNALS} == set(DEFAULT_SIGNALS) - {"SIGTERM"}
+    for name in SIGNALS:
+        validate_profile(ClusterProfile(signal=f"SIG{name}"), "x.yaml")
+    for key in ("signal", "requeue", "no_requeue"):
+        with pytest.raises(ConfigError, match=f"sbatch: {key} would bypass the profile's `signal`/`requeue`"):
+            validate_profile(ClusterProfile(sbatch={key: "INT@60" if key == "signal" else True}), "x.yaml")
+
+
+def test_requeue_false_submits_no_requeue(tmp_path: Path) -> None:
+    """SLURM's JobRequeue=1 default requeues a job given no flag: `requeue: false` says --no-requeue."""
+    text = sbatch_script(ClusterProfile(requeue=False), tmp_path / "submitit", "satfuse-x")
+    assert "#SBATCH --no-requeue" in text and "#SBATCH --requeue" not in text
+    assert "#SBATCH --requeue" in sbatch_script(ClusterProfile(), tmp_path / "submitit", "satfuse-x")
+
+
 def test_sbatch_text_has_requeue_signal_and_site_values(tmp_path: Path) -> None:
     p = ClusterProfile(partition="gpu", account="acc", qos="high", constraint="a100", gpus_per_node=4,
                        nodes=2, mem_gb=64, time="1-00:00:00", signal="HUP", signal_delay_s=300,

@@ -5,7 +5,10 @@ same run-dir layout (`checkpoints/step_XXXXXXXX/`, `checkpoints/latest`, `metric
 the same return codes (0 done, 75 saved-requeue-me, 143 saved-after-SIGTERM).
 
 Each step all-reduces (rank + 1) so the metrics prove the world size the job really had.
-`TOY_STEP_S` sets the time per step (default 0.2 s) so tests can signal mid-run.
+`TOY_STEP_S` sets the time per step (default 0.2 s) so tests can signal mid-run. Each rank
+writes its pid to `RUN_DIR/pid.RANK` (tests signal one task from outside SLURM);
+`TOY_LINGER_S` holds a stopped run that long after its exit code was decided (the teardown
+window in which a late SIGTERM must still win over a requeue).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     stop = StopFlag().install()
     attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     step_s = float(os.environ.get("TOY_STEP_S", "0.2"))
+    atomic_write_text(run_dir / f"pid.{env.rank}", str(os.getpid()))
     try:
         while step < cfg.train.steps:
             time.sleep(step_s)
@@ -61,7 +65,9 @@ def run(config_path: str | None, overrides: list[str]) -> int:
             if stop.should_stop():
                 if env.rank == 0:
                     _save(run_dir, step, total)
-                return stop.exit_code
+                code = stop.exit_code
+                time.sleep(float(os.environ.get("TOY_LINGER_S", "0")))
+                return code
             if env.rank == 0 and step % cfg.checkpoint.every_steps == 0:
                 _save(run_dir, step, total)
         if env.rank == 0:

@@ -12,7 +12,11 @@ SLURM sends at the end of a time limit or preemption grace time (and then requeu
 preempted job itself). Following SLURM's and submitit's meaning, TERM means "save if there
 is time and stop for good": the loop exits with `STOP_EXIT_CODE` (143, 128 + SIGTERM) and no
 launcher requeues. If any rank saw TERM, every rank stops that way (cancel beats requeue).
-The codes themselves live in the torch-free `satfuse.exit_codes`.
+A TERM also wins when it comes after the requeue signal (`scancel --signal=USR2 J; scancel J`,
+or a site's preemption notice followed by a cancel): it replaces the recorded signal before the
+agreement, turns the exit code into 143 when it lands during the save, and is remembered for
+the whole process (`term_seen`) so the launcher does not requeue after the trainer returned.
+The codes and the signal names live in the torch-free `satfuse.exit_codes`.
 """
 
 from __future__ import annotations
@@ -27,11 +31,11 @@ from typing import Any
 import torch.distributed as dist
 
 from satfuse.distributed.collectives import agree_max
-from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
+from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNALS: tuple[str, ...] = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGHUP")
+DEFAULT_SIGNALS: tuple[str, ...] = tuple(f"SIG{name}" for name in STOP_SIGNALS)
 
 
 def _to_signal(sig: str | int | signal.Signals) -> signal.Signals:
@@ -45,8 +49,19 @@ def _to_signal(sig: str | int | signal.Signals) -> signal.Signals:
     return signal.Signals(sig)
 
 
+def term_seen() -> bool:
+    """Whether a `StopFlag` of this process caught SIGTERM at any time so far.
+
+    Why process-wide: the trainer's handlers stay installed after it returns 75, while the
+    launcher (`satfuse.launch.task`) tears down and requeues; a cancel landing there must win.
+    """
+    return StopFlag.term_seen
+
+
 class StopFlag:
     """Records stop signals; `should_stop()` is the cross-rank agreement at a step boundary."""
+
+    term_seen: bool = False  # class-wide on purpose: see `term_seen()`
 
     def __init__(self, signals: Iterable[str | int] | None = None) -> None:
         self.signals = [_to_signal(s) for s in (signals or DEFAULT_SIGNALS)]
@@ -57,7 +72,10 @@ class StopFlag:
     # The handler runs between bytecodes of the main thread: it must not log, allocate
     # tensors or touch the process group. Setting one attribute is safe.
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
+        if signum == signal.SIGTERM:  # TERM replaces an earlier requeue signal: cancel wins
+            StopFlag.term_seen = True
+            self.received = signum
+        elif self.received is None:
             self.received = signum
 
     def install(self) -> StopFlag:
@@ -108,5 +126,6 @@ class StopFlag:
 
     @property
     def exit_code(self) -> int:
-        """After a stop: 143 when TERM was seen (stop for good), else 75 (requeue me)."""
-        return STOP_EXIT_CODE if self.terminate else REQUEUE_EXIT_CODE
+        """After a stop: 143 when TERM was agreed, or reached this rank since (during the save),
+        so a cancel after the requeue decision still stops for good; else 75 (requeue me)."""
+        return STOP_EXIT_CODE if self.terminate or self.level == 2 else REQUEUE_EXIT_CODE

@@ -398,6 +398,9 @@ class Trainer:
                 self.save()  # the checkpointer decides whether this step is due
             self.save(last_step=True)
             self.engine.wait()
+            if status == "preempted" and stop.exit_code == STOP_EXIT_CODE:  # scancel during the save wins
+                log.warning("SIGTERM arrived while saving for the requeue signal: stopping for good instead")
+                status = "stopped"
         finally:
             bar.close()
             sinks.flush()

@@ -27,12 +27,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from satfuse.config import ConfigError, load_config
+from satfuse.exit_codes import STOP_SIGNALS
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
 LOCAL_NAME = "local"
-SIGNALS = ("USR1", "USR2", "TERM", "HUP", "INT")
+# the requeue signals a profile may choose: the trainer saves on each (TERM is scancel's)
+SIGNALS = tuple(s for s in STOP_SIGNALS if s != "TERM")
+# sbatch flags the profile's own `signal`/`requeue` fields set (and validate_profile checks)
+OWN_FLAGS = ("signal", "requeue", "no-requeue")
 
 
 @dataclass
@@ -53,7 +57,7 @@ class ClusterProfile:
     time: str = "04:00:00"  # SLURM syntax: MM, HH:MM:SS, D-HH[:MM[:SS]]
     signal: str = "USR2"  # sent `signal_delay_s` before the time limit (not USR1: NCCL)
     signal_delay_s: int = 120  # seconds before the time limit the signal comes (time to checkpoint)
-    requeue: bool = True  # allow `scontrol requeue` (preemption and time limits)
+    requeue: bool = True  # true: --requeue, the task requeues itself after saving on `signal`; false: --no-requeue, it saves and stops
     setup: list[str] = field(default_factory=list)  # shell lines before srun (module load ...)
     env: dict[str, str] = field(default_factory=dict)  # exported in the job (e.g. SATFUSE_IFNAME)
     python: str = ""  # python command in the job; default: this interpreter
@@ -108,7 +112,16 @@ def validate_profile(p: ClusterProfile, where: str) -> None:
             "not requeued); use signal: USR2"
         )
     if p.signal.upper().removeprefix("SIG") not in SIGNALS:
-        raise ConfigError(f"{where}: signal={p.signal!r} is not one of {list(SIGNALS)} (USR2 is the safe choice)")
+        raise ConfigError(
+            f"{where}: signal={p.signal!r} is not one the trainer saves on ({', '.join(SIGNALS)}): on it "
+            "the ranks would die without a checkpoint; use signal: USR2"
+        )
+    own = [k for k in p.sbatch if str(k).replace("_", "-") in OWN_FLAGS]
+    if own:
+        raise ConfigError(
+            f"{where}: sbatch: {own[0]} would bypass the profile's `signal`/`requeue` fields and their "
+            "checks; set those fields instead"
+        )
     if p.signal_delay_s < 0:
         raise ConfigError(f"{where}: signal_delay_s must be >= 0")
     minutes = time_to_minutes(p.time, where)
@@ -183,8 +196,8 @@ def slurm_parameters(p: ClusterProfile, name: str, extra: dict[str, Any] | None 
         if getattr(p, key):
             params[key] = getattr(p, key)
     additional: dict[str, Any] = {"signal": f"{signal_name(p)}@{p.signal_delay_s}"}
-    if p.requeue:
-        additional["requeue"] = True
+    # explicit both ways: SLURM's JobRequeue=1 default would requeue a job given neither flag
+    additional["requeue" if p.requeue else "no-requeue"] = True
     additional.update(p.sbatch)
     additional.update(sbatch or {})
     params["additional_parameters"] = additional

@@ -24,7 +24,10 @@ is reported as gone, never acted on.
 
 `satfuse jobs cancel` also writes `cancelled` into the job's entry: the task reads it
 before it would requeue itself (and when a requeued attempt starts), so a cancelled run
-stays cancelled whatever signal reached it.
+stays cancelled whatever signal reached it. The task writes `stopped` (step, train.steps,
+why) when it saved and stopped before the end without requeueing: the job then reads
+`STOPPED_EARLY at step N/M` (CANCELLED/TIMEOUT with the step when it was cancelled or timed
+out), never COMPLETED. Not SLURM's STOPPED: that is a suspended job, still holding its nodes.
 """
 
 from __future__ import annotations
@@ -141,6 +144,37 @@ def is_cancelled(run_dir: Path, job_id: str) -> bool:
     except SatfuseError:
         return False
     return any("cancelled" in e and e["job_id"] == str(job_id) for e in entries)
+
+
+def record_stop(run_dir: Path, job_id: str, stop: dict[str, Any] | None) -> None:
+    """Record that the job saved and stopped before the end (`stop`: step, steps, why), or
+    forget it (None: a requeued attempt of the job is running). An unreadable index is left
+    alone: the job's log and exit code still say it."""
+    run_dir = Path(run_dir)
+    with _locked(run_dir):
+        try:
+            entries = read_index(run_dir)
+        except SatfuseError as exc:
+            log.warning("job %s stopped, not recorded in the index: %s", job_id, exc)
+            return
+        mine = [e for e in entries if e["job_id"] == str(job_id) and (stop is not None or "stopped" in e)]
+        for e in mine:
+            if stop is None:
+                del e["stopped"]
+            else:
+                e["stopped"] = stop
+        if mine:
+            atomic_write_text(run_dir / INDEX, json.dumps({"jobs": entries}, indent=2) + "\n")
+
+
+def stopped_state(entry: dict[str, Any], slurm_state: str = "") -> str:
+    """`STOPPED_EARLY at step N/M` for a job that saved and stopped before the end; CANCELLED
+    or TIMEOUT instead when the index or SLURM (while it still knows the job) says so."""
+    stop = entry["stopped"]
+    word = ("CANCELLED" if "cancelled" in entry else slurm_state if slurm_state in ("CANCELLED", "TIMEOUT")
+            else "STOPPED_EARLY")
+    step = "?" if stop.get("step") is None else stop["step"]
+    return f"{word} at step {step}/{stop.get('steps', '?')}"
 
 
 def record_jobs(run_dir: Path, entries: list[dict[str, Any]]) -> None:
@@ -369,13 +403,17 @@ def job_state(entry: dict[str, Any], queue: dict[str, str], foreign: frozenset[s
               trust: bool = False) -> str:
     if entry["executor"] == "local":
         state = result_state(entry, trust=trust)
-        return "RUNNING" if local_alive(entry) and state == "UNKNOWN" else state
+        state = "RUNNING" if local_alive(entry) and state == "UNKNOWN" else state
+        return stopped_state(entry) if state == "UNKNOWN" and "stopped" in entry else state
     jid = entry["job_id"]
     if jid in queue:
         return queue[jid]
     state = result_state(entry, trust=trust)
     if state != "UNKNOWN":
         return state
+    if "stopped" in entry and jid not in foreign:
+        recent = scontrol_show(jid)
+        return stopped_state(entry, recent.get("JobState", "") if owns(entry, recent.get("Command", "")) else "")
     if "cancelled" in entry:
         return "CANCELLED"
     if jid in foreign:
@@ -408,6 +446,10 @@ def _hint(entry: dict[str, Any], state: str, by_id: dict[str, dict[str, Any]]) -
         return (f"the merge never ran: shard part(s) {parts} did not complete; rerun "
                 + "; ".join(c for c in cmds if c) + ("; then " if any(cmds) else "them, then ")
                 + f"`satfuse shard merge {out}`")
+    if "stopped" in entry and state.startswith(("STOPPED_EARLY", "CANCELLED", "TIMEOUT")):
+        stop = entry["stopped"]
+        return (f"stopped by {stop.get('why', '?')}; checkpoint saved: submit the same command again "
+                "to continue")
     if entry["kind"] == "shard" and first in ("ENDED", "CANCELLED", "FAILED", "TIMEOUT"):
         return f"rerun this part: {part_command(entry)}" if part_command(entry) else ""
     return ""

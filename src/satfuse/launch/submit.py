@@ -133,7 +133,7 @@ def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterPr
         if script is not None:
             cluster.preflight(profile, where, script)
         ex = cluster.make_executor(profile, folder, name, max_requeues=cfg.train.max_requeues)
-        job = ex.submit(jobs.recorded(PretrainTask(config, overrides, entry=entry)))
+        job = ex.submit(jobs.recorded(PretrainTask(config, overrides, entry=entry, requeue=profile.requeue)))
         entry_rec = jobs.job_entry(job, "pretrain", profile.executor, profile.world_size,
                                    config=config, overrides=overrides, cluster=where)
         jobs.record_jobs(run_dir, [entry_rec])

@@ -21,9 +21,21 @@ window loses the job.
 
 Cancel means cancel. SIGTERM is `scancel` (or SLURM ending a time limit or a preemption
 grace time, after which SLURM requeues a preempted job itself): the trainer saves if there
-is time and returns `STOP_EXIT_CODE` (143), and the task leaves WITHOUT requeueing. And a
-job that `satfuse jobs cancel` recorded as cancelled in `jobs.json` is never requeued by
-the task, whatever signal it got; if SLURM starts it again anyway, it leaves at once.
+is time and returns `STOP_EXIT_CODE` (143), and the task leaves WITHOUT requeueing. A TERM
+that comes after the requeue signal wins too, up to the moment rank 0 requeues: the trainer
+turns it into 143 while it saves, and after it returned 75 rank 0 asks again, right before
+`scontrol requeue` (a TERM this process caught, `signals.term_seen`, or SLURM no longer
+listing the job as RUNNING: `scancel` marks it COMPLETING before its TERM reaches the
+tasks; `scontrol requeue` would revive even a cancelled job). And a job that `satfuse jobs
+cancel` recorded as cancelled in `jobs.json` is never requeued by the task, whatever signal
+it got; if SLURM starts it again anyway, it leaves at once.
+
+A run that stops before `train.steps` never passes for a finished one: rank 0 exits with the
+trainer's code (143 after TERM; 75 after the requeue signal when the profile says
+`requeue: false`, which also submits with `--no-requeue`), so SLURM records a non-zero exit
+code, and writes `stopped` (step, train.steps, why) into the job's `jobs.json` entry, which
+`satfuse jobs ls|status` show (`STOPPED_EARLY at step N/M`). The other ranks exit 0, so
+a site's KillOnBadExit cannot kill rank 0 before it wrote that record.
 
 Each task's place in the job and the rendezvous port come from
 `satfuse.distributed.launcher_env.world_info_from_env` (the same reader the trainer uses),
@@ -39,13 +51,15 @@ import importlib
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import submitit
 
+from satfuse.config import TrainConfig
 from satfuse.distributed.env import exit_cleanly
 from satfuse.distributed.launcher_env import torchrun_vars, world_info_from_env
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
@@ -55,6 +69,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENTRY = "satfuse.engines.pretrain:run_pretrain"
 LOCAL_REQUEUE_EXIT_CODE = 144  # submitit.local restarts all tasks when one exits with this
+BY_TERM = "SIGTERM (scancel, a kill from outside, or SLURM ending/preempting the job)"
 
 
 def resolve_entry(spec: str) -> Callable[[str | None, list[str]], int]:
@@ -98,10 +113,14 @@ def _exit_after_result(env: Any) -> None:
 class PretrainTask(submitit.helpers.Checkpointable):
     """One pretraining task (one rank). Pickled once; every requeue runs the same object."""
 
-    def __init__(self, config_path: str | None, overrides: list[str], entry: str = DEFAULT_ENTRY) -> None:
+    requeue: bool = True  # class default too: a task pickled before this field existed requeues as it did
+
+    def __init__(self, config_path: str | None, overrides: list[str], entry: str = DEFAULT_ENTRY,
+                 requeue: bool = True) -> None:
         self.config_path = config_path
         self.overrides = list(overrides)
         self.entry = entry
+        self.requeue = requeue  # the profile's `requeue`: false = save on the signal and stop
 
     def __call__(self) -> int:
         from satfuse.config import PretrainConfig, load_config
@@ -119,29 +138,54 @@ class PretrainTask(submitit.helpers.Checkpointable):
         if self._cancelled(env, cfg.train.run_dir):
             log.warning("job %s was cancelled with `satfuse jobs cancel` (jobs.json); not training", env.job_id)
             exit_cleanly(0)
+        if restart > 0 and env.global_rank == 0:  # this attempt is running: an earlier stop is history
+            from satfuse.launch.jobs import record_stop
+
+            record_stop(Path(cfg.train.run_dir), str(env.job_id), None)
         code = int(resolve_entry(self.entry)(self.config_path, self.overrides) or 0)
         if code == 0:
             if env.num_tasks > 1:
                 _exit_after_result(env)
             return 0
+        if code == REQUEUE_EXIT_CODE and _term_seen():
+            log.warning("SIGTERM arrived after the checkpoint for the requeue signal: stopping for good")
+            code = STOP_EXIT_CODE
         if code == STOP_EXIT_CODE:
-            log.warning("job %s stopped by SIGTERM (scancel, or SLURM ending/preempting it): checkpoint saved in "
-                        "%s/checkpoints; not requeueing (submit the same command again to continue)",
-                        env.job_id, cfg.train.run_dir)
-            exit_cleanly(0)
+            self._stop(env, cfg.train, BY_TERM, code)
         if code == REQUEUE_EXIT_CODE:
             if self._cancelled(env, cfg.train.run_dir):
                 log.warning("job %s was cancelled with `satfuse jobs cancel`: checkpoint saved, not requeueing",
                             env.job_id)
                 exit_cleanly(0)
-            self._requeue(env, restart, cfg.train.max_requeues, cfg.train.run_dir)
+            if not self.requeue:
+                self._stop(env, cfg.train, "the requeue signal, with requeue: false in the cluster profile", code)
+            self._requeue(env, restart, cfg.train)
         raise SatfuseError(
             f"pretraining rank {env.global_rank} of job {env.job_id} exited with status {code}; "
             f"see `satfuse jobs logs {cfg.train.run_dir}`"
         )
 
-    def _requeue(self, env: Any, restart: int, max_requeues: int, run_dir: str) -> None:
+    @staticmethod
+    def _stop(env: Any, train: TrainConfig, why: str, code: int) -> NoReturn:
+        """Saved and stopped before train.steps, not requeued: say so in the log, in the job's exit
+        code (rank 0: `code`, never 0) and in jobs.json (rank 0), at which step."""
+        from satfuse.launch.jobs import record_stop, run_progress
+
+        run_dir = Path(train.run_dir)
+        latest = run_progress(run_dir).get("latest_checkpoint", "")
+        step = int(latest.rsplit("_", 1)[-1]) if latest.rsplit("_", 1)[-1].isdigit() else None
+        log.warning("job %s stopped by %s at step %s of %d: checkpoint saved in %s/checkpoints; not requeueing "
+                    "(submit the same command again to continue)", env.job_id, why, "?" if step is None else step,
+                    train.steps, run_dir)
+        if env.global_rank != 0:
+            exit_cleanly(0)
+        record_stop(run_dir, str(env.job_id), {"step": step, "steps": train.steps, "why": why, "exit_code": code,
+                                               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        exit_cleanly(code)
+
+    def _requeue(self, env: Any, restart: int, train: TrainConfig) -> None:
         """Checkpoint saved by the trainer: requeue (rank 0) and leave, or stop past the limit."""
+        max_requeues, run_dir = train.max_requeues, train.run_dir
         if restart >= max_requeues:
             raise SatfuseError(
                 f"job {env.job_id} was requeued {restart} times (train.max_requeues={max_requeues}) and "
@@ -154,6 +198,10 @@ class PretrainTask(submitit.helpers.Checkpointable):
             log.warning("checkpoint saved; restarting the local job (requeue %d)", restart + 1)
             exit_cleanly(LOCAL_REQUEUE_EXIT_CODE)
         if env.global_rank == 0:
+            ending = _slurm_ending(str(env.job_id))  # asked last, right before the requeue
+            if ending or _term_seen():
+                self._stop(env, train, f"SIGTERM (scancel: SLURM lists the job as {ending})" if ending else BY_TERM,
+                           STOP_EXIT_CODE)
             requeue_slurm_job(env.job_id)
             log.warning("checkpoint saved; job %s requeued (requeue %d of at most %d)",
                         env.job_id, restart + 1, max_requeues)
@@ -169,18 +217,38 @@ class PretrainTask(submitit.helpers.Checkpointable):
         runs = [o.split("=", 1)[1] for o in self.overrides if o.startswith("train.run_dir=")]
         return runs[-1] if runs else None
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
         """submitit's fallback (signal before the trainer's handlers): resubmit as is.
 
         All state lives in the run directory's checkpoints, so the same task resumes there.
-        A job cancelled with `satfuse jobs cancel` leaves instead.
+        A job cancelled with `satfuse jobs cancel` leaves instead; with `requeue: false` submitit
+        gets None and ends the job with an error result (stopped before the end, not requeued).
         """
+        if not self.requeue:
+            log.warning("requeue: false in the cluster profile: not requeueing (submit the same command again)")
+            return None
         run_dir = self._run_dir()
         if run_dir is not None and self._cancelled(submitit.JobEnvironment(), run_dir):
             log.warning("job was cancelled with `satfuse jobs cancel`: not requeueing")
             exit_cleanly(0)
         log.warning("submitit checkpoint(): requeueing the task unchanged; it resumes from its run dir")
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _term_seen() -> bool:
+    """Whether the trainer's stop flag caught SIGTERM in this process (imported late: torch)."""
+    from satfuse.engines.signals import term_seen
+
+    return term_seen()
+
+
+def _slurm_ending(job_id: str) -> str:
+    """SLURM's state of this running job when it is no longer RUNNING (scancel marks it
+    COMPLETING at once), else ''. Unknown (scontrol failed) counts as running."""
+    from satfuse.launch.jobs import scontrol_show
+
+    state = scontrol_show(job_id).get("JobState", "")
+    return state if state and state != "RUNNING" else ""
 
 
 def requeue_slurm_job(job_id: str) -> None:
