@@ -166,7 +166,7 @@ def test_sigterm_on_one_rank_saves_on_all_and_stops_without_requeue(sen12ms_shar
     procs[1].send_signal(signal.SIGTERM)
     assert wait_all(procs) == [143, 143], logs(tmp_path)
     assert 3 <= int(latest(run).name.split("_")[1]) < 500
-    assert "stopped, not to be requeued" in logs(tmp_path)
+    assert "stopped: satfuse does not requeue it" in logs(tmp_path)
 
 
 def test_term_beats_requeue_in_the_agreement() -> None:

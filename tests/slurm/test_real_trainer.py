@@ -4,6 +4,7 @@ on the real local SLURM cluster: world size 2, checkpoints, preemption -> requeu
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -67,8 +68,11 @@ def test_preempted_pretraining_resumes_to_the_same_end(capsys: pytest.CaptureFix
     log = (run / "submitit" / f"{job}_0_log.err").read_text()
     resumed = [ln for ln in log.splitlines() if "resumed from" in ln]
     assert len(resumed) == 1 and f"at step {stop_step}" in resumed[0]
-    # SLURM's requeue sends TERM: the task saves and leaves without requeueing, SLURM requeues
-    assert "stopped by SIGTERM" in log and "SatfuseError" not in log
+    # SLURM's requeue sends TERM: the task saves and leaves without requeueing, SLURM requeues;
+    # the log says so (not "stopped ... not requeueing"), and no stop is recorded for `jobs ls`
+    assert "is being requeued by SLURM itself" in log and "SatfuseError" not in log
+    assert "not requeueing" not in log and "stopped by SIGTERM" not in log
+    assert "stopped" not in json.loads((run / "jobs.json").read_text())["jobs"][0]
 
 
 def test_plain_sbatch_template_requeues_and_resumes(sen12ms_shards: Path, tmp_path: Path) -> None:

@@ -418,8 +418,8 @@ class Trainer:
             log.warning("stop signal received: saved step %d; exiting with %d (requeue me)",
                         self.step, REQUEUE_EXIT_CODE)
         elif status == "stopped":
-            log.warning("SIGTERM received (scancel, or SLURM ending the job): saved step %d; exiting with %d "
-                        "(stopped, not to be requeued)", self.step, STOP_EXIT_CODE)
+            log.warning("SIGTERM received (scancel, SLURM ending or requeueing the job, or a kill): saved step %d; "
+                        "exiting with %d (stopped: satfuse does not requeue it)", self.step, STOP_EXIT_CODE)
         return result
 
     # ---------------------------------------------------------------- evaluation

@@ -174,11 +174,19 @@ class PretrainTask(submitit.helpers.Checkpointable):
         run_dir = Path(train.run_dir)
         latest = run_progress(run_dir).get("latest_checkpoint", "")
         step = int(latest.rsplit("_", 1)[-1]) if latest.rsplit("_", 1)[-1].isdigit() else None
-        log.warning("job %s stopped by %s at step %s of %d: checkpoint saved in %s/checkpoints; not requeueing "
-                    "(submit the same command again to continue)", env.job_id, why, "?" if step is None else step,
-                    train.steps, run_dir)
-        if env.global_rank != 0:
+        at = "?" if step is None else step
+        if env.global_rank != 0:  # rank 0 says why, records it and sets the job's exit status
+            log.info("rank %d saved and leaves (%s); task 0's log says whether the job comes back",
+                     env.global_rank, why)
             exit_cleanly(0)
+        if code == STOP_EXIT_CODE and not is_local(env) and _slurm_requeueing(str(env.job_id), restart_count(env)):
+            # `scontrol requeue` (by hand or the scheduler's preemption) sends this TERM: SLURM
+            # itself brings the job back, so this is no stop and nothing is recorded as one
+            log.warning("job %s is being requeued by SLURM itself (`scontrol requeue` or a preemption): checkpoint "
+                        "saved at step %s; the next attempt resumes from it", env.job_id, at)
+            exit_cleanly(0)
+        log.warning("job %s stopped by %s at step %s of %d: checkpoint saved in %s/checkpoints; not requeueing "
+                    "(submit the same command again to continue)", env.job_id, why, at, train.steps, run_dir)
         record_stop(run_dir, str(env.job_id), {"step": step, "steps": train.steps, "why": why, "exit_code": code,
                                                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         exit_cleanly(code)
@@ -249,6 +257,16 @@ def _slurm_ending(job_id: str) -> str:
 
     state = scontrol_show(job_id).get("JobState", "")
     return state if state and state != "RUNNING" else ""
+
+
+def _slurm_requeueing(job_id: str, restart: int) -> bool:
+    """Whether SLURM is requeueing this job itself: its restart count is already past this
+    attempt's (`scontrol requeue` raises `Restarts` before the TERM reaches the tasks, while the
+    task's SLURM_RESTART_COUNT still says this attempt). Unknown (scontrol failed) is no."""
+    from satfuse.launch.jobs import scontrol_show
+
+    restarts = scontrol_show(job_id).get("Restarts", "")
+    return restarts.isdigit() and int(restarts) > restart
 
 
 def requeue_slurm_job(job_id: str) -> None:
