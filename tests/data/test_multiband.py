@@ -97,7 +97,7 @@ def test_ssl4eo_synth_writes_the_published_layout(ssl_tree):
 def test_ssl4eo_shards_verify_and_record_pairing(ssl_tree, tmp_path):
     m = shard_dataset(ssl_tree, "ssl4eo-s12", tmp_path / "l1c", maxcount=3, seed=0)
     assert m["total_samples"] == 8 and m["bands"] == {"s1": ["VV", "VH"], "s2": L1C}
-    assert m["resample"]["method"] == "bilinear" and m["resample"]["tolerance_m"] == 10.0
+    assert m["resample"]["method"] == "bilinear" and m["resample"]["tolerance_m"] == 50.0  # SSL4EO-S12's default
     assert m["s2_level"] == "l1c" and {"path": "s2a", "reason": "not used with --s2-level l1c"} in m["ignored"]
     assert len(m["stats"]["s2"]["mean"]) == 13 and m["patch_size"] == [36, 36]
     assert m["native_resolution_m"]["B5"] == 20 and m["source_crs"].startswith("EPSG:4326")
@@ -140,17 +140,32 @@ def test_ssl4eo_date_matching_and_gap_limit(ssl_tree, tmp_path):
         shard_dataset(src, "bigearthnet", tmp_path / "x", s2_level="l2a")
 
 
-def test_colocation_is_geographic_not_transform_identity(ssl_tree, tmp_path):
+def test_colocation_is_geographic_with_the_published_offsets(ssl_tree, tmp_path):
+    """S1 and S2 of SSL4EO-S12 are separate exports a few 10 m pixels apart (38.5 m on the
+    published location 0000200): the synthetic tree has such offsets, the default tolerance
+    packs them (10 m bands bit-exact), records each sample's offset and summarises them;
+    a 1 km misplacement is still excluded, and a 10 m tolerance excludes the published grids."""
     src = tmp_path / "src"
     shutil.copytree(ssl_tree, src)
     loc = src / "s1" / "0000000"
     first = sorted(loc.iterdir())[0] / "VV.tif"
     with rasterio.open(first, "r+") as ds:
-        ds.transform = Affine.translation(100.0 / 111_320.0, 0.0) @ ds.transform  # ~100 m east (at the equator)
+        ds.transform = Affine.translation(1000.0 / 111_320.0, 0.0) @ ds.transform  # ~1 km east
     m = shard_dataset(src, "ssl4eo-s12", tmp_path / "out", maxcount=4)
     bad = [e for e in m["excluded"] if e["reason"].startswith("not co-located")]
-    assert len(bad) == 1 and "VV.tif footprint is" in bad[0]["reason"] and "allowed 15.0 m" in bad[0]["reason"]
-    assert m["total_samples"] == 7  # the other S1 grids are 3 m off S2 (not identical) and pass
+    assert len(bad) == 1 and "VV.tif footprint is" in bad[0]["reason"] and "tolerance 50 m" in bad[0]["reason"]
+    assert m["total_samples"] == 7  # every other S1 grid is a few pixels off S2 and packs
+    got = samples(tmp_path / "out")
+    offsets = {k: v["json"]["colocation_offset_m"]["s1"] for k, v in got.items()}
+    assert 10.0 < max(offsets.values()) < 50.0 and len(set(offsets.values())) > 3  # a few pixels, not one constant
+    summary = m["colocation_offset_m"]
+    assert summary["samples"] == 7 and summary["s1"]["max"] == max(offsets.values())
+    assert offsets[summary["s1"]["max_key"]] == summary["s1"]["max"] and sum(summary["s1"]["histogram_10m"]) == 7
+    for key, sample in got.items():  # S1 is not resampled: bit-exact with its source
+        with rasterio.open(src / sample["json"]["sources"]["s1/VV"]) as ds:
+            assert np.array_equal(sample["s1"][0], ds.read(1)), key
+    strict = shard_dataset(src, "ssl4eo-s12", tmp_path / "strict", maxcount=4, tol_m=10.0)
+    assert strict["total_samples"] < 6 and "tolerance 10 m + half its" in json.dumps(strict["excluded"])
 
 
 # ------------------------------------------------------------------------------------ BigEarthNet v1

@@ -131,7 +131,34 @@ def build(header: dict[str, Any], records: list[dict[str, Any]], scan_excluded: 
     }
     if (header.get("encoding") or {}).get("s1_dtype") == "float16":
         manifest["encoding"] = {**header["encoding"], "s1_max_abs_error_db": _max_error(records)}
+    if any("offsets_m" in r for r in records):
+        manifest["colocation_offset_m"] = offset_summary(records)
     return manifest
+
+
+def offset_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the per-band writers measured: every packed sample's largest footprint offset per
+    sensor (metres, `json.colocation_offset_m`), summarised over the set.
+
+    Why: the co-location tolerance is a judgement of how a dataset was published; the
+    summary shows how much of it the data used. Pure function of the records in index
+    order, so a merge of job-array parts gives the single run's summary."""
+    rows = [(key, off) for r in sorted(records, key=lambda r: r["index"]) for key, off in r.get("offsets_m", [])]
+    out: dict[str, Any] = {"samples": len(rows)}
+    for sensor in ("s1", "s2"):
+        values = [(float(off[sensor]), key) for key, off in rows if sensor in off]
+        if not values:
+            continue
+        ordered = sorted(v for v, _ in values)
+        top, top_key = min(values, key=lambda v: (-v[0], v[1]))  # the largest; ties: the first key
+        bins = [0] * 6  # 10 m bins: [0,10) .. [40,50), >= 50
+        for v in ordered:
+            bins[min(int(v // 10), 5)] += 1
+        out[sensor] = {
+            "median": ordered[len(ordered) // 2], "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            "max": top, "max_key": top_key, "histogram_10m": bins,
+        }  # fmt: skip
+    return out
 
 
 def _max_error(records: list[dict[str, Any]]) -> float:

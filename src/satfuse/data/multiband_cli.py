@@ -45,7 +45,10 @@ def add_shard_options(shard: argparse.ArgumentParser) -> None:
     g.add_argument("--resample", choices=list(METHODS), default=None, help=f"how 20/60 m bands (and S1) are resampled onto the 10 m grid (default {DEFAULT_METHOD}; recorded in the manifest)")
     g.add_argument("--s2-level", choices=["l1c", "l2a"], default=None, help="SSL4EO-S12: pack s2c (L1C, 13 bands; default) or s2a (L2A, 12 bands)")
     g.add_argument("--split", default=None, help="BigEarthNet: train|val|test (v1: bigearthnet-SPLIT.csv in --src; v2: the parquet's split column)")
-    g.add_argument("--colocation-tol-m", type=float, default=None, help=f"footprint tolerance in metres, plus half the band's pixel (default {DEFAULT_TOL_M:g})")
+    defaults = ", ".join(f"{d} {m:g} m" for d, m in DEFAULT_TOL_M.items())
+    g.add_argument("--colocation-tol-m", type=float, default=None,
+                   help=f"footprint tolerance in metres, plus half the band's pixel; default per dataset as published: {defaults} "
+                        "(SSL4EO-S12's S1 and S2 are separate exports a few 10 m pixels apart); each sample's offset is recorded")
     g.add_argument("--max-gap-days", type=float, default=None, help="SSL4EO-S12: largest S1/S2 date gap of a pair (default 30)")
 
 
