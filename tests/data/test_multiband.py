@@ -168,6 +168,29 @@ def test_colocation_is_geographic_with_the_published_offsets(ssl_tree, tmp_path)
     assert strict["total_samples"] < 6 and "tolerance 10 m + half its" in json.dumps(strict["excluded"])
 
 
+def test_nothing_packed_is_an_error_naming_the_commonest_reasons(ssl_tree, tmp_path, capsys):
+    """Every pair excluded at read time: exit 2 with one line naming the reasons (shown even at
+    --log-level WARNING), no manifest; a job array's merge refuses the same way."""
+    from satfuse.cli import main
+    from satfuse.data.manifest import merge
+
+    src = tmp_path / "src"
+    shutil.copytree(ssl_tree, src)
+    for vv in src.glob("s1/*/*/VV.tif"):
+        with rasterio.open(vv, "r+") as ds:
+            ds.transform = Affine.translation(1000.0 / 111_320.0, 0.0) @ ds.transform  # ~1 km east
+    rc = main(["--log-level", "WARNING", "shard", "--src", str(src), "--dataset", "ssl4eo-s12", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "packed 0 pairs, so no manifest was written: all 8 excluded" in err
+    assert "8 not co-located (e.g. 0000000_t0: VV.tif footprint is" in err and len([x for x in err.splitlines() if "ERROR" in x]) == 1
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    for i in range(2):
+        shard_dataset(src, "ssl4eo-s12", tmp_path / "parts", maxcount=4, shard_index=i, num_shards=2)
+    with pytest.raises(SatfuseError, match="packed 0 pairs"):
+        merge(tmp_path / "parts")
+    assert not (tmp_path / "parts" / "manifest.json").exists()
+
+
 # ------------------------------------------------------------------------------------ BigEarthNet v1
 
 

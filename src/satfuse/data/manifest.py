@@ -83,8 +83,27 @@ def publish_text(path: Path, text: str) -> None:
 
 
 def publish(out: Path, manifest: dict[str, Any]) -> None:
-    """Write `out/manifest.json` (the last step of a run: its presence means complete)."""
+    """Write `out/manifest.json` (the last step of a run: its presence means complete).
+
+    A set of 0 samples is refused here, the one step every writer and `merge` share: an
+    empty set is never what a user asked for, and training on it fails far from the cause."""
+    refuse_empty(out, manifest)
     publish_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+
+
+def refuse_empty(out: Path, manifest: dict[str, Any]) -> None:
+    """SatfuseError naming the commonest exclusion reasons when nothing was packed."""
+    if manifest.get("total_samples", 0) > 0:
+        return
+    excluded = manifest.get("excluded", [])
+    kinds: dict[str, list[str]] = {}
+    for e in excluded:
+        kind, _, detail = e["reason"].partition(":")
+        kinds.setdefault(kind, []).append(f"{e['key']}: {detail.strip() or kind}")
+    common = sorted(kinds.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:3]
+    why = "; ".join(f"{len(reasons)} {kind} (e.g. {reasons[0]})" for kind, reasons in common) or "nothing was excluded"
+    raise SatfuseError(f"{out}: packed 0 pairs, so no manifest was written: all {len(excluded)} excluded, commonest: {why}; "
+                       "fix those files or the options named there and rerun")
 
 
 def versions() -> dict[str, str]:
