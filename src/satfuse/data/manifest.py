@@ -49,6 +49,8 @@ def tar_name_pattern(set_name: str) -> re.Pattern[str]:
 def url_tar_name(url: str) -> str:
     """The tar's file name inside a path or a pipe: command (`pipe:aws s3 cp s3://b/x.tar -`):
     the key under which the manifest lists that shard."""
+    if not url.startswith("pipe:") and "://" not in url:
+        return Path(url).name  # a local path: its name, spaces and all (`my set-000000.tar`)
     found = _URL_TAR.findall(url)
     return found[-1] if found else Path(url).name
 
@@ -224,7 +226,7 @@ def load(path: Path, what: str = "", stats: bool = True) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise SatfuseError(f"{path}: manifest is not valid JSON ({exc.__class__.__name__}: {exc}); re-run `satfuse shard`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SatfuseError(f"{path}: not a {FORMAT} manifest; re-shard with `satfuse shard`")
+        raise SatfuseError(_format_message(path, manifest.get("format") if isinstance(manifest, dict) else None))
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s and "count" in s for s in shards):
         raise SatfuseError(f"{path}: manifest has no 'shards' list of {{name, count}}; re-shard with `satfuse shard`")
@@ -239,6 +241,18 @@ def load(path: Path, what: str = "", stats: bool = True) -> dict[str, Any]:
             if sensor not in manifest["stats"]:
                 raise SatfuseError(f"{path}: manifest stats lack {sensor!r}; re-shard with `satfuse shard`")
     return manifest
+
+
+def _format_message(path: Path, found: Any) -> str:
+    """Why a manifest's format is refused, naming both versions (a newer satfuse's set asks for an upgrade)."""
+    from satfuse import __version__
+
+    m = re.fullmatch(r"satfuse-shards/(\d+)", found) if isinstance(found, str) else None
+    if m and int(m[1]) > int(FORMAT.rsplit("/", 1)[1]):
+        return (f"{path}: not a {FORMAT} manifest: it is {found}, written by a newer satfuse than this one ({__version__}, "
+                f"which reads {FORMAT}); upgrade satfuse to read it, or re-shard with `satfuse shard` of this version")
+    what = f"its format is {found!r}" if found is not None else "it has no format field"
+    return f"{path}: not a {FORMAT} manifest ({what}, this satfuse {__version__} reads {FORMAT}); re-shard with `satfuse shard`"
 
 
 def shard_digests(path: str | Path) -> dict[str, tuple[str, int]]:

@@ -50,7 +50,7 @@ from satfuse.data.resample import (
     open_bands,
     read_resampled,
 )
-from satfuse.data.shard_dir import check_paths, prepare_out, remove_stale
+from satfuse.data.shard_dir import check_paths, named_out, prepare_out, remove_stale
 from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
 from satfuse.utils import SatfuseError
 
@@ -253,7 +253,7 @@ def shard_bands(
     """Pack a per-band dataset into `out`; returns the manifest (or the part manifest).
     `s2_level` (default l1c) and `max_gap_days` (default 30) are SSL4EO-S12 options;
     `encoding` (`satfuse.data.codecs`) as for `shard_writer` (these sets have no label member)."""
-    src, out = Path(src), Path(out)
+    src, out = Path(src), named_out(out)
     encoding = encoding or Encoding()
     if dataset != "ssl4eo-s12" and (s2_level is not None or max_gap_days is not None):
         raise SatfuseError(f"--s2-level/--max-gap-days apply to ssl4eo-s12 only ({dataset} is L2A with one date per pair); drop them")

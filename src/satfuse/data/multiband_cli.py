@@ -30,11 +30,13 @@ def register_synth(verbs: argparse._SubParsersAction) -> None:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from satfuse.data import synth_multiband
+    from satfuse.diskspace import writable_output
 
-    if args.synth_dataset == "ssl4eo-s12":
-        n = synth_multiband.write_ssl4eo(args.out, args.locations, args.seed, args.size, overwrite=args.overwrite)
-    else:
-        n = synth_multiband.write_bigearthnet(args.out, args.version, args.patches, args.seed, args.size, overwrite=args.overwrite)
+    with writable_output(args.out):
+        if args.synth_dataset == "ssl4eo-s12":
+            n = synth_multiband.write_ssl4eo(args.out, args.locations, args.seed, args.size, overwrite=args.overwrite)
+        else:
+            n = synth_multiband.write_bigearthnet(args.out, args.version, args.patches, args.seed, args.size, overwrite=args.overwrite)
     print(json.dumps({"dataset": args.synth_dataset, "out": str(args.out), "pairs": n}))
     return 0
 

@@ -30,6 +30,19 @@ from satfuse.utils import SatfuseError, atomic_write_text
 log = logging.getLogger(__name__)
 
 
+def named_out(out: Path) -> Path:
+    """`out` itself, or its absolute form when the path has no name of its own (`--out .`,
+    `--out ..`): the directory's name is the set's name and the prefix of its tars, which
+    would otherwise be empty (`-000000.tar`)."""
+    out = Path(out)
+    if out.name not in ("", ".", ".."):
+        return out
+    resolved = out.resolve()
+    if not resolved.name:
+        raise SatfuseError(f"{out}: the output directory needs a name (it names the tars, NAME-000000.tar); pass --out shards/NAME")
+    return resolved
+
+
 def check_paths(src: Path, out: Path) -> None:
     """Refuse an output inside the source (or containing it), or one that is a file."""
     s, o = src.resolve(), out.resolve()

@@ -51,7 +51,7 @@ from satfuse.data.band_scan import BAND_DATASETS
 from satfuse.data.codecs import Encoding, add_encoding
 from satfuse.data.layout import MAX_SHOWN, Pair
 from satfuse.data.raster import Prefetcher, Raster
-from satfuse.data.shard_dir import check_paths, prepare_out, remove_stale
+from satfuse.data.shard_dir import check_paths, named_out, prepare_out, remove_stale
 from satfuse.data.shard_plan import (
     MAX_ERRORS_SHOWN,
     check_args,
@@ -213,7 +213,7 @@ def shard_dataset(
     `band_options` (resample, s2_level, split, tol_m, max_gap_days) are for BAND_DATASETS.
     `encoding` (`satfuse.data.codecs`: --compress, --s1-dtype, --no-labels) defaults to the
     original format."""
-    src, out = Path(src), Path(out)
+    src, out = Path(src), named_out(out)
     encoding = encoding or Encoding()
     if dataset in BAND_DATASETS:  # one file per band: SSL4EO-S12, BigEarthNet (satfuse.data.multiband)
         unused = [flag for flag, value in (("--exclude-scenes", exclude_scenes), ("--pairs-file", pairs_file),
