@@ -418,6 +418,19 @@ def test_unreadable_band_fails_naming_it_or_is_listed_with_exclude_bad(ben1_tree
     assert [e["key"] for e in m["excluded"] if e["reason"].startswith("unreadable")] == [name]
 
 
+def test_s1_that_is_not_db_fails_or_is_listed_with_exclude_bad(ben1_tree, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ben1_tree, src)
+    folder = sorted((src / "BigEarthNet-S1-v1.0").iterdir())[0]
+    vv = folder / f"{folder.name}_VV.tif"
+    with rasterio.open(vv, "r+") as ds:
+        ds.write(np.full((ds.height, ds.width), 65533.0, np.float32), 1)  # digital numbers, not dB
+    with pytest.raises(SatfuseError, match=r"out of range: .* holds S1 values .*\.\.65533, backscatter in dB"):
+        shard_dataset(src, "bigearthnet", tmp_path / "strict", maxcount=8)
+    m = shard_dataset(src, "bigearthnet", tmp_path / "lenient", maxcount=8, exclude_bad=True)
+    assert len([e for e in m["excluded"] if e["reason"].startswith("out of range")]) == 1
+
+
 def test_pair_lists_in_either_column_order_and_s2_only(ben1_tree, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(ben1_tree, src)

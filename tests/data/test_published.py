@@ -121,6 +121,24 @@ def test_malicious_pickle_never_runs(tmp_path: Path) -> None:
         read_split(other, "sen12ms")
 
 
+def test_duplicate_rows_and_extra_columns_are_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A class-balanced list repeats rows (the authors' balanced CSV: 2,619 rows, 986 patches) and
+    may carry more columns: both are read, and both are said, not merged or ignored silently."""
+    split = tmp_path / "balanced_observations.csv"
+    split.write_text("Season,Scene,ID,Label\nSeasons.SPRING,1,2,4\nSeasons.SPRING,1,3,7\nSeasons.SPRING,1,2,4\nSeasons.SPRING,1,2,4\n")
+    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+        assert read_split(split, "sen12ms") == {(SPRING, 1, 2), (SPRING, 1, 3)}
+    text = caplog.text
+    assert "4 row(s) have columns beyond Season,Scene,ID (Label) (first: line 2); they are not used" in text
+    assert "4 rows name 2 patches: 2 duplicate row(s) (line 4 repeats line 2, line 5 repeats line 2) are packed once" in text
+    caplog.clear()
+    names = tmp_path / "test_list.txt"
+    names.write_text("ROIs1158_spring_s2_1_p2.tif\r\nROIs1158_spring_s2_1_p2.tif\r\n")
+    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+        assert read_split(names, "sen12ms") == {(SPRING, 1, 2)}
+    assert "2 rows name 1 patches: 1 duplicate row(s) (line 2 repeats line 1)" in caplog.text
+
+
 def test_exclude_scenes_lists_held_out_patches(sen12ms_tree: Path, tmp_path: Path) -> None:
     scenes = tmp_path / "SEN12MS_holdOutScenes.txt"
     scenes.write_text("ROIs1868_summer/s1_2\n")
@@ -185,7 +203,9 @@ def test_label_and_s2_dtypes_other_tools_write(tree: Path, tmp_path: Path) -> No
     [("lc", lambda a: a.astype(np.float32), "needs 4 of an integer type"),
      ("lc", lambda a: np.where(a == a[0, 0, 0], 20, a).astype(np.uint16), "out of range: .* band 1 holds values .*0..17"),
      ("s2", lambda a: (a.astype(np.int32) - 30000).astype(np.int16), "out of range"),
-     ("s2", lambda a: a[:12], "has 12 band")],
+     ("s2", lambda a: a[:12], "has 12 band"),
+     ("s1", lambda a: np.where(a > np.median(a), 65533.0, a).astype(np.float32),  # torchgeo's fixture: not dB
+      r"out of range: .*ROIs1158_spring_s1_1_p3.tif holds S1 values .*\.\.65533, backscatter in dB lies within -100..60")],
 )  # fmt: skip
 def test_bad_label_or_s2_values_are_named(tree: Path, tmp_path: Path, sensor: str, make, match: str) -> None:
     path = patch_path(tree, SPRING, sensor, 1, 3)

@@ -36,6 +36,7 @@ import rasterio
 from satfuse.data import shard_plan
 from satfuse.data.band_scan import BAND_DATASETS, BandSample, BandScan
 from satfuse.data.codecs import Encoding, add_encoding
+from satfuse.data.layout import s1_range_problem
 from satfuse.data.manifest import FORMAT, build, publish, write_part
 from satfuse.data.raster import BadData, NotColocated, npy_buffer
 from satfuse.data.resample import (
@@ -124,6 +125,8 @@ def _read_opened(sample: BandSample, s1_infos: list[BandInfo], s2_infos: list[Ba
     if not np.isfinite(s1).all():
         bad = int(np.count_nonzero(~np.isfinite(s1)))
         raise BadData(f"non-finite: {sample.key} S1 ({sample.s1[0][1].parent}) has {bad} NaN/Inf pixel(s); fill them or remove the sample")
+    if (problem := s1_range_problem(s1, f"{sample.key} S1 ({sample.s1[0][1].parent})")) is not None:
+        raise BadData(problem)
     n1 = len(s1_infos)
     measured = {"s1": round(max(offsets[:n1]), 1), "s2": round(max(offsets[n1:]), 1)}
     return SampleArrays(s1, s2, ref, measured)
