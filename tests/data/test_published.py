@@ -155,7 +155,14 @@ def test_missing_split_entries_reported_and_strict(sen12ms_tree: Path, tmp_path:
     err = capsys.readouterr().err
     assert "6 listed patch(es) have no files" in err and "ROIs1158_spring_1_p10" in err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(e["key"] for e in manifest["excluded"] if e["reason"].startswith("missing")) == sorted(f"ROIs1158_spring_1_p{i}" for i in range(7, 13))
+    # the manifest keeps a count and the first few; the full list is the side file (a published
+    # list over a partial tree would otherwise write 180,659 entries, 30 MB, into manifest.json)
+    side = [json.loads(line) for line in (out / "missing.jsonl").read_text().splitlines()]
+    assert sorted(e["key"] for e in side) == sorted(f"ROIs1158_spring_1_p{i}" for i in range(7, 13))
+    assert all(e["reason"].startswith("missing: listed in") for e in side)
+    assert manifest["missing"] == {"count": 6, "first": side[:5], "file": "missing.jsonl"}
+    assert not [e for e in manifest["excluded"] if e["reason"].startswith("missing")]
+    assert verify(out) == []
     out2 = tmp_path / "o2"
     assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(out2), "--split-file", str(split), "--strict-split"]) == 2
     assert "--strict-split makes this fatal" in capsys.readouterr().err and not (out2 / "manifest.json").exists()
@@ -318,7 +325,8 @@ def test_pairs_file_packs_any_collection(sen12ms_tree: Path, tmp_path: Path, cap
     assert main(["shard", "--src", str(src), "--dataset", "pairs", "--pairs-file", str(pairs), "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["total_samples"] == 2 and manifest["label"] == "label" and manifest["dataset"] == "pairs"
-    assert [e["key"] for e in manifest["excluded"]] == ["site3_s2"] and manifest["excluded"][0]["reason"].startswith("missing:")
+    assert manifest["excluded"] == [] and manifest["missing"]["count"] == 1
+    assert [e["key"] for e in manifest["missing"]["first"]] == ["site3_s2"] and manifest["missing"]["first"][0]["reason"].startswith("missing:")
     assert {i["path"] for i in manifest["ignored"]} == {"notes.md"}
     assert verify(out) == []
     with pytest.raises(SatfuseError, match="needs --pairs-file"):

@@ -24,6 +24,8 @@ from satfuse.utils import SatfuseError, atomic_write_text
 FORMAT = "satfuse-shards/1"
 PART_FORMAT = "satfuse-shards-part/1"
 MANIFEST_NAME = "manifest.json"  # written last, atomically: present = complete
+MISSING_NAME = "missing.jsonl"  # every exclusion of kind `missing`, one JSON object a line (the manifest keeps a count)
+MISSING_SHOWN = 5  # `missing` entries the manifest itself shows
 PART_GLOB = "manifest.part-*-of-*.json"
 STATE_DIR = ".satfuse"  # sidecar records and the ownership marker
 OWNER_FILE = "owner.json"
@@ -67,7 +69,7 @@ def sidecar_path(out: Path, name: str) -> Path:
 
 def is_own_file(out: Path, name: str) -> bool:
     """True for a name that `satfuse shard` writes into `out` (and nothing else)."""
-    ours = re.compile(rf"^({re.escape(STATE_DIR)}|{re.escape(MANIFEST_NAME)}|manifest\.part-\d+-of-\d+\.json|"
+    ours = re.compile(rf"^({re.escape(STATE_DIR)}|{re.escape(MANIFEST_NAME)}|{re.escape(MISSING_NAME)}|manifest\.part-\d+-of-\d+\.json|"
                       rf"{re.escape(out.name)}-\d{{6}}\.tar(\.tmp)?)$")
     return bool(ours.match(name))
 
@@ -88,8 +90,14 @@ def publish(out: Path, manifest: dict[str, Any]) -> None:
     """Write `out/manifest.json` (the last step of a run: its presence means complete).
 
     A set of 0 samples is refused here, the one step every writer and `merge` share: an
-    empty set is never what a user asked for, and training on it fails far from the cause."""
+    empty set is never what a user asked for, and training on it fails far from the cause.
+    The full list of `missing` exclusions (`build` puts it under `missing.entries`) goes to
+    `missing.jsonl` first, so the manifest stays small when a split list names many patches
+    the tree lacks (a published list over a partial download: 180,659 entries, 30 MB)."""
     refuse_empty(out, manifest)
+    entries = manifest.get("missing", {}).pop("entries", None)
+    if entries:
+        publish_text(out / MISSING_NAME, "".join(json.dumps(e) + "\n" for e in entries))
     publish_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
 
 
@@ -97,7 +105,7 @@ def refuse_empty(out: Path, manifest: dict[str, Any]) -> None:
     """SatfuseError naming the commonest exclusion reasons when nothing was packed."""
     if manifest.get("total_samples", 0) > 0:
         return
-    excluded = manifest.get("excluded", [])
+    excluded = manifest.get("excluded", []) + (manifest.get("missing") or {}).get("entries", [])
     kinds: dict[str, list[str]] = {}
     for e in excluded:
         kind, _, detail = e["reason"].partition(":")
@@ -138,12 +146,16 @@ def build(header: dict[str, Any], records: list[dict[str, Any]], scan_excluded: 
             sums[sensor] = add_sums(sums[sensor], r["sums"][sensor])
         excluded.extend(r["excluded"])
     excluded.sort(key=lambda e: (e["key"], e["reason"]))
+    missing = [e for e in excluded if e["reason"].split(":", 1)[0] == "missing"]
+    excluded = [e for e in excluded if e["reason"].split(":", 1)[0] != "missing"]
     manifest = {
         "format": FORMAT,
         **header,
         "shards": [{"name": r["name"], "count": r["count"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
         "total_samples": sum(r["count"] for r in records),
         "excluded": excluded,
+        "missing": {"count": len(missing), "first": missing[:MISSING_SHOWN], "file": MISSING_NAME if missing else None,
+                    "entries": missing},  # `publish` writes the entries to MISSING_NAME
         "ignored": list(ignored if ignored is not None else header.get("ignored", [])),
         "stats": {sensor: finish_stats(s) for sensor, s in sums.items()},
         "command": command,
@@ -197,9 +209,14 @@ def summary(manifest: dict[str, Any]) -> str:
     for e in manifest["excluded"]:
         kind = e["reason"].split(":", 1)[0]
         kinds[kind] = kinds.get(kind, 0) + 1
+    missing = int((manifest.get("missing") or {}).get("count", 0))
+    if missing:
+        kinds["missing"] = missing
     by_kind = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
     ignored = len(manifest.get("ignored", []))
-    return f"packed {manifest['total_samples']} pairs into {len(manifest['shards'])} shards; excluded {len(manifest['excluded'])} ({by_kind}); ignored {ignored} file(s)/folder(s) not in the layout"
+    return (f"packed {manifest['total_samples']} pairs into {len(manifest['shards'])} shards; excluded "
+            f"{len(manifest['excluded']) + missing} ({by_kind}{f'; missing listed in {MISSING_NAME}' if missing else ''}); "
+            f"ignored {ignored} file(s)/folder(s) not in the layout")
 
 
 # --------------------------------------------------------------------------------------------

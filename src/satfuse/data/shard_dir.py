@@ -18,6 +18,7 @@ from satfuse.data.layout import MAX_SHOWN
 from satfuse.data.manifest import (
     FORMAT,
     MANIFEST_NAME,
+    MISSING_NAME,
     OWNER_FILE,
     PART_GLOB,
     STATE_DIR,
@@ -110,6 +111,7 @@ def remove_stale(out: Path, name: str, num_planned: int, part: int | None) -> No
     """Before writing: a stale manifest must not describe a changing directory; shards past
     the new plan (from an older, larger run) must not be picked up by a glob."""
     (out / MANIFEST_NAME).unlink(missing_ok=True)
+    (out / MISSING_NAME).unlink(missing_ok=True)  # rewritten with the manifest, when there are missing entries
     if part is None:
         for p in out.glob(PART_GLOB):
             p.unlink()

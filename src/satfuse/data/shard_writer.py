@@ -291,7 +291,7 @@ def _report_scan(result: Any, src: Path, split_file: Path | None, strict_split: 
         msg = f"{split_file}: {len(result.missing)} listed patch(es) have no files under {src}: {first}{more}"
         if strict_split:
             raise SatfuseError(f"{msg}; --strict-split makes this fatal: fix --src or the list, or drop --strict-split to pack the rest")
-        log.warning("%s; the full list is in manifest.json (excluded, kind `missing`); --strict-split makes this fatal", msg)
+        log.warning("%s; the full list will be in %s beside manifest.json; --strict-split makes this fatal", msg, mf.MISSING_NAME)
     if result.not_listed:
         log.info("%s: %d patch(es) on disk are not in %s and are not packed (the split's choice)", src, result.not_listed, split_file)
     if result.ignored:
