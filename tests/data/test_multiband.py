@@ -170,7 +170,9 @@ def test_colocation_is_geographic_with_the_published_offsets(ssl_tree, tmp_path)
 
 def test_nothing_packed_is_an_error_naming_the_commonest_reasons(ssl_tree, tmp_path, capsys):
     """Every pair excluded at read time: exit 2 with one line naming the reasons (shown even at
-    --log-level WARNING), no manifest; a job array's merge refuses the same way."""
+    --log-level WARNING), no manifest, and nothing of the run left behind (its empty tars and
+    resume records would look like a partial set and be reused); what existed before the run
+    stays. A job array's merge refuses the same way and says what the parts left."""
     from satfuse.cli import main
     from satfuse.data.manifest import merge
 
@@ -179,14 +181,21 @@ def test_nothing_packed_is_an_error_naming_the_commonest_reasons(ssl_tree, tmp_p
     for vv in src.glob("s1/*/*/VV.tif"):
         with rasterio.open(vv, "r+") as ds:
             ds.transform = Affine.translation(1000.0 / 111_320.0, 0.0) @ ds.transform  # ~1 km east
-    rc = main(["--log-level", "WARNING", "shard", "--src", str(src), "--dataset", "ssl4eo-s12", "--out", str(tmp_path / "out")])
+    out = tmp_path / "made" / "out"  # neither exists: the run creates both
+    rc = main(["--log-level", "WARNING", "shard", "--src", str(src), "--dataset", "ssl4eo-s12", "--out", str(out), "--maxcount", "4"])
     err = capsys.readouterr().err
     assert rc == 2 and "packed 0 pairs, so no manifest was written: all 8 excluded" in err
     assert "8 not co-located (e.g. 0000000_t0: VV.tif footprint is" in err and len([x for x in err.splitlines() if "ERROR" in x]) == 1
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert "(the 2 empty tar(s) and records this run wrote were removed)" in err
+    assert not (tmp_path / "made").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    kept = tmp_path / "kept"  # an empty directory the user made: it stays, empty
+    kept.mkdir()
+    with pytest.raises(SatfuseError, match="packed 0 pairs"):
+        shard_dataset(src, "ssl4eo-s12", kept, maxcount=4)
+    assert kept.is_dir() and list(kept.iterdir()) == []
     for i in range(2):
         shard_dataset(src, "ssl4eo-s12", tmp_path / "parts", maxcount=4, shard_index=i, num_shards=2)
-    with pytest.raises(SatfuseError, match="packed 0 pairs"):
+    with pytest.raises(SatfuseError, match=r"packed 0 pairs.*the parts' 2 empty tar\(s\), their records and part manifests are left"):
         merge(tmp_path / "parts")
     assert not (tmp_path / "parts" / "manifest.json").exists()
 

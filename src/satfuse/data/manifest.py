@@ -101,8 +101,13 @@ def publish(out: Path, manifest: dict[str, Any]) -> None:
     publish_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
 
 
+class EmptySetError(SatfuseError):
+    """A run or merge packed 0 pairs (raised by `refuse_empty`): the writers catch it to
+    remove what the refused run wrote before passing it on."""
+
+
 def refuse_empty(out: Path, manifest: dict[str, Any]) -> None:
-    """SatfuseError naming the commonest exclusion reasons when nothing was packed."""
+    """EmptySetError naming the commonest exclusion reasons when nothing was packed."""
     if manifest.get("total_samples", 0) > 0:
         return
     excluded = manifest.get("excluded", []) + (manifest.get("missing") or {}).get("entries", [])
@@ -112,7 +117,7 @@ def refuse_empty(out: Path, manifest: dict[str, Any]) -> None:
         kinds.setdefault(kind, []).append(f"{e['key']}: {detail.strip() or kind}")
     common = sorted(kinds.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:3]
     why = "; ".join(f"{len(reasons)} {kind} (e.g. {reasons[0]})" for kind, reasons in common) or "nothing was excluded"
-    raise SatfuseError(f"{out}: packed 0 pairs, so no manifest was written: all {len(excluded)} excluded, commonest: {why}; "
+    raise EmptySetError(f"{out}: packed 0 pairs, so no manifest was written: all {len(excluded)} excluded, commonest: {why}; "
                        "fix those files or the options named there and rerun")
 
 
@@ -338,7 +343,11 @@ def merge(out: Path, command: list[str] | None = None) -> dict[str, Any]:
     _check_records(out, records, header["planned_shards"])
     manifest = build(header, records, have[0]["scan_excluded"], command if command is not None else sys.argv, have[0].get("scan_ignored", []))
     manifest["part_commands"] = [have[i]["command"] for i in range(num)]
-    publish(out, manifest)
+    try:
+        publish(out, manifest)
+    except EmptySetError as exc:  # the parts' files are theirs, and may predate this job array: kept, and said
+        raise EmptySetError(f"{exc} (the parts' {len(records)} empty tar(s), their records and part manifests are left in {out}: "
+                            "merge cannot tell them from an earlier run's; remove them, or rerun every part with --overwrite)") from None
     return manifest
 
 

@@ -37,7 +37,7 @@ from satfuse.data import shard_plan
 from satfuse.data.band_scan import BAND_DATASETS, BandSample, BandScan
 from satfuse.data.codecs import Encoding, add_encoding
 from satfuse.data.layout import s1_range_problem
-from satfuse.data.manifest import FORMAT, build, publish, write_part
+from satfuse.data.manifest import FORMAT, build, write_part
 from satfuse.data.raster import BadData, NotColocated, npy_buffer
 from satfuse.data.resample import (
     DEFAULT_METHOD,
@@ -51,7 +51,13 @@ from satfuse.data.resample import (
     open_bands,
     read_resampled,
 )
-from satfuse.data.shard_dir import check_paths, named_out, prepare_out, remove_stale
+from satfuse.data.shard_dir import (
+    check_paths,
+    named_out,
+    prepare_out,
+    publish_or_discard,
+    remove_stale,
+)
 from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
 from satfuse.utils import SatfuseError
 
@@ -291,7 +297,7 @@ def shard_bands(
     if encoding.s1_dtype != "float32":
         header["dtype"] = {**header["dtype"], "s1": encoding.s1_dtype}
     header["plan"] = shard_plan.plan_digest([header, [[s.key for s in shard] for shard in plan]])
-    prepare_out(out, overwrite, {"dataset": dataset})
+    claim = prepare_out(out, overwrite, {"dataset": dataset})
     remove_stale(out, out.name, len(plan), part[0] if part else None)
     mine = [j for j in range(len(plan)) if part is None or j % part[1] == part[0]]
     s2_bands = len(scan.bands["s2"])
@@ -304,5 +310,5 @@ def shard_bands(
     if part is not None:
         return write_part(out, header, part, records, scan_excluded, command)
     manifest = build(header, records, scan_excluded, command)
-    publish(out, manifest)
+    publish_or_discard(out, manifest, records, claim)
     return manifest

@@ -2,8 +2,9 @@
 
 One job, shared by both writers: `check_paths` before the scan, `prepare_out` (refuse a
 non-empty directory that is not a shard directory, or one holding another shard set, unless
-`--overwrite`, which empties it first) and `remove_stale` (an old manifest must not describe
-a changing directory; tars past the new plan must not be picked up by a glob).
+`--overwrite`, which empties it first), `remove_stale` (an old manifest must not describe
+a changing directory; tars past the new plan must not be picked up by a glob) and
+`publish_or_discard` (a refused empty run leaves nothing of its own behind).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,9 @@ from satfuse.data.manifest import (
     OWNER_FILE,
     PART_GLOB,
     STATE_DIR,
+    EmptySetError,
     is_own_file,
+    publish,
     sidecar_path,
     tar_name_pattern,
 )
@@ -55,11 +59,22 @@ def check_paths(src: Path, out: Path) -> None:
         raise SatfuseError(f"{out}: exists and is not a directory; choose another --out")
 
 
-def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Claim:
+    """What a run found before it wrote anything, so that a refused run removes only what it
+    created (never a directory or file that existed before it)."""
+
+    first_new: Path | None  # the topmost directory the run created (`out` or a parent of it); None: `out` existed
+    new_state: bool  # True when the run created `.satfuse/` (and its owner marker)
+
+
+def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> Claim:
     """Claim the output directory: refuse someone else's non-empty dir, or one holding
     another shard set (another dataset, or tars of another name), unless `overwrite`, which
-    empties it first so no old tar is left behind for a glob to pick up."""
+    empties it first so no old tar is left behind for a glob to pick up. Returns what it
+    created, for `publish_or_discard`."""
     marker = out / STATE_DIR / OWNER_FILE
+    absent = [d for d in (out, *out.parents) if not d.exists()]
     if out.is_dir() and not overwrite:
         if not marker.is_file() and not only_our_files(out):
             raise SatfuseError(f"{out}: not empty and not a satfuse shard directory; choose an empty --out or pass --overwrite to replace its contents")
@@ -69,9 +84,44 @@ def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
         log.warning("%s: --overwrite: removing its contents", out)
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    new_state = not (out / STATE_DIR).exists()
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
         atomic_write_text(marker, json.dumps({"format": FORMAT, "name": out.name, **settings}, indent=1))
+    return Claim(absent[-1] if absent else None, new_state)
+
+
+def publish_or_discard(out: Path, manifest: dict[str, Any], records: list[dict[str, Any]], claim: Claim) -> None:
+    """`manifest.publish`; when it refuses an empty set, first remove what this run wrote (its
+    empty tars, their resume records, the marker and directories it created), so nothing is
+    left behind that looks like a partial set or is reused by a rerun. Tars an earlier run
+    wrote (reused here) stay: this run does not own them, and the error says so."""
+    try:
+        publish(out, manifest)
+    except EmptySetError as exc:
+        written = [r["name"] for r in records if not r.get("reused")]
+        for name in written:
+            (out / name).unlink(missing_ok=True)
+            sidecar_path(out, name).unlink(missing_ok=True)
+        if claim.new_state:
+            (out / STATE_DIR / OWNER_FILE).unlink(missing_ok=True)
+            _rmdir_if_empty(out / STATE_DIR)
+        if claim.first_new is not None:
+            for d in (out, *out.parents):
+                if not _rmdir_if_empty(d) or d == claim.first_new:
+                    break
+        kept = len(records) - len(written)
+        older = f"; {kept} empty tar(s) of an earlier run are left as they were" if kept else ""
+        raise EmptySetError(f"{exc} (the {len(written)} empty tar(s) and records this run wrote were removed{older})") from None
+
+
+def _rmdir_if_empty(d: Path) -> bool:
+    """Remove `d` when it is an empty directory; True when it is gone."""
+    try:
+        d.rmdir()
+    except OSError:
+        return not d.exists()
+    return True
 
 
 def other_shard_set(out: Path, settings: dict[str, Any]) -> str | None:

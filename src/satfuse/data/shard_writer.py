@@ -51,7 +51,13 @@ from satfuse.data.band_scan import BAND_DATASETS
 from satfuse.data.codecs import Encoding, add_encoding
 from satfuse.data.layout import MAX_SHOWN, Pair
 from satfuse.data.raster import Prefetcher, Raster
-from satfuse.data.shard_dir import check_paths, named_out, prepare_out, remove_stale
+from satfuse.data.shard_dir import (
+    check_paths,
+    named_out,
+    prepare_out,
+    publish_or_discard,
+    remove_stale,
+)
 from satfuse.data.shard_plan import (
     MAX_ERRORS_SHOWN,
     check_args,
@@ -248,7 +254,7 @@ def shard_dataset(
         header["pairs_file"] = str(pairs_file)
     add_encoding(header, encoding)
     header["plan"] = plan_digest([header, [[p.key for p in shard] for shard in plan]])
-    prepare_out(out, overwrite, {"dataset": dataset})
+    claim = prepare_out(out, overwrite, {"dataset": dataset})
     remove_stale(out, out.name, len(plan), part[0] if part else None)
     mine = [j for j in range(len(plan)) if part is None or j % part[1] == part[0]]
     tasks = [ShardTask(j, out.name, out, src, dataset, result.label, plan[j], exclude_bad, encoding) for j in mine]
@@ -261,7 +267,7 @@ def shard_dataset(
         if part is not None:
             return mf.write_part(out, header, part, records, scan_excluded, command, ignored)
         manifest = mf.build(header, records, scan_excluded, command, ignored)
-        mf.publish(out, manifest)
+        publish_or_discard(out, manifest, records, claim)
     except OSError as exc:
         from satfuse.diskspace import is_no_space, no_space_error
 
