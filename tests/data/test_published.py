@@ -19,6 +19,7 @@ import rasterio
 
 from satfuse.cli import main
 from satfuse.data.layout import patch_path
+from satfuse.data.manifest import merge, summary
 from satfuse.data.shard_writer import shard_dataset
 from satfuse.data.split_lists import read_split
 from satfuse.data.synth import write_dfc2020, write_sen12ms
@@ -151,7 +152,7 @@ def test_missing_split_entries_reported_and_strict(sen12ms_tree: Path, tmp_path:
     split = tmp_path / "s_observations.csv"
     split.write_text("".join(f"Seasons.SPRING,1,{i}\n" for i in range(1, 13)))  # 7..12 do not exist
     out = tmp_path / "o"
-    assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(out), "--split-file", str(split)]) == 0
+    assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(out), "--split-file", str(split), "--maxcount", "3"]) == 0
     err = capsys.readouterr().err
     assert "6 listed patch(es) have no files" in err and "ROIs1158_spring_1_p10" in err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -163,6 +164,20 @@ def test_missing_split_entries_reported_and_strict(sen12ms_tree: Path, tmp_path:
     assert manifest["missing"] == {"count": 6, "first": side[:5], "file": "missing.jsonl"}
     assert not [e for e in manifest["excluded"] if e["reason"].startswith("missing")]
     assert verify(out) == []
+    # a job array: each part document keeps count + first few of its share (the list would be in
+    # every part otherwise), merge joins the shares into the single run's missing.jsonl and manifest
+    parts = tmp_path / "arr" / "o"
+    for i in (1, 0):
+        doc = shard_dataset(sen12ms_tree, "sen12ms", parts, maxcount=3, split_file=split, shard_index=i, num_shards=2)
+        share = [json.loads(line) for line in (parts / f"missing.part-{i}-of-2.jsonl").read_text().splitlines()]
+        assert share == side[3 * i : 3 * i + 3] and not [e for e in doc["scan_excluded"] if e["reason"].startswith("missing")]
+        assert json.loads((parts / f"manifest.part-{i}-of-2.json").read_text())["missing"] == {
+            "count": 3, "of": 6, "first": share, "file": f"missing.part-{i}-of-2.jsonl"}
+    merged = merge(parts, command=["t"])
+    assert (parts / "missing.jsonl").read_bytes() == (out / "missing.jsonl").read_bytes()
+    assert summary(merged) == summary(manifest) and "excluded 6 (6 missing; missing listed in missing.jsonl)" in summary(merged)
+    drop = ("created", "command", "part_commands")
+    assert {k: v for k, v in merged.items() if k not in drop} == {k: v for k, v in manifest.items() if k not in drop}
     out2 = tmp_path / "o2"
     assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(out2), "--split-file", str(split), "--strict-split"]) == 2
     assert "--strict-split makes this fatal" in capsys.readouterr().err and not (out2 / "manifest.json").exists()

@@ -27,6 +27,7 @@ MANIFEST_NAME = "manifest.json"  # written last, atomically: present = complete
 MISSING_NAME = "missing.jsonl"  # every exclusion of kind `missing`, one JSON object a line (the manifest keeps a count)
 MISSING_SHOWN = 5  # `missing` entries the manifest itself shows
 PART_GLOB = "manifest.part-*-of-*.json"
+MISSING_PART_GLOB = "missing.part-*-of-*.jsonl"  # a job-array part's share of the `missing` list, joined by `merge`
 STATE_DIR = ".satfuse"  # sidecar records and the ownership marker
 OWNER_FILE = "owner.json"
 
@@ -62,6 +63,11 @@ def part_path(out: Path, index: int, num: int) -> Path:
     return out / f"manifest.part-{index}-of-{num}.json"
 
 
+def missing_part_path(out: Path, index: int, num: int) -> Path:
+    """Where part `index` of `num` writes its share of the `missing` exclusions (for `merge`)."""
+    return out / f"missing.part-{index}-of-{num}.jsonl"
+
+
 def sidecar_path(out: Path, name: str) -> Path:
     """The per-shard record of tar `name` (plan digest, sha256, exact stats sums) used by resume."""
     return out / STATE_DIR / f"{name}.json"
@@ -70,6 +76,7 @@ def sidecar_path(out: Path, name: str) -> Path:
 def is_own_file(out: Path, name: str) -> bool:
     """True for a name that `satfuse shard` writes into `out` (and nothing else)."""
     ours = re.compile(rf"^({re.escape(STATE_DIR)}|{re.escape(MANIFEST_NAME)}|{re.escape(MISSING_NAME)}|manifest\.part-\d+-of-\d+\.json|"
+                      rf"missing\.part-\d+-of-\d+\.jsonl|"
                       rf"{re.escape(out.name)}-\d{{6}}\.tar(\.tmp)?)$")
     return bool(ours.match(name))
 
@@ -97,13 +104,23 @@ def publish(out: Path, manifest: dict[str, Any]) -> None:
     refuse_empty(out, manifest)
     entries = manifest.get("missing", {}).pop("entries", None)
     if entries:
-        publish_text(out / MISSING_NAME, "".join(json.dumps(e) + "\n" for e in entries))
+        publish_text(out / MISSING_NAME, _jsonl(entries))
     publish_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
 
 
 class EmptySetError(SatfuseError):
     """A run or merge packed 0 pairs (raised by `refuse_empty`): the writers catch it to
     remove what the refused run wrote before passing it on."""
+
+
+def _jsonl(entries: list[dict[str, Any]]) -> str:
+    """One JSON object a line: the format of MISSING_NAME and of the parts' shares of it."""
+    return "".join(json.dumps(e) + "\n" for e in entries)
+
+
+def _is_missing(entry: dict[str, Any]) -> bool:
+    """An exclusion of kind `missing` (listed, no files): kept out of manifests, in MISSING_NAME."""
+    return entry["reason"].split(":", 1)[0] == "missing"
 
 
 def refuse_empty(out: Path, manifest: dict[str, Any]) -> None:
@@ -151,8 +168,8 @@ def build(header: dict[str, Any], records: list[dict[str, Any]], scan_excluded: 
             sums[sensor] = add_sums(sums[sensor], r["sums"][sensor])
         excluded.extend(r["excluded"])
     excluded.sort(key=lambda e: (e["key"], e["reason"]))
-    missing = [e for e in excluded if e["reason"].split(":", 1)[0] == "missing"]
-    excluded = [e for e in excluded if e["reason"].split(":", 1)[0] != "missing"]
+    missing = [e for e in excluded if _is_missing(e)]
+    excluded = [e for e in excluded if not _is_missing(e)]
     manifest = {
         "format": FORMAT,
         **header,
@@ -306,11 +323,27 @@ def load_dir(shard_dir: Path, what: str = "", stats: bool = True) -> dict[str, A
 
 
 def write_part(out: Path, header: dict[str, Any], part: tuple[int, int], records: list[dict[str, Any]], scan_excluded: list[dict[str, Any]], command: list[str], ignored: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Record what part `part[0]` of `part[1]` wrote, for `merge` (returns the part document)."""
+    """Record what part `part[0]` of `part[1]` wrote, for `merge` (returns the part document).
+
+    Every part scans the same tree, so each holds the whole `missing` list (180,659 entries
+    for a published list over a partial tree). Like the manifest, the part document keeps a
+    count and the first few; part i writes the i-th contiguous share of the list to
+    `missing_part_path`, and `merge` concatenates the shares in part order: the list in scan
+    order, as a single run has it."""
+    index, num = part
+    missing = [e for e in scan_excluded if _is_missing(e)]
+    share = missing[index * len(missing) // num : (index + 1) * len(missing) // num]
+    side = missing_part_path(out, index, num)
+    if share:
+        publish_text(side, _jsonl(share))
+    else:
+        side.unlink(missing_ok=True)  # a rerun's share may be empty now
     doc = {
-        "format": PART_FORMAT, "header": header, "part": part[0], "num_parts": part[1],
+        "format": PART_FORMAT, "header": header, "part": index, "num_parts": num,
         "records": [{k: v for k, v in r.items() if k != "reused"} for r in records],
-        "scan_excluded": scan_excluded, "scan_ignored": list(ignored or []), "command": command,
+        "scan_excluded": [e for e in scan_excluded if not _is_missing(e)],
+        "missing": {"count": len(share), "of": len(missing), "first": share[:MISSING_SHOWN], "file": side.name if share else None},
+        "scan_ignored": list(ignored or []), "command": command,
     }  # fmt: skip
     publish_text(part_path(out, *part), json.dumps(doc) + "\n")
     return doc
@@ -341,7 +374,8 @@ def merge(out: Path, command: list[str] | None = None) -> dict[str, Any]:
             raise SatfuseError(f"{part_path(out, i, num)}: written with other settings or source than part 0; rerun every part with the same arguments")
     records = sorted((r for d in have.values() for r in d["records"]), key=lambda r: r["index"])
     _check_records(out, records, header["planned_shards"])
-    manifest = build(header, records, have[0]["scan_excluded"], command if command is not None else sys.argv, have[0].get("scan_ignored", []))
+    scan_excluded = have[0]["scan_excluded"] + _read_missing_shares(out, [have[i] for i in range(num)])
+    manifest = build(header, records, scan_excluded, command if command is not None else sys.argv, have[0].get("scan_ignored", []))
     manifest["part_commands"] = [have[i]["command"] for i in range(num)]
     try:
         publish(out, manifest)
@@ -349,6 +383,32 @@ def merge(out: Path, command: list[str] | None = None) -> dict[str, Any]:
         raise EmptySetError(f"{exc} (the parts' {len(records)} empty tar(s), their records and part manifests are left in {out}: "
                             "merge cannot tell them from an earlier run's; remove them, or rerun every part with --overwrite)") from None
     return manifest
+
+
+def _read_missing_shares(out: Path, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `missing` entries of a job array: the parts' shares (`write_part`) in part order,
+    each checked against the count its part recorded (a part document without the `missing`
+    key holds its entries in `scan_excluded`, as part 0's is used)."""
+    totals = {d["missing"]["of"] for d in docs if "missing" in d}
+    if len(totals) > 1:
+        raise SatfuseError(f"{out}: the parts found different numbers of missing patches ({sorted(totals)}): they scanned "
+                           "different trees or lists; rerun every part with the same --src and --split-file")
+    entries: list[dict[str, Any]] = []
+    for d in docs:
+        info = d.get("missing") or {}
+        if not info.get("count"):
+            continue
+        path = missing_part_path(out, d["part"], d["num_parts"])
+        try:
+            share = [json.loads(line) for line in path.read_text().splitlines()]
+        except (OSError, ValueError) as exc:
+            raise SatfuseError(f"{path}: unreadable ({exc.__class__.__name__}); rerun part {d['part']}") from None
+        if len(share) != info["count"]:
+            raise SatfuseError(f"{path}: holds {len(share)} entries, its part recorded {info['count']}; rerun part {d['part']}")
+        entries += share
+    if totals and len(entries) != next(iter(totals)):
+        raise SatfuseError(f"{out}: the parts' missing lists hold {len(entries)} of {next(iter(totals))} entries; rerun every part")
+    return entries
 
 
 def _read_part(path: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from satfuse.data.manifest import (
     FORMAT,
     MANIFEST_NAME,
     MISSING_NAME,
+    MISSING_PART_GLOB,
     OWNER_FILE,
     PART_GLOB,
     STATE_DIR,
@@ -163,7 +164,7 @@ def remove_stale(out: Path, name: str, num_planned: int, part: int | None) -> No
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     (out / MISSING_NAME).unlink(missing_ok=True)  # rewritten with the manifest, when there are missing entries
     if part is None:
-        for p in out.glob(PART_GLOB):
+        for p in [*out.glob(PART_GLOB), *out.glob(MISSING_PART_GLOB)]:
             p.unlink()
     for tar in out.glob(f"{name}-*.tar"):
         stem = tar.name[len(name) + 1 : -4]
