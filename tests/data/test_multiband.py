@@ -440,6 +440,42 @@ def test_s1_that_is_not_db_fails_or_is_listed_with_exclude_bad(ben1_tree, tmp_pa
     assert len([e for e in m["excluded"] if e["reason"].startswith("out of range")]) == 1
 
 
+def test_repeated_rows_of_bigearthnet_lists_are_said_and_read_once(ben1_tree, ben2_tree, tmp_path, caplog):
+    """A v1 split list, a v2 split list and metadata.parquet that repeat a patch: each patch is
+    read once (not twice under one key, nor merged silently) and the repeats are said, through
+    the SEN12MS reader's helper: rows vs patches and the first repeats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from satfuse.data.bigearthnet import scan_bigearthnet
+
+    rows = list(csv.reader((ben1_tree / "bigearthnet-train.csv").open()))
+    v1 = tmp_path / "v1.csv"
+    v1.write_text("".join(f"{s2},{s1}\r\n" for s2, s1 in [*rows, rows[0], rows[0]]))
+    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+        scan = scan_bigearthnet(ben1_tree, 1, split_file=v1)
+    assert sorted(s.key for s in scan.samples) == sorted(r[0] for r in rows)
+    n = len(rows)
+    assert (f"{v1}: {n + 2} rows name {n} patches: 2 duplicate row(s) (line {n + 1} repeats line 1, line {n + 2} "
+            "repeats line 1) are packed once") in caplog.text
+    caplog.clear()
+    root = tmp_path / "ben2"  # the v2 tree with a metadata.parquet that repeats its second row
+    root.mkdir()
+    for d in ("BigEarthNet-S1", "BigEarthNet-S2"):
+        (root / d).symlink_to(ben2_tree / d)
+    table = pq.read_table(ben2_tree / "metadata.parquet")
+    pq.write_table(pa.concat_tables([table, table.slice(1, 1)]), root / "metadata.parquet")
+    pid = table.column("patch_id")[1].as_py()
+    listed = tmp_path / "v2.csv"
+    listed.write_text(f"{pid}\n{pid}\n")
+    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+        scan = scan_bigearthnet(root, 2, split_file=listed)
+    assert [s.key for s in scan.samples] == [pid]
+    assert (f"{root / 'metadata.parquet'}: {table.num_rows + 1} rows name {table.num_rows} patches: 1 duplicate row(s) "
+            f"(row {table.num_rows + 1} repeats row 2)") in caplog.text
+    assert f"{listed}: 2 rows name 1 patches: 1 duplicate row(s) (line 2 repeats line 1)" in caplog.text
+
+
 def test_pair_lists_in_either_column_order_and_s2_only(ben1_tree, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(ben1_tree, src)

@@ -18,10 +18,14 @@ import logging
 import pickle
 import pickletools
 import re
+from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from satfuse.data.layout import FILE_RE, ROI_TOKEN, ROIS, SEASON_TOKENS
 from satfuse.utils import SatfuseError
+
+K = TypeVar("K", bound=Hashable)  # a patch id as a reader spells it (SEN12MS: (roi, scene, id); BigEarthNet: a name)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ def read_split(split_file: Path, dataset: str) -> set[tuple[str, int, int]]:
         if not split_file.is_file():
             raise SatfuseError(f"{split_file}: split file not found; pass an existing *_list.pkl")
         ids = [_name_id(name, dataset, split_file, i + 1) for i, name in enumerate(read_pickle_list(split_file))]
-        _say_duplicates(split_file, list(enumerate(ids, start=1)))
+        say_duplicates(split_file, list(enumerate(ids, start=1)))
         return _nonempty(set(ids), split_file)
     lines = text_lines(split_file, "split file")
     content = [(i + 1, line.strip()) for i, line in enumerate(lines) if line.strip()]
@@ -98,14 +102,17 @@ def read_split(split_file: Path, dataset: str) -> set[tuple[str, int, int]]:
     if "," in first:
         return _nonempty(_read_csv(split_file, content, dataset), split_file)
     numbered = [(n, _name_id(line, dataset, split_file, n)) for n, line in content]
-    _say_duplicates(split_file, numbered)
+    say_duplicates(split_file, numbered)
     return _nonempty({ident for _, ident in numbered}, split_file)
 
 
-def _say_duplicates(split_file: Path, numbered: list[tuple[int, tuple[str, int, int]]]) -> None:
+def say_duplicates(split_file: Path, numbered: Sequence[tuple[int, K]], unit: str = "line") -> dict[K, int]:
     """Warn when rows repeat a patch: each patch is packed once, so a list that repeats rows to
-    balance classes (oversampling) loses its weights; nothing is merged without a word."""
-    first: dict[tuple[str, int, int], int] = {}
+    balance classes (oversampling) loses its weights; nothing is merged without a word. The
+    one copy of this rule for every split reader (SEN12MS/DFC2020 here, BigEarthNet's lists
+    and metadata.parquet); `numbered` is (line or row number, patch id). Returns each patch's
+    first line, in list order, for readers that keep the first row of a repeated patch."""
+    first: dict[K, int] = {}
     repeats: list[tuple[int, int]] = []
     for lineno, ident in numbered:
         if ident in first:
@@ -113,10 +120,11 @@ def _say_duplicates(split_file: Path, numbered: list[tuple[int, tuple[str, int, 
         else:
             first[ident] = lineno
     if repeats:
-        shown = ", ".join(f"line {n} repeats line {f}" for n, f in repeats[:3])
+        shown = ", ".join(f"{unit} {n} repeats {unit} {f}" for n, f in repeats[:3])
         log.warning("%s: %d rows name %d patches: %d duplicate row(s) (%s%s) are packed once; a list that repeats rows "
                     "to balance classes loses that weighting here (weight samples at training time instead)",
                     split_file, len(numbered), len(first), len(repeats), shown, " ..." if len(repeats) > 3 else "")
+    return first
 
 
 def _nonempty(ids: set[tuple[str, int, int]], path: Path) -> set[tuple[str, int, int]]:
@@ -150,7 +158,7 @@ def _read_csv(split_file: Path, content: list[tuple[int, str]], dataset: str) ->
         what = f" ({', '.join(names)})" if names else ""
         log.warning("%s: %d row(s) have columns beyond Season,Scene,ID%s (first: line %d); they are not used: only the "
                     "listed patches are packed", split_file, len(extra), what, extra[0])
-    _say_duplicates(split_file, numbered)
+    say_duplicates(split_file, numbered)
     return {ident for _, ident in numbered}
 
 
