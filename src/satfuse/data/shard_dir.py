@@ -66,7 +66,8 @@ class Claim:
     created (never a directory or file that existed before it)."""
 
     first_new: Path | None  # the topmost directory the run created (`out` or a parent of it); None: `out` existed
-    new_state: bool  # True when the run created `.satfuse/` (and its owner marker)
+    new_state: bool  # True when the run created `.satfuse/`
+    new_marker: bool  # True when the run wrote `.satfuse/owner.json`
 
 
 def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> Claim:
@@ -85,11 +86,11 @@ def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> Claim:
         log.warning("%s: --overwrite: removing its contents", out)
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    new_state = not (out / STATE_DIR).exists()
+    new_state, new_marker = not (out / STATE_DIR).exists(), not marker.is_file()
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    if not marker.is_file():
+    if new_marker:
         atomic_write_text(marker, json.dumps({"format": FORMAT, "name": out.name, **settings}, indent=1))
-    return Claim(absent[-1] if absent else None, new_state)
+    return Claim(absent[-1] if absent else None, new_state, new_marker)
 
 
 def publish_or_discard(out: Path, manifest: dict[str, Any], records: list[dict[str, Any]], claim: Claim) -> None:
@@ -104,8 +105,9 @@ def publish_or_discard(out: Path, manifest: dict[str, Any], records: list[dict[s
         for name in written:
             (out / name).unlink(missing_ok=True)
             sidecar_path(out, name).unlink(missing_ok=True)
-        if claim.new_state:
+        if claim.new_marker:
             (out / STATE_DIR / OWNER_FILE).unlink(missing_ok=True)
+        if claim.new_state:
             _rmdir_if_empty(out / STATE_DIR)
         if claim.first_new is not None:
             for d in (out, *out.parents):
