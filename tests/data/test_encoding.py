@@ -159,7 +159,9 @@ def test_float16_out_of_range_is_an_error_naming_the_file(sen12ms_tree, tmp_path
     with pytest.raises(SatfuseError, match=rf"{bad.name}.*out of range|out of range.*{bad.name}"):
         pack(src, tmp_path / "out", s1_dtype="float16")
     assert not (tmp_path / "out" / "manifest.json").exists()
-    pack(src, tmp_path / "ok")  # float32 holds it
+    # 1e6 is not dB at all: float32 refuses it too (the S1 dB range check, before any cast)
+    with pytest.raises(SatfuseError, match=rf"out of range: .*{bad.name} holds S1 values .*1e\+06, backscatter in dB"):
+        pack(src, tmp_path / "f32")
 
 
 def test_no_labels_pretraining_set_and_downstream_refusal(dfc_tree, tmp_path):

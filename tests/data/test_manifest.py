@@ -24,10 +24,13 @@ def test_names_have_one_meaning() -> None:
     assert tar_name("sen12ms", 3) == "sen12ms-000003.tar"
     assert url_tar_name("/data/shards/x/x-000007.tar") == "x-000007.tar"
     assert url_tar_name("pipe:aws s3 cp s3://bucket/x/x-000001.tar -") == "x-000001.tar"
+    assert url_tar_name("/data/my set/my set-000001.tar") == "my set-000001.tar"  # a local name keeps its space
 
 
 @pytest.mark.parametrize(("doc", "message"), [
-    ({"format": "other/1", "shards": [], "stats": {"s1": {}, "s2": {}}}, f"not a {FORMAT} manifest"),
+    ({"format": "other/1", "shards": [], "stats": {"s1": {}, "s2": {}}}, f"not a {FORMAT} manifest (its format is 'other/1'"),
+    ({"format": "satfuse-shards/2", "shards": [], "stats": {"s1": {}, "s2": {}}},
+     f"not a {FORMAT} manifest: it is satfuse-shards/2, written by a newer satfuse"),
     ({"format": FORMAT, "shards": [{"count": 3}], "stats": {"s1": {}, "s2": {}}}, "no 'shards' list of {name, count}"),
     ({"format": FORMAT, "shards": [], "stats": {"s1": {}}}, "stats lack 's2'"),
 ])

@@ -97,7 +97,7 @@ def test_ssl4eo_synth_writes_the_published_layout(ssl_tree):
 def test_ssl4eo_shards_verify_and_record_pairing(ssl_tree, tmp_path):
     m = shard_dataset(ssl_tree, "ssl4eo-s12", tmp_path / "l1c", maxcount=3, seed=0)
     assert m["total_samples"] == 8 and m["bands"] == {"s1": ["VV", "VH"], "s2": L1C}
-    assert m["resample"]["method"] == "bilinear" and m["resample"]["tolerance_m"] == 10.0
+    assert m["resample"]["method"] == "bilinear" and m["resample"]["tolerance_m"] == 50.0  # SSL4EO-S12's default
     assert m["s2_level"] == "l1c" and {"path": "s2a", "reason": "not used with --s2-level l1c"} in m["ignored"]
     assert len(m["stats"]["s2"]["mean"]) == 13 and m["patch_size"] == [36, 36]
     assert m["native_resolution_m"]["B5"] == 20 and m["source_crs"].startswith("EPSG:4326")
@@ -140,17 +140,64 @@ def test_ssl4eo_date_matching_and_gap_limit(ssl_tree, tmp_path):
         shard_dataset(src, "bigearthnet", tmp_path / "x", s2_level="l2a")
 
 
-def test_colocation_is_geographic_not_transform_identity(ssl_tree, tmp_path):
+def test_colocation_is_geographic_with_the_published_offsets(ssl_tree, tmp_path):
+    """S1 and S2 of SSL4EO-S12 are separate exports a few 10 m pixels apart (38.5 m on the
+    published location 0000200): the synthetic tree has such offsets, the default tolerance
+    packs them (10 m bands bit-exact), records each sample's offset and summarises them;
+    a 1 km misplacement is still excluded, and a 10 m tolerance excludes the published grids."""
     src = tmp_path / "src"
     shutil.copytree(ssl_tree, src)
     loc = src / "s1" / "0000000"
     first = sorted(loc.iterdir())[0] / "VV.tif"
     with rasterio.open(first, "r+") as ds:
-        ds.transform = Affine.translation(100.0 / 111_320.0, 0.0) @ ds.transform  # ~100 m east (at the equator)
+        ds.transform = Affine.translation(1000.0 / 111_320.0, 0.0) @ ds.transform  # ~1 km east
     m = shard_dataset(src, "ssl4eo-s12", tmp_path / "out", maxcount=4)
     bad = [e for e in m["excluded"] if e["reason"].startswith("not co-located")]
-    assert len(bad) == 1 and "VV.tif footprint is" in bad[0]["reason"] and "allowed 15.0 m" in bad[0]["reason"]
-    assert m["total_samples"] == 7  # the other S1 grids are 3 m off S2 (not identical) and pass
+    assert len(bad) == 1 and "VV.tif footprint is" in bad[0]["reason"] and "tolerance 50 m" in bad[0]["reason"]
+    assert m["total_samples"] == 7  # every other S1 grid is a few pixels off S2 and packs
+    got = samples(tmp_path / "out")
+    offsets = {k: v["json"]["colocation_offset_m"]["s1"] for k, v in got.items()}
+    assert 10.0 < max(offsets.values()) < 50.0 and len(set(offsets.values())) > 3  # a few pixels, not one constant
+    summary = m["colocation_offset_m"]
+    assert summary["samples"] == 7 and summary["s1"]["max"] == max(offsets.values())
+    assert offsets[summary["s1"]["max_key"]] == summary["s1"]["max"] and sum(summary["s1"]["histogram_10m"]) == 7
+    for key, sample in got.items():  # S1 is not resampled: bit-exact with its source
+        with rasterio.open(src / sample["json"]["sources"]["s1/VV"]) as ds:
+            assert np.array_equal(sample["s1"][0], ds.read(1)), key
+    strict = shard_dataset(src, "ssl4eo-s12", tmp_path / "strict", maxcount=4, tol_m=10.0)
+    assert strict["total_samples"] < 6 and "tolerance 10 m + half its" in json.dumps(strict["excluded"])
+
+
+def test_nothing_packed_is_an_error_naming_the_commonest_reasons(ssl_tree, tmp_path, capsys):
+    """Every pair excluded at read time: exit 2 with one line naming the reasons (shown even at
+    --log-level WARNING), no manifest, and nothing of the run left behind (its empty tars and
+    resume records would look like a partial set and be reused); what existed before the run
+    stays. A job array's merge refuses the same way and says what the parts left."""
+    from satfuse.cli import main
+    from satfuse.data.manifest import merge
+
+    src = tmp_path / "src"
+    shutil.copytree(ssl_tree, src)
+    for vv in src.glob("s1/*/*/VV.tif"):
+        with rasterio.open(vv, "r+") as ds:
+            ds.transform = Affine.translation(1000.0 / 111_320.0, 0.0) @ ds.transform  # ~1 km east
+    out = tmp_path / "made" / "out"  # neither exists: the run creates both
+    rc = main(["--log-level", "WARNING", "shard", "--src", str(src), "--dataset", "ssl4eo-s12", "--out", str(out), "--maxcount", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "packed 0 pairs, so no manifest was written: all 8 excluded" in err
+    assert "8 not co-located (e.g. 0000000_t0: VV.tif footprint is" in err and len([x for x in err.splitlines() if "ERROR" in x]) == 1
+    assert "(the 2 empty tar(s) and records this run wrote were removed)" in err
+    assert not (tmp_path / "made").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    kept = tmp_path / "kept"  # an empty directory the user made: it stays, empty
+    kept.mkdir()
+    with pytest.raises(SatfuseError, match="packed 0 pairs"):
+        shard_dataset(src, "ssl4eo-s12", kept, maxcount=4)
+    assert kept.is_dir() and list(kept.iterdir()) == []
+    for i in range(2):
+        shard_dataset(src, "ssl4eo-s12", tmp_path / "parts", maxcount=4, shard_index=i, num_shards=2)
+    with pytest.raises(SatfuseError, match=r"packed 0 pairs.*the parts' 2 empty tar\(s\), their records and part manifests are left"):
+        merge(tmp_path / "parts")
+    assert not (tmp_path / "parts" / "manifest.json").exists()
 
 
 # ------------------------------------------------------------------------------------ BigEarthNet v1
@@ -378,6 +425,55 @@ def test_unreadable_band_fails_naming_it_or_is_listed_with_exclude_bad(ben1_tree
     assert not (tmp_path / "strict" / "manifest.json").exists()
     m = shard_dataset(src, "bigearthnet", tmp_path / "lenient", maxcount=8, exclude_bad=True)
     assert [e["key"] for e in m["excluded"] if e["reason"].startswith("unreadable")] == [name]
+
+
+def test_s1_that_is_not_db_fails_or_is_listed_with_exclude_bad(ben1_tree, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ben1_tree, src)
+    folder = sorted((src / "BigEarthNet-S1-v1.0").iterdir())[0]
+    vv = folder / f"{folder.name}_VV.tif"
+    with rasterio.open(vv, "r+") as ds:
+        ds.write(np.full((ds.height, ds.width), 65533.0, np.float32), 1)  # digital numbers, not dB
+    with pytest.raises(SatfuseError, match=r"out of range: .* holds S1 values .*\.\.65533, backscatter in dB"):
+        shard_dataset(src, "bigearthnet", tmp_path / "strict", maxcount=8)
+    m = shard_dataset(src, "bigearthnet", tmp_path / "lenient", maxcount=8, exclude_bad=True)
+    assert len([e for e in m["excluded"] if e["reason"].startswith("out of range")]) == 1
+
+
+def test_repeated_rows_of_bigearthnet_lists_are_said_and_read_once(ben1_tree, ben2_tree, tmp_path, caplog):
+    """A v1 split list, a v2 split list and metadata.parquet that repeat a patch: each patch is
+    read once (not twice under one key, nor merged silently) and the repeats are said, through
+    the SEN12MS reader's helper: rows vs patches and the first repeats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from satfuse.data.bigearthnet import scan_bigearthnet
+
+    rows = list(csv.reader((ben1_tree / "bigearthnet-train.csv").open()))
+    v1 = tmp_path / "v1.csv"
+    v1.write_text("".join(f"{s2},{s1}\r\n" for s2, s1 in [*rows, rows[0], rows[0]]))
+    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+        scan = scan_bigearthnet(ben1_tree, 1, split_file=v1)
+    assert sorted(s.key for s in scan.samples) == sorted(r[0] for r in rows)
+    n = len(rows)
+    assert (f"{v1}: {n + 2} rows name {n} patches: 2 duplicate row(s) (line {n + 1} repeats line 1, line {n + 2} "
+            "repeats line 1) are packed once") in caplog.text
+    caplog.clear()
+    root = tmp_path / "ben2"  # the v2 tree with a metadata.parquet that repeats its second row
+    root.mkdir()
+    for d in ("BigEarthNet-S1", "BigEarthNet-S2"):
+        (root / d).symlink_to(ben2_tree / d)
+    table = pq.read_table(ben2_tree / "metadata.parquet")
+    pq.write_table(pa.concat_tables([table, table.slice(1, 1)]), root / "metadata.parquet")
+    pid = table.column("patch_id")[1].as_py()
+    listed = tmp_path / "v2.csv"
+    listed.write_text(f"{pid}\n{pid}\n")
+    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+        scan = scan_bigearthnet(root, 2, split_file=listed)
+    assert [s.key for s in scan.samples] == [pid]
+    assert (f"{root / 'metadata.parquet'}: {table.num_rows + 1} rows name {table.num_rows} patches: 1 duplicate row(s) "
+            f"(row {table.num_rows + 1} repeats row 2)") in caplog.text
+    assert f"{listed}: 2 rows name 1 patches: 1 duplicate row(s) (line 2 repeats line 1)" in caplog.text
 
 
 def test_pair_lists_in_either_column_order_and_s2_only(ben1_tree, tmp_path):

@@ -19,6 +19,7 @@ import rasterio
 
 from satfuse.cli import main
 from satfuse.data.layout import patch_path
+from satfuse.data.manifest import merge, summary
 from satfuse.data.shard_writer import shard_dataset
 from satfuse.data.split_lists import read_split
 from satfuse.data.synth import write_dfc2020, write_sen12ms
@@ -121,6 +122,24 @@ def test_malicious_pickle_never_runs(tmp_path: Path) -> None:
         read_split(other, "sen12ms")
 
 
+def test_duplicate_rows_and_extra_columns_are_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A class-balanced list repeats rows (the authors' balanced CSV: 2,619 rows, 986 patches) and
+    may carry more columns: both are read, and both are said, not merged or ignored silently."""
+    split = tmp_path / "balanced_observations.csv"
+    split.write_text("Season,Scene,ID,Label\nSeasons.SPRING,1,2,4\nSeasons.SPRING,1,3,7\nSeasons.SPRING,1,2,4\nSeasons.SPRING,1,2,4\n")
+    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+        assert read_split(split, "sen12ms") == {(SPRING, 1, 2), (SPRING, 1, 3)}
+    text = caplog.text
+    assert "4 row(s) have columns beyond Season,Scene,ID (Label) (first: line 2); they are not used" in text
+    assert "4 rows name 2 patches: 2 duplicate row(s) (line 4 repeats line 2, line 5 repeats line 2) are packed once" in text
+    caplog.clear()
+    names = tmp_path / "test_list.txt"
+    names.write_text("ROIs1158_spring_s2_1_p2.tif\r\nROIs1158_spring_s2_1_p2.tif\r\n")
+    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+        assert read_split(names, "sen12ms") == {(SPRING, 1, 2)}
+    assert "2 rows name 1 patches: 1 duplicate row(s) (line 2 repeats line 1)" in caplog.text
+
+
 def test_exclude_scenes_lists_held_out_patches(sen12ms_tree: Path, tmp_path: Path) -> None:
     scenes = tmp_path / "SEN12MS_holdOutScenes.txt"
     scenes.write_text("ROIs1868_summer/s1_2\n")
@@ -133,11 +152,32 @@ def test_missing_split_entries_reported_and_strict(sen12ms_tree: Path, tmp_path:
     split = tmp_path / "s_observations.csv"
     split.write_text("".join(f"Seasons.SPRING,1,{i}\n" for i in range(1, 13)))  # 7..12 do not exist
     out = tmp_path / "o"
-    assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(out), "--split-file", str(split)]) == 0
+    assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(out), "--split-file", str(split), "--maxcount", "3"]) == 0
     err = capsys.readouterr().err
     assert "6 listed patch(es) have no files" in err and "ROIs1158_spring_1_p10" in err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(e["key"] for e in manifest["excluded"] if e["reason"].startswith("missing")) == sorted(f"ROIs1158_spring_1_p{i}" for i in range(7, 13))
+    # the manifest keeps a count and the first few; the full list is the side file (a published
+    # list over a partial tree would otherwise write 180,659 entries, 30 MB, into manifest.json)
+    side = [json.loads(line) for line in (out / "missing.jsonl").read_text().splitlines()]
+    assert sorted(e["key"] for e in side) == sorted(f"ROIs1158_spring_1_p{i}" for i in range(7, 13))
+    assert all(e["reason"].startswith("missing: listed in") for e in side)
+    assert manifest["missing"] == {"count": 6, "first": side[:5], "file": "missing.jsonl"}
+    assert not [e for e in manifest["excluded"] if e["reason"].startswith("missing")]
+    assert verify(out) == []
+    # a job array: each part document keeps count + first few of its share (the list would be in
+    # every part otherwise), merge joins the shares into the single run's missing.jsonl and manifest
+    parts = tmp_path / "arr" / "o"
+    for i in (1, 0):
+        doc = shard_dataset(sen12ms_tree, "sen12ms", parts, maxcount=3, split_file=split, shard_index=i, num_shards=2)
+        share = [json.loads(line) for line in (parts / f"missing.part-{i}-of-2.jsonl").read_text().splitlines()]
+        assert share == side[3 * i : 3 * i + 3] and not [e for e in doc["scan_excluded"] if e["reason"].startswith("missing")]
+        assert json.loads((parts / f"manifest.part-{i}-of-2.json").read_text())["missing"] == {
+            "count": 3, "of": 6, "first": share, "file": f"missing.part-{i}-of-2.jsonl"}
+    merged = merge(parts, command=["t"])
+    assert (parts / "missing.jsonl").read_bytes() == (out / "missing.jsonl").read_bytes()
+    assert summary(merged) == summary(manifest) and "excluded 6 (6 missing; missing listed in missing.jsonl)" in summary(merged)
+    drop = ("created", "command", "part_commands")
+    assert {k: v for k, v in merged.items() if k not in drop} == {k: v for k, v in manifest.items() if k not in drop}
     out2 = tmp_path / "o2"
     assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(out2), "--split-file", str(split), "--strict-split"]) == 2
     assert "--strict-split makes this fatal" in capsys.readouterr().err and not (out2 / "manifest.json").exists()
@@ -185,7 +225,9 @@ def test_label_and_s2_dtypes_other_tools_write(tree: Path, tmp_path: Path) -> No
     [("lc", lambda a: a.astype(np.float32), "needs 4 of an integer type"),
      ("lc", lambda a: np.where(a == a[0, 0, 0], 20, a).astype(np.uint16), "out of range: .* band 1 holds values .*0..17"),
      ("s2", lambda a: (a.astype(np.int32) - 30000).astype(np.int16), "out of range"),
-     ("s2", lambda a: a[:12], "has 12 band")],
+     ("s2", lambda a: a[:12], "has 12 band"),
+     ("s1", lambda a: np.where(a > np.median(a), 65533.0, a).astype(np.float32),  # torchgeo's fixture: not dB
+      r"out of range: .*ROIs1158_spring_s1_1_p3.tif holds S1 values .*\.\.65533, backscatter in dB lies within -100..60")],
 )  # fmt: skip
 def test_bad_label_or_s2_values_are_named(tree: Path, tmp_path: Path, sensor: str, make, match: str) -> None:
     path = patch_path(tree, SPRING, sensor, 1, 3)
@@ -298,7 +340,8 @@ def test_pairs_file_packs_any_collection(sen12ms_tree: Path, tmp_path: Path, cap
     assert main(["shard", "--src", str(src), "--dataset", "pairs", "--pairs-file", str(pairs), "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["total_samples"] == 2 and manifest["label"] == "label" and manifest["dataset"] == "pairs"
-    assert [e["key"] for e in manifest["excluded"]] == ["site3_s2"] and manifest["excluded"][0]["reason"].startswith("missing:")
+    assert manifest["excluded"] == [] and manifest["missing"]["count"] == 1
+    assert [e["key"] for e in manifest["missing"]["first"]] == ["site3_s2"] and manifest["missing"]["first"][0]["reason"].startswith("missing:")
     assert {i["path"] for i in manifest["ignored"]} == {"notes.md"}
     assert verify(out) == []
     with pytest.raises(SatfuseError, match="needs --pairs-file"):

@@ -53,6 +53,63 @@ def test_verify_catches_missing_manifest_missing_and_stray_tars(shards: Path) ->
     assert "manifest.json: missing" in verify(shards)[0]
 
 
+def test_verify_catches_out_of_range_labels(dfc_tree: Path, tmp_path: Path) -> None:
+    """A dfc.npy above class 10 (a shard written by another tool, or edited with its manifest)
+    is named by verify, as the packer refuses such a label file."""
+    import hashlib
+    import io
+    import tarfile
+
+    import numpy as np
+
+    out = tmp_path / "d"
+    shard_dataset(dfc_tree, "dfc2020", out, maxcount=20, seed=0)
+    assert verify(out) == []
+    tar = out / "d-000000.tar"
+    members = []
+    with tarfile.open(tar) as tf:
+        for m in tf:
+            members.append((m, tf.extractfile(m).read()))
+    first = next(m.name for m, _ in members if m.name.endswith(".dfc.npy"))
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            if m.name == first:
+                label = np.load(io.BytesIO(data))
+                label[0, 0, 0] = 200
+                buf = io.BytesIO()
+                np.save(buf, label)
+                data = buf.getvalue()
+            tf.addfile(m, io.BytesIO(data))
+    man = json.loads((out / "manifest.json").read_text())
+    man["shards"][0].update(sha256=hashlib.sha256(tar.read_bytes()).hexdigest(), bytes=tar.stat().st_size)
+    (out / "manifest.json").write_text(json.dumps(man))
+    assert verify(out) == [f"{tar}: sample {first.split('.')[0]}: dfc.npy band 1 holds values up to 200, a dfc label allows 0..10; "
+                           "re-shard from fixed label files"]
+
+
+def test_output_names_and_unwritable_outputs(sen12ms_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out .` names the tars after the directory; a set name with a space resolves from a brace
+    pattern; an output on /proc or /sys is one line naming the path, for shard and synth."""
+    from satfuse.data.shard_sets import resolve_shards
+
+    here = tmp_path / "cwd-set"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    m = shard_dataset(sen12ms_tree, "sen12ms", Path("."), maxcount=5, seed=0)
+    assert m["name"] == "cwd-set" and sorted(p.name for p in here.glob("*.tar")) == [f"cwd-set-00000{i}.tar" for i in range(3)]
+    spaced = tmp_path / "my set"
+    shard_dataset(sen12ms_tree, "sen12ms", spaced, maxcount=5, seed=0)
+    assert resolve_shards(f"{spaced}/my set-{{000000..000002}}.tar").counts == [5, 5, 2]
+    capsys.readouterr()
+    for argv, path in ((["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", "/proc/satfuse-x"], "/proc/satfuse-x"),
+                       (["synth", "dfc2020", "--out", "/sys/satfuse-x", "--n-validation", "1", "--n-test", "1", "--size", "12"], "/sys/satfuse-x")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: cannot write the output there" in err and "Traceback" not in err
+        assert len([x for x in err.splitlines() if "ERROR" in x]) == 1
+
+
 def test_cli_verify_exit_codes(shards: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["shard", "verify", str(shards)]) == 0
     assert json.loads(capsys.readouterr().out) == {"dir": str(shards), "ok": True, "shards": 3, "samples": 12}

@@ -10,7 +10,8 @@ v1.0 (archives extract to `BigEarthNet-v1.0/` for S2 - not `-S2-` - and `BigEart
   header, `S2,S1` per line; or a one-column S2 list as in bigearthnet_common, joined through
   the mapping), `--split NAME` (= `{root}/bigearthnet-NAME.csv`), the official mapping
   `{root}/s1s2_mapping.csv` (no header, `S2,S1`), or, without any of these, each S1 JSON's
-  `corresponding_s2_patch`. Labels: the S2 JSON's `labels` (43-class CORINE names) as a
+  `corresponding_s2_patch`. A split list that repeats a patch is read once per patch and the
+  repeats are said (`split_lists.say_duplicates`; so is a repeated v2 patch_id). Labels: the S2 JSON's `labels` (43-class CORINE names) as a
   43-class multi-hot and its 19-class image. The snow and cloud lists
   (`{root}/patches_with_seasonal_snow.csv`, `patches_with_cloud_and_shadow.csv`: one S2
   name per line) turn their patches into listed exclusions.
@@ -44,6 +45,7 @@ from typing import Any
 
 from satfuse.data.band_scan import BandSample, BandScan
 from satfuse.data.layout import Excluded
+from satfuse.data.split_lists import say_duplicates
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -128,15 +130,30 @@ def scan_bigearthnet(root: Path, version: int, split_file: Path | None = None, s
 
 def read_name_list(path: Path) -> list[list[str]]:
     """Rows of a header-less CSV of patch names (CRLF or LF); a header row is skipped."""
+    return [row for _, row in read_name_rows(path)]
+
+
+def read_name_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, row) of a header-less CSV of patch names: the line numbers let a warning
+    name the rows it is about (a split list's repeated rows)."""
     try:
         with open(path, newline="") as fh:
-            rows = [[c.strip() for c in row] for row in csv.reader(fh) if row and row[0].strip()]
+            reader = csv.reader(fh)
+            rows = [(reader.line_num, [c.strip() for c in row]) for row in reader if row and row[0].strip()]
     except OSError as exc:
         raise SatfuseError(f"{path}: cannot read ({exc.strerror}); check the path") from None
-    if rows and not rows[0][0].startswith(("S1", "S2")):
+    if rows and not rows[0][1][0].startswith(("S1", "S2")):
         rows = rows[1:]  # a header (the published files have none)
     # torchgeo reads `S2,S1`; a copy written S1-first is recognised by the names, not trusted blindly
-    return [[r[1], r[0], *r[2:]] if len(r) >= 2 and r[0].startswith("S1") and r[1].startswith("S2") else r for r in rows]
+    return [(n, [r[1], r[0], *r[2:]] if len(r) >= 2 and r[0].startswith("S1") and r[1].startswith("S2") else r) for n, r in rows]
+
+
+def _split_rows(split_file: Path) -> list[list[str]]:
+    """A split list's rows, each patch (S2 name) once: a repeated patch would otherwise be
+    packed twice under one key; the repeats are said (`say_duplicates`), the first row kept."""
+    numbered = read_name_rows(split_file)
+    first = say_duplicates(split_file, [(n, r[0]) for n, r in numbered])
+    return [r for n, r in numbered if first[r[0]] == n]
 
 
 def _v1_pairs(root: Path, split_file: Path | None, split: str | None, ignored: list[dict[str, str]]) -> tuple[list[tuple[str, str]], str]:
@@ -150,7 +167,7 @@ def _v1_pairs(root: Path, split_file: Path | None, split: str | None, ignored: l
         if not split_file.is_file():
             raise SatfuseError(f"{split_file}: split list not found; download the official splits (torchgeo names them bigearthnet-{{train,val,test}}.csv) or pass --split-file")
     if split_file is not None:
-        rows = read_name_list(Path(split_file))
+        rows = _split_rows(Path(split_file))
         if rows and len(rows[0]) >= 2:
             return [(r[0], r[1]) for r in rows], str(split_file)
         if mapping is None:
@@ -281,9 +298,11 @@ def _scan_v2(root: Path, split_file: Path | None, split: str | None) -> BandScan
         if not d.is_dir():
             raise SatfuseError(f"{root}: no {d.name}/ folder; extract BigEarthNet-S1.tar.zst and BigEarthNet-S2.tar.zst there")
     rows = read_parquet(meta_path, ("patch_id", "s1_name", "labels", "split"))
+    first = say_duplicates(meta_path, [(i, r["patch_id"]) for i, r in enumerate(rows, start=1)], unit="row")
+    rows = [r for i, r in enumerate(rows, start=1) if first[r["patch_id"]] == i]  # a repeated patch_id once, said above
     wanted: set[str] | None = None
     if split_file is not None:
-        wanted = {r[0] for r in read_name_list(Path(split_file))}
+        wanted = {r[0] for r in _split_rows(Path(split_file))}
     samples, excluded = [], []
     ignored: list[dict[str, str]] = []
     listed = set()

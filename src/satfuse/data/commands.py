@@ -91,12 +91,14 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from satfuse.data import synth
+    from satfuse.diskspace import writable_output
 
-    if args.synth_dataset == "sen12ms":
-        n = synth.write_sen12ms(args.out, args.scenes, args.patches_per_scene, args.seed, args.size, overwrite=args.overwrite)
-    else:
-        n = synth.write_dfc2020(args.out, args.n_validation, args.n_test, args.seed, args.size, overwrite=args.overwrite,
-                                validation_folders=args.validation_folders)
+    with writable_output(args.out):
+        if args.synth_dataset == "sen12ms":
+            n = synth.write_sen12ms(args.out, args.scenes, args.patches_per_scene, args.seed, args.size, overwrite=args.overwrite)
+        else:
+            n = synth.write_dfc2020(args.out, args.n_validation, args.n_test, args.seed, args.size, overwrite=args.overwrite,
+                                    validation_folders=args.validation_folders)
     print(json.dumps({"dataset": args.synth_dataset, "out": str(args.out), "pairs": n}))
     return 0
 
@@ -125,6 +127,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     from satfuse.data.manifest import MANIFEST_NAME, summary
     from satfuse.data.shard_plan import quiet_gdal
     from satfuse.data.shard_writer import shard_dataset
+    from satfuse.diskspace import writable_output
 
     missing = [f"--{n}" for n in ("src", "dataset", "out") if getattr(args, n) is None]
     if missing:
@@ -133,15 +136,16 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     index, num = args.shard_index, args.num_shards
     if index is None and num is None:
         index, num = slurm_array_defaults()
-    result = shard_dataset(
-        args.src, args.dataset, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
-        workers=args.workers, seed=args.seed, split_file=args.split_file, shard_index=index,
-        num_shards=num, overwrite=args.overwrite, exclude_bad=args.exclude_bad,
-        command=["satfuse", *sys.argv[1:]], exclude_scenes=args.exclude_scenes,
-        pairs_file=args.pairs_file, strict_split=args.strict_split,
-        encoding=make_encoding(args.compress, args.compress_level, args.s1_dtype, args.no_labels),
-        **multiband_cli.band_options(args, args.dataset in BAND_DATASETS),
-    )  # fmt: skip
+    with writable_output(args.out):
+        result = shard_dataset(
+            args.src, args.dataset, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
+            workers=args.workers, seed=args.seed, split_file=args.split_file, shard_index=index,
+            num_shards=num, overwrite=args.overwrite, exclude_bad=args.exclude_bad,
+            command=["satfuse", *sys.argv[1:]], exclude_scenes=args.exclude_scenes,
+            pairs_file=args.pairs_file, strict_split=args.strict_split,
+            encoding=make_encoding(args.compress, args.compress_level, args.s1_dtype, args.no_labels),
+            **multiband_cli.band_options(args, args.dataset in BAND_DATASETS),
+        )  # fmt: skip
     if "records" in result:  # a job-array part
         n = sum(r["count"] for r in result["records"])
         log.info("part %d of %d: packed %d pairs into %d shards; run `satfuse shard merge %s` after the last part", result["part"], result["num_parts"], n, len(result["records"]), args.out)

@@ -78,6 +78,24 @@ SOURCE_RULES: dict[str, SourceRule] = {
     "label": SourceRule(1, _INTS, (255,)),  # a user's class map
 }
 
+# S1 backscatter a dB source may hold. Sentinel-1 GRD sigma0 spans about -50 dB (noise floor,
+# scene borders) to +30 dB (corner reflectors); published samples: SSL4EO-S12 -35.7..+4.2,
+# BigEarthNet -29.8..+4.4. The bound is wide on purpose: it catches values that are not dB at
+# all (digital numbers: torchgeo's SEN12MS fixture holds up to 65,533), not unusual backscatter.
+S1_DB_RANGE = (-100.0, 60.0)
+
+
+def s1_range_problem(array: object, where: str) -> str | None:
+    """`out of range: ...` when finite S1 values leave S1_DB_RANGE, else None (NaN is checked apart)."""
+    import numpy as np
+
+    lo, hi = float(np.min(array)), float(np.max(array))
+    if lo >= S1_DB_RANGE[0] and hi <= S1_DB_RANGE[1]:
+        return None
+    return (f"out of range: {where} holds S1 values {lo:g}..{hi:g}, backscatter in dB lies within {S1_DB_RANGE[0]:g}.."
+            f"{S1_DB_RANGE[1]:g} (is it linear power or digital numbers?); fix the file or remove the pair")
+
+
 # IGBP code (index 0..17) -> DFC2020 class 1..10 (method.md; 0 = no data).
 IGBP2DFC = (0, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 6, 8, 9, 10)
 DFC_CLASSES = (

@@ -36,7 +36,8 @@ import rasterio
 from satfuse.data import shard_plan
 from satfuse.data.band_scan import BAND_DATASETS, BandSample, BandScan
 from satfuse.data.codecs import Encoding, add_encoding
-from satfuse.data.manifest import FORMAT, build, publish, write_part
+from satfuse.data.layout import s1_range_problem
+from satfuse.data.manifest import FORMAT, build, write_part
 from satfuse.data.raster import BadData, NotColocated, npy_buffer
 from satfuse.data.resample import (
     DEFAULT_METHOD,
@@ -46,11 +47,17 @@ from satfuse.data.resample import (
     BandInfo,
     Misaligned,
     band_info,
-    footprint_gaps,
+    footprint_check,
     open_bands,
     read_resampled,
 )
-from satfuse.data.shard_dir import check_paths, prepare_out, remove_stale
+from satfuse.data.shard_dir import (
+    check_paths,
+    named_out,
+    prepare_out,
+    publish_or_discard,
+    remove_stale,
+)
 from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
 from satfuse.utils import SatfuseError
 
@@ -78,6 +85,7 @@ class SampleArrays:
     s1: np.ndarray  # float32 (2, H, W)
     s2: np.ndarray  # uint16 (C, H, W)
     ref: BandInfo
+    offsets_m: dict[str, float] = field(default_factory=dict)  # largest footprint offset per sensor (resample.footprint_check)
 
 
 def read_sample(sample: BandSample, method: str, tol_m: float) -> SampleArrays:
@@ -108,7 +116,7 @@ def _read_opened(sample: BandSample, s1_infos: list[BandInfo], s2_infos: list[Ba
     except BandError as exc:
         raise BadData(str(exc)) from None
     try:
-        problems = footprint_gaps(s1_infos + s2_infos, ref, tol_m)
+        problems, offsets = footprint_check(s1_infos + s2_infos, ref, tol_m)
     except Misaligned as exc:
         raise NotColocated(str(exc)) from None
     if problems:
@@ -123,7 +131,11 @@ def _read_opened(sample: BandSample, s1_infos: list[BandInfo], s2_infos: list[Ba
     if not np.isfinite(s1).all():
         bad = int(np.count_nonzero(~np.isfinite(s1)))
         raise BadData(f"non-finite: {sample.key} S1 ({sample.s1[0][1].parent}) has {bad} NaN/Inf pixel(s); fill them or remove the sample")
-    return SampleArrays(s1, s2, ref)
+    if (problem := s1_range_problem(s1, f"{sample.key} S1 ({sample.s1[0][1].parent})")) is not None:
+        raise BadData(problem)
+    n1 = len(s1_infos)
+    measured = {"s1": round(max(offsets[:n1]), 1), "s2": round(max(offsets[n1:]), 1)}
+    return SampleArrays(s1, s2, ref, measured)
 
 
 def sample_dict(sample: BandSample, arrays: SampleArrays, dataset: str, src: Path, method: str) -> dict[str, Any]:
@@ -135,7 +147,7 @@ def sample_dict(sample: BandSample, arrays: SampleArrays, dataset: str, src: Pat
         "sources": {**{f"s1/{b}": rel_path(p, src) for b, p in sample.s1}, **{f"s2/{b}": rel_path(p, src) for b, p in sample.s2}},
         "crs": ref.crs.to_string() if ref.crs else None, "transform": list(ref.transform),
         "height": int(ref.height), "width": int(ref.width), "resample": method,
-        "dtype": {"s1": "float32", "s2": "uint16"},
+        "dtype": {"s1": "float32", "s2": "uint16"}, "colocation_offset_m": arrays.offsets_m,
     }  # fmt: skip
     out: dict[str, Any] = {"__key__": sample.key, "json": json.dumps(meta).encode()}
     for sensor, array in (("s1", arrays.s1), ("s2", arrays.s2)):
@@ -180,7 +192,8 @@ def _items(task: BandShardTask) -> Iterator[Item]:
             yield sample.key, [str(p) for p in sample.files], exc
             continue
         packed = sample_dict(sample, arrays, task.dataset, task.src, task.method)
-        yield sample.key, [], Packed(packed, {"s1": arrays.s1, "s2": arrays.s2}, tuple(str(p) for _, p in sample.s1))
+        yield sample.key, [], Packed(packed, {"s1": arrays.s1, "s2": arrays.s2}, tuple(str(p) for _, p in sample.s1),
+                                     arrays.offsets_m)
 
 
 def write_band_shard(task: BandShardTask) -> dict[str, Any]:
@@ -244,16 +257,17 @@ def shard_bands(
     seed: int = 0, split_file: Path | None = None, split: str | None = None, shard_index: int | None = None,
     num_shards: int | None = None, overwrite: bool = False, exclude_bad: bool = False,
     command: list[str] | None = None, resample: str = DEFAULT_METHOD, s2_level: str | None = None,
-    tol_m: float = DEFAULT_TOL_M, max_gap_days: float | None = None, encoding: Encoding | None = None,
+    tol_m: float | None = None, max_gap_days: float | None = None, encoding: Encoding | None = None,
 ) -> dict[str, Any]:
     """Pack a per-band dataset into `out`; returns the manifest (or the part manifest).
     `s2_level` (default l1c) and `max_gap_days` (default 30) are SSL4EO-S12 options;
     `encoding` (`satfuse.data.codecs`) as for `shard_writer` (these sets have no label member)."""
-    src, out = Path(src), Path(out)
+    src, out = Path(src), named_out(out)
     encoding = encoding or Encoding()
     if dataset != "ssl4eo-s12" and (s2_level is not None or max_gap_days is not None):
         raise SatfuseError(f"--s2-level/--max-gap-days apply to ssl4eo-s12 only ({dataset} is L2A with one date per pair); drop them")
     s2_level = s2_level or "l1c"
+    tol_m = DEFAULT_TOL_M.get(dataset, min(DEFAULT_TOL_M.values())) if tol_m is None else tol_m
     max_gap_days = 30.0 if max_gap_days is None else max_gap_days
     if resample not in METHODS:
         raise SatfuseError(f"--resample {resample!r}: use one of {list(METHODS)}")
@@ -283,7 +297,7 @@ def shard_bands(
     if encoding.s1_dtype != "float32":
         header["dtype"] = {**header["dtype"], "s1": encoding.s1_dtype}
     header["plan"] = shard_plan.plan_digest([header, [[s.key for s in shard] for shard in plan]])
-    prepare_out(out, overwrite, {"dataset": dataset})
+    claim = prepare_out(out, overwrite, {"dataset": dataset})
     remove_stale(out, out.name, len(plan), part[0] if part else None)
     mine = [j for j in range(len(plan)) if part is None or j % part[1] == part[0]]
     s2_bands = len(scan.bands["s2"])
@@ -296,5 +310,5 @@ def shard_bands(
     if part is not None:
         return write_part(out, header, part, records, scan_excluded, command)
     manifest = build(header, records, scan_excluded, command)
-    publish(out, manifest)
+    publish_or_discard(out, manifest, records, claim)
     return manifest

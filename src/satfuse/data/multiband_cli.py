@@ -30,11 +30,13 @@ def register_synth(verbs: argparse._SubParsersAction) -> None:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from satfuse.data import synth_multiband
+    from satfuse.diskspace import writable_output
 
-    if args.synth_dataset == "ssl4eo-s12":
-        n = synth_multiband.write_ssl4eo(args.out, args.locations, args.seed, args.size, overwrite=args.overwrite)
-    else:
-        n = synth_multiband.write_bigearthnet(args.out, args.version, args.patches, args.seed, args.size, overwrite=args.overwrite)
+    with writable_output(args.out):
+        if args.synth_dataset == "ssl4eo-s12":
+            n = synth_multiband.write_ssl4eo(args.out, args.locations, args.seed, args.size, overwrite=args.overwrite)
+        else:
+            n = synth_multiband.write_bigearthnet(args.out, args.version, args.patches, args.seed, args.size, overwrite=args.overwrite)
     print(json.dumps({"dataset": args.synth_dataset, "out": str(args.out), "pairs": n}))
     return 0
 
@@ -45,7 +47,10 @@ def add_shard_options(shard: argparse.ArgumentParser) -> None:
     g.add_argument("--resample", choices=list(METHODS), default=None, help=f"how 20/60 m bands (and S1) are resampled onto the 10 m grid (default {DEFAULT_METHOD}; recorded in the manifest)")
     g.add_argument("--s2-level", choices=["l1c", "l2a"], default=None, help="SSL4EO-S12: pack s2c (L1C, 13 bands; default) or s2a (L2A, 12 bands)")
     g.add_argument("--split", default=None, help="BigEarthNet: train|val|test (v1: bigearthnet-SPLIT.csv in --src; v2: the parquet's split column)")
-    g.add_argument("--colocation-tol-m", type=float, default=None, help=f"footprint tolerance in metres, plus half the band's pixel (default {DEFAULT_TOL_M:g})")
+    defaults = ", ".join(f"{d} {m:g} m" for d, m in DEFAULT_TOL_M.items())
+    g.add_argument("--colocation-tol-m", type=float, default=None,
+                   help=f"footprint tolerance in metres, plus half the band's pixel; default per dataset as published: {defaults} "
+                        "(SSL4EO-S12's S1 and S2 are separate exports a few 10 m pixels apart); each sample's offset is recorded")
     g.add_argument("--max-gap-days", type=float, default=None, help="SSL4EO-S12: largest S1/S2 date gap of a pair (default 30)")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-from satfuse.data.layout import EXPECTED_BANDS, SOURCE_RULES, Pair
+from satfuse.data.layout import EXPECTED_BANDS, SOURCE_RULES, Pair, s1_range_problem
 
 
 class BadData(Exception):
@@ -137,6 +137,8 @@ def read_pair(pair: Pair, label: str | None) -> dict[str, Raster]:
     if not np.isfinite(ref.array).all():
         bad = int(np.count_nonzero(~np.isfinite(ref.array)))
         raise BadData(f"non-finite: {pair.s1} has {bad} NaN/Inf pixel(s); fill them or remove the pair")
+    if (problem := s1_range_problem(ref.array, str(pair.s1))) is not None:
+        raise BadData(problem)
     return rasters
 
 

@@ -41,7 +41,14 @@ from rasterio.warp import transform_bounds
 # Methods that make sense for upsampling continuous reflectance / backscatter (GDAL names).
 METHODS = ("bilinear", "nearest", "cubic", "cubic_spline", "lanczos", "average")
 DEFAULT_METHOD = "bilinear"
-DEFAULT_TOL_M = 10.0  # one 10 m pixel, plus half the band's own pixel (see module doc)
+# `--colocation-tol-m` per dataset, as published (plus half the band's own pixel, see module doc).
+# BigEarthNet: S1 was cut on the S2 patch's own UTM grid, so one 10 m pixel is ample.
+# SSL4EO-S12 v1: S1 and S2 are separate Earth Engine exports of the same 2.64 km region, each
+# sampled on its own image's pixel grid, centre-cropped to 264 px and georeferenced from the
+# region's bounds; their footprints share the centre but differ by a few 10 m pixels (38.5 m
+# between VV.tif and B2.tif of the published location 0000200), so 50 m = 5 pixels. A gross
+# misplacement (a wrong export, ~1 km) stays far outside it. docs/datasets.md has the why.
+DEFAULT_TOL_M: dict[str, float] = {"ssl4eo-s12": 50.0, "bigearthnet": 10.0, "bigearthnet-v2": 10.0}
 
 _OPEN_LOCK = threading.Lock()  # catch_warnings edits process-global filters
 
@@ -126,6 +133,16 @@ def metric_crs(info: BandInfo) -> CRS:
 
 def footprint_gaps(infos: list[BandInfo], ref: BandInfo, tol_m: float) -> list[str]:
     """Problems (one per band off by more than its tolerance); empty when all agree."""
+    return footprint_check(infos, ref, tol_m)[0]
+
+
+def footprint_check(infos: list[BandInfo], ref: BandInfo, tol_m: float) -> tuple[list[str], list[float]]:
+    """(problems, offsets): one problem per band off by more than its tolerance, and every
+    band's offset in metres (the largest gap between an edge of its footprint and the
+    reference footprint's, in the metric CRS; inf without a CRS) in the order of `infos`.
+
+    Why the offsets too: the tolerance is a per-dataset judgement of how the data was
+    published, so the measured offset of every sample is recorded for users to check it."""
     dst = metric_crs(ref)
     boxes: dict[tuple, tuple[float, ...]] = {}  # bands sharing CRS and bounds are reprojected once
 
@@ -137,18 +154,21 @@ def footprint_gaps(infos: list[BandInfo], ref: BandInfo, tol_m: float) -> list[s
         return boxes[ident]
 
     ref_box = box_of(ref)
-    problems = []
+    problems: list[str] = []
+    offsets: list[float] = []
     for info in infos:
         if info.crs is None:
             problems.append(f"not georeferenced: {info.path} has no CRS")
+            offsets.append(math.inf)
             continue
         box = box_of(info)
         pixel = max((box[2] - box[0]) / max(info.width, 1), (box[3] - box[1]) / max(info.height, 1))
         gap = max(abs(a - b) for a, b in zip(box, ref_box, strict=True))
+        offsets.append(gap)
         allowed = tol_m + pixel / 2
         if not math.isfinite(gap) or gap > allowed:
             problems.append(f"{info.path.name} footprint is {gap:.1f} m off {ref.path.name} (allowed {allowed:.1f} m = tolerance {tol_m:g} m + half its {pixel:.0f} m pixel)")
-    return problems
+    return problems, offsets
 
 
 def read_resampled(info: BandInfo, shape: tuple[int, int], method: str) -> np.ndarray:

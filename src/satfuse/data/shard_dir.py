@@ -2,8 +2,9 @@
 
 One job, shared by both writers: `check_paths` before the scan, `prepare_out` (refuse a
 non-empty directory that is not a shard directory, or one holding another shard set, unless
-`--overwrite`, which empties it first) and `remove_stale` (an old manifest must not describe
-a changing directory; tars past the new plan must not be picked up by a glob).
+`--overwrite`, which empties it first), `remove_stale` (an old manifest must not describe
+a changing directory; tars past the new plan must not be picked up by a glob) and
+`publish_or_discard` (a refused empty run leaves nothing of its own behind).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +20,33 @@ from satfuse.data.layout import MAX_SHOWN
 from satfuse.data.manifest import (
     FORMAT,
     MANIFEST_NAME,
+    MISSING_NAME,
+    MISSING_PART_GLOB,
     OWNER_FILE,
     PART_GLOB,
     STATE_DIR,
+    EmptySetError,
     is_own_file,
+    publish,
     sidecar_path,
     tar_name_pattern,
 )
 from satfuse.utils import SatfuseError, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+
+def named_out(out: Path) -> Path:
+    """`out` itself, or its absolute form when the path has no name of its own (`--out .`,
+    `--out ..`): the directory's name is the set's name and the prefix of its tars, which
+    would otherwise be empty (`-000000.tar`)."""
+    out = Path(out)
+    if out.name not in ("", ".", ".."):
+        return out
+    resolved = out.resolve()
+    if not resolved.name:
+        raise SatfuseError(f"{out}: the output directory needs a name (it names the tars, NAME-000000.tar); pass --out shards/NAME")
+    return resolved
 
 
 def check_paths(src: Path, out: Path) -> None:
@@ -41,20 +60,68 @@ def check_paths(src: Path, out: Path) -> None:
         raise SatfuseError(f"{out}: exists and is not a directory; choose another --out")
 
 
-def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Claim:
+    """What a run found before it wrote anything, so that a refused run removes only what it
+    created (never a directory or file that existed before it)."""
+
+    first_new: Path | None  # the topmost directory the run created (`out` or a parent of it); None: `out` existed
+    new_state: bool  # True when the run created `.satfuse/`
+    new_marker: bool  # True when the run wrote `.satfuse/owner.json`
+
+
+def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> Claim:
     """Claim the output directory: refuse someone else's non-empty dir, or one holding
     another shard set (another dataset, or tars of another name), unless `overwrite`, which
-    empties it first so no old tar is left behind for a glob to pick up."""
+    empties it first so no old tar is left behind for a glob to pick up. Returns what it
+    created, for `publish_or_discard`."""
     marker = out / STATE_DIR / OWNER_FILE
+    absent = [d for d in (out, *out.parents) if not d.exists()]
     if not overwrite and (problem := claim_problem(out, settings)) is not None:
         raise SatfuseError(problem)
     if overwrite and out.is_dir() and any(out.iterdir()):
         log.warning("%s: --overwrite: removing its contents", out)
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    new_state, new_marker = not (out / STATE_DIR).exists(), not marker.is_file()
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    if not marker.is_file():
+    if new_marker:
         atomic_write_text(marker, json.dumps({"format": FORMAT, "name": out.name, **settings}, indent=1))
+    return Claim(absent[-1] if absent else None, new_state, new_marker)
+
+
+def publish_or_discard(out: Path, manifest: dict[str, Any], records: list[dict[str, Any]], claim: Claim) -> None:
+    """`manifest.publish`; when it refuses an empty set, first remove what this run wrote (its
+    empty tars, their resume records, the marker and directories it created), so nothing is
+    left behind that looks like a partial set or is reused by a rerun. Tars an earlier run
+    wrote (reused here) stay: this run does not own them, and the error says so."""
+    try:
+        publish(out, manifest)
+    except EmptySetError as exc:
+        written = [r["name"] for r in records if not r.get("reused")]
+        for name in written:
+            (out / name).unlink(missing_ok=True)
+            sidecar_path(out, name).unlink(missing_ok=True)
+        if claim.new_marker:
+            (out / STATE_DIR / OWNER_FILE).unlink(missing_ok=True)
+        if claim.new_state:
+            _rmdir_if_empty(out / STATE_DIR)
+        if claim.first_new is not None:
+            for d in (out, *out.parents):
+                if not _rmdir_if_empty(d) or d == claim.first_new:
+                    break
+        kept = len(records) - len(written)
+        older = f"; {kept} empty tar(s) of an earlier run are left as they were" if kept else ""
+        raise EmptySetError(f"{exc} (the {len(written)} empty tar(s) and records this run wrote were removed{older})") from None
+
+
+def _rmdir_if_empty(d: Path) -> bool:
+    """Remove `d` when it is an empty directory; True when it is gone."""
+    try:
+        d.rmdir()
+    except OSError:
+        return not d.exists()
+    return True
 
 
 def claim_problem(out: Path, settings: dict[str, Any]) -> str | None:
@@ -106,8 +173,9 @@ def remove_stale(out: Path, name: str, num_planned: int, part: int | None) -> No
     """Before writing: a stale manifest must not describe a changing directory; shards past
     the new plan (from an older, larger run) must not be picked up by a glob."""
     (out / MANIFEST_NAME).unlink(missing_ok=True)
+    (out / MISSING_NAME).unlink(missing_ok=True)  # rewritten with the manifest, when there are missing entries
     if part is None:
-        for p in out.glob(PART_GLOB):
+        for p in [*out.glob(PART_GLOB), *out.glob(MISSING_PART_GLOB)]:
             p.unlink()
     for tar in out.glob(f"{name}-*.tar"):
         stem = tar.name[len(name) + 1 : -4]

@@ -51,7 +51,13 @@ from satfuse.data.band_scan import BAND_DATASETS
 from satfuse.data.codecs import Encoding, add_encoding
 from satfuse.data.layout import MAX_SHOWN, Pair
 from satfuse.data.raster import Prefetcher, Raster
-from satfuse.data.shard_dir import check_paths, prepare_out, remove_stale
+from satfuse.data.shard_dir import (
+    check_paths,
+    named_out,
+    prepare_out,
+    publish_or_discard,
+    remove_stale,
+)
 from satfuse.data.shard_plan import (
     MAX_ERRORS_SHOWN,
     check_args,
@@ -213,7 +219,7 @@ def shard_dataset(
     `band_options` (resample, s2_level, split, tol_m, max_gap_days) are for BAND_DATASETS.
     `encoding` (`satfuse.data.codecs`: --compress, --s1-dtype, --no-labels) defaults to the
     original format."""
-    src, out = Path(src), Path(out)
+    src, out = Path(src), named_out(out)
     encoding = encoding or Encoding()
     if dataset in BAND_DATASETS:  # one file per band: SSL4EO-S12, BigEarthNet (satfuse.data.multiband)
         unused = [flag for flag, value in (("--exclude-scenes", exclude_scenes), ("--pairs-file", pairs_file),
@@ -248,7 +254,7 @@ def shard_dataset(
         header["pairs_file"] = str(pairs_file)
     add_encoding(header, encoding)
     header["plan"] = plan_digest([header, [[p.key for p in shard] for shard in plan]])
-    prepare_out(out, overwrite, {"dataset": dataset})
+    claim = prepare_out(out, overwrite, {"dataset": dataset})
     remove_stale(out, out.name, len(plan), part[0] if part else None)
     mine = [j for j in range(len(plan)) if part is None or j % part[1] == part[0]]
     tasks = [ShardTask(j, out.name, out, src, dataset, result.label, plan[j], exclude_bad, encoding) for j in mine]
@@ -261,7 +267,7 @@ def shard_dataset(
         if part is not None:
             return mf.write_part(out, header, part, records, scan_excluded, command, ignored)
         manifest = mf.build(header, records, scan_excluded, command, ignored)
-        mf.publish(out, manifest)
+        publish_or_discard(out, manifest, records, claim)
     except OSError as exc:
         from satfuse.diskspace import is_no_space, no_space_error
 
@@ -291,7 +297,7 @@ def _report_scan(result: Any, src: Path, split_file: Path | None, strict_split: 
         msg = f"{split_file}: {len(result.missing)} listed patch(es) have no files under {src}: {first}{more}"
         if strict_split:
             raise SatfuseError(f"{msg}; --strict-split makes this fatal: fix --src or the list, or drop --strict-split to pack the rest")
-        log.warning("%s; the full list is in manifest.json (excluded, kind `missing`); --strict-split makes this fatal", msg)
+        log.warning("%s; the full list will be in %s beside manifest.json; --strict-split makes this fatal", msg, mf.MISSING_NAME)
     if result.not_listed:
         log.info("%s: %d patch(es) on disk are not in %s and are not packed (the split's choice)", src, result.not_listed, split_file)
     if result.ignored:

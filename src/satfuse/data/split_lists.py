@@ -18,10 +18,14 @@ import logging
 import pickle
 import pickletools
 import re
+from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from satfuse.data.layout import FILE_RE, ROI_TOKEN, ROIS, SEASON_TOKENS
 from satfuse.utils import SatfuseError
+
+K = TypeVar("K", bound=Hashable)  # a patch id as a reader spells it (SEN12MS: (roi, scene, id); BigEarthNet: a name)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ def read_split(split_file: Path, dataset: str) -> set[tuple[str, int, int]]:
         if not split_file.is_file():
             raise SatfuseError(f"{split_file}: split file not found; pass an existing *_list.pkl")
         ids = [_name_id(name, dataset, split_file, i + 1) for i, name in enumerate(read_pickle_list(split_file))]
+        say_duplicates(split_file, list(enumerate(ids, start=1)))
         return _nonempty(set(ids), split_file)
     lines = text_lines(split_file, "split file")
     content = [(i + 1, line.strip()) for i, line in enumerate(lines) if line.strip()]
@@ -96,7 +101,30 @@ def read_split(split_file: Path, dataset: str) -> set[tuple[str, int, int]]:
         raise SatfuseError(f"{split_file}: a scene list (`{first}`), not a patch list; pass it as --exclude-scenes {split_file}")
     if "," in first:
         return _nonempty(_read_csv(split_file, content, dataset), split_file)
-    return _nonempty({_name_id(line, dataset, split_file, n) for n, line in content}, split_file)
+    numbered = [(n, _name_id(line, dataset, split_file, n)) for n, line in content]
+    say_duplicates(split_file, numbered)
+    return _nonempty({ident for _, ident in numbered}, split_file)
+
+
+def say_duplicates(split_file: Path, numbered: Sequence[tuple[int, K]], unit: str = "line") -> dict[K, int]:
+    """Warn when rows repeat a patch: each patch is packed once, so a list that repeats rows to
+    balance classes (oversampling) loses its weights; nothing is merged without a word. The
+    one copy of this rule for every split reader (SEN12MS/DFC2020 here, BigEarthNet's lists
+    and metadata.parquet); `numbered` is (line or row number, patch id). Returns each patch's
+    first line, in list order, for readers that keep the first row of a repeated patch."""
+    first: dict[K, int] = {}
+    repeats: list[tuple[int, int]] = []
+    for lineno, ident in numbered:
+        if ident in first:
+            repeats.append((lineno, first[ident]))
+        else:
+            first[ident] = lineno
+    if repeats:
+        shown = ", ".join(f"{unit} {n} repeats {unit} {f}" for n, f in repeats[:3])
+        log.warning("%s: %d rows name %d patches: %d duplicate row(s) (%s%s) are packed once; a list that repeats rows "
+                    "to balance classes loses that weighting here (weight samples at training time instead)",
+                    split_file, len(numbered), len(first), len(repeats), shown, " ..." if len(repeats) > 3 else "")
+    return first
 
 
 def _nonempty(ids: set[tuple[str, int, int]], path: Path) -> set[tuple[str, int, int]]:
@@ -109,18 +137,29 @@ def _read_csv(split_file: Path, content: list[tuple[int, str]], dataset: str) ->
     rows = list(csv.reader([line for _, line in content]))
     header = [c.strip().lower() for c in rows[0]]
     cols = (0, 1, 2)
+    head_row: list[str] = []
     if header and header[0] in ("season", "seasons"):
+        head_row = rows[0]
         try:
             cols = (header.index(header[0]), header.index("scene"), header.index("id"))
         except ValueError:
             raise SatfuseError(f"{split_file}: header {rows[0]} needs the columns Season,Scene,ID (or no header: Seasons.X,scene,id rows)") from None
         rows, content = rows[1:], content[1:]
-    out: set[tuple[str, int, int]] = set()
+    numbered: list[tuple[int, tuple[str, int, int]]] = []
+    extra: list[int] = []  # lines with columns beyond the three read
     for (lineno, _), row in zip(content, rows, strict=True):
         if len(row) <= max(cols):
             raise SatfuseError(f"{split_file}:{lineno}: {len(row)} column(s), need Season,Scene,ID (e.g. Seasons.SPRING,26,475)")
-        out.add(_split_row(row[cols[0]], row[cols[1]], row[cols[2]], dataset, split_file, lineno))
-    return out
+        if any(c.strip() for i, c in enumerate(row) if i not in cols):
+            extra.append(lineno)
+        numbered.append((lineno, _split_row(row[cols[0]], row[cols[1]], row[cols[2]], dataset, split_file, lineno)))
+    if extra:
+        names = [c.strip() for i, c in enumerate(head_row) if i not in cols and c.strip()]
+        what = f" ({', '.join(names)})" if names else ""
+        log.warning("%s: %d row(s) have columns beyond Season,Scene,ID%s (first: line %d); they are not used: only the "
+                    "listed patches are packed", split_file, len(extra), what, extra[0])
+    say_duplicates(split_file, numbered)
+    return {ident for _, ident in numbered}
 
 
 def _roi_of_token(text: str, dataset: str, where: str) -> str:

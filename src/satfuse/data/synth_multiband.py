@@ -10,7 +10,8 @@ What each writes (layout facts in the docstrings of `ssl4eo` and `bigearthnet`):
 - SSL4EO-S12: `s1/`, `s2c/` (L1C, 13 bands), `s2a/` (L2A, 12 bands) / 7-digit location /
   GEE-style timestamp folders with `{band}.tif` (10 m `size`, 20 m `size/2`, 60 m
   `size/6` px) and `metadata.json`, EPSG:4326 degree grids; S1 and each S2 level get their
-  own dates (independent searches) and S1 its own grid, offset by 3 m (exports differ).
+  own dates (independent searches) and S1 its own grid around the same centre, a few 10 m
+  pixels larger or smaller, as the published exports are (`s1_grid`).
 - BigEarthNet v1: `BigEarthNet-v1.0/` + `BigEarthNet-S1-v1.0/` flat patch folders,
   `{name}_B01.tif`... (120/60/20 px at `size` 120) and `_labels_metadata.json` (43-class
   names; S1 JSON with the real `lly` key), `s1s2_mapping.csv` and
@@ -159,12 +160,26 @@ def write_ssl4eo(out: Path, locations: int = 4, seed: int = 0, size: int = 264, 
                 _write_meta(folder, name, d, level)
             d = dates["s1"]
             name = f"S1A_IW_GRDH_1SDV_{d:%Y%m%dT%H%M%S}_{d + timedelta(seconds=25):%Y%m%dT%H%M%S}_0{int(rng.integers(10000, 99999))}_03CFBA_D457"
-            s1_grid = Affine.translation(3.0 * dx / 10.0, -3.0 * dy / 10.0) @ grid  # its own export: 3 m off
+            s1_grid = _s1_grid(rng, grid, size)
             for k, band in enumerate(("VV", "VH")):
                 _write_band(out / "s1" / loc / name / f"{band}.tif", s1[k], "EPSG:4326", s1_grid)
             _write_meta(out / "s1" / loc / name, name, d, "s1")
     log.info("wrote synthetic SSL4EO-S12: %d locations x 4 timestamps (%d px at 10 m) to %s", locations, size, out)
     return locations * 4
+
+
+def _s1_grid(rng: np.random.Generator, s2_grid: Affine, size: int) -> Affine:
+    """S1's own grid, as the release has it: S1 and S2 were exported separately from the
+    same region around the same centre, each sampled on its own image's pixels (`n` of them
+    across the region), centre-cropped to `size` and georeferenced from the region's
+    bounds; so S1's pixel is S2's times n_s2 / n_s1, about the same centre. Their raw pixel
+    counts differ by up to 8 (edges up to ~40 m apart at 264 px; 38.5 m between VV and B2
+    of the published location 0000200), fewer for small patches so an edge stays < 50 m."""
+    n2 = size + 2  # the region's width in S2 pixels before the centre crop
+    dn = int(rng.integers(1, max(2, min(8, size // 6)) + 1)) * (1 if rng.random() < 0.5 else -1)
+    scale = n2 / (n2 + dn)
+    cx, cy = s2_grid @ (size / 2, size / 2)
+    return Affine.translation(cx, cy) @ Affine.scale(scale) @ Affine.translation(-cx, -cy) @ s2_grid
 
 
 def _write_meta(folder: Path, name: str, date: datetime, level: str) -> None:

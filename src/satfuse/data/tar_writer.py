@@ -168,6 +168,7 @@ class Packed:
     sample: dict[str, Any]  # `__key__`, `json` and `{sensor}.npy` members (bytes-like values)
     arrays: dict[str, np.ndarray]  # "s1"/"s2" -> (C, H, W) as read (float32 S1: stats are of these)
     s1_files: tuple[str, ...] = ()  # the S1 source file(s), named when S1 does not fit float16
+    offsets_m: dict[str, float] | None = None  # per-band datasets: measured co-location offset per sensor
 
 
 # (key, source paths, the packed sample or why it cannot be packed: BadData / NotColocated)
@@ -215,6 +216,7 @@ def write_tar(out: Path, name: str, index: int, digest: str, items: Iterable[Ite
     errors: list[str] = []
     count = 0
     s1_err: float | None = 0.0 if encoding.s1_dtype == "float16" else None
+    offsets: list[list[Any]] = []  # [key, {sensor: metres}] of the packed samples that measured one
     try:
         with open(tmp, "wb") as raw:
             sink = AsyncHashingSink(raw)
@@ -237,6 +239,8 @@ def write_tar(out: Path, name: str, index: int, digest: str, items: Iterable[Ite
                             errors.append(f"{key}: {packed}")
                         continue
                     writer.write(sample)
+                    if packed.offsets_m is not None:
+                        offsets.append([key, packed.offsets_m])
                     for sensor in sums:
                         sums[sensor] = add_sums(sums[sensor], sample_sums(packed.arrays[sensor]))
                     count += 1
@@ -258,6 +262,8 @@ def write_tar(out: Path, name: str, index: int, digest: str, items: Iterable[Ite
     }  # fmt: skip
     if s1_err is not None:
         record["s1_max_abs_error_db"] = s1_err
+    if offsets:
+        record["offsets_m"] = offsets  # summarised by manifest.build (colocation_offset_m)
     try:
         atomic_write_text(sidecar_path(out, tar.name), json.dumps(record))
     except OSError:

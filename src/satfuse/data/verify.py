@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from satfuse.data.bands import manifest_bands
 from satfuse.data.codecs import CODECS, Encoding, from_manifest, load_array, split_codec
-from satfuse.data.layout import EXPECTED_BANDS
+from satfuse.data.layout import EXPECTED_BANDS, SOURCE_RULES
 from satfuse.data.manifest import MANIFEST_NAME, load_dir
 from satfuse.utils import SatfuseError
 
@@ -145,4 +145,15 @@ def _check_array(sensor: str, blob: bytes, meta: dict[str, Any], count: int | No
         problems.append(f"{sensor}.npy is {array.dtype}{array.shape}, expected {dtype}{shape}")
     if sensor == "s1" and array.dtype.kind == "f" and not np.isfinite(array).all():
         problems.append("s1.npy holds NaN/Inf")
+    rule = SOURCE_RULES.get(sensor)
+    if sensor != "s2" and rule is not None and rule.max_values and not problems and array.size:
+        problems += _label_range(sensor, array, rule.max_values)
     return problems
+
+
+def _label_range(sensor: str, array: np.ndarray, max_values: tuple[int, ...]) -> list[str]:
+    """Label values within the classes the packer allows (`layout.SOURCE_RULES`): a DFC2020
+    `dfc` above 10 is not a class, whatever wrote the shard."""
+    tops = array.reshape(array.shape[0], -1).max(axis=1)
+    return [f"{sensor}.npy band {b + 1} holds values up to {int(top)}, a {sensor} label allows 0..{limit}; re-shard from fixed label files"
+            for b, (top, limit) in enumerate(zip(tops, max_values, strict=False)) if int(top) > limit]
