@@ -336,8 +336,9 @@ class PretrainLoader:
         if len(states) != first["world_size"]:
             raise SatfuseError(f"loader state: got {len(states)} rank states for a world size of {first['world_size']}")
         if first["shards"] != self.shards.fingerprint():
-            raise SatfuseError(f"loader state was written for another shard set than {self.shards.spec}; "
-                               "resume with the same data.shards (or checkpoint.resume=none)")
+            raise SatfuseError(f"loader state was written for another shard set than {self.shards.spec} (other shard "
+                               "names, counts or sha256s: re-packed since?); resume with the same data.shards (or "
+                               "checkpoint.resume=none)")
         if first["seed"] != self.seed:
             raise SatfuseError(f"loader state seed {first['seed']} != train.seed {self.seed}; resume with the same seed")
         for r, s in enumerate(states):

@@ -121,9 +121,29 @@ def index_shard(path: str) -> ShardIndex:
     if problem:
         return ShardIndex(tar.stamp, error=problem)
     try:
-        return group_members(tar, _ustar_members(tar.data))
+        index = group_members(tar, _ustar_members(tar.data))
     except _NotPlainUstar:
-        return group_members(tar, _tarfile_members(path))
+        index = group_members(tar, _tarfile_members(path))
+    return _check_count(path, index)
+
+
+def _manifest_entry(path: str) -> tuple[str, int, int]:
+    """(sha256, bytes, count) of the shard at `path` in the manifest.json beside it ("", -1, -1: none)."""
+    return manifest_digests(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path), ("", -1, -1))
+
+
+def _check_count(path: str, index: ShardIndex) -> ShardIndex:
+    """An intact tar holding another number of samples than its manifest entry says is refused
+    as a whole. Why: the plan deals samples 0..count-1, so extra samples would be dropped
+    without a word (and a shorter tar is reported sample by sample anyway)."""
+    if index.error or not VERIFY_SHARDS:
+        return index
+    count = _manifest_entry(path)[2]
+    if count < 0 or count == len(index.samples):
+        return index
+    return ShardIndex(index.stamp, error=(
+        f"IntegrityError: the tar holds {len(index.samples)} samples, manifest.json says {count} (a manifest "
+        "edited by hand or of another packing); re-shard (`satfuse shard verify` lists every mismatch)"))
 
 
 def verify_digest(path: str, tar: MappedTar) -> str:
@@ -131,7 +151,7 @@ def verify_digest(path: str, tar: MappedTar) -> str:
     is nothing to compare with), else why not."""
     if not VERIFY_SHARDS:
         return ""
-    expected, size = manifest_digests(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path), ("", -1))
+    expected, size, _ = _manifest_entry(path)
     if not expected:
         return ""
     if size >= 0 and size != tar.size:
@@ -143,8 +163,8 @@ def verify_digest(path: str, tar: MappedTar) -> str:
     return ""
 
 
-def manifest_digests(folder: str) -> dict[str, tuple[str, int]]:
-    """{tar name: (sha256, bytes)} from `folder/manifest.json` ({} when absent or unreadable)."""
+def manifest_digests(folder: str) -> dict[str, tuple[str, int, int]]:
+    """{tar name: (sha256, bytes, count)} from `folder/manifest.json` ({} when absent or unreadable)."""
     path = os.path.join(folder, MANIFEST_NAME)
     try:
         mtime = os.stat(path).st_mtime_ns
@@ -154,7 +174,7 @@ def manifest_digests(folder: str) -> dict[str, tuple[str, int]]:
 
 
 @functools.lru_cache(maxsize=16)
-def _digests(path: str, mtime_ns: int) -> dict[str, tuple[str, int]]:
+def _digests(path: str, mtime_ns: int) -> dict[str, tuple[str, int, int]]:
     return shard_digests(path)  # cached per (path, mtime): a rewritten manifest is read again
 
 
