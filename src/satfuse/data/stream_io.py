@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import webdataset as wds
 
-from satfuse.data.codecs import decompress, find_member
+from satfuse.data.codecs import decompress_npy, find_member
 from satfuse.data.manifest import MANIFEST_NAME, shard_digests
 
 log = logging.getLogger(__name__)
@@ -514,12 +514,16 @@ def load_member(sample: RawSample, ext: str, codec: str | None, want: tuple[int,
     value = sample.members[ext]
     if codec is None:
         return load_npy(value, want)
+    def check(shape: tuple[int, ...], dtype: np.dtype) -> None:  # before the body is decompressed
+        _check_shape(shape, want)
+
+    full = want if len(want) == 3 else None  # S2 (bands, S1's H, W): bounded without a header peek
     if isinstance(value, MemberRef):  # decompressed straight from the map: no copy of the member
         value.check()
         with memoryview(value.tar.data)[value.offset : value.offset + value.size] as view:
-            data = decompress(view, codec)
+            data = decompress_npy(view, codec, check, full)
     else:
-        data = decompress(value, codec)
+        data = decompress_npy(value, codec, check, full)
     arr = decode_npy(data)
     _check_shape(arr.shape, want)
     return arr
@@ -530,5 +534,5 @@ def decode_label(sample: RawSample) -> tuple[str, np.ndarray] | None:
         found = find_member(sample.members, ext)
         if found is not None:
             data = sample.member(found[0])
-            return name, decode_npy(decompress(data, found[1]) if found[1] else data)
+            return name, decode_npy(decompress_npy(data, found[1]) if found[1] else data)
     return None
