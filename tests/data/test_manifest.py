@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def test_a_manifest_names_plain_tars_never_commands(tmp_path: Path, monkeypatch:
     assert not marker.exists()
 
 
-def test_manifest_integrity_holes_are_refused(tmp_path: Path) -> None:
+def test_manifest_integrity_holes_are_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Repeated shards, entries without sha256/bytes, a count below the tar's, one set under two
     spellings and a set re-packed under the same names: each refused or noticed."""
     from satfuse.data.pretrain_loader import PretrainLoader
@@ -125,6 +126,13 @@ def test_manifest_integrity_holes_are_refused(tmp_path: Path) -> None:
         resolve_shards([str(a), f"{a.parent}/./synth"])
     with pytest.raises(SatfuseError, match="is listed twice"):
         resolve_shards(f"{a}/synth-000000.tar,{a}/../synth/synth-000000.tar")
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    shutil.copy(a / "synth-000000.tar", copies)
+    with caplog.at_level("WARNING"):
+        assert resolve_shards(f"{a}/synth-000000.tar").counts == [4] and "cannot check" not in caplog.text
+        resolve_shards(f"{copies}/synth-000000.tar", manifest=str(a / "manifest.json"))
+    assert f"{copies}: 1 shard(s) have no manifest.json beside them" in caplog.text
     ss = resolve_shards(str(a))
     alias = resolve_shards(f"{a}/")
     assert "data.val_shards=" in same_set_warning(ss, alias, "data.shards", "data.val_shards")

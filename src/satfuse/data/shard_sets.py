@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,9 +25,11 @@ from braceexpand import braceexpand
 from satfuse.data.bands import manifest_bands
 from satfuse.data.codecs import find_member
 from satfuse.data.manifest import MANIFEST_NAME, load, url_tar_name
-from satfuse.data.stream_io import RawSample, index_shard, load_member
+from satfuse.data.stream_io import RawSample, index_shard, load_member, manifest_digests
 from satfuse.data.stream_plan import Mix
 from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,6 +113,7 @@ def resolve_shards(spec: str | list[str], manifest: str = "", weights: list[floa
         digests.append(by_name[name]["sha256"])
     urls = [u if u in piped else os.path.abspath(u) for u in urls]  # a local path is never read as a URL
     _refuse_repeats(urls, f"data.shards={spec!r}")
+    _warn_unchecked(urls, digests, mpath)
     return ShardSet(urls=urls, counts=counts, manifest=man, stats=man["stats"], spec=spec, digests=digests)
 
 
@@ -126,6 +130,18 @@ def _resolve_dir(root: Path, spec: str, manifest: str) -> ShardSet:
         counts.append(int(s["count"]))
         digests.append(s["sha256"])
     return ShardSet(urls=urls, counts=counts, manifest=man, stats=man["stats"], spec=spec, digests=digests)
+
+
+def _warn_unchecked(urls: list[str], digests: list[str], mpath: Path) -> None:
+    """The loader checks a local shard's sha256 against the manifest.json beside it; with
+    data.manifest elsewhere and none there (or one listing other bytes) say so once, rather
+    than reading unchecked shards without a word."""
+    unchecked = [u for u, d in zip(urls, digests, strict=True) if not (u.startswith("pipe:") or "://" in u)
+                 and manifest_digests(os.path.dirname(u)).get(os.path.basename(u), ("",))[0] != d]
+    if unchecked:
+        log.warning("%s: %d shard(s) have no manifest.json beside them listing the sha256 of %s, so the loader "
+                    "cannot check their bytes on open; copy that manifest beside them, or run `satfuse shard "
+                    "verify` on the set", os.path.dirname(unchecked[0]), len(unchecked), mpath)
 
 
 def shard_identity(url: str) -> str:
