@@ -411,14 +411,13 @@ def validate_pretrain(cfg: Any) -> None:
                           "inside its engine); use train.nan_policy=stop with train.engine=deepspeed")
     if not str(cfg.train.run_dir).strip():
         raise ConfigError("config: train.run_dir is empty; give the run's directory, e.g. train.run_dir=runs/my_run")
+    from satfuse.utils import file_in_the_way
+
     run_dir = Path(cfg.train.run_dir)
-    for p in (run_dir, *run_dir.parents):
-        if p.exists():
-            if not p.is_dir():
-                what = "is an existing file" if p == run_dir else f"is inside {p}, which is a file"
-                raise ConfigError(f"{run_dir}: train.run_dir {what}, not a directory; "
-                                  "pick another train.run_dir (or move the file away)")
-            break
+    what = file_in_the_way(run_dir)
+    if what:
+        raise ConfigError(f"{run_dir}: train.run_dir {what}, not a directory; "
+                          "pick another train.run_dir (or move the file away)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from satfuse.config import ConfigError
-from satfuse.utils import SatfuseError, atomic_write_bytes
+from satfuse.utils import SatfuseError, atomic_write_bytes, file_in_the_way
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,10 @@ def init_project(dest: Path, force: bool = False) -> list[Path]:
     Nothing is written when any target exists and `force` is not set: a user's edited profile
     must never be replaced by a template unasked.
     """
-    for p in (dest, *dest.parents):  # the nearest existing ancestor must be a directory
-        if p.exists():
-            if not p.is_dir():
-                where = "is an existing file" if p == dest else f"is inside {p}, which is a file"
-                raise SatfuseError(f"{dest}: {where}, not a directory; nothing written. Pass a directory "
-                                   "to `satfuse init` (it is created if missing)")
-            break
+    where = file_in_the_way(dest)
+    if where:
+        raise SatfuseError(f"{dest}: {where}, not a directory; nothing written. Pass a directory "
+                           "to `satfuse init` (it is created if missing)")
     pairs = init_files()
     clashes = [dest / rel for _, rel in pairs if (dest / rel).exists()]
     if clashes and not force:
