@@ -146,6 +146,41 @@ def test_manifest_integrity_holes_are_refused(tmp_path: Path, caplog: pytest.Log
     PretrainLoader(alias, data_cfg(), rank=0, world_size=1, seed=0).load_state_dict([state])
 
 
+def test_resume_from_a_loader_state_of_the_previous_satfuse(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A loader state written before sha256s were in the shard fingerprint (names + counts)
+    still resumes, exactly where it stopped, with one warning; a re-packed set is
+    still refused from a state of this satfuse."""
+    import hashlib
+
+    import torch
+
+    from satfuse.data.pretrain_loader import PretrainLoader
+    from tests.data.loader_shards import data_cfg, make_shards, run_rank
+
+    ss = resolve_shards(str(make_shards(tmp_path / "a", [8, 7])))
+    first = PretrainLoader(ss, data_cfg(), rank=0, world_size=1, seed=0)
+    run_rank(first, 1)
+    state = json.loads(json.dumps(first.state_dict()))
+    old = dict(state)  # the same keys as main's PretrainLoader.state_dict, but its shard fingerprint:
+    names = [f"synth-{i:06d}.tar" for i in range(2)]
+    old["shards"] = hashlib.sha256(json.dumps([names, [8, 7]]).encode()).hexdigest()[:16]
+    with caplog.at_level("WARNING"):
+        resumed = PretrainLoader(ss, data_cfg(), rank=0, world_size=1, seed=0)
+        resumed.load_state_dict([old])
+    assert caplog.text.count("predates shard sha256s") == 1 and "re-packed since cannot be told" in caplog.text
+    assert (resumed.state_dict()["epoch"], resumed.state_dict()["step"]) == (0, 1)
+    whole = run_rank(PretrainLoader(ss, data_cfg(), rank=0, world_size=1, seed=0), 2)
+    got = run_rank(resumed, 1)[0]
+    assert got["key"] == whole[1]["key"] and torch.equal(got["s2"], whole[1]["s2"])
+
+    other = resolve_shards(str(make_shards(tmp_path / "b", [8, 7], first_id=100)))  # same names and counts
+    with pytest.raises(SatfuseError, match="re-packed since"):
+        PretrainLoader(other, data_cfg(), rank=0, world_size=1, seed=0).load_state_dict([state])
+    old["shards"] = hashlib.sha256(json.dumps([names, [8, 8]]).encode()).hexdigest()[:16]  # other counts
+    with pytest.raises(SatfuseError, match="another shard set"):
+        PretrainLoader(ss, data_cfg(), rank=0, world_size=1, seed=0).load_state_dict([old])
+
+
 def test_fine_tuning_warns_when_test_is_train(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from satfuse.evaluation.finetune import FtDataConfig, prepare_data
     from tests.evaluation.helpers import write_dfc_shards

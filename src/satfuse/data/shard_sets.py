@@ -49,11 +49,13 @@ class ShardSet:
     def total(self) -> int:
         return sum(self.counts)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, sha256s: bool = True) -> str:
         """Identifies the shard set in loader states (names, counts and sha256s, not paths):
-        a directory re-packed with another seed has the same names and counts but other bytes."""
+        a directory re-packed with another seed has the same names and counts but other bytes.
+        `sha256s=False`: the names-and-counts fingerprint loader states written before sha256s
+        were part of it hold (still accepted on resume, see PretrainLoader._validate)."""
         names = [url_tar_name(u) for u in self.urls]
-        parts: list = [names, self.counts, self.digests]
+        parts: list = [names, self.counts, self.digests] if sha256s else [names, self.counts]
         if self.mix is not None:  # which shard belongs to which set, and the weights, decide the plan
             parts += [list(self.mix.bounds), list(self.mix.weights)]
         text = json.dumps(parts)
