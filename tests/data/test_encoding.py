@@ -295,16 +295,22 @@ def test_a_decompression_bomb_is_refused_before_it_costs_memory(codec: str) -> N
     from satfuse.data.stream_io import RawSample, decode_pair
 
     s1 = compress(npy_bytes(np.zeros((2, 16, 16), np.float32)), codec, 1)
+    suffix = ".zst" if codec == "zstd" else ".lz4"
+    meta = {"height": 16, "width": 16}  # what the shard writer records in each sample's json
     payload = 64 << 20
     for declare in (True, False):
         for shape in ((13, 16, 16), (13, 4096, 640)):  # the right shape with extra bytes; a header that lies
             bomb = _bomb(codec, shape, payload, declare)
+            s1_bomb = _bomb(codec, (2, *shape[1:]), payload, declare)
             assert len(bomb) < payload // 100
-            sample = RawSample(0, 0, "k", {"s1.npy" + (".zst" if codec == "zstd" else ".lz4"): s1,
-                                           "s2.npy" + (".zst" if codec == "zstd" else ".lz4"): bomb})
+            sample = RawSample(0, 0, "k", {f"s1.npy{suffix}": s1, f"s2.npy{suffix}": bomb})
             tracemalloc.start()
             with pytest.raises(ValueError, match="decompression bomb") as raised:
                 decode_pair(sample)
+            # S1 bounded by the sample's json (H, W), not by its own header, which may claim more
+            with pytest.raises(ValueError, match="decompression bomb"):
+                decode_pair(RawSample(0, 0, "k", {f"s1.npy{suffix}": s1_bomb, f"s2.npy{suffix}": bomb,
+                                                  "json": json.dumps(meta).encode()}))
             if shape == (13, 16, 16):  # `shard verify`, fine-tuning: bounded by the member's own header
                 with pytest.raises(ValueError, match="decompression bomb"):
                     load_array(bomb, codec)

@@ -240,6 +240,26 @@ def decompress_npy(data: Any, codec: str, check: Callable[[tuple[int, ...], np.d
     return decompress(data, codec, limit=offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
 
 
+def declared_shape(meta: Any, bands: int) -> tuple[int, int, int] | None:
+    """(bands, H, W) of a sample's arrays as its `json` member declares them (the shard writer
+    records `height`/`width`; `bands` comes from the manifest), or None when it declares none.
+
+    Why: this is the bound every reader passes to `decompress_npy(shape=...)`, known before any
+    member is decompressed, so the bomb check costs no second (header) decompression; and a
+    header claiming a larger shape cannot raise it. `meta`: the member's bytes or parsed dict."""
+    if not isinstance(meta, dict):
+        try:
+            meta = json.loads(bytes(meta))
+        except (ValueError, TypeError):
+            return None
+    if not isinstance(meta, dict):
+        return None
+    h, w = meta.get("height"), meta.get("width")
+    if type(h) is int and type(w) is int and h > 0 and w > 0 and bands > 0:
+        return bands, h, w
+    return None
+
+
 def split_codec(ext: str) -> tuple[str, str | None]:
     """(`s1.npy`, "zstd") for `s1.npy.zst`; (ext, None) for an uncompressed member."""
     for suffix, codec in SUFFIX_CODEC.items():
@@ -258,10 +278,11 @@ def find_member(members: dict[str, Any], ext: str) -> tuple[str, str | None] | N
     return None
 
 
-def load_array(data: Any, codec: str | None) -> np.ndarray:
-    """A member's array (decompressed first when `codec`); np.load without pickle."""
+def load_array(data: Any, codec: str | None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A member's array (decompressed first when `codec`, bounded by the declared `shape` when
+    given, see `declared_shape`); np.load without pickle."""
     if codec is not None:
-        data = decompress_npy(data, codec)
+        data = decompress_npy(data, codec, shape=shape)
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import webdataset as wds
 
-from satfuse.data.codecs import decompress_npy, find_member
+from satfuse.data.codecs import declared_shape, decompress_npy, find_member
 from satfuse.data.manifest import MANIFEST_NAME, shard_digests
 
 log = logging.getLogger(__name__)
@@ -480,7 +480,8 @@ def load_npy(value: bytes | MemberRef, want: tuple[int, ...]) -> np.ndarray:
 
 def _check_shape(shape: tuple[int, ...], want: tuple[int, ...]) -> None:
     if len(shape) != 3 or shape[0] != want[0] or (len(want) == 3 and tuple(shape[1:]) != tuple(want[1:])):
-        raise ValueError(f"unexpected shape {tuple(shape)} (want ({want[0]}, H, W) matching the other sensor)")
+        raise ValueError(f"unexpected shape {tuple(shape)} (want ({want[0]}, H, W) matching the other sensor and "
+                         "the H, W of the sample's json)")
 
 
 Window = Callable[[int, int], "tuple[int, int, int]"]  # (H, W) -> (top, left, size); size 0 = all
@@ -499,7 +500,10 @@ def decode_pair(sample: RawSample, window: Window | None = None, s2_bands: int =
     for ext, where in found.items():
         if where is None:
             raise ValueError(f"member {ext} missing (has {sorted(sample.members)})")
-    s1 = load_member(sample, *found["s1.npy"], (2,))  # type: ignore[misc]
+    declared = None
+    if "json" in sample.members and (found["s1.npy"][1] or found["s2.npy"][1]):  # compressed: bound it
+        declared = declared_shape(sample.member("json"), 2)  # the sample's own (2, H, W), None if absent
+    s1 = load_member(sample, *found["s1.npy"], declared or (2,))  # type: ignore[misc]
     top, left, size = window(s1.shape[1], s1.shape[2]) if window else (0, 0, 0)
     s2 = load_member(sample, *found["s2.npy"], (s2_bands, *s1.shape[1:]))  # type: ignore[misc]
     if not size:
@@ -517,7 +521,8 @@ def load_member(sample: RawSample, ext: str, codec: str | None, want: tuple[int,
     def check(shape: tuple[int, ...], dtype: np.dtype) -> None:  # before the body is decompressed
         _check_shape(shape, want)
 
-    full = want if len(want) == 3 else None  # S2 (bands, S1's H, W): bounded without a header peek
+    # (bands, H, W) known (S1 from the sample's json, S2 from S1): bounded without a header peek
+    full = want if len(want) == 3 else None
     if isinstance(value, MemberRef):  # decompressed straight from the map: no copy of the member
         value.check()
         with memoryview(value.tar.data)[value.offset : value.offset + value.size] as view:
