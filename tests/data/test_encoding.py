@@ -288,11 +288,14 @@ def _bomb(codec: str, header_shape: tuple[int, ...], payload: int, declare: bool
 def test_a_decompression_bomb_is_refused_before_it_costs_memory(codec: str) -> None:
     """A 31 KB zstd member that expands to 1 GB used to be decompressed in full before an
     error blaming S2's shape; now the member's size is bounded by the shape it must have
-    (S2: (bands, S1's H, W); S1 and labels: their own header) before anything is decompressed."""
+    (bands, the sample json's H, W; without a json, the member's own header) before anything
+    is decompressed."""
     import tracemalloc
 
     from satfuse.data.codecs import compress, decompress_npy, load_array, npy_bytes
     from satfuse.data.stream_io import RawSample, decode_pair
+    from satfuse.data.verify import _check_array
+    from satfuse.evaluation.data import _npy
 
     s1 = compress(npy_bytes(np.zeros((2, 16, 16), np.float32)), codec, 1)
     suffix = ".zst" if codec == "zstd" else ".lz4"
@@ -311,7 +314,11 @@ def test_a_decompression_bomb_is_refused_before_it_costs_memory(codec: str) -> N
             with pytest.raises(ValueError, match="decompression bomb"):
                 decode_pair(RawSample(0, 0, "k", {f"s1.npy{suffix}": s1_bomb, f"s2.npy{suffix}": bomb,
                                                   "json": json.dumps(meta).encode()}))
-            if shape == (13, 16, 16):  # `shard verify`, fine-tuning: bounded by the member's own header
+            # `shard verify` and fine-tuning: the same declared bound (one helper, codecs.declared_shape)
+            assert "decompression bomb" in _check_array("s2", bomb, meta, 13, codec)[0]
+            with pytest.raises(SatfuseError, match="decompression bomb"):
+                _npy({f"s2.npy{suffix}": bomb, "json": json.dumps(meta).encode()}, "s2.npy", "t.tar:k", 13)
+            if shape == (13, 16, 16):  # no json: bounded by the member's own header
                 with pytest.raises(ValueError, match="decompression bomb"):
                     load_array(bomb, codec)
             with pytest.raises(ValueError, match="unexpected shape"):
