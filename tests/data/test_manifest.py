@@ -12,7 +12,7 @@ import pytest
 from satfuse.data.manifest import FORMAT, load, tar_name, url_tar_name
 from satfuse.data.shard_sets import resolve_shards
 from satfuse.data.verify import verify
-from satfuse.evaluation.data import read_manifest
+from satfuse.evaluation.data import load_split, read_manifest
 from satfuse.utils import SatfuseError
 
 
@@ -51,6 +51,10 @@ def test_label_readers_validate_the_format_too(tmp_path: Path) -> None:
         read_manifest(folder)
     ok = _write(tmp_path / "ok", {"format": FORMAT, "shards": []})  # no stats: label readers do not need them
     assert read_manifest(ok)["format"] == FORMAT
+    (ok / "stray-000000.tar").write_bytes(b"")  # fine-tuning used to glob *.tar here without a word
+    with pytest.raises(SatfuseError, match=r"manifest.json: manifest lists no shards \(1 .tar file\(s\) beside it, "
+                                           r"e.g. stray-000000.tar, are not read without an entry\); re-shard"):
+        load_split(ok)
 
 
 def test_missing_and_broken_manifest_name_the_file(tmp_path: Path) -> None:

@@ -72,10 +72,18 @@ def read_manifest(shard_dir: Path) -> dict:
 
 
 def shard_paths(shard_dir: Path, manifest: dict) -> list[Path]:
-    """Tar paths in manifest order; a listed tar that is missing is an error, not a skip."""
+    """Tar paths in manifest order; a listed tar that is missing is an error, not a skip.
+
+    An empty list is refused, not filled from `*.tar` in the folder: the manifest is the
+    authority on what the set holds (every tar is read with its count and sha256 from it, and
+    pretraining refuses an empty manifest the same way), so tars it does not list are never
+    read unchecked."""
     names = [s["name"] for s in manifest.get("shards", [])]
     if not names:
-        names = sorted(p.name for p in Path(shard_dir).glob("*.tar"))
+        tars = sorted(p.name for p in Path(shard_dir).glob("*.tar"))
+        beside = f" ({len(tars)} .tar file(s) beside it, e.g. {tars[0]}, are not read without an entry)" if tars else ""
+        raise SatfuseError(f"{Path(shard_dir) / MANIFEST_NAME}: manifest lists no shards{beside}; re-shard with "
+                           "`satfuse shard`")
     paths = [Path(shard_dir) / n for n in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
