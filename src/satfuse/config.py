@@ -11,7 +11,9 @@ Overrides use dotted paths (`optim.lr=1e-4`); values are parsed as YAML scalars/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -182,19 +184,58 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         resolved = resolve_config(path, kind or SCHEMA_KINDS.get(schema.__name__))
         raw, where = read_yaml(resolved), str(resolved)
     for item in overrides or []:
-        key, value = parse_override(item)
-        check_override_key(schema, key, item)
-        set_dotted(raw, key, value)
+        apply_override(schema, raw, item)
     return from_dict(schema, raw, where=where)
 
 
+def apply_override(schema: type, raw: dict[str, Any], item: str) -> None:
+    """Parse `key=value`, check the key and the value's type against `schema`, then set it in
+    `raw`. Why the value is checked here: once merged into the YAML's dict, a bad value would be
+    reported against the YAML file, which is not where the mistake is."""
+    key, value = parse_override(item)
+    tp = check_override_key(schema, key, item)
+    if tp is not None:
+        coerce(tp, value, f"command line (override {item!r})", key)
+    set_dotted(raw, key, value)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently, so a second `train:` section would drop the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise _DuplicateKey(key, first, line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
 def read_yaml(path: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """A YAML mapping from a file or a packaged config name (`kind` narrows where names are looked up)."""
+    """A YAML mapping from a file or a packaged config name (`kind` narrows where names are looked up).
+
+    A key given twice in one mapping (e.g. two `data:` sections) is refused, naming both lines."""
     from satfuse.resources import resolve_config
 
     p = resolve_config(path, kind)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{p}: key {dup.key!r} is given twice (lines {dup.first} and {dup.second}), and only one "
+                          "would be used; merge them into one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from exc
     if not isinstance(data, dict):
@@ -216,14 +257,15 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def check_override_key(schema: type, key: str, item: str) -> None:
+def check_override_key(schema: type, key: str, item: str) -> Any:
     """An override's key must exist in the schema: reported as a command-line error (the
-    YAML file is not where the typo is)."""
+    YAML file is not where the typo is). Returns the key's annotated type (None when the key
+    goes past a value: set_dotted/coerce report it)."""
     node: Any = schema
     parts = key.split(".")
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(node):
-            return  # a value, not a section: set_dotted/coerce report it
+            return None  # a value, not a section: set_dotted/coerce report it
         names = {f.name for f in dataclasses.fields(node)}
         if part not in names:
             where = ".".join(parts[:i]) or "top level"
@@ -232,6 +274,7 @@ def check_override_key(schema: type, key: str, item: str) -> None:
                 f"valid keys in {where}: {', '.join(sorted(names))}"
             )
         node = get_type_hints(node)[part]
+    return node
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -302,12 +345,13 @@ def coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # every float field: NaN passes every range check, inf trains nonsense
+            raise ConfigError(f"{where}: {key}={value!r} is not a finite number; give a finite value "
+                              "(or drop the key for its default)")
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)):
@@ -367,14 +411,13 @@ def validate_pretrain(cfg: Any) -> None:
                           "inside its engine); use train.nan_policy=stop with train.engine=deepspeed")
     if not str(cfg.train.run_dir).strip():
         raise ConfigError("config: train.run_dir is empty; give the run's directory, e.g. train.run_dir=runs/my_run")
+    from satfuse.utils import file_in_the_way
+
     run_dir = Path(cfg.train.run_dir)
-    for p in (run_dir, *run_dir.parents):
-        if p.exists():
-            if not p.is_dir():
-                what = "is an existing file" if p == run_dir else f"is inside {p}, which is a file"
-                raise ConfigError(f"{run_dir}: train.run_dir {what}, not a directory; "
-                                  "pick another train.run_dir (or move the file away)")
-            break
+    what = file_in_the_way(run_dir)
+    if what:
+        raise ConfigError(f"{run_dir}: train.run_dir {what}, not a directory; "
+                          "pick another train.run_dir (or move the file away)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

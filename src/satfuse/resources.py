@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from satfuse.config import ConfigError
-from satfuse.utils import SatfuseError, atomic_write_bytes
+from satfuse.utils import SatfuseError, atomic_write_bytes, file_in_the_way
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,10 @@ def init_project(dest: Path, force: bool = False) -> list[Path]:
     Nothing is written when any target exists and `force` is not set: a user's edited profile
     must never be replaced by a template unasked.
     """
+    where = file_in_the_way(dest)
+    if where:
+        raise SatfuseError(f"{dest}: {where}, not a directory; nothing written. Pass a directory "
+                           "to `satfuse init` (it is created if missing)")
     pairs = init_files()
     clashes = [dest / rel for _, rel in pairs if (dest / rel).exists()]
     if clashes and not force:
@@ -224,7 +228,11 @@ def init_project(dest: Path, force: bool = False) -> list[Path]:
     written = []
     for src, rel in pairs:
         target = dest / rel
-        atomic_write_bytes(target, src.read_bytes())
+        try:
+            atomic_write_bytes(target, src.read_bytes())
+        except (NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+            raise SatfuseError(f"{target}: cannot be written ({exc.strerror}); {len(written)} file(s) written before "
+                               "it. Fix the directory (or choose another) and rerun with --force") from None
         if src.suffix == ".sbatch":
             target.chmod(0o755)
         written.append(target)

@@ -58,6 +58,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def file_in_the_way(path: Path) -> str:
+    """'' when `path` is, or can be created as, a directory; else why not ("is an existing file",
+    "is inside X, which is a file"), for a one-line error before anything is written."""
+    for p in (path, *path.parents):  # the nearest existing ancestor decides
+        if p.exists():
+            if p.is_dir():
+                return ""
+            return "is an existing file" if p == path else f"is inside {p}, which is a file"
+    return ""
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

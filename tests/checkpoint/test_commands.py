@@ -110,3 +110,20 @@ def test_export_of_a_real_pretraining_model_with_the_default_builder(tmp_path: P
     for name, module in model.backbones().items():
         for key, tensor in module.state_dict().items():
             assert torch.equal(doc["state_dicts"][name][key], tensor), f"{name}.{key}"
+
+
+def test_inspect_of_a_dir_without_checkpoints_says_so(tmp_path: Path, ref_copy: Path) -> None:
+    """A run dir with nothing saved used to be reported as "the save never finished (killed or
+    failed)"; a step dir whose save did not finish still is."""
+    run = tmp_path / "fresh"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(SatfuseError, match=r"fresh: not a checkpoint .*nothing was saved here yet") as raised:
+        ckpt_cli(["inspect", run])
+    assert "never finished" not in str(raised.value) and "\n" not in str(raised.value)
+    (ref_copy / "checkpoints" / "latest").unlink()
+    with pytest.raises(SatfuseError, match=r"holds checkpoints/step_00000016, checkpoints/step_00000020, "
+                                           r"checkpoints/step_00000024 but no latest: pass one of them"):
+        ckpt_cli(["inspect", ref_copy])
+    (ref_copy / "checkpoints/step_00000024/meta.json").unlink()
+    assert ckpt_cli(["inspect", ref_copy / "checkpoints/step_00000024"]) == 1  # a real unfinished save: reported

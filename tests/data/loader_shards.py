@@ -7,6 +7,7 @@ S2 pixel [0, 0, 0] holds its global id, so a test can tell which sample a batch 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -67,7 +68,8 @@ def make_shards(
                     sample["s2.npy"] = b"this is not an npy file"
                 tw.write(sample)
                 gid += 1
-        entries.append({"name": fname, "count": count, "bytes": (out / fname).stat().st_size, "sha256": ""})
+        data = (out / fname).read_bytes()
+        entries.append({"name": fname, "count": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {"format": "satfuse-shards/1", "name": name, "dataset": "sen12ms", "seed": 0,
                 "shards": entries, "total_samples": gid - first_id, "excluded": [],
                 "stats": {"s1": S1_STATS, "s2": S2_STATS}, "label": None}
@@ -90,10 +92,22 @@ def data_cfg(**kw) -> DataConfig:
     return DataConfig(**base)
 
 
-def truncate(path: Path, fraction: float = 0.5) -> None:
-    """Cut a tar file short, as an interrupted copy would."""
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * fraction)])
+def truncate(path: Path, fraction: float = 0.5, record: bool = True) -> None:
+    """Cut a tar file short, as an interrupted copy would. With `record`, the manifest beside
+    it is made to list the cut bytes (size and sha256), so what runs is the reader's own
+    handling of a short tar; without, the loader's sha256 check refuses the whole shard."""
+    from satfuse.data.stream_io import _digests
+
+    data = path.read_bytes()[: int(path.stat().st_size * fraction)]
+    path.write_bytes(data)
+    manifest = path.parent / "manifest.json"
+    if record and manifest.is_file():
+        doc = json.loads(manifest.read_text())
+        for entry in doc["shards"]:
+            if entry["name"] == path.name:
+                entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        manifest.write_text(json.dumps(doc))
+    _digests.cache_clear()  # keyed by the manifest's mtime, which may not tick between two quick writes
 
 
 def run_rank(loader, steps: int) -> list[dict]:

@@ -261,3 +261,73 @@ def test_submit_shard_parts_carry_the_encoding(sen12ms_tree, tmp_path):
     assert (merged["encoding"]["compress"], merged["encoding"]["s1_dtype"], merged["encoding"]["labels"]) == ("lz4", "float16", False)
     cmd = part_command({"src": "S", "dataset": "sen12ms", "out": "O", "num_shards": 2, "part": 1, "encoding": enc})
     assert cmd.endswith("--shard-index 1 --compress lz4 --s1-dtype float16 --no-labels`")
+
+
+def _bomb(codec: str, header_shape: tuple[int, ...], payload: int, declare: bool) -> bytes:
+    """An .npy member whose header says `header_shape` uint16 but which decompresses to
+    `payload` more zero bytes, compressed as a frame that declares its size or not."""
+    import lz4.frame
+    import zstandard
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<u2", "fortran_order": False, "shape": header_shape})
+    head, chunk = buf.getvalue(), bytes(1 << 20)
+    out = io.BytesIO()
+    if codec == "zstd":
+        size = len(head) + payload if declare else -1
+        with zstandard.ZstdCompressor(level=1).stream_writer(out, size=size, closefd=False) as writer:
+            writer.write(head)
+            for _ in range(payload // len(chunk)):
+                writer.write(chunk)
+        return out.getvalue()
+    with lz4.frame.LZ4FrameCompressor(content_checksum=False) as comp:
+        parts = [comp.begin(len(head) + payload if declare else 0), comp.compress(head)]
+        parts += [comp.compress(chunk) for _ in range(payload // len(chunk))]
+        return b"".join([*parts, comp.flush()])
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_a_decompression_bomb_is_refused_before_it_costs_memory(codec: str) -> None:
+    """A 31 KB zstd member that expands to 1 GB used to be decompressed in full before an
+    error blaming S2's shape; now the member's size is bounded by the shape it must have
+    (bands, the sample json's H, W; without a json, the member's own header) before anything
+    is decompressed."""
+    import tracemalloc
+
+    from satfuse.data.codecs import compress, decompress_npy, load_array, npy_bytes
+    from satfuse.data.stream_io import RawSample, decode_pair
+    from satfuse.data.verify import _check_array
+    from satfuse.evaluation.data import _npy
+
+    s1 = compress(npy_bytes(np.zeros((2, 16, 16), np.float32)), codec, 1)
+    suffix = ".zst" if codec == "zstd" else ".lz4"
+    meta = {"height": 16, "width": 16}  # what the shard writer records in each sample's json
+    payload = 64 << 20
+    for declare in (True, False):
+        for shape in ((13, 16, 16), (13, 4096, 640)):  # the right shape with extra bytes; a header that lies
+            bomb = _bomb(codec, shape, payload, declare)
+            s1_bomb = _bomb(codec, (2, *shape[1:]), payload, declare)
+            assert len(bomb) < payload // 100
+            sample = RawSample(0, 0, "k", {f"s1.npy{suffix}": s1, f"s2.npy{suffix}": bomb})
+            tracemalloc.start()
+            with pytest.raises(ValueError, match="decompression bomb") as raised:
+                decode_pair(sample)
+            # S1 bounded by the sample's json (H, W), not by its own header, which may claim more
+            with pytest.raises(ValueError, match="decompression bomb"):
+                decode_pair(RawSample(0, 0, "k", {f"s1.npy{suffix}": s1_bomb, f"s2.npy{suffix}": bomb,
+                                                  "json": json.dumps(meta).encode()}))
+            # `shard verify` and fine-tuning: the same declared bound (one helper, codecs.declared_shape)
+            assert "decompression bomb" in _check_array("s2", bomb, meta, 13, codec)[0]
+            with pytest.raises(SatfuseError, match="decompression bomb"):
+                _npy({f"s2.npy{suffix}": bomb, "json": json.dumps(meta).encode()}, "s2.npy", "t.tar:k", 13)
+            if shape == (13, 16, 16):  # no json: bounded by the member's own header
+                with pytest.raises(ValueError, match="decompression bomb"):
+                    load_array(bomb, codec)
+            with pytest.raises(ValueError, match="unexpected shape"):
+                decompress_npy(bomb, codec, lambda shp, _: (_ for _ in ()).throw(ValueError(f"unexpected shape {shp}")))
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert peak < 8 << 20, f"{codec} declare={declare} {shape}: {peak} bytes allocated"
+            assert "\n" not in str(raised.value) and "re-shard or restore it" in str(raised.value)
+    plain = npy_bytes(np.arange(13 * 16 * 16, dtype=np.uint16).reshape(13, 16, 16))
+    assert load_array(compress(plain, codec, 1), codec).sum() == np.arange(13 * 16 * 16).sum()

@@ -84,3 +84,21 @@ def test_wandb_missing_is_one_clear_warning(tmp_path: Path, monkeypatch: pytest.
     assert "pip install wandb" in WANDB_MISSING
     sinks.scalars(1, {"train/loss": 1.0})  # a no-op, not an error
     sinks.close()
+
+
+def test_tensorboard_keeps_the_checkpoint_step_after_a_resume(tmp_path: Path) -> None:
+    """A run saved at step 5 and killed at 10 resumes with steps 6..: TensorBoard purges what
+    the killed attempt logged after the checkpoint (6..10), never the checkpoint's step 5."""
+    from satfuse.config import LogConfig
+    from satfuse.engines.metrics_sinks import MetricSinks
+
+    first = MetricSinks(LogConfig(tensorboard=True), tmp_path)
+    for step in range(1, 11):
+        first.scalars(step, {"train/loss": float(step)})
+    first.close()
+    resumed = MetricSinks(LogConfig(tensorboard=True), tmp_path, start_step=5)
+    for step in range(6, 9):
+        resumed.scalars(step, {"train/loss": 100.0 + step})
+    resumed.close()
+    assert _scalars(tmp_path / "tensorboard")["train/loss"] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 106.0), (7, 107.0), (8, 108.0)]

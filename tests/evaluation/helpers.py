@@ -7,6 +7,7 @@ backscatter, so a classifier trained for a few epochs must beat chance on them.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -60,7 +61,7 @@ def write_dfc_shards(out: Path, n: int, size: int, seed: int, roi: str = "ROIs00
                 w.write({"__key__": key, "s1.npy": _npy(s1), "s2.npy": _npy(s2), "dfc.npy": _npy(dfc),
                          "json": json.dumps(meta).encode()})
         shards.append({"name": tar.name, "count": min(n, k + per_shard) - k, "bytes": tar.stat().st_size,
-                       "sha256": ""})
+                       "sha256": hashlib.sha256(tar.read_bytes()).hexdigest()})
     manifest = {"format": "satfuse-shards/1", "name": name, "dataset": "dfc2020", "seed": seed,
                 "shards": shards, "total_samples": n, "excluded": [], "label": "dfc"}
     if with_stats and n:

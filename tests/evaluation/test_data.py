@@ -94,7 +94,7 @@ def test_bad_shard_dirs_are_clear_errors(tmp_path):
     with pytest.raises(SatfuseError, match="manifest.json"):
         D.load_split(tmp_path / "nomanifest")
     empty = write_dfc_shards(tmp_path / "empty", 0, 16, seed=0)
-    with pytest.raises(SatfuseError, match="no samples"):
+    with pytest.raises(SatfuseError, match="manifest lists no shards; re-shard"):
         D.load_split(empty)
 
 

@@ -92,7 +92,7 @@ def test_fraction_missing_a_class_is_stated(tmp_path, dfc_shards):
 
 def test_bad_inputs_are_clear_errors(tmp_path, dfc_shards):
     empty = write_dfc_shards(tmp_path / "empty_test", 0, 32, seed=0)
-    with pytest.raises(SatfuseError, match="no samples"):
+    with pytest.raises(SatfuseError, match="manifest lists no shards; re-shard"):
         run_finetune(_cfg({"train": dfc_shards["train"], "test": empty}, tmp_path / "e"))
     with pytest.raises(SatfuseError, match="larger than"):
         run_finetune(_cfg(dfc_shards, tmp_path / "c", data={"crop": 48}))

@@ -113,6 +113,15 @@ def test_init_writes_copies_refuses_to_overwrite_and_names_what_to_edit(empty_cw
     assert "partition: gpu" in profile.read_text()
 
 
+def test_init_into_a_file_is_one_line_and_writes_nothing(empty_cwd, capfd):
+    (empty_cwd / "notes").write_text("mine\n")
+    for dest, said in (("notes", "notes: is an existing file"), ("notes/proj", "is inside notes, which is a file")):
+        assert main(["init", dest]) == 2
+        err = capfd.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (empty_cwd / "notes").read_text() == "mine\n" and sorted(p.name for p in empty_cwd.iterdir()) == ["notes"]
+
+
 def test_project_copies_win_over_packaged_names(empty_cwd, capsys):
     from satfuse.resources import init_project
 

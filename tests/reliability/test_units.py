@@ -145,3 +145,16 @@ def test_failed_save_is_blamed_on_what_happened(tmp_path: Path, why: str, blamed
     assert blamed in str(err)
     if "answer" in blamed:
         assert "disk space" not in str(err) and "train.comm_timeout_s=30" in str(err)
+
+
+def test_a_lease_file_that_is_not_utf8_is_an_unreadable_lease_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / ".lock").write_bytes(b"\xff\xfe\x00 not a satfuse lease \x80")
+    with pytest.raises(SatfuseError, match="another run is writing") as raised:
+        RunLease(tmp_path).acquire()  # young: it may belong to a live writer
+    assert "\n" not in str(raised.value)
+    old = time.time() - 120
+    os.utime(tmp_path / ".lock", (old, old))
+    lease = RunLease(tmp_path)
+    lease.acquire()  # over a minute old: taken over
+    assert json.loads((tmp_path / ".lock").read_text())["token"] == lease.token
+    lease.release()

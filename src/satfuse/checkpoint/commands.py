@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.checkpoint.layout import (
+    CKPT_SUBDIR,
+    DCP_METADATA,
+    LATEST,
+    META_NAME,
+    STEP_RE,
+    TMP_PREFIX,
     checkpoint_problems,
     checkpoints_dir,
     dir_size,
@@ -107,6 +113,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path: Path = resolve_checkpoint(args.path)  # the same forms `ckpt export` takes
     if not path.exists():
         raise SatfuseError(f"{path}: not found; list checkpoints with `satfuse ckpt ls RUN_DIR`")
+    _refuse_non_checkpoint(path)
     problems = checkpoint_problems(path, checksums=not args.quick)
     meta: dict[str, Any] = {}
     with contextlib.suppress(OSError, json.JSONDecodeError):
@@ -160,6 +167,24 @@ def _rank_summaries(path: Path, meta: dict[str, Any], trust: bool, problems: lis
         out.append({"step": st.get("step") if isinstance(st, dict) else None,
                     "epoch": loader.get("epoch"), "samples_consumed": loader.get("samples_consumed")})
     return out
+
+
+def _refuse_non_checkpoint(path: Path) -> None:
+    """A directory that is neither a step directory (finished or not) nor holds checkpoint
+    files: say so, instead of reporting a save that "never finished" where none began (e.g.
+    a run dir with no checkpoint yet)."""
+    name = path.name.removeprefix(TMP_PREFIX)
+    if not path.is_dir() or STEP_RE.match(name) or (path / META_NAME).exists() or (path / DCP_METADATA).exists():
+        return
+    steps = sorted(f"{folder.name}/{d.name}" if folder != path else d.name
+                   for folder in (path / CKPT_SUBDIR, path) if folder.is_dir()
+                   for d in folder.iterdir() if STEP_RE.match(d.name))
+    if steps:
+        found = f"it holds {', '.join(steps[:3])}{' ...' if len(steps) > 3 else ''} but no {LATEST}: pass one of them"
+    else:
+        found = "nothing was saved here yet, or it is not a run directory"
+    raise SatfuseError(f"{path}: not a checkpoint (no {META_NAME}, no step_XXXXXXXX directory, no {LATEST}); "
+                       f"{found}; list checkpoints with `satfuse ckpt ls RUN_DIR`")
 
 
 def _resolve_builder(spec: str) -> Any:

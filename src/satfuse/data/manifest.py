@@ -32,6 +32,8 @@ STATE_DIR = ".satfuse"  # sidecar records and the ownership marker
 OWNER_FILE = "owner.json"
 
 _URL_TAR = re.compile(r"([^/\s'\"]+\.tar)")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # pipe:, http:, file:, s3:, C: ...
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +271,7 @@ def load(path: Path, what: str = "", stats: bool = True) -> dict[str, Any]:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s and "count" in s for s in shards):
         raise SatfuseError(f"{path}: manifest has no 'shards' list of {{name, count}}; re-shard with `satfuse shard`")
+    _check_entries(path, shards)
     if "encoding" in manifest:  # --compress / --s1-dtype / --no-labels: one this satfuse can read
         from satfuse.data.codecs import from_manifest
 
@@ -294,19 +297,72 @@ def _format_message(path: Path, found: Any) -> str:
     return f"{path}: not a {FORMAT} manifest ({what}, this satfuse {__version__} reads {FORMAT}); re-shard with `satfuse shard`"
 
 
-def shard_digests(path: str | Path) -> dict[str, tuple[str, int]]:
-    """{tar name: (sha256, bytes)} of the manifest at `path`; {} when absent or unreadable.
+def shard_name_problem(name: object) -> str:
+    """'' when `name` is a plain tar file name inside the set's directory, else what is wrong.
 
-    Lenient on purpose: the loaders check each shard's bytes against this on first open,
-    and the manifest itself was validated by `load` when the shard set was resolved (a
-    `pipe:` set or a bare tar has nothing to compare with, which is not an error)."""
+    Why so strict: the loader joins a manifest's names to the set's directory and opens them,
+    and webdataset treats `pipe:CMD` (or `http://...`) as something to run or fetch. A
+    manifest is data: only what the user typed in `data.shards` may be a pipe:/URL set."""
+    if not isinstance(name, str) or not name:
+        return "is not a file name"
+    if "/" in name or "\\" in name or "\0" in name:
+        return "holds a path separator (a shard must lie in the set's own directory)"
+    if name in (".", "..") or name.startswith(".."):
+        return "points outside the set's directory"
+    if _SCHEME.match(name):
+        return "starts with a URL scheme or pipe: (a manifest names files, never commands or URLs)"
+    if not name.endswith(".tar"):
+        return "is not a .tar file name"
+    return ""
+
+
+def _check_entries(path: Path, shards: list[dict[str, Any]]) -> None:
+    """Every shard entry is a plain tar name, listed once, with a count, byte size and sha256.
+
+    Why refuse rather than skip: a name could make the loader run a command or read another
+    folder, a repeated name would be read twice per epoch, and an entry without sha256/bytes
+    would silently turn off the loader's integrity check."""
+    seen: dict[str, int] = {}
+    for i, s in enumerate(shards):
+        name = s["name"]
+        problem = shard_name_problem(name)
+        if problem:
+            raise SatfuseError(f"{path}: shard entry {i} name {name!r} {problem}; a manifest lists plain tar names "
+                               "beside it: re-shard with `satfuse shard` (pipe:/remote sets go in data.shards, with "
+                               "data.manifest=PATH)")
+        if name in seen:
+            raise SatfuseError(f"{path}: shard {name!r} is listed twice (entries {seen[name]} and {i}), so it would "
+                               "be read twice per epoch; re-shard with `satfuse shard` (or remove the repeated entry)")
+        seen[name] = i
+        for key in ("count", "bytes"):
+            value = s.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SatfuseError(f"{path}: shard {name!r} has {key}={value!r}, not a whole number >= 0; "
+                                   "re-shard with `satfuse shard`")
+        if not isinstance(s.get("sha256"), str) or not _SHA256.match(s["sha256"]):
+            raise SatfuseError(f"{path}: shard {name!r} has no valid sha256 (got {s.get('sha256')!r}), so its bytes "
+                               "could not be checked; re-shard with `satfuse shard` (it records every shard's sha256)")
+
+
+def shard_digests(path: str | Path) -> dict[str, tuple[str, int, int]]:
+    """{tar name: (sha256, bytes, count)} of the manifest at `path`; {} when absent or unreadable.
+
+    Lenient on purpose: the loaders check each shard's bytes and sample count against this on
+    first open, and the manifest itself was validated by `load` when the shard set was
+    resolved (a `pipe:` set or a bare tar has nothing to compare with, which is not an error)."""
     try:
         with open(path) as fh:
             shards = json.load(fh).get("shards", [])
-        return {s["name"]: (s["sha256"], int(s.get("bytes", -1))) for s in shards
+        return {s["name"]: (s["sha256"], int(s.get("bytes", -1)), int(s.get("count", -1))) for s in shards
                 if isinstance(s, dict) and s.get("sha256")}
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return {}
+
+
+def shared_shards(a: dict[str, Any], b: dict[str, Any]) -> set[str]:
+    """The sha256s of the shards two loaded manifests have in common (same bytes = same data,
+    whatever the paths): non-empty when a "held-out" set holds training shards."""
+    return {s["sha256"] for s in a.get("shards", [])} & {s["sha256"] for s in b.get("shards", [])}
 
 
 def load_dir(shard_dir: Path, what: str = "", stats: bool = True) -> dict[str, Any]:

@@ -335,9 +335,16 @@ class PretrainLoader:
             raise SatfuseError(f"loader state version {first.get('version')} is not {STATE_VERSION}; resume with the same satfuse")
         if len(states) != first["world_size"]:
             raise SatfuseError(f"loader state: got {len(states)} rank states for a world size of {first['world_size']}")
-        if first["shards"] != self.shards.fingerprint():
-            raise SatfuseError(f"loader state was written for another shard set than {self.shards.spec}; "
-                               "resume with the same data.shards (or checkpoint.resume=none)")
+        if first["shards"] == self.shards.fingerprint(sha256s=False):
+            # written before sha256s were in the fingerprint (names + counts; a state of this
+            # satfuse never hashes to it): refusing it would strand every run checkpointed by
+            # the previous satfuse (resume=auto) after an upgrade
+            log.warning("loader state: this checkpoint predates shard sha256s in the loader state; shard names and "
+                        "counts match %s, but whether the shards were re-packed since cannot be told", self.shards.spec)
+        elif first["shards"] != self.shards.fingerprint():
+            raise SatfuseError(f"loader state was written for another shard set than {self.shards.spec} (other shard "
+                               "names, counts or sha256s: re-packed since?); resume with the same data.shards (or "
+                               "checkpoint.resume=none)")
         if first["seed"] != self.seed:
             raise SatfuseError(f"loader state seed {first['seed']} != train.seed {self.seed}; resume with the same seed")
         for r, s in enumerate(states):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,11 @@ from braceexpand import braceexpand
 from satfuse.data.bands import manifest_bands
 from satfuse.data.codecs import find_member
 from satfuse.data.manifest import MANIFEST_NAME, load, url_tar_name
-from satfuse.data.stream_io import RawSample, index_shard, load_member
+from satfuse.data.stream_io import RawSample, index_shard, load_member, manifest_digests
 from satfuse.data.stream_plan import Mix
 from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,15 +43,19 @@ class ShardSet:
     spec: str = ""
     mix: Mix | None = None  # several sets mixed (see resolve_mix); None: one set
     parts: list[ShardSet] = field(default_factory=list)  # the mixed sets, in data.shards order
+    digests: list[str] = field(default_factory=list)  # each shard's manifest sha256, in urls order
 
     @property
     def total(self) -> int:
         return sum(self.counts)
 
-    def fingerprint(self) -> str:
-        """Identifies the shard set in loader states (names and counts, not paths)."""
+    def fingerprint(self, sha256s: bool = True) -> str:
+        """Identifies the shard set in loader states (names, counts and sha256s, not paths):
+        a directory re-packed with another seed has the same names and counts but other bytes.
+        `sha256s=False`: the names-and-counts fingerprint loader states written before sha256s
+        were part of it hold (still accepted on resume, see PretrainLoader._validate)."""
         names = [url_tar_name(u) for u in self.urls]
-        parts: list = [names, self.counts]
+        parts: list = [names, self.counts, self.digests] if sha256s else [names, self.counts]
         if self.mix is not None:  # which shard belongs to which set, and the weights, decide the plan
             parts += [list(self.mix.bounds), list(self.mix.weights)]
         text = json.dumps(parts)
@@ -97,28 +105,74 @@ def resolve_shards(spec: str | list[str], manifest: str = "", weights: list[floa
     else:
         mpath = Path(urls[0]).parent / MANIFEST_NAME
     man = load(mpath, f"shard spec {spec!r}")
-    by_name = {s["name"]: int(s["count"]) for s in man["shards"]}
-    counts = []
+    by_name = {s["name"]: s for s in man["shards"]}
+    counts, digests = [], []
     for u in urls:
         name = url_tar_name(u)
         if name not in by_name:
             raise SatfuseError(f"{u}: shard {name!r} is not listed in {mpath}; pass the matching data.manifest")
-        counts.append(by_name[name])
-    return ShardSet(urls=urls, counts=counts, manifest=man, stats=man["stats"], spec=spec)
+        counts.append(int(by_name[name]["count"]))
+        digests.append(by_name[name]["sha256"])
+    urls = [u if u in piped else os.path.abspath(u) for u in urls]  # a local path is never read as a URL
+    _refuse_repeats(urls, f"data.shards={spec!r}")
+    _warn_unchecked(urls, digests, mpath)
+    return ShardSet(urls=urls, counts=counts, manifest=man, stats=man["stats"], spec=spec, digests=digests)
 
 
 def _resolve_dir(root: Path, spec: str, manifest: str) -> ShardSet:
     man = load(Path(manifest) if manifest else root / MANIFEST_NAME, f"shard spec {spec!r}")
     if not man["shards"]:
         raise SatfuseError(f"{root}: manifest lists no shards; re-shard with `satfuse shard`")
-    urls, counts = [], []
+    urls, counts, digests = [], [], []
     for s in man["shards"]:
-        path = root / s["name"]
+        path = root / s["name"]  # a plain file name (manifest.load checked it): never a pipe:/URL
         if not path.is_file():
             raise SatfuseError(f"{path}: listed in the manifest but missing; restore it or re-shard")
-        urls.append(str(path))
+        urls.append(os.path.abspath(path))  # absolute: webdataset can never take it for a URL
         counts.append(int(s["count"]))
-    return ShardSet(urls=urls, counts=counts, manifest=man, stats=man["stats"], spec=spec)
+        digests.append(s["sha256"])
+    return ShardSet(urls=urls, counts=counts, manifest=man, stats=man["stats"], spec=spec, digests=digests)
+
+
+def _warn_unchecked(urls: list[str], digests: list[str], mpath: Path) -> None:
+    """The loader checks a local shard's sha256 against the manifest.json beside it; with
+    data.manifest elsewhere and none there (or one listing other bytes) say so once, rather
+    than reading unchecked shards without a word."""
+    unchecked = [u for u, d in zip(urls, digests, strict=True) if not (u.startswith("pipe:") or "://" in u)
+                 and manifest_digests(os.path.dirname(u)).get(os.path.basename(u), ("",))[0] != d]
+    if unchecked:
+        log.warning("%s: %d shard(s) have no manifest.json beside them listing the sha256 of %s, so the loader "
+                    "cannot check their bytes on open; copy that manifest beside them, or run `satfuse shard "
+                    "verify` on the set", os.path.dirname(unchecked[0]), len(unchecked), mpath)
+
+
+def shard_identity(url: str) -> str:
+    """What makes two URLs the same shard: the resolved file for a local path, the text otherwise."""
+    return url if url.startswith("pipe:") or "://" in url else os.path.realpath(url)
+
+
+def _refuse_repeats(urls: list[str], what: str) -> None:
+    """One shard listed twice (`a.tar,./a.tar`, or one set under two spellings) would be read
+    twice per epoch: refused, naming the file."""
+    seen: set[str] = set()
+    for u in urls:
+        ident = shard_identity(u)
+        if ident in seen:
+            raise SatfuseError(f"{what}: shard {ident} is listed twice (the same file under two spellings?), so "
+                               "it would be read twice per epoch; list each shard/set once (data.shard_weights "
+                               "weights a set up)")
+        seen.add(ident)
+
+
+def same_set_warning(a: ShardSet, b: ShardSet, a_key: str, b_key: str) -> str:
+    """A warning when two shard sets share shards ('' when disjoint). Why: results on
+    `b_key` are reported as held-out, which they are not when it holds training shards."""
+    shared = {shard_identity(u) for u in a.urls} & {shard_identity(u) for u in b.urls}
+    shared |= set(a.digests) & set(b.digests)
+    if not shared:
+        return ""
+    return (f"{b_key}={b.spec} shares {len(shared)} shard(s) with {a_key}={a.spec} (same files or same bytes): "
+            f"its scores are not held-out; point {b_key} at a disjoint shard set")
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +208,7 @@ def resolve_mix(specs: list[str], manifest: str, weights: list[float]) -> ShardS
                 diff = sorted(set(a) ^ set(b)) or ["same bands, other order"]
                 raise SatfuseError(f"data.shards: {parts[0].spec} and {other.spec} have different {sensor} bands "
                                    f"({', '.join(diff)}: {a} vs {b}); mix only sets with the same bands")
+    _refuse_repeats([u for p in parts for u in p.urls], f"data.shards={specs}")
     bounds = [0]
     for p in parts:
         bounds.append(bounds[-1] + len(p.urls))
@@ -164,7 +219,7 @@ def resolve_mix(specs: list[str], manifest: str, weights: list[float]) -> ShardS
     stats = {sensor: pool_stats([p.stats[sensor] for p in parts], [p.total for p in parts], shares)
              for sensor in ("s1", "s2")}
     return ShardSet(urls=urls, counts=counts, manifest=parts[0].manifest, stats=stats, spec=",".join(specs), mix=mix,
-                    parts=parts)
+                    parts=parts, digests=[d for p in parts for d in p.digests])
 
 
 def pool_stats(stats: list[dict], totals: list[int], shares: list[int]) -> dict:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import webdataset as wds
 
-from satfuse.data.codecs import decompress, find_member
+from satfuse.data.codecs import declared_shape, decompress_npy, find_member
 from satfuse.data.manifest import MANIFEST_NAME, shard_digests
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,29 @@ def index_shard(path: str) -> ShardIndex:
     if problem:
         return ShardIndex(tar.stamp, error=problem)
     try:
-        return group_members(tar, _ustar_members(tar.data))
+        index = group_members(tar, _ustar_members(tar.data))
     except _NotPlainUstar:
-        return group_members(tar, _tarfile_members(path))
+        index = group_members(tar, _tarfile_members(path))
+    return _check_count(path, index)
+
+
+def _manifest_entry(path: str) -> tuple[str, int, int]:
+    """(sha256, bytes, count) of the shard at `path` in the manifest.json beside it ("", -1, -1: none)."""
+    return manifest_digests(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path), ("", -1, -1))
+
+
+def _check_count(path: str, index: ShardIndex) -> ShardIndex:
+    """An intact tar holding another number of samples than its manifest entry says is refused
+    as a whole. Why: the plan deals samples 0..count-1, so extra samples would be dropped
+    without a word (and a shorter tar is reported sample by sample anyway)."""
+    if index.error or not VERIFY_SHARDS:
+        return index
+    count = _manifest_entry(path)[2]
+    if count < 0 or count == len(index.samples):
+        return index
+    return ShardIndex(index.stamp, error=(
+        f"IntegrityError: the tar holds {len(index.samples)} samples, manifest.json says {count} (a manifest "
+        "edited by hand or of another packing); re-shard (`satfuse shard verify` lists every mismatch)"))
 
 
 def verify_digest(path: str, tar: MappedTar) -> str:
@@ -131,7 +151,7 @@ def verify_digest(path: str, tar: MappedTar) -> str:
     is nothing to compare with), else why not."""
     if not VERIFY_SHARDS:
         return ""
-    expected, size = manifest_digests(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path), ("", -1))
+    expected, size, _ = _manifest_entry(path)
     if not expected:
         return ""
     if size >= 0 and size != tar.size:
@@ -143,8 +163,8 @@ def verify_digest(path: str, tar: MappedTar) -> str:
     return ""
 
 
-def manifest_digests(folder: str) -> dict[str, tuple[str, int]]:
-    """{tar name: (sha256, bytes)} from `folder/manifest.json` ({} when absent or unreadable)."""
+def manifest_digests(folder: str) -> dict[str, tuple[str, int, int]]:
+    """{tar name: (sha256, bytes, count)} from `folder/manifest.json` ({} when absent or unreadable)."""
     path = os.path.join(folder, MANIFEST_NAME)
     try:
         mtime = os.stat(path).st_mtime_ns
@@ -154,7 +174,7 @@ def manifest_digests(folder: str) -> dict[str, tuple[str, int]]:
 
 
 @functools.lru_cache(maxsize=16)
-def _digests(path: str, mtime_ns: int) -> dict[str, tuple[str, int]]:
+def _digests(path: str, mtime_ns: int) -> dict[str, tuple[str, int, int]]:
     return shard_digests(path)  # cached per (path, mtime): a rewritten manifest is read again
 
 
@@ -460,7 +480,8 @@ def load_npy(value: bytes | MemberRef, want: tuple[int, ...]) -> np.ndarray:
 
 def _check_shape(shape: tuple[int, ...], want: tuple[int, ...]) -> None:
     if len(shape) != 3 or shape[0] != want[0] or (len(want) == 3 and tuple(shape[1:]) != tuple(want[1:])):
-        raise ValueError(f"unexpected shape {tuple(shape)} (want ({want[0]}, H, W) matching the other sensor)")
+        raise ValueError(f"unexpected shape {tuple(shape)} (want ({want[0]}, H, W) matching the other sensor and "
+                         "the H, W of the sample's json)")
 
 
 Window = Callable[[int, int], "tuple[int, int, int]"]  # (H, W) -> (top, left, size); size 0 = all
@@ -479,7 +500,10 @@ def decode_pair(sample: RawSample, window: Window | None = None, s2_bands: int =
     for ext, where in found.items():
         if where is None:
             raise ValueError(f"member {ext} missing (has {sorted(sample.members)})")
-    s1 = load_member(sample, *found["s1.npy"], (2,))  # type: ignore[misc]
+    declared = None
+    if "json" in sample.members and (found["s1.npy"][1] or found["s2.npy"][1]):  # compressed: bound it
+        declared = declared_shape(sample.member("json"), 2)  # the sample's own (2, H, W), None if absent
+    s1 = load_member(sample, *found["s1.npy"], declared or (2,))  # type: ignore[misc]
     top, left, size = window(s1.shape[1], s1.shape[2]) if window else (0, 0, 0)
     s2 = load_member(sample, *found["s2.npy"], (s2_bands, *s1.shape[1:]))  # type: ignore[misc]
     if not size:
@@ -494,12 +518,17 @@ def load_member(sample: RawSample, ext: str, codec: str | None, want: tuple[int,
     value = sample.members[ext]
     if codec is None:
         return load_npy(value, want)
+    def check(shape: tuple[int, ...], dtype: np.dtype) -> None:  # before the body is decompressed
+        _check_shape(shape, want)
+
+    # (bands, H, W) known (S1 from the sample's json, S2 from S1): bounded without a header peek
+    full = want if len(want) == 3 else None
     if isinstance(value, MemberRef):  # decompressed straight from the map: no copy of the member
         value.check()
         with memoryview(value.tar.data)[value.offset : value.offset + value.size] as view:
-            data = decompress(view, codec)
+            data = decompress_npy(view, codec, check, full)
     else:
-        data = decompress(value, codec)
+        data = decompress_npy(value, codec, check, full)
     arr = decode_npy(data)
     _check_shape(arr.shape, want)
     return arr
@@ -510,5 +539,5 @@ def decode_label(sample: RawSample) -> tuple[str, np.ndarray] | None:
         found = find_member(sample.members, ext)
         if found is not None:
             data = sample.member(found[0])
-            return name, decode_npy(decompress(data, found[1]) if found[1] else data)
+            return name, decode_npy(decompress_npy(data, found[1]) if found[1] else data)
     return None

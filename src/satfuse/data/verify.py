@@ -22,7 +22,14 @@ import numpy as np
 from tqdm import tqdm
 
 from satfuse.data.bands import manifest_bands
-from satfuse.data.codecs import CODECS, Encoding, from_manifest, load_array, split_codec
+from satfuse.data.codecs import (
+    CODECS,
+    Encoding,
+    declared_shape,
+    from_manifest,
+    load_array,
+    split_codec,
+)
 from satfuse.data.layout import EXPECTED_BANDS, SOURCE_RULES
 from satfuse.data.manifest import MANIFEST_NAME, load_dir
 from satfuse.utils import SatfuseError
@@ -129,16 +136,16 @@ def _check_sample(key: str, members: dict[str, bytes], label: str | None, bands:
 
 def _check_array(sensor: str, blob: bytes, meta: dict[str, Any], count: int | None = None, codec: str | None = None,
                  enc: Encoding | None = None) -> list[str]:
-    try:
-        array = load_array(blob, codec)
+    bands, dtype = EXPECTED_BANDS.get(sensor, (0, None))
+    bands = count if count is not None else bands  # s1/s2: the manifest's band count
+    try:  # bounded by the shape the sample's json declares, not by the member's own header
+        array = load_array(blob, codec, declared_shape(meta, bands))
     except (ValueError, OSError, EOFError) as exc:
         return [f"{sensor}.npy{CODECS.get(codec or '', '')} does not decode ({exc})"]
     if sensor not in EXPECTED_BANDS:
         return [f"unexpected member {sensor}.npy"]
-    bands, dtype = EXPECTED_BANDS[sensor]
     if sensor == "s1" and enc is not None:
         dtype = enc.s1_dtype  # float16 when packed with --s1-dtype float16
-    bands = count if count is not None else bands  # s1/s2: the manifest's band count
     shape = (bands, meta.get("height"), meta.get("width"))
     problems = []
     if array.dtype != np.dtype(dtype) or array.shape != shape:

@@ -85,7 +85,9 @@ def _tensorboard_writer(path: Path, start_step: int) -> Any:
                     "(pip install tensorboard); continuing without TensorBoard events")
         return None
     path.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(log_dir=str(path), purge_step=start_step if start_step > 0 else None)
+    # resumed after step `start_step`: that step's events are the checkpoint's own and stay; only
+    # what the interrupted attempt logged after it (start_step + 1 on) is logged again and purged
+    writer = SummaryWriter(log_dir=str(path), purge_step=start_step + 1 if start_step > 0 else None)
     log.info("TensorBoard events -> %s (tensorboard --logdir %s)", path, path)
     return writer
 

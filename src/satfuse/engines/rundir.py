@@ -146,6 +146,13 @@ def slurm_job_state(job: str) -> str | None:
     return lines[0] if lines else ""
 
 
+def _lock_text(path: Path) -> str:
+    """A lease file's text, whatever its bytes: a file that is not UTF-8 (damaged, or not ours)
+    reads as an unreadable lease (refused while young, taken over once old), not a traceback.
+    surrogateescape keeps the text byte-exact for the take-over's comparison."""
+    return path.read_bytes().decode("utf-8", "surrogateescape")
+
+
 def describe(holder: dict[str, Any]) -> str:
     if not holder.get("token"):
         return "an unreadable lease file, written under a minute ago (delete it if no run is alive)"
@@ -208,7 +215,7 @@ class RunLease:
     def _read(self) -> tuple[str, dict[str, Any]] | None:
         """(raw text, parsed holder) of the current lease, None when there is none."""
         try:
-            text = self.path.read_text()
+            text = _lock_text(self.path)
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
@@ -288,7 +295,7 @@ class RunLease:
         except FileNotFoundError:
             return False
         try:
-            if grave.read_text() != seen:  # someone renewed or re-took it meanwhile: give it back
+            if _lock_text(grave) != seen:  # someone renewed or re-took it meanwhile: give it back
                 with contextlib.suppress(FileExistsError):
                     os.link(grave, self.path)
                 return False

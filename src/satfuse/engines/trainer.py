@@ -43,7 +43,7 @@ from satfuse.config import PretrainConfig, to_dict
 from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
 from satfuse.data.eval_loader import EvalLoader
 from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.shard_sets import resolve_shards, same_set_warning
 from satfuse.distributed.collectives import (
     agree_max,
     all_reduce_sum,
@@ -114,7 +114,11 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         if cfg.data.val_shards:  # held-out pairs go through the same model: refuse other bands now, not at the end
-            val = manifest_bands(resolve_shards(cfg.data.val_shards).manifest, cfg.data.val_shards)
+            val_set = resolve_shards(cfg.data.val_shards)
+            overlap = same_set_warning(self.shards, val_set, "data.shards", "data.val_shards")
+            if overlap and env.rank == 0:
+                log.warning("%s", overlap)
+            val = manifest_bands(val_set.manifest, cfg.data.val_shards)
             if val != self.loader.bands:
                 raise SatfuseError(
                     f"band mismatch: data.val_shards={cfg.data.val_shards} holds {val}, data.shards={cfg.data.shards} "

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from satfuse.config import ConfigError, from_dict, parse_override, read_yaml, set_dotted
+from satfuse.config import ConfigError, apply_override, from_dict, read_yaml, set_dotted
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def finetune_config_from_args(args: argparse.Namespace, overrides: list[str]):
         if value is not None:
             set_dotted(raw, key, value)
     for item in overrides:
-        set_dotted(raw, *parse_override(item))
+        apply_override(FinetuneConfig, raw, item)
     return from_dict(FinetuneConfig, raw, where=args.config or "command line")
 
 

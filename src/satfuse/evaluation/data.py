@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from satfuse.data.codecs import find_member, from_manifest, load_array
+from satfuse.data.bands import manifest_bands
+from satfuse.data.codecs import declared_shape, find_member, from_manifest, load_array
+from satfuse.data.layout import EXPECTED_BANDS
 from satfuse.data.manifest import MANIFEST_NAME, load
 from satfuse.evaluation.targets import IGNORE, N_CLASSES, label_map_from_member, single_label
 from satfuse.utils import SatfuseError
@@ -70,10 +72,18 @@ def read_manifest(shard_dir: Path) -> dict:
 
 
 def shard_paths(shard_dir: Path, manifest: dict) -> list[Path]:
-    """Tar paths in manifest order; a listed tar that is missing is an error, not a skip."""
+    """Tar paths in manifest order; a listed tar that is missing is an error, not a skip.
+
+    An empty list is refused, not filled from `*.tar` in the folder: the manifest is the
+    authority on what the set holds (every tar is read with its count and sha256 from it, and
+    pretraining refuses an empty manifest the same way), so tars it does not list are never
+    read unchecked."""
     names = [s["name"] for s in manifest.get("shards", [])]
     if not names:
-        names = sorted(p.name for p in Path(shard_dir).glob("*.tar"))
+        tars = sorted(p.name for p in Path(shard_dir).glob("*.tar"))
+        beside = f" ({len(tars)} .tar file(s) beside it, e.g. {tars[0]}, are not read without an entry)" if tars else ""
+        raise SatfuseError(f"{Path(shard_dir) / MANIFEST_NAME}: manifest lists no shards{beside}; re-shard with "
+                           "`satfuse shard`")
     paths = [Path(shard_dir) / n for n in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -101,11 +111,13 @@ def iter_tar_samples(path: Path) -> Iterator[dict[str, bytes]]:
         yield {"__key__": key.encode(), **current}
 
 
-def _npy(sample: dict[str, bytes], ext: str, where: str) -> np.ndarray:
-    """Member `ext` (`s1.npy`), stored plain or compressed (`s1.npy.zst`: satfuse.data.codecs)."""
+def _npy(sample: dict[str, bytes], ext: str, where: str, bands: int) -> np.ndarray:
+    """Member `ext` (`s1.npy`), stored plain or compressed (`s1.npy.zst`: satfuse.data.codecs);
+    a compressed one is bounded by (`bands`, the H, W of the sample's json) before it is read."""
     tar_ext, codec = find_member(sample, ext) or (ext, None)
     try:
-        return load_array(sample[tar_ext], codec)
+        shape = declared_shape(sample["json"], bands) if codec and "json" in sample else None
+        return load_array(sample[tar_ext], codec, shape)
     except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error
         raise SatfuseError(f"{where}: member {ext} does not decode ({exc}); re-run `satfuse shard`") from exc
 
@@ -127,6 +139,7 @@ def load_split(shard_dir: str | Path, center_crop: int = 0) -> LabeledSplit:
     if not from_manifest(manifest, str(shard_dir / MANIFEST_NAME)).labels:
         raise SatfuseError(f"{shard_dir}: packed with --no-labels (pretraining only), so it has no label members; "
                            "re-shard it without --no-labels for fine-tuning and evaluation")
+    bands = manifest_bands(manifest, str(shard_dir / MANIFEST_NAME))
     keys, s1s, s2s, labs = [], [], [], []
     for tar in shard_paths(shard_dir, manifest):
         for sample in iter_tar_samples(tar):
@@ -137,9 +150,10 @@ def load_split(shard_dir: str | Path, center_crop: int = 0) -> LabeledSplit:
                 raise SatfuseError(f"{where}: needs s1.npy, s2.npy and dfc.npy or lc.npy; "
                                    "shard a labelled dataset (dfc2020, or sen12ms with lc)")
             keys.append(key)
-            s1s.append(_center(_npy(sample, "s1.npy", where).astype(np.float32, copy=False), center_crop))
-            s2s.append(_center(_npy(sample, "s2.npy", where), center_crop))
-            lab = label_map_from_member(member, _npy(sample, f"{member}.npy", where))
+            s1s.append(_center(_npy(sample, "s1.npy", where, len(bands["s1"])).astype(np.float32, copy=False),
+                               center_crop))
+            s2s.append(_center(_npy(sample, "s2.npy", where, len(bands["s2"])), center_crop))
+            lab = label_map_from_member(member, _npy(sample, f"{member}.npy", where, EXPECTED_BANDS[member][0]))
             labs.append(_center(lab, center_crop))
     if not keys:
         raise SatfuseError(f"{shard_dir}: the shard set holds no samples; it cannot be used for "

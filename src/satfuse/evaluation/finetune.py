@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from satfuse.config import LogConfig, dump_yaml, load_config, to_dict
+from satfuse.data.manifest import shared_shards
 from satfuse.data.normalize import BandStats, normalize
 from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.evaluation import data as D
@@ -200,6 +201,11 @@ def prepare_data(dc: FtDataConfig, seed: int) -> Prepared:
         raise SatfuseError(f"data.crop={dc.crop} is larger than the {train.s1.shape[-1]}px patches of "
                            f"{dc.train_shards}; set data.crop <= {min(train.s1.shape[-2:])}")
     test = D.load_split_cached(dc.test_shards, dc.crop)
+    shared = shared_shards(train.manifest, test.manifest)
+    if shared:  # the report calls test scores held-out: say so when they are not
+        log.warning("data.test_shards=%s shares %d shard(s) with data.train_shards=%s (same bytes): its scores are "
+                    "not held-out; point data.test_shards at a disjoint shard set", dc.test_shards, len(shared),
+                    dc.train_shards)
     strat = train.patch_labels()
     pool, val_idx = D.train_val_split(strat, dc.val_fraction, seed)
     train_idx = D.label_fraction_subset(strat, pool, dc.label_fraction, seed,
