@@ -83,8 +83,9 @@ class FtModelConfig:
     # s2_rgb, s1s2); empty = the one whose band count its conv1 has
     checkpoint_modality: str = ""  # plain weights: the input they take (empty: by conv1's bands)
     # JSON of band mean/std/clip for plain weights (export's .normalization.json); empty =
-    # the one beside the weights, else the training shards' statistics
-    normalization: str = ""  # plain weights: band statistics JSON (empty: beside them, else the shards')
+    # a .safetensors file's metadata, else the one beside the weights (if it names them),
+    # else the training shards' statistics
+    normalization: str = ""  # plain weights: band statistics JSON (empty: embedded, beside them, else the shards')
 
 
 @dataclass
