@@ -152,3 +152,35 @@ def test_parallel_workers_give_the_same_results(dfc_shards, tmp_path):
     for a, b in zip(serial, parallel, strict=True):
         ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
         assert ra["metrics"] == rb["metrics"] and ra["n_train"] == rb["n_train"]
+
+
+def test_changed_config_is_refused_or_rerun_with_overwrite(dfc_shards, tmp_path):
+    """A finished run is reused only when its recorded config equals the sweep's now: epochs
+    1 -> 2 is refused naming the key (nothing runs), --overwrite reruns it, the same config again
+    reruns nothing."""
+    from dataclasses import replace
+
+    from satfuse.evaluation.sweep import config_changes
+
+    def sweep(epochs: int) -> SweepConfig:
+        return SweepConfig(out=str(tmp_path / "sw"), base={**BASE, "train": {**BASE["train"], "epochs": epochs}},
+                           train_shards=str(dfc_shards["train"]), test_shards=str(dfc_shards["test"]),
+                           methods=load_config(SweepConfig, None, ["methods=[{label: S1, modalities: s1}]"]).methods,
+                           label_fractions=[1.0], seeds=[3], tasks=["single"])
+    (run,) = run_sweep(sweep(1), progress=False)
+    first = (run / "result.json").stat().st_mtime_ns
+    with pytest.raises(SatfuseError, match=r"sw: 1 finished run\(s\) were made with another config "
+                                           r"\(train\.epochs: 1 -> 2; e\.g\. .*seed3\); rerun them with --overwrite"):
+        run_sweep(sweep(2), progress=False)
+    assert (run / "result.json").stat().st_mtime_ns == first
+    assert config_changes(plan_sweep(sweep(2))[0]) == [("train.epochs", 1, 2)]
+    (tmp_path / "x").mkdir()  # OUT spelled another way: the same runs, run_dir is not a difference
+    assert config_changes(plan_sweep(replace(sweep(2), out=str(tmp_path / "x" / ".." / "sw")))[0]) == [
+        ("train.epochs", 1, 2)]
+    assert config_changes(plan_sweep(replace(sweep(1), out=str(tmp_path / "other")))[0]) is None
+    run_sweep(sweep(2), progress=False, overwrite=True)
+    res = json.loads((run / "result.json").read_text())
+    assert res["config"]["train"]["epochs"] == 2 and res["curves"]["epoch"] == [1, 2]
+    again = (run / "result.json").stat().st_mtime_ns
+    run_sweep(sweep(2), progress=False, overwrite=True)  # unchanged: kept even with --overwrite
+    assert (run / "result.json").stat().st_mtime_ns == again != first
