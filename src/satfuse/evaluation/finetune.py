@@ -37,6 +37,7 @@ from torch import nn
 from satfuse.config import LogConfig, dump_yaml, load_config, to_dict
 from satfuse.data.normalize import BandStats, normalize
 from satfuse.engines.metrics_sinks import MetricSinks
+from satfuse.engines.rundir import FINETUNE_RUN, check_run_dir_kind
 from satfuse.evaluation import data as D
 from satfuse.evaluation.metrics import multi_label_metrics, single_label_metrics
 from satfuse.evaluation.models import Classifier, build_classifier, scratch_branches
@@ -447,8 +448,8 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     t_start = time.perf_counter()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    if cfg.run_dir and (Path(cfg.run_dir) / "result.json").exists() and not overwrite:
-        raise SatfuseError(_exists_msg(Path(cfg.run_dir)))
+    if cfg.run_dir:
+        _claim(Path(cfg.run_dir), overwrite)
     device = _device(cfg.train.device)
     model, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed)
     if ckpt_info.get("fusion", cfg.model.fusion) != cfg.model.fusion:
@@ -458,8 +459,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     if not cfg.run_dir:
         cfg.run_dir = str(Path(DEFAULT_RUNS_ROOT) / run_subdir(
             method_label(cfg.model, ckpt_info["method"], cfg.label), cfg.train.task, cfg.data.label_fraction, cfg.train.seed))
-        if (Path(cfg.run_dir) / "result.json").exists() and not overwrite:
-            raise SatfuseError(_exists_msg(Path(cfg.run_dir)))
+        _claim(Path(cfg.run_dir), overwrite)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, run_dir / "config.yaml")
@@ -500,6 +500,14 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     log.info("%s frac %g seed %d: %s (%.1fs) -> %s", result["method"], cfg.data.label_fraction,
              cfg.train.seed, _summary(cfg.train.task, metrics), t_end - t_start, run_dir / "result.json")
     return result
+
+
+def _claim(run_dir: Path, overwrite: bool) -> None:
+    """Refuse another kind's directory (a pretraining run, shards, a source tree: its
+    config.yaml and curves would be replaced or mixed), and a finished run unless `overwrite`."""
+    check_run_dir_kind(run_dir, FINETUNE_RUN, "pass another --run-dir (run_dir=...)")
+    if (run_dir / "result.json").exists() and not overwrite:
+        raise SatfuseError(_exists_msg(run_dir))
 
 
 def _exists_msg(run_dir: Path) -> str:
