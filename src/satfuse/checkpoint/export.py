@@ -30,6 +30,7 @@ from satfuse.checkpoint.layout import (
     LATEST,
     META_NAME,
     checkpoint_problems,
+    latest_target,
     read_latest,
     read_meta,
 )
@@ -70,14 +71,34 @@ def resolve_checkpoint(path: Path) -> Path:
     a `checkpoints/` dir or a run dir (both: where `latest` points)."""
     path = Path(path)
     if path.is_file() and path.name == LATEST:
-        name = path.read_text().strip()
-        return path.parent / name if name else path
+        return latest_target(path) or path
     for run_dir in (path, path.parent):
         if path.is_dir() and not (path / META_NAME).exists() and not (path / DCP_METADATA).exists():
             target = read_latest(run_dir)
             if target is not None:
                 return target
     return path
+
+
+def check_export_out(ckpt_dir: Path, outs: list[Path], overwrite: bool = False) -> None:
+    """Refuse export outputs (`outs`: the file and any written beside it) that would replace
+    a file unasked, or any file of the checkpoints being read.
+
+    Why the checkpoints/ directory as a whole: a file written there can replace a shard of
+    the step being exported (`__0_0.distcp`) or of another step, whatever --overwrite says;
+    `ckpt ls` and pruning own that directory."""
+    step = Path(ckpt_dir).resolve()
+    roots = [step, *([step.parent] if step.parent.name == "checkpoints" else [])]
+    for out in outs:
+        where = Path(out).resolve()
+        inside = next((r for r in roots if where == r or r in where.parents), None)
+        if inside is not None:
+            raise SatfuseError(f"--out {out}: inside {inside}, which holds the checkpoints being exported; "
+                               "write the export outside the run's checkpoints/ directory")
+        if Path(out).is_dir():
+            raise SatfuseError(f"--out {out}: is a directory; pass a file name, e.g. {Path(out) / 'backbone.pt'}")
+        if (Path(out).exists() or Path(out).is_symlink()) and not overwrite:
+            raise SatfuseError(f"{out}: exists; pass --overwrite to replace it, or another --out")
 
 
 def detect_kind(ckpt_dir: Path) -> str:

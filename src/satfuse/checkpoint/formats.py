@@ -126,8 +126,14 @@ def _write(out: Path, data: bytes) -> None:
 
 
 def export(ckpt_dir: Path, out: Path, fmt: str = "satfuse", builder: export_mod.Builder | None = None,
-           trust: bool = False) -> dict[str, Any]:
-    """`satfuse ckpt export --format FMT`: dispatch to the writer of that format."""
+           trust: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """`satfuse ckpt export --format FMT`: dispatch to the writer of that format, after
+    refusing an output that exists (unless `overwrite`) or lies among the checkpoints read."""
+    if fmt not in FORMATS:
+        raise SatfuseError(f"--format {fmt!r}: unknown; choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    outs = [out] if fmt == "satfuse" else [out, normalization_path(out)]
+    export_mod.check_export_out(export_mod.resolve_checkpoint(Path(ckpt_dir)), outs, overwrite)
     if fmt == "satfuse":
         return export_mod.export_backbones(ckpt_dir, out, builder=builder, trust=trust)
     if fmt == "torchvision":

@@ -51,7 +51,7 @@ from satfuse.data.band_scan import BAND_DATASETS
 from satfuse.data.codecs import Encoding, add_encoding
 from satfuse.data.layout import MAX_SHOWN, Pair
 from satfuse.data.raster import Prefetcher, Raster
-from satfuse.data.shard_dir import check_paths, prepare_out, remove_stale
+from satfuse.data.shard_dir import check_paths, holding_out_lease, prepare_out, remove_stale
 from satfuse.data.shard_plan import (
     MAX_ERRORS_SHOWN,
     check_args,
@@ -187,6 +187,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+@holding_out_lease  # one writer per --out (job-array parts: one per part)
 def shard_dataset(
     src: Path,
     dataset: str,

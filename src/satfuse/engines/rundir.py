@@ -245,11 +245,17 @@ def describe(holder: dict[str, Any]) -> str:
 
 
 class RunLease:
-    """The exclusive lease of one run_dir (see the module doc). Held by rank 0 only."""
+    """The exclusive lease of one run_dir (see the module doc). Held by rank 0 only.
 
-    def __init__(self, run_dir: Path, timeout_s: float = 600.0, heartbeat_s: float | None = None) -> None:
+    Also the lock of other directories with one writer (`satfuse shard`'s output:
+    `satfuse.data.shard_dir.out_lease`): `name` is the lease file's path under `run_dir`, `what` how the
+    refusal calls the directory, `fix` what it tells the user to do instead."""
+
+    def __init__(self, run_dir: Path, timeout_s: float = 600.0, heartbeat_s: float | None = None,
+                 name: str = LOCK_NAME, what: str = "run_dir", fix: str = "use another train.run_dir") -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = self.run_dir / name
+        self.what, self.fix = what, fix
         self.timeout_s = float(timeout_s)
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else max(1.0, min(60.0, self.timeout_s / 10))
         self.token = uuid.uuid4().hex
@@ -272,7 +278,7 @@ class RunLease:
         }
 
     def _write_tmp(self) -> Path:
-        tmp = self.run_dir / f"{LOCK_NAME}.{self.token}.tmp"
+        tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
         try:
             with open(tmp, "w") as fh:
                 fh.write(json.dumps(self.record()) + "\n")
@@ -305,7 +311,7 @@ class RunLease:
     def acquire(self) -> None:
         """Create the lease, or take over one whose holder is provably gone; SatfuseError
         naming the holder otherwise."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(20):
             tmp = self._write_tmp()
             try:
@@ -322,8 +328,8 @@ class RunLease:
             why = self.gone(holder)
             if why is None:
                 raise SatfuseError(
-                    f"{self.run_dir}: another run is writing this run_dir ({describe(holder)}); wait for "
-                    f"it to end, stop it, or use another train.run_dir (its lease {self.path} is taken "
+                    f"{self.run_dir}: another run is writing this {self.what} ({describe(holder)}); wait for "
+                    f"it to end, stop it, or {self.fix} (its lease {self.path} is taken "
                     f"over automatically once that process is gone or silent for {self.timeout_s:.0f}s)"
                 )
             if self._take_over(text):
@@ -358,9 +364,17 @@ class RunLease:
             return f"its heartbeat is {now - beat:.0f}s old (train.lease_timeout_s={self.timeout_s:.0f})"
         return None
 
+    def live_holder(self) -> dict[str, Any] | None:
+        """The current holder of this lease file when it may be alive (None: free or provably
+        gone); for directories whose writers exclude each other through several lease files."""
+        current = self._read()
+        if current is None or self.gone(current[1]) is not None:
+            return None
+        return current[1]
+
     def _take_over(self, seen: str) -> bool:
         """Remove the stale lease we judged (text `seen`), never a fresh one of another run."""
-        grave = self.run_dir / f"{LOCK_NAME}.stale-{self.token}"
+        grave = self.path.with_name(f"{self.path.name}.stale-{self.token}")
         try:
             os.rename(self.path, grave)
         except FileNotFoundError:
