@@ -155,7 +155,10 @@ def finetune(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
         f"test_shards={out / 'shards' / 'dfc2020-test'}",
         f"out={out / 'runs' / 'finetune'}",
     ])
-    return run_sweep(sweep)
+    # a rerun reuses every run made from the same weights and config (a finished pretraining
+    # exports the same bytes again); runs made from weights the export stage has since replaced
+    # (retrained) are stale results of this demo's own directory, so they are redone, not refused
+    return run_sweep(sweep, overwrite=True)
 
 
 def report(cfg: DemoConfig, out: Path, runs: list[Path]) -> dict:

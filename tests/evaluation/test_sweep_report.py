@@ -184,3 +184,48 @@ def test_changed_config_is_refused_or_rerun_with_overwrite(dfc_shards, tmp_path)
     again = (run / "result.json").stat().st_mtime_ns
     run_sweep(sweep(2), progress=False, overwrite=True)  # unchanged: kept even with --overwrite
     assert (run / "result.json").stat().st_mtime_ns == again != first
+
+
+def test_same_checkpoint_path_with_other_weights_is_a_change(dfc_shards, tmp_path, monkeypatch):
+    """A finished run is reused only when made from the same weights, not merely the same path:
+    re-exporting other weights to the checkpoint's path is refused naming the change (dry-run:
+    changed), a result without the record is treated as changed, --overwrite reruns with the
+    new identity; the weights are hashed once per sweep, not once per run."""
+    from satfuse.checkpoint.export import weights_identity
+    from satfuse.evaluation import sweep as sweep_mod
+
+    export = make_export(tmp_path / "backbone.pt", seed=0)
+
+    def sweep(seeds: list[int]) -> SweepConfig:
+        return SweepConfig(out=str(tmp_path / "sw"), base={**BASE, "train": {**BASE["train"], "epochs": 1}},
+                           checkpoint=str(export), train_shards=str(dfc_shards["train"]),
+                           test_shards=str(dfc_shards["test"]), methods=load_config(SweepConfig, None, [
+                               "methods=[{label: D, checkpoint: pretrained, mode: linear, modalities: s2}]"]).methods,
+                           label_fractions=[1.0], seeds=seeds, tasks=["single"])
+    first_id = weights_identity(export)
+    (run,) = run_sweep(sweep([3]), progress=False)
+    assert json.loads((run / "result.json").read_text())["checkpoint"]["weights"] == first_id
+    mtime = (run / "result.json").stat().st_mtime_ns
+    make_export(export, seed=0)  # the same weights exported again: reused
+    run_sweep(sweep([3]), progress=False)
+    assert (run / "result.json").stat().st_mtime_ns == mtime
+    make_export(export, seed=1)  # retrained: other weights, same path
+    new_id = weights_identity(export)
+    assert new_id != first_id
+    with pytest.raises(SatfuseError, match=rf"sw: 1 finished run\(s\) were made with another config \(model\.checkpoint "
+                                           rf"\(weights\): '{first_id}' -> '{new_id}'; e\.g\. .*seed3\); rerun them with --overwrite"):
+        run_sweep(sweep([3]), progress=False)
+    assert (run / "result.json").stat().st_mtime_ns == mtime
+    calls: list[str] = []
+    monkeypatch.setattr(sweep_mod, "weights_identity", lambda p: calls.append(p) or weights_identity(p))
+    planned = plan_sweep(sweep([3, 4, 5]))
+    assert calls == [str(export)] and {r.weights for r in planned} == {new_id}
+    assert sweep_mod.config_changes(planned[0]) == [("model.checkpoint (weights)", first_id, new_id)]
+    res = json.loads((run / "result.json").read_text())
+    del res["checkpoint"]["weights"]  # a result written before the weights were recorded
+    (run / "result.json").write_text(json.dumps(res))
+    make_export(export, seed=0)
+    assert sweep_mod.config_changes(plan_sweep(sweep([3]))[0]) == [
+        ("model.checkpoint (weights)", "(not recorded)", first_id)]
+    run_sweep(sweep([3]), progress=False, overwrite=True)
+    assert json.loads((run / "result.json").read_text())["checkpoint"]["weights"] == first_id

@@ -37,7 +37,7 @@ from satfuse.checkpoint.layout import (
 from satfuse.checkpoint.state import MISMATCH_FIX, fingerprint_diff
 from satfuse.checkpoint.trust import load_rank_files, read_dcp_metadata
 from satfuse.models.legacy import upgrade_fingerprint
-from satfuse.utils import SatfuseError, atomic_write_bytes
+from satfuse.utils import SatfuseError, atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,33 @@ def resolve_checkpoint(path: Path) -> Path:
             if target is not None:
                 return target
     return path
+
+
+def weights_identity(path: str | Path) -> str | None:
+    """What a fine-tuning run records as the identity of the weights it started from (None:
+    `path` does not exist): the sha256 of a weights file (and of the normalisation JSON beside
+    it, which plain weights are standardised with), or of a checkpoint step's meta.json (every
+    file's size and crc32, written last) for a checkpoint or run directory.
+
+    Why contents and not the path: the demo and most sweeps export to one fixed name
+    (`runs/pretrain/backbone.pt`), so after retraining the same path holds other weights and a
+    sweep comparing paths would reuse results of the old ones. One hash per sweep and checkpoint
+    (`satfuse.evaluation.sweep.plan_sweep`), not per run."""
+    from satfuse.checkpoint.formats import normalization_path  # formats imports this module
+
+    p = Path(path)
+    if p.is_file():
+        side = normalization_path(p)
+        ident = f"sha256:{sha256_file(p)}"
+        return ident + (f"+{side.name}:{sha256_file(side)}" if side.is_file() and side != p else "")
+    if p.is_dir():
+        step = resolve_checkpoint(p)
+        meta = step / META_NAME
+        if meta.is_file():
+            return f"{step.name}/{META_NAME}:sha256:{sha256_file(meta)}"
+        files = sorted(f for f in step.rglob("*") if f.is_file())
+        return "files:" + ",".join(f"{f.relative_to(step)}:{sha256_file(f)}" for f in files)
+    return None
 
 
 def check_export_out(ckpt_dir: Path, outs: list[Path], overwrite: bool = False) -> None:

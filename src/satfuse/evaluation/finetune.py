@@ -440,10 +440,13 @@ def check_learning(tc: FtTrainConfig, mode: str, train_loss: list[float]) -> str
             "try a larger train.lr (e.g. 1e-3 on small data) or more epochs")
 
 
-def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
+def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | None = None) -> dict:
     """Train, early-stop, test; write RUN_DIR/result.json (atomic) and return the result.
 
     An existing RUN_DIR/result.json (another run's result) is refused unless `overwrite`.
+    `weights`: the identity of model.checkpoint's contents (`weights_identity`) when the caller
+    (a sweep: once for all its runs) has it; recorded in result.json as checkpoint.weights, so a
+    sweep reuses the result only for the same weights, whatever the path.
     """
     t_start = time.perf_counter()
     if cfg.train.threads > 0:
@@ -452,6 +455,10 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
         _claim(Path(cfg.run_dir), overwrite)
     device = _device(cfg.train.device)
     model, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed)
+    if cfg.model.checkpoint.lower() not in ("", "none"):
+        from satfuse.checkpoint.export import weights_identity
+
+        ckpt_info["weights"] = weights or weights_identity(cfg.model.checkpoint)
     if ckpt_info.get("fusion", cfg.model.fusion) != cfg.model.fusion:
         log.warning("model.fusion=%s asked, but %s has one backbone on stacked S1+S2: this runs (and "
                     "records) %s fusion", cfg.model.fusion, cfg.model.checkpoint, ckpt_info["fusion"])

@@ -30,6 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from satfuse.checkpoint.export import weights_identity
 from satfuse.config import ConfigError, from_dict, load_config, read_yaml, set_dotted, to_dict
 from satfuse.evaluation.finetune import FinetuneConfig, run_finetune, run_subdir, slug  # noqa: F401
 from satfuse.utils import SatfuseError
@@ -90,6 +91,7 @@ class PlannedRun:
     seed: int
     run_dir: Path
     cfg: FinetuneConfig
+    weights: str | None = None  # identity of model.checkpoint's contents (None: none or missing)
 
 
 def _run_config(sweep: SweepConfig, m: SweepMethod, task: str, frac: float, seed: int,
@@ -140,6 +142,7 @@ def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
     if bad:
         raise SatfuseError(f"sweep tasks {bad} unknown; use single and/or multi")
     runs = []
+    identities: dict[str, str | None] = {}  # one hash per checkpoint, however many runs use it
     for task in sweep.tasks:
         fracs = sweep.multi_label_fractions if task == "multi" and sweep.multi_label_fractions else sweep.label_fractions
         for m in sweep.methods:
@@ -150,13 +153,18 @@ def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
                         cfg = _run_config(sweep, m, task, frac, seed, d)
                     except ConfigError as exc:
                         raise SatfuseError(str(exc)) from exc
-                    runs.append(PlannedRun(m, task, frac, seed, d, cfg))
+                    ckpt = cfg.model.checkpoint
+                    if ckpt.lower() not in ("", "none") and ckpt not in identities:
+                        identities[ckpt] = weights_identity(ckpt)
+                    runs.append(PlannedRun(m, task, frac, seed, d, cfg, identities.get(ckpt)))
     return runs
 
 
 # keys that differ between a finished run's recorded config and its planned one by construction:
 # run_dir is where the result lies (OUT may be spelled another way)
 SAME_BY_CONSTRUCTION = ("run_dir",)
+# the pseudo-key naming a change of model.checkpoint's contents (same path, other weights)
+WEIGHTS_KEY = "model.checkpoint (weights)"
 
 
 def config_changes(run: PlannedRun) -> list[tuple[str, Any, Any]] | None:
@@ -178,8 +186,15 @@ def config_changes(run: PlannedRun) -> list[tuple[str, Any, Any]] | None:
     if ckpt.get("fusion") and before.get("model.fusion") == ckpt["fusion"]:
         # run_finetune records the fusion that ran (one stacked S1+S2 backbone is early fusion)
         before["model.fusion"] = after.get("model.fusion")
-    return [(k, before.get(k, "(unset)"), after.get(k, "(unset)")) for k in sorted(set(before) | set(after))
-            if k not in SAME_BY_CONSTRUCTION and before.get(k) != after.get(k)]
+    diffs = [(k, before.get(k, "(unset)"), after.get(k, "(unset)")) for k in sorted(set(before) | set(after))
+             if k not in SAME_BY_CONSTRUCTION and before.get(k) != after.get(k)]
+    if run.cfg.model.checkpoint.lower() not in ("", "none"):
+        # results made before checkpoint.weights was recorded cannot show which weights they used
+        old_weights = ckpt.get("weights") or "(not recorded)"
+        now = run.weights or "(not found)"
+        if old_weights != now:
+            diffs.append((WEIGHTS_KEY, old_weights, now))
+    return diffs
 
 
 def _changed_message(out: str, changed: list[tuple[PlannedRun, list[tuple[str, Any, Any]]]]) -> str:
@@ -226,7 +241,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, overwrite: bool = False) 
     if cfg.workers == 1 or len(todo) <= 1:
         for r in todo:
             bar.set_postfix_str(f"{r.method.label[:28]} {r.task} {r.fraction:g} s{r.seed}")
-            run_finetune(r.cfg, overwrite=overwrite)
+            run_finetune(r.cfg, overwrite=overwrite, weights=r.weights)
             bar.update(1)
     else:
         _run_parallel(todo, cfg.workers, bar, overwrite)
@@ -251,7 +266,7 @@ def _run_parallel(todo: list[PlannedRun], workers: int, bar: tqdm, overwrite: bo
     level = logging.getLogger("satfuse").getEffectiveLevel()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(threads, level)) as pool:
-        futures = {pool.submit(run_finetune, r.cfg, overwrite): r for r in todo}
+        futures = {pool.submit(run_finetune, r.cfg, overwrite, r.weights): r for r in todo}
         try:
             for fut in as_completed(futures):
                 r = futures[fut]
