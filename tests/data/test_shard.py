@@ -233,3 +233,30 @@ def test_one_writer_per_output_directory(sen12ms_tree: Path, tmp_path: Path, mon
     with pytest.raises(SatfuseError):
         shard_dataset(sen12ms_tree, "sen12ms", fresh, maxcount=0)
     assert not fresh.exists()
+
+
+def test_merge_holds_the_output_directorys_lease(sen12ms_tree: Path, tmp_path: Path) -> None:
+    """`satfuse shard merge` takes the whole run's lease: refused while a part (or a whole run,
+    or another merge) writes the directory, nothing published; while a merge holds it, a part
+    is refused; once free the merge publishes manifest.json and leaves no lease behind."""
+    from satfuse.data.shard_dir import out_lease
+    from satfuse.engines.rundir import RunLease
+
+    out = tmp_path / "parts"
+    for i in (0, 1):
+        shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=i, num_shards=2)
+    for name, msg in ((".lock-part-1", r"parts: job-array part 1 is writing this shard directory"),
+                      (".lock", r"parts: another run is writing this shard directory")):
+        held = RunLease(out, name=f".satfuse/{name}")
+        held.acquire()
+        with pytest.raises(SatfuseError, match=msg):
+            merge(out, command=["t"])
+        held.release()
+        assert not (out / "manifest.json").exists()
+    with out_lease(None, out, None):  # a merge in progress
+        with pytest.raises(SatfuseError, match=r"parts: a whole run or merge is writing this shard directory"):
+            shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=0, num_shards=2)
+        with pytest.raises(SatfuseError, match="another run is writing this shard directory"):
+            merge(out, command=["t"])
+    assert merge(out, command=["t"])["total_samples"] == 12
+    assert not list((out / ".satfuse").glob(".lock*"))

@@ -42,8 +42,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextlib.contextmanager
-def out_lease(src: Path, out: Path, part: int | None) -> Iterator[None]:
-    """Hold `out`'s lease while one `satfuse shard` run (or job-array part `part`) writes it.
+def out_lease(src: Path | None, out: Path, part: int | None) -> Iterator[None]:
+    """Hold `out`'s lease while one `satfuse shard` run (or job-array part `part`) writes it;
+    `satfuse shard merge` (`src` None) holds the whole run's, so a merge refuses, and is
+    refused by, a writer or another merge: it reads the parts' records and tars while they
+    would still change, and two merges would publish manifest.json over each other.
 
     Why: two runs into one directory either crash (one's --overwrite or stale-file removal
     takes the other's files away) or both report success while one set silently wins. The
@@ -54,8 +57,9 @@ def out_lease(src: Path, out: Path, part: int | None) -> Iterator[None]:
     refused run leaves nothing behind."""
     from satfuse.engines.rundir import RunLease, describe
 
-    src, out = Path(src), Path(out)
-    check_paths(src, out)  # before anything is created: never a lease inside the source
+    out = Path(out)
+    if src is not None:
+        check_paths(Path(src), out)  # before anything is created: never a lease inside the source
     state = out / STATE_DIR
     created = [d for d in (out, state) if not d.exists()]
     name = LEASE if part is None else f"{LEASE}-part-{part}"
@@ -68,7 +72,7 @@ def out_lease(src: Path, out: Path, part: int | None) -> Iterator[None]:
         for other in others:
             holder = RunLease(out, LEASE_TIMEOUT_S, name=f"{STATE_DIR}/{other}").live_holder()
             if holder is not None:
-                who = "a whole run" if other == LEASE else f"job-array part {other.rsplit('-', 1)[1]}"
+                who = "a whole run or merge" if other == LEASE else f"job-array part {other.rsplit('-', 1)[1]}"
                 raise SatfuseError(f"{out}: {who} is writing this shard directory ({describe(holder)}); "
                                    f"wait for it to end, stop it, or {fix}")
         lease.start_heartbeat()
