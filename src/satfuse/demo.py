@@ -142,7 +142,9 @@ def export(ckpt: Path, out: Path) -> Path:
     from satfuse.checkpoint.export import export_backbones
 
     target = out / "runs" / "pretrain" / "backbone.pt"
-    export_backbones(ckpt, target)
+    # replaced on purpose: the demo's own export of the checkpoint just resumed or trained (the
+    # same bytes when nothing was retrained, so the fine-tuning stage keeps its runs)
+    export_backbones(ckpt, target, overwrite=True)
     return target
 
 

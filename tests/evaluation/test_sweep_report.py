@@ -229,3 +229,57 @@ def test_same_checkpoint_path_with_other_weights_is_a_change(dfc_shards, tmp_pat
         ("model.checkpoint (weights)", "(not recorded)", first_id)]
     run_sweep(sweep([3]), progress=False, overwrite=True)
     assert json.loads((run / "result.json").read_text())["checkpoint"]["weights"] == first_id
+
+
+def test_every_export_writer_keeps_files_and_the_demo_reruns_sensibly(dfc_shards, tmp_path):
+    """export_backbones and the torchvision writer called directly (as the demo and fine-tuning
+    from a checkpoint dir do) refuse an existing output like `ckpt export`; the demo's deliberate
+    re-export overwrites with the same bytes, so its sweep keeps its runs, and after retraining
+    into the same backbone.pt the demo reruns them instead of reusing or refusing."""
+    import torch
+
+    from satfuse import demo
+    from satfuse.checkpoint.export import export_backbones
+    from satfuse.checkpoint.formats import export_torchvision
+    from satfuse.checkpoint.manager import CheckpointManager
+    from satfuse.checkpoint.state import ModelOptimState
+    from satfuse.config import ModelConfig, PretrainConfig, to_dict
+    from satfuse.models import build_pretrain_model
+
+    out = tmp_path / "demo"
+    cfg = PretrainConfig(model=ModelConfig(backbone="tiny", proj_hidden=32, proj_out=16))
+
+    def train(step: int, seed: int) -> Path:
+        torch.manual_seed(seed)
+        return CheckpointManager(out / "runs" / "pretrain").save(
+            step, {"model_optim": ModelOptimState(build_pretrain_model(cfg.model))}, {}, {"config": to_dict(cfg)})
+    step = train(7, 0)
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"mine")
+    (tmp_path / "tv.normalization.json").write_text("{}")
+    with pytest.raises(SatfuseError, match=r"mine\.pt: exists; pass --overwrite to replace it"):
+        export_backbones(step, mine)
+    with pytest.raises(SatfuseError, match=r"tv\.normalization\.json: exists; pass --overwrite"):
+        export_torchvision(step, tmp_path / "tv.pt")
+    with pytest.raises(SatfuseError, match="inside .*which holds the checkpoints being exported"):
+        export_backbones(step, step.parent / "b.pt", overwrite=True)
+    assert mine.read_bytes() == b"mine" and not (tmp_path / "tv.pt").exists() and not (step.parent / "b.pt").exists()
+
+    for name in ("dfc2020-train", "dfc2020-test"):
+        (out / "shards").mkdir(exist_ok=True)
+        (out / "shards" / name).symlink_to(dfc_shards[name.split("-")[1]])
+    sweep_yaml = tmp_path / "sweep.yaml"
+    sweep_yaml.write_text(yaml.safe_dump({
+        "base": {**BASE, "train": {**BASE["train"], "epochs": 1}}, "label_fractions": [1.0], "seeds": [3],
+        "tasks": ["single"], "methods": [{"label": "D", "checkpoint": "pretrained", "mode": "linear", "modalities": "s2"}]}))
+    dcfg = demo.DemoConfig(out=str(out), finetune_config=str(sweep_yaml))
+    backbone = demo.export(step, out)
+    (run,) = demo.finetune(dcfg, out, backbone)
+    first = (run / "result.json").stat().st_mtime_ns
+    weights = json.loads((run / "result.json").read_text())["checkpoint"]["weights"]
+    assert demo.export(step, out) == backbone  # demo rerun: the same checkpoint exported again
+    assert demo.finetune(dcfg, out, backbone) == [run] and (run / "result.json").stat().st_mtime_ns == first
+    demo.export(train(7, 1), out)  # retrained (same step, other weights) into the same backbone.pt
+    demo.finetune(dcfg, out, backbone)
+    res = json.loads((run / "result.json").read_text())
+    assert (run / "result.json").stat().st_mtime_ns != first and res["checkpoint"]["weights"] != weights

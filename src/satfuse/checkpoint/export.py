@@ -195,10 +195,13 @@ def load_model(ckpt_dir: Path, builder: Builder | None = None, trust: bool = Fal
 
 
 def export_backbones(ckpt_dir: Path, out: Path, builder: Builder | None = None,
-                     trust: bool = False) -> dict[str, Any]:
+                     trust: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Write `out` (atomically) with the backbones of the checkpoint; returns a summary.
-    `trust` (--trust-checkpoint): read checkpoint files that are not plain data anyway."""
+    `trust` (--trust-checkpoint): read checkpoint files that are not plain data anyway.
+    An existing `out` is replaced only with `overwrite`, one among the checkpoints never
+    (`check_export_out`, here in the writer so that no caller skips it)."""
     ckpt_dir, out = resolve_checkpoint(Path(ckpt_dir)), Path(out)
+    check_export_out(ckpt_dir, [out], overwrite)
     model, meta, kind = load_model(ckpt_dir, builder, trust)
     if not (hasattr(model, "backbones") and hasattr(model, "in_channels")):
         raise SatfuseError(f"{type(model).__name__} has no backbones()/in_channels(); the builder must return a satfuse pretraining model")
