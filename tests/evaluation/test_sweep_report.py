@@ -273,6 +273,10 @@ def test_every_export_writer_keeps_files_and_the_demo_reruns_sensibly(dfc_shards
         "base": {**BASE, "train": {**BASE["train"], "epochs": 1}}, "label_fractions": [1.0], "seeds": [3],
         "tasks": ["single"], "methods": [{"label": "D", "checkpoint": "pretrained", "mode": "linear", "modalities": "s2"}]}))
     dcfg = demo.DemoConfig(out=str(out), finetune_config=str(sweep_yaml))
+    from satfuse.checkpoint.export import weights_identity
+
+    step_id = weights_identity(out / "runs" / "pretrain")  # a run dir: its latest step's meta.json
+    assert step_id == weights_identity(step) and step_id.startswith("step_00000007/meta.json:sha256:")
     backbone = demo.export(step, out)
     (run,) = demo.finetune(dcfg, out, backbone)
     first = (run / "result.json").stat().st_mtime_ns
@@ -280,6 +284,7 @@ def test_every_export_writer_keeps_files_and_the_demo_reruns_sensibly(dfc_shards
     assert demo.export(step, out) == backbone  # demo rerun: the same checkpoint exported again
     assert demo.finetune(dcfg, out, backbone) == [run] and (run / "result.json").stat().st_mtime_ns == first
     demo.export(train(7, 1), out)  # retrained (same step, other weights) into the same backbone.pt
+    assert weights_identity(out / "runs" / "pretrain") != step_id
     demo.finetune(dcfg, out, backbone)
     res = json.loads((run / "result.json").read_text())
     assert (run / "result.json").stat().st_mtime_ns != first and res["checkpoint"]["weights"] != weights
