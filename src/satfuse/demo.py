@@ -142,7 +142,9 @@ def export(ckpt: Path, out: Path) -> Path:
     from satfuse.checkpoint.export import export_backbones
 
     target = out / "runs" / "pretrain" / "backbone.pt"
-    export_backbones(ckpt, target)
+    # replaced on purpose: the demo's own export of the checkpoint just resumed or trained (the
+    # same bytes when nothing was retrained, so the fine-tuning stage keeps its runs)
+    export_backbones(ckpt, target, overwrite=True)
     return target
 
 
@@ -155,7 +157,10 @@ def finetune(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
         f"test_shards={out / 'shards' / 'dfc2020-test'}",
         f"out={out / 'runs' / 'finetune'}",
     ])
-    return run_sweep(sweep)
+    # a rerun reuses every run made from the same weights and config (a finished pretraining
+    # exports the same bytes again); runs made from weights the export stage has since replaced
+    # (retrained) are stale results of this demo's own directory, so they are redone, not refused
+    return run_sweep(sweep, overwrite=True)
 
 
 def report(cfg: DemoConfig, out: Path, runs: list[Path]) -> dict:

@@ -76,11 +76,11 @@ def test_export_cli_with_builder_and_bad_inputs(reference: Reference, tmp_path: 
     assert ckpt_cli(["export", ckpt, "--out", out, "--builder", "tests.checkpoint.toy_train:build_toy"]) == 0
     assert json.loads(capsys.readouterr().out)["parameters"] > 0 and out.is_file()
     with pytest.raises(SatfuseError, match="not a checkpoint directory"):
-        export_backbones(tmp_path / "missing", out, builder=build_toy)
+        export_backbones(tmp_path / "missing", out, builder=build_toy, overwrite=True)
     with pytest.raises(SatfuseError, match="MODULE:FUNCTION"):
         ckpt_cli(["export", ckpt, "--out", out, "--builder", "nocolon"])
     with pytest.raises(SatfuseError, match="no config.model section"):
-        export_backbones(ckpt, out)  # the toy run stored no pretraining config
+        export_backbones(ckpt, out, overwrite=True)  # the toy run stored no pretraining config
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torch file")
     with pytest.raises(SatfuseError, match="not a readable backbone export"):

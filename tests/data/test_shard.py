@@ -195,3 +195,68 @@ def test_dfc2020_shards_carry_the_dfc_label(dfc_tree: Path, tmp_path: Path) -> N
     sample = next(iter(wds.WebDataset(str(_tars(tmp_path / "d")[0]), shardshuffle=False).decode()))
     assert sample["dfc.npy"].shape == (1, 32, 32) and sample["dfc.npy"].dtype == np.uint8
     assert sample["json"]["season"] == "validation" and sample["json"]["scene"] == 0
+
+
+def test_one_writer_per_output_directory(sen12ms_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `satfuse shard` runs into one --out: the second is refused in one line naming the
+    first (its lease: the run directory's RunLease), with or without --overwrite, and touches
+    nothing; job-array parts have one lease each (parts run side by side, a whole run and a
+    part refuse each other); a refused run in a new directory leaves no directory behind."""
+    from satfuse.engines.rundir import RunLease
+
+    out = tmp_path / "s"
+    first = RunLease(out, name=".satfuse/.lock")  # a first run writing: held by this process
+    first.acquire()
+    for overwrite in (False, True):
+        with pytest.raises(SatfuseError, match=r"s: another run is writing this shard directory \(pid "
+                                               rf"{os.getpid()} on .*\); wait for it to end, stop it, or choose another --out"):
+            shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, overwrite=overwrite)
+    assert {str(p.relative_to(out)) for p in out.rglob("*")} == {".satfuse", ".satfuse/.lock"}
+    first.release()
+    part0 = RunLease(out, name=".satfuse/.lock-part-0")
+    part0.acquire()
+    done = shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=1, num_shards=2)
+    assert [r["index"] for r in done["records"]] == [1]  # another part beside part 0: fine
+    with pytest.raises(SatfuseError, match=r"s: job-array part 0 is writing this shard directory"):
+        shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4)
+    with pytest.raises(SatfuseError, match="another run is writing this shard directory"):
+        shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=0, num_shards=2)
+    part0.release()
+    from satfuse.data import shard_writer
+
+    held: list[bool] = []  # --overwrite empties the directory but keeps the lease of the run doing it
+    stale = shard_writer.remove_stale
+    monkeypatch.setattr(shard_writer, "remove_stale", lambda o, *a: (held.append((o / ".satfuse" / ".lock").is_file()), stale(o, *a)))
+    manifest = shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, overwrite=True)
+    assert held == [True] and manifest["total_samples"] == 12 and not list((out / ".satfuse").glob(".lock*"))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SatfuseError):
+        shard_dataset(sen12ms_tree, "sen12ms", fresh, maxcount=0)
+    assert not fresh.exists()
+
+
+def test_merge_holds_the_output_directorys_lease(sen12ms_tree: Path, tmp_path: Path) -> None:
+    """`satfuse shard merge` takes the whole run's lease: refused while a part (or a whole run,
+    or another merge) writes the directory, nothing published; while a merge holds it, a part
+    is refused; once free the merge publishes manifest.json and leaves no lease behind."""
+    from satfuse.data.shard_dir import out_lease
+    from satfuse.engines.rundir import RunLease
+
+    out = tmp_path / "parts"
+    for i in (0, 1):
+        shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=i, num_shards=2)
+    for name, msg in ((".lock-part-1", r"parts: job-array part 1 is writing this shard directory"),
+                      (".lock", r"parts: another run is writing this shard directory")):
+        held = RunLease(out, name=f".satfuse/{name}")
+        held.acquire()
+        with pytest.raises(SatfuseError, match=msg):
+            merge(out, command=["t"])
+        held.release()
+        assert not (out / "manifest.json").exists()
+    with out_lease(None, out, None):  # a merge in progress
+        with pytest.raises(SatfuseError, match=r"parts: a whole run or merge is writing this shard directory"):
+            shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=0, num_shards=2)
+        with pytest.raises(SatfuseError, match="another run is writing this shard directory"):
+            merge(out, command=["t"])
+    assert merge(out, command=["t"])["total_samples"] == 12
+    assert not list((out / ".satfuse").glob(".lock*"))

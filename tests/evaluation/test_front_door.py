@@ -159,3 +159,32 @@ def test_head_whose_loss_does_not_fall_warns_naming_the_lr(dfc_shards, tmp_path,
     caplog.clear()
     ok = run_finetune(_cfg(dfc_shards, train={"epochs": 3}, run_dir=str(tmp_path / "ok")))
     assert ok["warnings"] == [] and "did not fall" not in caplog.text
+
+
+# ------------------------------------------------------------------ issue 29 item 3: one owner per run dir
+def test_finetune_refuses_a_pretraining_run_dir_shards_and_a_source_tree(dfc_shards, dcp_run, tmp_path, capsys):
+    """--run-dir into another kind's directory is refused in one line before anything is
+    written there: a pretraining run keeps its config.yaml and gets no fine-tuning curves."""
+    from satfuse.config import PretrainConfig, dump_yaml
+
+    dump_yaml(PretrainConfig(), dcp_run / "config.yaml")
+    before = (dcp_run / "config.yaml").read_bytes()
+    common = ["--train-shards", str(dfc_shards["train"]), "--test-shards", str(dfc_shards["test"]),
+              "--backbone", "tiny", "--epochs", "1", "--modalities", "s1", "data.crop=24", "log.tensorboard=true"]
+    capsys.readouterr()
+    assert main(["finetune", "--run-dir", str(dcp_run), "--overwrite", *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{dcp_run}: holds a pretraining run (checkpoints, config.yaml), not a fine-tuning run" in err[0]
+    assert "pass another --run-dir" in err[0]
+    assert (dcp_run / "config.yaml").read_bytes() == before and not (dcp_run / "tensorboard").exists()
+    shards = tmp_path / "shards"
+    (shards / ".satfuse").mkdir(parents=True)
+    (shards / "manifest.json").write_text("{}")
+    tree = tmp_path / "tree"
+    (tree / "ROIs1158_spring" / "s1_1").mkdir(parents=True)
+    (tree / "ROIs1158_spring" / "s1_1" / "ROIs1158_spring_s1_1_p1.tif").write_bytes(b"")
+    for where, what in ((shards, r"shard set \(manifest\.json, \.satfuse\)"),
+                        (tree, r"source tree \(GeoTIFFs such as ROIs1158_spring/s1_1/ROIs1158_spring_s1_1_p1\.tif\)")):
+        with pytest.raises(SatfuseError, match=what):
+            run_finetune(_cfg(dfc_shards, run_dir=str(where)))
+        assert not (where / "config.yaml").exists()

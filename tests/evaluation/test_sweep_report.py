@@ -152,3 +152,139 @@ def test_parallel_workers_give_the_same_results(dfc_shards, tmp_path):
     for a, b in zip(serial, parallel, strict=True):
         ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
         assert ra["metrics"] == rb["metrics"] and ra["n_train"] == rb["n_train"]
+
+
+def test_changed_config_is_refused_or_rerun_with_overwrite(dfc_shards, tmp_path):
+    """A finished run is reused only when its recorded config equals the sweep's now: epochs
+    1 -> 2 is refused naming the key (nothing runs), --overwrite reruns it, the same config again
+    reruns nothing."""
+    from dataclasses import replace
+
+    from satfuse.evaluation.sweep import config_changes
+
+    def sweep(epochs: int) -> SweepConfig:
+        return SweepConfig(out=str(tmp_path / "sw"), base={**BASE, "train": {**BASE["train"], "epochs": epochs}},
+                           train_shards=str(dfc_shards["train"]), test_shards=str(dfc_shards["test"]),
+                           methods=load_config(SweepConfig, None, ["methods=[{label: S1, modalities: s1}]"]).methods,
+                           label_fractions=[1.0], seeds=[3], tasks=["single"])
+    (run,) = run_sweep(sweep(1), progress=False)
+    first = (run / "result.json").stat().st_mtime_ns
+    with pytest.raises(SatfuseError, match=r"sw: 1 finished run\(s\) were made with another config "
+                                           r"\(train\.epochs: 1 -> 2; e\.g\. .*seed3\); rerun them with --overwrite"):
+        run_sweep(sweep(2), progress=False)
+    assert (run / "result.json").stat().st_mtime_ns == first
+    assert config_changes(plan_sweep(sweep(2))[0]) == [("train.epochs", 1, 2)]
+    (tmp_path / "x").mkdir()  # OUT spelled another way: the same runs, run_dir is not a difference
+    assert config_changes(plan_sweep(replace(sweep(2), out=str(tmp_path / "x" / ".." / "sw")))[0]) == [
+        ("train.epochs", 1, 2)]
+    assert config_changes(plan_sweep(replace(sweep(1), out=str(tmp_path / "other")))[0]) is None
+    run_sweep(sweep(2), progress=False, overwrite=True)
+    res = json.loads((run / "result.json").read_text())
+    assert res["config"]["train"]["epochs"] == 2 and res["curves"]["epoch"] == [1, 2]
+    again = (run / "result.json").stat().st_mtime_ns
+    run_sweep(sweep(2), progress=False, overwrite=True)  # unchanged: kept even with --overwrite
+    assert (run / "result.json").stat().st_mtime_ns == again != first
+
+
+def test_same_checkpoint_path_with_other_weights_is_a_change(dfc_shards, tmp_path, monkeypatch):
+    """A finished run is reused only when made from the same weights, not merely the same path:
+    re-exporting other weights to the checkpoint's path is refused naming the change (dry-run:
+    changed), a result without the record is treated as changed, --overwrite reruns with the
+    new identity; the weights are hashed once per sweep, not once per run."""
+    from satfuse.checkpoint.export import weights_identity
+    from satfuse.evaluation import sweep as sweep_mod
+
+    export = make_export(tmp_path / "backbone.pt", seed=0)
+
+    def sweep(seeds: list[int]) -> SweepConfig:
+        return SweepConfig(out=str(tmp_path / "sw"), base={**BASE, "train": {**BASE["train"], "epochs": 1}},
+                           checkpoint=str(export), train_shards=str(dfc_shards["train"]),
+                           test_shards=str(dfc_shards["test"]), methods=load_config(SweepConfig, None, [
+                               "methods=[{label: D, checkpoint: pretrained, mode: linear, modalities: s2}]"]).methods,
+                           label_fractions=[1.0], seeds=seeds, tasks=["single"])
+    first_id = weights_identity(export)
+    (run,) = run_sweep(sweep([3]), progress=False)
+    assert json.loads((run / "result.json").read_text())["checkpoint"]["weights"] == first_id
+    mtime = (run / "result.json").stat().st_mtime_ns
+    make_export(export, seed=0)  # the same weights exported again: reused
+    run_sweep(sweep([3]), progress=False)
+    assert (run / "result.json").stat().st_mtime_ns == mtime
+    make_export(export, seed=1)  # retrained: other weights, same path
+    new_id = weights_identity(export)
+    assert new_id != first_id
+    with pytest.raises(SatfuseError, match=rf"sw: 1 finished run\(s\) were made with another config \(model\.checkpoint "
+                                           rf"\(weights\): '{first_id}' -> '{new_id}'; e\.g\. .*seed3\); rerun them with --overwrite"):
+        run_sweep(sweep([3]), progress=False)
+    assert (run / "result.json").stat().st_mtime_ns == mtime
+    calls: list[str] = []
+    monkeypatch.setattr(sweep_mod, "weights_identity", lambda p: calls.append(p) or weights_identity(p))
+    planned = plan_sweep(sweep([3, 4, 5]))
+    assert calls == [str(export)] and {r.weights for r in planned} == {new_id}
+    assert sweep_mod.config_changes(planned[0]) == [("model.checkpoint (weights)", first_id, new_id)]
+    res = json.loads((run / "result.json").read_text())
+    del res["checkpoint"]["weights"]  # a result written before the weights were recorded
+    (run / "result.json").write_text(json.dumps(res))
+    make_export(export, seed=0)
+    assert sweep_mod.config_changes(plan_sweep(sweep([3]))[0]) == [
+        ("model.checkpoint (weights)", "(not recorded)", first_id)]
+    run_sweep(sweep([3]), progress=False, overwrite=True)
+    assert json.loads((run / "result.json").read_text())["checkpoint"]["weights"] == first_id
+
+
+def test_every_export_writer_keeps_files_and_the_demo_reruns_sensibly(dfc_shards, tmp_path):
+    """export_backbones and the torchvision writer called directly (as the demo and fine-tuning
+    from a checkpoint dir do) refuse an existing output like `ckpt export`; the demo's deliberate
+    re-export overwrites with the same bytes, so its sweep keeps its runs, and after retraining
+    into the same backbone.pt the demo reruns them instead of reusing or refusing."""
+    import torch
+
+    from satfuse import demo
+    from satfuse.checkpoint.export import export_backbones
+    from satfuse.checkpoint.formats import export_torchvision
+    from satfuse.checkpoint.manager import CheckpointManager
+    from satfuse.checkpoint.state import ModelOptimState
+    from satfuse.config import ModelConfig, PretrainConfig, to_dict
+    from satfuse.models import build_pretrain_model
+
+    out = tmp_path / "demo"
+    cfg = PretrainConfig(model=ModelConfig(backbone="tiny", proj_hidden=32, proj_out=16))
+
+    def train(step: int, seed: int) -> Path:
+        torch.manual_seed(seed)
+        return CheckpointManager(out / "runs" / "pretrain").save(
+            step, {"model_optim": ModelOptimState(build_pretrain_model(cfg.model))}, {}, {"config": to_dict(cfg)})
+    step = train(7, 0)
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"mine")
+    (tmp_path / "tv.normalization.json").write_text("{}")
+    with pytest.raises(SatfuseError, match=r"mine\.pt: exists; pass --overwrite to replace it"):
+        export_backbones(step, mine)
+    with pytest.raises(SatfuseError, match=r"tv\.normalization\.json: exists; pass --overwrite"):
+        export_torchvision(step, tmp_path / "tv.pt")
+    with pytest.raises(SatfuseError, match="inside .*which holds the checkpoints being exported"):
+        export_backbones(step, step.parent / "b.pt", overwrite=True)
+    assert mine.read_bytes() == b"mine" and not (tmp_path / "tv.pt").exists() and not (step.parent / "b.pt").exists()
+
+    for name in ("dfc2020-train", "dfc2020-test"):
+        (out / "shards").mkdir(exist_ok=True)
+        (out / "shards" / name).symlink_to(dfc_shards[name.split("-")[1]])
+    sweep_yaml = tmp_path / "sweep.yaml"
+    sweep_yaml.write_text(yaml.safe_dump({
+        "base": {**BASE, "train": {**BASE["train"], "epochs": 1}}, "label_fractions": [1.0], "seeds": [3],
+        "tasks": ["single"], "methods": [{"label": "D", "checkpoint": "pretrained", "mode": "linear", "modalities": "s2"}]}))
+    dcfg = demo.DemoConfig(out=str(out), finetune_config=str(sweep_yaml))
+    from satfuse.checkpoint.export import weights_identity
+
+    step_id = weights_identity(out / "runs" / "pretrain")  # a run dir: its latest step's meta.json
+    assert step_id == weights_identity(step) and step_id.startswith("step_00000007/meta.json:sha256:")
+    backbone = demo.export(step, out)
+    (run,) = demo.finetune(dcfg, out, backbone)
+    first = (run / "result.json").stat().st_mtime_ns
+    weights = json.loads((run / "result.json").read_text())["checkpoint"]["weights"]
+    assert demo.export(step, out) == backbone  # demo rerun: the same checkpoint exported again
+    assert demo.finetune(dcfg, out, backbone) == [run] and (run / "result.json").stat().st_mtime_ns == first
+    demo.export(train(7, 1), out)  # retrained (same step, other weights) into the same backbone.pt
+    assert weights_identity(out / "runs" / "pretrain") != step_id
+    demo.finetune(dcfg, out, backbone)
+    res = json.loads((run / "result.json").read_text())
+    assert (run / "result.json").stat().st_mtime_ns != first and res["checkpoint"]["weights"] != weights

@@ -151,3 +151,45 @@ def test_build_classifier_names_the_tensor_that_does_not_fit() -> None:
     sd = build_backbone("tiny", 3).state_dict()
     with pytest.raises(SatfuseError, match=r"conv1\.weight: checkpoint \(16, 3, 3, 3\) vs model \(16, 13, 3, 3\)"):
         build_classifier([BranchSpec("s2", "s2")], "tiny", 8, False, {"s2": sd}, "x")
+
+
+def test_side_normalization_of_another_export_is_refused(r50_run: Path, tmp_path: Path) -> None:
+    """X.pt and X.safetensors share X.normalization.json: the safetensors metadata wins over
+    it, and a side file written for other weights or from another run is refused naming both."""
+    from satfuse.evaluation.plain_weights import load_for_finetune
+
+    out = tmp_path / "X.safetensors"
+    assert main(["ckpt", "export", str(r50_run), "--out", str(out), "--format", "safetensors"]) == 0
+    side = tmp_path / "X.normalization.json"
+    doc = json.loads(side.read_text())
+    embedded_mean = doc["normalization"]["s2"]["mean"]
+    # the same export's side file with other values: the embedded ones are used
+    doc["normalization"]["s2"]["mean"] = [m + 100.0 for m in embedded_mean]
+    side.write_text(json.dumps(doc))
+    pre = load_for_finetune(str(out), "resnet50")
+    assert pre.normalization["s2"]["mean"] == embedded_mean and pre.method == "dual_simclr"
+    # written for X.pt (a torchvision export of the same name)
+    side.write_text(json.dumps({**doc, "weights": "X.pt"}))
+    with pytest.raises(SatfuseError, match=r"X\.normalization\.json: belongs to another export than .*X\.safetensors "
+                                           r"\(weights 'X\.pt' \(this file: 'X\.safetensors'\)\)"):
+        load_for_finetune(str(out), "resnet50")
+    # from another source run
+    side.write_text(json.dumps({**doc, "source": "/elsewhere/run/checkpoints/step_00000009"}))
+    with pytest.raises(SatfuseError, match=r"source '/elsewhere/run/checkpoints/step_00000009' \(this file: '.*step_0+1'\)"):
+        load_for_finetune(str(out), "resnet50")
+    # a plain .pt beside a side file written for the .safetensors: refused, not used quietly
+    torch.save(_safetensors_as_dict(out), tmp_path / "X.pt")
+    side.write_text(json.dumps({**doc, "weights": "X.safetensors"}))
+    with pytest.raises(SatfuseError, match=r"weights 'X\.safetensors' \(this file: 'X\.pt'\)"):
+        load_for_finetune(str(tmp_path / "X.pt"), "resnet50")
+
+
+def _safetensors_as_dict(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    sds: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for k in fh.keys():  # noqa: SIM118
+            head, _, rest = k.partition(".")
+            sds.setdefault(head, {})[rest] = fh.get_tensor(k)
+    return sds

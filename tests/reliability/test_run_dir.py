@@ -174,3 +174,30 @@ def test_changed_lr_on_resume_is_applied_under_deepspeed(sen12ms_shards, tmp_pat
     assert lrs[3] == 1e-3 and lrs[4] == lrs[5] == 2e-4  # 4 = the first resumed step
     (rec,) = [json.loads(ln) for ln in (run / "overrides.jsonl").read_text().splitlines()]
     assert rec["changed"] == {"optim.lr": {"was": 1e-3, "now": 2e-4}, "train.steps": {"was": 3, "now": 5}}
+
+
+def test_pretraining_refuses_a_finetune_run_dir_shards_and_a_source_tree(sen12ms_shards, tmp_path):
+    """train.run_dir into another kind's directory is refused before the lease: nothing is
+    written there (no lease, no config.yaml, no checkpoints)."""
+    import pytest
+
+    from satfuse.engines.pretrain import run_pretrain
+    from satfuse.utils import SatfuseError
+
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "config.yaml").write_text(yaml.safe_dump({"data": {}, "model": {}, "train": {}, "run_dir": str(ft), "label": ""}))
+    shards = tmp_path / "shards"
+    (shards / ".satfuse").mkdir(parents=True)
+    (shards / "shards-000000.tar").write_bytes(b"")
+    tree = tmp_path / "tree"
+    (tree / "ROIs1158_spring" / "s2_1").mkdir(parents=True)
+    (tree / "ROIs1158_spring" / "s2_1" / "p1.tif").write_bytes(b"")
+    for where, what in ((ft, "fine-tuning run (config.yaml)"), (shards, "shard set (.satfuse, shards-000000.tar)"),
+                        (tree, "source tree (GeoTIFFs such as ROIs1158_spring/s2_1/p1.tif)")):
+        before = sorted(p.name for p in where.iterdir())
+        with pytest.raises(SatfuseError, match="use another train.run_dir") as exc:
+            run_pretrain(str(ROOT / "hpc" / "pretrain" / "tiny.yaml"), common(sen12ms_shards, where, 1) + [
+                "data.num_workers=0", "train.device=cpu"])
+        assert f"{where}: holds a {what}, not a pretraining run" in str(exc.value)
+        assert sorted(p.name for p in where.iterdir()) == before

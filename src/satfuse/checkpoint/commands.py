@@ -63,6 +63,9 @@ def register(subparsers: Any) -> None:
                          "{modality: torchvision state dict} + normalisation JSON beside it; "
                          "safetensors: the same tensors as .safetensors, normalisation in its metadata")
     ex.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out (and the normalisation JSON beside it); never "
+                         "allowed inside the run's checkpoints/ directory")
     ex.set_defaults(func=cmd_export)
 
 
@@ -203,6 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from satfuse.checkpoint.formats import export
 
     summary = export(args.path, args.out, getattr(args, "format", "satfuse"),
-                     builder=_resolve_builder(args.builder), trust=args.trust_checkpoint)
+                     builder=_resolve_builder(args.builder), trust=args.trust_checkpoint,
+                     overwrite=bool(getattr(args, "overwrite", False)))
     print(json.dumps(summary, indent=2))
     return 0

@@ -30,13 +30,14 @@ from satfuse.checkpoint.layout import (
     LATEST,
     META_NAME,
     checkpoint_problems,
+    latest_target,
     read_latest,
     read_meta,
 )
 from satfuse.checkpoint.state import MISMATCH_FIX, fingerprint_diff
 from satfuse.checkpoint.trust import load_rank_files, read_dcp_metadata
 from satfuse.models.legacy import upgrade_fingerprint
-from satfuse.utils import SatfuseError, atomic_write_bytes
+from satfuse.utils import SatfuseError, atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,61 @@ def resolve_checkpoint(path: Path) -> Path:
     a `checkpoints/` dir or a run dir (both: where `latest` points)."""
     path = Path(path)
     if path.is_file() and path.name == LATEST:
-        name = path.read_text().strip()
-        return path.parent / name if name else path
+        return latest_target(path) or path
     for run_dir in (path, path.parent):
         if path.is_dir() and not (path / META_NAME).exists() and not (path / DCP_METADATA).exists():
             target = read_latest(run_dir)
             if target is not None:
                 return target
     return path
+
+
+def weights_identity(path: str | Path) -> str | None:
+    """What a fine-tuning run records as the identity of the weights it started from (None:
+    `path` does not exist): the sha256 of a weights file (and of the normalisation JSON beside
+    it, which plain weights are standardised with), or of a checkpoint step's meta.json (every
+    file's size and crc32, written last) for a checkpoint or run directory.
+
+    Why contents and not the path: the demo and most sweeps export to one fixed name
+    (`runs/pretrain/backbone.pt`), so after retraining the same path holds other weights and a
+    sweep comparing paths would reuse results of the old ones. One hash per sweep and checkpoint
+    (`satfuse.evaluation.sweep.plan_sweep`), not per run."""
+    from satfuse.checkpoint.formats import normalization_path  # formats imports this module
+
+    p = Path(path)
+    if p.is_file():
+        side = normalization_path(p)
+        ident = f"sha256:{sha256_file(p)}"
+        return ident + (f"+{side.name}:{sha256_file(side)}" if side.is_file() and side != p else "")
+    if p.is_dir():
+        step = resolve_checkpoint(p)
+        meta = step / META_NAME
+        if meta.is_file():
+            return f"{step.name}/{META_NAME}:sha256:{sha256_file(meta)}"
+        files = sorted(f for f in step.rglob("*") if f.is_file())
+        return "files:" + ",".join(f"{f.relative_to(step)}:{sha256_file(f)}" for f in files)
+    return None
+
+
+def check_export_out(ckpt_dir: Path, outs: list[Path], overwrite: bool = False) -> None:
+    """Refuse export outputs (`outs`: the file and any written beside it) that would replace
+    a file unasked, or any file of the checkpoints being read.
+
+    Why the checkpoints/ directory as a whole: a file written there can replace a shard of
+    the step being exported (`__0_0.distcp`) or of another step, whatever --overwrite says;
+    `ckpt ls` and pruning own that directory."""
+    step = Path(ckpt_dir).resolve()
+    roots = [step, *([step.parent] if step.parent.name == "checkpoints" else [])]
+    for out in outs:
+        where = Path(out).resolve()
+        inside = next((r for r in roots if where == r or r in where.parents), None)
+        if inside is not None:
+            raise SatfuseError(f"--out {out}: inside {inside}, which holds the checkpoints being exported; "
+                               "write the export outside the run's checkpoints/ directory")
+        if Path(out).is_dir():
+            raise SatfuseError(f"--out {out}: is a directory; pass a file name, e.g. {Path(out) / 'backbone.pt'}")
+        if (Path(out).exists() or Path(out).is_symlink()) and not overwrite:
+            raise SatfuseError(f"{out}: exists; pass --overwrite to replace it, or another --out")
 
 
 def detect_kind(ckpt_dir: Path) -> str:
@@ -147,10 +195,13 @@ def load_model(ckpt_dir: Path, builder: Builder | None = None, trust: bool = Fal
 
 
 def export_backbones(ckpt_dir: Path, out: Path, builder: Builder | None = None,
-                     trust: bool = False) -> dict[str, Any]:
+                     trust: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Write `out` (atomically) with the backbones of the checkpoint; returns a summary.
-    `trust` (--trust-checkpoint): read checkpoint files that are not plain data anyway."""
+    `trust` (--trust-checkpoint): read checkpoint files that are not plain data anyway.
+    An existing `out` is replaced only with `overwrite`, one among the checkpoints never
+    (`check_export_out`, here in the writer so that no caller skips it)."""
     ckpt_dir, out = resolve_checkpoint(Path(ckpt_dir)), Path(out)
+    check_export_out(ckpt_dir, [out], overwrite)
     model, meta, kind = load_model(ckpt_dir, builder, trust)
     if not (hasattr(model, "backbones") and hasattr(model, "in_channels")):
         raise SatfuseError(f"{type(model).__name__} has no backbones()/in_channels(); the builder must return a satfuse pretraining model")

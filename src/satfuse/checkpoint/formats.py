@@ -84,9 +84,12 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 
 
-def export_torchvision(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None, trust: bool = False) -> dict[str, Any]:
-    """Write `out` = {modality: state dict} (torch.save, plain tensors) and its normalisation JSON."""
+def export_torchvision(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None, trust: bool = False,
+                       overwrite: bool = False) -> dict[str, Any]:
+    """Write `out` = {modality: state dict} (torch.save, plain tensors) and its normalisation
+    JSON; an existing one of them is replaced only with `overwrite` (`check_export_out`)."""
     out = Path(out)
+    export_mod.check_export_out(export_mod.resolve_checkpoint(Path(ckpt_dir)), [out, normalization_path(out)], overwrite)
     sds, doc, summary = plain_backbones(ckpt_dir, builder, trust)
     buf = io.BytesIO()
     torch.save(sds, buf)
@@ -98,14 +101,17 @@ def export_torchvision(ckpt_dir: Path, out: Path, builder: export_mod.Builder | 
             "bytes": out.stat().st_size}
 
 
-def export_safetensors(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None, trust: bool = False) -> dict[str, Any]:
+def export_safetensors(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None, trust: bool = False,
+                       overwrite: bool = False) -> dict[str, Any]:
     """Write `out` (.safetensors, keys `<modality>.<torchvision name>`) with the normalisation
-    JSON in its metadata (key "satfuse_normalization") and beside it."""
+    JSON in its metadata (key "satfuse_normalization") and beside it; an existing one of them is
+    replaced only with `overwrite` (`check_export_out`)."""
     try:
         from safetensors.torch import save
     except ImportError:
         raise SatfuseError("--format safetensors needs the `safetensors` package: pip install safetensors") from None
     out = Path(out)
+    export_mod.check_export_out(export_mod.resolve_checkpoint(Path(ckpt_dir)), [out, normalization_path(out)], overwrite)
     sds, doc, summary = plain_backbones(ckpt_dir, builder, trust)
     flat = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
     metadata = {"format": "satfuse-torchvision-backbones/1", "modalities": ",".join(sds),
@@ -126,12 +132,16 @@ def _write(out: Path, data: bytes) -> None:
 
 
 def export(ckpt_dir: Path, out: Path, fmt: str = "satfuse", builder: export_mod.Builder | None = None,
-           trust: bool = False) -> dict[str, Any]:
-    """`satfuse ckpt export --format FMT`: dispatch to the writer of that format."""
+           trust: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """`satfuse ckpt export --format FMT`: dispatch to the writer of that format. Each writer
+    refuses an output that exists (unless `overwrite`) or lies among the checkpoints read, so
+    callers of a writer itself (the demo, fine-tuning from a checkpoint directory) are held to
+    the same rule."""
+    out = Path(out)
     if fmt == "satfuse":
-        return export_mod.export_backbones(ckpt_dir, out, builder=builder, trust=trust)
+        return export_mod.export_backbones(ckpt_dir, out, builder=builder, trust=trust, overwrite=overwrite)
     if fmt == "torchvision":
-        return export_torchvision(ckpt_dir, out, builder, trust)
+        return export_torchvision(ckpt_dir, out, builder, trust, overwrite)
     if fmt == "safetensors":
-        return export_safetensors(ckpt_dir, out, builder, trust)
+        return export_safetensors(ckpt_dir, out, builder, trust, overwrite)
     raise SatfuseError(f"--format {fmt!r}: unknown; choose one of {', '.join(FORMATS)}")

@@ -79,8 +79,26 @@ def read_latest(run_dir: Path) -> Path | None:
     ptr = checkpoints_dir(run_dir) / LATEST
     if not ptr.is_file():
         return None
+    return latest_target(ptr)
+
+
+def latest_target(ptr: Path) -> Path | None:
+    """The step directory a `latest` pointer file names (None when it is empty).
+
+    Why refused otherwise: the protocol only ever writes a step directory's name beside the
+    pointer, so a path (`../other_run/...`, `/elsewhere`) or a step directory that is a
+    link out of checkpoints/ was put there by hand, and following it would resume, export or
+    fine-tune another run's weights while naming this one."""
+    ptr = Path(ptr)
     name = ptr.read_text().strip()
-    return checkpoints_dir(run_dir) / name if name else None
+    if not name:
+        return None
+    target = ptr.parent / name
+    if not STEP_RE.match(name) or (target.exists() and target.resolve().parent != ptr.parent.resolve()):
+        raise SatfuseError(f"{ptr}: names {name!r}, not a step_XXXXXXXX directory in {ptr.parent}; a `latest` "
+                           "leading out of its run is not followed: fix or delete it (`satfuse ckpt ls RUN_DIR` "
+                           "lists the checkpoints) or pass a step directory")
+    return target
 
 
 def crc32_file(path: Path, chunk: int = 8 << 20) -> str:

@@ -53,6 +53,7 @@ from satfuse.checkpoint.layout import (
     checkpoints_dir,
     file_record,
     fsync_dir,
+    latest_target,
     list_checkpoints,
     list_partial,
     parse_step,
@@ -477,7 +478,7 @@ class CommitProtocol:
 
     def _find_path(self, path: Path) -> Path:
         if path.is_file() and path.name == LATEST:
-            path = path.parent / path.read_text().strip()
+            path = latest_target(path) or path
         elif path.is_dir() and (path / "checkpoints").is_dir() and not (path / META_NAME).exists():
             found = CommitProtocol(path)._find_auto()
             if found is None:

@@ -406,8 +406,16 @@ def write_part(out: Path, header: dict[str, Any], part: tuple[int, int], records
 
 
 def merge(out: Path, command: list[str] | None = None) -> dict[str, Any]:
-    """Join the part manifests of a job-array run into `manifest.json` (all parts needed)."""
-    out = Path(out)
+    """Join the part manifests of a job-array run into `manifest.json` (all parts needed),
+    holding the shard directory's lease (`satfuse.data.shard_dir.out_lease`, as a whole run):
+    refused while a part, a whole run or another merge writes `out`."""
+    from satfuse.data.shard_dir import out_lease  # shard_dir imports this module
+
+    with out_lease(None, Path(out), None):
+        return _merge(Path(out), command)
+
+
+def _merge(out: Path, command: list[str] | None) -> dict[str, Any]:
     parts = sorted(out.glob(PART_GLOB))
     if not parts:
         raise SatfuseError(f"{out}: no manifest.part-*-of-*.json found; run `satfuse shard ... --shard-index i --num-shards n` for every part first")

@@ -1,6 +1,7 @@
 """The output directory of a sharding run: claiming it, refusing someone else's, removing stale files.
 
-One job, shared by both writers: `check_paths` before the scan, `prepare_out` (refuse a
+One job, shared by both writers: `out_lease` around the whole run (one writer at a time),
+`check_paths` before the scan, `prepare_out` (refuse a
 non-empty directory that is not a shard directory, or one holding another shard set, unless
 `--overwrite`, which empties it first), `remove_stale` (an old manifest must not describe
 a changing directory; tars past the new plan must not be picked up by a glob) and
@@ -9,12 +10,17 @@ a changing directory; tars past the new plan must not be picked up by a glob) an
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import logging
+import re
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from satfuse.data.layout import MAX_SHOWN
 from satfuse.data.manifest import (
@@ -34,6 +40,72 @@ from satfuse.data.manifest import (
 from satfuse.utils import SatfuseError, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+LEASE = ".lock"  # a whole run's lease in STATE_DIR; a job-array part's is .lock-part-<index>
+LEASE_RE = re.compile(r"^\.lock(-part-\d+)?$")
+LEASE_TIMEOUT_S = 600.0  # a holder silent this long (killed on another node) is taken over
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def out_lease(src: Path | None, out: Path, part: int | None) -> Iterator[None]:
+    """Hold `out`'s lease while one `satfuse shard` run (or job-array part `part`) writes it;
+    `satfuse shard merge` (`src` None) holds the whole run's, so a merge refuses, and is
+    refused by, a writer or another merge: it reads the parts' records and tars while they
+    would still change, and two merges would publish manifest.json over each other.
+
+    Why: two runs into one directory either crash (one's --overwrite or stale-file removal
+    takes the other's files away) or both report success while one set silently wins. The
+    lease is the run directory's (`satfuse.engines.rundir.RunLease`: atomic link(2), heartbeat,
+    takeover of a provably dead holder). Job-array parts write disjoint shards, so each part
+    has its own lease file, and a whole run and any part refuse each other. What this run
+    created only for its lease (`out`, `.satfuse/`) is removed again when it ends empty, so a
+    refused run leaves nothing behind."""
+    from satfuse.engines.rundir import RunLease, describe
+
+    out = Path(out)
+    if src is not None:
+        check_paths(Path(src), out)  # before anything is created: never a lease inside the source
+    state = out / STATE_DIR
+    created = [d for d in (state, out, *out.parents) if not d.exists()]  # deepest first
+    name = LEASE if part is None else f"{LEASE}-part-{part}"
+    fix = "choose another --out"
+    lease = RunLease(out, LEASE_TIMEOUT_S, name=f"{STATE_DIR}/{name}", what="shard directory", fix=fix)
+    try:
+        lease.acquire()
+        others = [LEASE] if part is not None else sorted(
+            p.name for p in state.glob(f"{LEASE}-part-*") if LEASE_RE.match(p.name))
+        for other in others:
+            holder = RunLease(out, LEASE_TIMEOUT_S, name=f"{STATE_DIR}/{other}").live_holder()
+            if holder is not None:
+                who = "a whole run or merge" if other == LEASE else f"job-array part {other.rsplit('-', 1)[1]}"
+                raise SatfuseError(f"{out}: {who} is writing this shard directory ({describe(holder)}); "
+                                   f"wait for it to end, stop it, or {fix}")
+        lease.start_heartbeat()
+        yield
+    finally:
+        lease.release()
+        for d in created:  # only while empty: a refused or failed first run leaves no directory
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def holding_out_lease(fn: F) -> F:
+    """Run a sharding entry point (arguments `src`, `out`, `shard_index`) inside `out_lease`."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        part = a["shard_index"] if a.get("num_shards") is not None else None
+        with out_lease(a["src"], a["out"], part):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def named_out(out: Path) -> Path:
@@ -82,6 +154,11 @@ def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> Claim:
     if overwrite and out.is_dir() and any(out.iterdir()):
         log.warning("%s: --overwrite: removing its contents", out)
         for child in out.iterdir():
+            if child.name == STATE_DIR and child.is_dir() and not child.is_symlink():
+                for sub in child.iterdir():  # every file but the leases of the runs now writing here
+                    if not LEASE_RE.match(sub.name):
+                        shutil.rmtree(sub) if sub.is_dir() and not sub.is_symlink() else sub.unlink()
+                continue
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     new_state, new_marker = not (out / STATE_DIR).exists(), not marker.is_file()
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)

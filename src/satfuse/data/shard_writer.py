@@ -53,6 +53,7 @@ from satfuse.data.layout import MAX_SHOWN, Pair
 from satfuse.data.raster import Prefetcher, Raster
 from satfuse.data.shard_dir import (
     check_paths,
+    holding_out_lease,
     named_out,
     prepare_out,
     publish_or_discard,
@@ -193,6 +194,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+@holding_out_lease  # one writer per --out (job-array parts: one per part)
 def shard_dataset(
     src: Path,
     dataset: str,

@@ -13,6 +13,10 @@ Two guarantees of `satfuse pretrain`:
   `train.lease_timeout_s`. Then the lease is taken over with a warning. A requeued SLURM job
   (same job id) takes over its own lease. A holder that finds its lease taken by another run
   (it was stopped longer than the timeout) stops at the next step instead of writing on.
+- One kind of owner per directory (`check_run_dir_kind`): `satfuse pretrain` refuses a
+  train.run_dir that holds a fine-tuning run, a shard set or a source tree (GeoTIFFs), and
+  `satfuse finetune` refuses a --run-dir holding a pretraining run, a shard set or a source
+  tree: either would write its config.yaml and curves over the other's files.
 - No fresh start destroys an old run: `checkpoint.resume=none` in a run_dir holding
   checkpoints, `config.yaml` or `metrics.jsonl` refuses, naming the options; with
   `--force-new-run` (`checkpoint.force_new_run=true`) those are moved to
@@ -43,6 +47,91 @@ RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "overrides.jsonl")
 # squeue states of a job that may still be running (or will run again in its own allocation)
 LIVE_SLURM_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING",
                      "STAGE_OUT", "RESIZING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
+
+
+# --------------------------------------------------------------------------------------------
+# whose directory it is
+# --------------------------------------------------------------------------------------------
+
+PRETRAIN_RUN = "pretraining run"
+FINETUNE_RUN = "fine-tuning run"
+SHARD_SET = "shard set"
+SOURCE_TREE = "source tree"
+RASTER_SUFFIXES = (".tif", ".tiff")
+SOURCE_SCAN_DEPTH = 4  # SEN12MS ROI/s1_N/*.tif is depth 3, SSL4EO s1/ID/DATE/*.tif depth 4
+SOURCE_SCAN_ENTRIES = 2000  # a bounded look (cluster filesystems), not a walk of a whole dataset
+
+
+def run_dir_kind(path: Path) -> tuple[str, str] | None:
+    """(kind, the evidence) of what `path` already holds, or None (absent, empty or nothing
+    satfuse recognises). Kinds: PRETRAIN_RUN, FINETUNE_RUN, SHARD_SET, SOURCE_TREE.
+
+    By the files each writer leaves (a pretraining run: checkpoints/, metrics.jsonl,
+    overrides.jsonl, its lease, a config.yaml with `optim`/`checkpoint` sections; a
+    fine-tuning run: result.json or a config.yaml with a top-level `run_dir`; a shard set:
+    `satfuse shard`'s manifest/state dir, tars), so directories written before this check are
+    recognised too."""
+    from satfuse.data.manifest import MANIFEST_NAME, PART_GLOB, STATE_DIR
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    pre = [n for n in ("checkpoints", "metrics.jsonl", "overrides.jsonl", LOCK_NAME) if (path / n).exists()]
+    ft = [n for n in ("result.json",) if (path / n).exists()]
+    cfg = _config_kind(path / "config.yaml")
+    (pre if cfg == PRETRAIN_RUN else ft if cfg == FINETUNE_RUN else []).append("config.yaml")
+    shards = [n for n in (MANIFEST_NAME, STATE_DIR) if (path / n).exists()]
+    shards += sorted({g.name for pattern in (PART_GLOB, "*.tar") for g in path.glob(pattern)})[:3]
+    for kind, found in ((SHARD_SET, shards), (PRETRAIN_RUN, pre), (FINETUNE_RUN, ft)):
+        if found:
+            return kind, ", ".join(found)
+    tif = _find_raster(path)
+    return (SOURCE_TREE, f"GeoTIFFs such as {tif.relative_to(path)}") if tif is not None else None
+
+
+def _config_kind(path: Path) -> str | None:
+    """Which kind of run wrote this config.yaml (None: none, or not a satfuse config)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if "optim" in doc or "checkpoint" in doc:  # PretrainConfig sections
+        return PRETRAIN_RUN
+    if "run_dir" in doc and "label" in doc:  # FinetuneConfig's top-level keys
+        return FINETUNE_RUN
+    return None
+
+
+def _find_raster(root: Path) -> Path | None:
+    """A GeoTIFF within SOURCE_SCAN_DEPTH levels, looking at SOURCE_SCAN_ENTRIES entries at most."""
+    todo, seen = [(root, 0)], 0
+    while todo and seen < SOURCE_SCAN_ENTRIES:
+        folder, depth = todo.pop(0)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            seen += 1
+            if e.name.lower().endswith(RASTER_SUFFIXES) and e.is_file():
+                return Path(e.path)
+            if depth + 1 < SOURCE_SCAN_DEPTH and e.is_dir(follow_symlinks=False):
+                todo.append((Path(e.path), depth + 1))
+    return None
+
+
+def check_run_dir_kind(path: Path, kind: str, fix: str) -> None:
+    """Refuse, in one line, to write a `kind` run into a directory another kind owns (`fix`:
+    what to pass instead, e.g. "use another train.run_dir")."""
+    found = run_dir_kind(path)
+    if found is not None and found[0] != kind:
+        other, evidence = found
+        raise SatfuseError(f"{path}: holds a {other} ({evidence}), not a {kind}; a {kind} here would "
+                           f"write its config.yaml and curves among its files: {fix}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,11 +263,17 @@ def live_holder(run_dir: Path, timeout_s: float) -> str | None:
 
 
 class RunLease:
-    """The exclusive lease of one run_dir (see the module doc). Held by rank 0 only."""
+    """The exclusive lease of one run_dir (see the module doc). Held by rank 0 only.
 
-    def __init__(self, run_dir: Path, timeout_s: float = 600.0, heartbeat_s: float | None = None) -> None:
+    Also the lock of other directories with one writer (`satfuse shard`'s output:
+    `satfuse.data.shard_dir.out_lease`): `name` is the lease file's path under `run_dir`, `what` how the
+    refusal calls the directory, `fix` what it tells the user to do instead."""
+
+    def __init__(self, run_dir: Path, timeout_s: float = 600.0, heartbeat_s: float | None = None,
+                 name: str = LOCK_NAME, what: str = "run_dir", fix: str = "use another train.run_dir") -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = self.run_dir / name
+        self.what, self.fix = what, fix
         self.timeout_s = float(timeout_s)
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else max(1.0, min(60.0, self.timeout_s / 10))
         self.token = uuid.uuid4().hex
@@ -201,7 +296,7 @@ class RunLease:
         }
 
     def _write_tmp(self) -> Path:
-        tmp = self.run_dir / f"{LOCK_NAME}.{self.token}.tmp"
+        tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
         try:
             with open(tmp, "w") as fh:
                 fh.write(json.dumps(self.record()) + "\n")
@@ -234,7 +329,7 @@ class RunLease:
     def acquire(self) -> None:
         """Create the lease, or take over one whose holder is provably gone; SatfuseError
         naming the holder otherwise."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(20):
             tmp = self._write_tmp()
             try:
@@ -251,8 +346,8 @@ class RunLease:
             why = self.gone(holder)
             if why is None:
                 raise SatfuseError(
-                    f"{self.run_dir}: another run is writing this run_dir ({describe(holder)}); wait for "
-                    f"it to end, stop it, or use another train.run_dir (its lease {self.path} is taken "
+                    f"{self.run_dir}: another run is writing this {self.what} ({describe(holder)}); wait for "
+                    f"it to end, stop it, or {self.fix} (its lease {self.path} is taken "
                     f"over automatically once that process is gone or silent for {self.timeout_s:.0f}s)"
                 )
             if self._take_over(text):
@@ -287,9 +382,17 @@ class RunLease:
             return f"its heartbeat is {now - beat:.0f}s old (train.lease_timeout_s={self.timeout_s:.0f})"
         return None
 
+    def live_holder(self) -> dict[str, Any] | None:
+        """The current holder of this lease file when it may be alive (None: free or provably
+        gone); for directories whose writers exclude each other through several lease files."""
+        current = self._read()
+        if current is None or self.gone(current[1]) is not None:
+            return None
+        return current[1]
+
     def _take_over(self, seen: str) -> bool:
         """Remove the stale lease we judged (text `seen`), never a fresh one of another run."""
-        grave = self.run_dir / f"{LOCK_NAME}.stale-{self.token}"
+        grave = self.path.with_name(f"{self.path.name}.stale-{self.token}")
         try:
             os.rename(self.path, grave)
         except FileNotFoundError:

@@ -65,7 +65,7 @@ from satfuse.engines.run_records import (
     write_config,
     write_error,
 )
-from satfuse.engines.rundir import RunLease, prepare_fresh_start
+from satfuse.engines.rundir import PRETRAIN_RUN, RunLease, check_run_dir_kind, prepare_fresh_start
 from satfuse.engines.setup import (
     build_engine,
     compiled_forward,
@@ -302,6 +302,7 @@ class Trainer:
         error = None
         if self.env.rank == 0:
             try:
+                check_run_dir_kind(self.run_dir, PRETRAIN_RUN, "use another train.run_dir (a new or empty directory)")
                 self.lease = RunLease(self.run_dir, timeout_s=self.cfg.train.lease_timeout_s)
                 self.lease.acquire()
                 if str(self.cfg.checkpoint.resume).strip().lower() in ("none", "", "false"):

@@ -69,7 +69,8 @@ def _add_finetune_flags(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--run-dir", help="where result.json goes (default: runs/finetune/<method>/<task>/"
                     "frac<F>/seed<S>, as a sweep lays out runs)")
     ft.add_argument("--overwrite", action="store_true", default=None,
-                    help="replace the result.json of a finished run in the same directory")
+                    help="replace the result.json of a finished run in the same directory (sweep: "
+                         "rerun the finished runs whose recorded config differs from the sweep's)")
     ft.add_argument("--label", help="method name in reports")
     ft.add_argument("--train-shards", help="DFC2020 validation-split shard dir (training data)")
     ft.add_argument("--test-shards", help="DFC2020 test-split shard dir")
@@ -129,7 +130,10 @@ def _help_parser(is_sweep: bool) -> argparse.ArgumentParser:
                     "sweep YAML, each in OUT/<method>/<task>/frac<F>/seed<S>/; finished runs are skipped.")
     p.add_argument("--config", required=True, help="sweep YAML, e.g. hpc/finetune/demo_sweep.yaml")
     p.add_argument("--out", help="output root (overrides the sweep's `out`)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs (todo/done), run nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (todo/done/changed), run nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rerun finished runs whose recorded config differs from the sweep's "
+                        "(without it such a sweep is refused, naming the keys)")
     p.add_argument("words", nargs="*", metavar="KEY=VALUE",
                    help="sweep overrides, e.g. checkpoint=backbone.pt seeds=[40] base.train.epochs=3")
     return p
@@ -159,9 +163,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
-    from satfuse.evaluation.sweep import load_sweep_config, plan_sweep, run_sweep
+    from satfuse.evaluation.sweep import config_changes, load_sweep_config, plan_sweep, run_sweep
 
-    used = [f"--{d.replace('_', '-')}" for d in [*FLAG_KEYS, "overwrite"] if getattr(args, d, None) is not None]
+    used = [f"--{d.replace('_', '-')}" for d in FLAG_KEYS if getattr(args, d, None) is not None]
     if used:
         raise SatfuseError(f"{', '.join(used)} apply to one run; in a sweep set them in the sweep YAML "
                            "or as key=value (e.g. checkpoint=PATH, base.train.epochs=3)")
@@ -172,10 +176,12 @@ def _cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_sweep_config(args.config, overrides)
     if args.dry_run:
         for r in plan_sweep(cfg):
-            done = (r.run_dir / "result.json").is_file()
-            print(f"{'done' if done else 'todo'}\t{r.run_dir}")
+            diffs = config_changes(r)
+            state = "todo" if diffs is None else "changed" if diffs else "done"
+            keys = f"\t{','.join(k for k, _, _ in diffs)}" if diffs else ""
+            print(f"{state}\t{r.run_dir}{keys}")
         return 0
-    dirs = run_sweep(cfg, progress=True)
+    dirs = run_sweep(cfg, progress=True, overwrite=bool(args.overwrite))
     print(json.dumps({"out": cfg.out, "runs": len(dirs)}))
     return 0
 

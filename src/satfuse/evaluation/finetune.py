@@ -38,6 +38,7 @@ from satfuse.config import LogConfig, dump_yaml, load_config, to_dict
 from satfuse.data.manifest import shared_shards
 from satfuse.data.normalize import BandStats, normalize
 from satfuse.engines.metrics_sinks import MetricSinks
+from satfuse.engines.rundir import FINETUNE_RUN, check_run_dir_kind
 from satfuse.evaluation import data as D
 from satfuse.evaluation.metrics import multi_label_metrics, single_label_metrics
 from satfuse.evaluation.models import Classifier, build_classifier, scratch_branches
@@ -84,8 +85,9 @@ class FtModelConfig:
     # s2_rgb, s1s2); empty = the one whose band count its conv1 has
     checkpoint_modality: str = ""  # plain weights: the input they take (empty: by conv1's bands)
     # JSON of band mean/std/clip for plain weights (export's .normalization.json); empty =
-    # the one beside the weights, else the training shards' statistics
-    normalization: str = ""  # plain weights: band statistics JSON (empty: beside them, else the shards')
+    # a .safetensors file's metadata, else the one beside the weights (if it names them),
+    # else the training shards' statistics
+    normalization: str = ""  # plain weights: band statistics JSON (empty: embedded, beside them, else the shards')
 
 
 @dataclass
@@ -444,18 +446,25 @@ def check_learning(tc: FtTrainConfig, mode: str, train_loss: list[float]) -> str
             "try a larger train.lr (e.g. 1e-3 on small data) or more epochs")
 
 
-def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
+def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | None = None) -> dict:
     """Train, early-stop, test; write RUN_DIR/result.json (atomic) and return the result.
 
     An existing RUN_DIR/result.json (another run's result) is refused unless `overwrite`.
+    `weights`: the identity of model.checkpoint's contents (`weights_identity`) when the caller
+    (a sweep: once for all its runs) has it; recorded in result.json as checkpoint.weights, so a
+    sweep reuses the result only for the same weights, whatever the path.
     """
     t_start = time.perf_counter()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    if cfg.run_dir and (Path(cfg.run_dir) / "result.json").exists() and not overwrite:
-        raise SatfuseError(_exists_msg(Path(cfg.run_dir)))
+    if cfg.run_dir:
+        _claim(Path(cfg.run_dir), overwrite)
     device = _device(cfg.train.device)
     model, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed)
+    if cfg.model.checkpoint.lower() not in ("", "none"):
+        from satfuse.checkpoint.export import weights_identity
+
+        ckpt_info["weights"] = weights or weights_identity(cfg.model.checkpoint)
     if ckpt_info.get("fusion", cfg.model.fusion) != cfg.model.fusion:
         log.warning("model.fusion=%s asked, but %s has one backbone on stacked S1+S2: this runs (and "
                     "records) %s fusion", cfg.model.fusion, cfg.model.checkpoint, ckpt_info["fusion"])
@@ -463,8 +472,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     if not cfg.run_dir:
         cfg.run_dir = str(Path(DEFAULT_RUNS_ROOT) / run_subdir(
             method_label(cfg.model, ckpt_info["method"], cfg.label), cfg.train.task, cfg.data.label_fraction, cfg.train.seed))
-        if (Path(cfg.run_dir) / "result.json").exists() and not overwrite:
-            raise SatfuseError(_exists_msg(Path(cfg.run_dir)))
+        _claim(Path(cfg.run_dir), overwrite)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, run_dir / "config.yaml")
@@ -505,6 +513,14 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     log.info("%s frac %g seed %d: %s (%.1fs) -> %s", result["method"], cfg.data.label_fraction,
              cfg.train.seed, _summary(cfg.train.task, metrics), t_end - t_start, run_dir / "result.json")
     return result
+
+
+def _claim(run_dir: Path, overwrite: bool) -> None:
+    """Refuse another kind's directory (a pretraining run, shards, a source tree: its
+    config.yaml and curves would be replaced or mixed), and a finished run unless `overwrite`."""
+    check_run_dir_kind(run_dir, FINETUNE_RUN, "pass another --run-dir (run_dir=...)")
+    if (run_dir / "result.json").exists() and not overwrite:
+        raise SatfuseError(_exists_msg(run_dir))
 
 
 def _exists_msg(run_dir: Path) -> str:

@@ -12,9 +12,13 @@ What is accepted as `model.checkpoint` besides satfuse's own export:
 `fc.*` (a classifier or projection head) is dropped with a log line. The architecture
 (resnet18 / resnet50 / tiny) is read from the tensor names, and every tensor is compared
 with the configured backbone: a mismatch is refused naming the tensor and both shapes.
-Normalisation: `model.normalization` (a JSON file), else the `.normalization.json` written
-beside the weights by the export, else the safetensors metadata; with none of them the
-fine-tuning run standardises with the training shards' statistics (and says so).
+Normalisation: `model.normalization` (a JSON file), else the safetensors metadata, else the
+`.normalization.json` written beside the weights by the export; with none of them the
+fine-tuning run standardises with the training shards' statistics (and says so). The side
+file is only trusted when it names these weights: `X.pt` and `X.safetensors` share
+`X.normalization.json`, so a later export of another run under the other suffix replaces it;
+a side file whose `weights` name (or, beside a .safetensors, whose `source`) differs is
+refused naming both, never used quietly.
 """
 
 from __future__ import annotations
@@ -43,14 +47,14 @@ def load_for_finetune(checkpoint: str, backbone: str, modality: str = "",
     `load_pretrained`, plain torchvision-named weights here."""
     p = Path(checkpoint)
     raw: Any = None
+    embedded: dict | None = None
     if p.is_file() and p.suffix == ".safetensors":
-        raw, meta_norm = _read_safetensors(p)
+        raw, embedded = _read_safetensors(p)
     elif p.is_file():
         try:
             raw = torch.load(p, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - let load_pretrained report it in its words
             raw = None
-        meta_norm = None
         if isinstance(raw, dict) and "format" in raw:
             raw = None  # a satfuse export
     if raw is None:
@@ -60,17 +64,8 @@ def load_for_finetune(checkpoint: str, backbone: str, modality: str = "",
         return pre
     sds = split_modalities(raw, str(p), modality)
     arch = {name: check_architecture(sd, backbone, name, str(p)) for name, sd in sds.items()}
-    norm, method = None, "pretrained"
-    beside = p.with_name(p.stem + ".normalization.json")
-    if normalization:
-        norm = read_normalization(Path(normalization))
-    elif beside.is_file():
-        norm = read_normalization(beside)
-        log.info("%s: normalisation from %s", p, beside)
-    elif meta_norm is not None:
-        norm = meta_norm
-    if beside.is_file():
-        method = str(json.loads(beside.read_text()).get("method") or method)
+    doc, norm = _normalization_for(p, embedded, normalization)
+    method = str((embedded or {}).get("method") or (doc or {}).get("method") or "pretrained")
     if norm is None:
         log.warning("%s: no normalisation given (model.normalization) or found beside it; "
                     "inputs are standardised with the training shards' statistics", p)
@@ -79,7 +74,53 @@ def load_for_finetune(checkpoint: str, backbone: str, modality: str = "",
         normalization=norm, step=-1, source=str(p), path=str(p))
 
 
+def _normalization_for(p: Path, embedded: dict | None, normalization: str) -> tuple[dict | None, dict | None]:
+    """(the document the normalisation came from, the normalisation) of the weights `p`:
+    `model.normalization`, else the safetensors metadata (`embedded`), else the side file.
+
+    Why the side file is checked even when the metadata wins: one that names other weights
+    or another source run means two exports were mixed up in one place, and a later reader
+    of the plain `.pt` would take it; the user decides which one is right."""
+    if normalization:
+        path = Path(normalization)
+        norm = read_normalization(path)
+        doc = json.loads(path.read_text())
+        return (doc if isinstance(doc, dict) else None), norm
+    beside = p.with_name(p.stem + ".normalization.json")
+    side = _side_document(beside) if beside.is_file() else None
+    if side is not None:
+        want = {"weights": (embedded or {}).get("weights") or p.name}
+        if embedded is not None:
+            want["source"] = embedded.get("source")
+        differ = [f"{k} {side.get(k)!r} (this file: {v!r})" for k, v in want.items()
+                  if side.get(k) is not None and v is not None and str(side[k]) != str(v)]
+        if differ:
+            raise SatfuseError(
+                f"{beside}: belongs to another export than {p} ({'; '.join(differ)}); remove or "
+                "rename it, re-export both, or pass the right one as model.normalization=FILE")
+    if embedded is not None:
+        log.info("%s: normalisation from its safetensors metadata", p)
+        return embedded, embedded.get("normalization")
+    if side is not None:
+        log.info("%s: normalisation from %s", p, beside)
+        return side, read_normalization(beside)
+    return None, None
+
+
+def _side_document(path: Path) -> dict:
+    """The export's `.normalization.json` beside the weights, as a dict (refused if unreadable)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SatfuseError(f"{path}: not a readable JSON file ({exc}); remove it or re-export the weights") from None
+    if not isinstance(doc, dict):
+        raise SatfuseError(f"{path}: not a JSON object; remove it or re-export the weights")
+    return doc
+
+
 def _read_safetensors(p: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict | None]:
+    """(tensors, nested by modality when every key is `<modality>.<name>`; the satfuse
+    document of its metadata (normalisation, weights, source, method) or None)."""
     try:
         from safetensors import safe_open
     except ImportError:
@@ -94,10 +135,15 @@ def _read_safetensors(p: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict
     for k, v in flat.items():
         head, _, rest = k.partition(".")
         nested.setdefault(head, {})[rest] = v
-    norm = None
+    doc = None
     if meta.get("satfuse_normalization"):
-        norm = json.loads(meta["satfuse_normalization"]).get("normalization")
-    return nested if all(k in INPUT_CHANNELS for k in nested) else flat, norm
+        try:
+            doc = json.loads(meta["satfuse_normalization"])
+        except json.JSONDecodeError:
+            raise SatfuseError(f"{p}: its satfuse_normalization metadata is not JSON; re-export it") from None
+        if not isinstance(doc, dict):
+            raise SatfuseError(f"{p}: its satfuse_normalization metadata is not a JSON object; re-export it")
+    return nested if all(k in INPUT_CHANNELS for k in nested) else flat, doc
 
 
 def read_normalization(path: Path) -> dict:

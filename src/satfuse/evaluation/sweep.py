@@ -4,7 +4,11 @@ Why a sweep command and not a shell loop: the paper's claims are about *differen
 methods at equal labels*, so every method of a sweep must see the same base config, the same
 seeds and the same label subsets (nested per seed). Each run has its own directory
 `OUT/<method>/<task>/frac<F>/seed<S>/` and a run whose `result.json` exists is skipped, so an
-interrupted sweep (a killed job, a preempted node) continues where it stopped.
+interrupted sweep (a killed job, a preempted node) continues where it stopped. Skipped only
+when the config recorded in that `result.json` equals the run's config now: a sweep whose
+config changed (more epochs, another checkpoint) would otherwise report old results as new.
+Such runs are refused up front naming the differing keys, or rerun with `overwrite`
+(`--overwrite`); runs whose config is unchanged are still kept.
 
 The demo and `satfuse finetune sweep` both go through `run_sweep`; `checkpoint` of the sweep
 is substituted wherever a method says `checkpoint: pretrained`.
@@ -13,6 +17,7 @@ is substituted wherever a method says `checkpoint: pretrained`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -25,7 +30,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from satfuse.config import ConfigError, from_dict, load_config, read_yaml, set_dotted
+from satfuse.checkpoint.export import weights_identity
+from satfuse.config import ConfigError, from_dict, load_config, read_yaml, set_dotted, to_dict
 from satfuse.evaluation.finetune import FinetuneConfig, run_finetune, run_subdir, slug  # noqa: F401
 from satfuse.utils import SatfuseError
 
@@ -85,6 +91,7 @@ class PlannedRun:
     seed: int
     run_dir: Path
     cfg: FinetuneConfig
+    weights: str | None = None  # identity of model.checkpoint's contents (None: none or missing)
 
 
 def _run_config(sweep: SweepConfig, m: SweepMethod, task: str, frac: float, seed: int,
@@ -135,6 +142,7 @@ def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
     if bad:
         raise SatfuseError(f"sweep tasks {bad} unknown; use single and/or multi")
     runs = []
+    identities: dict[str, str | None] = {}  # one hash per checkpoint, however many runs use it
     for task in sweep.tasks:
         fracs = sweep.multi_label_fractions if task == "multi" and sweep.multi_label_fractions else sweep.label_fractions
         for m in sweep.methods:
@@ -145,12 +153,71 @@ def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
                         cfg = _run_config(sweep, m, task, frac, seed, d)
                     except ConfigError as exc:
                         raise SatfuseError(str(exc)) from exc
-                    runs.append(PlannedRun(m, task, frac, seed, d, cfg))
+                    ckpt = cfg.model.checkpoint
+                    if ckpt.lower() not in ("", "none") and ckpt not in identities:
+                        identities[ckpt] = weights_identity(ckpt)
+                    runs.append(PlannedRun(m, task, frac, seed, d, cfg, identities.get(ckpt)))
     return runs
 
 
-def run_sweep(cfg: SweepConfig, progress: bool = True) -> list[Path]:
+# keys that differ between a finished run's recorded config and its planned one by construction:
+# run_dir is where the result lies (OUT may be spelled another way)
+SAME_BY_CONSTRUCTION = ("run_dir",)
+# the pseudo-key naming a change of model.checkpoint's contents (same path, other weights)
+WEIGHTS_KEY = "model.checkpoint (weights)"
+
+
+def config_changes(run: PlannedRun) -> list[tuple[str, Any, Any]] | None:
+    """None when the run has no result.json yet; else the (key, recorded, planned) values that
+    differ between the config its result.json records and the one planned now ([] = same)."""
+    path = run.run_dir / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SatfuseError(f"{path}: unreadable ({exc}); remove it to rerun that run") from None
+    old = recorded.get("config") if isinstance(recorded, dict) else None
+    if not isinstance(old, dict):
+        return [("config", "(not recorded)", "(this sweep's)")]
+    new = json.loads(json.dumps(to_dict(run.cfg)))  # as result.json stores it (lists, not tuples)
+    before, after = dict(_flatten(old)), dict(_flatten(new))
+    ckpt = recorded.get("checkpoint") if isinstance(recorded.get("checkpoint"), dict) else {}
+    if ckpt.get("fusion") and before.get("model.fusion") == ckpt["fusion"]:
+        # run_finetune records the fusion that ran (one stacked S1+S2 backbone is early fusion)
+        before["model.fusion"] = after.get("model.fusion")
+    diffs = [(k, before.get(k, "(unset)"), after.get(k, "(unset)")) for k in sorted(set(before) | set(after))
+             if k not in SAME_BY_CONSTRUCTION and before.get(k) != after.get(k)]
+    if run.cfg.model.checkpoint.lower() not in ("", "none"):
+        # results made before checkpoint.weights was recorded cannot show which weights they used
+        old_weights = ckpt.get("weights") or "(not recorded)"
+        now = run.weights or "(not found)"
+        if old_weights != now:
+            diffs.append((WEIGHTS_KEY, old_weights, now))
+    return diffs
+
+
+def _changed_message(out: str, changed: list[tuple[PlannedRun, list[tuple[str, Any, Any]]]]) -> str:
+    """One line: how many finished runs differ, in which keys (old -> new), an example dir."""
+    keys: dict[str, tuple[Any, Any, int]] = {}
+    for _, diffs in changed:
+        for k, old, new in diffs:
+            seen = keys.get(k)
+            keys[k] = (old, new, 1) if seen is None else (seen[0], seen[1], seen[2] + 1)
+    n = len(changed)
+    what = "; ".join(f"{k}: {old!r} -> {new!r}" + (f" ({c} of them)" if c != n else "")
+                     for k, (old, new, c) in list(keys.items())[:8])
+    more = f"; +{len(keys) - 8} more keys" if len(keys) > 8 else ""
+    return (f"{out}: {n} finished run(s) were made with another config ({what}{more}; e.g. "
+            f"{changed[0][0].run_dir}); rerun them with --overwrite, or choose another --out")
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True, overwrite: bool = False) -> list[Path]:
     """Run every missing run of the grid; return all run directories (done before or now).
+
+    A finished run (result.json) is kept when its recorded config equals the planned one;
+    one that differs is refused before anything runs, naming the keys, unless `overwrite`
+    (`--overwrite`), which reruns those (and only those).
 
     With `workers > 1` the runs go to a pool of spawned processes, each with
     cores // workers torch threads: the small demo models do not scale to 2 threads
@@ -160,17 +227,24 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> list[Path]:
     if cfg.workers < 1:
         raise SatfuseError(f"sweep workers={cfg.workers} must be >= 1")
     runs = plan_sweep(cfg)
-    todo = [r for r in runs if not (r.run_dir / "result.json").is_file()]
+    states = [(r, config_changes(r)) for r in runs]
+    changed = [(r, d) for r, d in states if d]
+    if changed and not overwrite:
+        raise SatfuseError(_changed_message(cfg.out, changed))
+    todo = [r for r, d in states if d is None or d]
     log.info("sweep %s: %d runs, %d already done", cfg.out, len(runs), len(runs) - len(todo))
+    if changed:
+        log.warning("sweep %s: --overwrite: rerunning %d finished run(s) made with another config",
+                    cfg.out, len(changed))
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="fine-tuning runs", unit="run", disable=not progress)
     if cfg.workers == 1 or len(todo) <= 1:
         for r in todo:
             bar.set_postfix_str(f"{r.method.label[:28]} {r.task} {r.fraction:g} s{r.seed}")
-            run_finetune(r.cfg)
+            run_finetune(r.cfg, overwrite=overwrite, weights=r.weights)
             bar.update(1)
     else:
-        _run_parallel(todo, cfg.workers, bar)
+        _run_parallel(todo, cfg.workers, bar, overwrite)
     bar.close()
     log.info("sweep %s: %d runs in %.1fs", cfg.out, len(todo), time.perf_counter() - t0)
     return [r.run_dir for r in runs]
@@ -185,14 +259,14 @@ def _worker_init(threads: int, level: int) -> None:
     setup_logging(level, rank=0)
 
 
-def _run_parallel(todo: list[PlannedRun], workers: int, bar: tqdm) -> None:
+def _run_parallel(todo: list[PlannedRun], workers: int, bar: tqdm, overwrite: bool = False) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // workers)
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     level = logging.getLogger("satfuse").getEffectiveLevel()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(threads, level)) as pool:
-        futures = {pool.submit(run_finetune, r.cfg): r for r in todo}
+        futures = {pool.submit(run_finetune, r.cfg, overwrite, r.weights): r for r in todo}
         try:
             for fut in as_completed(futures):
                 r = futures[fut]
