@@ -362,7 +362,10 @@ class DeepSpeedEngine(Engine):
         self.model.backward(loss)
         norm: Any = None
         if boundary and not hasattr(self.ds_optimizer, "_global_grad_norm"):  # DeepSpeed's own test
-            norm = nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+            grads = [p.grad.detach() for p in self.module.parameters() if p.grad is not None]
+            # what torch>=2.6's nn.utils.get_total_norm computes, spelled so older torch runs it too
+            if grads:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
         self.model.step()
         if boundary and norm is None:
             norm = self.model.get_global_grad_norm()
