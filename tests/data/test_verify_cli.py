@@ -102,6 +102,11 @@ def test_output_names_and_unwritable_outputs(sen12ms_tree: Path, tmp_path: Path,
     shard_dataset(sen12ms_tree, "sen12ms", spaced, maxcount=5, seed=0)
     assert resolve_shards(f"{spaced}/my set-{{000000..000002}}.tar").counts == [5, 5, 2]
     capsys.readouterr()
+    # a name the readers would refuse as a URL scheme (`a:b-000000.tar`) is refused before packing
+    assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(tmp_path / "a:b")]) == 2
+    err = capsys.readouterr().err
+    assert "makes tar names (a:b-000000.tar) that starts with a URL scheme" in err and "Traceback" not in err
+    assert not (tmp_path / "a:b").exists()
     for argv, path in ((["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", "/proc/satfuse-x"], "/proc/satfuse-x"),
                        (["synth", "dfc2020", "--out", "/sys/satfuse-x", "--n-validation", "1", "--n-test", "1", "--size", "12"], "/sys/satfuse-x")):
         assert main(argv) == 2

@@ -34,6 +34,7 @@ from satfuse.data.manifest import (
     EmptySetError,
     is_own_file,
     publish,
+    shard_name_problem,
     sidecar_path,
     tar_name_pattern,
 )
@@ -111,14 +112,16 @@ def holding_out_lease(fn: F) -> F:
 def named_out(out: Path) -> Path:
     """`out` itself, or its absolute form when the path has no name of its own (`--out .`,
     `--out ..`): the directory's name is the set's name and the prefix of its tars, which
-    would otherwise be empty (`-000000.tar`)."""
+    would otherwise be empty (`-000000.tar`). A name the manifest readers refuse (`a:b` reads as
+    a URL scheme) is refused here, before anything is packed."""
     out = Path(out)
-    if out.name not in ("", ".", ".."):
-        return out
-    resolved = out.resolve()
-    if not resolved.name:
+    named = out if out.name not in ("", ".", "..") else out.resolve()
+    if not named.name:
         raise SatfuseError(f"{out}: the output directory needs a name (it names the tars, NAME-000000.tar); pass --out shards/NAME")
-    return resolved
+    if problem := shard_name_problem(f"{named.name}-000000.tar"):  # a set no reader would open
+        raise SatfuseError(f"{out}: the directory's name makes tar names ({named.name}-000000.tar) that {problem}; "
+                           "pass --out with a plain name, e.g. shards/NAME")
+    return named
 
 
 def check_paths(src: Path, out: Path) -> None:
