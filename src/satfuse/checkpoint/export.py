@@ -31,6 +31,7 @@ from satfuse.checkpoint.layout import (
     META_NAME,
     checkpoint_problems,
     latest_target,
+    normalization_path,
     read_latest,
     read_meta,
 )
@@ -90,8 +91,6 @@ def weights_identity(path: str | Path) -> str | None:
     (`runs/pretrain/backbone.pt`), so after retraining the same path holds other weights and a
     sweep comparing paths would reuse results of the old ones. One hash per sweep and checkpoint
     (`satfuse.evaluation.sweep.plan_sweep`), not per run."""
-    from satfuse.checkpoint.formats import normalization_path  # formats imports this module
-
     p = Path(path)
     if p.is_file():
         side = normalization_path(p)

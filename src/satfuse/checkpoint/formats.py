@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from satfuse.checkpoint import export as export_mod
+from satfuse.checkpoint.layout import normalization_path
 from satfuse.utils import SatfuseError, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,6 @@ NORMALIZATION_FORMAT = "satfuse-normalization/1"
 TORCHVISION_BACKBONES = ("resnet18", "resnet50")
 HOW = ("x = (clip(raw, clip[0], clip[1]) - mean) / std per band, bands in the listed order; "
        "NaN/Inf -> the band mean (0 after standardising)")
-
-
-def normalization_path(out: Path) -> Path:
-    """`backbone.pt` -> `backbone.normalization.json` (beside the weights)."""
-    return out.with_name(out.stem + ".normalization.json")
 
 
 def _load_model(ckpt_dir: Path, builder: export_mod.Builder | None, trust: bool = False) -> tuple[nn.Module, dict, Path, str]:

@@ -212,3 +212,9 @@ def fsync_dir(path: Path) -> None:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def normalization_path(weights: Path) -> Path:
+    """`backbone.pt` -> `backbone.normalization.json`: the band statistics an export writes
+    beside plain weights (the exporters write it, fine-tuning and sweeps read it)."""
+    return weights.with_name(weights.stem + ".normalization.json")

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from satfuse.checkpoint.layout import normalization_path
 from satfuse.evaluation.models import CHANNELS_TO_INPUT, INPUT_CHANNELS
 from satfuse.evaluation.pretrained import PretrainedBackbones, load_pretrained
 from satfuse.models.legacy import upgrade_state_dict
@@ -86,7 +87,7 @@ def _normalization_for(p: Path, embedded: dict | None, normalization: str) -> tu
         norm = read_normalization(path)
         doc = json.loads(path.read_text())
         return (doc if isinstance(doc, dict) else None), norm
-    beside = p.with_name(p.stem + ".normalization.json")
+    beside = normalization_path(p)
     side = _side_document(beside) if beside.is_file() else None
     if side is not None:
         want = {"weights": (embedded or {}).get("weights") or p.name}
