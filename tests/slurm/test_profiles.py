@@ -134,7 +134,7 @@ def test_requeue_code_matches_the_trainer() -> None:
 def test_a_failing_setup_line_stops_the_job_there_saying_which(tmp_path: Path) -> None:
     """The batch script stops at the failing line (not after it: a COMPLETED job that ran
     without its modules), says which line on stderr, and records it where `jobs ls` reads it."""
-    from satfuse.launch.jobs import read_outcome
+    from satfuse.launch.outcomes import read_outcome
 
     folder = tmp_path / "sub it"
     folder.mkdir()

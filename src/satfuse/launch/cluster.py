@@ -164,11 +164,11 @@ def setup_lines(p: ClusterProfile, folder: Path | None = None) -> list[str]:
     """Shell lines run before the tasks start: the profile's own, then its env exports.
 
     Each profile line fails the job at once when it fails, saying which line in the job's
-    log and (under SLURM) in the outcome record in `folder` (`jobs.setup_guard`).
+    log and (under SLURM) in the outcome record in `folder` (`outcomes.setup_guard`).
     SUBMITIT_PREEMPT_SIGNAL makes submitit's own handler (active until the trainer installs
     its handlers) listen to the same signal the job is sent.
     """
-    from satfuse.launch.jobs import setup_guard
+    from satfuse.launch.outcomes import setup_guard
 
     lines = setup_guard(list(p.setup), folder)
     env = {"SUBMITIT_PREEMPT_SIGNAL": signal_name(p), **p.env}

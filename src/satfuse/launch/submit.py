@@ -18,6 +18,7 @@ from typing import Any
 
 from satfuse.launch import cluster, jobs
 from satfuse.launch.cluster import ClusterProfile
+from satfuse.launch.outcomes import read_outcome, recorded
 from satfuse.launch.task import DEFAULT_ENTRY, PretrainTask, ShardPart, merge_shards
 from satfuse.utils import SatfuseError
 
@@ -133,7 +134,7 @@ def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterPr
         if script is not None:
             cluster.preflight(profile, where, script)
         ex = cluster.make_executor(profile, folder, name, max_requeues=cfg.train.max_requeues)
-        job = ex.submit(jobs.recorded(PretrainTask(config, overrides, entry=entry, requeue=profile.requeue)))
+        job = ex.submit(recorded(PretrainTask(config, overrides, entry=entry, requeue=profile.requeue)))
         entry_rec = jobs.job_entry(job, "pretrain", profile.executor, profile.world_size,
                                    config=config, overrides=overrides, cluster=where)
         jobs.record_jobs(run_dir, [entry_rec])
@@ -153,7 +154,7 @@ def _wait(job: Any, poll_s: float = 1.0) -> Any:
     """
     paths = [job.paths] if not job._sub_jobs else [s.paths for s in job._sub_jobs]
     gone = 0
-    while not all(recs := [jobs.read_outcome(p.folder, str(p.job_id), p.task_id) for p in paths]):
+    while not all(recs := [read_outcome(p.folder, str(p.job_id), p.task_id) for p in paths]):
         if job.__class__.__name__ == "LocalJob":
             ended = job.done()
         else:
@@ -215,13 +216,13 @@ def submit_shard(part: ShardPart, array_size: int, run_dir: Path, profile: Clust
     if overwrite:
         prepare_out(out, True, {"dataset": part.dataset})
     ex = cluster.make_executor(one, folder, name, max_requeues=0)
-    array = ex.map_array(jobs.recorded(part), list(range(array_size)))
+    array = ex.map_array(recorded(part), list(range(array_size)))
     array_id = array[0].job_id.split("_")[0]
     # afterok: the merge only runs if every part succeeded; a failed part cancels it
     merge_ex = cluster.make_executor(one, folder, f"{name}-merge", max_requeues=0,
                                      extra={"dependency": f"afterok:{array_id}"},
                                      sbatch={"kill-on-invalid-dep": "yes"})
-    merge_job = merge_ex.submit(jobs.recorded(merge_shards), part.out)
+    merge_job = merge_ex.submit(recorded(merge_shards), part.out)
     records = [jobs.job_entry(j, "shard", "slurm", 1, part=i, **_part_fields(part)) for i, j in enumerate(array)]
     records.append(jobs.job_entry(merge_job, "merge", "slurm", 1, after=array_id, out=part.out))
     jobs.record_jobs(run_dir, records)
@@ -251,12 +252,12 @@ def _shard_local(part: ShardPart, array_size: int, run_dir: Path, folder: Path,
                  profile: ClusterProfile, name: str) -> Submission:
     """Locally there are no dependencies: run the parts, wait, then run the merge."""
     ex = cluster.make_executor(profile, folder, name, max_requeues=0)
-    array = ex.map_array(jobs.recorded(part), list(range(array_size)))
+    array = ex.map_array(recorded(part), list(range(array_size)))
     records = [jobs.job_entry(j, "shard", "local", 1, part=i, out=part.out) for i, j in enumerate(array)]
     jobs.record_jobs(run_dir, records)
     for j in array:
         _wait(j)
-    merge_job = ex.submit(jobs.recorded(merge_shards), part.out)
+    merge_job = ex.submit(recorded(merge_shards), part.out)
     rec = jobs.job_entry(merge_job, "merge", "local", 1, out=part.out)
     jobs.record_jobs(run_dir, [rec])
     return Submission(str(run_dir), "local", [*records, rec], results=[_wait(merge_job)])
