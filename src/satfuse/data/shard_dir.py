@@ -138,10 +138,9 @@ def check_paths(src: Path, out: Path) -> None:
 @dataclass(frozen=True)
 class Claim:
     """What a run found before it wrote anything, so that a refused run removes only what it
-    created (never a directory or file that existed before it)."""
+    created (never a file that existed before it). The directories it created are removed by
+    `out_lease`, which every writer holds and which saw them first."""
 
-    first_new: Path | None  # the topmost directory the run created (`out` or a parent of it); None: `out` existed
-    new_state: bool  # True when the run created `.satfuse/`
     new_marker: bool  # True when the run wrote `.satfuse/owner.json`
 
 
@@ -151,7 +150,6 @@ def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> Claim:
     empties it first so no old tar is left behind for a glob to pick up. Returns what it
     created, for `publish_or_discard`."""
     marker = out / STATE_DIR / OWNER_FILE
-    absent = [d for d in (out, *out.parents) if not d.exists()]
     if not overwrite and (problem := claim_problem(out, settings)) is not None:
         raise SatfuseError(problem)
     if overwrite and out.is_dir() and any(out.iterdir()):
@@ -163,16 +161,16 @@ def prepare_out(out: Path, overwrite: bool, settings: dict[str, Any]) -> Claim:
                         shutil.rmtree(sub) if sub.is_dir() and not sub.is_symlink() else sub.unlink()
                 continue
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    new_state, new_marker = not (out / STATE_DIR).exists(), not marker.is_file()
+    new_marker = not marker.is_file()
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     if new_marker:
         atomic_write_text(marker, json.dumps({"format": FORMAT, "name": out.name, **settings}, indent=1))
-    return Claim(absent[-1] if absent else None, new_state, new_marker)
+    return Claim(new_marker)
 
 
 def publish_or_discard(out: Path, manifest: dict[str, Any], records: list[dict[str, Any]], claim: Claim) -> None:
     """`manifest.publish`; when it refuses an empty set, first remove what this run wrote (its
-    empty tars, their resume records, the marker and directories it created), so nothing is
+    empty tars, their resume records, and the marker it created; `out_lease` then removes the directories it created), so nothing is
     left behind that looks like a partial set or is reused by a rerun. Tars an earlier run
     wrote (reused here) stay: this run does not own them, and the error says so."""
     try:
@@ -184,24 +182,9 @@ def publish_or_discard(out: Path, manifest: dict[str, Any], records: list[dict[s
             sidecar_path(out, name).unlink(missing_ok=True)
         if claim.new_marker:
             (out / STATE_DIR / OWNER_FILE).unlink(missing_ok=True)
-        if claim.new_state:
-            _rmdir_if_empty(out / STATE_DIR)
-        if claim.first_new is not None:
-            for d in (out, *out.parents):
-                if not _rmdir_if_empty(d) or d == claim.first_new:
-                    break
         kept = len(records) - len(written)
         older = f"; {kept} empty tar(s) of an earlier run are left as they were" if kept else ""
         raise EmptySetError(f"{exc} (the {len(written)} empty tar(s) and records this run wrote were removed{older})") from None
-
-
-def _rmdir_if_empty(d: Path) -> bool:
-    """Remove `d` when it is an empty directory; True when it is gone."""
-    try:
-        d.rmdir()
-    except OSError:
-        return not d.exists()
-    return True
 
 
 def claim_problem(out: Path, settings: dict[str, Any]) -> str | None:
