@@ -1,0 +1,151 @@
+"""Every extension point of satfuse, one registry each, and the plugin modules that fill them.
+
+A new backbone, pretraining method, dataset, downstream benchmark, engine or checkpoint backend
+is one module plus one registration::
+
+    from satfuse.registry import BACKBONES
+
+    @BACKBONES.register("my_vit")
+    class MyViT(Backbone): ...
+
+Built-in entries live in the modules each registry names below; they are imported on the first
+lookup, not when this module is, so `satfuse --help` and the torch-free launcher side can list
+the extension points without importing torch, and no registry import forms a cycle.
+
+Code from outside the source tree (a research repo, a test file) joins the same registries
+through a *plugin module*: any module named in the `SATFUSE_PLUGINS` environment variable
+(comma-separated import paths; it reaches torchrun ranks and SLURM jobs with the rest of the
+environment) or in the `satfuse.plugins` entry-point group of an installed package is imported
+before the first lookup, and registers its entries the same way the built-ins do. This module
+is the one reader of `SATFUSE_PLUGINS`.
+
+Why registries and not if-chains: CLI choices, config validation and error messages all read the
+names from here, so adding an entry never means editing copied name lists in six files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from typing import Generic, TypeVar
+
+from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
+
+PLUGINS_ENV = "SATFUSE_PLUGINS"
+PLUGINS_ENTRY_POINT_GROUP = "satfuse.plugins"
+
+T = TypeVar("T")
+
+_plugins_loaded = False
+
+
+def plugin_modules(environ: dict[str, str] | None = None) -> list[str]:
+    """The plugin module paths `SATFUSE_PLUGINS` names, in order, blanks dropped."""
+    env = os.environ if environ is None else environ
+    return [p.strip() for p in env.get(PLUGINS_ENV, "").split(",") if p.strip()]
+
+
+def load_plugins() -> None:
+    """Import every plugin module once per process (environment first, then entry points).
+
+    A plugin that fails to import stops the run with the module's name and the fix: a backbone
+    that silently vanished would only show up as "unknown backbone" much later, on some rank.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True  # set first: a plugin may itself look names up while it registers
+    for path in plugin_modules():
+        _import_plugin(path, f"{PLUGINS_ENV}={os.environ.get(PLUGINS_ENV, '')}")
+    for ep in entry_points(group=PLUGINS_ENTRY_POINT_GROUP):
+        _import_plugin(ep.value.split(":")[0], f"entry point {ep.name!r} of group {PLUGINS_ENTRY_POINT_GROUP}")
+
+
+def _import_plugin(path: str, source: str) -> None:
+    try:
+        importlib.import_module(path)
+    except ImportError as exc:
+        raise SatfuseError(f"plugin module {path!r} (from {source}) cannot be imported ({exc}); "
+                           "put it on PYTHONPATH or correct the name") from exc
+    log.debug("plugin module %s loaded (from %s)", path, source)
+
+
+class Registry(Generic[T]):
+    """Names -> entries for one extension point.
+
+    `what` names the extension point in messages ("backbone"); `builtins` are the modules whose
+    import registers the built-in entries; `key` is the config key or CLI flag users set, so an
+    unknown name's error says where to fix it.
+    """
+
+    def __init__(self, what: str, builtins: tuple[str, ...], key: str) -> None:
+        self.what = what
+        self.key = key
+        self._builtins = builtins
+        self._entries: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str, entry: T | None = None) -> Callable[[T], T] | T:
+        """Register `entry` under `name`; used bare (`register("x", obj)`) or as a decorator.
+
+        A name registered twice is refused: two plugins that both claim "vit_b" would otherwise
+        train whichever was imported last.
+        """
+        def add(obj: T) -> T:
+            if name in self._entries and self._entries[name] is not obj:
+                raise SatfuseError(f"{self.what} {name!r} is registered twice "
+                                   f"({_origin(self._entries[name])} and {_origin(obj)}); rename one")
+            self._entries[name] = obj
+            return obj
+        return add if entry is None else add(entry)
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._builtins:
+                importlib.import_module(module)
+            load_plugins()
+
+    def get(self, name: str) -> T:
+        """The entry called `name`; an unknown name is a one-line error listing every choice."""
+        self._load()
+        if name not in self._entries:
+            hint = "" if plugin_modules() else f" (a plugin's entries need {PLUGINS_ENV}=module)"
+            raise SatfuseError(f"unknown {self.what} {name!r} in {self.key}; choose one of: "
+                               f"{', '.join(self.names())}{hint}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted (for CLI choices, config checks and messages)."""
+        self._load()
+        return sorted(self._entries)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        self._load()
+        yield from sorted(self._entries.items())
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._entries
+
+
+def _origin(obj: object) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+# --------------------------------------------------------------------------------------------
+# The extension points. Each registry's contract (what an entry must provide) is written once,
+# next to its built-in entries; docs/architecture.md has a recipe per extension point.
+# --------------------------------------------------------------------------------------------
+
+BACKBONES: Registry = Registry("backbone", ("satfuse.models.backbones",), "model.backbone")
+METHODS: Registry = Registry("pretraining method", ("satfuse.models.methods",), "model.method")
+DATASETS: Registry = Registry("dataset", ("satfuse.data.layout", "satfuse.data.band_scan"), "--dataset")
+BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.finetune",), "finetune benchmark")
+ENGINES: Registry = Registry("engine", ("satfuse.engines.setup",), "train.engine")
+CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.protocol",), "checkpoint kind")
