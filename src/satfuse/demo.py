@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from satfuse.checkpoint.layout import read_latest
 from satfuse.config import load_config
 from satfuse.utils import SatfuseError
 
@@ -134,8 +135,10 @@ def pretrain(cfg: DemoConfig, out: Path) -> Path:
     code = launch_local(cfg.pretrain_config, overrides, cfg.nproc)
     if code != 0:
         raise SatfuseError(f"pretraining failed (exit {code}); see the log above and {run_dir}")
-    latest = run_dir / "checkpoints" / "latest"
-    return run_dir / "checkpoints" / latest.read_text().strip()
+    ckpt = read_latest(run_dir)
+    if ckpt is None:
+        raise SatfuseError(f"pretraining ended without a checkpoint in {run_dir}; see the log above")
+    return ckpt
 
 
 def export(ckpt: Path, out: Path) -> Path:

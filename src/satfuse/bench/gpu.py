@@ -53,6 +53,7 @@ from torch import nn
 
 from satfuse.config import LossConfig, ModelConfig, PretrainConfig, load_config
 from satfuse.engines.base import autocast_context, cpu_has_native_bf16
+from satfuse.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ def train_losses(shards: str, run_dir: Path, device: torch.device, steps: int) -
     with no_tf32():
         Trainer(cfg, DistEnv()).fit()
     out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in RunLayout(run_dir).metrics.read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
             out[int(rec["step"])] = float(rec["loss"])
@@ -368,7 +369,7 @@ def check_deepspeed(device: torch.device, shards: str, work: Path, steps: int) -
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     losses = []
-    metrics = run / "metrics.jsonl"
+    metrics = RunLayout(run).metrics
     if metrics.exists():
         losses = [json.loads(x)["loss"] for x in metrics.read_text().splitlines() if '"loss"' in x]
     finite = bool(losses) and all(math.isfinite(v) for v in losses)

@@ -38,6 +38,7 @@ from satfuse.checkpoint.layout import (
 from satfuse.checkpoint.state import MISMATCH_FIX, fingerprint_diff
 from satfuse.checkpoint.trust import load_rank_files, read_dcp_metadata
 from satfuse.models.legacy import upgrade_fingerprint
+from satfuse.run_layout import CHECKPOINTS
 from satfuse.utils import SatfuseError, atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def check_export_out(ckpt_dir: Path, outs: list[Path], overwrite: bool = False) 
     the step being exported (`__0_0.distcp`) or of another step, whatever --overwrite says;
     `ckpt ls` and pruning own that directory."""
     step = Path(ckpt_dir).resolve()
-    roots = [step, *([step.parent] if step.parent.name == "checkpoints" else [])]
+    roots = [step, *([step.parent] if step.parent.name == CHECKPOINTS else [])]
     for out in outs:
         where = Path(out).resolve()
         inside = next((r for r in roots if where == r or r in where.parents), None)

@@ -28,9 +28,10 @@ try:  # ISA-L's crc32: zlib's polynomial and values, ~4x faster (PCLMULQDQ), rel
 except ImportError:  # pragma: no cover - a platform without isal wheels: same values, slower
     from zlib import crc32
 
+from satfuse.run_layout import CHECKPOINTS, RunLayout
 from satfuse.utils import SatfuseError
 
-CKPT_SUBDIR = "checkpoints"
+CKPT_SUBDIR = CHECKPOINTS  # the run dir's name for it is satfuse.run_layout's
 TMP_PREFIX = ".tmp-"
 DEL_PREFIX = ".del-"
 LATEST = "latest"
@@ -54,7 +55,7 @@ def parse_step(path: Path) -> int | None:
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CKPT_SUBDIR
+    return RunLayout(run_dir).checkpoints
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -479,7 +479,7 @@ class CommitProtocol:
     def _find_path(self, path: Path) -> Path:
         if path.is_file() and path.name == LATEST:
             path = latest_target(path) or path
-        elif path.is_dir() and (path / "checkpoints").is_dir() and not (path / META_NAME).exists():
+        elif path.is_dir() and checkpoints_dir(path).is_dir() and not (path / META_NAME).exists():
             found = CommitProtocol(path)._find_auto()
             if found is None:
                 raise SatfuseError(f"{path}: run directory without checkpoints; pass a step_XXXXXXXX directory")

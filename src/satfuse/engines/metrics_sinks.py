@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.config import LogConfig
+from satfuse.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-TB_DIR = "tensorboard"
 WANDB_MISSING = ("log.wandb=true but the `wandb` package is not installed (pip install wandb); "
                  "continuing without Weights & Biases")
 
@@ -44,7 +44,7 @@ class MetricSinks:
             return
         run_dir = Path(run_dir)
         if log_cfg.tensorboard:
-            self.tb = _tensorboard_writer(run_dir / TB_DIR, start_step)
+            self.tb = _tensorboard_writer(RunLayout(run_dir).tensorboard, start_step)
         if log_cfg.wandb:
             self.wandb = _wandb_run(run_dir, log_cfg.wandb_project, config, kind)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
+from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -137,12 +138,12 @@ def record_overrides(run_dir: Path, step: int, path: Path, changed: dict[str, li
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "checkpoint": str(path),
               "changed": {k: {"was": a, "now": b} for k, (a, b) in changed.items()}}
     try:
-        with open(run_dir / "overrides.jsonl", "a") as fh:
+        with open(RunLayout(run_dir).overrides, "a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:  # the record is part of the run: do not train on without it
-        raise SatfuseError(f"{run_dir / 'overrides.jsonl'}: cannot record the changed settings "
+        raise SatfuseError(f"{RunLayout(run_dir).overrides}: cannot record the changed settings "
                            f"({exc.strerror or exc}); free space there and resume again") from exc
     log.warning("resumed at step %d with changed settings, applied from here on: %s", step,
                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))

@@ -77,6 +77,7 @@ from satfuse.engines.signals import StopFlag
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 from satfuse.losses import retrieval_accuracy
 from satfuse.models import build_pretrain_model
+from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ class Trainer:
                 f"non-finite loss or gradients at {self._skips_in_row} steps in a row (last: step {step}, "
                 f"batch keys {keys}...), train.nan_skip_limit={limit}: the run diverged; try a lower "
                 f"optim.lr (now {self.cfg.optim.lr}), optim.grad_clip=1.0, train.precision=fp32, or resume "
-                f"from the last checkpoint in {self.run_dir / 'checkpoints'}")
+                f"from the last checkpoint in {RunLayout(self.run_dir).checkpoints}")
         log.warning("train.nan_policy=skip: non-finite loss or gradients at step %d (%s on this rank, batch "
                     "keys %s...): update dropped on every rank (%d skipped so far, %d in a row)", step,
                     "seen" if bad else "not seen", keys, self.skipped_steps, self._skips_in_row)
@@ -293,7 +294,7 @@ class Trainer:
         raise SatfuseError(
             f"non-finite loss {where}: try a lower "
             f"optim.lr (now {self.cfg.optim.lr}), optim.grad_clip=1.0, train.precision=fp32, or "
-            f"resume from the last checkpoint in {self.run_dir / 'checkpoints'}"
+            f"resume from the last checkpoint in {RunLayout(self.run_dir).checkpoints}"
         )
 
     def claim_run_dir(self) -> None:
@@ -331,15 +332,15 @@ class Trainer:
         cfg = self.cfg
         self.resume()
         if self.env.rank == 0:  # after resume: a refused change must not be recorded as run
-            write_config(cfg, self.run_dir / "config.yaml")
+            write_config(cfg, RunLayout(self.run_dir).config)
         already = self.step >= cfg.train.steps > 0
         if already:  # still re-saved below: on another world size that converts the layout
             log.info("already complete: %s holds step %d of train.steps=%d; nothing to train (raise "
                      "train.steps to continue, or start a new train.run_dir)",
-                     self.run_dir / "checkpoints", self.step, cfg.train.steps)
+                     RunLayout(self.run_dir).checkpoints, self.step, cfg.train.steps)
         stop = self.stop
         stop.install()
-        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.env.rank == 0)
+        metrics_log = MetricsLog(RunLayout(self.run_dir).metrics, self.env.rank == 0)
         sinks = MetricSinks(cfg.log, self.run_dir, self.env.rank == 0, self.step, to_dict(cfg))
         total = cfg.train.steps
         bar = tqdm(total=total, initial=self.step, desc="pretrain", disable=self.env.rank != 0,

@@ -17,25 +17,26 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.evaluation.report import png_bytes
+from satfuse.run_layout import METRICS, RunLayout
 from satfuse.utils import SatfuseError, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
 PLOT = "pretrain_curves.png"
 
 
 def is_pretrain_run(path: str | Path) -> bool:
     """A pretraining run dir (holds metrics.jsonl) or a metrics.jsonl file."""
     p = Path(path)
-    return (p.is_file() and p.name == METRICS) or (p.is_dir() and (p / METRICS).is_file()
-                                                  and not (p / "result.json").is_file())
+    run = RunLayout(p)
+    return (p.is_file() and p.name == METRICS) or (p.is_dir() and run.metrics.is_file()
+                                                  and not run.result.is_file())
 
 
 def read_curves(path: str | Path) -> dict[str, Any]:
     """{"steps", "loss", "top1", "heldout": (step, top1) | None} of one run's metrics.jsonl."""
     p = Path(path)
-    f = p if p.is_file() else p / METRICS
+    f = p if p.is_file() else RunLayout(p).metrics
     by_step: dict[int, dict[str, Any]] = {}
     heldout = None
     for n, line in enumerate(f.read_text().splitlines(), 1):

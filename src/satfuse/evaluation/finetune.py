@@ -45,6 +45,7 @@ from satfuse.evaluation.models import Classifier, build_classifier, scratch_bran
 from satfuse.evaluation.plain_weights import load_for_finetune
 from satfuse.evaluation.pretrained import METHOD_NAMES, pretrained_branches
 from satfuse.evaluation.targets import CLASS_NAMES, IGNORE, N_CLASSES, batch_targets
+from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -475,7 +476,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | No
         _claim(Path(cfg.run_dir), overwrite)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, run_dir / "config.yaml")
+    dump_yaml(cfg, RunLayout(run_dir).config)
     model.to(device)
     prep = prepare_data(cfg.data, cfg.train.seed)
     stats, stats_source = band_stats(cfg.data, prep.train, pre_stats)
@@ -509,9 +510,9 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | No
         "threads": torch.get_num_threads(), "config": to_dict(cfg),
         "warnings": [warning] if warning else [],
     }
-    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(RunLayout(run_dir).result, json.dumps(result, indent=1) + "\n")
     log.info("%s frac %g seed %d: %s (%.1fs) -> %s", result["method"], cfg.data.label_fraction,
-             cfg.train.seed, _summary(cfg.train.task, metrics), t_end - t_start, run_dir / "result.json")
+             cfg.train.seed, _summary(cfg.train.task, metrics), t_end - t_start, RunLayout(run_dir).result)
     return result
 
 
@@ -519,12 +520,12 @@ def _claim(run_dir: Path, overwrite: bool) -> None:
     """Refuse another kind's directory (a pretraining run, shards, a source tree: its
     config.yaml and curves would be replaced or mixed), and a finished run unless `overwrite`."""
     check_run_dir_kind(run_dir, FINETUNE_RUN, "pass another --run-dir (run_dir=...)")
-    if (run_dir / "result.json").exists() and not overwrite:
+    if RunLayout(run_dir).result.exists() and not overwrite:
         raise SatfuseError(_exists_msg(run_dir))
 
 
 def _exists_msg(run_dir: Path) -> str:
-    return (f"{run_dir / 'result.json'} exists (a finished run); pass --overwrite to replace it, or "
+    return (f"{RunLayout(run_dir).result} exists (a finished run); pass --overwrite to replace it, or "
             "another --run-dir / --seed")
 
 

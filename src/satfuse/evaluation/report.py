@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from satfuse.run_layout import RESULT, RunLayout
 from satfuse.utils import SatfuseError, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,10 @@ def find_results(runs: list[str | Path]) -> list[Path]:
             raise SatfuseError(f"{p}: run not found; pass run directories, sweep roots or result.json files")
         if p.is_file():
             found.append(p)
-        elif (p / "result.json").is_file():
-            found.append(p / "result.json")
+        elif RunLayout(p).result.is_file():
+            found.append(RunLayout(p).result)
         else:
-            hits = sorted(p.rglob("result.json"))
+            hits = sorted(p.rglob(RESULT))
             if not hits:
                 raise SatfuseError(f"{p}: no result.json under it; the run has not finished "
                                    "(re-run it, or leave it out of the report)")

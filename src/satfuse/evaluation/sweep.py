@@ -33,6 +33,7 @@ from tqdm import tqdm
 from satfuse.checkpoint.export import weights_identity
 from satfuse.config import ConfigError, from_dict, load_config, read_yaml, set_dotted, to_dict
 from satfuse.evaluation.finetune import FinetuneConfig, run_finetune, run_subdir, slug  # noqa: F401
+from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ WEIGHTS_KEY = "model.checkpoint (weights)"
 def config_changes(run: PlannedRun) -> list[tuple[str, Any, Any]] | None:
     """None when the run has no result.json yet; else the (key, recorded, planned) values that
     differ between the config its result.json records and the one planned now ([] = same)."""
-    path = run.run_dir / "result.json"
+    path = RunLayout(run.run_dir).result
     if not path.is_file():
         return None
     try:

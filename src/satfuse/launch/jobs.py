@@ -46,25 +46,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from satfuse.checkpoint.layout import LATEST
 from satfuse.launch.outcomes import read_outcome
+from satfuse.run_layout import JOBS_INDEX, RunLayout
 from satfuse.utils import SatfuseError, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-INDEX = "jobs.json"
-SUBMITIT_DIR = "submitit"
-SUBMIT_LOCK = ".submit.lock"
-
-
 def submitit_folder(run_dir: Path) -> Path:
-    return Path(run_dir) / SUBMITIT_DIR
+    """The run's submitit folder (every job of the run is queued with it)."""
+    return RunLayout(run_dir).submitit
 
 
 @contextlib.contextmanager
 def _locked(run_dir: Path) -> Iterator[None]:
     """Serialise read-modify-write of the index between concurrent `satfuse submit`s."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".jobs.lock", "a") as fh:
+    with open(RunLayout(run_dir).jobs_lock, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -82,7 +80,7 @@ def submitting(run_dir: Path) -> Iterator[None]:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / SUBMIT_LOCK, "a") as fh:
+    with open(RunLayout(run_dir).submit_lock, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -100,7 +98,7 @@ REQUIRED_KEYS = ("job_id", "kind", "executor", "folder")
 
 
 def read_index(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / INDEX
+    path = RunLayout(run_dir).jobs_index
     if not path.is_file():
         return []
     try:
@@ -132,7 +130,7 @@ def mark_cancelled(run_dir: Path, job_ids: list[str]) -> None:
         for e in entries:
             if origin(run_dir, e) is None and (e["job_id"] in job_ids or e["job_id"].split("_")[0] in job_ids):
                 e.setdefault("cancelled", when)
-        atomic_write_text(run_dir / INDEX, json.dumps({"jobs": entries}, indent=2) + "\n")
+        atomic_write_text(RunLayout(run_dir).jobs_index, json.dumps({"jobs": entries}, indent=2) + "\n")
 
 
 def is_cancelled(run_dir: Path, job_id: str) -> bool:
@@ -162,7 +160,7 @@ def record_stop(run_dir: Path, job_id: str, stop: dict[str, Any] | None) -> None
             else:
                 e["stopped"] = stop
         if mine:
-            atomic_write_text(run_dir / INDEX, json.dumps({"jobs": entries}, indent=2) + "\n")
+            atomic_write_text(RunLayout(run_dir).jobs_index, json.dumps({"jobs": entries}, indent=2) + "\n")
 
 
 def stopped_state(entry: dict[str, Any], slurm_state: str = "") -> str:
@@ -180,7 +178,7 @@ def record_jobs(run_dir: Path, entries: list[dict[str, Any]]) -> None:
     run_dir = Path(run_dir)
     with _locked(run_dir):
         jobs = read_index(run_dir) + entries
-        atomic_write_text(run_dir / INDEX, json.dumps({"jobs": jobs}, indent=2) + "\n")
+        atomic_write_text(RunLayout(run_dir).jobs_index, json.dumps({"jobs": jobs}, indent=2) + "\n")
 
 
 def job_entry(job: Any, kind: str, executor: str, tasks: int, **extra: Any) -> dict[str, Any]:
@@ -199,9 +197,9 @@ def job_entry(job: Any, kind: str, executor: str, tasks: int, **extra: Any) -> d
 def resolve_run(run: str) -> Path:
     """RUN is a run directory, or a name under ./runs."""
     for cand in (Path(run), Path("runs") / run):
-        if (cand / INDEX).is_file():
+        if RunLayout(cand).jobs_index.is_file():
             return cand
-    raise SatfuseError(f"{run}: no {INDEX} here or under runs/; pass the run directory given to `satfuse submit`")
+    raise SatfuseError(f"{run}: no {JOBS_INDEX} here or under runs/; pass the run directory given to `satfuse submit`")
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,10 +416,11 @@ def active_jobs(run_dir: Path, kind: str) -> list[dict[str, Any]]:
 def run_progress(run_dir: Path) -> dict[str, Any]:
     """What the trainer left in the run dir: latest checkpoint and last metrics line."""
     info: dict[str, Any] = {}
-    latest = Path(run_dir) / "checkpoints" / "latest"
+    layout = RunLayout(run_dir)
+    latest = layout.checkpoints / LATEST
     if latest.is_file():
         info["latest_checkpoint"] = latest.read_text().strip()
-    metrics = Path(run_dir) / "metrics.jsonl"
+    metrics = layout.metrics
     if metrics.is_file():
         lines = metrics.read_text(errors="replace").strip().splitlines()
         for back, line in enumerate(reversed(lines)):  # a torn last line (a kill mid-write): the one before
@@ -480,19 +479,19 @@ def select_all(run_dir: Path, job_id: str | None) -> list[dict[str, Any]]:
     """The entries `--job ID` names: one job, or every part of the array `ID` (as `submit` printed it)."""
     jobs = read_index(run_dir)
     if not jobs:
-        raise SatfuseError(f"{run_dir / INDEX}: no jobs recorded")
+        raise SatfuseError(f"{RunLayout(run_dir).jobs_index}: no jobs recorded")
     if job_id is None:
         return [jobs[-1]]
     found = [j for j in jobs if j["job_id"] == job_id] or [j for j in jobs if j["job_id"].split("_")[0] == job_id]
     if not found:
-        raise SatfuseError(f"job {job_id} is not in {run_dir / INDEX}; known: {[j['job_id'] for j in jobs]}")
+        raise SatfuseError(f"job {job_id} is not in {RunLayout(run_dir).jobs_index}; known: {[j['job_id'] for j in jobs]}")
     return found
 
 
 def select(run_dir: Path, job_id: str | None) -> dict[str, Any]:
     found = select_all(run_dir, job_id)
     if len(found) > 1:
-        raise SatfuseError(f"{job_id} is a job array of {len(found)} parts in {run_dir / INDEX}; pass one of "
+        raise SatfuseError(f"{job_id} is a job array of {len(found)} parts in {RunLayout(run_dir).jobs_index}; pass one of "
                            f"{[j['job_id'] for j in found]} with --job")
     return found[0]
 
@@ -543,7 +542,7 @@ def cancel_report(run_dir: Path, job_id: str | None = None) -> dict[str, list[st
     jobs, elsewhere = split_elsewhere(run_dir, listed)
     for j in elsewhere:
         log.warning("job %s in %s was recorded by %s (this run dir is a copy of it, or was moved): left alone; "
-                    "cancel it from there: `satfuse jobs cancel %s`", j["job_id"], run_dir / INDEX,
+                    "cancel it from there: `satfuse jobs cancel %s`", j["job_id"], RunLayout(run_dir).jobs_index,
                     origin(run_dir, j), origin(run_dir, j))
     queue, foreign = own_queue(jobs)
     for j in foreign:

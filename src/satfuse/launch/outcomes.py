@@ -17,15 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from satfuse.run_layout import OUTCOME, outcome_record
 from satfuse.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-OUTCOME = "{job}_{task}_outcome.json"  # satfuse's record of how one task ended (JSON)
-
-
-def outcome_path(folder: Path | str, job_id: str, task: int = 0) -> Path:
-    return Path(folder) / OUTCOME.format(job=job_id, task=task)
 
 
 def write_outcome(state: str, **fields: Any) -> None:
@@ -33,7 +28,7 @@ def write_outcome(state: str, **fields: Any) -> None:
     import submitit
 
     env = submitit.JobEnvironment()
-    path = outcome_path(env.paths.folder, str(env.job_id), env.global_rank)
+    path = outcome_record(env.paths.folder, str(env.job_id), env.global_rank)
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
         atomic_write_text(path, json.dumps({"state": state, "ended": when, **fields}) + "\n")
@@ -43,7 +38,7 @@ def write_outcome(state: str, **fields: Any) -> None:
 
 def read_outcome(folder: Path | str, job_id: str, task: int = 0) -> dict[str, Any] | None:
     """A task's outcome record, or None when there is none (an unreadable one is said, not used)."""
-    path = outcome_path(folder, job_id, task)
+    path = outcome_record(folder, job_id, task)
     if not path.is_file():
         return None
     try:

@@ -20,6 +20,7 @@ from satfuse.launch import cluster, jobs
 from satfuse.launch.cluster import ClusterProfile
 from satfuse.launch.outcomes import read_outcome, recorded
 from satfuse.launch.task import DEFAULT_ENTRY, PretrainTask, ShardPart, merge_shards
+from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,14 @@ def refuse_if_running(run_dir: Path, lease_timeout_s: float) -> None:
             f"{run_dir}: another run is writing this run dir ({holder}); nothing queued: wait for it to end, "
             "stop it, or pass another train.run_dir"
         )
-    if not (run_dir / jobs.INDEX).is_file():
+    if not RunLayout(run_dir).jobs_index.is_file():
         return
     active = jobs.active_jobs(run_dir, "pretrain")
     if active:
         j = active[-1]
         raise SatfuseError(
             f"{run_dir}: pretraining job {j['job_id']} ({j['executor']}) is {j['state'].split()[0]} in this run "
-            f"dir ({run_dir / jobs.INDEX}); wait for it to end, stop it with `satfuse jobs cancel {run_dir}`, "
+            f"dir ({RunLayout(run_dir).jobs_index}); wait for it to end, stop it with `satfuse jobs cancel {run_dir}`, "
             "or pass another train.run_dir"
         )
 
