@@ -13,6 +13,7 @@ import sys
 
 from satfuse import __version__
 from satfuse.config import ConfigError
+from satfuse.distributed.launcher_env import process_rank
 from satfuse.utils import SatfuseError, import_unless_optional_missing, setup_logging
 
 log = logging.getLogger("satfuse")
@@ -68,7 +69,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, process_rank())
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -19,10 +19,11 @@ from types import ModuleType
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(level: int | str = logging.INFO, rank: int | None = None) -> None:
-    """Console logging; on ranks other than 0 only warnings and errors (one voice per job)."""
-    if rank is None:
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+def setup_logging(level: int | str = logging.INFO, rank: int = 0) -> None:
+    """Console logging; on ranks other than 0 only warnings and errors (one voice per job).
+
+    `rank` comes from the caller (`satfuse.distributed.launcher_env.process_rank()` for a
+    launched process): the launcher's variables have one reader."""
     if isinstance(level, str):
         level = getattr(logging, level.upper())
     if rank != 0:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from satfuse.cli import main
-from satfuse.data.commands import slurm_array_defaults
 from satfuse.data.shard_writer import shard_dataset
 from satfuse.data.verify import verify
+from satfuse.distributed.launcher_env import slurm_array_defaults
 from satfuse.utils import SatfuseError
 
 

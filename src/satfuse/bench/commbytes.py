@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.bench.model import row
+from satfuse.distributed.launcher_env import LAUNCHER_VAR_PREFIXES, without_launcher_vars
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,7 @@ IFNAME = "eth1"
 DEFAULT_CONF = Path(os.environ.get("SATFUSE_SLURM2_BASE", "/tmp/satfuse-slurm2")) / "slurm.conf"
 ENGINES = ("ddp", "zero0", "zero1")
 # Variables of the submitting process that must not leak into a job on the 2-node cluster.
-DROP_ENV = (
-    "SLURM_",
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_",
-    "SATFUSE_IFNAME",
-)
+DROP_ENV = (*LAUNCHER_VAR_PREFIXES, "SATFUSE_IFNAME")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,8 +175,8 @@ def snapshot(nodes: tuple[str, ...] = NODES, ifname: str = IFNAME) -> dict[str, 
 
 def job_env(slurm_conf: Path) -> dict[str, str]:
     """This environment without launcher variables, pointed at the 2-node cluster."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(DROP_ENV)}
-    env.update(SLURM_CONF=str(slurm_conf), OMP_NUM_THREADS="1", SATFUSE_IFNAME=IFNAME)
+    env = without_launcher_vars(os.environ, str(slurm_conf))
+    env.update(OMP_NUM_THREADS="1", SATFUSE_IFNAME=IFNAME)
     return env
 
 

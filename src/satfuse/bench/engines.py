@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 
 from satfuse.config import PretrainConfig, from_dict
 from satfuse.distributed.env import teardown
+from satfuse.distributed.launcher_env import WorldInfo, export_torchrun_vars
 from satfuse.distributed.ports import free_port
 
 SETUPS = {
@@ -101,9 +102,9 @@ def _config(a: dict[str, Any], engine: str, stage: int | None, run_dir: str) -> 
 
 def _rank_main(rank: int, world: int, port: int, a: dict[str, Any], setup: str, out_dir: str) -> None:
     """One rank: build the engine, time the steps, write this rank's JSON, exit hard."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+    export_torchrun_vars(WorldInfo(rank=rank, local_rank=rank, world_size=world, local_world_size=world,
+                                   master_addr="127.0.0.1", master_port=port))
+    os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from satfuse.engines.setup import build_engine

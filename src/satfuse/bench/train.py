@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 from satfuse.config import LossConfig, ModelConfig
 from satfuse.distributed.env import teardown
+from satfuse.distributed.launcher_env import export_rendezvous
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import cpu_has_native_bf16
 
@@ -92,7 +93,7 @@ def time_steps(backbone: str, batch: int, crop: int, steps: int, precision: str,
 
 def _rank_main(rank: int, world: int, port: int, job: dict, out: dict) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    export_rendezvous("127.0.0.1", port)
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     # side by side in one process: metrics on log steps (now) and on every step (before),

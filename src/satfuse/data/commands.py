@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from satfuse.data import multiband_cli
 from satfuse.data.band_scan import BAND_DATASETS
+from satfuse.distributed.launcher_env import slurm_array_defaults
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -101,25 +101,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
                                     validation_folders=args.validation_folders)
     print(json.dumps({"dataset": args.synth_dataset, "out": str(args.out), "pairs": n}))
     return 0
-
-
-def slurm_array_defaults(env: dict[str, str] | None = None) -> tuple[int | None, int | None]:
-    """(index, count) of a SLURM job array, or (None, None) outside one.
-
-    The index is TASK_ID - TASK_MIN (arrays may start at 1); the count falls back to
-    MAX - MIN + 1 where SLURM_ARRAY_TASK_COUNT is absent (older SLURM).
-    """
-    env = dict(os.environ) if env is None else env
-    if "SLURM_ARRAY_TASK_ID" not in env:
-        return None, None
-    task, low = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-    if "SLURM_ARRAY_TASK_COUNT" in env:
-        count = int(env["SLURM_ARRAY_TASK_COUNT"])
-    elif "SLURM_ARRAY_TASK_MAX" in env:
-        count = int(env["SLURM_ARRAY_TASK_MAX"]) - low + 1
-    else:
-        raise SatfuseError("SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor _MAX; pass --shard-index and --num-shards")
-    return task - low, count
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
-from satfuse.distributed.launcher_env import WorldInfo, torchrun_vars, world_info_from_env
+from satfuse.distributed.launcher_env import WorldInfo, export_torchrun_vars, world_info_from_env
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _export(env: DistEnv) -> None:
     read them. The node variables go too (NODE_RANK, GROUP_WORLD_SIZE): once RANK/WORLD_SIZE
     are set, `world_info_from_env` reads the torchrun style first, and without them every rank
     of a SLURM job would read itself as node 0."""
-    os.environ.update(torchrun_vars(env))
+    export_torchrun_vars(env)
 
 
 def _rendezvous_error(env: DistEnv, timeout_s: int, exc: BaseException) -> SatfuseError:

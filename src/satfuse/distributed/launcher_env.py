@@ -18,6 +18,14 @@ sockets of its previous attempt (a rank of the old attempt still dying, a port i
 TIME_WAIT). Every task of one attempt sees the same job id and the same restart count
 (`SLURM_RESTART_COUNT`; the local executor's count is passed in), so all ranks agree
 without talking. This module is also where SLURM node lists are expanded.
+
+It is the one module that reads (or sets, for child processes) the launchers' variables:
+`SLURM_*`, `SUBMITIT_*`, torchrun's `RANK`/`LOCAL_RANK`/`WORLD_SIZE`/`MASTER_*`/
+`TORCHELASTIC_*`, and satfuse's own `SATFUSE_LAUNCHER_PID`; everyone else calls the named
+functions at the end of this file (`tests/distributed/test_launcher_vars.py` scans src/ for
+strays). Inside a submitit job, job id, array ids and ranks come from
+`submitit.JobEnvironment` (`submitit_job`); outside one (a plain sbatch template, torchrun)
+from the variables themselves.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from itertools import product
+from typing import Any
 
 from satfuse.distributed.ports import port_from_job_id
 from satfuse.utils import SatfuseError
@@ -288,3 +297,144 @@ def torchrun_vars(info: WorldInfo) -> dict[str, str]:
         "MASTER_ADDR": info.master_addr,
         "MASTER_PORT": str(info.master_port),
     }
+
+
+def export_torchrun_vars(info: WorldInfo) -> None:
+    """Publish `info` into this process's environment as torchrun would (`torchrun_vars`):
+    torch's env:// rendezvous, DeepSpeed and later `world_info_from_env` calls read them."""
+    os.environ.update(torchrun_vars(info))
+
+
+def export_rendezvous(addr: str, port: int) -> None:
+    """Set only MASTER_ADDR/MASTER_PORT (for a process group whose ranks are passed explicitly)."""
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+
+
+# --------------------------------------------------------------------------------------------
+# Named readers: what the rest of satfuse asks about its launcher
+# --------------------------------------------------------------------------------------------
+
+# Set by `satfuse pretrain --nproc-per-node N` for the torchrun ranks it starts: its own pid.
+LAUNCHER_PID_VAR = "SATFUSE_LAUNCHER_PID"
+# Read by submitit's handler in the job: which signal means "checkpoint and requeue".
+PREEMPT_SIGNAL_VAR = "SUBMITIT_PREEMPT_SIGNAL"
+# Prefixes/names of the variables that place a process in a job: dropped from the environment
+# of a job submitted from inside another one (they would describe the submitter's job).
+LAUNCHER_VAR_PREFIXES = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_")
+
+
+def submitit_job() -> Any | None:
+    """submitit's `JobEnvironment` when this process is a task of a submitit job, else None.
+
+    Why prefer it inside a job: submitit knows its executor's variables (SLURM or local) and
+    builds the array job id itself, so satfuse does not hand-read `SLURM_*` there."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    import submitit  # lazy: only inside a submitit job; `satfuse --help` stays fast
+
+    return submitit.JobEnvironment()
+
+
+def _slurm_job_env() -> Any | None:
+    """`submitit_job()` when it is a SLURM job (the local executor's ids are not SLURM's)."""
+    job = submitit_job()
+    return job if job is not None and job.cluster == "slurm" else None
+
+
+def process_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank as the launcher numbered it: torchrun's RANK first, then
+    the submitit task's rank, then a SLURM step's SLURM_PROCID; 0 for a single process."""
+    env = os.environ if environ is None else environ
+    if env.get("RANK") is not None:
+        return _int(env, "RANK")
+    job = submitit_job() if environ is None else None
+    if job is not None:
+        return int(job.global_rank)
+    return _int(env, "SLURM_PROCID", 0)
+
+
+def started_by_launcher(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a launcher already placed this process in a job (torchrun's RANK, or a SLURM
+    task): `satfuse pretrain --nproc-per-node N` then trains here instead of starting ranks."""
+    env = os.environ if environ is None else environ
+    return "RANK" in env or "SLURM_PROCID" in env
+
+
+def torchrun_multi_rank(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether torch-style variables say this is one of several ranks (RANK set, WORLD_SIZE > 1)."""
+    env = os.environ if environ is None else environ
+    return "RANK" in env and _int(env, "WORLD_SIZE", 1) > 1
+
+
+def slurm_job_id(environ: Mapping[str, str] | None = None) -> str:
+    """The job's id as squeue knows it (`ARRAYJOB_TASK` for an array task), or '' outside SLURM."""
+    job = _slurm_job_env() if environ is None else None
+    if job is not None:
+        return str(job.job_id)
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID", "")
+
+
+def slurm_restart_count(environ: Mapping[str, str] | None = None) -> int:
+    """How often SLURM requeued this job (`SLURM_RESTART_COUNT`; 0 on the first attempt)."""
+    env = os.environ if environ is None else environ
+    return _int(env, "SLURM_RESTART_COUNT", 0)
+
+
+def slurm_array_defaults(env: Mapping[str, str] | None = None) -> tuple[int | None, int | None]:
+    """(index, count) of a SLURM job array, or (None, None) outside one.
+
+    The index is TASK_ID - TASK_MIN (arrays may start at 1); the count falls back to
+    MAX - MIN + 1 where SLURM_ARRAY_TASK_COUNT is absent (older SLURM). Inside a submitit
+    SLURM job the task id is submitit's `array_task_id`.
+    """
+    job = _slurm_job_env() if env is None else None
+    env = dict(os.environ) if env is None else env
+    task_id = job.array_task_id if job is not None else env.get("SLURM_ARRAY_TASK_ID")
+    if task_id is None:
+        return None, None
+    task, low = int(task_id), int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    if "SLURM_ARRAY_TASK_COUNT" in env:
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+    elif "SLURM_ARRAY_TASK_MAX" in env:
+        count = int(env["SLURM_ARRAY_TASK_MAX"]) - low + 1
+    else:
+        raise SatfuseError("SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor _MAX; pass --shard-index and --num-shards")
+    return task - low, count
+
+
+def torchelastic_error_file() -> str | None:
+    """Where torchrun's agent reads a failed rank's error (`TORCHELASTIC_ERROR_FILE`), or None."""
+    return os.environ.get("TORCHELASTIC_ERROR_FILE") or None
+
+
+def launcher_pid() -> int | None:
+    """The pid of the `satfuse pretrain --nproc-per-node N` that started this rank, or None."""
+    raw = os.environ.get(LAUNCHER_PID_VAR)
+    return int(raw) if raw else None
+
+
+def local_ranks_env(nproc: int) -> dict[str, str]:
+    """The environment for torchrun's ranks started by this process: this one's, plus the
+    launcher's pid (`launcher_pid` in each rank) and a fair OMP_NUM_THREADS default."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env[LAUNCHER_PID_VAR] = str(os.getpid())
+    return env
+
+
+def default_local_rank() -> None:
+    """Set LOCAL_RANK=0 unless a launcher set it (DeepSpeed asserts it is set, even for one rank)."""
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def without_launcher_vars(environ: Mapping[str, str], slurm_conf: str | None = None) -> dict[str, str]:
+    """`environ` minus every variable that places a process in a job (`LAUNCHER_VAR_PREFIXES`),
+    pointed at another cluster's `slurm.conf` when given: for a job submitted from a process
+    that is itself inside a job or a rank."""
+    env = {k: v for k, v in environ.items() if not k.startswith(LAUNCHER_VAR_PREFIXES)}
+    if slurm_conf is not None:
+        env["SLURM_CONF"] = slurm_conf
+    return env

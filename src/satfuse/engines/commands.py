@@ -10,6 +10,12 @@ import subprocess
 import sys
 import time
 
+from satfuse.distributed.launcher_env import (
+    launcher_pid,
+    local_ranks_env,
+    started_by_launcher,
+    torchrun_multi_rank,
+)
 from satfuse.utils import SatfuseError
 
 
@@ -48,14 +54,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if other:
             raise SatfuseError(f"--force-new-run starts afresh, but {other[-1]} asks to resume; pass one of them")
         overrides += ["checkpoint.resume=none", "checkpoint.force_new_run=true"]
-    inside_launcher = "RANK" in os.environ or "SLURM_PROCID" in os.environ
-    if args.nproc_per_node > 1 and not inside_launcher:
+    if args.nproc_per_node > 1 and not started_by_launcher():
         from satfuse.engines.pretrain import precheck
 
         precheck(args.config, overrides)  # config/shard errors: one line here, not one per rank
         return launch_local(args.config, overrides, args.nproc_per_node)
-    if os.environ.get(LAUNCHER_PID_VAR):
-        die_with_launcher()
+    if (launcher := launcher_pid()) is not None:
+        die_with_launcher(launcher)
     from satfuse.distributed.env import exit_cleanly
     from satfuse.engines.pretrain import run_pretrain
 
@@ -68,7 +73,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if isinstance(exc, (SatfuseError, ConfigError)):
             record_rank_error(str(exc))
         raise
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_multi_rank():
         exit_cleanly(code)  # gloo threads can abort a normal interpreter exit
     return code
 
@@ -83,14 +88,9 @@ def launch_local(config: str | None, overrides: list[str], nproc: int) -> int:
            f"--nproc_per_node={nproc}", "-m", "satfuse.cli", "pretrain"]
     if config:
         cmd += ["--config", config]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    env[LAUNCHER_PID_VAR] = str(os.getpid())
-    return subprocess.call(cmd + overrides, env=env, preexec_fn=_term_on_parent_death)
+    return subprocess.call(cmd + overrides, env=local_ranks_env(nproc), preexec_fn=_term_on_parent_death)
 
 
-# Set by `launch_local` for torchrun's ranks: the pid of the `satfuse pretrain` that started them.
-LAUNCHER_PID_VAR = "SATFUSE_LAUNCHER_PID"
 PR_SET_PDEATHSIG = 1
 
 
@@ -111,7 +111,7 @@ def _term_on_parent_death() -> None:
     _set_pdeathsig(signal.SIGTERM)
 
 
-def die_with_launcher(poll_s: float = 0.5) -> None:
+def die_with_launcher(launcher: int, poll_s: float = 0.5) -> None:
     """In a rank started by `launch_local`: die with the launcher, however it died.
 
     torchrun's agent sits between the launcher and the ranks and starts them in their own
@@ -122,7 +122,6 @@ def die_with_launcher(poll_s: float = 0.5) -> None:
     since the last one, never the run_dir."""
     import threading
 
-    launcher = int(os.environ[LAUNCHER_PID_VAR])
     parent = os.getppid()
     _set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:  # the agent died before prctl took effect

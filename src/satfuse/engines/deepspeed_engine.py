@@ -48,6 +48,7 @@ from torch import nn
 
 from satfuse.checkpoint.deepspeed_backend import DeepSpeedCheckpointManager
 from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
+from satfuse.distributed.launcher_env import default_local_rank
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import Engine, check_precision
 from satfuse.engines.optim import build_optimizer, build_scheduler
@@ -240,7 +241,7 @@ def ensure_process_group(device: torch.device, timeout_s: int) -> None:
     """DeepSpeed needs a process group even on one rank; satfuse creates none for world
     size 1, and DeepSpeed's own fallback is MPI discovery (mpi4py). A private 1-rank gloo
     group on a free local port avoids both."""
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set, even for one rank
+    default_local_rank()  # DeepSpeed asserts LOCAL_RANK is set, even for one rank
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -10,10 +10,10 @@ steps are done, `REQUEUE_EXIT_CODE` (75) when a stop signal made every rank save
 from __future__ import annotations
 
 import logging
-import os
 
 from satfuse.config import PretrainConfig, load_config, validate_pretrain
 from satfuse.distributed.env import comm_failure, init_distributed, teardown
+from satfuse.distributed.launcher_env import process_rank
 from satfuse.engines.trainer import Trainer, TrainResult
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 
@@ -47,7 +47,7 @@ def show_shell_commands(cfg: PretrainConfig, where: str) -> list[str]:
 
     specs = [*(cfg.data.shards if isinstance(cfg.data.shards, list) else [cfg.data.shards]), cfg.data.val_shards]
     cmds = [u for spec in specs for u in split_spec(spec or "") if u.startswith("pipe:")]
-    if cmds and int(os.environ.get("RANK", "0")) == 0:
+    if cmds and process_rank() == 0:
         log.warning("data.shards/val_shards from %s run %d shell command(s): %s", where, len(cmds),
                     "; ".join(c[len("pipe:"):] for c in cmds[:4]) + (" ..." if len(cmds) > 4 else ""))
     return cmds

@@ -37,13 +37,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from satfuse.distributed.launcher_env import slurm_job_id
+from satfuse.run_layout import LEASE, RunLayout
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".lock"
-# What a run writes into its run_dir (moved aside together by a forced fresh start).
-RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "overrides.jsonl")
 # squeue states of a job that may still be running (or will run again in its own allocation)
 LIVE_SLURM_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING",
                      "STAGE_OUT", "RESIZING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
@@ -76,10 +75,11 @@ def run_dir_kind(path: Path) -> tuple[str, str] | None:
     path = Path(path)
     if not path.is_dir():
         return None
-    pre = [n for n in ("checkpoints", "metrics.jsonl", "overrides.jsonl", LOCK_NAME) if (path / n).exists()]
-    ft = [n for n in ("result.json",) if (path / n).exists()]
-    cfg = _config_kind(path / "config.yaml")
-    (pre if cfg == PRETRAIN_RUN else ft if cfg == FINETUNE_RUN else []).append("config.yaml")
+    run = RunLayout(path)
+    pre = [p.name for p in (run.checkpoints, run.metrics, run.overrides, run.lease) if p.exists()]
+    ft = [p.name for p in (run.result,) if p.exists()]
+    cfg = _config_kind(run.config)
+    (pre if cfg == PRETRAIN_RUN else ft if cfg == FINETUNE_RUN else []).append(run.config.name)
     shards = [n for n in (MANIFEST_NAME, STATE_DIR) if (path / n).exists()]
     shards += sorted({g.name for pattern in (PART_GLOB, "*.tar") for g in path.glob(pattern)})[:3]
     for kind, found in ((SHARD_SET, shards), (PRETRAIN_RUN, pre), (FINETUNE_RUN, ft)):
@@ -142,8 +142,7 @@ def check_run_dir_kind(path: Path, kind: str, fix: str) -> None:
 def previous_run_files(run_dir: Path) -> list[Path]:
     """The files of an earlier run in run_dir (an empty checkpoints/ does not count)."""
     found = []
-    for name in RUN_FILES:
-        p = Path(run_dir) / name
+    for p in RunLayout(run_dir).pretrain_files:
         if p.is_dir():
             if any(p.iterdir()):
                 found.append(p)
@@ -167,11 +166,11 @@ def prepare_fresh_start(run_dir: Path, force: bool) -> Path | None:
             f"--force-new-run (checkpoint.force_new_run=true) to move it to {run_dir}/previous-<time>/"
         )
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    dest = run_dir / f"previous-{stamp}"
+    dest = RunLayout(run_dir).previous(stamp)
     n = 1
     while dest.exists():
         n += 1
-        dest = run_dir / f"previous-{stamp}-{n}"
+        dest = RunLayout(run_dir).previous(f"{stamp}-{n}")
     dest.mkdir()
     for p in old:
         os.replace(p, dest / p.name)
@@ -192,14 +191,6 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # the lease
 # --------------------------------------------------------------------------------------------
-
-
-def slurm_job_id(env: dict[str, str] | None = None) -> str:
-    """The job's id as squeue knows it (`ARRAYJOB_TASK` for an array task), or ''."""
-    env = os.environ if env is None else env
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID", "")
 
 
 def process_start_time(pid: int) -> str:
@@ -270,7 +261,7 @@ class RunLease:
     refusal calls the directory, `fix` what it tells the user to do instead."""
 
     def __init__(self, run_dir: Path, timeout_s: float = 600.0, heartbeat_s: float | None = None,
-                 name: str = LOCK_NAME, what: str = "run_dir", fix: str = "use another train.run_dir") -> None:
+                 name: str = LEASE, what: str = "run_dir", fix: str = "use another train.run_dir") -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / name
         self.what, self.fix = what, fix

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
+
+from satfuse.distributed.launcher_env import torchelastic_error_file
 
 log = logging.getLogger("satfuse")
 
@@ -30,7 +31,7 @@ REQUEUE = 75
 
 def record_rank_error(message: str) -> None:
     """Leave this rank's one-line error where torchrun's agent reads it (no-op outside torchrun)."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    path = torchelastic_error_file()
     if not path:
         return
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from satfuse.config import ConfigError, load_config
+from satfuse.distributed.launcher_env import PREEMPT_SIGNAL_VAR
 from satfuse.exit_codes import STOP_SIGNALS
 from satfuse.utils import SatfuseError
 
@@ -171,7 +172,7 @@ def setup_lines(p: ClusterProfile, folder: Path | None = None) -> list[str]:
     from satfuse.launch.outcomes import setup_guard
 
     lines = setup_guard(list(p.setup), folder)
-    env = {"SUBMITIT_PREEMPT_SIGNAL": signal_name(p), **p.env}
+    env = {PREEMPT_SIGNAL_VAR: signal_name(p), **p.env}
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
     return lines
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 import atexit
 import importlib
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -61,8 +60,14 @@ import submitit
 
 from satfuse.config import TrainConfig
 from satfuse.distributed.env import exit_cleanly
-from satfuse.distributed.launcher_env import torchrun_vars, world_info_from_env
+from satfuse.distributed.launcher_env import (
+    export_torchrun_vars,
+    process_rank,
+    slurm_restart_count,
+    world_info_from_env,
+)
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
+from satfuse.run_layout import RunLayout, restart_counter
 from satfuse.utils import SatfuseError, atomic_write_text, setup_logging
 
 log = logging.getLogger(__name__)
@@ -90,13 +95,13 @@ def is_local(env: Any) -> bool:
 def restart_count(env: Any) -> int:
     """How often this job was requeued: SLURM counts it; the local executor needs a file."""
     if not is_local(env):
-        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        return slurm_restart_count()
     path = _local_restart_file(env)
     return int(path.read_text()) if path.is_file() else 0
 
 
 def _local_restart_file(env: Any) -> Path:
-    return Path(os.environ["SUBMITIT_FOLDER"]) / f".restarts_{env.job_id}"
+    return restart_counter(env.paths.folder, str(env.job_id))
 
 
 def _exit_after_result(env: Any) -> None:
@@ -128,12 +133,13 @@ class PretrainTask(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         cfg = load_config(PretrainConfig, self.config_path, self.overrides)
         restart = restart_count(env)
-        os.environ.update(torchrun_vars(world_info_from_env(restart=restart)))
+        info = world_info_from_env(restart=restart)
+        export_torchrun_vars(info)
         setup_logging(rank=env.global_rank)
         log.info(
             "task rank %d/%d (local %d) job %s attempt %d: master %s:%s, run dir %s",
             env.global_rank, env.num_tasks, env.local_rank, env.job_id, restart + 1,
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], cfg.train.run_dir,
+            info.master_addr, info.master_port, cfg.train.run_dir,
         )  # fmt: skip
         if self._cancelled(env, cfg.train.run_dir):
             log.warning("job %s was cancelled with `satfuse jobs cancel` (jobs.json); not training", env.job_id)
@@ -185,8 +191,9 @@ class PretrainTask(submitit.helpers.Checkpointable):
             log.warning("job %s is being requeued by SLURM itself (`scontrol requeue` or a preemption): checkpoint "
                         "saved at step %s; the next attempt resumes from it", env.job_id, at)
             exit_cleanly(0)
-        log.warning("job %s stopped by %s at step %s of %d: checkpoint saved in %s/checkpoints; not requeueing "
-                    "(submit the same command again to continue)", env.job_id, why, at, train.steps, run_dir)
+        log.warning("job %s stopped by %s at step %s of %d: checkpoint saved in %s; not requeueing "
+                    "(submit the same command again to continue)", env.job_id, why, at, train.steps,
+                    RunLayout(run_dir).checkpoints)
         record_stop(run_dir, str(env.job_id), {"step": step, "steps": train.steps, "why": why, "exit_code": code,
                                                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         exit_cleanly(code)
@@ -197,7 +204,7 @@ class PretrainTask(submitit.helpers.Checkpointable):
         if restart >= max_requeues:
             raise SatfuseError(
                 f"job {env.job_id} was requeued {restart} times (train.max_requeues={max_requeues}) and "
-                f"was stopped again; not requeueing. The last checkpoint is in {run_dir}/checkpoints: "
+                f"was stopped again; not requeueing. The last checkpoint is in {RunLayout(run_dir).checkpoints}: "
                 "submit the same command again to continue, or raise train.max_requeues"
             )
         if is_local(env):
@@ -315,7 +322,7 @@ class ShardPart:
         from satfuse.data.codecs import make_encoding
         from satfuse.data.shard_writer import shard_dataset
 
-        setup_logging()
+        setup_logging(rank=process_rank())
         kwargs: dict[str, Any] = {k: v for k, v in (("maxcount", self.maxcount), ("workers", self.workers),
                                                     ("seed", self.seed)) if v is not None}
         if self.encoding:
@@ -330,7 +337,7 @@ def merge_shards(out: str) -> Any:
     """The dependent job after the array: join the part manifests into manifest.json."""
     from satfuse.data.manifest import merge
 
-    setup_logging()
+    setup_logging(rank=process_rank())
     log.info("merging shard parts in %s", out)
     return _plain(merge(out))
 
