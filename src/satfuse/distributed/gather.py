@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from satfuse.distributed.collectives import comm_device, is_distributed
+from satfuse.distributed.collectives import comm_device, is_distributed, rank, world
 
 _EQUAL_ROWS: list[bool] = [False]
 
@@ -41,11 +41,11 @@ def equal_rows() -> Iterator[None]:
 
 def gather_sizes(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[int]:
     """Row count of `x` on every rank, in rank order (one tiny collective)."""
-    world = dist.get_world_size(group)
+    world_size = world(group)
     if _EQUAL_ROWS[0]:
-        return [int(x.shape[0])] * world
+        return [int(x.shape[0])] * world_size
     size = torch.tensor([x.shape[0]], dtype=torch.int64, device=comm_device(x, group))
-    sizes = [torch.zeros_like(size) for _ in range(world)]
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
     dist.all_gather(sizes, size, group=group)
     return [int(s.item()) for s in sizes]
 
@@ -72,10 +72,10 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, x: torch.Tensor, group: dist.ProcessGroup | None, sizes: list[int]
     ) -> torch.Tensor:
-        rank = dist.get_rank(group)
+        me = rank(group)
         ctx.group = group
-        ctx.start = sum(sizes[:rank])
-        ctx.rows = sizes[rank]
+        ctx.start = sum(sizes[:me])
+        ctx.rows = sizes[me]
         return _all_gather_rows(x, sizes, group)
 
     @staticmethod
@@ -116,4 +116,4 @@ def rank_offset(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> tupl
     if not is_distributed(group):
         return 0, x.shape[0]
     sizes = gather_sizes(x, group)
-    return sum(sizes[: dist.get_rank(group)]), sum(sizes)
+    return sum(sizes[: rank(group)]), sum(sizes)
