@@ -22,10 +22,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be trusted; the message names the key and the fix."""
-
+from satfuse.resources import SCHEMA_KINDS, resolve_config
+from satfuse.utils import ConfigError, atomic_write_text, file_in_the_way
 
 T = TypeVar("T")
 
@@ -179,8 +177,6 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     raw: dict[str, Any] = {}
     where = "command line"
     if path:
-        from satfuse.resources import SCHEMA_KINDS, resolve_config
-
         resolved = resolve_config(path, kind or SCHEMA_KINDS.get(schema.__name__))
         raw, where = read_yaml(resolved), str(resolved)
     for item in overrides or []:
@@ -228,8 +224,6 @@ def read_yaml(path: str | Path, kind: str | None = None) -> dict[str, Any]:
     """A YAML mapping from a file or a packaged config name (`kind` narrows where names are looked up).
 
     A key given twice in one mapping (e.g. two `data:` sections) is refused, naming both lines."""
-    from satfuse.resources import resolve_config
-
     p = resolve_config(path, kind)
     try:
         data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
@@ -411,8 +405,6 @@ def validate_pretrain(cfg: Any) -> None:
                           "inside its engine); use train.nan_policy=stop with train.engine=deepspeed")
     if not str(cfg.train.run_dir).strip():
         raise ConfigError("config: train.run_dir is empty; give the run's directory, e.g. train.run_dir=runs/my_run")
-    from satfuse.utils import file_in_the_way
-
     run_dir = Path(cfg.train.run_dir)
     what = file_in_the_way(run_dir)
     if what:
@@ -427,6 +419,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     """Write the resolved config atomically, so a run dir always says what ran."""
-    from satfuse.utils import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

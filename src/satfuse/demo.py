@@ -96,7 +96,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def synthesise(cfg: DemoConfig, out: Path) -> None:
-    from satfuse.data.synth import write_dfc2020, write_sen12ms
+    from satfuse.data.synth import write_dfc2020, write_sen12ms  # lazy: --help stays fast
 
     raw = out / "raw"
     if not (raw / "sen12ms" / "test_list.txt").exists():
@@ -108,7 +108,7 @@ def synthesise(cfg: DemoConfig, out: Path) -> None:
 
 
 def make_shards(cfg: DemoConfig, out: Path) -> None:
-    from satfuse.data.shard_writer import shard_dataset
+    from satfuse.data.shard_writer import shard_dataset  # lazy: --help stays fast
 
     raw, shards = out / "raw", out / "shards"
     jobs = [
@@ -126,7 +126,7 @@ def make_shards(cfg: DemoConfig, out: Path) -> None:
 
 
 def pretrain(cfg: DemoConfig, out: Path) -> Path:
-    from satfuse.engines.commands import launch_local
+    from satfuse.engines.commands import launch_local  # lazy: --help stays fast
 
     run_dir = out / "runs" / "pretrain"
     overrides = [f"data.shards={out / 'shards' / 'sen12ms'}",
@@ -142,7 +142,7 @@ def pretrain(cfg: DemoConfig, out: Path) -> Path:
 
 
 def export(ckpt: Path, out: Path) -> Path:
-    from satfuse.checkpoint.export import export_backbones
+    from satfuse.checkpoint.export import export_backbones  # lazy: --help stays fast
 
     target = out / "runs" / "pretrain" / "backbone.pt"
     # replaced on purpose: the demo's own export of the checkpoint just resumed or trained (the
@@ -152,7 +152,7 @@ def export(ckpt: Path, out: Path) -> Path:
 
 
 def finetune(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
-    from satfuse.evaluation.sweep import load_sweep_config, run_sweep
+    from satfuse.evaluation.sweep import load_sweep_config, run_sweep  # lazy: --help stays fast
 
     sweep = load_sweep_config(cfg.finetune_config, [
         f"checkpoint={backbone}",
@@ -167,7 +167,7 @@ def finetune(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
 
 
 def report(cfg: DemoConfig, out: Path, runs: list[Path]) -> dict:
-    from satfuse.evaluation.curves import make_full_report
+    from satfuse.evaluation.curves import make_full_report  # lazy: --help stays fast
 
     where = Path(cfg.report) if cfg.report else out / "reports"
     summary = make_full_report(runs, where)

@@ -21,13 +21,13 @@ copies.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from satfuse.config import ConfigError
-from satfuse.utils import SatfuseError, atomic_write_bytes, file_in_the_way
+from satfuse.utils import ConfigError, SatfuseError, atomic_write_bytes, file_in_the_way
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,6 @@ def resolve_config(spec: str | Path, kind: str | None = None) -> Path:
 
 def require_deepspeed(where: str) -> None:
     """Refuse `train.engine=deepspeed` up front when DeepSpeed is not installed (it is an extra)."""
-    import importlib.util
-
     if importlib.util.find_spec("deepspeed") is None:
         raise SatfuseError(
             f"{where}: train.engine=deepspeed needs DeepSpeed, which is not installed in {sys.prefix}; "

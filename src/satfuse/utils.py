@@ -83,6 +83,14 @@ class SatfuseError(RuntimeError):
     it without a traceback and exits non-zero."""
 
 
+class ConfigError(ValueError):
+    """A config file or override that cannot be trusted; the message names the key and the fix.
+
+    Defined here, below both `satfuse.config` (which raises it and is where callers import it
+    from) and `satfuse.resources` (whose name lookups raise it): so neither imports the other
+    back, and config.py <-> resources.py is no cycle."""
+
+
 # Third-party packages satfuse runs without: pyproject's optional extras (the `dev` tools
 # aside). Only a command or benchmark module whose import fails because one of these is missing
 # is left out (with a warning); any other ImportError there is a bug (a typo, a broken install)

@@ -57,7 +57,7 @@ def resolve_backend(backend: str = "auto") -> str:
             raise SatfuseError(f"unknown backend {backend!r}: use auto, gloo or nccl")
         return backend
     try:
-        import torch
+        import torch  # lazy: the launcher side stays torch-free
 
         return "nccl" if torch.cuda.is_available() else "gloo"
     except ImportError:  # pragma: no cover - torch is a hard dependency
@@ -171,8 +171,8 @@ def init_distributed(
         return _STATE["env"]
     configure_interface(ifname)
     env = detect_env(backend=backend)
-    import torch
-    import torch.distributed as dist
+    import torch  # lazy: the launcher side stays torch-free
+    import torch.distributed as dist  # lazy: the launcher side stays torch-free
 
     if env.backend == "nccl":
         configure_nccl()
@@ -222,12 +222,16 @@ def teardown() -> None:
     """
     _STATE.pop("env", None)
     try:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: the launcher side stays torch-free
 
-        from satfuse.distributed.collectives import forget_groups
+        from satfuse.distributed.collectives import (  # lazy: the launcher side stays torch-free
+            dist_ready,
+            forget_groups,
+            world,
+        )
 
         forget_groups()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
+        if dist_ready() and world() == 1:
             dist.destroy_process_group()
     except Exception as exc:  # exiting anyway: say why, do not mask the exit code
         log.warning("destroy_process_group failed: %s", exc)
@@ -269,7 +273,7 @@ def comm_failure(exc: BaseException, what: str = "a collective") -> SatfuseError
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     reason = re.sub(r"^\[[^\]]*pair\.cc:\d+\]\s*", "", first).split(". This is typically")[0]
     who = f"peer node {', '.join(peers)}" if peers else "a peer rank"
-    from satfuse.distributed.collectives import rank
+    from satfuse.distributed.collectives import rank  # lazy: the launcher side stays torch-free
     return SatfuseError(
         f"rank {rank()} on host {socket.gethostname()}: {who} dropped out during {what} "
         f"({reason}); the job stops here - check that node's log and resubmit: it resumes "

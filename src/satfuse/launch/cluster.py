@@ -29,6 +29,8 @@ from typing import Any, Literal
 from satfuse.config import ConfigError, load_config
 from satfuse.distributed.launcher_env import PREEMPT_SIGNAL_VAR
 from satfuse.exit_codes import STOP_SIGNALS
+from satfuse.launch.outcomes import setup_guard
+from satfuse.resources import ConfigNotFound, resolve_config
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,6 @@ class ClusterProfile:
 def resolve_profile_path(name: str) -> Path | None:
     """A path, a project copy `./hpc/clusters/NAME.yaml` or a packaged profile (see
     `satfuse.resources`); None for the built-in `local` when no file of that name exists."""
-    from satfuse.resources import ConfigNotFound, resolve_config
 
     try:
         return resolve_config(name, "clusters")
@@ -169,8 +170,6 @@ def setup_lines(p: ClusterProfile, folder: Path | None = None) -> list[str]:
     SUBMITIT_PREEMPT_SIGNAL makes submitit's own handler (active until the trainer installs
     its handlers) listen to the same signal the job is sent.
     """
-    from satfuse.launch.outcomes import setup_guard
-
     lines = setup_guard(list(p.setup), folder)
     env = {PREEMPT_SIGNAL_VAR: signal_name(p), **p.env}
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
@@ -237,7 +236,7 @@ def submitit_command(p: ClusterProfile, folder: Path) -> str:
 def sbatch_script(p: ClusterProfile, folder: Path, name: str, extra: dict[str, Any] | None = None,
                   sbatch: dict[str, Any] | None = None) -> str:
     """The sbatch script submitit writes for this profile (for --dry-run and --test-only)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    from submitit.slurm.slurm import _make_sbatch_string  # lazy: --help stays fast (submitit)
 
     params = slurm_parameters(p, name, extra, sbatch, folder)
     try:
@@ -249,7 +248,7 @@ def sbatch_script(p: ClusterProfile, folder: Path, name: str, extra: dict[str, A
 def make_executor(p: ClusterProfile, folder: Path, name: str, max_requeues: int,
                   extra: dict[str, Any] | None = None, sbatch: dict[str, Any] | None = None) -> Any:
     """A submitit executor for the profile (`AutoExecutor` for SLURM, `LocalExecutor`), parameters set."""
-    import submitit
+    import submitit  # lazy: --help stays fast (submitit)
 
     folder.mkdir(parents=True, exist_ok=True)
     if p.executor == LOCAL_NAME:

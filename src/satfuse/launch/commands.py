@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from satfuse.engines.commands import normalise_overrides
+from satfuse.launch.cluster import load_profile
+
 # CLI flag -> ClusterProfile field (None when not given: the profile's value stays)
 PROFILE_FLAGS: dict[str, tuple[str, type]] = {
     "--nodes": ("nodes", int),
@@ -81,16 +84,16 @@ def _register_submit(sub: argparse._SubParsersAction) -> None:
 
 
 def _profile(args: argparse.Namespace) -> tuple[Any, str]:
-    from satfuse.launch.cluster import load_profile
-
     flags = {dest: getattr(args, f"prof_{dest}") for dest, _ in PROFILE_FLAGS.values()}
     return load_profile(args.cluster, flags)
 
 
 def cmd_submit_pretrain(args: argparse.Namespace) -> int:
-    from satfuse.engines.commands import normalise_overrides
-    from satfuse.launch.submit import print_submission, submit_pretrain
-    from satfuse.launch.task import DEFAULT_ENTRY
+    from satfuse.launch.submit import (  # lazy: --help stays fast (submitit)
+        print_submission,
+        submit_pretrain,
+    )
+    from satfuse.launch.task import DEFAULT_ENTRY  # lazy: --help stays fast (submitit)
 
     profile, where = _profile(args)
     sub = submit_pretrain(args.config, normalise_overrides(args.overrides), profile, where,
@@ -99,9 +102,13 @@ def cmd_submit_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_submit_shard(args: argparse.Namespace) -> int:
-    from satfuse.data.codecs import make_encoding
-    from satfuse.launch.submit import default_shard_run_dir, print_submission, submit_shard
-    from satfuse.launch.task import ShardPart
+    from satfuse.data.codecs import make_encoding  # lazy: --help stays fast (numpy, codecs)
+    from satfuse.launch.submit import (  # lazy: --help stays fast
+        default_shard_run_dir,
+        print_submission,
+        submit_shard,
+    )
+    from satfuse.launch.task import ShardPart  # lazy: --help stays fast (submitit)
 
     profile, where = _profile(args)
     encoding = {"compress": args.compress, "level": args.compress_level, "s1_dtype": args.s1_dtype,
@@ -152,7 +159,7 @@ def _register_jobs(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_jobs_ls(args: argparse.Namespace) -> int:
-    from satfuse.launch import jobs
+    from satfuse.launch import jobs  # lazy: --help stays fast
 
     rows = jobs.list_jobs(jobs.resolve_run(args.run), args.trust_checkpoint)
     if args.json:
@@ -167,14 +174,14 @@ def cmd_jobs_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_status(args: argparse.Namespace) -> int:
-    from satfuse.launch import jobs
+    from satfuse.launch import jobs  # lazy: --help stays fast
 
     sys.stdout.write(json.dumps(jobs.status(jobs.resolve_run(args.run), args.trust_checkpoint), indent=2, default=str) + "\n")
     return 0
 
 
 def cmd_jobs_logs(args: argparse.Namespace) -> int:
-    from satfuse.launch import jobs
+    from satfuse.launch import jobs  # lazy: --help stays fast
 
     run = jobs.resolve_run(args.run)
     entry = jobs.select(run, args.job)
@@ -184,7 +191,7 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
-    from satfuse.launch import jobs
+    from satfuse.launch import jobs  # lazy: --help stays fast
 
     report = jobs.cancel_report(jobs.resolve_run(args.run), args.job)
     for key in ("gone", "elsewhere"):

@@ -208,7 +208,7 @@ def resolve_run(run: str) -> Path:
 
 
 def _paths(entry: dict[str, Any], task: int = 0, folder: Path | None = None) -> Any:
-    from submitit.core.utils import JobPaths
+    from submitit.core.utils import JobPaths  # lazy: --help stays fast (submitit)
 
     return JobPaths(folder or entry["folder"], job_id=entry["job_id"], task_id=task)
 

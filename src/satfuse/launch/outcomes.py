@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def write_outcome(state: str, **fields: Any) -> None:
     """In a task: record how it ended (this task's `OUTCOME` file, atomically)."""
-    import submitit
+    import submitit  # lazy: --help stays fast (submitit; this runs in a task)
 
     env = submitit.JobEnvironment()
     path = outcome_record(env.paths.folder, str(env.job_id), env.global_rank)
@@ -81,7 +81,7 @@ class RecordCheckpointable(RecordOutcome):
     """`RecordOutcome` of a Checkpointable task: submitit's requeue fallback still reaches it."""
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        from submitit.helpers import DelayedSubmission
+        from submitit.helpers import DelayedSubmission  # lazy: --help stays fast (submitit)
 
         again = self.fn.checkpoint(*args, **kwargs)
         if again is None:

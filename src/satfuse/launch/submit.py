@@ -12,14 +12,18 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from satfuse.config import PretrainConfig, load_config, validate_pretrain
+from satfuse.data.shard_dir import check_paths, claim_problem, prepare_out
+from satfuse.engines.rundir import live_holder
 from satfuse.launch import cluster, jobs
 from satfuse.launch.cluster import ClusterProfile
 from satfuse.launch.outcomes import read_outcome, recorded
 from satfuse.launch.task import DEFAULT_ENTRY, PretrainTask, ShardPart, merge_shards
+from satfuse.resources import require_deepspeed, resolve_config
 from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError
 
@@ -85,8 +89,6 @@ def _emit_dry_run(profile: ClusterProfile, script: str | None, extra: str = "") 
 def refuse_if_running(run_dir: Path, lease_timeout_s: float) -> None:
     """Two jobs must never train one run dir: refuse while jobs.json's pretraining job is queued or
     running, or while another run (e.g. a plain `satfuse pretrain`) holds the run dir's lease."""
-    from satfuse.engines.rundir import live_holder
-
     holder = live_holder(run_dir, lease_timeout_s)
     if holder is not None:
         raise SatfuseError(
@@ -113,9 +115,6 @@ def refuse_if_running(run_dir: Path, lease_timeout_s: float) -> None:
 def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterProfile, where: str,
                     dry_run: bool = False, wait: bool = False, entry: str = DEFAULT_ENTRY) -> Submission | None:
     """Queue one job of `profile.nodes x tasks` tasks, each running `PretrainTask`."""
-    from satfuse.config import PretrainConfig, load_config, validate_pretrain
-    from satfuse.resources import require_deepspeed, resolve_config
-
     cfg = load_config(PretrainConfig, config, overrides)  # a bad config fails here, not in the queue
     validate_pretrain(cfg)  # ranges too
     if cfg.train.engine == "deepspeed":
@@ -186,8 +185,6 @@ def submit_shard(part: ShardPart, array_size: int, run_dir: Path, profile: Clust
     part. `overwrite` empties it here, once, before the parts are queued (each part emptying it
     would race with the others).
     """
-    from satfuse.data.shard_dir import check_paths, claim_problem, prepare_out
-
     if array_size < 1:
         raise SatfuseError(f"--array-size must be >= 1, got {array_size}")
     if not Path(part.src).is_dir():
@@ -244,8 +241,6 @@ def _part_fields(part: ShardPart) -> dict[str, Any]:
 
 
 def _single_task(profile: ClusterProfile) -> ClusterProfile:
-    from dataclasses import replace
-
     return replace(profile, nodes=1, gpus_per_node=0, tasks_per_node=1)
 
 

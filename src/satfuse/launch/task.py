@@ -58,7 +58,9 @@ from typing import Any, NoReturn
 
 import submitit
 
-from satfuse.config import TrainConfig
+from satfuse.config import PretrainConfig, TrainConfig, load_config
+from satfuse.data.codecs import make_encoding
+from satfuse.data.manifest import merge
 from satfuse.distributed.env import exit_cleanly
 from satfuse.distributed.launcher_env import (
     export_torchrun_vars,
@@ -67,6 +69,7 @@ from satfuse.distributed.launcher_env import (
     world_info_from_env,
 )
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
+from satfuse.launch.jobs import is_cancelled, record_stop, run_progress, scontrol_show
 from satfuse.run_layout import RunLayout, restart_counter
 from satfuse.utils import SatfuseError, atomic_write_text, setup_logging
 
@@ -128,8 +131,6 @@ class PretrainTask(submitit.helpers.Checkpointable):
         self.requeue = requeue  # the profile's `requeue`: false = save on the signal and stop
 
     def __call__(self) -> int:
-        from satfuse.config import PretrainConfig, load_config
-
         env = submitit.JobEnvironment()
         cfg = load_config(PretrainConfig, self.config_path, self.overrides)
         restart = restart_count(env)
@@ -145,8 +146,6 @@ class PretrainTask(submitit.helpers.Checkpointable):
             log.warning("job %s was cancelled with `satfuse jobs cancel` (jobs.json); not training", env.job_id)
             exit_cleanly(0)
         if restart > 0 and env.global_rank == 0:  # this attempt is running: an earlier stop is history
-            from satfuse.launch.jobs import record_stop
-
             record_stop(Path(cfg.train.run_dir), str(env.job_id), None)
         code = int(resolve_entry(self.entry)(self.config_path, self.overrides) or 0)
         if code == 0:
@@ -175,8 +174,6 @@ class PretrainTask(submitit.helpers.Checkpointable):
     def _stop(env: Any, train: TrainConfig, why: str, code: int) -> NoReturn:
         """Saved and stopped before train.steps, not requeued: say so in the log, in the job's exit
         code (rank 0: `code`, never 0) and in jobs.json (rank 0), at which step."""
-        from satfuse.launch.jobs import record_stop, run_progress
-
         run_dir = Path(train.run_dir)
         latest = run_progress(run_dir).get("latest_checkpoint", "")
         step = int(latest.rsplit("_", 1)[-1]) if latest.rsplit("_", 1)[-1].isdigit() else None
@@ -224,8 +221,6 @@ class PretrainTask(submitit.helpers.Checkpointable):
 
     @staticmethod
     def _cancelled(env: Any, run_dir: str) -> bool:
-        from satfuse.launch.jobs import is_cancelled
-
         return is_cancelled(Path(run_dir), str(env.job_id))
 
     def _run_dir(self) -> str | None:
@@ -252,7 +247,7 @@ class PretrainTask(submitit.helpers.Checkpointable):
 
 def _term_seen() -> bool:
     """Whether the trainer's stop flag caught SIGTERM in this process (imported late: torch)."""
-    from satfuse.engines.signals import term_seen
+    from satfuse.engines.signals import term_seen  # lazy: the submitting side stays torch-free
 
     return term_seen()
 
@@ -260,8 +255,6 @@ def _term_seen() -> bool:
 def _slurm_ending(job_id: str) -> str:
     """SLURM's state of this running job when it is no longer RUNNING (scancel marks it
     COMPLETING at once), else ''. Unknown (scontrol failed) counts as running."""
-    from satfuse.launch.jobs import scontrol_show
-
     state = scontrol_show(job_id).get("JobState", "")
     return state if state and state != "RUNNING" else ""
 
@@ -270,8 +263,6 @@ def _slurm_requeueing(job_id: str, restart: int) -> bool:
     """Whether SLURM is requeueing this job itself: its restart count is already past this
     attempt's (`scontrol requeue` raises `Restarts` before the TERM reaches the tasks, while the
     task's SLURM_RESTART_COUNT still says this attempt). Unknown (scontrol failed) is no."""
-    from satfuse.launch.jobs import scontrol_show
-
     restarts = scontrol_show(job_id).get("Restarts", "")
     return restarts.isdigit() and int(restarts) > restart
 
@@ -319,8 +310,7 @@ class ShardPart:
     encoding: dict[str, Any] | None = None  # codecs.make_encoding keywords (--compress, --s1-dtype, --no-labels)
 
     def __call__(self, index: int) -> Any:
-        from satfuse.data.codecs import make_encoding
-        from satfuse.data.shard_writer import shard_dataset
+        from satfuse.data.shard_writer import shard_dataset  # lazy: submit side stays torch-free
 
         setup_logging(rank=process_rank())
         kwargs: dict[str, Any] = {k: v for k, v in (("maxcount", self.maxcount), ("workers", self.workers),
@@ -335,8 +325,6 @@ class ShardPart:
 
 def merge_shards(out: str) -> Any:
     """The dependent job after the array: join the part manifests into manifest.json."""
-    from satfuse.data.manifest import merge
-
     setup_logging(rank=process_rank())
     log.info("merging shard parts in %s", out)
     return _plain(merge(out))
