@@ -96,7 +96,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def synthesise(cfg: DemoConfig, out: Path) -> None:
-    from satfuse.data.synth import write_dfc2020, write_sen12ms  # lazy: --help stays fast
+    from satfuse.data.sources.synth import write_dfc2020, write_sen12ms  # lazy: --help stays fast
 
     raw = out / "raw"
     if not (raw / "sen12ms" / "test_list.txt").exists():
@@ -108,7 +108,7 @@ def synthesise(cfg: DemoConfig, out: Path) -> None:
 
 
 def make_shards(cfg: DemoConfig, out: Path) -> None:
-    from satfuse.data.shard_writer import shard_dataset  # lazy: --help stays fast
+    from satfuse.data.packing.shard_writer import shard_dataset  # lazy: --help stays fast
 
     raw, shards = out / "raw", out / "shards"
     jobs = [

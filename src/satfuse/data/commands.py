@@ -13,8 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from satfuse.data import multiband_cli
-from satfuse.data.band_scan import BAND_DATASETS
+from satfuse.data.packing import multiband_cli
+from satfuse.data.sources.band_scan import BAND_DATASETS
 from satfuse.distributed.launcher_env import slurm_array_defaults
 from satfuse.utils import SatfuseError
 
@@ -53,7 +53,7 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
         help="pack GeoTIFF pairs into WebDataset shards (also: shard verify DIR, shard merge DIR)",
         description="Pack co-located S1/S2 pairs into WebDataset shards; see shards/FORMAT.md.",
     )
-    from satfuse.data.layout import DATASETS
+    from satfuse.data.sources.layout import DATASETS
 
     shard.add_argument("--src", type=Path, help="dataset root in its published layout (README: Datasets); for pairs: what --pairs-file paths are relative to")
     shard.add_argument("--dataset", choices=[*DATASETS, *BAND_DATASETS])
@@ -90,7 +90,7 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from satfuse.data import synth
+    from satfuse.data.sources import synth
     from satfuse.diskspace import writable_output
 
     with writable_output(args.out):
@@ -104,10 +104,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from satfuse.data.codecs import make_encoding
-    from satfuse.data.manifest import MANIFEST_NAME, summary
-    from satfuse.data.shard_plan import quiet_gdal
-    from satfuse.data.shard_writer import shard_dataset
+    from satfuse.data.format.codecs import make_encoding
+    from satfuse.data.format.manifest import MANIFEST_NAME, summary
+    from satfuse.data.packing.shard_plan import quiet_gdal
+    from satfuse.data.packing.shard_writer import shard_dataset
     from satfuse.diskspace import writable_output
 
     missing = [f"--{n}" for n in ("src", "dataset", "out") if getattr(args, n) is None]
@@ -136,8 +136,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from satfuse.data.manifest import load_dir
-    from satfuse.data.verify import verify
+    from satfuse.data.format.manifest import load_dir
+    from satfuse.data.format.verify import verify
 
     problems = verify(args.dir)
     for p in problems:
@@ -151,7 +151,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from satfuse.data.manifest import MANIFEST_NAME, merge, summary
+    from satfuse.data.format.manifest import MANIFEST_NAME, merge, summary
 
     manifest = merge(args.dir, command=["satfuse", *sys.argv[1:]])
     log.info("merged: %s -> %s", summary(manifest), args.dir / MANIFEST_NAME)

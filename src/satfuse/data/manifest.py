@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from satfuse.data.normalize import add_sums, empty_sums, finish_stats
+from satfuse.data.packing.normalize import add_sums, empty_sums, finish_stats
 from satfuse.utils import SatfuseError, atomic_write_text
 
 FORMAT = "satfuse-shards/1"
@@ -273,7 +273,7 @@ def load(path: Path, what: str = "", stats: bool = True) -> dict[str, Any]:
         raise SatfuseError(f"{path}: manifest has no 'shards' list of {{name, count}}; re-shard with `satfuse shard`")
     _check_entries(path, shards)
     if "encoding" in manifest:  # --compress / --s1-dtype / --no-labels: one this satfuse can read
-        from satfuse.data.codecs import from_manifest
+        from satfuse.data.format.codecs import from_manifest
 
         from_manifest(manifest, str(path))
     if stats:
@@ -407,9 +407,9 @@ def write_part(out: Path, header: dict[str, Any], part: tuple[int, int], records
 
 def merge(out: Path, command: list[str] | None = None) -> dict[str, Any]:
     """Join the part manifests of a job-array run into `manifest.json` (all parts needed),
-    holding the shard directory's lease (`satfuse.data.shard_dir.out_lease`, as a whole run):
+    holding the shard directory's lease (`satfuse.data.packing.shard_dir.out_lease`, as a whole run):
     refused while a part, a whole run or another merge writes `out`."""
-    from satfuse.data.shard_dir import out_lease  # shard_dir imports this module
+    from satfuse.data.packing.shard_dir import out_lease  # shard_dir imports this module
 
     with out_lease(None, Path(out), None):
         return _merge(Path(out), command)

@@ -7,7 +7,7 @@ shared is everything after the pixels are on one grid: the seeded plan, the atom
 sidecar protocol, resume, job-array parts and `merge`, the manifest and its exact stats
 sums - all shared with `shard_writer` (`shard_plan`, `tar_writer`, `shard_dir`, `manifest`) so both produce the same `satfuse-shards/1` format.
 
-What this adds to the format (see shards/FORMAT.md and `satfuse.data.bands`):
+What this adds to the format (see shards/FORMAT.md and `satfuse.data.format.bands`):
 - manifest `bands` {s1: [...], s2: [...]} (canonical names `B1`..`B12`, `B8A`, `VV`, `VH`;
   12 S2 bands where the product has no B10), `resample` {method, tolerance_m, grid},
   `dtype`, `patch_size`, `ignored` (files and folders the scan did not use, with why) and
@@ -33,13 +33,11 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from satfuse.data import shard_plan
-from satfuse.data.band_scan import BAND_DATASETS, BandSample, BandScan
-from satfuse.data.codecs import Encoding, add_encoding
-from satfuse.data.layout import s1_range_problem
-from satfuse.data.manifest import FORMAT, build, write_part
-from satfuse.data.raster import BadData, NotColocated, npy_buffer
-from satfuse.data.resample import (
+from satfuse.data.format.codecs import Encoding, add_encoding
+from satfuse.data.format.manifest import FORMAT, build, write_part
+from satfuse.data.packing import shard_plan
+from satfuse.data.packing.raster import BadData, NotColocated, npy_buffer
+from satfuse.data.packing.resample import (
     DEFAULT_METHOD,
     DEFAULT_TOL_M,
     METHODS,
@@ -51,14 +49,23 @@ from satfuse.data.resample import (
     open_bands,
     read_resampled,
 )
-from satfuse.data.shard_dir import (
+from satfuse.data.packing.shard_dir import (
     check_paths,
     named_out,
     prepare_out,
     publish_or_discard,
     remove_stale,
 )
-from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
+from satfuse.data.packing.tar_writer import (
+    TAR_RECORD,
+    Item,
+    Packed,
+    file_stamps,
+    rel_path,
+    write_tar,
+)
+from satfuse.data.sources.band_scan import BAND_DATASETS, BandSample, BandScan
+from satfuse.data.sources.layout import s1_range_problem
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -210,13 +217,13 @@ def write_band_shard(task: BandShardTask) -> dict[str, Any]:
 def scan_dataset(dataset: str, src: Path, *, split_file: Path | None, split: str | None, s2_level: str, max_gap_days: float) -> BandScan:
     """Dispatch to the dataset's scanner."""
     if dataset == "ssl4eo-s12":
-        from satfuse.data.ssl4eo import scan_ssl4eo
+        from satfuse.data.sources.ssl4eo import scan_ssl4eo
 
         if split_file is not None or split is not None:
             raise SatfuseError("--split-file/--split do not apply to ssl4eo-s12 (it has no official splits); shard all locations")
         return scan_ssl4eo(src, s2_level=s2_level, max_gap_days=max_gap_days)
     if dataset in ("bigearthnet", "bigearthnet-v2"):
-        from satfuse.data.bigearthnet import scan_bigearthnet
+        from satfuse.data.sources.bigearthnet import scan_bigearthnet
 
         return scan_bigearthnet(src, version=2 if dataset == "bigearthnet-v2" else 1, split_file=split_file, split=split)
     raise SatfuseError(f"unknown per-band dataset {dataset!r}; use one of {list(BAND_DATASETS)}")
@@ -261,7 +268,7 @@ def shard_bands(
 ) -> dict[str, Any]:
     """Pack a per-band dataset into `out`; returns the manifest (or the part manifest).
     `s2_level` (default l1c) and `max_gap_days` (default 30) are SSL4EO-S12 options;
-    `encoding` (`satfuse.data.codecs`) as for `shard_writer` (these sets have no label member)."""
+    `encoding` (`satfuse.data.format.codecs`) as for `shard_writer` (these sets have no label member)."""
     src, out = Path(src), named_out(out)
     encoding = encoding or Encoding()
     if dataset != "ssl4eo-s12" and (s2_level is not None or max_gap_days is not None):

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from satfuse.data.resample import DEFAULT_METHOD, DEFAULT_TOL_M, METHODS
+from satfuse.data.packing.resample import DEFAULT_METHOD, DEFAULT_TOL_M, METHODS
 from satfuse.utils import SatfuseError
 
 
@@ -29,7 +29,7 @@ def register_synth(verbs: argparse._SubParsersAction) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from satfuse.data import synth_multiband
+    from satfuse.data.sources import synth_multiband
     from satfuse.diskspace import writable_output
 
     with writable_output(args.out):

@@ -46,12 +46,10 @@ import numpy as np
 import rasterio
 from rasterio.errors import RasterioError
 
-from satfuse.data import manifest as mf
-from satfuse.data.band_scan import BAND_DATASETS
-from satfuse.data.codecs import Encoding, add_encoding
-from satfuse.data.layout import MAX_SHOWN, Pair
-from satfuse.data.raster import Prefetcher, Raster
-from satfuse.data.shard_dir import (
+from satfuse.data.format import manifest as mf
+from satfuse.data.format.codecs import Encoding, add_encoding
+from satfuse.data.packing.raster import Prefetcher, Raster
+from satfuse.data.packing.shard_dir import (
     check_paths,
     holding_out_lease,
     named_out,
@@ -59,7 +57,7 @@ from satfuse.data.shard_dir import (
     publish_or_discard,
     remove_stale,
 )
-from satfuse.data.shard_plan import (
+from satfuse.data.packing.shard_plan import (
     MAX_ERRORS_SHOWN,
     check_args,
     plan_digest,
@@ -67,8 +65,17 @@ from satfuse.data.shard_plan import (
     raise_on_errors,
     run_tasks,
 )
-from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
-from satfuse.data.tree_scan import scan_dataset
+from satfuse.data.packing.tar_writer import (
+    TAR_RECORD,
+    Item,
+    Packed,
+    file_stamps,
+    rel_path,
+    write_tar,
+)
+from satfuse.data.sources.band_scan import BAND_DATASETS
+from satfuse.data.sources.layout import MAX_SHOWN, Pair
+from satfuse.data.sources.tree_scan import scan_dataset
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -219,16 +226,16 @@ def shard_dataset(
     part, the part manifest). `num_shards` is the number of job-array parts, not of tars.
     `strict_split` makes split-list entries without files fatal (they are listed otherwise).
     `band_options` (resample, s2_level, split, tol_m, max_gap_days) are for BAND_DATASETS.
-    `encoding` (`satfuse.data.codecs`: --compress, --s1-dtype, --no-labels) defaults to the
+    `encoding` (`satfuse.data.format.codecs`: --compress, --s1-dtype, --no-labels) defaults to the
     original format."""
     src, out = Path(src), named_out(out)
     encoding = encoding or Encoding()
-    if dataset in BAND_DATASETS:  # one file per band: SSL4EO-S12, BigEarthNet (satfuse.data.multiband)
+    if dataset in BAND_DATASETS:  # one file per band: SSL4EO-S12, BigEarthNet (satfuse.data.packing.multiband)
         unused = [flag for flag, value in (("--exclude-scenes", exclude_scenes), ("--pairs-file", pairs_file),
                                            ("--strict-split", strict_split)) if value]
         if unused:
             raise SatfuseError(f"{', '.join(unused)}: not used by --dataset {dataset} (SEN12MS/DFC2020/pairs only); drop it")
-        from satfuse.data.multiband import shard_bands
+        from satfuse.data.packing.multiband import shard_bands
 
         return shard_bands(src, dataset, out, maxcount=maxcount, maxsize=maxsize, workers=workers, seed=seed,
                            split_file=split_file, shard_index=shard_index, num_shards=num_shards,

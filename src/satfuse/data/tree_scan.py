@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from satfuse.data.layout import (
+from satfuse.data.sources.layout import (
     AUX_SENSORS,
     DATASETS,
     FILE_RE,
@@ -31,8 +31,8 @@ from satfuse.data.layout import (
     make_key,
     season_of,
 )
-from satfuse.data.pairs_file import scan_pairs
-from satfuse.data.split_lists import read_scene_list, read_split
+from satfuse.data.sources.pairs_file import scan_pairs
+from satfuse.data.sources.split_lists import read_scene_list, read_split
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

@@ -102,7 +102,7 @@ def cmd_submit_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_submit_shard(args: argparse.Namespace) -> int:
-    from satfuse.data.codecs import make_encoding  # lazy: --help stays fast (numpy, codecs)
+    from satfuse.data.format.codecs import make_encoding  # lazy: --help stays fast (numpy, codecs)
     from satfuse.launch.submit import (  # lazy: --help stays fast
         default_shard_run_dir,
         print_submission,

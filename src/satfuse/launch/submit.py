@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.config import PretrainConfig, load_config, validate_pretrain
-from satfuse.data.shard_dir import check_paths, claim_problem, prepare_out
+from satfuse.data.packing.shard_dir import check_paths, claim_problem, prepare_out
 from satfuse.engines.rundir import live_holder
 from satfuse.launch import cluster, jobs
 from satfuse.launch.cluster import ClusterProfile

@@ -59,8 +59,8 @@ from typing import Any, NoReturn
 import submitit
 
 from satfuse.config import PretrainConfig, TrainConfig, load_config
-from satfuse.data.codecs import make_encoding
-from satfuse.data.manifest import merge
+from satfuse.data.format.codecs import make_encoding
+from satfuse.data.packing.shard_dir import merge
 from satfuse.distributed.env import exit_cleanly
 from satfuse.distributed.launcher_env import (
     export_torchrun_vars,
@@ -310,7 +310,9 @@ class ShardPart:
     encoding: dict[str, Any] | None = None  # codecs.make_encoding keywords (--compress, --s1-dtype, --no-labels)
 
     def __call__(self, index: int) -> Any:
-        from satfuse.data.shard_writer import shard_dataset  # lazy: submit side stays torch-free
+        from satfuse.data.packing.shard_writer import (
+            shard_dataset,  # lazy: submit side stays torch-free
+        )
 
         setup_logging(rank=process_rank())
         kwargs: dict[str, Any] = {k: v for k, v in (("maxcount", self.maxcount), ("workers", self.workers),
