@@ -42,8 +42,6 @@ LABEL_SENSOR: dict[str, str] = {"sen12ms": "lc", "dfc2020": "dfc", "pairs": "lab
 # Layers packed beside the label when a tree has them (DFC2020 ships the MODIS lc layers too).
 AUX_SENSORS: dict[str, tuple[str, ...]] = {"sen12ms": (), "dfc2020": ("lc",), "pairs": ()}
 SENSORS: dict[str, tuple[str, ...]] = {"sen12ms": ("s1", "s2", "lc"), "dfc2020": ("s1", "s2", "lc", "dfc")}
-# The datasets `satfuse shard --dataset` knows; new layouts add their name and a branch in `scan_dataset`.
-DATASETS: tuple[str, ...] = ("sen12ms", "dfc2020", "pairs")
 
 # Shard member contents per sensor: (band count, numpy dtype name). `satfuse shard verify` checks these.
 EXPECTED_BANDS: dict[str, tuple[int, str]] = {
