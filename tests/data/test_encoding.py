@@ -17,7 +17,7 @@ import torch
 
 from satfuse.data.codecs import make_encoding, webdataset_handler
 from satfuse.data.eval_loader import EvalLoader
-from satfuse.data.manifest import merge
+from satfuse.data.shard_dir import merge
 from satfuse.data.shard_sets import resolve_shards
 from satfuse.data.shard_writer import shard_dataset
 from satfuse.data.verify import verify

@@ -174,7 +174,7 @@ def test_nothing_packed_is_an_error_naming_the_commonest_reasons(ssl_tree, tmp_p
     resume records would look like a partial set and be reused); what existed before the run
     stays. A job array's merge refuses the same way and says what the parts left."""
     from satfuse.cli import main
-    from satfuse.data.manifest import merge
+    from satfuse.data.shard_dir import merge
 
     src = tmp_path / "src"
     shutil.copytree(ssl_tree, src)
@@ -396,7 +396,7 @@ def test_cli_synth_shard_verify_and_option_checks(tmp_path, capsys):
 
 
 def test_job_array_parts_merge_to_the_single_run_and_reruns_reuse(ben1_tree, tmp_path):
-    from satfuse.data.manifest import merge
+    from satfuse.data.shard_dir import merge
 
     single = shard_dataset(ben1_tree, "bigearthnet", tmp_path / "one", maxcount=2, seed=5)
     for i in range(2):

@@ -19,7 +19,8 @@ import rasterio
 
 from satfuse.cli import main
 from satfuse.data.layout import patch_path
-from satfuse.data.manifest import merge, summary
+from satfuse.data.manifest import summary
+from satfuse.data.shard_dir import merge
 from satfuse.data.shard_writer import shard_dataset
 from satfuse.data.split_lists import read_split
 from satfuse.data.synth import write_dfc2020, write_sen12ms

@@ -17,8 +17,8 @@ import pytest
 import rasterio
 import webdataset as wds
 
-from satfuse.data.manifest import merge
 from satfuse.data.raster import npy_buffer
+from satfuse.data.shard_dir import merge
 from satfuse.data.shard_plan import plan_shards
 from satfuse.data.shard_writer import shard_dataset
 from satfuse.data.tree_scan import scan

@@ -95,11 +95,11 @@ def slurm_array_defaults(env: dict[str, str] | None = None) -> tuple[int | None,
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from satfuse.data.codecs import make_encoding
-    from satfuse.data.manifest import MANIFEST_NAME, summary
-    from satfuse.data.shard_plan import quiet_gdal
-    from satfuse.data.shard_writer import shard_dataset
-    from satfuse.diskspace import writable_output
+    from satfuse.data.codecs import make_encoding  # lazy: --help stays fast
+    from satfuse.data.manifest import MANIFEST_NAME, summary  # lazy: --help stays fast
+    from satfuse.data.shard_plan import quiet_gdal  # lazy: --help stays fast
+    from satfuse.data.shard_writer import shard_dataset  # lazy: --help stays fast
+    from satfuse.diskspace import writable_output  # lazy: --help stays fast
 
     missing = [f"--{n}" for n in ("src", "dataset", "out") if getattr(args, n) is None]
     if missing:
@@ -127,8 +127,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from satfuse.data.manifest import load_dir
-    from satfuse.data.verify import verify
+    from satfuse.data.manifest import load_dir  # lazy: --help stays fast
+    from satfuse.data.verify import verify  # lazy: --help stays fast
 
     problems = verify(args.dir)
     for p in problems:
@@ -142,7 +142,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from satfuse.data.manifest import MANIFEST_NAME, merge, summary
+    from satfuse.data.manifest import MANIFEST_NAME, summary  # lazy: --help stays fast
+    from satfuse.data.shard_dir import merge  # lazy: --help stays fast
 
     manifest = merge(args.dir, command=["satfuse", *sys.argv[1:]])
     log.info("merged: %s -> %s", summary(manifest), args.dir / MANIFEST_NAME)

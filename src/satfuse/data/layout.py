@@ -33,6 +33,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 Dataset = str
 
 SEN12MS_ROIS = ("ROIs1158_spring", "ROIs1868_summer", "ROIs1970_fall", "ROIs2017_winter")
@@ -85,8 +87,6 @@ S1_DB_RANGE = (-100.0, 60.0)
 
 def s1_range_problem(array: object, where: str) -> str | None:
     """`out of range: ...` when finite S1 values leave S1_DB_RANGE, else None (NaN is checked apart)."""
-    import numpy as np
-
     lo, hi = float(np.min(array)), float(np.max(array))
     if lo >= S1_DB_RANGE[0] and hi <= S1_DB_RANGE[1]:
         return None

@@ -69,6 +69,7 @@ from satfuse.data.shard_plan import (
     run_tasks,
 )
 from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
+from satfuse.diskspace import is_no_space, no_space_error
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -279,8 +280,6 @@ def shard_dataset(
         manifest = mf.build(header, records, scan_excluded, command, ignored)
         publish_or_discard(out, manifest, records, claim)
     except OSError as exc:
-        from satfuse.diskspace import is_no_space, no_space_error
-
         if not is_no_space(exc):
             raise
         # what the unfinished shards still need (finished ones are kept and reused on rerun)

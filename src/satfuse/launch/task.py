@@ -328,7 +328,7 @@ class ShardPart:
 
 def merge_shards(out: str) -> Any:
     """The dependent job after the array: join the part manifests into manifest.json."""
-    from satfuse.data.manifest import merge
+    from satfuse.data.shard_dir import merge
 
     setup_logging()
     log.info("merging shard parts in %s", out)
