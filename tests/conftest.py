@@ -95,8 +95,8 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def sen12ms_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic SEN12MS (real layout, 32x32 patches) packed into 8 small shards."""
-    from satfuse.data.shard_writer import shard_dataset
-    from satfuse.data.synth import write_sen12ms
+    from satfuse.data.packing.shard_writer import shard_dataset
+    from satfuse.data.sources.synth import write_sen12ms
 
     base = tmp_path_factory.mktemp("sen12ms")
     write_sen12ms(base / "raw", scenes=2, patches_per_scene=24, seed=0, size=32)
@@ -107,8 +107,8 @@ def sen12ms_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sen12ms_heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Held-out scenes (another seed) for retrieval accuracy."""
-    from satfuse.data.shard_writer import shard_dataset
-    from satfuse.data.synth import write_sen12ms
+    from satfuse.data.packing.shard_writer import shard_dataset
+    from satfuse.data.sources.synth import write_sen12ms
 
     base = tmp_path_factory.mktemp("sen12ms_heldout")
     write_sen12ms(base / "raw", scenes=1, patches_per_scene=16, seed=99, size=32)

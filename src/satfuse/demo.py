@@ -95,7 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def synthesise(cfg: DemoConfig, out: Path) -> None:
-    from satfuse.data.synth import write_dfc2020, write_sen12ms
+    from satfuse.data.sources.synth import write_dfc2020, write_sen12ms
 
     raw = out / "raw"
     if not (raw / "sen12ms" / "test_list.txt").exists():
@@ -107,7 +107,7 @@ def synthesise(cfg: DemoConfig, out: Path) -> None:
 
 
 def make_shards(cfg: DemoConfig, out: Path) -> None:
-    from satfuse.data.shard_writer import shard_dataset
+    from satfuse.data.packing.shard_writer import shard_dataset
 
     raw, shards = out / "raw", out / "shards"
     jobs = [

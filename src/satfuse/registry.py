@@ -151,7 +151,7 @@ def _origin(obj: object) -> str:
 
 BACKBONES: Registry = Registry("backbone", ("satfuse.models.backbones",), "model.backbone")
 METHODS: Registry = Registry("pretraining method", ("satfuse.models.methods",), "model.method")
-DATASETS: Registry = Registry("dataset", ("satfuse.data.catalog",), "--dataset")
+DATASETS: Registry = Registry("dataset", ("satfuse.data.sources.catalog",), "--dataset")
 BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.finetune",), "finetune benchmark")
 ENGINES: Registry = Registry("engine", ("satfuse.engines.setup",), "train.engine")
 CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.protocol",), "checkpoint kind")

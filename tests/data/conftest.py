@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from satfuse.data.synth import write_dfc2020, write_sen12ms
+from satfuse.data.sources.synth import write_dfc2020, write_sen12ms
 from tests.data.loader_shards import make_shards
 
 

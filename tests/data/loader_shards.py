@@ -96,7 +96,7 @@ def truncate(path: Path, fraction: float = 0.5, record: bool = True) -> None:
     """Cut a tar file short, as an interrupted copy would. With `record`, the manifest beside
     it is made to list the cut bytes (size and sha256), so what runs is the reader's own
     handling of a short tar; without, the loader's sha256 check refuses the whole shard."""
-    from satfuse.data.stream_io import _digests
+    from satfuse.data.reading.stream_io import _digests
 
     data = path.read_bytes()[: int(path.stat().st_size * fraction)]
     path.write_bytes(data)

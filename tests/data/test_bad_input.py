@@ -12,8 +12,8 @@ import rasterio
 from rasterio.transform import Affine
 
 from satfuse.cli import main
-from satfuse.data.layout import patch_path
-from satfuse.data.shard_writer import shard_dataset
+from satfuse.data.packing.shard_writer import shard_dataset
+from satfuse.data.sources.layout import patch_path
 from satfuse.utils import SatfuseError
 
 SPRING = "ROIs1158_spring"

@@ -1,4 +1,4 @@
-"""The workers' copy-free hand-off (data/batch_ring.py): buffers reused, never overwritten
+"""The workers' copy-free hand-off (data/reading/batch_ring.py): buffers reused, never overwritten
 while the consumer holds a view, pinned in place on CUDA (a no-op without it), and no shared
 memory or worker process left behind after a normal end, a worker error or Ctrl-C."""
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from satfuse.data import pretrain_loader
-from satfuse.data.batch_ring import RingConsumer, storage_users
-from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.reading import pretrain_loader
+from satfuse.data.reading.batch_ring import RingConsumer, storage_users
+from satfuse.data.reading.pretrain_loader import PretrainLoader
+from satfuse.data.reading.shard_sets import resolve_shards
 from tests.data.loader_shards import data_cfg, make_shards, sample_ids
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,8 +127,8 @@ faulthandler.register(signal.SIGQUIT, all_threads=True)  # the test asks for sta
 # the background (a CI runner, `cmd &`) ignores SIGINT for it, which Python then keeps ignoring
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from satfuse.config import DataConfig
-from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.reading.pretrain_loader import PretrainLoader
+from satfuse.data.reading.shard_sets import resolve_shards
 mode, shards = sys.argv[1], sys.argv[2]
 cfg = DataConfig(batch_size=4, num_workers=2, shuffle_buffer=8, crop=8, on_decode_error="fatal")
 it = iter(PretrainLoader(resolve_shards(shards), cfg, rank=0, world_size=1, seed=0))
@@ -249,7 +249,7 @@ def test_torch_without_use_count_falls_back_with_a_warning(
 ) -> None:
     monkeypatch.setattr(pretrain_loader, "supported", lambda: False)
     it = iter(PretrainLoader(resolve_shards(str(shard_dir)), data_cfg(num_workers=1), rank=0, world_size=1, seed=0))
-    with caplog.at_level("WARNING", logger="satfuse.data.pretrain_loader"):
+    with caplog.at_level("WARNING", logger="satfuse.data.reading.pretrain_loader"):
         b = next(it)
     assert b["s2"].shape[0] == 4 and "fresh shared-memory tensor" in caplog.text
     del it

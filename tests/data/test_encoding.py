@@ -1,4 +1,4 @@
-"""`satfuse shard --compress / --s1-dtype float16 / --no-labels` (satfuse.data.codecs):
+"""`satfuse shard --compress / --s1-dtype float16 / --no-labels` (satfuse.data.format.codecs):
 round trips, stock webdataset reads, the lossy bound, verify, resume and job-array merges."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pytest
 import rasterio
 import torch
 
-from satfuse.data.codecs import make_encoding, webdataset_handler
-from satfuse.data.eval_loader import EvalLoader
-from satfuse.data.shard_dir import merge
-from satfuse.data.shard_sets import resolve_shards
-from satfuse.data.shard_writer import shard_dataset
-from satfuse.data.verify import verify
+from satfuse.data.format.codecs import make_encoding, webdataset_handler
+from satfuse.data.format.verify import verify
+from satfuse.data.packing.shard_dir import merge
+from satfuse.data.packing.shard_writer import shard_dataset
+from satfuse.data.reading.eval_loader import EvalLoader
+from satfuse.data.reading.shard_sets import resolve_shards
 from satfuse.evaluation.data import load_split
 from satfuse.utils import SatfuseError
 from tests.data.loader_shards import data_cfg
@@ -196,7 +196,7 @@ def test_verify_reads_the_encoding_from_the_manifest(sen12ms_tree, tmp_path):
 
 
 def test_per_band_datasets_take_the_flags(tmp_path):
-    from satfuse.data.synth_multiband import write_ssl4eo
+    from satfuse.data.sources.synth_multiband import write_ssl4eo
 
     write_ssl4eo(tmp_path / "ssl", locations=1, seed=1, size=36)
     m = pack(tmp_path / "ssl", tmp_path / "out", "ssl4eo-s12", compress="lz4", s1_dtype="float16", no_labels=True)
@@ -219,7 +219,7 @@ def test_bad_flags_are_one_line_errors(kw, match):
 
 def test_cli_flags_pack_verify_and_pretrain_loader(sen12ms_tree, tmp_path, capfd):
     from satfuse.cli import main
-    from satfuse.data.pretrain_loader import PretrainLoader
+    from satfuse.data.reading.pretrain_loader import PretrainLoader
 
     out = tmp_path / "cli"
     assert main(["shard", "--src", str(sen12ms_tree), "--dataset", "sen12ms", "--out", str(out), "--maxcount", "4",
@@ -294,9 +294,9 @@ def test_a_decompression_bomb_is_refused_before_it_costs_memory(codec: str) -> N
     is decompressed."""
     import tracemalloc
 
-    from satfuse.data.codecs import compress, decompress_npy, load_array, npy_bytes
-    from satfuse.data.stream_io import RawSample, decode_pair
-    from satfuse.data.verify import _check_array
+    from satfuse.data.format.codecs import compress, decompress_npy, load_array, npy_bytes
+    from satfuse.data.format.verify import _check_array
+    from satfuse.data.reading.stream_io import RawSample, decode_pair
     from satfuse.evaluation.data import _npy
 
     s1 = compress(npy_bytes(np.zeros((2, 16, 16), np.float32)), codec, 1)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from satfuse.data.eval_loader import EvalLoader
-from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.reading.eval_loader import EvalLoader
+from satfuse.data.reading.shard_sets import resolve_shards
 from satfuse.utils import SatfuseError
 from tests.data.loader_shards import data_cfg, make_shards, sample_ids
 

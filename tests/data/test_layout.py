@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from satfuse.data.layout import make_key, patch_path
-from satfuse.data.split_lists import read_split
-from satfuse.data.tree_scan import scan
+from satfuse.data.sources.layout import make_key, patch_path
+from satfuse.data.sources.split_lists import read_split
+from satfuse.data.sources.tree_scan import scan
 from satfuse.utils import SatfuseError
 
 

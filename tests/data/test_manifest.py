@@ -1,4 +1,4 @@
-"""satfuse.data.manifest: one owner of the shard format, one validator for every reader."""
+"""satfuse.data.format.manifest: one owner of the shard format, one validator for every reader."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from satfuse.data.manifest import FORMAT, load, tar_name, url_tar_name
-from satfuse.data.shard_sets import resolve_shards
-from satfuse.data.verify import verify
+from satfuse.data.format.manifest import FORMAT, load, tar_name, url_tar_name
+from satfuse.data.format.verify import verify
+from satfuse.data.reading.shard_sets import resolve_shards
 from satfuse.evaluation.data import load_split, read_manifest
 from satfuse.utils import SatfuseError
 
@@ -99,9 +99,9 @@ def test_a_manifest_names_plain_tars_never_commands(tmp_path: Path, monkeypatch:
 def test_manifest_integrity_holes_are_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Repeated shards, entries without sha256/bytes, a count below the tar's, one set under two
     spellings and a set re-packed under the same names: each refused or noticed."""
-    from satfuse.data.pretrain_loader import PretrainLoader
-    from satfuse.data.shard_sets import same_set_warning
-    from satfuse.data.stream_io import _digests, index_shard
+    from satfuse.data.reading.pretrain_loader import PretrainLoader
+    from satfuse.data.reading.shard_sets import same_set_warning
+    from satfuse.data.reading.stream_io import _digests, index_shard
     from tests.data.loader_shards import data_cfg, make_shards
 
     a = make_shards(tmp_path / "a", [4, 3])
@@ -161,7 +161,7 @@ def test_resume_from_a_loader_state_of_the_previous_satfuse(tmp_path: Path, capl
 
     import torch
 
-    from satfuse.data.pretrain_loader import PretrainLoader
+    from satfuse.data.reading.pretrain_loader import PretrainLoader
     from tests.data.loader_shards import data_cfg, make_shards, run_rank
 
     ss = resolve_shards(str(make_shards(tmp_path / "a", [8, 7])))

@@ -19,11 +19,11 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from satfuse.data.bands import check_same_bands, manifest_bands, normalization_bands
-from satfuse.data.bigearthnet import CLASSES_19, CLASSES_43, to_19
-from satfuse.data.shard_writer import shard_dataset
-from satfuse.data.synth_multiband import CLC_CODES, write_bigearthnet, write_ssl4eo
-from satfuse.data.verify import verify
+from satfuse.data.format.bands import check_same_bands, manifest_bands, normalization_bands
+from satfuse.data.format.verify import verify
+from satfuse.data.packing.shard_writer import shard_dataset
+from satfuse.data.sources.bigearthnet import CLASSES_19, CLASSES_43, to_19
+from satfuse.data.sources.synth_multiband import CLC_CODES, write_bigearthnet, write_ssl4eo
 from satfuse.utils import SatfuseError
 
 L1C = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
@@ -174,7 +174,7 @@ def test_nothing_packed_is_an_error_naming_the_commonest_reasons(ssl_tree, tmp_p
     resume records would look like a partial set and be reused); what existed before the run
     stays. A job array's merge refuses the same way and says what the parts left."""
     from satfuse.cli import main
-    from satfuse.data.shard_dir import merge
+    from satfuse.data.packing.shard_dir import merge
 
     src = tmp_path / "src"
     shutil.copytree(ssl_tree, src)
@@ -396,7 +396,7 @@ def test_cli_synth_shard_verify_and_option_checks(tmp_path, capsys):
 
 
 def test_job_array_parts_merge_to_the_single_run_and_reruns_reuse(ben1_tree, tmp_path):
-    from satfuse.data.shard_dir import merge
+    from satfuse.data.packing.shard_dir import merge
 
     single = shard_dataset(ben1_tree, "bigearthnet", tmp_path / "one", maxcount=2, seed=5)
     for i in range(2):
@@ -447,12 +447,12 @@ def test_repeated_rows_of_bigearthnet_lists_are_said_and_read_once(ben1_tree, be
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from satfuse.data.bigearthnet import scan_bigearthnet
+    from satfuse.data.sources.bigearthnet import scan_bigearthnet
 
     rows = list(csv.reader((ben1_tree / "bigearthnet-train.csv").open()))
     v1 = tmp_path / "v1.csv"
     v1.write_text("".join(f"{s2},{s1}\r\n" for s2, s1 in [*rows, rows[0], rows[0]]))
-    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+    with caplog.at_level("WARNING", logger="satfuse.data.sources.split_lists"):
         scan = scan_bigearthnet(ben1_tree, 1, split_file=v1)
     assert sorted(s.key for s in scan.samples) == sorted(r[0] for r in rows)
     n = len(rows)
@@ -468,7 +468,7 @@ def test_repeated_rows_of_bigearthnet_lists_are_said_and_read_once(ben1_tree, be
     pid = table.column("patch_id")[1].as_py()
     listed = tmp_path / "v2.csv"
     listed.write_text(f"{pid}\n{pid}\n")
-    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+    with caplog.at_level("WARNING", logger="satfuse.data.sources.split_lists"):
         scan = scan_bigearthnet(root, 2, split_file=listed)
     assert [s.key for s in scan.samples] == [pid]
     assert (f"{root / 'metadata.parquet'}: {table.num_rows + 1} rows name {table.num_rows} patches: 1 duplicate row(s) "

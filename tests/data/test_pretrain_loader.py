@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.reading.pretrain_loader import PretrainLoader
+from satfuse.data.reading.shard_sets import resolve_shards
 from satfuse.utils import SatfuseError
 from tests.data.loader_shards import S2_STATS, data_cfg, make_shards, run_rank, sample_ids, truncate
 

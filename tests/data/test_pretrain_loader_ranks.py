@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.reading.pretrain_loader import PretrainLoader
+from satfuse.data.reading.shard_sets import resolve_shards
 from satfuse.distributed.ports import free_port
 from tests.data.loader_shards import data_cfg, gather_report, make_shards, sample_ids, truncate
 

@@ -18,14 +18,14 @@ import pytest
 import rasterio
 
 from satfuse.cli import main
-from satfuse.data.layout import patch_path
-from satfuse.data.manifest import summary
-from satfuse.data.shard_dir import merge
-from satfuse.data.shard_writer import shard_dataset
-from satfuse.data.split_lists import read_split
-from satfuse.data.synth import write_dfc2020, write_sen12ms
-from satfuse.data.tree_scan import scan
-from satfuse.data.verify import verify
+from satfuse.data.format.manifest import summary
+from satfuse.data.format.verify import verify
+from satfuse.data.packing.shard_dir import merge
+from satfuse.data.packing.shard_writer import shard_dataset
+from satfuse.data.sources.layout import patch_path
+from satfuse.data.sources.split_lists import read_split
+from satfuse.data.sources.synth import write_dfc2020, write_sen12ms
+from satfuse.data.sources.tree_scan import scan
 from satfuse.utils import SatfuseError
 
 SPRING, SUMMER = "ROIs1158_spring", "ROIs1868_summer"
@@ -128,7 +128,7 @@ def test_duplicate_rows_and_extra_columns_are_said(tmp_path: Path, caplog: pytes
     may carry more columns: both are read, and both are said, not merged or ignored silently."""
     split = tmp_path / "balanced_observations.csv"
     split.write_text("Season,Scene,ID,Label\nSeasons.SPRING,1,2,4\nSeasons.SPRING,1,3,7\nSeasons.SPRING,1,2,4\nSeasons.SPRING,1,2,4\n")
-    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+    with caplog.at_level("WARNING", logger="satfuse.data.sources.split_lists"):
         assert read_split(split, "sen12ms") == {(SPRING, 1, 2), (SPRING, 1, 3)}
     text = caplog.text
     assert "4 row(s) have columns beyond Season,Scene,ID (Label) (first: line 2); they are not used" in text
@@ -136,7 +136,7 @@ def test_duplicate_rows_and_extra_columns_are_said(tmp_path: Path, caplog: pytes
     caplog.clear()
     names = tmp_path / "test_list.txt"
     names.write_text("ROIs1158_spring_s2_1_p2.tif\r\nROIs1158_spring_s2_1_p2.tif\r\n")
-    with caplog.at_level("WARNING", logger="satfuse.data.split_lists"):
+    with caplog.at_level("WARNING", logger="satfuse.data.sources.split_lists"):
         assert read_split(names, "sen12ms") == {(SPRING, 1, 2)}
     assert "2 rows name 1 patches: 1 duplicate row(s) (line 2 repeats line 1)" in caplog.text
 
@@ -437,7 +437,7 @@ def test_dfc2020_both_folder_variants_at_once_are_ambiguous(dfc_tree: Path, tmp_
 
 def test_dfc2020_samples_with_lc_still_label_with_dfc(dfc_tree: Path, tmp_path: Path) -> None:
     """DFC2020 samples carry lc.npy beside dfc.npy; the stream loader's label is dfc."""
-    from satfuse.data.stream_io import decode_label, read_shard
+    from satfuse.data.reading.stream_io import decode_label, read_shard
 
     out = tmp_path / "d"
     shard_dataset(dfc_tree, "dfc2020", out, maxcount=16)

@@ -17,11 +17,11 @@ import pytest
 import rasterio
 import webdataset as wds
 
-from satfuse.data.raster import npy_buffer
-from satfuse.data.shard_dir import merge
-from satfuse.data.shard_plan import plan_shards
-from satfuse.data.shard_writer import shard_dataset
-from satfuse.data.tree_scan import scan
+from satfuse.data.packing.raster import npy_buffer
+from satfuse.data.packing.shard_dir import merge
+from satfuse.data.packing.shard_plan import plan_shards
+from satfuse.data.packing.shard_writer import shard_dataset
+from satfuse.data.sources.tree_scan import scan
 from satfuse.utils import SatfuseError, sha256_file
 
 VOLATILE = {"created", "command", "part_commands"}
@@ -222,7 +222,7 @@ def test_one_writer_per_output_directory(sen12ms_tree: Path, tmp_path: Path, mon
     with pytest.raises(SatfuseError, match="another run is writing this shard directory"):
         shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=0, num_shards=2)
     part0.release()
-    from satfuse.data import shard_writer
+    from satfuse.data.packing import shard_writer
 
     held: list[bool] = []  # --overwrite empties the directory but keeps the lease of the run doing it
     stale = shard_writer.remove_stale
@@ -239,7 +239,7 @@ def test_merge_holds_the_output_directorys_lease(sen12ms_tree: Path, tmp_path: P
     """`satfuse shard merge` takes the whole run's lease: refused while a part (or a whole run,
     or another merge) writes the directory, nothing published; while a merge holds it, a part
     is refused; once free the merge publishes manifest.json and leaves no lease behind."""
-    from satfuse.data.shard_dir import out_lease
+    from satfuse.data.packing.shard_dir import out_lease
     from satfuse.engines.rundir import RunLease
 
     out = tmp_path / "parts"

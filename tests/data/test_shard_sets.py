@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.reading.pretrain_loader import PretrainLoader
+from satfuse.data.reading.shard_sets import resolve_shards
 from satfuse.utils import SatfuseError
 from tests.data.loader_shards import data_cfg, run_rank, sample_ids
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from satfuse.data import staging
-from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards
-from satfuse.data.staging import NodeLayout, copy_share, plan_copies
-from satfuse.data.stream_plan import (
+from satfuse.data.reading import staging
+from satfuse.data.reading.pretrain_loader import PretrainLoader
+from satfuse.data.reading.shard_sets import resolve_shards
+from satfuse.data.reading.staging import NodeLayout, copy_share, plan_copies
+from satfuse.data.reading.stream_plan import (
     make_plan,
     node_groups,
     runs_size,

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards
-from satfuse.data.stream_io import (
+from satfuse.data.reading.pretrain_loader import PretrainLoader
+from satfuse.data.reading.shard_sets import resolve_shards
+from satfuse.data.reading.stream_io import (
     MemberRef,
     ShardCache,
     decode_pair,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from satfuse.data.stream_plan import (
+from satfuse.data.reading.stream_plan import (
     make_plan,
     positions_to_runs,
     runs_size,

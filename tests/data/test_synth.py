@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import rasterio
 
-from satfuse.data import synth
-from satfuse.data.layout import IGBP2DFC
-from satfuse.data.tree_scan import scan
+from satfuse.data.sources import synth
+from satfuse.data.sources.layout import IGBP2DFC
+from satfuse.data.sources.tree_scan import scan
 from satfuse.utils import SatfuseError
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from satfuse.cli import main
 from satfuse.data.commands import slurm_array_defaults
-from satfuse.data.shard_writer import shard_dataset
-from satfuse.data.verify import verify
+from satfuse.data.format.verify import verify
+from satfuse.data.packing.shard_writer import shard_dataset
 from satfuse.utils import SatfuseError
 
 
@@ -91,7 +91,7 @@ def test_output_names_and_unwritable_outputs(sen12ms_tree: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`--out .` names the tars after the directory; a set name with a space resolves from a brace
     pattern; an output on /proc or /sys is one line naming the path, for shard and synth."""
-    from satfuse.data.shard_sets import resolve_shards
+    from satfuse.data.reading.shard_sets import resolve_shards
 
     here = tmp_path / "cwd-set"
     here.mkdir()

@@ -68,7 +68,7 @@ def one_line(err: str) -> str:
 
 def test_sharding_into_a_full_fs_is_one_line_and_leaves_nothing_complete(
         capsys: pytest.CaptureFixture[str], tmpfs: Callable[[str], Path], tmp_path: Path) -> None:
-    from satfuse.data.synth import write_sen12ms
+    from satfuse.data.sources.synth import write_sen12ms
 
     raw = tmp_path / "raw"
     write_sen12ms(raw, scenes=1, patches_per_scene=12, seed=0, size=32)
@@ -81,7 +81,7 @@ def test_sharding_into_a_full_fs_is_one_line_and_leaves_nothing_complete(
     assert f"{out}: no space left on device (ENOSPC) writing shards:" in line
     assert " free, about " in line and " bytes (" in line and " needed; " in line
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
-    from satfuse.data.manifest import sidecar_path
+    from satfuse.data.format.manifest import sidecar_path
 
     for tar in out.glob("*.tar"):  # a finished shard has its record (it is reused on rerun)
         assert sidecar_path(out, tar.name).is_file()

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import satfuse.data.pretrain_loader as pretrain_loader
+import satfuse.data.reading.pretrain_loader as pretrain_loader
 import satfuse.distributed.collectives as coll
 import satfuse.distributed.env as denv
 import satfuse.distributed.launcher_env as lenv
 from satfuse.config import DataConfig, PretrainConfig, load_config
-from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.reading.pretrain_loader import PretrainLoader
+from satfuse.data.reading.shard_sets import resolve_shards
 from satfuse.distributed.env import DistEnv, cuda_index, detect_env
 from satfuse.engines import setup
 from satfuse.engines import trainer as tr

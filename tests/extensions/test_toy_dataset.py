@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from satfuse.data.eval_loader import EvalLoader
-from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.reading.eval_loader import EvalLoader
+from satfuse.data.reading.shard_sets import resolve_shards
 from tests.data.loader_shards import data_cfg
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,9 +17,9 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from satfuse.data.band_scan import BandSample, BandScan
-from satfuse.data.dataset import PER_BAND, ScanOptions, SourceDataset, add_synth_parser
-from satfuse.data.layout import Excluded
+from satfuse.data.sources.band_scan import BandSample, BandScan
+from satfuse.data.sources.dataset import PER_BAND, ScanOptions, SourceDataset, add_synth_parser
+from satfuse.data.sources.layout import Excluded
 from satfuse.registry import DATASETS
 
 S1_FILES = {"VV": "vv.tif", "VH": "vh.tif"}

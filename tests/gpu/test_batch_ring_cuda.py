@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards
+from satfuse.data.reading.pretrain_loader import PretrainLoader
+from satfuse.data.reading.shard_sets import resolve_shards
 from tests.data.loader_shards import data_cfg, make_shards
 
 

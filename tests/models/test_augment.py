@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from satfuse.data.augment import (
+from satfuse.data.reading.augment import (
     SimCLRAugment,
     color_jitter,
     gaussian_blur,

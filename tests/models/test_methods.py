@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from satfuse.config import LossConfig, ModelConfig
-from satfuse.data.augment import simclr_input, simclr_views
+from satfuse.data.reading.augment import simclr_input, simclr_views
 from satfuse.models import MMA, DualSimCLR, SimCLR, build_pretrain_model
 from satfuse.utils import SatfuseError
 

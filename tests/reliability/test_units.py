@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from satfuse.checkpoint.manager import CheckpointManager
-from satfuse.data.stream_io import ShardCache, read_shard
+from satfuse.data.reading.stream_io import ShardCache, read_shard
 from satfuse.engines.rundir import RunLease, prepare_fresh_start
 from satfuse.utils import SatfuseError
 

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_env", "job_env")
 
 @pytest.fixture(scope="module")
 def raw_sen12ms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from satfuse.data.synth import write_sen12ms
+    from satfuse.data.sources.synth import write_sen12ms
 
     raw = tmp_path_factory.mktemp("raw") / "sen12ms"
     write_sen12ms(raw, scenes=2, patches_per_scene=12, seed=0, size=32)
@@ -27,7 +27,7 @@ def raw_sen12ms(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def single_manifest(raw_sen12ms: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The reference: the single-process sharding run (output dir named `shards` like the others)."""
-    from satfuse.data.shard_writer import shard_dataset
+    from satfuse.data.packing.shard_writer import shard_dataset
 
     return shard_dataset(raw_sen12ms, "sen12ms", tmp_path_factory.mktemp("single") / "shards", maxcount=4, seed=0)
 

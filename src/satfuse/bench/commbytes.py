@@ -274,8 +274,8 @@ def _engine(cfg: Any, config: Path) -> str:
 
 def synthetic_shards(base: Path) -> Path:
     """Small synthetic SEN12MS shards (the tests' layout) when no --shards is given."""
-    from satfuse.data.shard_writer import shard_dataset
-    from satfuse.data.synth import write_sen12ms
+    from satfuse.data.packing.shard_writer import shard_dataset
+    from satfuse.data.sources.synth import write_sen12ms
 
     write_sen12ms(base / "raw", scenes=2, patches_per_scene=24, seed=0, size=32)
     shard_dataset(base / "raw", "sen12ms", base / "shards", maxcount=6, seed=0)

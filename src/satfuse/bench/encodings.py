@@ -4,7 +4,7 @@ each member, compression ratio, decode cost per pair on one core, loader samples
 Why in the loader bench: what an encoding buys (fewer bytes read per pair) is paid for in
 decode time on the loader's cores; both are only comparable when measured in one run on
 the same pairs. Rows are packed from the same source tree with `satfuse shard` flags
-(`satfuse.data.codecs`); with `--shards DIR` the given set alone is measured (its bytes
+(`satfuse.data.format.codecs`); with `--shards DIR` the given set alone is measured (its bytes
 and decode cost: run it on real shards, since synthetic data compresses differently).
 """
 
@@ -40,8 +40,8 @@ def flags(name: str) -> str:
 
 
 def pack(raw: Path, out: Path, name: str, maxcount: int) -> Path:
-    from satfuse.data.codecs import make_encoding
-    from satfuse.data.shard_writer import shard_dataset
+    from satfuse.data.format.codecs import make_encoding
+    from satfuse.data.packing.shard_writer import shard_dataset
 
     shard_dataset(raw, "sen12ms", out, maxcount=maxcount, seed=0, command=["bench", "loader", "--encodings", name],
                   encoding=make_encoding(**ENCODINGS[name]))
@@ -50,7 +50,7 @@ def pack(raw: Path, out: Path, name: str, maxcount: int) -> Path:
 
 def member_bytes(urls: list[str]) -> tuple[dict[str, float], int]:
     """Mean stored bytes per pair of each member kind (tar extension), and the pair count."""
-    from satfuse.data.stream_io import index_shard
+    from satfuse.data.reading.stream_io import index_shard
 
     sizes: dict[str, int] = {}
     n = 0
@@ -68,8 +68,8 @@ def decode_cost(shards, repeats: int) -> tuple[float, dict[str, float]]:
     machine, wall time would count the waits for a core) to turn both image members (in the
     page cache) into float32 arrays: decompress + the cast `collate` does, no normalising;
     and the decoded `.npy` size per member (what the ratio divides by)."""
-    from satfuse.data.codecs import find_member
-    from satfuse.data.stream_io import decode_pair, load_member, read_shard
+    from satfuse.data.format.codecs import find_member
+    from satfuse.data.reading.stream_io import decode_pair, load_member, read_shard
 
     samples = [raw for s, url in enumerate(shards.urls) for raw in read_shard(url, s, set(range(shards.counts[s])), shards.counts[s] - 1)]
     decoded: dict[str, float] = {}
@@ -92,7 +92,7 @@ def decode_cost(shards, repeats: int) -> tuple[float, dict[str, float]]:
 def measure(workdir: Path, raw: Path | None, given: Path | None, args: argparse.Namespace) -> dict[str, Any]:
     """One row per encoding (or the given set), with ratios against the `default` row."""
     from satfuse.bench.loader import loader_epochs
-    from satfuse.data.shard_sets import resolve_shards
+    from satfuse.data.reading.shard_sets import resolve_shards
 
     names = list(args.encodings) if given is None else ["given"]  # --shards DIR: that set, as packed
     unknown = [n for n in names if n not in ENCODINGS and n != "given"]

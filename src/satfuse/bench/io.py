@@ -137,7 +137,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 def member_bytes(urls: list[str]) -> dict[str, Any]:
     """Bytes of each member kind, summed over the tars' own headers (any encoding), and the
     tar framing (headers, padding, end blocks) as the rest of the file sizes."""
-    from satfuse.data.stream_io import split_name
+    from satfuse.data.reading.stream_io import split_name
 
     per_ext: dict[str, int] = {}
     keys = 0
@@ -167,7 +167,7 @@ def member_bytes(urls: list[str]) -> dict[str, Any]:
 @contextlib.contextmanager
 def loader_mode(mode: str) -> Iterator[None]:
     """The loader as shipped, without the sha256 check, or also without read-around."""
-    from satfuse.data import stream_io
+    from satfuse.data.reading import stream_io
 
     init = stream_io.MappedTar.__init__
 
@@ -190,7 +190,7 @@ def loader_mode(mode: str) -> Iterator[None]:
 def run_loader(shards, crop: int, args: argparse.Namespace) -> tuple[int, float]:
     """(pairs decoded, seconds) of one loader pass: one epoch or `--batches` batches."""
     from satfuse.config import DataConfig
-    from satfuse.data.pretrain_loader import PretrainLoader
+    from satfuse.data.reading.pretrain_loader import PretrainLoader
 
     cfg = DataConfig(batch_size=args.batch, num_workers=args.workers, crop=crop)
     ld = PretrainLoader(shards, cfg, rank=0, world_size=1, seed=0)
@@ -293,7 +293,7 @@ def model(sets: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[di
 
 
 def measure_set(entry: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from satfuse.data.shard_sets import resolve_shards
+    from satfuse.data.reading.shard_sets import resolve_shards
 
     shards = resolve_shards(entry["dir"])
     first = npy_members(shards.urls[0], 1)

@@ -30,12 +30,12 @@ from typing import Any
 
 import rasterio
 
-from satfuse.data.layout import Pair
-from satfuse.data.normalize import sample_sums
-from satfuse.data.raster import read_pair
-from satfuse.data.shard_writer import shard_dataset
-from satfuse.data.synth import write_sen12ms
-from satfuse.data.tree_scan import scan
+from satfuse.data.packing.normalize import sample_sums
+from satfuse.data.packing.raster import read_pair
+from satfuse.data.packing.shard_writer import shard_dataset
+from satfuse.data.sources.layout import Pair
+from satfuse.data.sources.synth import write_sen12ms
+from satfuse.data.sources.tree_scan import scan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -60,7 +60,7 @@ def default_builder(meta: dict[str, Any]) -> nn.Module:
             "checkpoint meta.json has no config.model section; it was not written by "
             "`satfuse pretrain`: pass --builder MODULE:FUNCTION that builds the model"
         )
-    from satfuse.data.bands import channels, normalization_bands
+    from satfuse.data.format.bands import channels, normalization_bands
 
     bands = normalization_bands(meta.get("normalization"))  # the input bands it was trained on
     return build_pretrain_model(from_dict(ModelConfig, cfg, where=META_NAME, prefix="model."),

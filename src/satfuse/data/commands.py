@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from satfuse.data import multiband_cli
-from satfuse.data.dataset import PER_BAND, dataset_entry
+from satfuse.data.packing import multiband_cli
+from satfuse.data.sources.dataset import PER_BAND, dataset_entry
 from satfuse.registry import DATASETS
 from satfuse.utils import SatfuseError
 
@@ -95,10 +95,10 @@ def slurm_array_defaults(env: dict[str, str] | None = None) -> tuple[int | None,
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from satfuse.data.codecs import make_encoding  # lazy: --help stays fast
-    from satfuse.data.manifest import MANIFEST_NAME, summary  # lazy: --help stays fast
-    from satfuse.data.shard_plan import quiet_gdal  # lazy: --help stays fast
-    from satfuse.data.shard_writer import shard_dataset  # lazy: --help stays fast
+    from satfuse.data.format.codecs import make_encoding  # lazy: --help stays fast
+    from satfuse.data.format.manifest import MANIFEST_NAME, summary  # lazy: --help stays fast
+    from satfuse.data.packing.shard_plan import quiet_gdal  # lazy: --help stays fast
+    from satfuse.data.packing.shard_writer import shard_dataset  # lazy: --help stays fast
     from satfuse.diskspace import writable_output  # lazy: --help stays fast
 
     missing = [f"--{n}" for n in ("src", "dataset", "out") if getattr(args, n) is None]
@@ -127,8 +127,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from satfuse.data.manifest import load_dir  # lazy: --help stays fast
-    from satfuse.data.verify import verify  # lazy: --help stays fast
+    from satfuse.data.format.manifest import load_dir  # lazy: --help stays fast
+    from satfuse.data.format.verify import verify  # lazy: --help stays fast
 
     problems = verify(args.dir)
     for p in problems:
@@ -142,8 +142,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from satfuse.data.manifest import MANIFEST_NAME, summary  # lazy: --help stays fast
-    from satfuse.data.shard_dir import merge  # lazy: --help stays fast
+    from satfuse.data.format.manifest import MANIFEST_NAME, summary  # lazy: --help stays fast
+    from satfuse.data.packing.shard_dir import merge  # lazy: --help stays fast
 
     manifest = merge(args.dir, command=["satfuse", *sys.argv[1:]])
     log.info("merged: %s -> %s", summary(manifest), args.dir / MANIFEST_NAME)

@@ -71,7 +71,7 @@ def run_dir_kind(path: Path) -> tuple[str, str] | None:
     fine-tuning run: result.json or a config.yaml with a top-level `run_dir`; a shard set:
     `satfuse shard`'s manifest/state dir, tars), so directories written before this check are
     recognised too."""
-    from satfuse.data.manifest import MANIFEST_NAME, PART_GLOB, STATE_DIR
+    from satfuse.data.format.manifest import MANIFEST_NAME, PART_GLOB, STATE_DIR
 
     path = Path(path)
     if not path.is_dir():
@@ -266,7 +266,7 @@ class RunLease:
     """The exclusive lease of one run_dir (see the module doc). Held by rank 0 only.
 
     Also the lock of other directories with one writer (`satfuse shard`'s output:
-    `satfuse.data.shard_dir.out_lease`): `name` is the lease file's path under `run_dir`, `what` how the
+    `satfuse.data.packing.shard_dir.out_lease`): `name` is the lease file's path under `run_dir`, `what` how the
     refusal calls the directory, `fix` what it tells the user to do instead."""
 
     def __init__(self, run_dir: Path, timeout_s: float = 600.0, heartbeat_s: float | None = None,

@@ -40,10 +40,15 @@ from tqdm import tqdm
 import satfuse
 from satfuse.checkpoint.layout import META_NAME
 from satfuse.config import PretrainConfig, to_dict
-from satfuse.data.bands import channels, check_same_bands, manifest_bands, normalization_bands
-from satfuse.data.eval_loader import EvalLoader
-from satfuse.data.pretrain_loader import PretrainLoader
-from satfuse.data.shard_sets import resolve_shards, same_set_warning
+from satfuse.data.format.bands import (
+    channels,
+    check_same_bands,
+    manifest_bands,
+    normalization_bands,
+)
+from satfuse.data.reading.eval_loader import EvalLoader
+from satfuse.data.reading.pretrain_loader import PretrainLoader
+from satfuse.data.reading.shard_sets import resolve_shards, same_set_warning
 from satfuse.distributed.collectives import (
     agree_max,
     all_reduce_sum,

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from satfuse.data.bands import manifest_bands
-from satfuse.data.codecs import declared_shape, find_member, from_manifest, load_array
-from satfuse.data.layout import EXPECTED_BANDS
-from satfuse.data.manifest import MANIFEST_NAME, load
+from satfuse.data.format.bands import manifest_bands
+from satfuse.data.format.codecs import declared_shape, find_member, from_manifest, load_array
+from satfuse.data.format.manifest import MANIFEST_NAME, load
+from satfuse.data.sources.layout import EXPECTED_BANDS
 from satfuse.evaluation.targets import IGNORE, N_CLASSES, label_map_from_member, single_label
 from satfuse.utils import SatfuseError
 
@@ -112,7 +112,7 @@ def iter_tar_samples(path: Path) -> Iterator[dict[str, bytes]]:
 
 
 def _npy(sample: dict[str, bytes], ext: str, where: str, bands: int) -> np.ndarray:
-    """Member `ext` (`s1.npy`), stored plain or compressed (`s1.npy.zst`: satfuse.data.codecs);
+    """Member `ext` (`s1.npy`), stored plain or compressed (`s1.npy.zst`: satfuse.data.format.codecs);
     a compressed one is bounded by (`bands`, the H, W of the sample's json) before it is read."""
     tar_ext, codec = find_member(sample, ext) or (ext, None)
     try:

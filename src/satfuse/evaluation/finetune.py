@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from satfuse.config import LogConfig, dump_yaml, load_config, to_dict
-from satfuse.data.manifest import shared_shards
-from satfuse.data.normalize import BandStats, normalize
+from satfuse.data.format.manifest import shared_shards
+from satfuse.data.packing.normalize import BandStats, normalize
 from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.engines.rundir import FINETUNE_RUN, check_run_dir_kind
 from satfuse.evaluation import data as D

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from satfuse.data.normalize import S2_RGB
+from satfuse.data.packing.normalize import S2_RGB
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from satfuse.data.normalize import BandStats
+from satfuse.data.packing.normalize import BandStats
 from satfuse.evaluation.models import CHANNELS_TO_INPUT, INPUT_CHANNELS, BranchSpec
 from satfuse.utils import SatfuseError
 

@@ -99,7 +99,7 @@ def cmd_submit_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_submit_shard(args: argparse.Namespace) -> int:
-    from satfuse.data.codecs import make_encoding
+    from satfuse.data.format.codecs import make_encoding
     from satfuse.launch.submit import default_shard_run_dir, print_submission, submit_shard
     from satfuse.launch.task import ShardPart
 

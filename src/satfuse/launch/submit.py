@@ -185,7 +185,7 @@ def submit_shard(part: ShardPart, array_size: int, run_dir: Path, profile: Clust
     part. `overwrite` empties it here, once, before the parts are queued (each part emptying it
     would race with the others).
     """
-    from satfuse.data.shard_dir import check_paths, claim_problem, prepare_out
+    from satfuse.data.packing.shard_dir import check_paths, claim_problem, prepare_out
 
     if array_size < 1:
         raise SatfuseError(f"--array-size must be >= 1, got {array_size}")

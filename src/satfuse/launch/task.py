@@ -312,8 +312,8 @@ class ShardPart:
     encoding: dict[str, Any] | None = None  # codecs.make_encoding keywords (--compress, --s1-dtype, --no-labels)
 
     def __call__(self, index: int) -> Any:
-        from satfuse.data.codecs import make_encoding
-        from satfuse.data.shard_writer import shard_dataset
+        from satfuse.data.format.codecs import make_encoding
+        from satfuse.data.packing.shard_writer import shard_dataset
 
         setup_logging()
         kwargs: dict[str, Any] = {k: v for k, v in (("maxcount", self.maxcount), ("workers", self.workers),
@@ -328,7 +328,7 @@ class ShardPart:
 
 def merge_shards(out: str) -> Any:
     """The dependent job after the array: join the part manifests into manifest.json."""
-    from satfuse.data.shard_dir import merge
+    from satfuse.data.packing.shard_dir import merge
 
     setup_logging()
     log.info("merging shard parts in %s", out)

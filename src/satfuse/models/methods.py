@@ -50,7 +50,7 @@ class PretrainModel(nn.Module, abc.ABC):
     def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        # input bands per sensor, from the shard manifest (`satfuse.data.bands`); SEN12MS default
+        # input bands per sensor, from the shard manifest (`satfuse.data.format.bands`); SEN12MS default
         self.channels_in = {"s1": S1_CHANNELS, "s2": S2_CHANNELS, **(channels or {})}
 
     @abc.abstractmethod
@@ -133,7 +133,7 @@ class DualSimCLR(PretrainModel):
 
 class SimCLR(PretrainModel):
     """One backbone + head on two augmented views (`view1`, `view2`, made by the loader with
-    `satfuse.data.augment.simclr_views`) of S2 RGB (authors), all 13 S2 bands, or S1+S2
+    `satfuse.data.reading.augment.simclr_views`) of S2 RGB (authors), all 13 S2 bands, or S1+S2
     (`model.simclr_input`). retrieval_top1 here is view1 -> view2."""
 
     method = "simclr"

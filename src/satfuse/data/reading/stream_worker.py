@@ -16,10 +16,15 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from satfuse.data.batch_ring import RingFeed
-from satfuse.data.sample_transform import FatalDataError, SampleTransform, batch_fields, collate
-from satfuse.data.stream_io import RawSample, ShardCache, read_shard
-from satfuse.data.stream_plan import (
+from satfuse.data.reading.batch_ring import RingFeed
+from satfuse.data.reading.sample_transform import (
+    FatalDataError,
+    SampleTransform,
+    batch_fields,
+    collate,
+)
+from satfuse.data.reading.stream_io import RawSample, ShardCache, read_shard
+from satfuse.data.reading.stream_plan import (
     EpochPlan,
     Mix,
     Run,

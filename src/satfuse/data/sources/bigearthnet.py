@@ -43,9 +43,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from satfuse.data.band_scan import BandSample, BandScan
-from satfuse.data.layout import Excluded
-from satfuse.data.split_lists import say_duplicates
+from satfuse.data.sources.band_scan import BandSample, BandScan
+from satfuse.data.sources.layout import Excluded
+from satfuse.data.sources.split_lists import say_duplicates
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

@@ -8,13 +8,13 @@ import os
 import re
 from pathlib import Path
 
-from satfuse.data.layout import (
+from satfuse.data.sources.layout import (
     Excluded,
     Ignored,
     Pair,
     ScanResult,
 )
-from satfuse.data.split_lists import text_lines
+from satfuse.data.sources.split_lists import text_lines
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

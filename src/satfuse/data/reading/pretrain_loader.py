@@ -3,7 +3,7 @@
 Why not a stock `wds.WebDataset(...)` pipeline: webdataset gives neither exact mid-epoch resume
 nor equal batch counts per rank (its shard splitting leaves ranks with unequal counts, and its
 resume is approximate). Here every epoch is a plan
-computed from the manifest counts alone (`satfuse.data.stream_plan`), so all ranks agree on
+computed from the manifest counts alone (`satfuse.data.reading.stream_plan`), so all ranks agree on
 `steps_per_epoch` without communicating, and a checkpoint needs only a few integers per worker.
 
 Epoch semantics
@@ -24,7 +24,7 @@ Epoch semantics
   others give a seeded, per-epoch different part), and the runs of all sets are permuted
   together (`stream_plan.mixed_runs`). Band sets must agree; stats are pooled
   (`STATS_POOLING`) and recorded under `normalization["mix"]` in checkpoints.
-- Staged shards (`data.stage_dir`, `satfuse.data.staging`): the shards are split once into one
+- Staged shards (`data.stage_dir`, `satfuse.data.reading.staging`): the shards are split once into one
   group per node (`stream_plan.node_groups`) and each group is planned as above for that node's
   ranks only (`stream_plan.epoch_slots`), so a node reads only its local copies, every epoch.
   On one node this is the plan above; the state records the group count, and a resume on
@@ -46,9 +46,9 @@ Epoch semantics
   per epoch (padding markers after its batches), so torch's strict round robin reproduces the
   plan's schedule. Labels are not read in pretraining. From local tars the shuffle buffer
   holds only member offsets (each worker indexes a shard's headers once and memory-maps it,
-  `satfuse.data.stream_io`), and only the crop's pixels are read, straight into the batch.
+  `satfuse.data.reading.stream_io`), and only the crop's pixels are read, straight into the batch.
 - With workers, batches are written into a small ring of reused shared-memory buffers per
-  worker and handed to the trainer without a copy (`satfuse.data.batch_ring`, which states the
+  worker and handed to the trainer without a copy (`satfuse.data.reading.batch_ring`, which states the
   lifetime contract: a batch's buffer is reused only once nothing views it); on CUDA the
   buffers are page-locked in place, so `pin_memory` costs no copy either.
 
@@ -94,14 +94,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from satfuse.config import DataConfig
-from satfuse.data.bands import manifest_bands
-from satfuse.data.batch_ring import RingConsumer, credit_queues, supported
-from satfuse.data.normalize import BandStats
-from satfuse.data.sample_transform import SampleTransform
-from satfuse.data.shard_sets import STATS_POOLING, ShardSet, patch_size
-from satfuse.data.staging import NodeLayout, node_layout, stage
-from satfuse.data.stream_plan import EpochPlan, make_plan
-from satfuse.data.stream_worker import StreamDataset, StreamSpec
+from satfuse.data.format.bands import manifest_bands
+from satfuse.data.packing.normalize import BandStats
+from satfuse.data.reading.batch_ring import RingConsumer, credit_queues, supported
+from satfuse.data.reading.sample_transform import SampleTransform
+from satfuse.data.reading.shard_sets import STATS_POOLING, ShardSet, patch_size
+from satfuse.data.reading.staging import NodeLayout, node_layout, stage
+from satfuse.data.reading.stream_plan import EpochPlan, make_plan
+from satfuse.data.reading.stream_worker import StreamDataset, StreamSpec
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class PretrainLoader:
         pin_memory: bool = False, node: NodeLayout | None = None,
     ) -> None:
         self.shards, self.cfg = shards, cfg
-        # data.stage_dir: each node reads only its own shards, from local copies (data/staging.py)
+        # data.stage_dir: each node reads only its own shards, from local copies (data/reading/staging.py)
         self.node = node_layout(cfg, rank, world_size, node)
         self.groups = self.node.nodes if self.node is not None else 1
         # batches in page-locked memory, so the trainer's non_blocking copy to a GPU overlaps

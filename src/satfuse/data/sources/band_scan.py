@@ -1,5 +1,5 @@
 """What a per-band dataset scan returns (SSL4EO-S12, BigEarthNet v1/v2, any `PER_BAND` entry of
-`satfuse.data.dataset`): the scanners fill it, `multiband` packs it. A module of its own so the scanners and the writer do not import each other."""
+`satfuse.data.sources.dataset`): the scanners fill it, `multiband` packs it. A module of its own so the scanners and the writer do not import each other."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from satfuse.data.layout import Excluded
+from satfuse.data.sources.layout import Excluded
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from satfuse.data.normalize import S1_BANDS, S2_BANDS
+from satfuse.data.packing.normalize import S1_BANDS, S2_BANDS
 from satfuse.utils import SatfuseError
 
 SENSORS = ("s1", "s2")

@@ -2,7 +2,7 @@
 
 One job: turn what the user wrote (a shard directory, a brace pattern, a comma list,
 `pipe:` commands, or a list of those to mix) into a `ShardSet`, checking it against its
-manifest (`satfuse.data.manifest.load`): counts always come from a manifest, never from
+manifest (`satfuse.data.format.manifest.load`): counts always come from a manifest, never from
 reading tars. Several sets are mixed into one (`resolve_mix`): shards concatenated in list
 order, a `Mix` for the epoch plan (`stream_plan.mixed_runs`), band sets checked to agree and
 normalisation stats pooled (`STATS_POOLING`).
@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 from braceexpand import braceexpand
 
-from satfuse.data.bands import manifest_bands
-from satfuse.data.codecs import find_member
-from satfuse.data.manifest import MANIFEST_NAME, load, url_tar_name
-from satfuse.data.stream_io import RawSample, index_shard, load_member, manifest_digests
-from satfuse.data.stream_plan import Mix
+from satfuse.data.format.bands import manifest_bands
+from satfuse.data.format.codecs import find_member
+from satfuse.data.format.manifest import MANIFEST_NAME, load, url_tar_name
+from satfuse.data.reading.stream_io import RawSample, index_shard, load_member, manifest_digests
+from satfuse.data.reading.stream_plan import Mix
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def patch_size(ss: ShardSet) -> tuple[int, int] | None:
         if count and not (url.startswith("pipe:") or "://" in url):
             index = index_shard(url)
             found = find_member(index.samples[0][1], "s1.npy") if index.samples else None
-            if found is not None:  # s1.npy, or s1.npy.zst / .lz4 (satfuse.data.codecs)
+            if found is not None:  # s1.npy, or s1.npy.zst / .lz4 (satfuse.data.format.codecs)
                 try:
                     members = index.samples[0][1]
                     shape = load_member(RawSample(0, 0, "", dict(members)), *found, (2,)).shape

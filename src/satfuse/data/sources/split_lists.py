@@ -22,7 +22,7 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from satfuse.data.layout import FILE_RE, ROI_TOKEN, ROIS, SEASON_TOKENS
+from satfuse.data.sources.layout import FILE_RE, ROI_TOKEN, ROIS, SEASON_TOKENS
 from satfuse.utils import SatfuseError, atomic_write_text
 
 K = TypeVar("K", bound=Hashable)  # a patch id as a reader spells it (SEN12MS: (roi, scene, id); BigEarthNet: a name)

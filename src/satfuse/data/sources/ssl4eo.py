@@ -31,8 +31,8 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from satfuse.data.band_scan import BandSample, BandScan
-from satfuse.data.layout import Excluded
+from satfuse.data.sources.band_scan import BandSample, BandScan
+from satfuse.data.sources.layout import Excluded
 from satfuse.utils import SatfuseError
 
 S1_BANDS = ["VV", "VH"]

@@ -46,13 +46,11 @@ import numpy as np
 import rasterio
 from rasterio.errors import RasterioError
 
-from satfuse.data import manifest as mf
-from satfuse.data.codecs import Encoding, add_encoding
-from satfuse.data.dataset import PER_BAND, ScanOptions, dataset_entry, names_of_kind
-from satfuse.data.layout import MAX_SHOWN, Pair, ScanResult
-from satfuse.data.multiband import shard_bands
-from satfuse.data.raster import Prefetcher, Raster
-from satfuse.data.shard_dir import (
+from satfuse.data.format import manifest as mf
+from satfuse.data.format.codecs import Encoding, add_encoding
+from satfuse.data.packing.multiband import shard_bands
+from satfuse.data.packing.raster import Prefetcher, Raster
+from satfuse.data.packing.shard_dir import (
     check_paths,
     holding_out_lease,
     named_out,
@@ -60,7 +58,7 @@ from satfuse.data.shard_dir import (
     publish_or_discard,
     remove_stale,
 )
-from satfuse.data.shard_plan import (
+from satfuse.data.packing.shard_plan import (
     MAX_ERRORS_SHOWN,
     check_args,
     plan_digest,
@@ -68,7 +66,16 @@ from satfuse.data.shard_plan import (
     raise_on_errors,
     run_tasks,
 )
-from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
+from satfuse.data.packing.tar_writer import (
+    TAR_RECORD,
+    Item,
+    Packed,
+    file_stamps,
+    rel_path,
+    write_tar,
+)
+from satfuse.data.sources.dataset import PER_BAND, ScanOptions, dataset_entry, names_of_kind
+from satfuse.data.sources.layout import MAX_SHOWN, Pair, ScanResult
 from satfuse.diskspace import is_no_space, no_space_error
 from satfuse.utils import SatfuseError
 
@@ -220,7 +227,7 @@ def shard_dataset(
     part, the part manifest). `num_shards` is the number of job-array parts, not of tars.
     `strict_split` makes split-list entries without files fatal (they are listed otherwise).
     `band_options` are the scan's `split`, `s2_level`, `max_gap_days` (`dataset.ScanOptions`) and,
-    for `PER_BAND` datasets, `resample` and `tol_m`. `encoding` (`satfuse.data.codecs`:
+    for `PER_BAND` datasets, `resample` and `tol_m`. `encoding` (`satfuse.data.format.codecs`:
     --compress, --s1-dtype, --no-labels) defaults to the original format. The dataset entry
     (`satfuse.registry.DATASETS`) refuses the scan flags it does not read, then its kind picks
     the packer: this module's pairs, or `multiband` for one file per band."""
@@ -231,7 +238,7 @@ def shard_dataset(
     options = ScanOptions(split_file=split_file, exclude_scenes=exclude_scenes, pairs_file=pairs_file,
                           **{k: band_options.pop(k) for k in scan_keys if k in band_options})
     spec.check_options(options)
-    if spec.kind == PER_BAND:  # one file per band: SSL4EO-S12, BigEarthNet (satfuse.data.multiband)
+    if spec.kind == PER_BAND:  # one file per band: SSL4EO-S12, BigEarthNet (satfuse.data.packing.multiband)
         if strict_split:
             raise SatfuseError(f"--strict-split: not used by --dataset {dataset} "
                                f"(per-band datasets list no missing patches); drop it")

@@ -2,7 +2,7 @@
 
 Why: the real archives are 1.5 TB and 120 GB; tests and demos need the same paths, names,
 per-band files at native resolutions and side files (JSON, CSV, parquet) in megabytes. The
-signal is the SEN12MS generator's world (`satfuse.data.synth`): a land-cover map per patch
+signal is the SEN12MS generator's world (`satfuse.data.sources.synth`): a land-cover map per patch
 drives per-class S2 spectra and S1 backscatter with speckle and clouds - the generator's
 functions are called, not copied, so every synthetic dataset lives in the same world.
 
@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 import rasterio
 from rasterio.transform import Affine
 
-from satfuse.data import synth
-from satfuse.data.bigearthnet import (
+from satfuse.data.sources import synth
+from satfuse.data.sources.bigearthnet import (
     CLASSES_19,
     CLASSES_43,
     OLD2NEW,

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from satfuse import __version__
-from satfuse.data.codecs import from_manifest
-from satfuse.data.normalize import add_sums, empty_sums, finish_stats
+from satfuse.data.format.codecs import from_manifest
+from satfuse.data.packing.normalize import add_sums, empty_sums, finish_stats
 from satfuse.utils import SatfuseError, atomic_write_text
 
 FORMAT = "satfuse-shards/1"
@@ -404,7 +404,7 @@ def write_part(out: Path, header: dict[str, Any], part: tuple[int, int], records
 
 def merge_parts(out: Path, command: list[str] | None) -> dict[str, Any]:
     """Join the part manifests of a job-array run into `manifest.json` (all parts needed); the
-    caller holds the directory's lease (`satfuse.data.shard_dir.merge`)."""
+    caller holds the directory's lease (`satfuse.data.packing.shard_dir.merge`)."""
     parts = sorted(out.glob(PART_GLOB))
     if not parts:
         raise SatfuseError(f"{out}: no manifest.part-*-of-*.json found; run `satfuse shard ... --shard-index i --num-shards n` for every part first")

@@ -43,8 +43,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from satfuse.config import DataConfig
-from satfuse.data.shard_sets import ShardSet
-from satfuse.data.stream_plan import node_groups
+from satfuse.data.reading.shard_sets import ShardSet
+from satfuse.data.reading.stream_plan import node_groups
 from satfuse.diskspace import free_bytes, human, is_no_space, no_space_error
 from satfuse.distributed.collectives import agree_max, control_group
 from satfuse.distributed.env import current_env

@@ -1,7 +1,7 @@
 """The dataset contract: what `satfuse shard` and `satfuse synth` need from a source dataset.
 
 A dataset is one `SourceDataset` subclass plus one registration in `satfuse.registry.DATASETS`
-(the built-ins in `satfuse.data.catalog`; anyone else's in a plugin module named by
+(the built-ins in `satfuse.data.sources.catalog`; anyone else's in a plugin module named by
 `SATFUSE_PLUGINS`). `satfuse shard --dataset NAME` looks the entry up, lets it refuse the flags
 it does not use, asks it to scan `--src` in its published layout, and hands the scan to the
 packer of its layout kind:
@@ -27,8 +27,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
-from satfuse.data.band_scan import BandScan
-from satfuse.data.layout import ScanResult
+from satfuse.data.sources.band_scan import BandScan
+from satfuse.data.sources.layout import ScanResult
 from satfuse.diskspace import writable_output
 from satfuse.registry import DATASETS
 from satfuse.utils import SatfuseError
@@ -138,7 +138,7 @@ def dataset_entry(name: str) -> SourceDataset:
     entry = DATASETS.get(name)
     if not isinstance(entry, SourceDataset) or entry.kind not in KINDS:
         raise SatfuseError(f"dataset {name!r} ({type(entry).__module__}) is not a SourceDataset of kind "
-                           f"{' or '.join(KINDS)}; subclass satfuse.data.dataset.SourceDataset")
+                           f"{' or '.join(KINDS)}; subclass satfuse.data.sources.dataset.SourceDataset")
     return entry
 
 

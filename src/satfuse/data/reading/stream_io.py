@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import webdataset as wds
 
-from satfuse.data.codecs import declared_shape, decompress_npy, find_member
-from satfuse.data.manifest import MANIFEST_NAME, shard_digests
+from satfuse.data.format.codecs import declared_shape, decompress_npy, find_member
+from satfuse.data.format.manifest import MANIFEST_NAME, shard_digests
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +514,7 @@ def decode_pair(sample: RawSample, window: Window | None = None, s2_bands: int =
 
 def load_member(sample: RawSample, ext: str, codec: str | None, want: tuple[int, ...]) -> np.ndarray:
     """Member `ext` as a (C, H, W) array: a zero-copy view when stored plain, else the
-    decompressed bytes (`satfuse.data.codecs`: the member's suffix names its codec)."""
+    decompressed bytes (`satfuse.data.format.codecs`: the member's suffix names its codec)."""
     value = sample.members[ext]
     if codec is None:
         return load_npy(value, want)

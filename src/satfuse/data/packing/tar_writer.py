@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from satfuse.data.codecs import Encoding, OutOfRange, encode_sample
-from satfuse.data.layout import Excluded
-from satfuse.data.manifest import sidecar_path, tar_name
-from satfuse.data.normalize import add_sums, empty_sums, sample_sums
-from satfuse.data.raster import BadData, NotColocated
+from satfuse.data.format.codecs import Encoding, OutOfRange, encode_sample
+from satfuse.data.format.manifest import sidecar_path, tar_name
+from satfuse.data.packing.normalize import add_sums, empty_sums, sample_sums
+from satfuse.data.packing.raster import BadData, NotColocated
+from satfuse.data.sources.layout import Excluded
 from satfuse.utils import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def write_tar(out: Path, name: str, index: int, digest: str, items: Iterable[Ite
     an error unless `exclude_bad`. A record with `errors` means data that cannot be trusted
     was found (strict mode): the temporary tar is removed and no sidecar is written, so
     nothing half-done looks complete. `bands` gives the band count per summed sensor.
-    `encoding` (`satfuse.data.codecs`) is part of the digest: a shard written with other
+    `encoding` (`satfuse.data.format.codecs`) is part of the digest: a shard written with other
     flags is never reused. With float16 S1 the record holds the shard's largest error in dB.
     """
     encoding = encoding or Encoding()

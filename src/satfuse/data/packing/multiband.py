@@ -7,7 +7,7 @@ shared is everything after the pixels are on one grid: the seeded plan, the atom
 sidecar protocol, resume, job-array parts and `merge`, the manifest and its exact stats
 sums - all shared with `shard_writer` (`shard_plan`, `tar_writer`, `shard_dir`, `manifest`) so both produce the same `satfuse-shards/1` format.
 
-What this adds to the format (see shards/FORMAT.md and `satfuse.data.bands`):
+What this adds to the format (see shards/FORMAT.md and `satfuse.data.format.bands`):
 - manifest `bands` {s1: [...], s2: [...]} (canonical names `B1`..`B12`, `B8A`, `VV`, `VH`;
   12 S2 bands where the product has no B10), `resample` {method, tolerance_m, grid},
   `dtype`, `patch_size`, `ignored` (files and folders the scan did not use, with why) and
@@ -33,14 +33,11 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from satfuse.data import shard_plan
-from satfuse.data.band_scan import BandSample, BandScan
-from satfuse.data.codecs import Encoding, add_encoding
-from satfuse.data.dataset import ScanOptions, SourceDataset
-from satfuse.data.layout import s1_range_problem
-from satfuse.data.manifest import FORMAT, build, write_part
-from satfuse.data.raster import BadData, NotColocated, npy_buffer
-from satfuse.data.resample import (
+from satfuse.data.format.codecs import Encoding, add_encoding
+from satfuse.data.format.manifest import FORMAT, build, write_part
+from satfuse.data.packing import shard_plan
+from satfuse.data.packing.raster import BadData, NotColocated, npy_buffer
+from satfuse.data.packing.resample import (
     DEFAULT_METHOD,
     METHODS,
     BandError,
@@ -51,14 +48,24 @@ from satfuse.data.resample import (
     open_bands,
     read_resampled,
 )
-from satfuse.data.shard_dir import (
+from satfuse.data.packing.shard_dir import (
     check_paths,
     named_out,
     prepare_out,
     publish_or_discard,
     remove_stale,
 )
-from satfuse.data.tar_writer import TAR_RECORD, Item, Packed, file_stamps, rel_path, write_tar
+from satfuse.data.packing.tar_writer import (
+    TAR_RECORD,
+    Item,
+    Packed,
+    file_stamps,
+    rel_path,
+    write_tar,
+)
+from satfuse.data.sources.band_scan import BandSample, BandScan
+from satfuse.data.sources.dataset import ScanOptions, SourceDataset
+from satfuse.data.sources.layout import s1_range_problem
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -246,7 +253,7 @@ def shard_bands(
 ) -> dict[str, Any]:
     """Pack a `PER_BAND` dataset into `out` (`shard_writer.shard_dataset` checked `options`
     against `spec` already); returns the manifest (or the part manifest). `tol_m` defaults to
-    `spec.colocation_tol_m`; `encoding` (`satfuse.data.codecs`) as for `shard_writer` (these
+    `spec.colocation_tol_m`; `encoding` (`satfuse.data.format.codecs`) as for `shard_writer` (these
     sets have no label member)."""
     src, out = Path(src), named_out(out)
     encoding = encoding or Encoding()

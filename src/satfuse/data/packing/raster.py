@@ -24,7 +24,7 @@ import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-from satfuse.data.layout import EXPECTED_BANDS, SOURCE_RULES, Pair, s1_range_problem
+from satfuse.data.sources.layout import EXPECTED_BANDS, SOURCE_RULES, Pair, s1_range_problem
 
 
 class BadData(Exception):

@@ -3,7 +3,7 @@
 One job (the layouts themselves are in `layout`): walk the tree once, by names only, pair
 each patch's S1 with its S2 (and label), and return every file or folder it did not use
 (`ignored`) and every patch it could not pair (`excluded`), each with its reason.
-`scan` is what the `sen12ms` and `dfc2020` entries of `satfuse.data.catalog` call.
+`scan` is what the `sen12ms` and `dfc2020` entries of `satfuse.data.sources.catalog` call.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from satfuse.data.layout import (
+from satfuse.data.sources.layout import (
     AUX_SENSORS,
     FILE_RE,
     LABEL_SENSOR,
@@ -30,7 +30,7 @@ from satfuse.data.layout import (
     make_key,
     season_of,
 )
-from satfuse.data.split_lists import read_scene_list, read_split
+from satfuse.data.sources.split_lists import read_scene_list, read_split
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from satfuse.data.layout import MAX_SHOWN
-from satfuse.data.manifest import (
+from satfuse.data.format.manifest import (
     FORMAT,
     MANIFEST_NAME,
     MISSING_NAME,
@@ -40,6 +39,7 @@ from satfuse.data.manifest import (
     sidecar_path,
     tar_name_pattern,
 )
+from satfuse.data.sources.layout import MAX_SHOWN
 from satfuse.engines.rundir import RunLease, describe
 from satfuse.utils import SatfuseError, atomic_write_text
 

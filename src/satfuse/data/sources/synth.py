@@ -19,7 +19,7 @@ synthetic DFC2020 as it should):
   `dfc` = IGBP -> DFC2020 classes 1..10 (method.md's IGBP2DFC). DFC2020 patches get both,
   as the download has both.
 
-Side files are the publishers' own, byte for byte in format (see satfuse.data.layout):
+Side files are the publishers' own, byte for byte in format (see satfuse.data.sources.layout):
 SEN12MS gets `sen12ms_observations.csv` (the seed paper's list: no header,
 `Seasons.SPRING,scene,id`), SEN12MS's `train_list.txt` / `test_list.txt` (S2 file names, CRLF)
 and their `.pkl` twins, and `SEN12MS_holdOutScenes.txt` (the test scenes, `ROI/s1_<scene>`);
@@ -46,8 +46,13 @@ import rasterio
 from rasterio.transform import Affine
 from tqdm import tqdm
 
-from satfuse.data.layout import DFC2020_ROIS, IGBP2DFC, SEN12MS_ROIS, patch_path, season_of
-from satfuse.data.split_lists import write_list_pkl, write_list_txt, write_scene_list, write_split
+from satfuse.data.sources.layout import DFC2020_ROIS, IGBP2DFC, SEN12MS_ROIS, patch_path, season_of
+from satfuse.data.sources.split_lists import (
+    write_list_pkl,
+    write_list_txt,
+    write_scene_list,
+    write_split,
+)
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from satfuse.config import DataConfig
-from satfuse.data.normalize import BandStats
-from satfuse.data.sample_transform import FatalDataError, SampleTransform, collate
-from satfuse.data.shard_sets import ShardSet
-from satfuse.data.stream_io import RawSample, read_shard
-from satfuse.data.stream_plan import Run, split_runs
+from satfuse.data.packing.normalize import BandStats
+from satfuse.data.reading.sample_transform import FatalDataError, SampleTransform, collate
+from satfuse.data.reading.shard_sets import ShardSet
+from satfuse.data.reading.stream_io import RawSample, read_shard
+from satfuse.data.reading.stream_plan import Run, split_runs
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from satfuse.data.augment import simclr_views
-from satfuse.data.normalize import S2_RGB, BandStats, normalize, normalize_into
-from satfuse.data.stream_io import RawSample, decode_label, decode_pair
-from satfuse.data.stream_plan import stable_seed
+from satfuse.data.packing.normalize import S2_RGB, BandStats, normalize, normalize_into
+from satfuse.data.reading.augment import simclr_views
+from satfuse.data.reading.stream_io import RawSample, decode_label, decode_pair
+from satfuse.data.reading.stream_plan import stable_seed
 
 
 class FatalDataError(Exception):

@@ -2,7 +2,7 @@
 
 Why not torchvision: it does not install beside the CPU torch here, and its colour ops
 assume 3-channel RGB in [0, 1]. Our inputs are standardised bands (mean 0, std 1 per band,
-see `satfuse.data.normalize`), 3 (S2 RGB), 13 (S2) or 15 (S1+S2) channels. So:
+see `satfuse.data.packing.normalize`), 3 (S2 RGB), 13 (S2) or 15 (S1+S2) channels. So:
 
 - colour jitter acts per channel group in standard-deviation units: brightness is an
   additive shift, contrast a scaling about the group's mean. Independent groups change the
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from satfuse.utils import SatfuseError
 
-S2_RGB = [3, 2, 1]  # B4, B3, B2 (same as satfuse.data.normalize.S2_RGB)
+S2_RGB = [3, 2, 1]  # B4, B3, B2 (same as satfuse.data.packing.normalize.S2_RGB)
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def simclr_views(
     if x.dim() != 3 or not x.is_floating_point():
         raise SatfuseError(
             f"simclr_views: expected one (C, H, W) float sample, got {tuple(x.shape)} {x.dtype}; "
-            "normalise the sample first (satfuse.data.normalize)"
+            "normalise the sample first (satfuse.data.packing.normalize)"
         )
     if out_size < 1:
         raise SatfuseError(f"simclr_views: out_size must be >= 1, got {out_size}; set data.crop")

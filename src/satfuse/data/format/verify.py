@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from satfuse.data.bands import manifest_bands
-from satfuse.data.codecs import (
+from satfuse.data.format.bands import manifest_bands
+from satfuse.data.format.codecs import (
     CODECS,
     Encoding,
     declared_shape,
@@ -30,8 +30,8 @@ from satfuse.data.codecs import (
     load_array,
     split_codec,
 )
-from satfuse.data.layout import EXPECTED_BANDS, SOURCE_RULES
-from satfuse.data.manifest import MANIFEST_NAME, load_dir
+from satfuse.data.format.manifest import MANIFEST_NAME, load_dir
+from satfuse.data.sources.layout import EXPECTED_BANDS, SOURCE_RULES
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)

@@ -11,13 +11,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from satfuse.data.band_scan import BandScan
-from satfuse.data.bigearthnet import scan_bigearthnet
-from satfuse.data.dataset import PAIRED, PER_BAND, ScanOptions, SourceDataset, add_synth_parser
-from satfuse.data.layout import ScanResult
-from satfuse.data.pairs_file import scan_pairs
-from satfuse.data.ssl4eo import scan_ssl4eo
-from satfuse.data.tree_scan import scan
+from satfuse.data.sources.band_scan import BandScan
+from satfuse.data.sources.bigearthnet import scan_bigearthnet
+from satfuse.data.sources.dataset import (
+    PAIRED,
+    PER_BAND,
+    ScanOptions,
+    SourceDataset,
+    add_synth_parser,
+)
+from satfuse.data.sources.layout import ScanResult
+from satfuse.data.sources.pairs_file import scan_pairs
+from satfuse.data.sources.ssl4eo import scan_ssl4eo
+from satfuse.data.sources.tree_scan import scan
 from satfuse.registry import DATASETS
 from satfuse.utils import SatfuseError
 
@@ -50,7 +56,7 @@ class Sen12ms(_Sen12msTree):
         return p
 
     def synth(self, args: argparse.Namespace) -> int:
-        from satfuse.data import synth  # lazy: --help stays fast (rasterio)
+        from satfuse.data.sources import synth  # lazy: --help stays fast (rasterio)
 
         return synth.write_sen12ms(args.out, args.scenes, args.patches_per_scene, args.seed, args.size, overwrite=args.overwrite)
 
@@ -71,7 +77,7 @@ class Dfc2020(_Sen12msTree):
         return p
 
     def synth(self, args: argparse.Namespace) -> int:
-        from satfuse.data import synth  # lazy: --help stays fast (rasterio)
+        from satfuse.data.sources import synth  # lazy: --help stays fast (rasterio)
 
         return synth.write_dfc2020(args.out, args.n_validation, args.n_test, args.seed, args.size,
                                    overwrite=args.overwrite, validation_folders=args.validation_folders)
@@ -126,7 +132,7 @@ class Ssl4eoS12(SourceDataset):
         return p
 
     def synth(self, args: argparse.Namespace) -> int:
-        from satfuse.data import synth_multiband  # lazy: --help stays fast (rasterio)
+        from satfuse.data.sources import synth_multiband  # lazy: --help stays fast (rasterio)
 
         return synth_multiband.write_ssl4eo(args.out, args.locations, args.seed, args.size, overwrite=args.overwrite)
 
@@ -156,7 +162,7 @@ class BigEarthNet(SourceDataset):
         return p
 
     def synth(self, args: argparse.Namespace) -> int:
-        from satfuse.data import synth_multiband  # lazy: --help stays fast (rasterio)
+        from satfuse.data.sources import synth_multiband  # lazy: --help stays fast (rasterio)
 
         return synth_multiband.write_bigearthnet(args.out, args.version, args.patches, args.seed, args.size, overwrite=args.overwrite)
 

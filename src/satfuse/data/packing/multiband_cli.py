@@ -1,5 +1,5 @@
 """The `satfuse shard` options of the per-band datasets (`PER_BAND` entries of
-`satfuse.data.dataset`: resampling, co-location tolerance and their scan flags), kept here so
+`satfuse.data.sources.dataset`: resampling, co-location tolerance and their scan flags), kept here so
 `commands.py` changes by a line. Their `satfuse synth` verbs are the entries' own (`catalog`)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from satfuse.data.dataset import PER_BAND, dataset_entry, names_of_kind
-from satfuse.data.resample import DEFAULT_METHOD, METHODS
+from satfuse.data.packing.resample import DEFAULT_METHOD, METHODS
+from satfuse.data.sources.dataset import PER_BAND, dataset_entry, names_of_kind
 from satfuse.utils import SatfuseError
 
 
