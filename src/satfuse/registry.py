@@ -125,6 +125,12 @@ class Registry(Generic[T]):
         self._load()
         return sorted(self._entries)
 
+    def in_order(self) -> list[str]:
+        """Every registered name in registration order (built-ins as their module registers them,
+        then plugins): for CLI choices and help, whose order users already know."""
+        self._load()
+        return list(self._entries)
+
     def items(self) -> Iterator[tuple[str, T]]:
         self._load()
         yield from sorted(self._entries.items())
@@ -145,7 +151,7 @@ def _origin(obj: object) -> str:
 
 BACKBONES: Registry = Registry("backbone", ("satfuse.models.backbones",), "model.backbone")
 METHODS: Registry = Registry("pretraining method", ("satfuse.models.methods",), "model.method")
-DATASETS: Registry = Registry("dataset", ("satfuse.data.sources.layout", "satfuse.data.sources.band_scan"), "--dataset")
+DATASETS: Registry = Registry("dataset", ("satfuse.data.sources.catalog",), "--dataset")
 BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.finetune",), "finetune benchmark")
 ENGINES: Registry = Registry("engine", ("satfuse.engines.setup",), "train.engine")
 CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.protocol",), "checkpoint kind")

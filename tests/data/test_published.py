@@ -18,8 +18,9 @@ import pytest
 import rasterio
 
 from satfuse.cli import main
-from satfuse.data.format.manifest import merge, summary
+from satfuse.data.format.manifest import summary
 from satfuse.data.format.verify import verify
+from satfuse.data.packing.shard_dir import merge
 from satfuse.data.packing.shard_writer import shard_dataset
 from satfuse.data.sources.layout import patch_path
 from satfuse.data.sources.split_lists import read_split

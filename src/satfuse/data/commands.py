@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from satfuse.data.packing import multiband_cli
-from satfuse.data.sources.band_scan import BAND_DATASETS
+from satfuse.data.sources.dataset import PER_BAND, dataset_entry
 from satfuse.distributed.launcher_env import slurm_array_defaults
+from satfuse.registry import DATASETS
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -30,21 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_synth(subparsers: argparse._SubParsersAction) -> None:
     synth = subparsers.add_parser("synth", help="write synthetic SEN12MS / DFC2020 GeoTIFFs in the real layout")
     verbs = synth.add_subparsers(dest="synth_dataset", metavar="DATASET", required=True)
-    sen = verbs.add_parser("sen12ms", help="SEN12MS: s1/s2/lc patches, the published split lists")
-    sen.add_argument("--scenes", type=int, default=8, help="number of scenes (round-robin over the 4 seasons)")
-    sen.add_argument("--patches-per-scene", type=int, default=25)
-    dfc = verbs.add_parser("dfc2020", help="DFC2020: s1/s2/lc/dfc patches in the download's folders, validation/test split lists")
-    dfc.add_argument("--n-validation", type=int, default=100, help="patches in ROIs0000_validation")
-    dfc.add_argument("--n-test", type=int, default=200, help="patches in ROIs0000_test")
-    dfc.add_argument("--validation-folders", choices=["validation", "0"], default="validation",
-                     help="validation sensor folders as in the download (s1_validation) or renamed (s1_0)")
-    for p in (sen, dfc):
-        p.add_argument("--out", type=Path, required=True, help="dataset root to write")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--size", type=int, default=256, help="patch size in pixels (real data: 256)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
-        p.set_defaults(func=_cmd_synth)
-    multiband_cli.register_synth(verbs)  # ssl4eo-s12, bigearthnet
+    for name in DATASETS.in_order():  # each dataset entry adds its own verb (if it has a generator)
+        dataset_entry(name).add_synth(verbs)
 
 
 def _register_shard(subparsers: argparse._SubParsersAction) -> None:
@@ -53,10 +41,8 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
         help="pack GeoTIFF pairs into WebDataset shards (also: shard verify DIR, shard merge DIR)",
         description="Pack co-located S1/S2 pairs into WebDataset shards; see shards/FORMAT.md.",
     )
-    from satfuse.data.sources.layout import DATASETS
-
     shard.add_argument("--src", type=Path, help="dataset root in its published layout (README: Datasets); for pairs: what --pairs-file paths are relative to")
-    shard.add_argument("--dataset", choices=[*DATASETS, *BAND_DATASETS])
+    shard.add_argument("--dataset", choices=DATASETS.in_order(), help="the source's published layout (satfuse.registry.DATASETS)")
     shard.add_argument("--out", type=Path, help="output directory shards/NAME (NAME names the tars)")
     shard.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     shard.add_argument("--maxsize", type=int, default=None, help="bytes per shard (turned into a per-shard count)")
@@ -89,26 +75,13 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
     merge.set_defaults(func=_cmd_merge)
 
 
-def _cmd_synth(args: argparse.Namespace) -> int:
-    from satfuse.data.sources import synth
-    from satfuse.diskspace import writable_output
-
-    with writable_output(args.out):
-        if args.synth_dataset == "sen12ms":
-            n = synth.write_sen12ms(args.out, args.scenes, args.patches_per_scene, args.seed, args.size, overwrite=args.overwrite)
-        else:
-            n = synth.write_dfc2020(args.out, args.n_validation, args.n_test, args.seed, args.size, overwrite=args.overwrite,
-                                    validation_folders=args.validation_folders)
-    print(json.dumps({"dataset": args.synth_dataset, "out": str(args.out), "pairs": n}))
-    return 0
-
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from satfuse.data.format.codecs import make_encoding
-    from satfuse.data.format.manifest import MANIFEST_NAME, summary
-    from satfuse.data.packing.shard_plan import quiet_gdal
-    from satfuse.data.packing.shard_writer import shard_dataset
-    from satfuse.diskspace import writable_output
+    from satfuse.data.format.codecs import make_encoding  # lazy: --help stays fast
+    from satfuse.data.format.manifest import MANIFEST_NAME, summary  # lazy: --help stays fast
+    from satfuse.data.packing.shard_plan import quiet_gdal  # lazy: --help stays fast
+    from satfuse.data.packing.shard_writer import shard_dataset  # lazy: --help stays fast
+    from satfuse.diskspace import writable_output  # lazy: --help stays fast
 
     missing = [f"--{n}" for n in ("src", "dataset", "out") if getattr(args, n) is None]
     if missing:
@@ -125,7 +98,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
             command=["satfuse", *sys.argv[1:]], exclude_scenes=args.exclude_scenes,
             pairs_file=args.pairs_file, strict_split=args.strict_split,
             encoding=make_encoding(args.compress, args.compress_level, args.s1_dtype, args.no_labels),
-            **multiband_cli.band_options(args, args.dataset in BAND_DATASETS),
+            **multiband_cli.band_options(args, dataset_entry(args.dataset).kind == PER_BAND),
         )  # fmt: skip
     if "records" in result:  # a job-array part
         n = sum(r["count"] for r in result["records"])
@@ -136,8 +109,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from satfuse.data.format.manifest import load_dir
-    from satfuse.data.format.verify import verify
+    from satfuse.data.format.manifest import load_dir  # lazy: --help stays fast
+    from satfuse.data.format.verify import verify  # lazy: --help stays fast
 
     problems = verify(args.dir)
     for p in problems:
@@ -151,7 +124,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from satfuse.data.format.manifest import MANIFEST_NAME, merge, summary
+    from satfuse.data.format.manifest import MANIFEST_NAME, summary  # lazy: --help stays fast
+    from satfuse.data.packing.shard_dir import merge  # lazy: --help stays fast
 
     manifest = merge(args.dir, command=["satfuse", *sys.argv[1:]])
     log.info("merged: %s -> %s", summary(manifest), args.dir / MANIFEST_NAME)

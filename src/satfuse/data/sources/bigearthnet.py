@@ -268,7 +268,7 @@ def _v1_labels(*jsons: Path) -> list[int] | None:
 def read_parquet(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     """Rows of a parquet file as dicts; a clear error for a missing file or column."""
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: --help stays fast (pyarrow; the CLI lists this dataset)
     except ImportError:
         raise SatfuseError("reading BigEarthNet v2 metadata.parquet needs pyarrow: pip install pyarrow") from None
     try:

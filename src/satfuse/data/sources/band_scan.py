@@ -1,5 +1,5 @@
-"""What a per-band dataset scan returns (SSL4EO-S12, BigEarthNet v1/v2): the scanners fill it,
-`multiband` packs it. A module of its own so the scanners and the writer do not import each other."""
+"""What a per-band dataset scan returns (SSL4EO-S12, BigEarthNet v1/v2, any `PER_BAND` entry of
+`satfuse.data.sources.dataset`): the scanners fill it, `multiband` packs it. A module of its own so the scanners and the writer do not import each other."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.data.sources.layout import Excluded
-
-BAND_DATASETS = ("ssl4eo-s12", "bigearthnet", "bigearthnet-v2")  # one GeoTIFF per band
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from satfuse.data.sources.layout import FILE_RE, ROI_TOKEN, ROIS, SEASON_TOKENS
-from satfuse.utils import SatfuseError
+from satfuse.utils import SatfuseError, atomic_write_text
 
 K = TypeVar("K", bound=Hashable)  # a patch id as a reader spells it (SEN12MS: (roi, scene, id); BigEarthNet: a name)
 
@@ -222,16 +222,12 @@ def read_scene_list(path: Path, dataset: str) -> set[tuple[str, int]]:
 def write_split(path: Path, ids: list[tuple[str, int, int]]) -> None:
     """Write a split list as the seed paper's authors publish it: no header, `Seasons.X,scene,id`
     with X = SPRING..WINTER for SEN12MS and VALSET / TESTSET for DFC2020; atomically."""
-    from satfuse.utils import atomic_write_text
-
     lines = [f"Seasons.{ROI_TOKEN[roi]},{scene},{patch}" for roi, scene, patch in ids]
     atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
 
 
 def write_list_txt(path: Path, ids: list[tuple[str, int, int]]) -> None:
     """Write a SEN12MS `*_list.txt`: one S2 file name per line, CRLF line ends (as published)."""
-    from satfuse.utils import atomic_write_text
-
     atomic_write_text(Path(path), "".join(f"{roi}_s2_{scene}_p{patch}.tif\r\n" for roi, scene, patch in ids))
 
 
@@ -245,6 +241,4 @@ def write_list_pkl(path: Path, ids: list[tuple[str, int, int]]) -> None:
 
 def write_scene_list(path: Path, scenes: list[tuple[str, int]]) -> None:
     """Write a scene list like SEN12MS_holdOutScenes.txt (`ROIs1158_spring/s1_63`, LF)."""
-    from satfuse.utils import atomic_write_text
-
     atomic_write_text(Path(path), "".join(f"{roi}/s1_{scene}\n" for roi, scene in scenes))

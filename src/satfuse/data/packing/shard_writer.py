@@ -48,6 +48,7 @@ from rasterio.errors import RasterioError
 
 from satfuse.data.format import manifest as mf
 from satfuse.data.format.codecs import Encoding, add_encoding
+from satfuse.data.packing.multiband import shard_bands
 from satfuse.data.packing.raster import Prefetcher, Raster
 from satfuse.data.packing.shard_dir import (
     check_paths,
@@ -73,9 +74,9 @@ from satfuse.data.packing.tar_writer import (
     rel_path,
     write_tar,
 )
-from satfuse.data.sources.band_scan import BAND_DATASETS
-from satfuse.data.sources.layout import MAX_SHOWN, Pair
-from satfuse.data.sources.tree_scan import scan_dataset
+from satfuse.data.sources.dataset import PER_BAND, ScanOptions, dataset_entry, names_of_kind
+from satfuse.data.sources.layout import MAX_SHOWN, Pair, ScanResult
+from satfuse.diskspace import is_no_space, no_space_error
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -225,25 +226,33 @@ def shard_dataset(
     """Pack `src` into `out` (see module doc). Returns the manifest (or, for a job-array
     part, the part manifest). `num_shards` is the number of job-array parts, not of tars.
     `strict_split` makes split-list entries without files fatal (they are listed otherwise).
-    `band_options` (resample, s2_level, split, tol_m, max_gap_days) are for BAND_DATASETS.
-    `encoding` (`satfuse.data.format.codecs`: --compress, --s1-dtype, --no-labels) defaults to the
-    original format."""
+    `band_options` are the scan's `split`, `s2_level`, `max_gap_days` (`dataset.ScanOptions`) and,
+    for `PER_BAND` datasets, `resample` and `tol_m`. `encoding` (`satfuse.data.format.codecs`:
+    --compress, --s1-dtype, --no-labels) defaults to the original format. The dataset entry
+    (`satfuse.registry.DATASETS`) refuses the scan flags it does not read, then its kind picks
+    the packer: this module's pairs, or `multiband` for one file per band."""
     src, out = Path(src), named_out(out)
     encoding = encoding or Encoding()
-    if dataset in BAND_DATASETS:  # one file per band: SSL4EO-S12, BigEarthNet (satfuse.data.packing.multiband)
-        unused = [flag for flag, value in (("--exclude-scenes", exclude_scenes), ("--pairs-file", pairs_file),
-                                           ("--strict-split", strict_split)) if value]
-        if unused:
-            raise SatfuseError(f"{', '.join(unused)}: not used by --dataset {dataset} (SEN12MS/DFC2020/pairs only); drop it")
-        from satfuse.data.packing.multiband import shard_bands
-
-        return shard_bands(src, dataset, out, maxcount=maxcount, maxsize=maxsize, workers=workers, seed=seed,
-                           split_file=split_file, shard_index=shard_index, num_shards=num_shards,
-                           overwrite=overwrite, exclude_bad=exclude_bad, command=command, encoding=encoding,
-                           **band_options)
+    spec = dataset_entry(dataset)
+    scan_keys = ("split", "s2_level", "max_gap_days")
+    options = ScanOptions(split_file=split_file, exclude_scenes=exclude_scenes, pairs_file=pairs_file,
+                          **{k: band_options.pop(k) for k in scan_keys if k in band_options})
+    spec.check_options(options)
+    if spec.kind == PER_BAND:  # one file per band: SSL4EO-S12, BigEarthNet (satfuse.data.packing.multiband)
+        if strict_split:
+            raise SatfuseError(f"--strict-split: not used by --dataset {dataset} "
+                               f"(per-band datasets list no missing patches); drop it")
+        return shard_bands(src, spec, out, options, maxcount=maxcount, maxsize=maxsize, workers=workers, seed=seed,
+                           shard_index=shard_index, num_shards=num_shards, overwrite=overwrite,
+                           exclude_bad=exclude_bad, command=command, encoding=encoding, **band_options)
+    given = [k for k, v in band_options.items() if v is not None]
+    if given:
+        raise SatfuseError(f"{', '.join(given)}: only for --dataset {'|'.join(names_of_kind(PER_BAND))}; drop them")
     part = check_args(maxcount, maxsize, workers, shard_index, num_shards)
     check_paths(src, out)
-    result = scan_dataset(src, dataset, split_file, exclude_scenes, pairs_file)
+    result = spec.scan(src, options)
+    if not isinstance(result, ScanResult):
+        raise SatfuseError(f"dataset {dataset!r}: a {spec.kind} entry's scan must return a ScanResult, got {type(result).__name__}")
     _report_scan(result, src, split_file, strict_split)
     if not result.pairs:
         reasons = "; ".join(e.reason for e in result.excluded[:MAX_ERRORS_SHOWN])
@@ -278,8 +287,6 @@ def shard_dataset(
         manifest = mf.build(header, records, scan_excluded, command, ignored)
         publish_or_discard(out, manifest, records, claim)
     except OSError as exc:
-        from satfuse.diskspace import is_no_space, no_space_error
-
         if not is_no_space(exc):
             raise
         # what the unfinished shards still need (finished ones are kept and reused on rerun)

@@ -32,6 +32,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import rasterio
 from rasterio.transform import Affine
 
@@ -290,9 +292,6 @@ def _write_v1_lists(out: Path, rows: list[dict]) -> None:
 
 
 def _write_v2_parquets(out: Path, rows: list[dict]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     def table(items: list[dict]) -> pa.Table:
         cols = {
             "patch_id": [r["patch_id"] for r in items], "labels": [r["labels"] for r in items],

@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from satfuse import __version__
+from satfuse.data.format.codecs import from_manifest
 from satfuse.data.packing.normalize import add_sums, empty_sums, finish_stats
 from satfuse.utils import SatfuseError, atomic_write_text
 
@@ -142,11 +146,8 @@ def refuse_empty(out: Path, manifest: dict[str, Any]) -> None:
 
 def versions() -> dict[str, str]:
     """Library versions recorded in every manifest (what produced these bytes)."""
-    import numpy as np
-    import rasterio
-    import webdataset as wds
-
-    from satfuse import __version__
+    import rasterio  # lazy: --help stays fast (GDAL)
+    import webdataset as wds  # lazy: --help stays fast
 
     return {
         "satfuse": __version__, "python": platform.python_version(), "numpy": np.__version__,
@@ -273,8 +274,6 @@ def load(path: Path, what: str = "", stats: bool = True) -> dict[str, Any]:
         raise SatfuseError(f"{path}: manifest has no 'shards' list of {{name, count}}; re-shard with `satfuse shard`")
     _check_entries(path, shards)
     if "encoding" in manifest:  # --compress / --s1-dtype / --no-labels: one this satfuse can read
-        from satfuse.data.format.codecs import from_manifest
-
         from_manifest(manifest, str(path))
     if stats:
         if "stats" not in manifest:
@@ -287,8 +286,6 @@ def load(path: Path, what: str = "", stats: bool = True) -> dict[str, Any]:
 
 def _format_message(path: Path, found: Any) -> str:
     """Why a manifest's format is refused, naming both versions (a newer satfuse's set asks for an upgrade)."""
-    from satfuse import __version__
-
     m = re.fullmatch(r"satfuse-shards/(\d+)", found) if isinstance(found, str) else None
     if m and int(m[1]) > int(FORMAT.rsplit("/", 1)[1]):
         return (f"{path}: not a {FORMAT} manifest: it is {found}, written by a newer satfuse than this one ({__version__}, "
@@ -405,17 +402,9 @@ def write_part(out: Path, header: dict[str, Any], part: tuple[int, int], records
     return doc
 
 
-def merge(out: Path, command: list[str] | None = None) -> dict[str, Any]:
-    """Join the part manifests of a job-array run into `manifest.json` (all parts needed),
-    holding the shard directory's lease (`satfuse.data.packing.shard_dir.out_lease`, as a whole run):
-    refused while a part, a whole run or another merge writes `out`."""
-    from satfuse.data.packing.shard_dir import out_lease  # shard_dir imports this module
-
-    with out_lease(None, Path(out), None):
-        return _merge(Path(out), command)
-
-
-def _merge(out: Path, command: list[str] | None) -> dict[str, Any]:
+def merge_parts(out: Path, command: list[str] | None) -> dict[str, Any]:
+    """Join the part manifests of a job-array run into `manifest.json` (all parts needed); the
+    caller holds the directory's lease (`satfuse.data.packing.shard_dir.merge`)."""
     parts = sorted(out.glob(PART_GLOB))
     if not parts:
         raise SatfuseError(f"{out}: no manifest.part-*-of-*.json found; run `satfuse shard ... --shard-index i --num-shards n` for every part first")

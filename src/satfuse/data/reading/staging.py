@@ -46,6 +46,8 @@ from satfuse.config import DataConfig
 from satfuse.data.reading.shard_sets import ShardSet
 from satfuse.data.reading.stream_plan import node_groups
 from satfuse.diskspace import free_bytes, human, is_no_space, no_space_error
+from satfuse.distributed.collectives import agree_max, control_group
+from satfuse.distributed.env import current_env
 from satfuse.distributed.launcher_env import world_info_from_env
 from satfuse.utils import SatfuseError
 
@@ -69,8 +71,6 @@ class NodeLayout:
     def from_env(cls, rank: int, world_size: int) -> NodeLayout:
         """The layout the launcher gave (the joined process group's, else `launcher_env`'s), checked against the loader's rank and
         world size and against the node-by-node rank numbering the plan relies on."""
-        from satfuse.distributed.env import current_env
-
         info = current_env() or world_info_from_env()
         if world_size == 1:
             return cls()
@@ -195,8 +195,6 @@ def _guarded(box: dict[str, BaseException], shards: ShardSet, set_dir: Path, min
 
 def _wait_for_all_nodes(copier: threading.Thread | None, box: dict[str, BaseException], node: NodeLayout) -> None:
     """Poll until every node's copier finished; raise on every rank if one failed."""
-    from satfuse.distributed.collectives import agree_max, control_group
-
     group = control_group()
     while True:
         busy = copier is not None and copier.is_alive()

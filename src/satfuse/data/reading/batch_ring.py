@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,5 @@ class RingConsumer:
 
 def credit_queues(workers: int, context: Callable[[], Any] | None = None) -> list[Any]:
     """One credit queue per worker, from the multiprocessing context the DataLoader uses."""
-    import torch.multiprocessing as mp
-
     ctx = context() if context is not None else mp
     return [ctx.Queue() for _ in range(workers)]

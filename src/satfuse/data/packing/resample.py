@@ -41,14 +41,7 @@ from rasterio.warp import transform_bounds
 # Methods that make sense for upsampling continuous reflectance / backscatter (GDAL names).
 METHODS = ("bilinear", "nearest", "cubic", "cubic_spline", "lanczos", "average")
 DEFAULT_METHOD = "bilinear"
-# `--colocation-tol-m` per dataset, as published (plus half the band's own pixel, see module doc).
-# BigEarthNet: S1 was cut on the S2 patch's own UTM grid, so one 10 m pixel is ample.
-# SSL4EO-S12 v1: S1 and S2 are separate Earth Engine exports of the same 2.64 km region, each
-# sampled on its own image's pixel grid, centre-cropped to 264 px and georeferenced from the
-# region's bounds; their footprints share the centre but differ by a few 10 m pixels (38.5 m
-# between VV.tif and B2.tif of the published location 0000200), so 50 m = 5 pixels. A gross
-# misplacement (a wrong export, ~1 km) stays far outside it. docs/datasets.md has the why.
-DEFAULT_TOL_M: dict[str, float] = {"ssl4eo-s12": 50.0, "bigearthnet": 10.0, "bigearthnet-v2": 10.0}
+# The default `--colocation-tol-m` is each dataset's (`SourceDataset.colocation_tol_m`, as published).
 
 _OPEN_LOCK = threading.Lock()  # catch_warnings edits process-global filters
 

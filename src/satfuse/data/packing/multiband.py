@@ -39,7 +39,6 @@ from satfuse.data.packing import shard_plan
 from satfuse.data.packing.raster import BadData, NotColocated, npy_buffer
 from satfuse.data.packing.resample import (
     DEFAULT_METHOD,
-    DEFAULT_TOL_M,
     METHODS,
     BandError,
     BandInfo,
@@ -64,7 +63,8 @@ from satfuse.data.packing.tar_writer import (
     rel_path,
     write_tar,
 )
-from satfuse.data.sources.band_scan import BAND_DATASETS, BandSample, BandScan
+from satfuse.data.sources.band_scan import BandSample, BandScan
+from satfuse.data.sources.dataset import ScanOptions, SourceDataset
 from satfuse.data.sources.layout import s1_range_problem
 from satfuse.utils import SatfuseError
 
@@ -214,21 +214,6 @@ def write_band_shard(task: BandShardTask) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def scan_dataset(dataset: str, src: Path, *, split_file: Path | None, split: str | None, s2_level: str, max_gap_days: float) -> BandScan:
-    """Dispatch to the dataset's scanner."""
-    if dataset == "ssl4eo-s12":
-        from satfuse.data.sources.ssl4eo import scan_ssl4eo
-
-        if split_file is not None or split is not None:
-            raise SatfuseError("--split-file/--split do not apply to ssl4eo-s12 (it has no official splits); shard all locations")
-        return scan_ssl4eo(src, s2_level=s2_level, max_gap_days=max_gap_days)
-    if dataset in ("bigearthnet", "bigearthnet-v2"):
-        from satfuse.data.sources.bigearthnet import scan_bigearthnet
-
-        return scan_bigearthnet(src, version=2 if dataset == "bigearthnet-v2" else 1, split_file=split_file, split=split)
-    raise SatfuseError(f"unknown per-band dataset {dataset!r}; use one of {list(BAND_DATASETS)}")
-
-
 def _patch_size(scan: BandScan) -> list[int] | None:
     """[H, W] of the output grid (the first readable sample's reference band); every sample's
     own size is in its JSON and checked by `shard verify`."""
@@ -260,29 +245,29 @@ def _count_limit(scan: BandScan, maxcount: int, maxsize: int | None) -> int:
 
 
 def shard_bands(
-    src: Path, dataset: str, out: Path, *, maxcount: int = 1000, maxsize: int | None = None, workers: int = 1,
-    seed: int = 0, split_file: Path | None = None, split: str | None = None, shard_index: int | None = None,
+    src: Path, spec: SourceDataset, out: Path, options: ScanOptions, *, maxcount: int = 1000,
+    maxsize: int | None = None, workers: int = 1, seed: int = 0, shard_index: int | None = None,
     num_shards: int | None = None, overwrite: bool = False, exclude_bad: bool = False,
-    command: list[str] | None = None, resample: str = DEFAULT_METHOD, s2_level: str | None = None,
-    tol_m: float | None = None, max_gap_days: float | None = None, encoding: Encoding | None = None,
+    command: list[str] | None = None, resample: str = DEFAULT_METHOD, tol_m: float | None = None,
+    encoding: Encoding | None = None,
 ) -> dict[str, Any]:
-    """Pack a per-band dataset into `out`; returns the manifest (or the part manifest).
-    `s2_level` (default l1c) and `max_gap_days` (default 30) are SSL4EO-S12 options;
-    `encoding` (`satfuse.data.format.codecs`) as for `shard_writer` (these sets have no label member)."""
+    """Pack a `PER_BAND` dataset into `out` (`shard_writer.shard_dataset` checked `options`
+    against `spec` already); returns the manifest (or the part manifest). `tol_m` defaults to
+    `spec.colocation_tol_m`; `encoding` (`satfuse.data.format.codecs`) as for `shard_writer` (these
+    sets have no label member)."""
     src, out = Path(src), named_out(out)
     encoding = encoding or Encoding()
-    if dataset != "ssl4eo-s12" and (s2_level is not None or max_gap_days is not None):
-        raise SatfuseError(f"--s2-level/--max-gap-days apply to ssl4eo-s12 only ({dataset} is L2A with one date per pair); drop them")
-    s2_level = s2_level or "l1c"
-    tol_m = DEFAULT_TOL_M.get(dataset, min(DEFAULT_TOL_M.values())) if tol_m is None else tol_m
-    max_gap_days = 30.0 if max_gap_days is None else max_gap_days
+    dataset, split_file = spec.name, options.split_file
+    tol_m = spec.colocation_tol_m if tol_m is None else tol_m
     if resample not in METHODS:
         raise SatfuseError(f"--resample {resample!r}: use one of {list(METHODS)}")
     if not tol_m >= 0:
         raise SatfuseError(f"--colocation-tol-m {tol_m}: must be >= 0 metres")
     part = shard_plan.check_args(maxcount, maxsize, workers, shard_index, num_shards)
     check_paths(src, out)
-    scan = scan_dataset(dataset, src, split_file=split_file, split=split, s2_level=s2_level, max_gap_days=max_gap_days)
+    scan = spec.scan(src, options)
+    if not isinstance(scan, BandScan):
+        raise SatfuseError(f"dataset {dataset!r}: a {spec.kind} entry's scan must return a BandScan, got {type(scan).__name__}")
     if not scan.samples:
         reasons = "; ".join(e.reason for e in scan.excluded[: shard_plan.MAX_ERRORS_SHOWN])
         raise SatfuseError(f"{src}: no complete {dataset} pair to pack ({len(scan.excluded)} excluded: {reasons}); fix the layout or the split")
@@ -293,7 +278,7 @@ def shard_bands(
     plan = shard_plan.plan_shards(scan.samples, seed, count)  # type: ignore[arg-type]  # any keyed list
     header = {
         "name": out.name, "dataset": dataset, "seed": seed, "maxcount": count, "label": None,
-        "split_file": str(split_file) if split_file else None, "split": split, "planned_shards": len(plan),
+        "split_file": str(split_file) if split_file else None, "split": options.split, "planned_shards": len(plan),
         "planned_pairs": len(scan.samples), "bands": scan.bands,
         "dtype": {"s1": "float32", "s2": "uint16"},
         "resample": {"method": resample, "tolerance_m": tol_m, "grid": GRID_RULE},

@@ -3,7 +3,7 @@
 One job (the layouts themselves are in `layout`): walk the tree once, by names only, pair
 each patch's S1 with its S2 (and label), and return every file or folder it did not use
 (`ignored`) and every patch it could not pair (`excluded`), each with its reason.
-`scan_dataset` is the one entry point of `satfuse shard` (it dispatches `pairs` to `pairs_file`).
+`scan` is what the `sen12ms` and `dfc2020` entries of `satfuse.data.sources.catalog` call.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 
 from satfuse.data.sources.layout import (
     AUX_SENSORS,
-    DATASETS,
     FILE_RE,
     LABEL_SENSOR,
     ROIS,
@@ -31,7 +30,6 @@ from satfuse.data.sources.layout import (
     make_key,
     season_of,
 )
-from satfuse.data.sources.pairs_file import scan_pairs
 from satfuse.data.sources.split_lists import read_scene_list, read_split
 from satfuse.utils import SatfuseError
 
@@ -42,25 +40,6 @@ _DIR_RE = re.compile(r"^(?P<sensor>s1|s2|lc|dfc)_(?P<scene>[0-9]+|validation)$")
 _SENSORLIKE_RE = re.compile(r"^(s1|s2|lc|dfc)([_\-. ].*)?$", re.IGNORECASE)
 _ROILIKE_RE = re.compile(r"^ROIs[0-9]{4}_", re.IGNORECASE)
 _SIDEFILE_RE = re.compile(r"(_observations\.csv|_list\.(txt|pkl)|Scenes\.txt)$", re.IGNORECASE)
-
-
-def scan_dataset(
-    root: Path,
-    dataset: Dataset,
-    split_file: Path | None = None,
-    exclude_scenes: Path | None = None,
-    pairs_file: Path | None = None,
-) -> ScanResult:
-    """Dispatch to the scan of a dataset's layout (the one entry point of `satfuse shard`)."""
-    if dataset == "pairs":
-        if pairs_file is None:
-            raise SatfuseError("--dataset pairs needs --pairs-file FILE.csv (columns s1,s2[,label], paths relative to --src)")
-        if split_file is not None or exclude_scenes is not None:
-            raise SatfuseError("--dataset pairs takes its pairs from --pairs-file; drop --split-file / --exclude-scenes")
-        return scan_pairs(root, pairs_file)
-    if pairs_file is not None:
-        raise SatfuseError(f"--pairs-file is for --dataset pairs, not {dataset}")
-    return scan(root, dataset, split_file, exclude_scenes)
 
 
 def scan(root: Path, dataset: Dataset, split_file: Path | None = None, exclude_scenes: Path | None = None) -> ScanResult:
@@ -108,7 +87,7 @@ def scan(root: Path, dataset: Dataset, split_file: Path | None = None, exclude_s
 
 def _check_root(root: Path, dataset: str) -> None:
     if dataset not in ROIS:
-        raise SatfuseError(f"unknown dataset {dataset!r}; use one of {list(DATASETS)}")
+        raise SatfuseError(f"unknown dataset {dataset!r}: not a SEN12MS-style tree; use one of {list(ROIS)}")
     if not root.is_dir():
         raise SatfuseError(f"{root}: source directory does not exist; pass the dataset root (holding {ROIS[dataset][0]}/ ...)")
     if not any(root.iterdir()):

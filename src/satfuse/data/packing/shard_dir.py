@@ -1,6 +1,7 @@
 """The output directory of a sharding run: claiming it, refusing someone else's, removing stale files.
 
-One job, shared by both writers: `out_lease` around the whole run (one writer at a time),
+One job, shared by both writers: `out_lease` around the whole run (one writer at a time;
+`merge` joins job-array parts under it),
 `check_paths` before the scan, `prepare_out` (refuse a
 non-empty directory that is not a shard directory, or one holding another shard set, unless
 `--overwrite`, which empties it first), `remove_stale` (an old manifest must not describe
@@ -32,12 +33,14 @@ from satfuse.data.format.manifest import (
     STATE_DIR,
     EmptySetError,
     is_own_file,
+    merge_parts,
     publish,
     shard_name_problem,
     sidecar_path,
     tar_name_pattern,
 )
 from satfuse.data.sources.layout import MAX_SHOWN
+from satfuse.engines.rundir import RunLease, describe
 from satfuse.utils import SatfuseError, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -62,8 +65,6 @@ def out_lease(src: Path | None, out: Path, part: int | None) -> Iterator[None]:
     has its own lease file, and a whole run and any part refuse each other. What this run
     created only for its lease (`out`, `.satfuse/`) is removed again when it ends empty, so a
     refused run leaves nothing behind."""
-    from satfuse.engines.rundir import RunLease, describe
-
     out = Path(out)
     if src is not None:
         check_paths(Path(src), out)  # before anything is created: never a lease inside the source
@@ -91,6 +92,14 @@ def out_lease(src: Path | None, out: Path, part: int | None) -> Iterator[None]:
                 d.rmdir()
             except OSError:
                 break
+
+
+def merge(out: Path, command: list[str] | None = None) -> dict[str, Any]:
+    """Join the part manifests of a job-array run into `manifest.json` (`manifest.merge_parts`),
+    holding the shard directory's lease as a whole run: refused while a part, a whole run or
+    another merge writes `out`."""
+    with out_lease(None, Path(out), None):
+        return merge_parts(Path(out), command)
 
 
 def holding_out_lease(fn: F) -> F:

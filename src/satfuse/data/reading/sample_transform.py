@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from satfuse.data.packing.normalize import S2_RGB, BandStats, normalize, normalize_into
+from satfuse.data.reading.augment import simclr_views
 from satfuse.data.reading.stream_io import RawSample, decode_label, decode_pair
 from satfuse.data.reading.stream_plan import stable_seed
 
@@ -77,8 +78,6 @@ class SampleTransform:
         return int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1)), c
 
     def _views(self, item: dict[str, Any], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        from satfuse.data.reading.augment import simclr_views
-
         if self.simclr_input == "s2_rgb":
             x = item["s2"][S2_RGB]
         elif self.simclr_input == "s2":

@@ -33,6 +33,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 Dataset = str
 
 SEN12MS_ROIS = ("ROIs1158_spring", "ROIs1868_summer", "ROIs1970_fall", "ROIs2017_winter")
@@ -42,8 +44,6 @@ LABEL_SENSOR: dict[str, str] = {"sen12ms": "lc", "dfc2020": "dfc", "pairs": "lab
 # Layers packed beside the label when a tree has them (DFC2020 ships the MODIS lc layers too).
 AUX_SENSORS: dict[str, tuple[str, ...]] = {"sen12ms": (), "dfc2020": ("lc",), "pairs": ()}
 SENSORS: dict[str, tuple[str, ...]] = {"sen12ms": ("s1", "s2", "lc"), "dfc2020": ("s1", "s2", "lc", "dfc")}
-# The datasets `satfuse shard --dataset` knows; new layouts add their name and a branch in `scan_dataset`.
-DATASETS: tuple[str, ...] = ("sen12ms", "dfc2020", "pairs")
 
 # Shard member contents per sensor: (band count, numpy dtype name). `satfuse shard verify` checks these.
 EXPECTED_BANDS: dict[str, tuple[int, str]] = {
@@ -87,8 +87,6 @@ S1_DB_RANGE = (-100.0, 60.0)
 
 def s1_range_problem(array: object, where: str) -> str | None:
     """`out of range: ...` when finite S1 values leave S1_DB_RANGE, else None (NaN is checked apart)."""
-    import numpy as np
-
     lo, hi = float(np.min(array)), float(np.max(array))
     if lo >= S1_DB_RANGE[0] and hi <= S1_DB_RANGE[1]:
         return None

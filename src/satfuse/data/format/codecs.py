@@ -114,10 +114,10 @@ def from_manifest(manifest: dict[str, Any], where: str = "manifest.json") -> Enc
 def _codec_module(codec: str) -> Any:
     try:
         if codec == "zstd":
-            import zstandard
+            import zstandard  # optional: a missing codec package is a one-line error below
 
             return zstandard
-        import lz4.frame
+        import lz4.frame  # optional: a missing codec package is a one-line error below
 
         return lz4.frame
     except ImportError:
@@ -290,8 +290,8 @@ def webdataset_handler(key: str, data: bytes) -> Any:
     """The decoder for stock webdataset, as documented in shards/FORMAT.md:
     `webdataset.WebDataset(urls).decode(webdataset_handler)`. Returns None for members it
     does not handle, so webdataset's own handlers decode the rest (`.npy`, `json`)."""
-    import lz4.frame
-    import zstandard
+    import lz4.frame  # optional: only compressed sets need the codec packages
+    import zstandard  # optional: only compressed sets need the codec packages
 
     if key.endswith(".npy.zst"):
         return np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)), allow_pickle=False)
