@@ -143,7 +143,7 @@ def _origin(obj: object) -> str:
 # next to its built-in entries; docs/architecture.md has a recipe per extension point.
 # --------------------------------------------------------------------------------------------
 
-BACKBONES: Registry = Registry("backbone", ("satfuse.models.backbones",), "model.backbone")
+BACKBONES: Registry = Registry("backbone", ("satfuse.models.resnet",), "model.backbone")
 METHODS: Registry = Registry("pretraining method", ("satfuse.models.methods",), "model.method")
 DATASETS: Registry = Registry("dataset", ("satfuse.data.layout", "satfuse.data.band_scan"), "--dataset")
 BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.finetune",), "finetune benchmark")

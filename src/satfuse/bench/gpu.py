@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from satfuse.bench.common import paper_scale
 from satfuse.config import LossConfig, ModelConfig, PretrainConfig, load_config
 from satfuse.engines.base import autocast_context, cpu_has_native_bf16
 
@@ -419,7 +420,7 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def dual_simclr(backbone: str, device: torch.device, channels_last: bool) -> nn.Module:
     from satfuse.models import build_pretrain_model
 
-    hidden, out = (2048, 128) if backbone == "resnet50" else (64, 32)
+    hidden, out = (2048, 128) if paper_scale(backbone) else (64, 32)
     torch.manual_seed(0)
     model = build_pretrain_model(ModelConfig(method="dual_simclr", backbone=backbone,
                                              proj_hidden=hidden, proj_out=out)).to(device)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from satfuse.bench.common import paper_scale
 from satfuse.config import LossConfig, ModelConfig
 from satfuse.distributed.env import teardown
 from satfuse.distributed.ports import free_port
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", nargs="*", type=int, default=[1, 2])
     p.add_argument("--precisions", nargs="*", default=["fp32", "bf16"])
     p.add_argument("--batch", type=int, default=16, help="pairs per rank (tiny)")
-    p.add_argument("--batch-resnet50", type=int, default=4, help="pairs per rank (resnet50)")
+    p.add_argument("--batch-resnet50", type=int, default=4, help="pairs per rank (resnet50 and other 2048-wide trunks)")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--steps", type=int, default=4, help="timed steps (after 1 warm-up step)")
     p.add_argument("--log-every", type=int, default=10,
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_cfg(backbone: str) -> ModelConfig:
-    hidden, out = (2048, 128) if backbone == "resnet50" else (256, 64)
+    hidden, out = (2048, 128) if paper_scale(backbone) else (256, 64)
     return ModelConfig(method="dual_simclr", backbone=backbone, proj_hidden=hidden, proj_out=out)
 
 
@@ -118,7 +119,7 @@ def _rank_main(rank: int, world: int, port: int, job: dict, out: dict) -> None:
 
 
 def cpu_row(backbone: str, world: int, precision: str, args: argparse.Namespace) -> dict:
-    batch = args.batch_resnet50 if backbone == "resnet50" else args.batch
+    batch = args.batch_resnet50 if paper_scale(backbone) else args.batch
     # Without native bf16 torch emulates it (far slower than fp32; this row's sec_per_step says
     # by how much): one timed step is enough to show that, and keeps `bench all` within 10 minutes.
     emulated = precision == "bf16" and cpu_has_native_bf16() is False

@@ -64,7 +64,7 @@ def _add_finetune_flags(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--modalities", choices=["s1", "s2", "s1s2"])
     ft.add_argument("--fusion", choices=["early", "late"])
     ft.add_argument("--seed", type=int)
-    ft.add_argument("--backbone", choices=["tiny", "resnet18", "resnet50"])
+    ft.add_argument("--backbone", help="trunk per branch: a registered backbone (model.backbone)")
     ft.add_argument("--epochs", type=int)
     ft.add_argument("--run-dir", help="where result.json goes (default: runs/finetune/<method>/<task>/"
                     "frac<F>/seed<S>, as a sweep lays out runs)")

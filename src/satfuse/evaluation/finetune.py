@@ -43,8 +43,9 @@ from satfuse.evaluation import data as D
 from satfuse.evaluation.metrics import multi_label_metrics, single_label_metrics
 from satfuse.evaluation.models import Classifier, build_classifier, scratch_branches
 from satfuse.evaluation.plain_weights import load_for_finetune
-from satfuse.evaluation.pretrained import METHOD_NAMES, pretrained_branches
+from satfuse.evaluation.pretrained import pretrained_branches
 from satfuse.evaluation.targets import CLASS_NAMES, IGNORE, N_CLASSES, batch_targets
+from satfuse.models.methods import method_title
 from satfuse.utils import SatfuseError, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class FtModelConfig:
 
     checkpoint: str = "none"  # export file, checkpoint dir, or none (supervised from scratch)
     trust_checkpoint: bool = False  # read checkpoint-dir files that are not plain data (may run code)
-    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"  # trunk per branch
+    backbone: str = "resnet50"  # trunk per branch, a name in satfuse.registry.BACKBONES
     mode: Literal["finetune", "linear"] = "finetune"  # train the backbone too, or only the head
     modalities: Literal["s1", "s2", "s1s2"] = "s1s2"  # inputs the classifier sees
     fusion: Literal["early", "late"] = "late"  # s1s2: one trunk on stacked bands, or one per modality
@@ -140,7 +141,7 @@ def method_label(model: FtModelConfig, method: str | None = None, label: str = "
     if method is None:
         base = f"Supervised {what}"
         return base if model.mode == "finetune" else f"Random-init {what} (linear)"
-    name = METHOD_NAMES.get(method, method)
+    name = method_title(method)
     suffix = "" if mod == "s1s2" else f" {what}"
     return f"{name}{suffix} ({'fine-tune' if model.mode == 'finetune' else 'linear'})"
 

@@ -25,7 +25,6 @@ from satfuse.utils import SatfuseError
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "satfuse-backbones/1"
-METHOD_NAMES = {"dual_simclr": "Dual-SimCLR", "simclr": "SimCLR", "mma": "MMA"}
 
 
 @dataclass
