@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.bench.model import row
+from satfuse.config import PretrainConfig, load_config, read_yaml
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,7 @@ def pretrain_2node(
 
 def model_size(config: Path, overrides: list[str]) -> dict[str, Any]:
     """Parameters and buffer bytes of the real model; batch, embedding size and engine."""
-    from satfuse.config import PretrainConfig, load_config
-    from satfuse.models import build_pretrain_model
+    from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     cfg = load_config(PretrainConfig, config, overrides)
     model = build_pretrain_model(cfg.model)
@@ -261,8 +261,6 @@ def _engine(cfg: Any, config: Path) -> str:
     if stage < 0:
         ds_path = Path(cfg.deepspeed.config)
         ds_path = ds_path if ds_path.is_absolute() else REPO / ds_path
-        from satfuse.config import read_yaml
-
         stage = int(read_yaml(ds_path).get("zero_optimization", {}).get("stage", 0))
     if f"zero{stage}" not in ENGINES:
         raise SatfuseError(
@@ -274,8 +272,8 @@ def _engine(cfg: Any, config: Path) -> str:
 
 def synthetic_shards(base: Path) -> Path:
     """Small synthetic SEN12MS shards (the tests' layout) when no --shards is given."""
-    from satfuse.data.shard_writer import shard_dataset
-    from satfuse.data.synth import write_sen12ms
+    from satfuse.data.shard_writer import shard_dataset  # lazy: --help stays fast
+    from satfuse.data.synth import write_sen12ms  # lazy: --help stays fast
 
     write_sen12ms(base / "raw", scenes=2, patches_per_scene=24, seed=0, size=32)
     shard_dataset(base / "raw", "sen12ms", base / "shards", maxcount=6, seed=0)

@@ -18,7 +18,7 @@ from satfuse.utils import atomic_write_text
 
 
 def machine_info() -> dict[str, Any]:
-    import torch
+    import torch  # lazy: --help stays fast
 
     cuda = torch.cuda.is_available()
     return {

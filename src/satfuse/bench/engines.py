@@ -107,12 +107,12 @@ def _rank_main(rank: int, world: int, port: int, a: dict[str, Any], setup: str, 
                       DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from satfuse.engines.setup import build_engine
-    from satfuse.models import build_pretrain_model
+    from satfuse.engines.setup import build_engine  # lazy: --help stays fast
+    from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     engine_kind, stage = SETUPS[setup]
     if engine_kind == "deepspeed":
-        import deepspeed  # noqa: F401 - imported before the baseline, like torch
+        import deepspeed  # noqa: F401  # optional: deepspeed (loaded before the baseline)
 
     cfg = _config(a, engine_kind, stage, out_dir)
     torch.manual_seed(0)

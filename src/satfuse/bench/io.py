@@ -50,6 +50,8 @@ from typing import Any
 from satfuse.bench.encodings import ENCODINGS, cli_flags
 from satfuse.bench.io_layout import geometry, npy_members, range_reads
 from satfuse.bench.io_pagecache import PAGE, drop_cache, read_bytes, resident_pages
+from satfuse.config import DataConfig
+from satfuse.data.commands import register as register_data_commands
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def satfuse_cli(argv: list[str]) -> None:
-    """Run a `satfuse` command in-process through its real parser; its stdout is dropped
-    (the bench's stdout is its JSON). Raises on a non-zero return."""
-    from satfuse.cli import build_parser, parse_args
-
-    args = parse_args(build_parser(), argv)
+    """Run a `satfuse synth|shard` command in-process through the data commands' real parser;
+    its stdout is dropped (the bench's stdout is its JSON). Raises on a non-zero return. The
+    parser is built from `satfuse.data.commands`, not `satfuse.cli`: the CLI imports every bench
+    module to list them, so importing it back would be a cycle."""
+    parser = argparse.ArgumentParser(prog="satfuse")
+    register_data_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
     with contextlib.redirect_stdout(io.StringIO()):
         rc = args.func(args)
     if rc:
@@ -137,7 +141,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 def member_bytes(urls: list[str]) -> dict[str, Any]:
     """Bytes of each member kind, summed over the tars' own headers (any encoding), and the
     tar framing (headers, padding, end blocks) as the rest of the file sizes."""
-    from satfuse.data.stream_io import split_name
+    from satfuse.data.stream_io import split_name  # lazy: --help stays fast
 
     per_ext: dict[str, int] = {}
     keys = 0
@@ -167,7 +171,7 @@ def member_bytes(urls: list[str]) -> dict[str, Any]:
 @contextlib.contextmanager
 def loader_mode(mode: str) -> Iterator[None]:
     """The loader as shipped, without the sha256 check, or also without read-around."""
-    from satfuse.data import stream_io
+    from satfuse.data import stream_io  # lazy: --help stays fast
 
     init = stream_io.MappedTar.__init__
 
@@ -189,8 +193,7 @@ def loader_mode(mode: str) -> Iterator[None]:
 
 def run_loader(shards, crop: int, args: argparse.Namespace) -> tuple[int, float]:
     """(pairs decoded, seconds) of one loader pass: one epoch or `--batches` batches."""
-    from satfuse.config import DataConfig
-    from satfuse.data.pretrain_loader import PretrainLoader
+    from satfuse.data.pretrain_loader import PretrainLoader  # lazy: --help stays fast
 
     cfg = DataConfig(batch_size=args.batch, num_workers=args.workers, crop=crop)
     ld = PretrainLoader(shards, cfg, rank=0, world_size=1, seed=0)
@@ -293,7 +296,7 @@ def model(sets: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[di
 
 
 def measure_set(entry: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from satfuse.data.shard_sets import resolve_shards
+    from satfuse.data.shard_sets import resolve_shards  # lazy: --help stays fast
 
     shards = resolve_shards(entry["dir"])
     first = npy_members(shards.urls[0], 1)

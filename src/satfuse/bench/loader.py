@@ -95,8 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def synthesise(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    from satfuse.data.shard_writer import shard_dataset
-    from satfuse.data.synth import write_sen12ms
+    from satfuse.data.shard_writer import shard_dataset  # lazy: --help stays fast
+    from satfuse.data.synth import write_sen12ms  # lazy: --help stays fast
 
     raw, shards = workdir / "raw", workdir / "shards" / "bench"
     write_sen12ms(raw, scenes=args.scenes, patches_per_scene=args.patches, seed=0, size=args.size)
@@ -107,7 +107,7 @@ def synthesise(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 def one_shard(workdir: Path, raw: Path, total: int) -> Path:
     """The same pairs packed into a single shard: on `--deal-world` ranks it has fewer shards
     than slots, so the loader deals member ranges instead of whole shards."""
-    from satfuse.data.shard_writer import shard_dataset
+    from satfuse.data.shard_writer import shard_dataset  # lazy: --help stays fast
 
     out = workdir / "shards" / "bench-1shard"
     shard_dataset(raw, "sen12ms", out, maxcount=max(1, total), seed=0, command=["bench", "loader"])
@@ -116,9 +116,9 @@ def one_shard(workdir: Path, raw: Path, total: int) -> Path:
 
 def per_file_reads(raw: Path) -> tuple[float, int]:
     """Reference: open and read both GeoTIFFs of every pair with rasterio."""
-    import rasterio
+    import rasterio  # lazy: --help stays fast
 
-    from satfuse.data.tree_scan import scan
+    from satfuse.data.tree_scan import scan  # lazy: --help stays fast
 
     pairs = scan(raw, "sen12ms").pairs
     t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def raw_tar_bytes(urls: list[str]) -> tuple[float, int]:
 def sha256_pass(shards) -> tuple[float, int]:
     """The loader's integrity check alone: one sha256 pass over every shard (the worst case
     per epoch, when every shard is indexed afresh by another worker)."""
-    from satfuse.data.stream_io import MappedTar, verify_digest
+    from satfuse.data.stream_io import MappedTar, verify_digest  # lazy: --help stays fast
 
     t0 = time.perf_counter()
     for url in shards.urls:
@@ -157,7 +157,7 @@ def sha256_pass(shards) -> tuple[float, int]:
 
 def unverified(fn: Callable[[], tuple]) -> Callable[[], tuple]:
     """`fn` with the loader's per-shard sha256 check off (the A/B of its cost)."""
-    from satfuse.data import stream_io
+    from satfuse.data import stream_io  # lazy: --help stays fast
 
     def run() -> tuple:
         stream_io.VERIFY_SHARDS = False
@@ -196,7 +196,7 @@ def consume(batch: dict[str, Any], touch: bool) -> int:
     thread: idle intra-op threads spin after a parallel op, which would bill the main process
     CPU time the loader did not use)."""
     if touch:
-        import torch
+        import torch  # lazy: --help stays fast
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -216,7 +216,7 @@ def loader_epochs(
     samples after the first batch, start-up seconds = worker start + first batch, CPU seconds
     of the main process and of the workers over the same window as the samples). Workers
     start once per iterator, so the steady rate is what a training run sees."""
-    from satfuse.data.pretrain_loader import PretrainLoader
+    from satfuse.data.pretrain_loader import PretrainLoader  # lazy: --help stays fast
 
     cfg = DataConfig(batch_size=batch, num_workers=workers, shuffle_buffer=64, crop=crop)
     ld = PretrainLoader(shards, cfg, rank=0, world_size=world, seed=0)
@@ -234,7 +234,7 @@ def loader_epochs(
 
 def fresh_handoff(fn: Callable[[], tuple]) -> Callable[[], tuple]:
     """`fn` with the workers' previous hand-off: a fresh shared-memory tensor per batch."""
-    from satfuse.data import pretrain_loader
+    from satfuse.data import pretrain_loader  # lazy: --help stays fast
 
     def run() -> tuple:
         pretrain_loader.BATCH_RING = False
@@ -342,7 +342,7 @@ def workers_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from satfuse.data.shard_sets import resolve_shards
+    from satfuse.data.shard_sets import resolve_shards  # lazy: --help stays fast
 
     with tempfile.TemporaryDirectory(prefix="satfuse-bench-loader-") as tmp:
         if args.shards:
@@ -366,7 +366,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "met": bool(ref) and loaders[top]["x_per_file"] >= 5.0}
         encodings = None
         if args.encodings:  # satfuse.bench.encodings: one row per `satfuse shard` encoding
-            from satfuse.bench.encodings import measure as measure_encodings
+            from satfuse.bench.encodings import (
+                measure as measure_encodings,  # lazy: --help stays fast
+            )
 
             encodings = measure_encodings(Path(tmp), raw, Path(args.shards) if args.shards else None, args)
         dealing = (dealing_costs(rows, shards, single, args) if single is not None

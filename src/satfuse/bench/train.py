@@ -53,10 +53,10 @@ def time_steps(backbone: str, batch: int, crop: int, steps: int, precision: str,
     trainer's per-step collectives: the loss's gathers, one control-flag reduction, and the
     retrieval metric on every `metrics_every`-th step (the trainer's train.log_every; 1 =
     every step, how the trainer worked before metrics moved to log steps)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel as DDP  # lazy: --help stays fast
 
-    from satfuse.distributed.collectives import agree_max, control_group
-    from satfuse.models import build_pretrain_model
+    from satfuse.distributed.collectives import agree_max, control_group  # lazy: --help stays fast
+    from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     torch.manual_seed(0)
     module = build_pretrain_model(model_cfg(backbone)).to(device)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from satfuse.checkpoint.layout import normalization_path
 from satfuse.evaluation.models import CHANNELS_TO_INPUT, INPUT_CHANNELS
@@ -123,10 +124,6 @@ def _side_document(path: Path) -> dict:
 def _read_safetensors(p: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict | None]:
     """(tensors, nested by modality when every key is `<modality>.<name>`; the satfuse
     document of its metadata (normalisation, weights, source, method) or None)."""
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise SatfuseError(f"{p}: reading .safetensors needs the `safetensors` package: pip install safetensors") from None
     try:
         with safe_open(str(p), framework="pt") as fh:
             flat = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no iterator
