@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.bench.encodings import ENCODINGS
+from satfuse.bench.encodings import measure as measure_encodings
 from satfuse.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -366,11 +367,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "met": bool(ref) and loaders[top]["x_per_file"] >= 5.0}
         encodings = None
         if args.encodings:  # satfuse.bench.encodings: one row per `satfuse shard` encoding
-            from satfuse.bench.encodings import (
-                measure as measure_encodings,  # lazy: --help stays fast
-            )
-
-            encodings = measure_encodings(Path(tmp), raw, Path(args.shards) if args.shards else None, args)
+            encodings = measure_encodings(Path(tmp), raw, Path(args.shards) if args.shards else None, args,
+                                          loader_epochs)
         dealing = (dealing_costs(rows, shards, single, args) if single is not None
                    else {"note": "member dealing rows need --raw (the pairs are packed again into one shard)"})
         return {
