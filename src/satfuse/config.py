@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from satfuse.registry import BACKBONES, METHODS
 from satfuse.resources import SCHEMA_KINDS, resolve_config
 from satfuse.utils import ConfigError, atomic_write_text, file_in_the_way
 
@@ -56,15 +57,26 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Which method and backbone. Sizes follow the authors (ResNet-50, 2048-2048-128 head)."""
+    """Which method and backbone. Sizes follow the authors (ResNet-50, 2048-2048-128 head).
 
-    method: Literal["dual_simclr", "simclr", "mma"] = "dual_simclr"  # pretraining method (satfuse.models.methods)
-    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"  # trunk per modality (tiny: tests and CPU demos)
+    `method` and `backbone` are names in `satfuse.registry.METHODS` / `BACKBONES` (plugins add
+    more), checked by `check_model_names` when the config is validated, not by a Literal here."""
+
+    method: str = "dual_simclr"  # pretraining method, a name in satfuse.registry.METHODS
+    backbone: str = "resnet50"  # trunk per modality, a name in satfuse.registry.BACKBONES (tiny: tests and CPU demos)
     proj_hidden: int = 2048  # hidden width of the projection head
     proj_out: int = 128  # embedding size the contrastive loss compares
     sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
     simclr_input: Literal["s2_rgb", "s2", "s1s2"] = "s2_rgb"  # SimCLR only
     mma_dim: int = 256  # MMA only: embedding size of the aligned feature maps
+
+
+def check_model_names(model: ModelConfig) -> None:
+    """`model.method` and `model.backbone` name registered entries; an unknown one is refused
+    listing the registry's names. Looked up here, once per command, because the registries
+    import their built-ins (torch) on first use and config.py itself stays torch-free."""
+    METHODS.get(model.method)
+    BACKBONES.get(model.backbone)
 
 
 @dataclass
@@ -382,6 +394,7 @@ def validate_pretrain(cfg: Any) -> None:
     """Ranges, not only types, checked before any process group or file exists: a negative
     lr would otherwise surface as torch's ValueError on every rank, `train.steps=0` as a
     checkpoint of untrained weights, an empty run_dir as files in the current directory."""
+    check_model_names(cfg.model)
     for key, low, inclusive, high in PRETRAIN_RANGES:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -149,9 +149,9 @@ def _origin(obj: object) -> str:
 # next to its built-in entries; docs/architecture.md has a recipe per extension point.
 # --------------------------------------------------------------------------------------------
 
-BACKBONES: Registry = Registry("backbone", ("satfuse.models.backbones",), "model.backbone")
+BACKBONES: Registry = Registry("backbone", ("satfuse.models.resnet",), "model.backbone")
 METHODS: Registry = Registry("pretraining method", ("satfuse.models.methods",), "model.method")
 DATASETS: Registry = Registry("dataset", ("satfuse.data.sources.catalog",), "--dataset")
-BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.finetune",), "finetune benchmark")
+BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.dfc2020",), "data.benchmark")
 ENGINES: Registry = Registry("engine", ("satfuse.engines.setup",), "train.engine")
 CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.protocol",), "checkpoint kind")

@@ -13,8 +13,8 @@ from satfuse.checkpoint.manager import CheckpointManager
 from satfuse.checkpoint.state import ModelOptimState
 from satfuse.config import ModelConfig, PretrainConfig, to_dict
 from satfuse.models import build_pretrain_model
-from satfuse.models.backbones import ResNet
 from satfuse.models.legacy import upgrade_key
+from satfuse.models.resnet import ResNet
 
 
 def _tiny_cfg() -> PretrainConfig:

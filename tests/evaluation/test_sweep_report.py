@@ -288,3 +288,22 @@ def test_every_export_writer_keeps_files_and_the_demo_reruns_sensibly(dfc_shards
     demo.finetune(dcfg, out, backbone)
     res = json.loads((run / "result.json").read_text())
     assert (run / "result.json").stat().st_mtime_ns != first and res["checkpoint"]["weights"] != weights
+
+
+def test_results_recorded_before_the_benchmark_key_count_as_dfc2020(tmp_path):
+    """A result.json written before `data.benchmark` existed was a DFC2020 run: a sweep keeps it;
+    one recorded for another benchmark is a change (nothing runs, nothing is read)."""
+    import json
+
+    from satfuse.config import to_dict
+    from satfuse.evaluation.finetune import FinetuneConfig
+    from satfuse.evaluation.sweep import PlannedRun, SweepMethod, config_changes
+
+    run = PlannedRun(SweepMethod(label="m"), "single", 1.0, 0, tmp_path, FinetuneConfig())
+    old = to_dict(run.cfg)
+    del old["data"]["benchmark"]
+    (tmp_path / "result.json").write_text(json.dumps({"config": old}))
+    assert config_changes(run) == []
+    old["data"]["benchmark"] = "other_bench"
+    (tmp_path / "result.json").write_text(json.dumps({"config": old}))
+    assert config_changes(run) == [("data.benchmark", "other_bench", "dfc2020")]

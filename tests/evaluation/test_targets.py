@@ -66,3 +66,18 @@ def test_batch_targets_match_per_map_functions():
         s = single_label(m)
         assert single[i] == (IGNORE if s is None else s)
         assert multi[i].tolist() == multi_label(m, 0.1).astype(np.float32).tolist()
+
+
+def test_dfc2020_is_a_registered_benchmark_and_targets_take_its_class_count():
+    from satfuse.evaluation.benchmark import benchmark_class, check_task
+    from satfuse.utils import SatfuseError
+
+    bench = benchmark_class("dfc2020")
+    assert bench.n_classes() == 8 and bench.metrics == {"single": "aa", "multi": "f1_macro"}
+    dfc = np.arange(11, dtype=np.uint8).reshape(1, 1, 11)
+    assert bench.label_map("dfc", dfc).tolist() == dfc_to_classes(dfc[0]).tolist()
+    with pytest.raises(SatfuseError, match="benchmark 'dfc2020' defines single, multi"):
+        check_task(bench, "segmentation")
+    # a 2-class benchmark's maps: class 2 is out of range (ignored), like 255
+    single, multi = batch_targets(np.array([[[0, 1, 1, 2, 255, 1]]], np.uint8), 0.3, n_classes=2)
+    assert single.tolist() == [1] and multi.tolist() == [[0.0, 1.0]]

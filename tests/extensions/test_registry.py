@@ -40,6 +40,7 @@ def test_builtins_import_on_first_lookup_and_plugins_from_the_environment(tmp_pa
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     names = out.stdout.split()
     assert "toy_plugin_net" in names, out.stdout + out.stderr
+    assert "resnet50" in names and "tiny" in names  # the built-ins, imported on that first lookup
     env["SATFUSE_PLUGINS"] = "sf_no_such_plugin"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "plugin module 'sf_no_such_plugin'" in bad.stderr

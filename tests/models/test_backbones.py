@@ -79,3 +79,26 @@ def test_bad_backbone_arguments() -> None:
         build_backbone("vit", 3)
     with pytest.raises(SatfuseError, match="in_channels"):
         build_backbone("tiny", 0)
+
+
+def test_backbone_and_method_names_come_from_the_registries() -> None:
+    from satfuse.config import PretrainConfig, validate_pretrain
+    from satfuse.models.backbones import check_export_format, identify_state_dict
+
+    cfg = PretrainConfig()
+    cfg.model.backbone = "vit"
+    with pytest.raises(SatfuseError, match=r"unknown backbone 'vit' in model\.backbone; choose one of: "
+                                           r"resnet18, resnet50, tiny"):
+        validate_pretrain(cfg)
+    cfg.model.backbone, cfg.model.method = "tiny", "byol"
+    with pytest.raises(SatfuseError, match=r"unknown pretraining method 'byol' in model\.method; choose one "
+                                           r"of: dual_simclr, mma, simclr"):
+        validate_pretrain(cfg)
+    # weights are matched to a registered backbone by their tensors, not by a name list
+    assert identify_state_dict(build_backbone("tiny", 2).state_dict()) == "tiny"
+    assert identify_state_dict(build_backbone("resnet18", 13).state_dict()) == "resnet18"
+    assert identify_state_dict({"other.weight": torch.zeros(1)}) is None
+    check_export_format("resnet50", "safetensors", "here")  # declared: no error
+    with pytest.raises(SatfuseError, match=r"here: backbone 'tiny' has no torchvision counterpart \(only "
+                                           r"resnet18, resnet50 do\)"):
+        check_export_format("tiny", "torchvision", "here")

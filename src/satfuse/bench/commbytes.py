@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.bench.model import row
+from satfuse.config import PretrainConfig, load_config, read_yaml
 from satfuse.distributed.launcher_env import LAUNCHER_VAR_PREFIXES, without_launcher_vars
 from satfuse.utils import SatfuseError
 
@@ -232,8 +233,7 @@ def pretrain_2node(
 
 def model_size(config: Path, overrides: list[str]) -> dict[str, Any]:
     """Parameters and buffer bytes of the real model; batch, embedding size and engine."""
-    from satfuse.config import PretrainConfig, load_config
-    from satfuse.models import build_pretrain_model
+    from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     cfg = load_config(PretrainConfig, config, overrides)
     model = build_pretrain_model(cfg.model)
@@ -254,8 +254,6 @@ def _engine(cfg: Any, config: Path) -> str:
     if stage < 0:
         ds_path = Path(cfg.deepspeed.config)
         ds_path = ds_path if ds_path.is_absolute() else REPO / ds_path
-        from satfuse.config import read_yaml
-
         stage = int(read_yaml(ds_path).get("zero_optimization", {}).get("stage", 0))
     if f"zero{stage}" not in ENGINES:
         raise SatfuseError(

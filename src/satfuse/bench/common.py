@@ -18,7 +18,7 @@ from satfuse.utils import atomic_write_text
 
 
 def machine_info() -> dict[str, Any]:
-    import torch
+    import torch  # lazy: --help stays fast
 
     cuda = torch.cuda.is_available()
     return {
@@ -30,6 +30,15 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def paper_scale(backbone: str) -> bool:
+    """True for a registered backbone as wide as the authors' ResNet-50 (2048 features): the
+    benchmarks give it the authors' 2048-2048-128 head and its own (smaller) batch; narrower
+    trunks get small heads so a CPU row stays quick."""
+    from satfuse.models.backbones import backbone_class  # lazy: `satfuse --help` stays torch-free
+
+    return backbone_class(backbone).feature_dim >= 2048
 
 
 def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +90,12 @@ def decode_cost(shards, repeats: int) -> tuple[float, dict[str, float]]:
     return best / max(1, len(samples)), decoded
 
 
-def measure(workdir: Path, raw: Path | None, given: Path | None, args: argparse.Namespace) -> dict[str, Any]:
-    """One row per encoding (or the given set), with ratios against the `default` row."""
-    from satfuse.bench.loader import loader_epochs
-    from satfuse.data.reading.shard_sets import resolve_shards
+def measure(workdir: Path, raw: Path | None, given: Path | None, args: argparse.Namespace,
+            loader_epochs: Callable[..., tuple]) -> dict[str, Any]:
+    """One row per encoding (or the given set), with ratios against the `default` row.
+    `loader_epochs`: `satfuse.bench.loader`'s timed loader pass, passed in by that module (which
+    imports this one: importing it back would be a cycle)."""
+    from satfuse.data.reading.shard_sets import resolve_shards  # lazy: --help stays fast
 
     names = list(args.encodings) if given is None else ["given"]  # --shards DIR: that set, as packed
     unknown = [n for n in names if n not in ENCODINGS and n != "given"]

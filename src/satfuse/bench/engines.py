@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from satfuse.bench.common import paper_scale
 from satfuse.config import PretrainConfig, from_dict
 from satfuse.distributed.env import teardown
 from satfuse.distributed.launcher_env import WorldInfo, export_torchrun_vars
@@ -48,7 +49,7 @@ SETUPS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", nargs="*", default=["ddp", "zero1", "zero2"], choices=sorted(SETUPS))
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--backbone", default="tiny", choices=["tiny", "resnet18", "resnet50"])
+    p.add_argument("--backbone", default="tiny", help="a registered backbone (model.backbone)")
     p.add_argument("--batch", type=int, default=16, help="pairs per rank")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
@@ -88,7 +89,7 @@ def _optim_state_mib(engine: Any) -> float:
 
 
 def _config(a: dict[str, Any], engine: str, stage: int | None, run_dir: str) -> PretrainConfig:
-    hidden, out = (2048, 128) if a["backbone"] == "resnet50" else (256, 64)
+    hidden, out = (2048, 128) if paper_scale(a["backbone"]) else (256, 64)
     raw = {
         "data": {"batch_size": a["batch"], "crop": a["crop"]},
         "model": {"backbone": a["backbone"], "proj_hidden": hidden, "proj_out": out},
@@ -107,12 +108,12 @@ def _rank_main(rank: int, world: int, port: int, a: dict[str, Any], setup: str, 
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from satfuse.engines.setup import build_engine
-    from satfuse.models import build_pretrain_model
+    from satfuse.engines.setup import build_engine  # lazy: --help stays fast
+    from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     engine_kind, stage = SETUPS[setup]
     if engine_kind == "deepspeed":
-        import deepspeed  # noqa: F401 - imported before the baseline, like torch
+        import deepspeed  # noqa: F401  # optional: deepspeed (loaded before the baseline)
 
     cfg = _config(a, engine_kind, stage, out_dir)
     torch.manual_seed(0)

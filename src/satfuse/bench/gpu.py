@@ -44,6 +44,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from satfuse.config import LossConfig, ModelConfig, PretrainConfig, load_config
+from satfuse.bench.common import paper_scale
+from satfuse.config import DataConfig, LossConfig, ModelConfig, PretrainConfig, load_config
 from satfuse.engines.base import autocast_context, cpu_has_native_bf16
 from satfuse.run_layout import RunLayout
+from satfuse.utils import SatfuseError, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,6 @@ def quick_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def pick_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from satfuse.utils import SatfuseError
-
             raise SatfuseError("--device cuda but torch sees no CUDA device; use --device cpu")
         return torch.device("cuda", 0)
     return torch.device("cpu")
@@ -163,8 +164,6 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def deepspeed_version() -> str | None:
     try:
-        from importlib.metadata import version
-
         return version("deepspeed")
     except Exception:
         return None
@@ -180,7 +179,7 @@ def check_loss_grad(device: torch.device, n: int, dim: int) -> dict[str, Any]:
 
     The reference is computed in float64, so the comparison measures something on a CPU-only
     dry run too (fp32 rounding, ~1e-7), not a tensor compared with itself."""
-    from satfuse.losses import nt_xent
+    from satfuse.losses import nt_xent  # lazy: --help stays fast
 
     gen = torch.Generator().manual_seed(0)
     za, zb = torch.randn(n, dim, generator=gen), torch.randn(n, dim, generator=gen)
@@ -217,9 +216,9 @@ def tiny_model_cfg() -> ModelConfig:
 def check_ddp_train(device: torch.device, precision: str, steps: int, batch: int, crop: int,
                     work: Path) -> dict[str, Any]:
     """1-rank DDP (NCCL on CUDA, gloo on CPU): loss finite and falling; scaler scale logged."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel as DDP  # lazy: --help stays fast
 
-    from satfuse.models import build_pretrain_model
+    from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = dist.FileStore(str(work / f"ddp_{precision}.store"), 1)
@@ -320,8 +319,8 @@ def trainer_overrides(shards: str, run_dir: Path, device: torch.device, steps: i
 
 def train_losses(shards: str, run_dir: Path, device: torch.device, steps: int) -> dict[int, float]:
     """Run (or resume) the real Trainer on `device` up to `steps`; the loss logged per step."""
-    from satfuse.distributed.env import DistEnv
-    from satfuse.engines.trainer import Trainer
+    from satfuse.distributed.env import DistEnv  # lazy: --help stays fast
+    from satfuse.engines.trainer import Trainer  # lazy: --help stays fast
 
     cfg = load_config(PretrainConfig, None, trainer_overrides(shards, run_dir, device, steps))
     with no_tf32():
@@ -418,9 +417,9 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def dual_simclr(backbone: str, device: torch.device, channels_last: bool) -> nn.Module:
-    from satfuse.models import build_pretrain_model
+    from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
-    hidden, out = (2048, 128) if backbone == "resnet50" else (64, 32)
+    hidden, out = (2048, 128) if paper_scale(backbone) else (64, 32)
     torch.manual_seed(0)
     model = build_pretrain_model(ModelConfig(method="dual_simclr", backbone=backbone,
                                              proj_hidden=hidden, proj_out=out)).to(device)
@@ -524,7 +523,6 @@ def model_only(device: torch.device, args: argparse.Namespace, backbone: str, co
 
 
 def make_loader(shards: str, batch: int, crop: int, workers: int, pin: bool):
-    from satfuse.config import DataConfig
     from satfuse.data.reading.pretrain_loader import PretrainLoader
     from satfuse.data.reading.shard_sets import resolve_shards
 
@@ -624,12 +622,12 @@ def loader_rows(device: torch.device, args: argparse.Namespace, backbone: str,
 
 def reference(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """torchvision-layout ResNet-50 (3 bands, 1000 classes) training images/s at 224, bf16."""
-    from satfuse.models.backbones import build_backbone
+    from satfuse.models.backbones import build_backbone  # lazy: --help stays fast
 
     quick = args.quick
     size, batch = (32, args.reference_batch) if quick else (224, args.reference_batch)
     try:
-        import torchvision
+        import torchvision  # optional: torchvision
 
         net, source = torchvision.models.resnet50(), f"torchvision {torchvision.__version__}"
     except Exception:
@@ -719,8 +717,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def save_partial(path: Path | None, result: dict[str, Any]) -> None:
     """The sections done so far, so a run stopped at a time limit still leaves its numbers."""
     if path is not None:
-        from satfuse.utils import atomic_write_text
-
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 

@@ -50,6 +50,8 @@ from typing import Any
 from satfuse.bench.encodings import ENCODINGS, cli_flags
 from satfuse.bench.io_layout import geometry, npy_members, range_reads
 from satfuse.bench.io_pagecache import PAGE, drop_cache, read_bytes, resident_pages
+from satfuse.config import DataConfig
+from satfuse.data.commands import register as register_data_commands
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def satfuse_cli(argv: list[str]) -> None:
-    """Run a `satfuse` command in-process through its real parser; its stdout is dropped
-    (the bench's stdout is its JSON). Raises on a non-zero return."""
-    from satfuse.cli import build_parser, parse_args
-
-    args = parse_args(build_parser(), argv)
+    """Run a `satfuse synth|shard` command in-process through the data commands' real parser;
+    its stdout is dropped (the bench's stdout is its JSON). Raises on a non-zero return. The
+    parser is built from `satfuse.data.commands`, not `satfuse.cli`: the CLI imports every bench
+    module to list them, so importing it back would be a cycle."""
+    parser = argparse.ArgumentParser(prog="satfuse")
+    register_data_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
     with contextlib.redirect_stdout(io.StringIO()):
         rc = args.func(args)
     if rc:
@@ -189,7 +193,6 @@ def loader_mode(mode: str) -> Iterator[None]:
 
 def run_loader(shards, crop: int, args: argparse.Namespace) -> tuple[int, float]:
     """(pairs decoded, seconds) of one loader pass: one epoch or `--batches` batches."""
-    from satfuse.config import DataConfig
     from satfuse.data.reading.pretrain_loader import PretrainLoader
 
     cfg = DataConfig(batch_size=args.batch, num_workers=args.workers, crop=crop)

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.bench.encodings import ENCODINGS
+from satfuse.bench.encodings import measure as measure_encodings
 from satfuse.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def one_shard(workdir: Path, raw: Path, total: int) -> Path:
 
 def per_file_reads(raw: Path) -> tuple[float, int]:
     """Reference: open and read both GeoTIFFs of every pair with rasterio."""
-    import rasterio
+    import rasterio  # lazy: --help stays fast
 
     from satfuse.data.sources.tree_scan import scan
 
@@ -196,7 +197,7 @@ def consume(batch: dict[str, Any], touch: bool) -> int:
     thread: idle intra-op threads spin after a parallel op, which would bill the main process
     CPU time the loader did not use)."""
     if touch:
-        import torch
+        import torch  # lazy: --help stays fast
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -366,9 +367,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "met": bool(ref) and loaders[top]["x_per_file"] >= 5.0}
         encodings = None
         if args.encodings:  # satfuse.bench.encodings: one row per `satfuse shard` encoding
-            from satfuse.bench.encodings import measure as measure_encodings
-
-            encodings = measure_encodings(Path(tmp), raw, Path(args.shards) if args.shards else None, args)
+            encodings = measure_encodings(Path(tmp), raw, Path(args.shards) if args.shards else None, args,
+                                          loader_epochs)
         dealing = (dealing_costs(rows, shards, single, args) if single is not None
                    else {"note": "member dealing rows need --raw (the pairs are packed again into one shard)"})
         return {

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def count_params(backbone: str, proj_hidden: int, proj_out: int) -> int:
-    from satfuse.models import build_pretrain_model
+    from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     cfg = ModelConfig(method="dual_simclr", backbone=backbone, proj_hidden=proj_hidden, proj_out=proj_out)
     with torch.device("meta"):

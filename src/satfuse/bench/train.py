@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from satfuse.bench.common import paper_scale
 from satfuse.config import LossConfig, ModelConfig
 from satfuse.distributed.env import teardown
 from satfuse.distributed.launcher_env import export_rendezvous
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", nargs="*", type=int, default=[1, 2])
     p.add_argument("--precisions", nargs="*", default=["fp32", "bf16"])
     p.add_argument("--batch", type=int, default=16, help="pairs per rank (tiny)")
-    p.add_argument("--batch-resnet50", type=int, default=4, help="pairs per rank (resnet50)")
+    p.add_argument("--batch-resnet50", type=int, default=4, help="pairs per rank (resnet50 and other 2048-wide trunks)")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--steps", type=int, default=4, help="timed steps (after 1 warm-up step)")
     p.add_argument("--log-every", type=int, default=10,
@@ -43,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_cfg(backbone: str) -> ModelConfig:
-    hidden, out = (2048, 128) if backbone == "resnet50" else (256, 64)
+    hidden, out = (2048, 128) if paper_scale(backbone) else (256, 64)
     return ModelConfig(method="dual_simclr", backbone=backbone, proj_hidden=hidden, proj_out=out)
 
 
@@ -53,10 +54,10 @@ def time_steps(backbone: str, batch: int, crop: int, steps: int, precision: str,
     trainer's per-step collectives: the loss's gathers, one control-flag reduction, and the
     retrieval metric on every `metrics_every`-th step (the trainer's train.log_every; 1 =
     every step, how the trainer worked before metrics moved to log steps)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel as DDP  # lazy: --help stays fast
 
-    from satfuse.distributed.collectives import agree_max, control_group
-    from satfuse.models import build_pretrain_model
+    from satfuse.distributed.collectives import agree_max, control_group  # lazy: --help stays fast
+    from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     torch.manual_seed(0)
     module = build_pretrain_model(model_cfg(backbone)).to(device)
@@ -119,7 +120,7 @@ def _rank_main(rank: int, world: int, port: int, job: dict, out: dict) -> None:
 
 
 def cpu_row(backbone: str, world: int, precision: str, args: argparse.Namespace) -> dict:
-    batch = args.batch_resnet50 if backbone == "resnet50" else args.batch
+    batch = args.batch_resnet50 if paper_scale(backbone) else args.batch
     # Without native bf16 torch emulates it (far slower than fp32; this row's sec_per_step says
     # by how much): one timed step is enough to show that, and keeps `bench all` within 10 minutes.
     emulated = precision == "bf16" and cpu_has_native_bf16() is False

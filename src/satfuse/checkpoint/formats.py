@@ -27,13 +27,13 @@ from torch import nn
 
 from satfuse.checkpoint import export as export_mod
 from satfuse.checkpoint.layout import normalization_path
+from satfuse.models.backbones import check_export_format
 from satfuse.utils import SatfuseError, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("satfuse", "torchvision", "safetensors")
 NORMALIZATION_FORMAT = "satfuse-normalization/1"
-TORCHVISION_BACKBONES = ("resnet18", "resnet50")
 HOW = ("x = (clip(raw, clip[0], clip[1]) - mean) / std per band, bands in the listed order; "
        "NaN/Inf -> the band mean (0 after standardising)")
 
@@ -47,16 +47,15 @@ def _load_model(ckpt_dir: Path, builder: export_mod.Builder | None, trust: bool 
     return model, meta, ckpt_dir, kind
 
 
-def plain_backbones(ckpt_dir: Path, builder: export_mod.Builder | None = None, trust: bool = False
+def plain_backbones(ckpt_dir: Path, builder: export_mod.Builder | None = None, trust: bool = False,
+                    fmt: str = "torchvision",
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
-    """({modality: torchvision-named state dict}, normalisation document, summary) of a checkpoint."""
+    """({modality: torchvision-named state dict}, normalisation document, summary) of a checkpoint,
+    refused when its backbone does not declare `fmt` among its export formats."""
     model, meta, ckpt_dir, kind = _load_model(ckpt_dir, builder, trust)
     model_cfg = (meta.get("config") or {}).get("model") or {}
     backbone = str(model_cfg.get("backbone", ""))
-    if backbone not in TORCHVISION_BACKBONES:
-        raise SatfuseError(
-            f"{ckpt_dir}: backbone {backbone or '?'!r} has no torchvision counterpart (only "
-            f"{', '.join(TORCHVISION_BACKBONES)} do); export it with the default --format satfuse")
+    check_export_format(backbone or "?", fmt, str(ckpt_dir))
     sds = {name: {k: v.detach().cpu().contiguous().clone() for k, v in m.state_dict().items()}
            for name, m in model.backbones().items()}
     doc = {
@@ -108,7 +107,7 @@ def export_safetensors(ckpt_dir: Path, out: Path, builder: export_mod.Builder | 
         raise SatfuseError("--format safetensors needs the `safetensors` package: pip install safetensors") from None
     out = Path(out)
     export_mod.check_export_out(export_mod.resolve_checkpoint(Path(ckpt_dir)), [out, normalization_path(out)], overwrite)
-    sds, doc, summary = plain_backbones(ckpt_dir, builder, trust)
+    sds, doc, summary = plain_backbones(ckpt_dir, builder, trust, "safetensors")
     flat = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
     metadata = {"format": "satfuse-torchvision-backbones/1", "modalities": ",".join(sds),
                 "satfuse_normalization": json.dumps({**doc, "weights": out.name}, default=str)}

@@ -81,7 +81,7 @@ from satfuse.engines.setup import (
 from satfuse.engines.signals import StopFlag
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
 from satfuse.losses import retrieval_accuracy
-from satfuse.models import build_pretrain_model
+from satfuse.models import build_pretrain_model, method_class
 from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError
 
@@ -445,8 +445,9 @@ class Trainer:
     def evaluate_retrieval(self) -> tuple[float | None, float | None]:
         """S1 -> S2 top-1 retrieval over the whole held-out set (chance = 1 / N)."""
         cfg = self.cfg
-        if cfg.model.method == "simclr":
-            log.info("held-out retrieval is S1 -> S2: not defined for single-modality SimCLR")
+        method = method_class(cfg.model.method)
+        if not method.cross_modal:
+            log.info("held-out retrieval is S1 -> S2: not defined for single-modality %s", method.method)
             return None, None
         # held-out pairs are normalised with the *training* statistics, as the model saw them
         shards = dataclasses.replace(resolve_shards(cfg.data.val_shards), stats=self.shards.stats)
@@ -458,7 +459,7 @@ class Trainer:
             mask = batch["mask"].bool()
             batch = to_device(batch, self.device)
             with self.engine.autocast():
-                a, b = pair_embeddings(self.module(batch))
+                a, b = method.heldout_pair(self.module(batch))
             za.append(a.float().cpu()[mask])
             zb.append(b.float().cpu()[mask])
         a, b = torch.cat(za), torch.cat(zb)
@@ -483,10 +484,3 @@ def step_scalars(last: dict[str, float], lr: float, global_batch: int, step_s: f
 def read_metrics(values: dict[str, Any]) -> dict[str, float]:
     """The step's device tensors as floats: a host synchronisation, on log steps only."""
     return {k: float(v) for k, v in values.items()}
-
-
-def pair_embeddings(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (S1, S2) embeddings of a model's outputs: projections, or pooled MMA feature maps."""
-    if "z_s1" in outputs:
-        return outputs["z_s1"], outputs["z_s2"]
-    return outputs["f_s1"].mean(dim=(2, 3)), outputs["f_s2"].mean(dim=(2, 3))

@@ -1,7 +1,10 @@
-"""satfuse.evaluation: DFC2020 downstream evaluation (the paper's tables and plot).
+"""satfuse.evaluation: downstream evaluation on a registered benchmark, DFC2020 by default
+(the paper's tables and plot).
 
+- `benchmark`: the `Benchmark` contract (classes, label members, tasks, metrics) and lookup.
+- `dfc2020`: the DFC2020 benchmark (registered `dfc2020`).
 - `targets`: DFC/IGBP label maps -> the authors' 8 classes, single- and multi-label targets.
-- `data`: DFC shards in memory, early-stopping hold-out, nested stratified label fractions.
+- `data`: a benchmark's shards in memory, early-stopping hold-out, nested stratified label fractions.
 - `models`: backbone(s) + one Linear head; S1 / S2 / early / late fusion; linear or fine-tune.
 - `pretrained`: exported backbones or checkpoint directories, checked against the config.
 - `metrics`: OA / AA / F1 and multi-label F1, P, R, mAP (scikit-learn).

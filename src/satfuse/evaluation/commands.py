@@ -27,15 +27,16 @@ FLAG_KEYS = {
     "run_dir": "run_dir", "label": "label", "train_shards": "data.train_shards",
     "test_shards": "data.test_shards", "epochs": "train.epochs",
     "checkpoint_modality": "model.checkpoint_modality",
-    "trust_checkpoint": "model.trust_checkpoint",
+    "trust_checkpoint": "model.trust_checkpoint", "benchmark": "data.benchmark",
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ft = subparsers.add_parser(
-        "finetune", help="fine-tune / linear-probe on DFC2020 (or `finetune sweep` for a grid)",
-        description="Train a classifier on DFC2020 with early stopping and score it on the test "
-                    "split. `satfuse finetune sweep --config hpc/finetune/demo_sweep.yaml` runs a grid.")
+        "finetune", help="fine-tune / linear-probe on a downstream benchmark, DFC2020 by default "
+                         "(or `finetune sweep` for a grid)",
+        description="Train a classifier on a benchmark (--benchmark, default dfc2020) with early stopping "
+                    "and score it on its test split. `satfuse finetune sweep --config hpc/finetune/demo_sweep.yaml` runs a grid.")
     _add_finetune_flags(ft)
     # REMAINDER: `sweep`, key=value and flags may come in any order; cmd_finetune re-parses them.
     ft.add_argument("words", nargs=argparse.REMAINDER, metavar="[sweep] KEY=VALUE ...",
@@ -64,7 +65,7 @@ def _add_finetune_flags(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--modalities", choices=["s1", "s2", "s1s2"])
     ft.add_argument("--fusion", choices=["early", "late"])
     ft.add_argument("--seed", type=int)
-    ft.add_argument("--backbone", choices=["tiny", "resnet18", "resnet50"])
+    ft.add_argument("--backbone", help="trunk per branch: a registered backbone (model.backbone)")
     ft.add_argument("--epochs", type=int)
     ft.add_argument("--run-dir", help="where result.json goes (default: runs/finetune/<method>/<task>/"
                     "frac<F>/seed<S>, as a sweep lays out runs)")
@@ -72,8 +73,10 @@ def _add_finetune_flags(ft: argparse.ArgumentParser) -> None:
                     help="replace the result.json of a finished run in the same directory (sweep: "
                          "rerun the finished runs whose recorded config differs from the sweep's)")
     ft.add_argument("--label", help="method name in reports")
-    ft.add_argument("--train-shards", help="DFC2020 validation-split shard dir (training data)")
-    ft.add_argument("--test-shards", help="DFC2020 test-split shard dir")
+    ft.add_argument("--benchmark", help="the downstream benchmark: a registered name (data.benchmark, "
+                    "default dfc2020)")
+    ft.add_argument("--train-shards", help="the benchmark's training shard dir (DFC2020: its validation split)")
+    ft.add_argument("--test-shards", help="the benchmark's test-split shard dir")
     ft.add_argument("--out", help="sweep only: output root (overrides the sweep's `out`)")
     ft.add_argument("--dry-run", action="store_true", default=None,
                     help="sweep only: list the runs, run nothing")
@@ -104,7 +107,7 @@ def _split_words(words: list[str]) -> tuple[bool, list[str]]:
 
 def finetune_config_from_args(args: argparse.Namespace, overrides: list[str]):
     """YAML, then flags, then key=value: the precedence the issue asks for."""
-    from satfuse.evaluation.finetune import FinetuneConfig
+    from satfuse.evaluation.finetune import FinetuneConfig  # lazy: `satfuse --help` stays fast
 
     raw: dict[str, Any] = read_yaml(args.config, kind="finetune") if args.config else {}
     for dest, key in FLAG_KEYS.items():
@@ -150,7 +153,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return _cmd_sweep(args, overrides)
     if args.out or args.dry_run:
         raise SatfuseError("--out and --dry-run belong to `satfuse finetune sweep`; use --run-dir for one run")
-    from satfuse.evaluation.finetune import run_finetune
+    from satfuse.evaluation.finetune import run_finetune  # lazy: `satfuse --help` stays fast
 
     try:
         cfg = finetune_config_from_args(args, overrides)
@@ -163,7 +166,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
-    from satfuse.evaluation.sweep import config_changes, load_sweep_config, plan_sweep, run_sweep
+    from satfuse.evaluation.sweep import (  # lazy: `satfuse --help` stays fast
+        config_changes,
+        load_sweep_config,
+        plan_sweep,
+        run_sweep,
+    )
 
     used = [f"--{d.replace('_', '-')}" for d in FLAG_KEYS if getattr(args, d, None) is not None]
     if used:
@@ -187,7 +195,7 @@ def _cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from satfuse.evaluation.curves import make_full_report
+    from satfuse.evaluation.curves import make_full_report  # lazy: `satfuse --help` stays fast
 
     summary = make_full_report(args.runs, Path(args.out))
     print(json.dumps({"n_runs": summary["n_runs"], "files": summary["files"]}, indent=1))

@@ -16,7 +16,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from satfuse.evaluation.report import png_bytes
+from matplotlib.figure import Figure
+
+from satfuse.evaluation.report import make_report, png_bytes
 from satfuse.run_layout import METRICS, RunLayout
 from satfuse.utils import SatfuseError, atomic_write_bytes
 
@@ -72,13 +74,9 @@ def _labels(paths: list[Path]) -> list[str]:
 def plot_pretrain_curves(runs: list[str | Path]) -> bytes:
     """PNG bytes: loss (left) and in-batch retrieval top-1 (right) vs step, one line per run;
     held-out retrieval top-1 at the end as a star of the run's colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = [Path(r) for r in runs]
-    fig, (ax_l, ax_t) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    fig = Figure(figsize=(10, 4), dpi=120)
+    ax_l, ax_t = fig.subplots(1, 2)
     for path, label in zip(paths, _labels(paths), strict=True):
         c = read_curves(path)
         (line,) = ax_l.plot(c["steps"], c["loss"], label=label)
@@ -104,8 +102,6 @@ def plot_pretrain_curves(runs: list[str | Path]) -> bytes:
 def make_full_report(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
     """`satfuse report`: pretraining runs -> OUT/pretrain_curves.png; fine-tuning runs ->
     the tables and label-fraction plots of `report.make_report`."""
-    from satfuse.evaluation.report import make_report
-
     out = Path(out)
     pre = [r for r in runs if is_pretrain_run(r)]
     rest = [r for r in runs if not is_pretrain_run(r)]

@@ -1,4 +1,4 @@
-"""DFC2020 shards in memory, the early-stopping split, and nested label-fraction sampling.
+"""A benchmark's labelled shards in memory, the early-stopping split, and nested label-fraction sampling.
 
 Why in memory: the downstream sets are small (986 train / 5,128 test patches on the real
 data) and every run of a sweep reads them again; reading the tars once per process and
@@ -29,17 +29,16 @@ from satfuse.data.format.bands import manifest_bands
 from satfuse.data.format.codecs import declared_shape, find_member, from_manifest, load_array
 from satfuse.data.format.manifest import MANIFEST_NAME, load
 from satfuse.data.sources.layout import EXPECTED_BANDS
-from satfuse.evaluation.targets import IGNORE, N_CLASSES, label_map_from_member, single_label
+from satfuse.evaluation.benchmark import DEFAULT_BENCHMARK, Benchmark, benchmark_class
+from satfuse.evaluation.targets import IGNORE, single_label
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
-LABEL_MEMBERS = ("dfc", "lc")
-
-
 @dataclass
 class LabeledSplit:
-    """Raw arrays of one split: s1 (N,2,H,W) f32, s2 (N,13,H,W) u16, labels (N,H,W) class maps."""
+    """Raw arrays of one split: s1 (N,2,H,W) f32, s2 (N,13,H,W) u16, labels (N,H,W) class maps
+    of `benchmark`'s `n_classes` classes."""
 
     keys: list[str]
     s1: np.ndarray
@@ -47,6 +46,7 @@ class LabeledSplit:
     labels: np.ndarray
     manifest: dict
     source: str
+    n_classes: int
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -55,7 +55,7 @@ class LabeledSplit:
         """Single label of every whole map (IGNORE where no pixel is valid); used to stratify."""
         out = np.full(len(self), IGNORE, dtype=np.int64)
         for i, m in enumerate(self.labels):
-            lab = single_label(m)
+            lab = single_label(m, self.n_classes)
             if lab is not None:
                 out[i] = lab
         return out
@@ -68,7 +68,7 @@ def read_manifest(shard_dir: Path) -> dict:
     if not shard_dir.is_dir():
         raise SatfuseError(f"{shard_dir}: shard directory not found; write it with `satfuse shard` "
                            "(or fix data.train_shards / data.test_shards)")
-    return load(path, "the DFC2020 pipeline", stats=False)
+    return load(path, "the fine-tuning pipeline", stats=False)
 
 
 def shard_paths(shard_dir: Path, manifest: dict) -> list[Path]:
@@ -132,8 +132,10 @@ def _center(a: np.ndarray, crop: int) -> np.ndarray:
     return a[..., top : top + crop, left : left + crop]
 
 
-def load_split(shard_dir: str | Path, center_crop: int = 0) -> LabeledSplit:
-    """Read every labelled sample of a shard set into memory (optionally centre-cropped)."""
+def load_split(shard_dir: str | Path, center_crop: int = 0, benchmark: str = DEFAULT_BENCHMARK) -> LabeledSplit:
+    """Read every labelled sample of a shard set into memory (optionally centre-cropped), its
+    label maps turned into `benchmark`'s classes."""
+    bench: type[Benchmark] = benchmark_class(benchmark)
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     if not from_manifest(manifest, str(shard_dir / MANIFEST_NAME)).labels:
@@ -145,15 +147,16 @@ def load_split(shard_dir: str | Path, center_crop: int = 0) -> LabeledSplit:
         for sample in iter_tar_samples(tar):
             key = sample["__key__"].decode()
             where = f"{tar}:{key}"
-            member = next((m for m in LABEL_MEMBERS if find_member(sample, f"{m}.npy")), None)
+            member = next((m for m in bench.label_members if find_member(sample, f"{m}.npy")), None)
             if member is None or not find_member(sample, "s1.npy") or not find_member(sample, "s2.npy"):
-                raise SatfuseError(f"{where}: needs s1.npy, s2.npy and dfc.npy or lc.npy; "
-                                   "shard a labelled dataset (dfc2020, or sen12ms with lc)")
+                labels = " or ".join(f"{m}.npy" for m in bench.label_members)
+                raise SatfuseError(f"{where}: needs s1.npy, s2.npy and {labels} (benchmark {bench.name}); "
+                                   f"shard a labelled dataset ({bench.dataset}) for it")
             keys.append(key)
             s1s.append(_center(_npy(sample, "s1.npy", where, len(bands["s1"])).astype(np.float32, copy=False),
                                center_crop))
             s2s.append(_center(_npy(sample, "s2.npy", where, len(bands["s2"])), center_crop))
-            lab = label_map_from_member(member, _npy(sample, f"{member}.npy", where, EXPECTED_BANDS[member][0]))
+            lab = bench.label_map(member, _npy(sample, f"{member}.npy", where, EXPECTED_BANDS[member][0]))
             labs.append(_center(lab, center_crop))
     if not keys:
         raise SatfuseError(f"{shard_dir}: the shard set holds no samples; it cannot be used for "
@@ -163,32 +166,33 @@ def load_split(shard_dir: str | Path, center_crop: int = 0) -> LabeledSplit:
         raise SatfuseError(f"{shard_dir}: patches of different sizes {sorted(shapes)}; "
                            "crop them to one size when sharding")
     log.info("loaded %d labelled patches from %s", len(keys), shard_dir)
-    return LabeledSplit(keys, np.stack(s1s), np.stack(s2s), np.stack(labs), manifest, str(shard_dir))
+    return LabeledSplit(keys, np.stack(s1s), np.stack(s2s), np.stack(labs), manifest, str(shard_dir),
+                        bench.n_classes())
 
 
 _CACHE: dict[tuple, LabeledSplit] = {}
 
 
-def load_split_cached(shard_dir: str | Path, center_crop: int = 0) -> LabeledSplit:
-    """`load_split`, memoised per process on (path, manifest mtime, crop): sweeps read once."""
+def load_split_cached(shard_dir: str | Path, center_crop: int = 0, benchmark: str = DEFAULT_BENCHMARK) -> LabeledSplit:
+    """`load_split`, memoised per process on (path, manifest mtime, crop, benchmark): sweeps read once."""
     p = Path(shard_dir).resolve()
     mtime = (p / MANIFEST_NAME).stat().st_mtime_ns if (p / MANIFEST_NAME).exists() else 0
-    key = (str(p), mtime, center_crop)
+    key = (str(p), mtime, center_crop, benchmark)
     if key not in _CACHE:
         if len(_CACHE) >= 4:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = load_split(p, center_crop)
+        _CACHE[key] = load_split(p, center_crop, benchmark)
     return _CACHE[key]
 
 
 def _per_class_permutations(labels: np.ndarray, seed: int) -> dict[int, np.ndarray]:
-    """Indices of each valid class, in a seeded order that only depends on (seed, class)."""
+    """Indices of each valid class (any label but IGNORE), in a seeded order that only depends
+    on (seed, class)."""
     out = {}
-    for c in range(N_CLASSES):
+    for c in (int(v) for v in np.unique(labels) if v != IGNORE):
         idx = np.flatnonzero(labels == c)
-        if idx.size:
-            rng = np.random.default_rng([seed, c])
-            out[c] = idx[rng.permutation(idx.size)]
+        rng = np.random.default_rng([seed, c])
+        out[c] = idx[rng.permutation(idx.size)]
     return out
 
 

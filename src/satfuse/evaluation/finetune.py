@@ -1,9 +1,12 @@
-"""One downstream run: fine-tune or linear-probe on DFC2020, early-stop, score on test.
+"""One downstream run: fine-tune or linear-probe on a benchmark (DFC2020 by default), early-stop,
+score on test.
 
-One job (a single run: its config, model, training loop and result record); the sweep,
-the report and the data live beside it.
+One job (a single run: its config, model, training loop and result record); the benchmark
+(classes, label members, tasks, headline metric) is a registered
+`satfuse.evaluation.benchmark.Benchmark` named by `data.benchmark`; the sweep, the report and
+the data live beside it.
 
-Protocol (the authors' unless stated): train on the DFC2020 *validation* split minus a
+Protocol (the authors', for DFC2020, unless stated): train on the DFC2020 *validation* split minus a
 stratified held-out part for early stopping (`data.val_fraction`, the same patches for
 every label fraction of a seed, so fractions differ only in training labels), test on the
 DFC2020 *test* split (centre crop). Adam, weight decay, lr x0.1 once at `train.lr_drop_at`
@@ -34,17 +37,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from satfuse.checkpoint.export import weights_identity
 from satfuse.config import LogConfig, dump_yaml, load_config, to_dict
 from satfuse.data.format.manifest import shared_shards
 from satfuse.data.packing.normalize import BandStats, normalize
 from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.engines.rundir import FINETUNE_RUN, check_run_dir_kind
 from satfuse.evaluation import data as D
+from satfuse.evaluation.benchmark import DEFAULT_BENCHMARK, Benchmark, benchmark_class, check_task
 from satfuse.evaluation.metrics import multi_label_metrics, single_label_metrics
 from satfuse.evaluation.models import Classifier, build_classifier, scratch_branches
 from satfuse.evaluation.plain_weights import load_for_finetune
-from satfuse.evaluation.pretrained import METHOD_NAMES, pretrained_branches
-from satfuse.evaluation.targets import CLASS_NAMES, IGNORE, N_CLASSES, batch_targets
+from satfuse.evaluation.pretrained import pretrained_branches
+from satfuse.evaluation.targets import IGNORE, batch_targets
+from satfuse.models.methods import method_title
 from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError, atomic_write_text
 
@@ -55,8 +61,9 @@ RESULT_FORMAT = "satfuse-finetune/1"
 
 @dataclass
 class FtDataConfig:
-    """The labelled DFC2020 shards and how they are split, sampled and batched."""
+    """The benchmark, its labelled shards and how they are split, sampled and batched."""
 
+    benchmark: str = DEFAULT_BENCHMARK  # the downstream benchmark (satfuse.registry.BENCHMARKS): classes, label members, tasks, metric
     train_shards: str = "shards/dfc2020-train"  # the DFC2020 validation split (authors train on it)
     test_shards: str = "shards/dfc2020-test"  # the DFC2020 test split, scored once at the end
     val_fraction: float = 0.2  # held out of train_shards for early stopping (stratified)
@@ -78,7 +85,7 @@ class FtModelConfig:
 
     checkpoint: str = "none"  # export file, checkpoint dir, or none (supervised from scratch)
     trust_checkpoint: bool = False  # read checkpoint-dir files that are not plain data (may run code)
-    backbone: Literal["tiny", "resnet18", "resnet50"] = "resnet50"  # trunk per branch
+    backbone: str = "resnet50"  # trunk per branch, a name in satfuse.registry.BACKBONES
     mode: Literal["finetune", "linear"] = "finetune"  # train the backbone too, or only the head
     modalities: Literal["s1", "s2", "s1s2"] = "s1s2"  # inputs the classifier sees
     fusion: Literal["early", "late"] = "late"  # s1s2: one trunk on stacked bands, or one per modality
@@ -98,7 +105,7 @@ class FtTrainConfig:
     task: Literal["single", "multi"] = "single"  # single-label (cross-entropy) or multi-label (BCE)
     epochs: int = 50  # at most this many epochs (early stopping may end sooner)
     patience: int = 10  # epochs without val improvement before stopping (0 = never stop early)
-    early_stop_on: Literal["loss", "metric"] = "loss"  # metric: AA (single) / macro F1 (multi)
+    early_stop_on: Literal["loss", "metric"] = "loss"  # metric: the benchmark's headline (DFC2020: AA single / macro F1 multi)
     lr: float = 1e-5  # head
     backbone_lr: float = 1e-5  # backbone (model.mode=finetune)
     weight_decay: float = 1e-3  # Adam weight decay (L2)
@@ -111,7 +118,7 @@ class FtTrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Everything `satfuse finetune` reads (one DFC2020 run), one section per component."""
+    """Everything `satfuse finetune` reads (one benchmark run), one section per component."""
 
     data: FtDataConfig = field(default_factory=FtDataConfig)  # labelled shards, split, sampling
     model: FtModelConfig = field(default_factory=FtModelConfig)  # weights, inputs, fusion, mode
@@ -141,7 +148,7 @@ def method_label(model: FtModelConfig, method: str | None = None, label: str = "
     if method is None:
         base = f"Supervised {what}"
         return base if model.mode == "finetune" else f"Random-init {what} (linear)"
-    name = METHOD_NAMES.get(method, method)
+    name = method_title(method)
     suffix = "" if mod == "s1s2" else f" {what}"
     return f"{name}{suffix} ({'fine-tune' if model.mode == 'finetune' else 'linear'})"
 
@@ -199,11 +206,11 @@ def prepare_data(dc: FtDataConfig, seed: int) -> Prepared:
     fraction (`seed` is train.seed: the split and the subset are the run's, reproducibly)."""
     if dc.crop < 0:
         raise SatfuseError(f"data.crop={dc.crop} must be >= 0 (0 = whole patch)")
-    train = D.load_split_cached(dc.train_shards, 0)
+    train = D.load_split_cached(dc.train_shards, 0, dc.benchmark)
     if dc.crop > min(train.s1.shape[-2:]):
         raise SatfuseError(f"data.crop={dc.crop} is larger than the {train.s1.shape[-1]}px patches of "
                            f"{dc.train_shards}; set data.crop <= {min(train.s1.shape[-2:])}")
-    test = D.load_split_cached(dc.test_shards, dc.crop)
+    test = D.load_split_cached(dc.test_shards, dc.crop, dc.benchmark)
     shared = shared_shards(train.manifest, test.manifest)
     if shared:  # the report calls test scores held-out: say so when they are not
         log.warning("data.test_shards=%s shares %d shard(s) with data.train_shards=%s (same bytes): its scores are "
@@ -221,12 +228,14 @@ def prepare_data(dc: FtDataConfig, seed: int) -> Prepared:
 
 
 def _class_report(strat, pool, train_idx, val_idx, test, dc) -> dict:
+    names = benchmark_class(dc.benchmark).class_names
+    n = len(names)
     test_lab = test.patch_labels()
-    test_counts = np.bincount(test_lab[test_lab < N_CLASSES], minlength=N_CLASSES)
-    train_counts = np.bincount(strat[train_idx], minlength=N_CLASSES)
-    pool_counts = np.bincount(strat[pool][strat[pool] < N_CLASSES], minlength=N_CLASSES)
-    missing = [CLASS_NAMES[c] for c in range(N_CLASSES) if train_counts[c] == 0 and test_counts[c] > 0]
-    dropped = [CLASS_NAMES[c] for c in range(N_CLASSES) if train_counts[c] == 0 and pool_counts[c] > 0]
+    test_counts = np.bincount(test_lab[test_lab < n], minlength=n)
+    train_counts = np.bincount(strat[train_idx], minlength=n)
+    pool_counts = np.bincount(strat[pool][strat[pool] < n], minlength=n)
+    missing = [names[c] for c in range(n) if train_counts[c] == 0 and test_counts[c] > 0]
+    dropped = [names[c] for c in range(n) if train_counts[c] == 0 and pool_counts[c] > 0]
     if missing:
         log.warning("label fraction %g: no training example of %s (present in the test split); "
                     "those classes can only be mispredicted", dc.label_fraction, ", ".join(missing))
@@ -239,7 +248,7 @@ def _class_report(strat, pool, train_idx, val_idx, test, dc) -> dict:
         "class_counts_train": train_counts.tolist(), "class_counts_pool": pool_counts.tolist(),
         "class_counts_test": test_counts.tolist(),
         "classes_missing_in_train": missing, "classes_dropped_by_fraction": dropped,
-        "classes_absent_in_test": [CLASS_NAMES[c] for c in range(N_CLASSES) if test_counts[c] == 0],
+        "classes_absent_in_test": [names[c] for c in range(n) if test_counts[c] == 0],
     }
 
 
@@ -258,7 +267,7 @@ class Batcher:
 
     def __call__(self, idx: np.ndarray, rng: np.random.Generator | None):
         s1, s2, lab = D.crop_batch([self.split.s1, self.split.s2, self.split.labels], idx, self.crop, rng)
-        single, multi = batch_targets(lab, self.min_fraction)
+        single, multi = batch_targets(lab, self.min_fraction, self.split.n_classes)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         return (t(normalize(s1, self.stats["s1"])), t(normalize(s2, self.stats["s2"])),
                 t(single), t(multi))
@@ -289,20 +298,19 @@ def predict(model: Classifier, batcher: Batcher, idx: np.ndarray, batch_size: in
         outs.append(logits[keep].float().cpu())
         singles.append(single[keep].cpu())
         multis.append(multi[keep].cpu())
-    logits = torch.cat(outs) if outs else torch.zeros(0, N_CLASSES)
+    n_classes = batcher.split.n_classes
+    logits = torch.cat(outs) if outs else torch.zeros(0, n_classes)
     return {"logits": logits, "single": torch.cat(singles).numpy() if singles else np.zeros(0, np.int64),
-            "multi": torch.cat(multis).numpy() if multis else np.zeros((0, N_CLASSES)),
+            "multi": torch.cat(multis).numpy() if multis else np.zeros((0, n_classes)),
             "loss": losses / max(n, 1), "n_dropped": int(idx.size - n)}
 
 
-def score(task: str, pred: dict, threshold: float) -> dict:
+def score(task: str, pred: dict, threshold: float, bench: type[Benchmark]) -> dict:
+    """The task's metrics of `pred`, per class under the benchmark's class names."""
     if task == "single":
-        return single_label_metrics(pred["single"], pred["logits"].argmax(1).numpy())
-    return multi_label_metrics(pred["multi"], torch.sigmoid(pred["logits"]).numpy(), threshold)
-
-
-def _headline(task: str, metrics: dict) -> float:
-    return metrics["aa"] if task == "single" else metrics["f1_macro"]
+        return single_label_metrics(pred["single"], pred["logits"].argmax(1).numpy(), bench.n_classes(),
+                                    bench.class_names)
+    return multi_label_metrics(pred["multi"], torch.sigmoid(pred["logits"]).numpy(), threshold, bench.class_names)
 
 
 def _device(name: str) -> torch.device:
@@ -313,21 +321,23 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(mc: FtModelConfig, seed: int) -> tuple[Classifier, dict | None, dict]:
-    """Classifier of the `model` section, its new layers drawn from `seed` (train.seed); returns
-    (model, pretraining stats or None, checkpoint info)."""
+def build_model(mc: FtModelConfig, seed: int, n_classes: int | None = None) -> tuple[Classifier, dict | None, dict]:
+    """Classifier of the `model` section with `n_classes` outputs (None: the default benchmark's),
+    its new layers drawn from `seed` (train.seed); returns (model, pretraining stats or None,
+    checkpoint info)."""
     frozen = mc.mode == "linear"
+    n_classes = n_classes or benchmark_class(DEFAULT_BENCHMARK).n_classes()
     if mc.checkpoint.lower() in ("", "none"):
         specs = scratch_branches(mc.modalities, mc.fusion)
         _seed_everything(seed)
-        return build_classifier(specs, mc.backbone, N_CLASSES, frozen), None, {"method": None}
+        return build_classifier(specs, mc.backbone, n_classes, frozen), None, {"method": None}
     pre = load_for_finetune(mc.checkpoint, mc.backbone, mc.checkpoint_modality, mc.normalization,
                             trust=mc.trust_checkpoint)
     specs = pretrained_branches(pre, mc.backbone, mc.modalities, mc.fusion)
     # seeded after loading: building a pretraining model from a checkpoint directory draws from
     # torch's RNG, so seeding before it would start the head elsewhere than for an export file
     _seed_everything(seed)
-    model = build_classifier(specs, mc.backbone, N_CLASSES, frozen, pre.state_dicts, pre.path)
+    model = build_classifier(specs, mc.backbone, n_classes, frozen, pre.state_dicts, pre.path)
     info = {"method": pre.method, "step": pre.step, "source": pre.source, "path": pre.path,
             "branches": [s.name for s in specs]}
     if mc.modalities == "s1s2":  # what runs: one backbone on stacked S1+S2 is early fusion
@@ -341,6 +351,7 @@ class Trainer:
     def __init__(self, cfg: FinetuneConfig, model: Classifier, prep: Prepared, stats: dict,
                  device: torch.device) -> None:
         self.cfg, self.model, self.prep, self.device = cfg, model, prep, device
+        self.bench = benchmark_class(cfg.data.benchmark)
         tc = cfg.train
         self.opt = torch.optim.Adam(model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay))
         self.batcher = Batcher(prep.train, stats, cfg.data.crop, cfg.data.multi_label_min_fraction, device)
@@ -387,7 +398,7 @@ class Trainer:
                 pred = predict(self.model, self.batcher, self.prep.val_idx, self.cfg.data.eval_batch_size, task)
                 val_loss = pred["loss"]
                 if pred["single"].size:
-                    val_metric = _headline(task, score(task, pred, tc.threshold))
+                    val_metric = score(task, pred, tc.threshold, self.bench)[self.bench.metrics[task]]
             self._log(epoch, train_loss, val_loss, val_metric, time.perf_counter() - t0)
             value = (val_loss if tc.early_stop_on == "loss" else -val_metric) if has_val else -epoch
             if value < best["value"]:
@@ -423,9 +434,10 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def check_learning(tc: FtTrainConfig, mode: str, train_loss: list[float]) -> str | None:
+def check_learning(tc: FtTrainConfig, mode: str, train_loss: list[float], n_classes: int) -> str | None:
     """A warning when the training loss neither fell nor left the chance level (`tc`: the
-    `train` section; `mode`: model.mode, whether the backbone's lr is part of the advice).
+    `train` section; `mode`: model.mode, whether the backbone's lr is part of the advice;
+    `n_classes`: the benchmark's).
 
     Why: with the authors' lr (1e-5) on a small data set the head barely moves and every
     score sits at chance; without a word the table looks like a result. "Fell" is the mean
@@ -438,7 +450,7 @@ def check_learning(tc: FtTrainConfig, mode: str, train_loss: list[float]) -> str
         return None
     later = losses[len(losses) // 2:] if len(losses) > 2 else losses[1:]
     mean_later = sum(later) / len(later)
-    chance = math.log(N_CLASSES) if tc.task == "single" else math.log(2)
+    chance = math.log(n_classes) if tc.task == "single" else math.log(2)
     if mean_later < 0.9 * losses[0] or mean_later < 0.5 * chance:
         return None
     lrs = f"train.lr={tc.lr:g}" + (f", train.backbone_lr={tc.backbone_lr:g}" if mode == "finetune" else "")
@@ -458,13 +470,13 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | No
     t_start = time.perf_counter()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    bench = benchmark_class(cfg.data.benchmark)  # an unknown name or task fails before any directory is claimed
+    check_task(bench, cfg.train.task)
     if cfg.run_dir:
         _claim(Path(cfg.run_dir), overwrite)
     device = _device(cfg.train.device)
-    model, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed)
+    model, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed, bench.n_classes())
     if cfg.model.checkpoint.lower() not in ("", "none"):
-        from satfuse.checkpoint.export import weights_identity
-
         ckpt_info["weights"] = weights or weights_identity(cfg.model.checkpoint)
     if ckpt_info.get("fusion", cfg.model.fusion) != cfg.model.fusion:
         log.warning("model.fusion=%s asked, but %s has one backbone on stacked S1+S2: this runs (and "
@@ -489,13 +501,13 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | No
     if pred["single"].size == 0:
         raise SatfuseError(f"{cfg.data.test_shards}: no test patch has a valid label in its "
                            f"{cfg.data.crop}px centre crop; nothing to score")
-    metrics = score(cfg.train.task, pred, cfg.train.threshold)
-    warning = check_learning(cfg.train, cfg.model.mode, trainer.curves["train_loss"])
+    metrics = score(cfg.train.task, pred, cfg.train.threshold, bench)
+    warning = check_learning(cfg.train, cfg.model.mode, trainer.curves["train_loss"], bench.n_classes())
     if warning:
         log.warning("%s: %s", run_dir, warning)
     t_end = time.perf_counter()
     result = {
-        "format": RESULT_FORMAT,
+        "format": RESULT_FORMAT, "benchmark": bench.describe(),
         "method": method_label(cfg.model, ckpt_info["method"], cfg.label),
         "task": cfg.train.task, "mode": cfg.model.mode, "modalities": cfg.model.modalities,
         "fusion": cfg.model.fusion, "label_fraction": cfg.data.label_fraction, "seed": cfg.train.seed,
@@ -511,7 +523,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | No
         "warnings": [warning] if warning else [],
     }
     atomic_write_text(RunLayout(run_dir).result, json.dumps(result, indent=1) + "\n")
-    log.info("%s frac %g seed %d: %s (%.1fs) -> %s", result["method"], cfg.data.label_fraction,
+    log.info("%s on %s frac %g seed %d: %s (%.1fs) -> %s", result["method"], bench.title, cfg.data.label_fraction,
              cfg.train.seed, _summary(cfg.train.task, metrics), t_end - t_start, RunLayout(run_dir).result)
     return result
 

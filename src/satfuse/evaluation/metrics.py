@@ -30,7 +30,8 @@ def _none_if_nan(values: np.ndarray) -> list[float | None]:
     return [None if not np.isfinite(v) else float(v) for v in values]
 
 
-def single_label_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = N_CLASSES) -> dict:
+def single_label_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = N_CLASSES,
+                         class_names: tuple[str, ...] = CLASS_NAMES) -> dict:
     """OA, AA (mean per-class recall over present classes) and macro F1, plus per-class numbers."""
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
@@ -53,7 +54,7 @@ def single_label_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int 
         "n": int(y_true.size),
         "classes_scored": [int(c) for c in present],
         "per_class": {
-            "names": list(CLASS_NAMES[:n_classes]),
+            "names": list(class_names[:n_classes]),
             "support": [int(s) for s in support],
             "precision": _none_if_nan(prec),
             "recall": _none_if_nan(rec),
@@ -62,8 +63,10 @@ def single_label_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int 
     }
 
 
-def multi_label_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
-    """Macro/micro F1, precision, recall at `threshold`, and mAP, over (N, C) multi-hot targets."""
+def multi_label_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5,
+                        class_names: tuple[str, ...] = CLASS_NAMES) -> dict:
+    """Macro/micro F1, precision, recall at `threshold`, and mAP, over (N, C) multi-hot targets
+    (`class_names`: the benchmark's, for the per-class table)."""
     y_true = np.asarray(y_true).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     if y_true.shape[0] == 0:
@@ -91,7 +94,7 @@ def multi_label_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float
         "n": int(y_true.shape[0]),
         "classes_scored": [int(c) for c in present],
         "per_class": {
-            "names": list(CLASS_NAMES[: y_true.shape[1]]),
+            "names": list(class_names[: y_true.shape[1]]),
             "support": [int(s) for s in support],
             "precision": _none_if_nan(np.where(absent & (y_pred.sum(0) == 0), np.nan, prec)),
             "recall": _none_if_nan(np.where(absent, np.nan, rec)),

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from satfuse.data.packing.normalize import S2_RGB
+from satfuse.models.backbones import build_backbone
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ def first_mismatch(got: dict, want: dict) -> str:
 def build_classifier(specs: list[BranchSpec], backbone: str, n_classes: int, frozen: bool,
                      state_dicts: dict[str, dict] | None = None, source: str = "") -> Classifier:
     """Build each branch's backbone (random init, or the pretrained weights under spec.name)."""
-    from satfuse.models.backbones import build_backbone
-
     modules = []
     for spec in specs:
         bb = build_backbone(backbone, spec.in_channels)

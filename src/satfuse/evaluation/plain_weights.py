@@ -1,4 +1,4 @@
-"""Fine-tuning from plain torchvision-named ResNet weights (not a satfuse export).
+"""Fine-tuning from plain backbone weights, e.g. torchvision-named ResNets (not a satfuse export).
 
 What is accepted as `model.checkpoint` besides satfuse's own export:
 - `{"s1": state_dict, "s2": state_dict}` (what `satfuse ckpt export --format torchvision`
@@ -9,9 +9,9 @@ What is accepted as `model.checkpoint` besides satfuse's own export:
 - one flat state dict (e.g. ImageNet weights whose conv1 was adapted to 13 bands): its
   modality is `model.checkpoint_modality`, or else the one whose channel count its conv1 has.
 
-`fc.*` (a classifier or projection head) is dropped with a log line. The architecture
-(resnet18 / resnet50 / tiny) is read from the tensor names, and every tensor is compared
-with the configured backbone: a mismatch is refused naming the tensor and both shapes.
+`fc.*` (a classifier or projection head) is dropped with a log line. The architecture is the
+registered backbone that says the tensors are its own (`Backbone.owns_state_dict`), and every
+tensor is compared with the configured backbone: a mismatch is refused naming the tensor and both shapes.
 Normalisation: `model.normalization` (a JSON file), else the safetensors metadata, else the
 `.normalization.json` written beside the weights by the export; with none of them the
 fine-tuning run standardises with the training shards' statistics (and says so). The side
@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from satfuse.checkpoint.layout import normalization_path
 from satfuse.evaluation.models import CHANNELS_TO_INPUT, INPUT_CHANNELS
 from satfuse.evaluation.pretrained import PretrainedBackbones, load_pretrained
+from satfuse.models.backbones import backbone_class, build_backbone, identify_state_dict
 from satfuse.models.legacy import upgrade_state_dict
+from satfuse.models.resnet import describe_resnet
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def load_for_finetune(checkpoint: str, backbone: str, modality: str = "",
         if normalization:
             pre.normalization = read_normalization(Path(normalization))
         return pre
-    sds = split_modalities(raw, str(p), modality)
+    sds = split_modalities(raw, str(p), modality, backbone_class(backbone).input_weight)
     arch = {name: check_architecture(sd, backbone, name, str(p)) for name, sd in sds.items()}
     doc, norm = _normalization_for(p, embedded, normalization)
     method = str((embedded or {}).get("method") or (doc or {}).get("method") or "pretrained")
@@ -123,10 +125,6 @@ def _read_safetensors(p: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict
     """(tensors, nested by modality when every key is `<modality>.<name>`; the satfuse
     document of its metadata (normalisation, weights, source, method) or None)."""
     try:
-        from safetensors import safe_open
-    except ImportError:
-        raise SatfuseError(f"{p}: reading .safetensors needs the `safetensors` package: pip install safetensors") from None
-    try:
         with safe_open(str(p), framework="pt") as fh:
             flat = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no iterator
             meta = fh.metadata() or {}
@@ -170,8 +168,11 @@ def _is_tensor_dict(d: Any) -> bool:
     return isinstance(d, dict) and bool(d) and all(torch.is_tensor(v) for v in d.values())
 
 
-def split_modalities(raw: Any, where: str, modality: str = "") -> dict[str, dict[str, torch.Tensor]]:
-    """{modality: state dict without fc.*} from any accepted layout (see the module doc)."""
+def split_modalities(raw: Any, where: str, modality: str = "", input_weight: str = "conv1.weight"
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+    """{modality: state dict without fc.*} from any accepted layout (see the module doc);
+    `input_weight`: the tensor whose band count names a flat state dict's modality (the
+    configured backbone's `Backbone.input_weight`)."""
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]  # the authors' {"epoch", "arch", "state_dict", "optimizer"}
     if not isinstance(raw, dict) or not raw:
@@ -189,7 +190,7 @@ def split_modalities(raw: Any, where: str, modality: str = "") -> dict[str, dict
                    for h in sorted(heads)}
         else:
             sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
-            name = modality or _modality_from_channels(sd, where)
+            name = modality or _modality_from_channels(sd, where, input_weight)
             if name not in INPUT_CHANNELS:
                 raise SatfuseError(f"model.checkpoint_modality={name!r}: not one of {list(INPUT_CHANNELS)}")
             sds = {name: sd}
@@ -205,42 +206,29 @@ def split_modalities(raw: Any, where: str, modality: str = "") -> dict[str, dict
     return out
 
 
-def _modality_from_channels(sd: dict[str, torch.Tensor], where: str) -> str:
-    w = sd.get("conv1.weight")
-    if w is None or w.dim() != 4:
-        raise SatfuseError(f"{where}: no conv1.weight: not a torchvision-named ResNet state dict")
+def _modality_from_channels(sd: dict[str, torch.Tensor], where: str, input_weight: str) -> str:
+    w = sd.get(input_weight) if input_weight else None
+    if w is None or w.dim() < 2:
+        raise SatfuseError(f"{where}: no {input_weight or 'input-layer weight'} to read the band count from; "
+                           "set model.checkpoint_modality to the input these weights take")
     ch = int(w.shape[1])
     if ch not in CHANNELS_TO_INPUT:
-        raise SatfuseError(f"{where}: conv1.weight {tuple(w.shape)} takes {ch} channels, which no input "
-                           f"provides ({INPUT_CHANNELS}); adapt conv1 or set model.checkpoint_modality")
+        raise SatfuseError(f"{where}: {input_weight} {tuple(w.shape)} takes {ch} channels, which no input "
+                           f"provides ({INPUT_CHANNELS}); adapt it or set model.checkpoint_modality")
     return CHANNELS_TO_INPUT[ch]
 
 
 def infer_architecture(sd: dict[str, torch.Tensor]) -> str:
-    """"resnet18" / "resnet50" / "tiny" / a description, from the tensor names and conv1."""
-    blocks: dict[int, set[int]] = {}
-    for k in sd:
-        m = re.match(r"layer(\d)\.(\d+)\.", k)
-        if m:
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    layers = [len(blocks.get(i, ())) for i in (1, 2, 3, 4)]
-    bottleneck = any(k.endswith(".conv3.weight") for k in sd)
-    w = sd.get("conv1.weight")
-    k7 = w is not None and w.dim() == 4 and w.shape[-1] == 7
-    if bottleneck and layers == [3, 4, 6, 3] and k7:
-        return "resnet50"
-    if not bottleneck and layers == [2, 2, 2, 2] and k7:
-        return "resnet18"
-    if not bottleneck and layers == [1, 1, 1, 1] and not k7:
-        return "tiny"
-    return f"{'Bottleneck' if bottleneck else 'BasicBlock'} ResNet with blocks {layers}"
+    """The registered backbone whose tensors `sd` holds, else a description of what it is."""
+    name = identify_state_dict(sd)
+    if name is not None:
+        return name
+    return describe_resnet(sd) if "conv1.weight" in sd else "state dict of no registered backbone"
 
 
 def check_architecture(sd: dict[str, torch.Tensor], backbone: str, name: str, where: str) -> int:
     """The input channels of `sd`, after checking every tensor against `backbone` built for the
     modality `name`; refuses naming the first differing tensor and both shapes."""
-    from satfuse.models.backbones import build_backbone
-
     want_ch = INPUT_CHANNELS[name]
     arch = infer_architecture(sd)
     if arch != backbone:
@@ -250,7 +238,7 @@ def check_architecture(sd: dict[str, torch.Tensor], backbone: str, name: str, wh
     for k, v in ref.items():
         if k not in sd:
             raise SatfuseError(f"{where}: {name} weights lack {k} (model shape {tuple(v.shape)}); "
-                               f"not a torchvision {backbone} state dict")
+                               f"not a {backbone} state dict")
         if tuple(sd[k].shape) != tuple(v.shape):
             raise SatfuseError(
                 f"{where}: {name} tensor {k} has shape {tuple(sd[k].shape)} in the checkpoint but "

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from satfuse.checkpoint.export import export_backbones, resolve_checkpoint
+from satfuse.checkpoint.trust import foreign_owner
 from satfuse.data.packing.normalize import BandStats
 from satfuse.evaluation.models import CHANNELS_TO_INPUT, INPUT_CHANNELS, BranchSpec
 from satfuse.utils import SatfuseError
@@ -25,7 +27,6 @@ from satfuse.utils import SatfuseError
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "satfuse-backbones/1"
-METHOD_NAMES = {"dual_simclr": "Dual-SimCLR", "simclr": "SimCLR", "mma": "MMA"}
 
 
 @dataclass
@@ -76,14 +77,7 @@ def load_pretrained(path: str | Path, trust: bool = False) -> PretrainedBackbone
 
 
 def _from_checkpoint_dir(ckpt_dir: Path, trust: bool = False) -> PretrainedBackbones:
-    try:
-        from satfuse.checkpoint.export import export_backbones, resolve_checkpoint
-    except ImportError as exc:
-        raise SatfuseError(f"{ckpt_dir}: a checkpoint directory needs satfuse.checkpoint.export, "
-                           "which is not available; export the backbones first") from exc
     ckpt_dir = resolve_checkpoint(ckpt_dir)  # the step dir, as `satfuse ckpt export` takes it
-    from satfuse.checkpoint.trust import foreign_owner
-
     owner = foreign_owner(ckpt_dir)
     if owner is not None:
         log.warning("%s: a checkpoint directory of another user (uid %d); checkpoint directories "

@@ -16,9 +16,9 @@ import logging
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from satfuse.run_layout import RESULT, RunLayout
 from satfuse.utils import SatfuseError, atomic_write_bytes, atomic_write_text
@@ -147,12 +147,8 @@ def render_markdown(agg: dict, n_runs: int) -> str:
 
 def plot_fractions(agg_task: dict, key: str, ylabel: str, title: str) -> bytes:
     """PNG bytes: metric vs label fraction, one line per method, std error bars, log-x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.subplots()
     for method, cells in agg_task.items():
         fr = sorted(f for f in cells if key in cells[f])
         if not fr:
@@ -173,15 +169,13 @@ def plot_fractions(agg_task: dict, key: str, ylabel: str, title: str) -> bytes:
     return png_bytes(fig)
 
 
-def png_bytes(fig: Any) -> bytes:
-    """A matplotlib figure laid out and rendered as PNG bytes, then closed (matplotlib is
-    imported lazily, so the type is not named here; the caller writes the bytes atomically)."""
-    import matplotlib.pyplot as plt
-
+def png_bytes(fig: Figure) -> bytes:
+    """A matplotlib figure laid out and rendered as PNG bytes (the caller writes them atomically).
+    Figures are made with matplotlib's object API, not pyplot: no GUI backend is chosen and no
+    figure is kept in pyplot's global list, so none needs closing."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()
 
 

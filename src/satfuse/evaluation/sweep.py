@@ -28,13 +28,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from satfuse.checkpoint.export import weights_identity
-from satfuse.config import ConfigError, from_dict, load_config, read_yaml, set_dotted, to_dict
+from satfuse.config import (
+    ConfigError,
+    from_dict,
+    load_config,
+    parse_override,
+    read_yaml,
+    set_dotted,
+    to_dict,
+)
+from satfuse.evaluation.benchmark import DEFAULT_BENCHMARK, benchmark_class, check_task
 from satfuse.evaluation.finetune import FinetuneConfig, run_finetune, run_subdir, slug  # noqa: F401
+from satfuse.resources import ConfigNotFound, resolve_config
 from satfuse.run_layout import RunLayout
-from satfuse.utils import SatfuseError
+from satfuse.utils import SatfuseError, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +64,8 @@ class SweepMethod:
 
 @dataclass
 class SweepConfig:
-    """`satfuse finetune sweep`: methods x label fractions x seeds x tasks of DFC2020 runs."""
+    """`satfuse finetune sweep`: methods x label fractions x seeds x tasks of benchmark runs
+    (`base: {data: {benchmark: ...}}` picks the benchmark; DFC2020 by default)."""
 
     out: str = "runs/finetune_sweep"  # every run's directory goes under this
     base_config: str = ""  # a finetune YAML (hpc/finetune/...), applied first
@@ -77,8 +89,6 @@ def load_sweep_config(path: str | None, overrides: list[str] | None = None) -> S
         if candidate.is_file():
             cfg.base_config = str(candidate)
         else:  # a packaged finetune name or the packaged copy of hpc/finetune/... (satfuse.resources)
-            from satfuse.resources import ConfigNotFound, resolve_config
-
             with contextlib.suppress(ConfigNotFound):  # plan_sweep reports a missing base_config
                 cfg.base_config = str(resolve_config(cfg.base_config, "finetune"))
     return cfg
@@ -112,8 +122,6 @@ def _run_config(sweep: SweepConfig, m: SweepMethod, task: str, frac: float, seed
                        ("train.task", task), ("data.label_fraction", frac), ("train.seed", seed),
                        ("run_dir", str(run_dir)), ("label", m.label)):
         set_dotted(raw, key, value)
-    from satfuse.config import parse_override
-
     for item in m.overrides:
         set_dotted(raw, *parse_override(item))
     return from_dict(FinetuneConfig, raw, where=f"sweep method {m.label!r}")
@@ -154,6 +162,7 @@ def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
                         cfg = _run_config(sweep, m, task, frac, seed, d)
                     except ConfigError as exc:
                         raise SatfuseError(str(exc)) from exc
+                    check_task(benchmark_class(cfg.data.benchmark), cfg.train.task)
                     ckpt = cfg.model.checkpoint
                     if ckpt.lower() not in ("", "none") and ckpt not in identities:
                         identities[ckpt] = weights_identity(ckpt)
@@ -183,6 +192,7 @@ def config_changes(run: PlannedRun) -> list[tuple[str, Any, Any]] | None:
         return [("config", "(not recorded)", "(this sweep's)")]
     new = json.loads(json.dumps(to_dict(run.cfg)))  # as result.json stores it (lists, not tuples)
     before, after = dict(_flatten(old)), dict(_flatten(new))
+    before.setdefault("data.benchmark", DEFAULT_BENCHMARK)  # results from before the key existed: the only benchmark then
     ckpt = recorded.get("checkpoint") if isinstance(recorded.get("checkpoint"), dict) else {}
     if ckpt.get("fusion") and before.get("model.fusion") == ckpt["fusion"]:
         # run_finetune records the fusion that ran (one stacked S1+S2 backbone is early fusion)
@@ -252,10 +262,6 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, overwrite: bool = False) 
 
 
 def _worker_init(threads: int, level: int) -> None:
-    import torch
-
-    from satfuse.utils import setup_logging
-
     torch.set_num_threads(threads)
     setup_logging(level, rank=0)
 

@@ -6,7 +6,8 @@ the ignore index 255. A crop's single label is its most frequent valid class, it
 target every valid class covering at least `min_fraction` of the crop's *valid* pixels.
 
 Ties in `single_label` go to the lower class index (numpy `argmax` semantics), so the target
-is a deterministic function of the map.
+is a deterministic function of the map. The target functions take the class count
+(`n_classes`, a benchmark's; DFC2020's 8 by default): any benchmark's class-index maps work.
 """
 
 from __future__ import annotations
@@ -57,46 +58,47 @@ def label_map_from_member(name: str, array: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown label member {name!r}; expected 'dfc' or 'lc'")
 
 
-def class_counts(label_map: np.ndarray) -> np.ndarray:
-    """Pixel count per class (N_CLASSES,), ignoring 255 and anything out of range."""
+def class_counts(label_map: np.ndarray, n_classes: int = N_CLASSES) -> np.ndarray:
+    """Pixel count per class (n_classes,), ignoring 255 and anything out of range."""
     flat = np.asarray(label_map).ravel()
-    flat = flat[flat < N_CLASSES]
-    return np.bincount(flat, minlength=N_CLASSES)[:N_CLASSES]
+    flat = flat[flat < n_classes]
+    return np.bincount(flat, minlength=n_classes)[:n_classes]
 
 
-def single_label(label_map: np.ndarray) -> int | None:
+def single_label(label_map: np.ndarray, n_classes: int = N_CLASSES) -> int | None:
     """Most frequent valid class of the map, or None when no pixel is valid."""
-    counts = class_counts(label_map)
+    counts = class_counts(label_map, n_classes)
     if counts.sum() == 0:
         return None
     return int(np.argmax(counts))
 
 
-def multi_label(label_map: np.ndarray, min_fraction: float = 0.1) -> np.ndarray:
-    """8-way multi-hot (uint8): classes covering >= min_fraction of the valid pixels.
+def multi_label(label_map: np.ndarray, min_fraction: float = 0.1, n_classes: int = N_CLASSES) -> np.ndarray:
+    """n_classes-way multi-hot (uint8): classes covering >= min_fraction of the valid pixels.
 
     All zeros when no pixel is valid (callers drop or mask such crops).
     """
     if not 0.0 < min_fraction <= 1.0:
         raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
-    counts = class_counts(label_map)
+    counts = class_counts(label_map, n_classes)
     total = counts.sum()
     if total == 0:
-        return np.zeros(N_CLASSES, dtype=np.uint8)
+        return np.zeros(n_classes, dtype=np.uint8)
     return (counts / total >= min_fraction - 1e-12).astype(np.uint8)
 
 
-def batch_targets(label_maps: np.ndarray, min_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def batch_targets(label_maps: np.ndarray, min_fraction: float = 0.1,
+                  n_classes: int = N_CLASSES) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised targets of a batch of maps (B, H, W).
 
-    Returns (single (B,) int64 with IGNORE where a crop has no valid pixel, multi (B, 8) float32).
+    Returns (single (B,) int64 with IGNORE where a crop has no valid pixel, multi (B, n_classes) float32).
     """
     b = label_maps.shape[0]
     flat = label_maps.reshape(b, -1).astype(np.int64)
-    valid = flat < N_CLASSES
-    offsets = np.arange(b, dtype=np.int64)[:, None] * N_CLASSES
+    valid = flat < n_classes
+    offsets = np.arange(b, dtype=np.int64)[:, None] * n_classes
     idx = (flat + offsets)[valid]
-    counts = np.bincount(idx, minlength=b * N_CLASSES).reshape(b, N_CLASSES)
+    counts = np.bincount(idx, minlength=b * n_classes).reshape(b, n_classes)
     total = counts.sum(axis=1)
     single = np.where(total > 0, counts.argmax(axis=1), IGNORE).astype(np.int64)
     frac = counts / np.maximum(total, 1)[:, None]

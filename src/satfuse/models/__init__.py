@@ -9,6 +9,8 @@ from satfuse.models.methods import (
     PretrainModel,
     SimCLR,
     build_pretrain_model,
+    method_class,
+    method_title,
 )
 
 __all__ = [
@@ -21,4 +23,6 @@ __all__ = [
     "SimCLR",
     "build_backbone",
     "build_pretrain_model",
+    "method_class",
+    "method_title",
 ]

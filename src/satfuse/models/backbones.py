@@ -1,208 +1,113 @@
-"""ResNet backbones with any number of input channels, written here (no torchvision).
+"""The backbone contract, and building a registered backbone by name.
 
-Why our own: torchvision does not install beside the CPU torch wheel used here, and the
-authors' backbones differ from the stock ones only in `conv1` (2 channels for S1, 13 for S2,
-15 for early fusion). The layout follows torchvision exactly (BasicBlock/Bottleneck, 7x7
-stride-2 stem, max-pool, four stages, stride on the 3x3 conv of a Bottleneck: "ResNet v1.5")
-so the parameter count and the feature sizes match what the paper's numbers assume.
-
-`tiny` is for tests and the CPU demo: a 3x3 stride-2 stem without max-pool and one
-BasicBlock per stage (16-32-64-128), so a 64x64 crop leaves a 4x4 map (MMA needs a spatial
-map with more than one location) and a step costs milliseconds on 2 cores.
+Every trunk satfuse pretrains or fine-tunes is a `Backbone` registered in
+`satfuse.registry.BACKBONES` under the name users give as `model.backbone`. Pretraining
+methods, the fine-tuning classifier, the weight exports, the plain-weights loader and the
+benchmarks only ever use the members below, so a new backbone (a ViT, a ConvNeXt) is one
+module with one registered subclass; the built-in ResNets are in `satfuse.models.resnet`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 from torch import nn
 
+from satfuse.registry import BACKBONES
 from satfuse.utils import SatfuseError
 
-BACKBONES = ("tiny", "resnet18", "resnet50")
+EXPORT_FORMATS = ("torchvision", "safetensors")  # weight formats besides satfuse's own export
 
 
-def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+class Backbone(nn.Module):
+    """What a backbone provides. Subclass it and register the class::
 
+        @BACKBONES.register("my_net")
+        class MyNet(Backbone):
+            feature_dim = 384
+            ...
 
-def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual (ResNet-18/34)."""
-
-    expansion = 1
-
-    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
-        super().__init__()
-        cout = width * self.expansion
-        self.conv1 = _conv3x3(cin, width, stride)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width, cout)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(cin, cout, stride)
-
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    """1x1 - 3x3 (strided) - 1x1 with 4x expansion (ResNet-50)."""
-
-    expansion = 4
-
-    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
-        super().__init__()
-        cout = width * self.expansion
-        self.conv1 = _conv1x1(cin, width)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width, width, stride)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = _conv1x1(width, cout)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(cin, cout, stride)
-
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-def _downsample(cin: int, cout: int, stride: int) -> nn.Sequential | None:
-    """Projection shortcut when the shape changes (torchvision's option B)."""
-    if stride == 1 and cin == cout:
-        return None
-    return nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
-
-
-class ResNet(nn.Module):
-    """A ResNet trunk: stem, four stages, global average pool (no classifier).
-
-    forward(x) -> (B, out_dim) pooled features; forward_features(x) -> (B, out_dim, H', W')
-    the last spatial map (MMA and dense tasks).
+    The registered class is the builder: `cls(in_channels, zero_init_residual=False)`.
     """
 
-    def __init__(
-        self,
-        block: type[BasicBlock] | type[Bottleneck],
-        layers: list[int],
-        widths: list[int],
-        in_channels: int,
-        stem: str = "imagenet",
-        zero_init_residual: bool = False,
-    ) -> None:
+    feature_dim: ClassVar[int]
+    """The feature size (`out_dim`) of every instance, known before one is built: benchmarks
+    and heads size themselves from it without building a ResNet-50 to ask."""
+
+    export_formats: ClassVar[frozenset[str]] = frozenset()
+    """Weight formats besides satfuse's own export that this backbone's state dict is valid in
+    (`torchvision`: the keys load with strict=True into the torchvision model of the same name;
+    `safetensors`: the same tensors in one safetensors file). Empty: `satfuse ckpt export`
+    refuses those formats for it, naming the backbones that have them."""
+
+    input_weight: ClassVar[str] = ""
+    """The state-dict key of the first layer's weight, whose dim 1 is the input band count
+    (e.g. "conv1.weight"): a plain single-modality state dict's modality is read from it.
+    Empty: the modality of plain weights must be given (`model.checkpoint_modality`)."""
+
+    in_channels: int
+    """The input bands this instance takes (dim 1 of its input): 2 for S1, 13 for S2, their sum
+    for early fusion, or a manifest's band count."""
+
+    out_dim: int
+    """The size of `forward`'s pooled features and the channels of `forward_features`'s map
+    (always equal to `feature_dim`); projection and classifier heads are built on it."""
+
+    def __init__(self, in_channels: int, zero_init_residual: bool = False) -> None:
+        """Build the trunk for `in_channels` bands. `zero_init_residual`: each residual branch
+        starts as the identity (Goyal et al. 2017); a backbone without residual branches ignores it."""
         super().__init__()
         self.in_channels = in_channels
-        # torchvision's names (conv1, bn1, relu, maxpool, layer1..4, avgpool), so a satfuse
-        # ResNet-18/50 state dict is a torchvision one (fc aside); checkpoints written with
-        # the old `stem.0`/`stem.1` names are renamed on load (satfuse.models.legacy).
-        self.conv1, self.bn1, self.relu, self.maxpool = _make_stem(stem, in_channels, widths[0])
-        cin = widths[0]
-        stages = []
-        for i, (blocks, width) in enumerate(zip(layers, widths, strict=True)):
-            stage, cin = _make_stage(block, cin, width, blocks, stride=1 if i == 0 else 2)
-            stages.append(stage)
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.out_dim = cin
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        _init_weights(self, zero_init_residual)
-        self._register_load_state_dict_pre_hook(_upgrade_legacy_keys)
+        self.out_dim = self.feature_dim
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        """(B, in_channels, H, W) -> (B, out_dim, H', W'): the last spatial feature map. MMA aligns
+        its locations across modalities, so H' x W' must keep more than one location at the
+        pretraining crop; dense downstream tasks would read it too."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(self.forward_features(x)), 1)
+        """(B, in_channels, H, W) -> (B, out_dim): the pooled features contrastive heads and
+        classifiers use (by default the spatial mean of `forward_features`)."""
+        return self.forward_features(x).mean(dim=(2, 3))
+
+    @classmethod
+    def owns_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> bool:
+        """True when a plain state dict (head tensors `fc.*` already dropped) is this backbone's:
+        the plain-weights loader asks every registered backbone, so weights are matched to a
+        name by their content. Default: the same tensor names as an instance built for the
+        bands of `input_weight` (one band when unknown)."""
+        w = state_dict.get(cls.input_weight) if cls.input_weight else None
+        bands = int(w.shape[1]) if isinstance(w, torch.Tensor) and w.dim() > 1 else 1
+        return set(state_dict) == set(cls(bands).state_dict())
 
 
-def _upgrade_legacy_keys(state_dict: dict, prefix: str, *args: object) -> None:
-    """load_state_dict pre-hook: rename old `stem.0.*`/`stem.1.*` keys in place."""
-    from satfuse.models.legacy import upgrade_key
-
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        new = prefix + upgrade_key(key[len(prefix):])
-        if new != key and new not in state_dict:
-            state_dict[new] = state_dict.pop(key)
+def backbone_class(name: str) -> type[Backbone]:
+    """The registered backbone class `name`; an unknown name is refused listing every choice."""
+    return BACKBONES.get(name)
 
 
-def _make_stem(
-    kind: str, in_channels: int, width: int
-) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Module]:
-    """'imagenet': 7x7/2 conv + 3x3/2 max-pool (stride 4); 'tiny': 3x3/2 conv (stride 2)."""
-    if kind == "tiny":
-        return _conv3x3(in_channels, width, 2), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.Identity()
-    return (
-        nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, stride=2, padding=1),
-    )
-
-
-def _make_stage(
-    block: type[BasicBlock] | type[Bottleneck], cin: int, width: int, blocks: int, stride: int
-) -> tuple[nn.Sequential, int]:
-    mods = [block(cin, width, stride)]
-    cin = width * block.expansion
-    mods += [block(cin, width) for _ in range(blocks - 1)]
-    return nn.Sequential(*mods), cin
-
-
-def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
-    """torchvision's initialisation: He-normal (fan_out) convs, BN gamma 1 / beta 0."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    if zero_init_residual:  # each residual branch starts as identity (Goyal et al. 2017)
-        for m in model.modules():
-            if isinstance(m, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(m.last_bn().weight)
-
-
-def build_backbone(name: str, in_channels: int, zero_init_residual: bool = False) -> ResNet:
-    """A backbone by name ("tiny", "resnet18", "resnet50") taking `in_channels` bands."""
+def build_backbone(name: str, in_channels: int, zero_init_residual: bool = False) -> Backbone:
+    """The registered backbone `name` built for `in_channels` input bands."""
     if not isinstance(in_channels, int) or in_channels < 1:
         raise SatfuseError(
             f"backbone {name}: in_channels must be a positive integer, got {in_channels!r}"
         )
-    if name == "tiny":
-        return ResNet(
-            BasicBlock, [1, 1, 1, 1], [16, 32, 64, 128], in_channels, "tiny", zero_init_residual
-        )
-    if name == "resnet18":
-        return ResNet(
-            BasicBlock,
-            [2, 2, 2, 2],
-            [64, 128, 256, 512],
-            in_channels,
-            "imagenet",
-            zero_init_residual,
-        )
-    if name == "resnet50":
-        return ResNet(
-            Bottleneck,
-            [3, 4, 6, 3],
-            [64, 128, 256, 512],
-            in_channels,
-            "imagenet",
-            zero_init_residual,
-        )
-    raise SatfuseError(f"unknown backbone {name!r}; set model.backbone to one of {list(BACKBONES)}")
+    return backbone_class(name)(in_channels, zero_init_residual=zero_init_residual)
+
+
+def check_export_format(name: str, fmt: str, where: str) -> None:
+    """Refuse exporting backbone `name` as `fmt` when it does not declare that format."""
+    if fmt in backbone_class(name).export_formats:
+        return
+    able = [n for n, cls in BACKBONES.items() if fmt in cls.export_formats]
+    raise SatfuseError(
+        f"{where}: backbone {name!r} has no {fmt} counterpart (only {', '.join(able) or 'none'} "
+        "do); export it with the default --format satfuse")
+
+
+def identify_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the registered backbone whose weights `state_dict` holds, or None."""
+    return next((n for n, cls in BACKBONES.items() if cls.owns_state_dict(state_dict)), None)

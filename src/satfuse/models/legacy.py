@@ -21,6 +21,8 @@ import dataclasses
 import re
 from typing import Any
 
+from torch.distributed.checkpoint.metadata import MetadataIndex
+
 # (old component sequence, new component sequence), matched at dot boundaries
 RENAMES: tuple[tuple[str, str], ...] = (("stem.0", "conv1"), ("stem.1", "bn1"))
 _PATTERNS = [(re.compile(rf"(^|\.){re.escape(old)}(?=\.|$)"), new) for old, new in RENAMES]
@@ -67,8 +69,6 @@ def upgrade_optim_state(osd: dict[str, Any]) -> dict[str, Any]:
 
 def upgrade_metadata(metadata: Any) -> Any:
     """A DCP `Metadata` with upgraded tensor names (the object itself when nothing is old)."""
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
     if not has_legacy_keys(metadata.state_dict_metadata):
         return metadata
     sd_meta = {upgrade_key(k): v for k, v in metadata.state_dict_metadata.items()}

@@ -1,16 +1,14 @@
-"""The three pretraining methods behind one interface: Dual-SimCLR, SimCLR, MMA.
+"""The pretraining-method contract (`PretrainModel`) and the built-in methods registered in
+`satfuse.registry.METHODS`: Dual-SimCLR, SimCLR, MMA.
 
-Common interface (what the trainer, the DeepSpeed engine and the export call):
-- forward(batch) -> dict of the embeddings the loss needs;
-- loss(outputs, loss_cfg, metrics=True) -> (loss over the GLOBAL batch, metrics dict of 0-d
-  tensors); `metrics=False` skips the retrieval metric and its collectives (the trainer
-  asks for metrics on log steps only, as torchtitan's `train_step` and open_clip do);
-- backbones() / in_channels(): the trunks to export for fine-tuning and their input bands.
+The contract is what the trainer, the loader, the DeepSpeed engine and the export use, and all
+they use: a new method is one `PretrainModel` subclass registered under its `model.method` name.
 """
 
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +17,7 @@ from satfuse.config import LossConfig, ModelConfig
 from satfuse.losses import dense_alignment_loss, nt_xent, retrieval_accuracy_tensor
 from satfuse.models.backbones import build_backbone
 from satfuse.models.heads import DenseProjectionHead, ProjectionHead
+from satfuse.registry import METHODS
 from satfuse.utils import SatfuseError
 
 S1_CHANNELS = 2
@@ -43,11 +42,39 @@ def _take(batch: dict[str, torch.Tensor], key: str, channels: int, method: str) 
 
 
 class PretrainModel(nn.Module, abc.ABC):
-    """Base class: the interface above plus the SyncBatchNorm guard."""
+    """What a pretraining method provides. Subclass it and register the class::
 
-    method = "base"
+        @METHODS.register("my_method")
+        class MyMethod(PretrainModel):
+            method = "my_method"
+            ...
+
+    The registered class is the builder: `cls(model_cfg, channels)`; the loss is configured by
+    `LossConfig` at `loss(...)`. `build_pretrain_model` adds SyncBatchNorm when asked.
+    """
+
+    method: ClassVar[str] = "base"
+    """The registered name (`model.method`), used in messages, checkpoints and exports."""
+
+    title: ClassVar[str] = ""
+    """The name downstream tables print ("Dual-SimCLR"); empty: `method`."""
+
+    inputs: ClassVar[tuple[str, ...]] = ("s1", "s2")
+    """The batch keys `forward` reads. The loader always provides `s1` and `s2` (normalised,
+    cropped); `view1`/`view2` are made only for a method with `views`."""
+
+    views: ClassVar[bool] = False
+    """True: the loader adds two augmented views `view1`, `view2` of `model.simclr_input` to each
+    sample (`satfuse.data.reading.augment.simclr_views`); their random draws cost loader time, so only a
+    method that reads them asks for them."""
+
+    cross_modal: ClassVar[bool] = True
+    """True when the model embeds the S1 and the S2 of a place separately, so held-out S1 -> S2
+    retrieval (`train.eval_every`, the end-of-run score) is defined; False skips it, said once."""
 
     def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
+        """Build from the `model` section; `channels`: input bands per sensor (the shard
+        manifest's), the 13-band SEN12MS default where missing."""
         super().__init__()
         self.cfg = cfg
         # input bands per sensor, from the shard manifest (`satfuse.data.format.bands`); SEN12MS default
@@ -55,19 +82,27 @@ class PretrainModel(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def backbones(self) -> dict[str, nn.Module]:
-        """The trunks exported for fine-tuning, by modality name."""
+        """The trunks exported for fine-tuning, by modality name ("s1", "s2"; "shared" for one
+        trunk on one input): `satfuse ckpt export` writes exactly these."""
 
     def in_channels(self) -> dict[str, int]:
+        """Input bands of each exported trunk, by the same names as `backbones()`."""
         return {name: int(m.in_channels) for name, m in self.backbones().items()}
 
     @abc.abstractmethod
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The embeddings the loss needs."""
+        """The embeddings the loss needs, from the batch keys in `inputs`."""
+
+    @staticmethod
+    def heldout_pair(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S1, S2) pooled embeddings of `forward`'s outputs, for held-out retrieval (only
+        called when `cross_modal`); the default reads the projections `z_s1`, `z_s2`."""
+        return outputs["z_s1"], outputs["z_s2"]
 
     def loss(
         self, outputs: dict[str, torch.Tensor], loss_cfg: LossConfig, metrics: bool = True
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss over the global batch and metrics as 0-d tensors on the device: reading
+        """The loss over the GLOBAL batch and metrics as 0-d tensors on the device: reading
         one (`float(...)`) synchronises a GPU, so the trainer does it on log steps only.
         `metrics=False`: only {"loss"}; the in-batch retrieval accuracy costs three
         collectives (gather keys, gather mask, reduce hits), so it runs on log steps only."""
@@ -98,13 +133,14 @@ def _pair_loss(
     return loss, out
 
 
+@METHODS.register("dual_simclr")
 class DualSimCLR(PretrainModel):
     """One backbone + projection head per modality; S1 and S2 of the same place are positives.
 
     No augmentations (as the authors): the two modalities are the two views.
     """
 
-    method = "dual_simclr"
+    method, title = "dual_simclr", "Dual-SimCLR"
 
     def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
         super().__init__(cfg, channels)
@@ -131,12 +167,16 @@ class DualSimCLR(PretrainModel):
         return _pair_loss(outputs["z_s1"], outputs["z_s2"], loss_cfg, metrics)
 
 
+@METHODS.register("simclr")
 class SimCLR(PretrainModel):
     """One backbone + head on two augmented views (`view1`, `view2`, made by the loader with
     `satfuse.data.reading.augment.simclr_views`) of S2 RGB (authors), all 13 S2 bands, or S1+S2
     (`model.simclr_input`). retrieval_top1 here is view1 -> view2."""
 
-    method = "simclr"
+    method, title = "simclr", "SimCLR"
+    inputs = ("view1", "view2")
+    views = True
+    cross_modal = False  # one trunk on one input: there is no S1 -> S2 pair to retrieve
 
     def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
         super().__init__(cfg, channels)
@@ -171,6 +211,7 @@ class SimCLR(PretrainModel):
         return _pair_loss(outputs["z_view1"], outputs["z_view2"], loss_cfg, metrics)
 
 
+@METHODS.register("mma")
 class MMA(PretrainModel):
     """Multi-modal alignment (Windsor et al. 2021) of spatial feature maps.
 
@@ -186,7 +227,7 @@ class MMA(PretrainModel):
     encoders); downstream uses their pooled features.
     """
 
-    method = "mma"
+    method, title = "mma", "MMA"
 
     def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
         super().__init__(cfg, channels)
@@ -197,6 +238,11 @@ class MMA(PretrainModel):
 
     def backbones(self) -> dict[str, nn.Module]:
         return {"s1": self.backbone_s1, "s2": self.backbone_s2}
+
+    @staticmethod
+    def heldout_pair(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The aligned feature maps, pooled."""
+        return outputs["f_s1"].mean(dim=(2, 3)), outputs["f_s2"].mean(dim=(2, 3))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s1 = _take(batch, "s1", self.channels_in["s1"], self.method)
@@ -224,7 +270,14 @@ class MMA(PretrainModel):
         return loss, out
 
 
-METHODS: dict[str, type[PretrainModel]] = {"dual_simclr": DualSimCLR, "simclr": SimCLR, "mma": MMA}
+def method_class(name: str) -> type[PretrainModel]:
+    """The registered method `name`; an unknown name is refused listing every choice."""
+    return METHODS.get(name)
+
+
+def method_title(name: str) -> str:
+    """The table name of the pretraining method `name` (a checkpoint's); an unregistered name as is."""
+    return (METHODS.get(name).title or name) if name in METHODS else name
 
 
 def build_pretrain_model(cfg: ModelConfig, channels: dict[str, int] | None = None) -> PretrainModel:
@@ -234,9 +287,7 @@ def build_pretrain_model(cfg: ModelConfig, channels: dict[str, int] | None = Non
     `channels`: input bands per sensor ({"s1": 2, "s2": 12} ...), taken from the shard
     manifest by the trainer and from the checkpoint's normalization by the export; None =
     the 13-band SEN12MS default."""
-    if cfg.method not in METHODS:
-        raise SatfuseError(f"unknown model.method {cfg.method!r}; use one of {list(METHODS)}")
-    model = METHODS[cfg.method](cfg, channels)
+    model = method_class(cfg.method)(cfg, channels)
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

@@ -18,6 +18,7 @@ from satfuse.data.packing.normalize import S2_RGB, BandStats, normalize, normali
 from satfuse.data.reading.augment import simclr_views
 from satfuse.data.reading.stream_io import RawSample, decode_label, decode_pair
 from satfuse.data.reading.stream_plan import stable_seed
+from satfuse.registry import METHODS
 
 
 class FatalDataError(Exception):
@@ -37,6 +38,9 @@ class SampleTransform:
     center: bool = False
     labels: bool = False  # pretraining never reads label members
 
+    def __post_init__(self) -> None:
+        self.views = METHODS.get(self.method).views  # the method says whether it reads view1/view2
+
     def __call__(self, raw: RawSample, epoch: int) -> dict[str, Any]:
         rng = np.random.default_rng(stable_seed("sample", self.seed, epoch, raw.key)) if self._uses_rng else None
         window: list[int] = []
@@ -52,7 +56,7 @@ class SampleTransform:
             top, left, size = window
             lab = label[1][:, top : top + size, left : left + size] if size else label[1]
             item[label[0]] = np.ascontiguousarray(lab)
-        if self.method == "simclr":
+        if self.views:
             item["s1"], item["s2"] = normalize(s1, self.s1), normalize(s2, self.s2)
             item["view1"], item["view2"] = self._views(item, rng)
         return item
@@ -61,7 +65,7 @@ class SampleTransform:
     def _uses_rng(self) -> bool:
         """The per-sample RNG (seed, epoch, key) feeds random crops and SimCLR views only;
         building it costs ~15 us, so it is skipped when neither is drawn (same streams)."""
-        return self.method == "simclr" or (self.crop > 0 and not self.center)
+        return self.views or (self.crop > 0 and not self.center)
 
     def _window(self, h: int, w: int, rng: np.random.Generator | None, raw: RawSample) -> tuple[int, int, int]:
         """(top, left, size) of the crop; size 0 = the full patch."""

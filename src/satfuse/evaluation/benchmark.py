@@ -1,0 +1,92 @@
+"""The downstream-benchmark contract, and finding a registered benchmark by name.
+
+A benchmark is what `satfuse finetune` and `satfuse finetune sweep` score a pretrained model
+on: labelled shards, the classes their label maps turn into, the tasks (single-/multi-label)
+and the headline metric of each. Every run reads these members and nothing else, so
+BigEarthNet-19 or SEN12MS scene classification is one module with one registered `Benchmark`
+subclass (`satfuse.registry.BENCHMARKS`, chosen by `data.benchmark` / `--benchmark`); DFC2020,
+the paper's, is `satfuse.evaluation.dfc2020`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from satfuse.registry import BENCHMARKS
+from satfuse.utils import SatfuseError
+
+DEFAULT_BENCHMARK = "dfc2020"  # what `data.benchmark` means when unset (and in results written before it existed)
+TASKS = ("single", "multi")  # the classification tasks the fine-tuning loop implements
+
+
+class Benchmark:
+    """What a downstream benchmark provides. Subclass it and register the class::
+
+        @BENCHMARKS.register("my_bench")
+        class MyBench(Benchmark):
+            name = "my_bench"
+            ...
+
+    Members are class-level: a benchmark is a definition, not state.
+    """
+
+    name: ClassVar[str]
+    """The registered name (`data.benchmark`), recorded in every result.json."""
+
+    title: ClassVar[str]
+    """How reports and logs name it ("DFC2020")."""
+
+    dataset: ClassVar[str]
+    """The `satfuse shard --dataset` whose labelled shards it reads (data.train_shards and
+    data.test_shards point at two shard sets of it)."""
+
+    splits: ClassVar[dict[str, str]]
+    """Which published split each shard set holds: {"train": ..., "test": ...}. The run holds
+    `data.val_fraction` of the train split out (stratified) for early stopping; the test split
+    is scored once, at the end."""
+
+    label_members: ClassVar[tuple[str, ...]]
+    """The shard members a sample's label map is read from, in order of preference (the first
+    one a sample has is used); a sample with none of them is refused naming these."""
+
+    class_names: ClassVar[tuple[str, ...]]
+    """The classes, in index order: targets, logits and per-class scores use these indices."""
+
+    tasks: ClassVar[tuple[str, ...]] = TASKS
+    """The tasks (`train.task`) it defines: "single" (a crop's most frequent class,
+    cross-entropy) and/or "multi" (every class covering `data.multi_label_min_fraction` of the
+    crop, sigmoid + BCE)."""
+
+    metrics: ClassVar[dict[str, str]]
+    """The headline metric of each task, a key of `satfuse.evaluation.metrics`' results ("aa",
+    "f1_macro"): early stopping on `metric`, the log line and the report use it."""
+
+    @classmethod
+    def n_classes(cls) -> int:
+        """The number of classes (the classifier's outputs)."""
+        return len(cls.class_names)
+
+    @classmethod
+    def label_map(cls, member: str, array: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 class-index map from the label member `member` of one sample (its array
+        as stored, e.g. (1, H, W)); pixels of no class are `targets.IGNORE` (255)."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What result.json records about the benchmark (its name, classes, task metrics)."""
+        return {"name": cls.name, "title": cls.title, "classes": list(cls.class_names), "metrics": dict(cls.metrics)}
+
+
+def benchmark_class(name: str) -> type[Benchmark]:
+    """The registered benchmark `name`; an unknown one is refused listing every choice."""
+    return BENCHMARKS.get(name)
+
+
+def check_task(bench: type[Benchmark], task: str) -> None:
+    """Refuse a `train.task` the benchmark does not define, naming the ones it does."""
+    if task not in bench.tasks:
+        raise SatfuseError(f"train.task={task!r}: benchmark {bench.name!r} defines {', '.join(bench.tasks)}; "
+                           "set train.task to one of them (or pick another data.benchmark)")
