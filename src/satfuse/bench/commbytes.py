@@ -265,8 +265,8 @@ def _engine(cfg: Any, config: Path) -> str:
 
 def synthetic_shards(base: Path) -> Path:
     """Small synthetic SEN12MS shards (the tests' layout) when no --shards is given."""
-    from satfuse.data.packing.shard_writer import shard_dataset
-    from satfuse.data.sources.synth import write_sen12ms
+    from satfuse.data.packing.shard_writer import shard_dataset  # lazy: --help stays fast
+    from satfuse.data.sources.synth import write_sen12ms  # lazy: --help stays fast
 
     write_sen12ms(base / "raw", scenes=2, patches_per_scene=24, seed=0, size=32)
     shard_dataset(base / "raw", "sen12ms", base / "shards", maxcount=6, seed=0)

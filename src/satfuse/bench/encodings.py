@@ -41,8 +41,8 @@ def flags(name: str) -> str:
 
 
 def pack(raw: Path, out: Path, name: str, maxcount: int) -> Path:
-    from satfuse.data.format.codecs import make_encoding
-    from satfuse.data.packing.shard_writer import shard_dataset
+    from satfuse.data.format.codecs import make_encoding  # lazy: --help stays fast
+    from satfuse.data.packing.shard_writer import shard_dataset  # lazy: --help stays fast
 
     shard_dataset(raw, "sen12ms", out, maxcount=maxcount, seed=0, command=["bench", "loader", "--encodings", name],
                   encoding=make_encoding(**ENCODINGS[name]))
@@ -51,7 +51,7 @@ def pack(raw: Path, out: Path, name: str, maxcount: int) -> Path:
 
 def member_bytes(urls: list[str]) -> tuple[dict[str, float], int]:
     """Mean stored bytes per pair of each member kind (tar extension), and the pair count."""
-    from satfuse.data.reading.stream_io import index_shard
+    from satfuse.data.reading.stream_io import index_shard  # lazy: --help stays fast
 
     sizes: dict[str, int] = {}
     n = 0
@@ -69,8 +69,12 @@ def decode_cost(shards, repeats: int) -> tuple[float, dict[str, float]]:
     machine, wall time would count the waits for a core) to turn both image members (in the
     page cache) into float32 arrays: decompress + the cast `collate` does, no normalising;
     and the decoded `.npy` size per member (what the ratio divides by)."""
-    from satfuse.data.format.codecs import find_member
-    from satfuse.data.reading.stream_io import decode_pair, load_member, read_shard
+    from satfuse.data.format.codecs import find_member  # lazy: --help stays fast
+    from satfuse.data.reading.stream_io import (  # lazy: --help stays fast
+        decode_pair,
+        load_member,
+        read_shard,
+    )
 
     samples = [raw for s, url in enumerate(shards.urls) for raw in read_shard(url, s, set(range(shards.counts[s])), shards.counts[s] - 1)]
     decoded: dict[str, float] = {}

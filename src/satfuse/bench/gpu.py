@@ -523,8 +523,8 @@ def model_only(device: torch.device, args: argparse.Namespace, backbone: str, co
 
 
 def make_loader(shards: str, batch: int, crop: int, workers: int, pin: bool):
-    from satfuse.data.reading.pretrain_loader import PretrainLoader
-    from satfuse.data.reading.shard_sets import resolve_shards
+    from satfuse.data.reading.pretrain_loader import PretrainLoader  # lazy: --help stays fast
+    from satfuse.data.reading.shard_sets import resolve_shards  # lazy: --help stays fast
 
     cfg = DataConfig(shards=shards, batch_size=batch, num_workers=workers, crop=crop,
                      shuffle_buffer=max(64, batch))
@@ -538,8 +538,8 @@ def fitting_batch(total: int, want: int, workers: int) -> int:
 
 def loader_row(device: torch.device, args: argparse.Namespace, backbone: str, crop: int,
                workers: int, model_step_s: float | None) -> dict[str, Any]:
-    from satfuse.data.reading.shard_sets import resolve_shards
-    from satfuse.engines.setup import to_device
+    from satfuse.data.reading.shard_sets import resolve_shards  # lazy: --help stays fast
+    from satfuse.engines.setup import to_device  # lazy: --help stays fast
 
     total = resolve_shards(args.shards).total
     batch = fitting_batch(total, min(args.batches), workers)

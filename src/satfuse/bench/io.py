@@ -141,7 +141,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 def member_bytes(urls: list[str]) -> dict[str, Any]:
     """Bytes of each member kind, summed over the tars' own headers (any encoding), and the
     tar framing (headers, padding, end blocks) as the rest of the file sizes."""
-    from satfuse.data.reading.stream_io import split_name
+    from satfuse.data.reading.stream_io import split_name  # lazy: --help stays fast
 
     per_ext: dict[str, int] = {}
     keys = 0
@@ -171,7 +171,7 @@ def member_bytes(urls: list[str]) -> dict[str, Any]:
 @contextlib.contextmanager
 def loader_mode(mode: str) -> Iterator[None]:
     """The loader as shipped, without the sha256 check, or also without read-around."""
-    from satfuse.data.reading import stream_io
+    from satfuse.data.reading import stream_io  # lazy: --help stays fast
 
     init = stream_io.MappedTar.__init__
 
@@ -193,7 +193,7 @@ def loader_mode(mode: str) -> Iterator[None]:
 
 def run_loader(shards, crop: int, args: argparse.Namespace) -> tuple[int, float]:
     """(pairs decoded, seconds) of one loader pass: one epoch or `--batches` batches."""
-    from satfuse.data.reading.pretrain_loader import PretrainLoader
+    from satfuse.data.reading.pretrain_loader import PretrainLoader  # lazy: --help stays fast
 
     cfg = DataConfig(batch_size=args.batch, num_workers=args.workers, crop=crop)
     ld = PretrainLoader(shards, cfg, rank=0, world_size=1, seed=0)
@@ -296,7 +296,7 @@ def model(sets: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[di
 
 
 def measure_set(entry: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from satfuse.data.reading.shard_sets import resolve_shards
+    from satfuse.data.reading.shard_sets import resolve_shards  # lazy: --help stays fast
 
     shards = resolve_shards(entry["dir"])
     first = npy_members(shards.urls[0], 1)

@@ -19,7 +19,7 @@ from satfuse.bench.io_pagecache import PAGE, drop_cache, resident_pages
 def npy_members(url: str, limit: int) -> list[list[tuple[int, int, tuple[int, ...], int]]]:
     """Per sample of `url` (first `limit`): the s1/s2 members as (data offset in the file,
     member size, (C, H, W) or () when not a plain .npy, itemsize)."""
-    from satfuse.data.reading.stream_io import npy_layout, split_name
+    from satfuse.data.reading.stream_io import npy_layout, split_name  # lazy: --help stays fast
 
     samples: list[list[tuple[int, int, tuple[int, ...], int]]] = []
     last = None

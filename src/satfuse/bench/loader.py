@@ -96,8 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def synthesise(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    from satfuse.data.packing.shard_writer import shard_dataset
-    from satfuse.data.sources.synth import write_sen12ms
+    from satfuse.data.packing.shard_writer import shard_dataset  # lazy: --help stays fast
+    from satfuse.data.sources.synth import write_sen12ms  # lazy: --help stays fast
 
     raw, shards = workdir / "raw", workdir / "shards" / "bench"
     write_sen12ms(raw, scenes=args.scenes, patches_per_scene=args.patches, seed=0, size=args.size)
@@ -108,7 +108,7 @@ def synthesise(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 def one_shard(workdir: Path, raw: Path, total: int) -> Path:
     """The same pairs packed into a single shard: on `--deal-world` ranks it has fewer shards
     than slots, so the loader deals member ranges instead of whole shards."""
-    from satfuse.data.packing.shard_writer import shard_dataset
+    from satfuse.data.packing.shard_writer import shard_dataset  # lazy: --help stays fast
 
     out = workdir / "shards" / "bench-1shard"
     shard_dataset(raw, "sen12ms", out, maxcount=max(1, total), seed=0, command=["bench", "loader"])
@@ -119,7 +119,7 @@ def per_file_reads(raw: Path) -> tuple[float, int]:
     """Reference: open and read both GeoTIFFs of every pair with rasterio."""
     import rasterio  # lazy: --help stays fast
 
-    from satfuse.data.sources.tree_scan import scan
+    from satfuse.data.sources.tree_scan import scan  # lazy: --help stays fast
 
     pairs = scan(raw, "sen12ms").pairs
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def raw_tar_bytes(urls: list[str]) -> tuple[float, int]:
 def sha256_pass(shards) -> tuple[float, int]:
     """The loader's integrity check alone: one sha256 pass over every shard (the worst case
     per epoch, when every shard is indexed afresh by another worker)."""
-    from satfuse.data.reading.stream_io import MappedTar, verify_digest
+    from satfuse.data.reading.stream_io import MappedTar, verify_digest  # lazy: --help stays fast
 
     t0 = time.perf_counter()
     for url in shards.urls:
@@ -158,7 +158,7 @@ def sha256_pass(shards) -> tuple[float, int]:
 
 def unverified(fn: Callable[[], tuple]) -> Callable[[], tuple]:
     """`fn` with the loader's per-shard sha256 check off (the A/B of its cost)."""
-    from satfuse.data.reading import stream_io
+    from satfuse.data.reading import stream_io  # lazy: --help stays fast
 
     def run() -> tuple:
         stream_io.VERIFY_SHARDS = False
@@ -217,7 +217,7 @@ def loader_epochs(
     samples after the first batch, start-up seconds = worker start + first batch, CPU seconds
     of the main process and of the workers over the same window as the samples). Workers
     start once per iterator, so the steady rate is what a training run sees."""
-    from satfuse.data.reading.pretrain_loader import PretrainLoader
+    from satfuse.data.reading.pretrain_loader import PretrainLoader  # lazy: --help stays fast
 
     cfg = DataConfig(batch_size=batch, num_workers=workers, shuffle_buffer=64, crop=crop)
     ld = PretrainLoader(shards, cfg, rank=0, world_size=world, seed=0)
@@ -235,7 +235,7 @@ def loader_epochs(
 
 def fresh_handoff(fn: Callable[[], tuple]) -> Callable[[], tuple]:
     """`fn` with the workers' previous hand-off: a fresh shared-memory tensor per batch."""
-    from satfuse.data.reading import pretrain_loader
+    from satfuse.data.reading import pretrain_loader  # lazy: --help stays fast
 
     def run() -> tuple:
         pretrain_loader.BATCH_RING = False
@@ -343,7 +343,7 @@ def workers_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from satfuse.data.reading.shard_sets import resolve_shards
+    from satfuse.data.reading.shard_sets import resolve_shards  # lazy: --help stays fast
 
     with tempfile.TemporaryDirectory(prefix="satfuse-bench-loader-") as tmp:
         if args.shards:
