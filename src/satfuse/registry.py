@@ -147,5 +147,5 @@ BACKBONES: Registry = Registry("backbone", ("satfuse.models.backbones",), "model
 METHODS: Registry = Registry("pretraining method", ("satfuse.models.methods",), "model.method")
 DATASETS: Registry = Registry("dataset", ("satfuse.data.layout", "satfuse.data.band_scan"), "--dataset")
 BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.finetune",), "finetune benchmark")
-ENGINES: Registry = Registry("engine", ("satfuse.engines.setup",), "train.engine")
+ENGINES: Registry = Registry("engine", ("satfuse.engines.kinds",), "train.engine")
 CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.protocol",), "checkpoint kind")

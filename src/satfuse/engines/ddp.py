@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from satfuse.checkpoint.manager import CheckpointManager
 from satfuse.checkpoint.state import ModelOptimState
-from satfuse.config import CheckpointConfig, OptimConfig, TrainConfig
+from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
 from satfuse.engines.base import Engine
 from satfuse.engines.optim import build_optimizer, build_scheduler
 from satfuse.utils import SatfuseError
@@ -47,6 +47,12 @@ class DDPEngine(Engine):
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
         self.ckpt = CheckpointManager.from_config(Path(train.run_dir), checkpoint, train.comm_timeout_s)
 
+    @classmethod
+    def from_sections(cls, module: nn.Module, device: torch.device, train: TrainConfig, optim: OptimConfig,
+                      checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig, micro_batch: int) -> DDPEngine:
+        """DDP reads neither `deepspeed` nor `micro_batch` (its batch is the loader's)."""
+        return cls(module, device, train, optim, checkpoint)
+
     def backward_step(self, loss: torch.Tensor,
                       skip: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
         """No host read: the norm stays a 0-d device tensor (fp16's GradScaler.step reads
@@ -67,6 +73,7 @@ class DDPEngine(Engine):
         return norm
 
     def lr(self) -> float:
+        """The optimizer's current learning rate (the first parameter group's)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
     def engine_state(self) -> dict[str, Any]:

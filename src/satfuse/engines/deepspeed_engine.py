@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -328,6 +329,12 @@ class DeepSpeedEngine(Engine):
         log.info("DeepSpeed engine: ZeRO stage %d, %s, %d rank(s), gradient accumulation %d",
                  self.zero_stage, train.precision, world, self.gas)
 
+    @classmethod
+    def from_sections(cls, module: nn.Module, device: torch.device, train: TrainConfig, optim: OptimConfig,
+                      checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig, micro_batch: int) -> DeepSpeedEngine:
+        """Every section `__init__` takes (the `Engine` contract's signature)."""
+        return cls(module, device, train, optim, checkpoint, deepspeed, micro_batch)
+
     @property
     def zero_stage(self) -> int:
         return int(self.ds_config["zero_optimization"]["stage"])
@@ -349,7 +356,8 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ step
-    def backward_step(self, loss: torch.Tensor) -> float:
+    def backward_step(self, loss: torch.Tensor,
+                      skip: Callable[[torch.Tensor], bool] | None = None) -> float:
         """One micro-batch: DeepSpeed scales by 1/k, reduces, clips, steps and schedules at
         the boundary (every `accumulation`-th call; the trainer makes that one step).
 
@@ -357,7 +365,13 @@ class DeepSpeedEngine(Engine):
         ZeRO-0 fp32: there DeepSpeed steps our torch optimizer itself and its clipping keeps no
         norm (`get_global_grad_norm()` is None), so the log showed NaN. It is measured here
         instead, after backward's all-reduce at the boundary (every rank holds the averaged
-        gradient) and before the step: one more pass over the gradients per optimizer step."""
+        gradient) and before the step: one more pass over the gradients per optimizer step.
+
+        `skip` is refused: DeepSpeed steps inside its engine, so an update cannot be dropped
+        after the reduction (its `EngineKind` says nan_skip=False; the config refuses it first)."""
+        if skip is not None:
+            raise SatfuseError("train.nan_policy=skip is not supported by train.engine=deepspeed; "
+                               "use train.nan_policy=stop")
         boundary = self.model.is_gradient_accumulation_boundary()
         self.model.backward(loss)
         norm: Any = None
@@ -372,6 +386,7 @@ class DeepSpeedEngine(Engine):
         return float(norm) if norm is not None else float("nan")
 
     def lr(self) -> float:
+        """The optimizer's current learning rate (satfuse's torch optimizer, stepped by DeepSpeed)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
     def engine_state(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from satfuse.config import PretrainConfig, load_config, validate_pretrain
 from satfuse.distributed.env import comm_failure, init_distributed, teardown
 from satfuse.engines.trainer import Trainer, TrainResult
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
+from satfuse.registry import ENGINES
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,7 @@ def precheck(config_path: str | None, overrides: list[str]) -> PretrainConfig:
 
     cfg = load_config(PretrainConfig, config_path, overrides)
     validate_pretrain(cfg)
-    if cfg.train.engine == "deepspeed":
-        from satfuse.resources import require_deepspeed
-
-        require_deepspeed(config_path or "command line")
+    ENGINES.get(cfg.train.engine).check_installed(config_path or "command line")
     resolve_shards(cfg.data.shards, cfg.data.manifest, cfg.data.shard_weights)
     if cfg.data.val_shards:
         resolve_shards(cfg.data.val_shards)
@@ -72,10 +70,7 @@ def precheck(config_path: str | None, overrides: list[str]) -> PretrainConfig:
 
 def run_pretrain(config_path: str | None, overrides: list[str]) -> int:
     cfg = load_config(PretrainConfig, config_path, overrides)
-    if cfg.train.engine == "deepspeed":
-        from satfuse.resources import require_deepspeed
-
-        require_deepspeed(config_path or "command line")
+    ENGINES.get(cfg.train.engine).check_installed(config_path or "command line")
     validate_pretrain(cfg)
     show_shell_commands(cfg, config_path or "the command line")
     try:
