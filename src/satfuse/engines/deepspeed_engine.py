@@ -51,8 +51,10 @@ from satfuse.checkpoint.deepspeed_backend import DeepSpeedCheckpointManager
 from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import Engine, check_precision
+from satfuse.engines.ds_keys import check_keys
 from satfuse.engines.optim import build_optimizer, build_scheduler
 from satfuse.engines.warmup import check_build_locks
+from satfuse.resources import resolve_config
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -75,8 +77,6 @@ PARALLEL_KEYS = ("pipeline", "tensor_parallel", "sequence_parallel_size", "autot
 def resolve_ds_config_path(path: str) -> Path:
     """The DeepSpeed file as given, else a packaged name (`zero1_bf16`) or the packaged copy
     of `hpc/deepspeed/...`, so the default works from any directory (`satfuse.resources`)."""
-    from satfuse.resources import resolve_config
-
     return resolve_config(path, "deepspeed")
 
 
@@ -179,8 +179,6 @@ def build_ds_config(section: DeepSpeedConfig, optim: OptimConfig, precision: str
     optimizer name, train.precision, `micro_batch` = data.batch_size per rank)."""
     where = resolve_ds_config_path(section.config)
     raw = read_ds_file(where)
-    from satfuse.engines.ds_keys import check_keys
-
     check_keys(raw, where)  # a typo would be ignored (top level) or a pydantic traceback (nested)
     for key in PARALLEL_KEYS:
         if raw.get(key):
@@ -254,8 +252,8 @@ def import_deepspeed(device: torch.device):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     check_build_locks()  # a lock left by a killed JIT build would hang initialize() silently
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    import deepspeed  # optional: deepspeed
+    from deepspeed.accelerator import get_accelerator  # optional: deepspeed
 
     accel = get_accelerator().device_name()
     want = "cpu" if device.type == "cpu" else "cuda"
@@ -416,7 +414,7 @@ class DeepSpeedEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         """What meta.json records about the engine (checked again at resume)."""
-        import deepspeed
+        import deepspeed  # optional: deepspeed
 
         return {
             "zero_stage": self.zero_stage,

@@ -13,6 +13,7 @@ import logging
 import os
 
 from satfuse.config import PretrainConfig, load_config, validate_pretrain
+from satfuse.data.shard_sets import resolve_shards, split_spec
 from satfuse.distributed.env import comm_failure, init_distributed, teardown
 from satfuse.engines.trainer import Trainer, TrainResult
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
@@ -44,8 +45,6 @@ def show_shell_commands(cfg: PretrainConfig, where: str) -> list[str]:
     """Log every `pipe:` shard URL (a shell command this run will execute) with where it came
     from. Why: a `pipe:` URL is code; it is only ever taken from the user's own YAML or command
     line (never from a checkpoint's recorded config), and it is shown before it runs."""
-    from satfuse.data.shard_sets import split_spec
-
     specs = [*(cfg.data.shards if isinstance(cfg.data.shards, list) else [cfg.data.shards]), cfg.data.val_shards]
     cmds = [u for spec in specs for u in split_spec(spec or "") if u.startswith("pipe:")]
     if cmds and int(os.environ.get("RANK", "0")) == 0:
@@ -57,8 +56,6 @@ def show_shell_commands(cfg: PretrainConfig, where: str) -> list[str]:
 def precheck(config_path: str | None, overrides: list[str]) -> PretrainConfig:
     """What a launcher checks before it starts ranks: the config (keys, types, ranges) and
     that the shards resolve. One line, once, instead of one traceback per rank."""
-    from satfuse.data.shard_sets import resolve_shards
-
     cfg = load_config(PretrainConfig, config_path, overrides)
     validate_pretrain(cfg)
     ENGINES.get(cfg.train.engine).check_installed(config_path or "command line")

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from satfuse.engines.run_records import write_error
 from satfuse.utils import SatfuseError
 
@@ -73,7 +75,7 @@ def run_dir_kind(path: Path) -> tuple[str, str] | None:
     fine-tuning run: result.json or a config.yaml with a top-level `run_dir`; a shard set:
     `satfuse shard`'s manifest/state dir, tars), so directories written before this check are
     recognised too."""
-    from satfuse.data.manifest import MANIFEST_NAME, PART_GLOB, STATE_DIR
+    from satfuse.data.manifest import MANIFEST_NAME, PART_GLOB, STATE_DIR  # lazy: --help stays fast
 
     path = Path(path)
     if not path.is_dir():
@@ -93,8 +95,6 @@ def run_dir_kind(path: Path) -> tuple[str, str] | None:
 
 def _config_kind(path: Path) -> str | None:
     """Which kind of run wrote this config.yaml (None: none, or not a satfuse config)."""
-    import yaml
-
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):

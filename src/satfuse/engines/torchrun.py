@@ -23,6 +23,9 @@ import os
 import sys
 import time
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
 log = logging.getLogger("satfuse")
 
 REQUEUE = 75
@@ -57,9 +60,6 @@ def exit_status(failures: dict) -> tuple[int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     try:
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as exc:
