@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from satfuse.checkpoint.layout import read_meta
 from satfuse.checkpoint.manager import CheckpointManager
 from satfuse.checkpoint.state import ModelOptimState
 from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
@@ -106,8 +107,6 @@ class DDPEngine(Engine):
         return self.ckpt.save(step, app_state, rank_state, meta)
 
     def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from satfuse.checkpoint.layout import read_meta
-
         kind = read_meta(Path(path)).get("kind", "dcp")
         if kind != "dcp":  # DCP would only fail on DeepSpeed's files with FileNotFoundError tracebacks
             raise SatfuseError(
