@@ -153,5 +153,5 @@ BACKBONES: Registry = Registry("backbone", ("satfuse.models.resnet",), "model.ba
 METHODS: Registry = Registry("pretraining method", ("satfuse.models.methods",), "model.method")
 DATASETS: Registry = Registry("dataset", ("satfuse.data.sources.catalog",), "--dataset")
 BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.dfc2020",), "data.benchmark")
-ENGINES: Registry = Registry("engine", ("satfuse.engines.setup",), "train.engine")
+ENGINES: Registry = Registry("engine", ("satfuse.engines.kinds",), "train.engine")
 CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.protocol",), "checkpoint kind")

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from satfuse.checkpoint.protocol import CommitProtocol
+from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -79,15 +81,25 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
 
 
 class Engine(ABC):
-    """Wraps one model for training. `module` is the bare model (for `.loss`, `.backbones`),
-    `model` is what the forward pass goes through (a DDP wrapper, a DeepSpeed engine)."""
+    """The engine contract: what the training loop asks of DDP, DeepSpeed or a plugin's engine.
 
+    `module` is the bare model (for `.loss`, `.backbones`), `model` what the forward pass goes
+    through (a DDP wrapper, a DeepSpeed engine). An engine is registered in
+    `satfuse.registry.ENGINES` by an `EngineKind` (`satfuse.engines.kinds`) and built by
+    `from_sections`; one trainer step is one optimizer step on every engine.
+    """
+
+    # the name the engine is registered under in ENGINES (`train.engine`), recorded in meta.json
     kind: str = "base"
     ckpt: CommitProtocol  # the checkpointer: a DCP or DeepSpeed backend of the commit protocol
     # micro-batches per trainer step: the trainer calls `backward_step` this many times per
     # step, so one trainer step is one optimizer step on every engine (DeepSpeed: its
     # gradient_accumulation_steps)
     accumulation: int = 1
+    # satfuse's torch optimizer and LR schedule (`satfuse.engines.optim`), on every engine: a
+    # resume with changed optim.* keys re-applies them here (`optim.apply_hparams`)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
 
     def __init__(self, module: nn.Module, device: torch.device, precision: str) -> None:
         """`precision` is `train.precision` (fp32/bf16/fp16): the autocast of the forward pass."""
@@ -96,23 +108,51 @@ class Engine(ABC):
         self.device = device
         self.model: nn.Module = module
 
+    @classmethod
     @abstractmethod
-    def backward_step(self, loss: torch.Tensor) -> float | torch.Tensor:
+    def from_sections(cls, module: nn.Module, device: torch.device, train: TrainConfig, optim: OptimConfig,
+                      checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig, micro_batch: int) -> Engine:
+        """Build the engine from the config sections engines read (never the whole config):
+        `train`, `optim`, `checkpoint` for every engine; `deepspeed` and `micro_batch`
+        (data.batch_size, the per-rank batch) for those that need them, ignored by the others."""
+
+    @abstractmethod
+    def backward_step(self, loss: torch.Tensor,
+                      skip: Callable[[torch.Tensor], bool] | None = None) -> float | torch.Tensor:
         """Backward, clip, optimizer step, LR schedule step, zero grads. Returns grad norm
-        before clipping (nan if not computed), as a float or a 0-d tensor (read on log steps)."""
+        before clipping (nan if not computed), as a float or a 0-d tensor (read on log steps).
+
+        `skip(grad_norm)` (train.nan_policy=skip) is asked after the gradients are reduced and
+        before the update; True drops this step's update on every rank (the LR schedule still
+        advances). Only an engine registered with `nan_skip=True` receives it: the others are
+        refused it in the config (`EngineKind.check_config`)."""
 
     @abstractmethod
-    def lr(self) -> float: ...
+    def lr(self) -> float:
+        """The learning rate the next optimizer step will use (logged per step)."""
 
     @abstractmethod
-    def find_resume(self, resume: str) -> Path | None: ...
+    def find_resume(self, resume: str) -> Path | None:
+        """The checkpoint `checkpoint.resume` (auto/none/a path) points at; None: start afresh."""
 
     @abstractmethod
-    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path: ...
+    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Commit step `step` (model, optimizer, this rank's `rank_state`, rank 0's `meta`)."""
 
     @abstractmethod
     def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Load into the engine; return (rank states of all ranks of the saving run, meta)."""
+
+    def checkpoint_due(self, step: int, last_step: bool = False) -> bool:
+        """Whether `step` is to be saved now: every checkpoint.every_steps, and the last step of
+        a run (also a stopped one) unless it was just saved. The checkpointer decides."""
+        return self.ckpt.due(step, last_step=last_step)
+
+    @property
+    def resumed_from(self) -> Path | None:
+        """The checkpoint `load` actually restored: an older one than asked for when the newest
+        proved damaged while loading; None before any load."""
+        return self.ckpt.loaded_path
 
     def engine_state(self) -> dict[str, Any]:
         """Small, replicated training state (scheduler, scaler) kept in the per-rank files."""
@@ -125,4 +165,5 @@ class Engine(ABC):
         """Block until pending asynchronous saves are durable."""
 
     def autocast(self):
+        """The forward pass's autocast context for `precision` (a no-op for fp32)."""
         return autocast_context(self.precision, self.device)

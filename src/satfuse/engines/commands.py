@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+from satfuse.config import ConfigError
 from satfuse.distributed.launcher_env import (
     launcher_pid,
     local_ranks_env,
     started_by_launcher,
     torchrun_multi_rank,
 )
+from satfuse.engines.rundir import pid_alive, process_start_time
 from satfuse.utils import SatfuseError
 
 
@@ -55,20 +59,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             raise SatfuseError(f"--force-new-run starts afresh, but {other[-1]} asks to resume; pass one of them")
         overrides += ["checkpoint.resume=none", "checkpoint.force_new_run=true"]
     if args.nproc_per_node > 1 and not started_by_launcher():
-        from satfuse.engines.pretrain import precheck
+        from satfuse.engines.pretrain import precheck  # lazy: --help stays torch-free
 
         precheck(args.config, overrides)  # config/shard errors: one line here, not one per rank
         return launch_local(args.config, overrides, args.nproc_per_node)
     if (launcher := launcher_pid()) is not None:
         die_with_launcher(launcher)
-    from satfuse.distributed.env import exit_cleanly
-    from satfuse.engines.pretrain import run_pretrain
+    from satfuse.distributed.env import exit_cleanly  # lazy: --help stays torch-free
+    from satfuse.engines.pretrain import run_pretrain  # lazy: --help stays torch-free
 
     try:
         code = run_pretrain(args.config, overrides)
     except Exception as exc:  # the launcher reports the first rank's line and status
-        from satfuse.config import ConfigError
-        from satfuse.engines.torchrun import record_rank_error
+        from satfuse.engines.torchrun import record_rank_error  # lazy: --help stays torch-free
 
         if isinstance(exc, (SatfuseError, ConfigError)):
             record_rank_error(str(exc))
@@ -97,8 +100,6 @@ PR_SET_PDEATHSIG = 1
 def _set_pdeathsig(sig: int) -> bool:
     """Ask Linux to send `sig` to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
     except (OSError, AttributeError):  # not Linux: the rank-side watchdog still covers it
@@ -120,14 +121,11 @@ def die_with_launcher(launcher: int, poll_s: float = 0.5) -> None:
     dies, and a watchdog thread that SIGKILLs this rank once the launcher's pid is gone (or
     is another process): checkpoints are atomic, so a kill at any point loses only the steps
     since the last one, never the run_dir."""
-    import threading
 
     parent = os.getppid()
     _set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:  # the agent died before prctl took effect
         os.kill(os.getpid(), signal.SIGKILL)
-    from satfuse.engines.rundir import pid_alive, process_start_time
-
     stamp = process_start_time(launcher)
 
     def watch() -> None:

@@ -17,9 +17,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from satfuse.checkpoint.layout import read_meta
 from satfuse.checkpoint.manager import CheckpointManager
 from satfuse.checkpoint.state import ModelOptimState
-from satfuse.config import CheckpointConfig, OptimConfig, TrainConfig
+from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
 from satfuse.engines.base import Engine
 from satfuse.engines.optim import build_optimizer, build_scheduler
 from satfuse.utils import SatfuseError
@@ -47,6 +48,12 @@ class DDPEngine(Engine):
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
         self.ckpt = CheckpointManager.from_config(Path(train.run_dir), checkpoint, train.comm_timeout_s)
 
+    @classmethod
+    def from_sections(cls, module: nn.Module, device: torch.device, train: TrainConfig, optim: OptimConfig,
+                      checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig, micro_batch: int) -> DDPEngine:
+        """DDP reads neither `deepspeed` nor `micro_batch` (its batch is the loader's)."""
+        return cls(module, device, train, optim, checkpoint)
+
     def backward_step(self, loss: torch.Tensor,
                       skip: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
         """No host read: the norm stays a 0-d device tensor (fp16's GradScaler.step reads
@@ -67,6 +74,7 @@ class DDPEngine(Engine):
         return norm
 
     def lr(self) -> float:
+        """The optimizer's current learning rate (the first parameter group's)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
     def engine_state(self) -> dict[str, Any]:
@@ -99,8 +107,6 @@ class DDPEngine(Engine):
         return self.ckpt.save(step, app_state, rank_state, meta)
 
     def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from satfuse.checkpoint.layout import read_meta
-
         kind = read_meta(Path(path)).get("kind", "dcp")
         if kind != "dcp":  # DCP would only fail on DeepSpeed's files with FileNotFoundError tracebacks
             raise SatfuseError(

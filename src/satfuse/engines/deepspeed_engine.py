@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,10 @@ from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, Train
 from satfuse.distributed.launcher_env import default_local_rank
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import Engine, check_precision
+from satfuse.engines.ds_keys import check_keys
 from satfuse.engines.optim import build_optimizer, build_scheduler
 from satfuse.engines.warmup import check_build_locks
+from satfuse.resources import resolve_config
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -75,8 +78,6 @@ PARALLEL_KEYS = ("pipeline", "tensor_parallel", "sequence_parallel_size", "autot
 def resolve_ds_config_path(path: str) -> Path:
     """The DeepSpeed file as given, else a packaged name (`zero1_bf16`) or the packaged copy
     of `hpc/deepspeed/...`, so the default works from any directory (`satfuse.resources`)."""
-    from satfuse.resources import resolve_config
-
     return resolve_config(path, "deepspeed")
 
 
@@ -179,8 +180,6 @@ def build_ds_config(section: DeepSpeedConfig, optim: OptimConfig, precision: str
     optimizer name, train.precision, `micro_batch` = data.batch_size per rank)."""
     where = resolve_ds_config_path(section.config)
     raw = read_ds_file(where)
-    from satfuse.engines.ds_keys import check_keys
-
     check_keys(raw, where)  # a typo would be ignored (top level) or a pydantic traceback (nested)
     for key in PARALLEL_KEYS:
         if raw.get(key):
@@ -254,8 +253,8 @@ def import_deepspeed(device: torch.device):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     check_build_locks()  # a lock left by a killed JIT build would hang initialize() silently
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    import deepspeed  # optional: deepspeed
+    from deepspeed.accelerator import get_accelerator  # optional: deepspeed
 
     accel = get_accelerator().device_name()
     want = "cpu" if device.type == "cpu" else "cuda"
@@ -329,6 +328,12 @@ class DeepSpeedEngine(Engine):
         log.info("DeepSpeed engine: ZeRO stage %d, %s, %d rank(s), gradient accumulation %d",
                  self.zero_stage, train.precision, world, self.gas)
 
+    @classmethod
+    def from_sections(cls, module: nn.Module, device: torch.device, train: TrainConfig, optim: OptimConfig,
+                      checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig, micro_batch: int) -> DeepSpeedEngine:
+        """Every section `__init__` takes (the `Engine` contract's signature)."""
+        return cls(module, device, train, optim, checkpoint, deepspeed, micro_batch)
+
     @property
     def zero_stage(self) -> int:
         return int(self.ds_config["zero_optimization"]["stage"])
@@ -350,7 +355,8 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ step
-    def backward_step(self, loss: torch.Tensor) -> float:
+    def backward_step(self, loss: torch.Tensor,
+                      skip: Callable[[torch.Tensor], bool] | None = None) -> float:
         """One micro-batch: DeepSpeed scales by 1/k, reduces, clips, steps and schedules at
         the boundary (every `accumulation`-th call; the trainer makes that one step).
 
@@ -358,7 +364,13 @@ class DeepSpeedEngine(Engine):
         ZeRO-0 fp32: there DeepSpeed steps our torch optimizer itself and its clipping keeps no
         norm (`get_global_grad_norm()` is None), so the log showed NaN. It is measured here
         instead, after backward's all-reduce at the boundary (every rank holds the averaged
-        gradient) and before the step: one more pass over the gradients per optimizer step."""
+        gradient) and before the step: one more pass over the gradients per optimizer step.
+
+        `skip` is refused: DeepSpeed steps inside its engine, so an update cannot be dropped
+        after the reduction (its `EngineKind` says nan_skip=False; the config refuses it first)."""
+        if skip is not None:
+            raise SatfuseError("train.nan_policy=skip is not supported by train.engine=deepspeed; "
+                               "use train.nan_policy=stop")
         boundary = self.model.is_gradient_accumulation_boundary()
         self.model.backward(loss)
         norm: Any = None
@@ -373,6 +385,7 @@ class DeepSpeedEngine(Engine):
         return float(norm) if norm is not None else float("nan")
 
     def lr(self) -> float:
+        """The optimizer's current learning rate (satfuse's torch optimizer, stepped by DeepSpeed)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
     def engine_state(self) -> dict[str, Any]:
@@ -402,7 +415,7 @@ class DeepSpeedEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         """What meta.json records about the engine (checked again at resume)."""
-        import deepspeed
+        import deepspeed  # optional: deepspeed
 
         return {
             "zero_stage": self.zero_stage,

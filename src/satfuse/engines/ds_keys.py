@@ -117,7 +117,7 @@ def check_sections(raw: dict[str, Any], where: Path) -> None:
 
 def _validation_errors(model: Any, value: dict[str, Any]) -> list[dict[str, Any]]:
     try:
-        import pydantic
+        import pydantic  # optional: deepspeed (pydantic comes with it)
     except ImportError:  # pragma: no cover - DeepSpeed depends on pydantic
         return []
     try:

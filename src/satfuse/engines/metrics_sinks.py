@@ -16,6 +16,7 @@ needed; `wandb sync {run_dir}/wandb/offline-run-*` uploads later).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -79,7 +80,7 @@ class MetricSinks:
 
 def _tensorboard_writer(path: Path, start_step: int) -> Any:
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard
     except ImportError:
         log.warning("log.tensorboard=true but the `tensorboard` package is not installed "
                     "(pip install tensorboard); continuing without TensorBoard events")
@@ -94,14 +95,12 @@ def _tensorboard_writer(path: Path, start_step: int) -> Any:
 
 def _stable_id(run_dir: Path) -> str:
     """The same W&B run id for every attempt of one run dir (requeues resume the W&B run)."""
-    import hashlib
-
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
 
 
 def _wandb_run(run_dir: Path, project: str, config: dict[str, Any] | None, kind: str) -> Any:
     try:
-        import wandb
+        import wandb  # optional: wandb
     except ImportError:
         log.warning(WANDB_MISSING)
         return None

@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 
 from satfuse.config import PretrainConfig, load_config, validate_pretrain
+from satfuse.data.reading.shard_sets import resolve_shards, split_spec
 from satfuse.distributed.env import comm_failure, init_distributed, teardown
 from satfuse.distributed.launcher_env import process_rank
 from satfuse.engines.trainer import Trainer, TrainResult
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
+from satfuse.registry import ENGINES
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,6 @@ def show_shell_commands(cfg: PretrainConfig, where: str) -> list[str]:
     """Log every `pipe:` shard URL (a shell command this run will execute) with where it came
     from. Why: a `pipe:` URL is code; it is only ever taken from the user's own YAML or command
     line (never from a checkpoint's recorded config), and it is shown before it runs."""
-    from satfuse.data.reading.shard_sets import split_spec
-
     specs = [*(cfg.data.shards if isinstance(cfg.data.shards, list) else [cfg.data.shards]), cfg.data.val_shards]
     cmds = [u for spec in specs for u in split_spec(spec or "") if u.startswith("pipe:")]
     if cmds and process_rank() == 0:
@@ -56,14 +56,9 @@ def show_shell_commands(cfg: PretrainConfig, where: str) -> list[str]:
 def precheck(config_path: str | None, overrides: list[str]) -> PretrainConfig:
     """What a launcher checks before it starts ranks: the config (keys, types, ranges) and
     that the shards resolve. One line, once, instead of one traceback per rank."""
-    from satfuse.data.reading.shard_sets import resolve_shards
-
     cfg = load_config(PretrainConfig, config_path, overrides)
     validate_pretrain(cfg)
-    if cfg.train.engine == "deepspeed":
-        from satfuse.resources import require_deepspeed
-
-        require_deepspeed(config_path or "command line")
+    ENGINES.get(cfg.train.engine).check_installed(config_path or "command line")
     resolve_shards(cfg.data.shards, cfg.data.manifest, cfg.data.shard_weights)
     if cfg.data.val_shards:
         resolve_shards(cfg.data.val_shards)
@@ -72,10 +67,7 @@ def precheck(config_path: str | None, overrides: list[str]) -> PretrainConfig:
 
 def run_pretrain(config_path: str | None, overrides: list[str]) -> int:
     cfg = load_config(PretrainConfig, config_path, overrides)
-    if cfg.train.engine == "deepspeed":
-        from satfuse.resources import require_deepspeed
-
-        require_deepspeed(config_path or "command line")
+    ENGINES.get(cfg.train.engine).check_installed(config_path or "command line")
     validate_pretrain(cfg)
     show_shell_commands(cfg, config_path or "the command line")
     try:

@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from satfuse.config import PretrainConfig, dump_yaml, to_dict
+from satfuse.diskspace import is_no_space, no_space_error
 from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError
 
@@ -84,8 +87,6 @@ def repair_torn_tail(path: Path) -> None:
 
 def write_error(exc: OSError, path: Path, needed: int, doing: str) -> SatfuseError:
     """One line for a failed run-dir write: ENOSPC with free/needed bytes, else the OS's reason."""
-    from satfuse.diskspace import is_no_space, no_space_error
-
     if is_no_space(exc):
         return no_space_error(path, needed, doing, "free space there (or use another train.run_dir) and resume")
     return SatfuseError(f"{path}: {doing} failed ({exc.strerror or exc}); check that train.run_dir is writable")
@@ -96,9 +97,7 @@ def write_config(cfg: PretrainConfig, path: Path) -> None:
     try:
         dump_yaml(cfg, path)
     except OSError as exc:
-        import yaml
-
-        raise write_error(exc, path, len(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()),
+            raise write_error(exc, path, len(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()),
                            "writing config.yaml") from None
 
 

@@ -34,10 +34,14 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from satfuse.distributed.launcher_env import slurm_job_id
+from satfuse.engines.run_records import write_error
 from satfuse.run_layout import LEASE, RunLayout
 from satfuse.utils import SatfuseError
 
@@ -70,7 +74,11 @@ def run_dir_kind(path: Path) -> tuple[str, str] | None:
     fine-tuning run: result.json or a config.yaml with a top-level `run_dir`; a shard set:
     `satfuse shard`'s manifest/state dir, tars), so directories written before this check are
     recognised too."""
-    from satfuse.data.format.manifest import MANIFEST_NAME, PART_GLOB, STATE_DIR
+    from satfuse.data.format.manifest import (  # lazy: --help stays fast
+        MANIFEST_NAME,
+        PART_GLOB,
+        STATE_DIR,
+    )
 
     path = Path(path)
     if not path.is_dir():
@@ -91,8 +99,6 @@ def run_dir_kind(path: Path) -> tuple[str, str] | None:
 
 def _config_kind(path: Path) -> str | None:
     """Which kind of run wrote this config.yaml (None: none, or not a satfuse config)."""
-    import yaml
-
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
@@ -437,3 +443,33 @@ class RunLease:
         current = self._read()
         if current is not None and current[1].get("token") == self.token:
             self.path.unlink(missing_ok=True)
+
+
+def claim_run_dir(run_dir: Path, rank0: bool, timeout_s: float, fresh_start: bool, force_new_run: bool,
+                  share: Callable[[str | None], str | None]) -> RunLease | None:
+    """What every rank of `satfuse pretrain` does before it trains: rank 0 checks the directory
+    holds no other kind of run, takes its lease (`timeout_s`: train.lease_timeout_s) and, for a
+    fresh start (`fresh_start`: checkpoint.resume=none), makes sure no earlier run is
+    overwritten (`force_new_run` moves it aside). `share` is the broadcast from rank 0 (torch's,
+    passed in so this module stays torch-free): every rank gets the outcome, one error raised
+    everywhere. Returns rank 0's lease with its heartbeat started; None on the other ranks."""
+    lease, error = None, None
+    if rank0:
+        try:
+            check_run_dir_kind(run_dir, PRETRAIN_RUN, "use another train.run_dir (a new or empty directory)")
+            lease = RunLease(run_dir, timeout_s=timeout_s)
+            lease.acquire()
+            if fresh_start:
+                prepare_fresh_start(run_dir, force_new_run)
+        except (SatfuseError, OSError) as exc:
+            error = str(exc) if isinstance(exc, SatfuseError) else str(
+                write_error(exc, run_dir, 4096, "claiming the run_dir (its lease file)"))
+            if lease is not None:
+                lease.release()  # deletes the lease only if it is ours
+            lease = None
+    error = share(error)
+    if error:
+        raise SatfuseError(error)
+    if lease is not None:
+        lease.start_heartbeat()
+    return lease

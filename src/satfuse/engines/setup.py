@@ -1,8 +1,8 @@
 """Where and how a pretraining run computes: device, engine, input transfer, compiled forward.
 
-The decisions made once before the first step (which CUDA device a local rank uses, DDP or
-DeepSpeed, cuDNN autotuning, torch.compile) and the per-batch host-to-device copy, kept out
-of the training loop (`satfuse.engines.trainer`) so that it reads as the loop alone. Each
+The decisions made once before the first step (which CUDA device a local rank uses, the engine
+`train.engine` names, cuDNN autotuning, torch.compile) and the per-batch host-to-device copy,
+kept out of the training loop (`satfuse.engines.trainer`) so that it reads as the loop alone. Each
 function takes the config section or value it reads, not the whole `PretrainConfig`.
 """
 
@@ -15,6 +15,7 @@ import torch
 from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
 from satfuse.distributed.env import cuda_index
 from satfuse.engines.base import Engine
+from satfuse.registry import ENGINES
 from satfuse.utils import SatfuseError
 
 
@@ -29,15 +30,13 @@ def select_device(want: str, local_rank: int) -> torch.device:
 
 def build_engine(model: torch.nn.Module, device: torch.device, train: TrainConfig, optim: OptimConfig,
                  checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig, micro_batch: int) -> Engine:
-    """The engine of `train.engine`, from the sections engines read. `deepspeed` and
-    `micro_batch` (data.batch_size) are for the DeepSpeed engine; the DDP engine does not take them."""
-    if train.engine == "deepspeed":
-        from satfuse.engines.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, device, train, optim, checkpoint, deepspeed, micro_batch)
-    from satfuse.engines.ddp import DDPEngine
-
-    return DDPEngine(model, device, train, optim, checkpoint)
+    """The engine `train.engine` names in `satfuse.registry.ENGINES`, from the sections engines
+    read (`Engine.from_sections`; `deepspeed` and `micro_batch` are for engines that need them)."""
+    cls = ENGINES.get(train.engine).engine_class()
+    if not (isinstance(cls, type) and issubclass(cls, Engine)):
+        raise SatfuseError(f"train.engine={train.engine}: {cls!r} is not an Engine subclass "
+                           "(satfuse.engines.base.Engine); register one")
+    return cls.from_sections(model, device, train, optim, checkpoint, deepspeed, micro_batch)
 
 
 def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
@@ -62,7 +61,5 @@ def compiled_forward(train: TrainConfig, model: torch.nn.Module) -> torch.nn.Mod
     """`train.compile=true`: the forward pass through torch.compile (inductor)."""
     if not train.compile:
         return model
-    if train.engine != "ddp":
-        raise SatfuseError("train.compile=true works with train.engine=ddp; set train.compile=false "
-                           "for train.engine=deepspeed")
+    ENGINES.get(train.engine).check_compile(train.engine)
     return torch.compile(model)

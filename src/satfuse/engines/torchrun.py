@@ -22,6 +22,9 @@ import logging
 import sys
 import time
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
 from satfuse.distributed.launcher_env import torchelastic_error_file
 
 log = logging.getLogger("satfuse")
@@ -58,9 +61,6 @@ def exit_status(failures: dict) -> tuple[int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     try:
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as exc:

@@ -1,32 +1,29 @@
-"""The pretraining loop, shared by every engine. Read top to bottom:
+"""The pretraining loop, shared by every engine: wiring and the loop. Read top to bottom:
 
-1. build loader, model and engine (DDP or DeepSpeed), each from its own sections of one
-   `PretrainConfig` (the trainer is the one place that splits it);
+1. build loader, model and engine (the one `train.engine` names), each from its own sections
+   of one `PretrainConfig` (the trainer is the one place that splits it);
 2. resume from the newest complete checkpoint (`checkpoint.resume=auto`), restoring model,
    optimizer, schedule, loader position and RNG state, so the continuation is bitwise equal
    to an uninterrupted run on the same world size;
 3. step: forward under autocast -> global contrastive loss -> engine backward/step, queued
-   without a host synchronisation (loss, metrics and grad norm stay on the device; a
-   non-finite loss is noted there) -> on log steps and before every save: the NaN check
-   agreed by all ranks, then the numbers are read and logged. The in-batch retrieval metric
-   (three collectives) is computed on log steps only. Per step there is ONE flag reduction
-   (stop signal, plus the non-finite flag under `train.nan_policy=skip`, which drops that
-   step's update on every rank);
+   without a host synchronisation (loss, metrics and grad norm stay on the device) -> on log
+   steps and before every save: the NaN check agreed by all ranks, then the numbers are read
+   and logged. The in-batch retrieval metric (three collectives) is computed on log steps
+   only. Per step there is ONE flag reduction (stop signal, plus the non-finite flag under
+   `train.nan_policy=skip`, which drops that step's update on every rank);
 4. checkpoint every N steps, at the end, and when any rank got a stop signal (SLURM
    preemption/time limit): then every rank saves and the run returns `REQUEUE_EXIT_CODE`
    (`STOP_EXIT_CODE` after SIGTERM, i.e. scancel: saved, not to be requeued);
-5. at the end (and every `train.eval_every` steps), cross-modal retrieval accuracy on
-   held-out shards.
+5. at the end (and every `train.eval_every` steps), cross-modal retrieval on held-out shards.
 
-One job, the loop: its set-up (device, engine, compile) is in `engines/setup.py`, what the run
-writes beside checkpoints (metrics.jsonl, config.yaml, overrides.jsonl) in
-`engines/run_records.py`.
+Each policy lives with its owner: set-up (device, engine, compile) in `engines/setup.py`, the
+run-dir lease in `engines/rundir.py`, `train.nan_policy` in `engines/nan_policy.py`,
+`data.max_skipped_fraction` in `engines/skipped_samples.py`, held-out retrieval in
+`engines/heldout.py`, resuming in `engines/resume.py`, what the run writes beside checkpoints in `engines/run_records.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import time
@@ -38,39 +35,25 @@ import torch
 from tqdm import tqdm
 
 import satfuse
-from satfuse.checkpoint.layout import META_NAME
 from satfuse.config import PretrainConfig, to_dict
-from satfuse.data.format.bands import (
-    channels,
-    check_same_bands,
-    manifest_bands,
-    normalization_bands,
-)
-from satfuse.data.reading.eval_loader import EvalLoader
+from satfuse.data.format.bands import channels
 from satfuse.data.reading.pretrain_loader import PretrainLoader
-from satfuse.data.reading.shard_sets import resolve_shards, same_set_warning
+from satfuse.data.reading.shard_sets import resolve_shards
 from satfuse.distributed.collectives import (
     agree_max,
-    all_reduce_sum,
-    any_rank,
     broadcast_object,
     control_group,
 )
 from satfuse.distributed.env import DistEnv
 from satfuse.distributed.gather import equal_rows
 from satfuse.engines.base import check_precision
+from satfuse.engines.heldout import HeldOutRetrieval
 from satfuse.engines.metrics_sinks import MetricSinks
-from satfuse.engines.optim import apply_hparams
-from satfuse.engines.rng import capture_rng, restore_rng
-from satfuse.engines.run_records import (
-    MetricsLog,
-    config_changes,
-    record_overrides,
-    refuse_changes,
-    write_config,
-    write_error,
-)
-from satfuse.engines.rundir import PRETRAIN_RUN, RunLease, check_run_dir_kind, prepare_fresh_start
+from satfuse.engines.nan_policy import NanGuard
+from satfuse.engines.resume import resume_run
+from satfuse.engines.rng import capture_rng
+from satfuse.engines.run_records import MetricsLog, write_config
+from satfuse.engines.rundir import RunLease, claim_run_dir
 from satfuse.engines.setup import (
     build_engine,
     compiled_forward,
@@ -79,9 +62,9 @@ from satfuse.engines.setup import (
     to_device,
 )
 from satfuse.engines.signals import StopFlag
+from satfuse.engines.skipped_samples import SkippedSamples
 from satfuse.exit_codes import REQUEUE_EXIT_CODE, STOP_EXIT_CODE
-from satfuse.losses import retrieval_accuracy
-from satfuse.models import build_pretrain_model, method_class
+from satfuse.models import build_pretrain_model
 from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError
 
@@ -119,32 +102,22 @@ class Trainer:
             method=cfg.model.method, simclr_input=cfg.model.simclr_input,
             pin_memory=self.device.type == "cuda",
         )
-        if cfg.data.val_shards:  # held-out pairs go through the same model: refuse other bands now, not at the end
-            val_set = resolve_shards(cfg.data.val_shards)
-            overlap = same_set_warning(self.shards, val_set, "data.shards", "data.val_shards")
-            if overlap and env.rank == 0:
-                log.warning("%s", overlap)
-            val = manifest_bands(val_set.manifest, cfg.data.val_shards)
-            if val != self.loader.bands:
-                raise SatfuseError(
-                    f"band mismatch: data.val_shards={cfg.data.val_shards} holds {val}, data.shards={cfg.data.shards} "
-                    f"holds {self.loader.bands}; evaluate on shards with the training bands"
-                )
+        self.heldout = (HeldOutRetrieval(self.shards, cfg.data, self.loader.bands, env.rank, env.world_size)
+                        if cfg.data.val_shards else None)
         self.module = build_pretrain_model(cfg.model, channels(self.loader.bands))
         if cfg.train.channels_last:
             self.module.to(memory_format=torch.channels_last)
         self.engine = build_engine(self.module, self.device, cfg.train, cfg.optim, cfg.checkpoint,
                                    cfg.deepspeed, micro_batch=cfg.data.batch_size)
         self.forward = compiled_forward(cfg.train, self.engine.model)
+        # pairs per optimizer step: every trainer step is one, over `accumulation` micro-batches
+        self.global_batch = cfg.data.batch_size * env.world_size * self.engine.accumulation
+        self.skipped = SkippedSamples(self.loader, cfg.data, self.global_batch)
+        self.nan = NanGuard(cfg.train, cfg.optim.lr, RunLayout(self.run_dir).checkpoints, self.device)
         self.step = 0
         self.epoch = 0
         self.lease: RunLease | None = None
-        # first step whose loss was not finite (0: none), kept on the device: no per-step sync
-        self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
-        self._recent_keys: dict[int, list] = {}  # batch keys since the last check, for the message
         self.stop = StopFlag()
-        self.skipped_steps = 0  # nan_policy=skip: updates dropped so far (this attempt)
-        self._skips_in_row = 0
         self._stop_level: int | None = None  # the stop level agreed inside this step (skip policy)
 
     # ---------------------------------------------------------------- checkpoints
@@ -166,75 +139,23 @@ class Trainer:
         }
 
     def save(self, last_step: bool = False) -> Path | None:
-        """Save the current step when the checkpointer's cadence says so (`due`: every
+        """Save the current step when the engine's cadence says so (every
         checkpoint.every_steps, and the last step unless just saved); None when not due."""
-        if not self.engine.ckpt.due(self.step, last_step=last_step):
+        if not self.engine.checkpoint_due(self.step, last_step=last_step):
             return None
         if self.lease is not None:
             self.lease.check()  # a run that lost its lease must not commit a checkpoint
-        self.check_finite()  # never keep the weights of a non-finite step
+        self.nan.check(self.step)  # never keep the weights of a non-finite step
         path = self.engine.save(self.step, self.rank_state(), self.meta())
         log.info("checkpoint step %d -> %s", self.step, path)
         return path
 
     def resume(self) -> None:
-        path = self.engine.find_resume(self.cfg.checkpoint.resume)
-        if path is None:
-            if self.env.rank == 0 and str(self.cfg.checkpoint.resume).strip().lower() == "auto":
-                # an earlier run that died before its first checkpoint: its metrics would mix
-                # with this run's (steps 1.. twice), so its files go to previous-<time>/
-                prepare_fresh_start(self.run_dir, force=True)
-            return
-        self._check_checkpoint_bands(path)  # before loading: a band mismatch is a shape error there
-        rank_states, meta = self.engine.load(path)
-        path = self.engine.ckpt.loaded_path or path  # an older one if `path` proved damaged while loading
-        same_world = len(rank_states) == self.env.world_size
-        mine = rank_states[self.env.rank] if same_world else rank_states[0]
-        changed = config_changes(meta.get("config") or {}, to_dict(self.cfg))
-        refuse_changes(changed, path)
-        self.step = int(mine["step"])
-        self.engine.load_engine_state(mine["engine"])
-        if any(k.startswith("optim.") for k in changed):  # the restored optimizer had the old values
-            apply_hparams(self.engine.optimizer, self.engine.scheduler, self.cfg.optim)
-        if self.env.rank == 0:
-            record_overrides(self.run_dir, self.step, path, changed)
-        self.loader.load_state_dict([s["loader"] for s in rank_states])
-        self.epoch = self.loader.epoch
-        if same_world:
-            restore_rng(mine["rng"])
-        log.info(
-            "resumed from %s at step %d (saved by %d ranks, now %d)",
-            path, self.step, len(rank_states), self.env.world_size,
-        )
-
-    def _check_checkpoint_bands(self, path: Path) -> None:
-        """Refuse to resume a checkpoint trained on other bands than the shard set holds."""
-        meta_path = Path(path) / META_NAME
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            return  # the engine's load reports an unreadable checkpoint
-        trained = normalization_bands(meta.get("normalization") if isinstance(meta, dict) else None)
-        if trained is not None:
-            check_same_bands(trained, self.loader.bands, str(path), self.shards.spec)
-
-    # ---------------------------------------------------------------- skipped samples
-    def skipped(self) -> int:
-        """Samples skipped so far on all ranks (collective when distributed)."""
-        return int(all_reduce_sum(torch.tensor([int(self.loader.decode_errors)], dtype=torch.long)))
-
-    def check_skipped(self, skipped: int) -> None:
-        """Fail (on every rank alike) once more than data.max_skipped_fraction of the samples
-        read were skipped: a truncated shard must not quietly shrink the data set."""
-        read = skipped + self.step * self.cfg.data.batch_size * self.env.world_size * self.engine.accumulation
-        limit = self.cfg.data.max_skipped_fraction
-        if skipped and skipped > limit * max(read, 1):
-            raise SatfuseError(
-                f"{self.cfg.data.shards}: {skipped} of {read} samples read were skipped as undecodable "
-                f"(truncated, damaged or altered shards; the warnings above name them), more than "
-                f"data.max_skipped_fraction={limit}: check the shards with `satfuse shard verify`, "
-                "or raise data.max_skipped_fraction to accept the loss"
-            )
+        """Continue from the checkpoint `checkpoint.resume` names, if any (`engines/resume.py`)."""
+        step = resume_run(self.engine, self.loader, self.env, self.cfg.checkpoint, self.cfg.optim,
+                          to_dict(self.cfg), self.run_dir, self.shards.spec)
+        if step is not None:
+            self.step, self.epoch = step, self.loader.epoch
 
     # ---------------------------------------------------------------- training
     def train_step(self, batch: dict[str, Any], metrics: bool = True) -> dict[str, Any]:
@@ -245,88 +166,27 @@ class Trainer:
         Under `train.nan_policy=skip` the step agrees with every rank on one small reduction
         (stop level, non-finite flag) before the update: one host read per step, that policy only."""
         self.engine.model.train()
-        self._recent_keys[self.step + 1] = list(batch.get("key", [])[:4])
-        if len(self._recent_keys) > 10_000:  # a huge log_every: keep the message's memory bounded
-            self._recent_keys.pop(next(iter(self._recent_keys)))
         batch = to_device(batch, self.device, self.cfg.train.channels_last)
         with equal_rows():
             with self.engine.autocast():
                 outputs = self.forward(batch)
             loss, values = self.module.loss(outputs, self.cfg.loss, metrics=metrics)
-        bad = ~torch.isfinite(loss.detach())
-        if self.cfg.train.nan_policy == "skip":
-            grad_norm = self.engine.backward_step(loss, skip=lambda norm: self._agree_skip(bad, norm))
-        else:
-            self._first_bad = torch.where((self._first_bad == 0) & bad, self.step + 1, self._first_bad)
-            grad_norm = self.engine.backward_step(loss)
+        skip = (lambda norm: self._agree_skip(loss, norm)) if self.cfg.train.nan_policy == "skip" else None
+        grad_norm = self.engine.backward_step(loss, skip=skip)
         return {"loss": loss.detach(), "grad_norm": grad_norm, **values}
 
-    def _agree_skip(self, bad_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    def _agree_skip(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """nan_policy=skip: the step's one reduction, [stop level, non-finite] MAX over ranks
         (gloo on NCCL jobs), before the update. True = every rank drops this update."""
-        bad = bool(bad_loss | ~torch.isfinite(grad_norm))  # the policy's one host read per step
+        bad = self.nan.non_finite(loss, grad_norm)
         self._stop_level, any_bad = agree_max([self.stop.level, int(bad)], control_group())
-        step = self.step + 1
-        if not any_bad:
-            self._skips_in_row = 0
-            return False
-        self.skipped_steps += 1
-        self._skips_in_row += 1
-        limit = self.cfg.train.nan_skip_limit
-        keys = self._recent_keys.get(step, [])
-        if self._skips_in_row >= limit:
-            raise SatfuseError(
-                f"non-finite loss or gradients at {self._skips_in_row} steps in a row (last: step {step}, "
-                f"batch keys {keys}...), train.nan_skip_limit={limit}: the run diverged; try a lower "
-                f"optim.lr (now {self.cfg.optim.lr}), optim.grad_clip=1.0, train.precision=fp32, or resume "
-                f"from the last checkpoint in {RunLayout(self.run_dir).checkpoints}")
-        log.warning("train.nan_policy=skip: non-finite loss or gradients at step %d (%s on this rank, batch "
-                    "keys %s...): update dropped on every rank (%d skipped so far, %d in a row)", step,
-                    "seen" if bad else "not seen", keys, self.skipped_steps, self._skips_in_row)
-        return True
-
-    def check_finite(self) -> None:
-        """Stop if any rank saw a non-finite loss. Collective: every rank calls it at the same
-        steps (log steps, saves); the one host read of the NaN bookkeeping."""
-        first = int(self._first_bad)
-        if any_rank(first > 0):
-            self.on_nan(first)
-        self._recent_keys.clear()
-
-    def on_nan(self, step: int) -> None:
-        where = (f"at step {step} (batch keys {self._recent_keys.get(step, [])}...)" if step
-                 else f"on another rank before step {self.step}")
-        raise SatfuseError(
-            f"non-finite loss {where}: try a lower "
-            f"optim.lr (now {self.cfg.optim.lr}), optim.grad_clip=1.0, train.precision=fp32, or "
-            f"resume from the last checkpoint in {RunLayout(self.run_dir).checkpoints}"
-        )
-
-    def claim_run_dir(self) -> None:
-        """Rank 0 takes the run_dir's lease and, for resume=none, makes sure no earlier run
-        is overwritten; every rank gets the outcome (one error, raised everywhere)."""
-        error = None
-        if self.env.rank == 0:
-            try:
-                check_run_dir_kind(self.run_dir, PRETRAIN_RUN, "use another train.run_dir (a new or empty directory)")
-                self.lease = RunLease(self.run_dir, timeout_s=self.cfg.train.lease_timeout_s)
-                self.lease.acquire()
-                if str(self.cfg.checkpoint.resume).strip().lower() in ("none", "", "false"):
-                    prepare_fresh_start(self.run_dir, self.cfg.checkpoint.force_new_run)
-            except (SatfuseError, OSError) as exc:
-                error = str(exc) if isinstance(exc, SatfuseError) else str(
-                    write_error(exc, self.run_dir, 4096, "claiming the run_dir (its lease file)"))
-                if self.lease is not None:
-                    self.lease.release()  # deletes the lease only if it is ours
-                self.lease = None
-        error = broadcast_object(error)
-        if error:
-            raise SatfuseError(error)
-        if self.lease is not None:
-            self.lease.start_heartbeat()
+        return self.nan.decide_skip(self.step + 1, bool(any_bad), bad)
 
     def fit(self) -> TrainResult:
-        self.claim_run_dir()
+        self.lease = claim_run_dir(
+            self.run_dir, self.env.rank == 0, self.cfg.train.lease_timeout_s,
+            str(self.cfg.checkpoint.resume).strip().lower() in ("none", "", "false"),
+            self.cfg.checkpoint.force_new_run, broadcast_object)
         try:
             return self._fit()
         finally:
@@ -354,8 +214,6 @@ class Trainer:
         last: dict[str, float] = {"loss": math.nan}
         pending: dict[str, Any] | None = None  # the latest step's numbers, still on the device
         t0, seen = time.perf_counter(), 0
-        # pairs per optimizer step: every trainer step is one, over `accumulation` micro-batches
-        global_batch = cfg.data.batch_size * self.env.world_size * self.engine.accumulation
         status = "completed"
         try:
             while self.step < total:
@@ -371,33 +229,35 @@ class Trainer:
                 for i, batch in enumerate(batches):  # micro-batches of one optimizer step
                     new_epoch = int(batch.get("epoch", self.epoch))
                     if new_epoch != self.epoch:
-                        skipped = self.skipped()
+                        skipped = self.skipped.count()
                         log.info("epoch %d done at step %d: %d samples skipped so far", self.epoch, self.step, skipped)
                         metrics_log.write({"step": self.step, "epoch_done": self.epoch, "skipped_samples": skipped})
-                        self.check_skipped(skipped)
+                        self.skipped.check(skipped, self.step)
                     self.epoch = new_epoch
+                    self.nan.remember(self.step + 1, batch)
                     pending = self.train_step(batch, metrics=log_step and i == len(batches) - 1)
+                    self.nan.observe(self.step + 1, pending["loss"])
                 self.step += 1
-                seen += global_batch
+                seen += self.global_batch
                 bar.update(1)
-                if self.step % cfg.train.log_every == 0 or self.step == total:
-                    self.check_finite()
+                if log_step:
+                    self.nan.check(self.step)
                     last = read_metrics(pending)  # the host reads the step's numbers only here
                     last["data_wait_s"] = t_step - t_wait
-                    sinks.scalars(self.step, step_scalars(last, step_lr, global_batch,
+                    sinks.scalars(self.step, step_scalars(last, step_lr, self.global_batch,
                                                           time.perf_counter() - t_wait))
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    skipped = self.skipped()
+                    skipped = self.skipped.count()
                     record = {"step": self.step, "epoch": self.epoch, "lr": step_lr,
                               "pairs_per_s": rate, "skipped_samples": skipped, **last}
                     if cfg.train.nan_policy == "skip":
-                        record["skipped_steps"] = self.skipped_steps
+                        record["skipped_steps"] = self.nan.skipped_steps
                     metrics_log.write(record)
                     log.info("step %d/%d loss %.4f top1 %.3f lr %.2e %.1f pairs/s", self.step, total,
                              last["loss"], last.get("retrieval_top1", float("nan")), record["lr"], rate)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last.get('retrieval_top1', 0):.2f}")
                     t0, seen = time.perf_counter(), 0
-                    self.check_skipped(skipped)
+                    self.skipped.check(skipped, self.step)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
                     self.log_retrieval(metrics_log, sinks)
                 # the step's one flag reduction: already done inside the step under nan_policy=skip
@@ -406,7 +266,7 @@ class Trainer:
                         else stop.should_stop(control_group())):  # gloo on NCCL jobs: no GPU sync
                     status = "stopped" if stop.terminate else "preempted"
                     break
-                self.save()  # the checkpointer decides whether this step is due
+                self.save()  # the engine decides whether this step is due
             self.save(last_step=True)
             self.engine.wait()
             if status == "preempted" and stop.exit_code == STOP_EXIT_CODE:  # scancel during the save wins
@@ -419,9 +279,9 @@ class Trainer:
             last = read_metrics(pending)
         if already and status == "completed":
             status = "already_complete"
-        result = TrainResult(status=status, step=self.step, final_loss=last["loss"], skipped_samples=self.skipped(),
-                             skipped_steps=self.skipped_steps)
-        if status == "completed" and cfg.data.val_shards:
+        result = TrainResult(status=status, step=self.step, final_loss=last["loss"],
+                             skipped_samples=self.skipped.count(), skipped_steps=self.nan.skipped_steps)
+        if status == "completed" and self.heldout is not None:
             result.retrieval_top1, result.retrieval_chance = self.log_retrieval(metrics_log, sinks)
         metrics_log.close()
         sinks.close()
@@ -433,40 +293,11 @@ class Trainer:
                         "exiting with %d (stopped: satfuse does not requeue it)", self.step, STOP_EXIT_CODE)
         return result
 
-    # ---------------------------------------------------------------- evaluation
     def log_retrieval(self, metrics_log: MetricsLog, sinks: MetricSinks) -> tuple[float | None, float | None]:
         """Held-out retrieval now (every `train.eval_every` steps and at the end), logged."""
-        top1, chance = self.evaluate_retrieval()
+        top1, chance = self.heldout.evaluate(self.module, self.cfg.model.method, self.device, self.engine.autocast)
         metrics_log.write({"step": self.step, "heldout_retrieval_top1": top1, "heldout_retrieval_chance": chance})
         sinks.scalars(self.step, {"heldout/retrieval_top1": top1, "heldout/retrieval_chance": chance})
-        return top1, chance
-
-    @torch.no_grad()
-    def evaluate_retrieval(self) -> tuple[float | None, float | None]:
-        """S1 -> S2 top-1 retrieval over the whole held-out set (chance = 1 / N)."""
-        cfg = self.cfg
-        method = method_class(cfg.model.method)
-        if not method.cross_modal:
-            log.info("held-out retrieval is S1 -> S2: not defined for single-modality %s", method.method)
-            return None, None
-        # held-out pairs are normalised with the *training* statistics, as the model saw them
-        shards = dataclasses.replace(resolve_shards(cfg.data.val_shards), stats=self.shards.stats)
-        loader = EvalLoader(shards, cfg.data, rank=self.env.rank, world_size=self.env.world_size,
-                            batch_size=cfg.data.batch_size, crop=cfg.data.crop)
-        self.module.eval()
-        za, zb = [], []
-        for batch in loader:
-            mask = batch["mask"].bool()
-            batch = to_device(batch, self.device)
-            with self.engine.autocast():
-                a, b = method.heldout_pair(self.module(batch))
-            za.append(a.float().cpu()[mask])
-            zb.append(b.float().cpu()[mask])
-        a, b = torch.cat(za), torch.cat(zb)
-        n = all_reduce_sum(torch.tensor([a.shape[0]], dtype=torch.long))
-        top1 = retrieval_accuracy(a, b)
-        chance = 1.0 / max(1, int(n))
-        log.info("held-out S1->S2 retrieval top-1: %.3f (chance %.4f, n=%d)", top1, chance, int(n))
         return top1, chance
 
 

@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from torch.utils.cpp_extension import get_default_build_root
+
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -39,9 +42,6 @@ def extensions_root() -> Path:
     env = os.environ.get("TORCH_EXTENSIONS_DIR")
     if env:
         return Path(env)
-    import torch
-    from torch.utils.cpp_extension import get_default_build_root
-
     accel = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip
              else f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
     return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{accel}"
@@ -73,7 +73,7 @@ def check_build_locks(max_age_s: float = STALE_LOCK_S, root: Path | None = None)
 def warm_ops(names: tuple[str, ...] = CPU_OPS) -> dict[str, float]:
     """Build/load each op and return the seconds it took (near 0 when already cached)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # optional: deepspeed
 
     accel = get_accelerator()
     timings: dict[str, float] = {}

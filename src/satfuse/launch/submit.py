@@ -23,7 +23,8 @@ from satfuse.launch import cluster, jobs
 from satfuse.launch.cluster import ClusterProfile
 from satfuse.launch.outcomes import read_outcome, recorded
 from satfuse.launch.task import DEFAULT_ENTRY, PretrainTask, ShardPart, merge_shards
-from satfuse.resources import require_deepspeed, resolve_config
+from satfuse.registry import ENGINES
+from satfuse.resources import resolve_config
 from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError
 
@@ -117,8 +118,7 @@ def submit_pretrain(config: str | None, overrides: list[str], profile: ClusterPr
     """Queue one job of `profile.nodes x tasks` tasks, each running `PretrainTask`."""
     cfg = load_config(PretrainConfig, config, overrides)  # a bad config fails here, not in the queue
     validate_pretrain(cfg)  # ranges too
-    if cfg.train.engine == "deepspeed":
-        require_deepspeed(config or "command line")
+    ENGINES.get(cfg.train.engine).check_installed(config or "command line")
     run_dir = Path(cfg.train.run_dir).resolve()
     # the job's working directory may differ: pin the run dir to an absolute path
     overrides = [o for o in overrides if not o.startswith("train.run_dir=")] + [f"train.run_dir={run_dir}"]
