@@ -23,6 +23,7 @@ from pathlib import Path
 
 from satfuse.checkpoint.layout import read_latest
 from satfuse.config import load_config
+from satfuse.engines.commands import launch_local
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger("satfuse.demo")
@@ -126,8 +127,6 @@ def make_shards(cfg: DemoConfig, out: Path) -> None:
 
 
 def pretrain(cfg: DemoConfig, out: Path) -> Path:
-    from satfuse.engines.commands import launch_local  # lazy: --help stays fast
-
     run_dir = out / "runs" / "pretrain"
     overrides = [f"data.shards={out / 'shards' / 'sen12ms'}",
                  f"data.val_shards={out / 'shards' / 'sen12ms-heldout'}",
