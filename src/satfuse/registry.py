@@ -148,4 +148,4 @@ METHODS: Registry = Registry("pretraining method", ("satfuse.models.methods",), 
 DATASETS: Registry = Registry("dataset", ("satfuse.data.layout", "satfuse.data.band_scan"), "--dataset")
 BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.finetune",), "finetune benchmark")
 ENGINES: Registry = Registry("engine", ("satfuse.engines.setup",), "train.engine")
-CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.protocol",), "checkpoint kind")
+CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.manager", "satfuse.checkpoint.deepspeed_backend"), "checkpoint kind (meta.json)")

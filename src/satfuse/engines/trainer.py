@@ -162,7 +162,7 @@ class Trainer:
     def save(self, last_step: bool = False) -> Path | None:
         """Save the current step when the checkpointer's cadence says so (`due`: every
         checkpoint.every_steps, and the last step unless just saved); None when not due."""
-        if not self.engine.ckpt.due(self.step, last_step=last_step):
+        if not self.engine.checkpoint_due(self.step, last_step=last_step):
             return None
         if self.lease is not None:
             self.lease.check()  # a run that lost its lease must not commit a checkpoint
@@ -172,16 +172,16 @@ class Trainer:
         return path
 
     def resume(self) -> None:
-        path = self.engine.find_resume(self.cfg.checkpoint.resume)
+        path = self.engine.find_resume(self.cfg.checkpoint.resume_spec)
         if path is None:
-            if self.env.rank == 0 and str(self.cfg.checkpoint.resume).strip().lower() == "auto":
+            if self.env.rank == 0 and self.cfg.checkpoint.resume_spec.kind == "auto":
                 # an earlier run that died before its first checkpoint: its metrics would mix
                 # with this run's (steps 1.. twice), so its files go to previous-<time>/
                 prepare_fresh_start(self.run_dir, force=True)
             return
         self._check_checkpoint_bands(path)  # before loading: a band mismatch is a shape error there
         rank_states, meta = self.engine.load(path)
-        path = self.engine.ckpt.loaded_path or path  # an older one if `path` proved damaged while loading
+        path = self.engine.resumed_from or path  # an older one if `path` proved damaged while loading
         same_world = len(rank_states) == self.env.world_size
         mine = rank_states[self.env.rank] if same_world else rank_states[0]
         changed = config_changes(meta.get("config") or {}, to_dict(self.cfg))
@@ -305,7 +305,7 @@ class Trainer:
                 check_run_dir_kind(self.run_dir, PRETRAIN_RUN, "use another train.run_dir (a new or empty directory)")
                 self.lease = RunLease(self.run_dir, timeout_s=self.cfg.train.lease_timeout_s)
                 self.lease.acquire()
-                if str(self.cfg.checkpoint.resume).strip().lower() in ("none", "", "false"):
+                if self.cfg.checkpoint.resume_spec.kind == "none":
                     prepare_fresh_start(self.run_dir, self.cfg.checkpoint.force_new_run)
             except (SatfuseError, OSError) as exc:
                 error = str(exc) if isinstance(exc, SatfuseError) else str(
