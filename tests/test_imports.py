@@ -16,20 +16,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "satfuse"
 REASONS = ("# lazy:", "# optional:")
 
-# Files other engineers are cleaning up at the same time (issue 26 item 7): their function-level
-# imports may still lack a reason here. The lead empties this set once the branches are merged;
-# a file listed here that is already clean fails the test, so the set only ever shrinks.
-PENDING: set[str] = {
-    # s3ckpt (checkpoint/)
-    "satfuse/checkpoint/commands.py", "satfuse/checkpoint/deepspeed_backend.py",
-    "satfuse/checkpoint/deepspeed_export.py", "satfuse/checkpoint/export.py",
-    "satfuse/checkpoint/formats.py", "satfuse/checkpoint/protocol.py",
-    "satfuse/checkpoint/trust.py",
-}
-# Import cycles among those files, as `cycles()` reports them; the same rule: emptied after the
-# merge, and a listed cycle that is gone fails the test.
-PENDING_CYCLES: list[list[str]] = [
-]
 
 
 def module_name(path: Path) -> str:
@@ -140,8 +126,7 @@ def test_every_function_level_import_says_why() -> None:
         planted.unlink(missing_ok=True)
     bad = {p.relative_to(SRC).as_posix(): unexplained(p) for p in sorted(PACKAGE.rglob("*.py"))}
     bad = {path: lines for path, lines in bad.items() if lines}
-    assert sorted(PENDING - set(bad)) == [], "clean now: remove these from PENDING"
-    assert {path: lines for path, lines in bad.items() if path not in PENDING} == {}, (
+    assert bad == {}, (
         "an import inside a function needs `# lazy: <why>` (it keeps `satfuse --help` fast or the "
         "launcher side torch-free) or `# optional: <dependency>`; otherwise import it at the top")
 
@@ -153,5 +138,4 @@ def test_satfuse_modules_import_each_other_without_a_cycle() -> None:
     assert "satfuse.resources" in graph["satfuse.config"]  # the graph sees top-level imports ...
     assert "satfuse.distributed.collectives" in graph["satfuse.distributed.env"]  # ... and function-level ones
     found = cycles(graph)
-    assert [c for c in PENDING_CYCLES if c not in found] == [], "gone now: remove from PENDING_CYCLES"
-    assert [c for c in found if c not in PENDING_CYCLES] == [], "break the cycle: move the shared piece below both modules"
+    assert found == [], "break the cycle: move the shared piece below both modules"

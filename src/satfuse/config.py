@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from satfuse.checkpoint.resolve import ResumeSpec, parse_resume
 from satfuse.registry import BACKBONES, ENGINES, METHODS
 from satfuse.resources import SCHEMA_KINDS, resolve_config
 from satfuse.utils import ConfigError, atomic_write_text, file_in_the_way
@@ -137,10 +138,16 @@ class CheckpointConfig:
     keep_last: int = 3  # newest complete checkpoints kept
     keep_every: int = 0  # additionally keep every Nth step (0 = none)
     async_save: bool = False  # DDP: write in the background while training goes on
-    resume: str = "auto"  # auto (newest complete in run_dir) | none | PATH
+    resume: str = "auto"  # auto (newest complete in run_dir) | none | latest | step_XXXXXXXX or N | PATH
     trust_checkpoint: bool = False  # load checkpoint files that are not plain data (may run their code)
     # resume=none on a used run_dir: move the old run to run_dir/previous-<time>/ (else refuse)
     force_new_run: bool = False  # start afresh in a used run_dir, keeping the old run aside
+
+    @property
+    def resume_spec(self) -> ResumeSpec:
+        """`resume`, parsed once into its typed value (`satfuse.checkpoint.resolve`): what
+        every reader of the setting compares, instead of lower-cased strings of its own."""
+        return parse_resume(self.resume)
 
 
 @dataclass
@@ -407,7 +414,7 @@ def validate_pretrain(cfg: Any) -> None:
             raise ConfigError(f"config: {key}={value!r} is out of range: it must be {bound}{extra}")
     if any(not 0 <= b < 1 for b in cfg.optim.betas) or len(cfg.optim.betas) != 2:
         raise ConfigError(f"config: optim.betas={cfg.optim.betas!r}: give two numbers in [0, 1), e.g. [0.9, 0.999]")
-    if cfg.checkpoint.force_new_run and str(cfg.checkpoint.resume).strip().lower() != "none":
+    if cfg.checkpoint.force_new_run and cfg.checkpoint.resume_spec.kind != "none":
         raise ConfigError(f"config: checkpoint.force_new_run=true needs checkpoint.resume=none (got "
                           f"{cfg.checkpoint.resume!r}): it is for a fresh start in a used run_dir")
     if cfg.train.eval_every and not cfg.data.val_shards:

@@ -154,4 +154,4 @@ METHODS: Registry = Registry("pretraining method", ("satfuse.models.methods",), 
 DATASETS: Registry = Registry("dataset", ("satfuse.data.sources.catalog",), "--dataset")
 BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.dfc2020",), "data.benchmark")
 ENGINES: Registry = Registry("engine", ("satfuse.engines.kinds",), "train.engine")
-CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.protocol",), "checkpoint kind")
+CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.manager", "satfuse.checkpoint.deepspeed_backend"), "checkpoint kind (meta.json)")

@@ -18,7 +18,7 @@ def test_resolve_checkpoint_paths(tmp_path: Path) -> None:
     assert resolve_checkpoint(step.parent / "latest") == step
     lone = tmp_path / "elsewhere"
     lone.mkdir()
-    assert resolve_checkpoint(lone) == lone  # nothing to resolve: detect_kind reports it
+    assert resolve_checkpoint(lone) == lone  # nothing to resolve: backend_of reports it
 
 
 def test_export_never_replaces_a_file_unasked_nor_writes_among_checkpoints(tmp_path: Path) -> None:

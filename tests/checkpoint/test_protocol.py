@@ -12,6 +12,7 @@ from torch import nn
 from satfuse.checkpoint.layout import checkpoint_problems, rank_file, read_latest, read_meta
 from satfuse.checkpoint.manager import CheckpointManager
 from satfuse.checkpoint.protocol import CommitProtocol, rank
+from satfuse.checkpoint.resolve import parse_resume
 from satfuse.checkpoint.state import ModelOptimState, write_rank_state
 from satfuse.config import CheckpointConfig
 from satfuse.utils import SatfuseError
@@ -87,3 +88,20 @@ def test_checkpoint_modules_import_each_other_without_a_cycle() -> None:
         return False
 
     assert [m for m in graph if reaches(m, m, {m})] == []
+
+
+def test_the_protocol_names_no_backend_file_and_resume_is_parsed_once() -> None:
+    """The seam: the protocol's modules name no backend's files or kinds (backends report
+    theirs), and `checkpoint.resume` has one parser that every reader uses."""
+    for name in ("protocol.py", "layout.py", "resolve.py", "backend.py"):
+        text = (SRC / "checkpoint" / name).read_text()
+        leaks = [w for w in (".distcp", "DCP_METADATA", '".metadata"', "model_states", "zero_pp_rank",
+                             '"dcp"', '"deepspeed"') if w in text and not (name == "layout.py" and w == '"dcp"')]
+        assert leaks == [], name  # layout's LEGACY_KIND (meta.json without a kind) is the one "dcp"
+    values = ["auto", " None ", "", "false", "latest", "step_00000100", "100", "runs/a/checkpoints/step_00000100", None]
+    assert [parse_resume(v).kind for v in values] == [
+        "auto", "none", "none", "none", "latest", "step", "step", "path", "none"]
+    assert parse_resume("step_00000100").step == 100 == parse_resume("100").step
+    assert parse_resume("runs/a").path == Path("runs/a") and CheckpointConfig(resume="False").resume_spec.kind == "none"
+    for reader in (SRC / "engines" / "trainer.py", SRC / "config.py", SRC / "engines" / "commands.py"):
+        assert "resume).strip()" not in reader.read_text() and '.strip() != "none"' not in reader.read_text()

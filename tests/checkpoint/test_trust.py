@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from satfuse.checkpoint import commands
-from satfuse.checkpoint.layout import DCP_METADATA, META_NAME
+from satfuse.checkpoint.dcp_storage import DCP_METADATA
+from satfuse.checkpoint.layout import META_NAME
 from satfuse.checkpoint.state import load_rank_state
 from satfuse.checkpoint.trust import TRUST_FLAG, read_dcp_metadata
 from satfuse.evaluation.pretrained import load_pretrained

@@ -16,7 +16,6 @@ from typing import Any
 
 from satfuse.checkpoint.layout import (
     CKPT_SUBDIR,
-    DCP_METADATA,
     LATEST,
     META_NAME,
     STEP_RE,
@@ -28,7 +27,10 @@ from satfuse.checkpoint.layout import (
     list_partial,
     parse_step,
     read_latest,
+    recorded_kind,
 )
+from satfuse.checkpoint.resolve import resolve_checkpoint
+from satfuse.registry import CHECKPOINT_BACKENDS
 from satfuse.utils import SatfuseError
 
 TRUST_HELP = ("read checkpoint files that are not plain data (they may run code when loaded); "
@@ -111,8 +113,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from satfuse.checkpoint.export import resolve_checkpoint
-
     path: Path = resolve_checkpoint(args.path)  # the same forms `ckpt export` takes
     if not path.exists():
         raise SatfuseError(f"{path}: not found; list checkpoints with `satfuse ckpt ls RUN_DIR`")
@@ -145,18 +145,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
-def _rank_summaries(path: Path, meta: dict[str, Any], trust: bool, problems: list[str]) -> list[dict[str, Any]]:
+def _rank_summaries(path: Path, meta: dict[str, Any], trusted: bool, problems: list[str]) -> list[dict[str, Any]]:
     """Step and loader position of every rank file, each read as data only (a file that is
-    not, and DeepSpeed files holding more than DeepSpeed's inert records, become a problem
+    not, and backend files its backend refuses (`CheckpointBackend.check_files`: DeepSpeed
+    files holding more than DeepSpeed's inert records), become a problem
     naming the file: inspecting a checkpoint never runs code from it without --trust-checkpoint)."""
-    from satfuse.checkpoint.trust import check_deepspeed_files, load_rank_files
+    from satfuse.checkpoint import trust  # lazy: --help stays torch-free
 
     if not meta or problems:  # a damaged checkpoint is reported as such, its files not read
         return []
     try:
-        if meta.get("kind") == "deepspeed":
-            check_deepspeed_files(path, trust)
-        states = load_rank_files(path, int(meta.get("world_size") or 0), trust)
+        kind = recorded_kind(meta)
+        if kind in CHECKPOINT_BACKENDS:
+            CHECKPOINT_BACKENDS.get(kind).check_files(path, trusted)
+        states = trust.load_rank_files(path, int(meta.get("world_size") or 0), trusted)
     except SatfuseError as exc:
         problems.append(str(exc))
         return []
@@ -177,8 +179,10 @@ def _refuse_non_checkpoint(path: Path) -> None:
     files: say so, instead of reporting a save that "never finished" where none began (e.g.
     a run dir with no checkpoint yet)."""
     name = path.name.removeprefix(TMP_PREFIX)
-    if not path.is_dir() or STEP_RE.match(name) or (path / META_NAME).exists() or (path / DCP_METADATA).exists():
+    if not path.is_dir() or STEP_RE.match(name) or (path / META_NAME).exists():
         return
+    if any(backend.claims(path) for _, backend in CHECKPOINT_BACKENDS.items()):
+        return  # written without satfuse: inspect names what it lacks
     steps = sorted(f"{folder.name}/{d.name}" if folder != path else d.name
                    for folder in (path / CKPT_SUBDIR, path) if folder.is_dir()
                    for d in folder.iterdir() if STEP_RE.match(d.name))
@@ -203,7 +207,7 @@ def _resolve_builder(spec: str) -> Any:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from satfuse.checkpoint.formats import export
+    from satfuse.checkpoint.formats import export  # lazy: --help stays torch-free
 
     summary = export(args.path, args.out, getattr(args, "format", "satfuse"),
                      builder=_resolve_builder(args.builder), trust=args.trust_checkpoint,

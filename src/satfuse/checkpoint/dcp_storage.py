@@ -42,6 +42,8 @@ from satfuse.models.legacy import upgrade_metadata
 
 log = logging.getLogger(__name__)
 
+DCP_METADATA = ".metadata"  # DCP's index of a checkpoint, written by the coordinator rank (0)
+
 
 class Crc32File:
     """One output file that counts its bytes and crc32s them on the way out.

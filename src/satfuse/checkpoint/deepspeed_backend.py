@@ -1,27 +1,38 @@
 """The DeepSpeed checkpoint backend: DeepSpeed's own sharded `save_checkpoint` /
 `load_checkpoint` inside satfuse's commit protocol (`satfuse.checkpoint.protocol`), using only
 its public API, plus the conversion to DeepSpeed's universal format when the world size or
-ZeRO layout changed. DeepSpeed itself is imported by the engine (`engines/deepspeed_engine.py`),
+ZeRO layout changed; registered as checkpoint kind "deepspeed" (`satfuse.checkpoint.backend`
+is the contract). DeepSpeed itself is imported by the engine (`engines/deepspeed_engine.py`),
 never here.
+
+Each rank hashes the files it wrote: its own optimizer shard(s), and on rank 0 the model
+states and whatever else DeepSpeed writes once per checkpoint (`written_by`), so no rank reads
+another rank's shards back.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
+from torch import nn
 
-from satfuse.checkpoint.layout import rank_file, read_meta
-from satfuse.checkpoint.protocol import CommitProtocol, broadcast, remove_tree
+from satfuse.checkpoint.backend import Builder, CheckpointBackend
+from satfuse.checkpoint.deepspeed_export import (
+    MODEL_STATES,
+    load_deepspeed_model,
+    partitioned_files,
+)
+from satfuse.checkpoint.layout import RANK_FILE_RE, rank_file, read_meta
+from satfuse.checkpoint.protocol import remove_tree
 from satfuse.checkpoint.state import (
     MISMATCH_FIX,
-    ModelOptimState,
     fingerprint,
     load_rank_state,
     write_rank_state,
@@ -34,6 +45,9 @@ from satfuse.checkpoint.trust import (
     refusal,
     unpickling_cause,
 )
+from satfuse.diskspace import free_bytes, is_no_space
+from satfuse.distributed.collectives import barrier, broadcast_object, rank, world
+from satfuse.registry import CHECKPOINT_BACKENDS
 from satfuse.utils import SatfuseError
 
 if TYPE_CHECKING:
@@ -41,12 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's model file (stage 0 weights, buffers)
-
-
-def partitioned_files(ckpt: Path) -> list[Path]:
-    """DeepSpeed's per-DP-rank optimizer shards (ZeRO 1/2, or bf16 at stage 0)."""
-    return sorted(Path(ckpt).glob("*zero_pp_rank_*_optim_states.pt"))
+# DeepSpeed's per-rank optimizer shard names: `[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`
+_SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
 def _fsync_files(paths: list[Path]) -> None:
@@ -60,11 +70,20 @@ def _fsync_files(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def _files_written_by(tmp: Path, rank: int) -> list[Path]:
-    mine = list(tmp.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
-    if rank == 0:
-        mine += list(tmp.glob("mp_rank_*_model_states.pt"))
-    return mine
+def written_by(tmp: Path, me: int) -> list[Path]:
+    """The DeepSpeed files rank `me` wrote into `tmp` (after `save_checkpoint`, which ends with
+    a barrier, so every rank's files exist): its optimizer shard(s); rank 0 also every file
+    DeepSpeed writes once (model states, the recovery scripts), i.e. all that is neither a
+    shard nor a rank file. Nothing of another rank is listed, so nothing of it is read here."""
+    mine = []
+    for p in tmp.iterdir():
+        shard = _SHARD_RE.search(p.name)
+        if shard is not None:
+            if int(shard.group(1)) == me:
+                mine.append(p)
+        elif me == 0 and p.is_file() and not RANK_FILE_RE.match(p.name):
+            mine.append(p)
+    return sorted(mine)
 
 
 # Runs DeepSpeed's converter with every torch.load weights-only (DeepSpeed's inert classes
@@ -101,7 +120,8 @@ def convert_to_universal(src: Path, out: Path, timeout_s: int = 1800, trust: boo
         )
 
 
-class DeepSpeedCheckpointManager(CommitProtocol):
+@CHECKPOINT_BACKENDS.register("deepspeed")
+class DeepSpeedCheckpointManager(CheckpointBackend):
     """Save/find/load DeepSpeed checkpoints with the DCP backend's guarantees and layout.
 
     `run_dir/checkpoints/step_XXXXXXXX/` holds DeepSpeed's files (`mp_rank_00_model_states.pt`,
@@ -118,6 +138,7 @@ class DeepSpeedCheckpointManager(CommitProtocol):
     """
 
     kind = "deepspeed"
+    label = "DeepSpeed"
 
     def __init__(self, run_dir: Path, engine: Any, keep_last: int = 3, keep_every: int = 0,
                  timeout_s: float = 1800.0, trust: bool = False, every_steps: int = 0) -> None:
@@ -126,43 +147,63 @@ class DeepSpeedCheckpointManager(CommitProtocol):
         self.engine = engine
 
     @classmethod
-    def from_config(cls, run_dir: Path, engine: Any, section: CheckpointConfig,
-                    timeout_s: float) -> DeepSpeedCheckpointManager:
-        """The manager of the `checkpoint` config section."""
-        return cls(run_dir, engine, **cls.config_kwargs(section, timeout_s))
+    def from_config(cls, run_dir: Path, section: CheckpointConfig, timeout_s: float,
+                    **engine: Any) -> DeepSpeedCheckpointManager:
+        """The manager of the `checkpoint` config section; `engine=` the DeepSpeedEngine."""
+        return cls(run_dir, engine["engine"], **cls.config_kwargs(section, timeout_s))
 
-    def _model_state(self) -> dict[str, Any]:
-        return {"model": ModelOptimState(self.engine.module)}
+    @classmethod
+    def required_files(cls, meta: dict[str, Any]) -> list[str]:
+        """DeepSpeed's model states (every stage writes them; ZeRO shards are listed per rank)."""
+        return [MODEL_STATES]
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        """A DeepSpeed tag directory: it holds `*model_states.pt`."""
+        return any(Path(path).glob("*model_states.pt"))
+
+    @classmethod
+    def load_model(cls, ckpt_dir: Path, builder: Builder, trust: bool = False
+                   ) -> tuple[nn.Module, dict[str, Any]]:
+        """`deepspeed_export.load_deepspeed_model`: consolidated fp32 weights, one process."""
+        return load_deepspeed_model(ckpt_dir, builder, trust)
+
+    @classmethod
+    def check_files(cls, ckpt_dir: Path, trust: bool = False) -> None:
+        """`trust.check_deepspeed_files`: DeepSpeed's files hold only its inert records."""
+        check_deepspeed_files(Path(ckpt_dir), trust)
 
     # ---------------------------------------------------------------- save
-    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        me = dist.get_rank()
-        staged = self.begin(step, meta, *fingerprint(self._model_state()),
-                            deepspeed=self.engine.describe())
+    def save(self, step: int, app_state: dict[str, Any], rank_state: dict[str, Any],
+             meta: dict[str, Any]) -> Path:
+        """DeepSpeed's `save_checkpoint` of the engine's model and optimizer (`app_state`
+        gives the fingerprint: the same model) into the protocol's temp directory."""
+        me = rank()
+        staged = self.begin(step, meta, *fingerprint(app_state), deepspeed=self.engine.describe())
         local_error = None
+        written: dict[str, dict[str, Any] | None] = {}
         try:
-            write_rank_state(staged.tmp / rank_file(me), rank_state)
+            written[rank_file(me)] = write_rank_state(staged.tmp / rank_file(me), rank_state)
             self.engine.model.save_checkpoint(str(self.ckpt_dir), tag=staged.tmp.name, save_latest=False)
-            _fsync_files(_files_written_by(staged.tmp, me))
+            mine = written_by(staged.tmp, me)
+            _fsync_files(mine)
+            written.update((p.name, None) for p in mine)  # hashed by this rank in `finish`
         except (OSError, RuntimeError) as exc:
             local_error = f"rank {me}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            from satfuse.diskspace import free_bytes, is_no_space
-
             # torch.save on a full disk says only "unexpected pos 128 vs 0": ask the disk
             if is_no_space(exc) or free_bytes(staged.tmp) < max(self.needed_estimate(), 1 << 20):
                 local_error = f"rank {me}: No space left on device (DeepSpeed: {local_error.split(': ', 1)[1]})"
-        return self.finish(staged, local_error)
+        return self.finish(staged, local_error, written)
 
     # ---------------------------------------------------------------- load
-    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def load(self, path: Path, app_state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """DeepSpeed's `load_checkpoint` into the engine (directly, or through a universal
+        checkpoint when the world size or ZeRO layout changed); `app_state` gives the
+        fingerprint the checkpoint must match."""
         path = self.verify(Path(path))
         meta = read_meta(path)
-        if meta.get("kind") != "deepspeed":
-            raise SatfuseError(
-                f"{path}: written by the {meta.get('kind', 'dcp')} engine, not DeepSpeed; resume "
-                "it with train.engine=ddp, or start a new run_dir"
-            )
-        self.check_model(path, meta, fingerprint(self._model_state())[0])
+        self.check_kind(path, meta)
+        self.check_model(path, meta, fingerprint(app_state)[0])
         check_deepspeed_files(path, self.trust)  # names a refused file on every rank
         universal = self._needs_universal(path, meta)
         if universal:
@@ -170,6 +211,7 @@ class DeepSpeedCheckpointManager(CommitProtocol):
         else:
             self._load_ds(path.parent, path.name)
         states = [load_rank_state(path / rank_file(r), self.trust) for r in range(int(meta["world_size"]))]
+        self.loaded_path = path
         log.info("loaded %s (step %s, saved by %s ranks%s)", path, meta.get("step"),
                  meta["world_size"], ", via a universal checkpoint" if universal else "")
         return states, meta
@@ -189,7 +231,7 @@ class DeepSpeedCheckpointManager(CommitProtocol):
             )
         if not saved_partitioned:
             return False  # stage 0 fp32/fp16: replicated state, any world size loads it
-        same = (int(meta["world_size"]) == dist.get_world_size()
+        same = (int(meta["world_size"]) == world()
                 and saved.get("zero_stage") == self.engine.zero_stage
                 and saved.get("precision") == self.cfg_precision)
         return not same
@@ -234,14 +276,14 @@ class DeepSpeedCheckpointManager(CommitProtocol):
         group = self.group()
         out = self.ckpt_dir / f".universal-{path.name}"
         error = None
-        if dist.get_rank() == 0:
+        if rank() == 0:
             log.info("converting %s (world size %s) to a universal checkpoint for world size %d",
-                     path, meta["world_size"], dist.get_world_size())
+                     path, meta["world_size"], world())
             try:
                 convert_to_universal(path, out, trust=self.trust)
             except (SatfuseError, OSError, TimeoutError) as exc:
                 error = str(exc)
-        error = broadcast(error, group)
+        error = broadcast_object(error, group)
         if error:
             raise SatfuseError(error)
         cfg = self.engine.model._config
@@ -251,8 +293,8 @@ class DeepSpeedCheckpointManager(CommitProtocol):
             self._restore_buffers(path)
         finally:
             cfg.load_universal_checkpoint = False
-            dist.barrier(group=group)
-            if dist.get_rank() == 0:
+            barrier(group)
+            if rank() == 0:
                 remove_tree(out)
                 # ds_to_universal also points `latest_universal` at its output: not ours to keep
                 (self.ckpt_dir / "latest_universal").unlink(missing_ok=True)

@@ -8,9 +8,12 @@ flat per-rank partitions; only stage 0 fp32 keeps usable fp32 weights in
 drops tied weights (DeepSpeed #1896), which satfuse's models do not have, and the strict
 `load_state_dict` below would catch any missing key.
 
-The output format is `satfuse.checkpoint.export`'s (`satfuse-backbones/1`): its
-`LOADERS["deepspeed"]` imports `load_deepspeed_model` from here (lazily: DeepSpeed takes ~2 s
-to import); this module does not import `export`.
+The output format is `satfuse.checkpoint.export`'s (`satfuse-backbones/1`): the DeepSpeed
+backend's `load_model` (`deepspeed_backend`, checkpoint kind "deepspeed") is
+`load_deepspeed_model`; DeepSpeed itself is imported only when partitioned shards are merged
+(it takes ~2 s). This module also names DeepSpeed's files (`MODEL_STATES`,
+`partitioned_files`), which the backend imports from here; it imports neither the backend nor
+`export`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from satfuse.checkpoint.deepspeed_backend import MODEL_STATES, partitioned_files
 from satfuse.checkpoint.layout import checkpoint_problems, read_meta
 from satfuse.checkpoint.state import MISMATCH_FIX, fingerprint_diff
 from satfuse.checkpoint.trust import (
@@ -40,6 +42,12 @@ from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's model file (stage 0 weights, buffers)
+
+
+def partitioned_files(ckpt: Path) -> list[Path]:
+    """DeepSpeed's per-DP-rank optimizer shards (ZeRO 1/2, or bf16 at stage 0)."""
+    return sorted(Path(ckpt).glob("*zero_pp_rank_*_optim_states.pt"))
 
 
 def fp32_state_dict(ckpt_dir: Path, trust: bool = False) -> dict[str, torch.Tensor]:
@@ -51,10 +59,10 @@ def fp32_state_dict(ckpt_dir: Path, trust: bool = False) -> dict[str, torch.Tens
     check_deepspeed_files(ckpt_dir, trust)
     if partitioned_files(ckpt_dir):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils import zero_to_fp32  # optional: deepspeed
 
         with contextlib.redirect_stdout(io.StringIO()), deepspeed_weights_only(trust):  # it prints per-tensor progress
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+            sd = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
         return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     states = ckpt_dir / MODEL_STATES
     if not states.is_file():
@@ -68,7 +76,7 @@ def fp32_state_dict(ckpt_dir: Path, trust: bool = False) -> dict[str, torch.Tens
 
 def load_deepspeed_model(ckpt_dir: Path, builder: Callable[[dict[str, Any]], nn.Module],
                          trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """`export.LOADERS` entry: verify, build the model from meta.json, load fp32 weights."""
+    """The DeepSpeed backend's exporter (`CheckpointBackend.load_model`): verify, build the model from meta.json, load fp32 weights."""
     ckpt_dir = Path(ckpt_dir)
     problems = checkpoint_problems(ckpt_dir, checksums=True)
     if problems:

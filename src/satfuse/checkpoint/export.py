@@ -5,10 +5,10 @@ the model's size, and needs the DCP reader; a fine-tuning script wants `torch.lo
 weights_only=True)` and a dict of backbone state dicts, plus the normalisation the backbones
 were trained with (torchgeo #4061: silent /255 when it is not stored with the weights).
 
-`load_model` picks a loader by the checkpoint's recorded kind (meta.json "kind", `LOADERS`),
-which returns (model with the checkpoint's weights, meta): DCP here, DeepSpeed in
-`satfuse.checkpoint.deepspeed_export` (imported only for DeepSpeed checkpoints; it does not
-import this module, so there is no import cycle and no registration on import).
+`load_model` picks the exporter of the checkpoint's recorded kind (meta.json "kind") from
+`satfuse.registry.CHECKPOINT_BACKENDS` (`CheckpointBackend.load_model`), which returns (model
+with the checkpoint's weights, meta): the DCP one is `load_dcp_model` here, the DeepSpeed one
+lives in `satfuse.checkpoint.deepspeed_export`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from satfuse.checkpoint.dcp_storage import MmapReader
-from satfuse.checkpoint.layout import (
-    DCP_METADATA,
-    LATEST,
-    META_NAME,
-    checkpoint_problems,
-    latest_target,
-    normalization_path,
-    read_latest,
-    read_meta,
-)
+from satfuse.checkpoint.backend import Builder, backend_of
+from satfuse.checkpoint.dcp_storage import DCP_METADATA, MmapReader
+from satfuse.checkpoint.layout import META_NAME, checkpoint_problems, normalization_path, read_meta
+from satfuse.checkpoint.resolve import resolve_checkpoint
 from satfuse.checkpoint.state import MISMATCH_FIX, fingerprint_diff
 from satfuse.checkpoint.trust import load_rank_files, read_dcp_metadata
+from satfuse.config import ModelConfig, from_dict
+from satfuse.data.format.bands import channels, normalization_bands
+from satfuse.models import build_pretrain_model
 from satfuse.models.legacy import upgrade_fingerprint
 from satfuse.run_layout import CHECKPOINTS
 from satfuse.utils import SatfuseError, atomic_write_bytes, sha256_file
@@ -45,41 +40,20 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "satfuse-backbones/1"
 
-Builder = Callable[[dict[str, Any]], nn.Module]
-# (checkpoint dir, builder, trust) -> (model, meta); trust: --trust-checkpoint (see trust.py)
-Loader = Callable[[Path, Builder, bool], tuple[nn.Module, dict[str, Any]]]
 
 
 def default_builder(meta: dict[str, Any]) -> nn.Module:
     """The pretraining model described by the checkpoint's own config."""
-    from satfuse.config import ModelConfig, from_dict
-    from satfuse.models import build_pretrain_model
-
     cfg = (meta.get("config") or {}).get("model")
     if not isinstance(cfg, dict):
         raise SatfuseError(
             "checkpoint meta.json has no config.model section; it was not written by "
             "`satfuse pretrain`: pass --builder MODULE:FUNCTION that builds the model"
         )
-    from satfuse.data.format.bands import channels, normalization_bands
 
     bands = normalization_bands(meta.get("normalization"))  # the input bands it was trained on
     return build_pretrain_model(from_dict(ModelConfig, cfg, where=META_NAME, prefix="model."),
                                 channels(bands) if bands else None)
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A step directory from what users type: the step dir itself, a `latest` pointer file,
-    a `checkpoints/` dir or a run dir (both: where `latest` points)."""
-    path = Path(path)
-    if path.is_file() and path.name == LATEST:
-        return latest_target(path) or path
-    for run_dir in (path, path.parent):
-        if path.is_dir() and not (path / META_NAME).exists() and not (path / DCP_METADATA).exists():
-            target = read_latest(run_dir)
-            if target is not None:
-                return target
-    return path
 
 
 def weights_identity(path: str | Path) -> str | None:
@@ -128,26 +102,8 @@ def check_export_out(ckpt_dir: Path, outs: list[Path], overwrite: bool = False) 
             raise SatfuseError(f"{out}: exists; pass --overwrite to replace it, or another --out")
 
 
-def detect_kind(ckpt_dir: Path) -> str:
-    """"dcp" or "deepspeed" from what the directory holds."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise SatfuseError(f"{ckpt_dir}: not a checkpoint directory; pass a step_XXXXXXXX directory")
-    if (ckpt_dir / META_NAME).is_file():
-        kind = read_meta(ckpt_dir).get("kind", "dcp")
-        return str(kind)
-    if (ckpt_dir / DCP_METADATA).is_file():
-        return "dcp"
-    if any(ckpt_dir.glob("**/*model_states.pt")):
-        return "deepspeed"
-    raise SatfuseError(
-        f"{ckpt_dir}: neither a satfuse (meta.json) nor a DCP (.metadata) nor a DeepSpeed "
-        "checkpoint; pass a step_XXXXXXXX directory from `satfuse ckpt ls RUN_DIR`"
-    )
-
-
 def load_dcp_model(ckpt_dir: Path, builder: Builder, trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Verify a DCP checkpoint and load its model weights in this one process. Every file is
+    """The DCP backend's exporter (`CheckpointBackend.load_model`). Verify a DCP checkpoint and load its model weights in this one process. Every file is
     read as data (`satfuse.checkpoint.trust`); the rank files are checked although export
     does not need them, so a crafted checkpoint is refused as a whole."""
     problems = checkpoint_problems(ckpt_dir, checksums=True)
@@ -173,25 +129,13 @@ def load_dcp_model(ckpt_dir: Path, builder: Builder, trust: bool = False) -> tup
     return model, meta
 
 
-def _load_deepspeed(ckpt_dir: Path, builder: Builder, trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Imported lazily: DeepSpeed takes ~2 s to import and DCP exports do not need it."""
-    from satfuse.checkpoint.deepspeed_export import load_deepspeed_model
-
-    return load_deepspeed_model(ckpt_dir, builder, trust)
-
-
-LOADERS: dict[str, Loader] = {"dcp": load_dcp_model, "deepspeed": _load_deepspeed}
-
-
 def load_model(ckpt_dir: Path, builder: Builder | None = None, trust: bool = False
                ) -> tuple[nn.Module, dict[str, Any], str]:
-    """(model with the weights of the step directory `ckpt_dir`, meta, kind), by the loader of
-    the checkpoint's recorded kind."""
-    kind = detect_kind(ckpt_dir)
-    if kind not in LOADERS:
-        raise SatfuseError(f"{ckpt_dir}: unknown checkpoint kind {kind!r}; known: {sorted(LOADERS)}")
-    model, meta = LOADERS[kind](ckpt_dir, builder or default_builder, trust)
-    return model, meta, kind
+    """(model with the weights of the step directory `ckpt_dir`, meta, kind), by the exporter
+    of the backend that wrote it (`backend.backend_of`)."""
+    backend = backend_of(ckpt_dir)
+    model, meta = backend.load_model(Path(ckpt_dir), builder or default_builder, trust)
+    return model, meta, backend.kind
 
 
 def export_backbones(ckpt_dir: Path, out: Path, builder: Builder | None = None,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from satfuse.checkpoint import export as export_mod
@@ -101,17 +102,13 @@ def export_safetensors(ckpt_dir: Path, out: Path, builder: export_mod.Builder | 
     """Write `out` (.safetensors, keys `<modality>.<torchvision name>`) with the normalisation
     JSON in its metadata (key "satfuse_normalization") and beside it; an existing one of them is
     replaced only with `overwrite` (`check_export_out`)."""
-    try:
-        from safetensors.torch import save
-    except ImportError:
-        raise SatfuseError("--format safetensors needs the `safetensors` package: pip install safetensors") from None
     out = Path(out)
     export_mod.check_export_out(export_mod.resolve_checkpoint(Path(ckpt_dir)), [out, normalization_path(out)], overwrite)
     sds, doc, summary = plain_backbones(ckpt_dir, builder, trust, "safetensors")
     flat = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
     metadata = {"format": "satfuse-torchvision-backbones/1", "modalities": ",".join(sds),
                 "satfuse_normalization": json.dumps({**doc, "weights": out.name}, default=str)}
-    _write(out, save(flat, metadata=metadata))
+    _write(out, safetensors_bytes(flat, metadata=metadata))
     norm = normalization_path(out)
     _write_json(norm, {**doc, "weights": out.name})
     log.info("exported %s (torchvision names) -> %s", ", ".join(sds), out)

@@ -1,12 +1,17 @@
 """On-disk layout of a satfuse checkpoint, and the checks that decide whether one is good.
 
     run_dir/checkpoints/step_00000100/   one directory per saved step (8 digits)
-        .metadata, __0_0.distcp, ...     torch.distributed.checkpoint files (every rank writes its part)
+        (the backend's files)            what the checkpoint backend of meta.json's "kind"
+                                         wrote (DCP shards, DeepSpeed's files, ...)
         rank_00000.pt, ...               per-rank state that does not reshard (loader position, RNG)
-        meta.json                        written LAST by rank 0: step, world size, model
+        meta.json                        written LAST by rank 0: kind, step, world size, model
                                          fingerprint, every file's size and crc32, "complete": true
     run_dir/checkpoints/.tmp-step_00000100/   the same while being written (never trusted)
     run_dir/checkpoints/latest           text pointer to the newest committed step, updated last
+
+Which backend files a complete checkpoint needs is the backend's to say
+(`CheckpointBackend.required_files`, looked up by the recorded kind in
+`satfuse.registry.CHECKPOINT_BACKENDS`); this module knows no backend's file names.
 
 Why checksums and not only sizes: a flipped byte in a shard keeps its size, and DCP's own
 format has no checksum that anything checks (torch.load ignores the zip records' crc32;
@@ -28,6 +33,7 @@ try:  # ISA-L's crc32: zlib's polynomial and values, ~4x faster (PCLMULQDQ), rel
 except ImportError:  # pragma: no cover - a platform without isal wheels: same values, slower
     from zlib import crc32
 
+from satfuse.registry import CHECKPOINT_BACKENDS
 from satfuse.run_layout import CHECKPOINTS, RunLayout
 from satfuse.utils import SatfuseError
 
@@ -37,8 +43,10 @@ DEL_PREFIX = ".del-"
 LATEST = "latest"
 META_NAME = "meta.json"
 META_FORMAT = "satfuse-ckpt/1"
-DCP_METADATA = ".metadata"
+# meta.json of checkpoints written before the kind was recorded: only DCP existed then
+LEGACY_KIND = "dcp"
 STEP_RE = re.compile(r"^step_(\d{8,})$")
+RANK_FILE_RE = re.compile(r"^rank_\d{5,}\.pt$")  # `rank_file` names
 
 
 def step_name(step: int) -> str:
@@ -152,11 +160,28 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def recorded_kind(meta: dict[str, Any]) -> str:
+    """The checkpoint backend that wrote a checkpoint, from its meta.json."""
+    return str(meta.get("kind") or LEGACY_KIND)
+
+
+def required_files(meta: dict[str, Any]) -> list[str]:
+    """The files a complete checkpoint must list in meta.json: one rank file per saving rank
+    (the protocol's), plus what the backend of its recorded kind requires. A kind no backend
+    claims (a backend of a plugin not loaded, a test's own) adds nothing here: resume and
+    export refuse it by name."""
+    names = [rank_file(r) for r in range(int(meta.get("world_size", 0)))]
+    kind = recorded_kind(meta)
+    if kind in CHECKPOINT_BACKENDS:
+        names += CHECKPOINT_BACKENDS.get(kind).required_files(meta)
+    return names
+
+
 def checkpoint_problems(path: Path, checksums: bool = True) -> list[str]:
     """Everything that makes `path` not a complete, intact checkpoint (empty list: good).
 
-    Checks meta.json, the "complete" mark, one rank file per saving rank, the DCP metadata,
-    and every listed file's size and (if `checksums`) crc32.
+    Checks meta.json, the "complete" mark, the required files (`required_files`), and every
+    listed file's size and (if `checksums`) crc32.
     """
     try:
         meta = read_meta(path)
@@ -166,11 +191,7 @@ def checkpoint_problems(path: Path, checksums: bool = True) -> list[str]:
     if meta.get("complete") is not True:
         problems.append(f"{META_NAME} is not marked complete")
     files: dict[str, dict[str, Any]] = meta.get("files") or {}
-    world = int(meta.get("world_size", 0))
-    required = [rank_file(r) for r in range(world)]
-    if meta.get("kind", "dcp") == "dcp":
-        required.append(DCP_METADATA)
-    for name in required:
+    for name in required_files(meta):
         if name not in files:
             problems.append(f"{name} is not listed in {META_NAME}")
     for name, rec in sorted(files.items()):

@@ -1,6 +1,7 @@
 """The DCP checkpoint backend (DDP runs): `CheckpointManager` writes and reads the model and
 optimizer with torch.distributed.checkpoint through `dcp_storage`, inside the commit protocol
-of `satfuse.checkpoint.protocol` (temp directory, meta.json last, rename, `latest`, prune).
+of `satfuse.checkpoint.protocol` (temp directory, meta.json last, rename, `latest`, prune);
+registered as checkpoint kind "dcp" (`satfuse.checkpoint.backend` is the contract).
 
 - `save()`: every rank writes its part of model/optimizer (DCP) and its own non-reshardable
   state (`rank_XXXXX.pt`: loader position, RNG) into the temp directory; the protocol commits.
@@ -25,20 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from satfuse.checkpoint.dcp_storage import Crc32Writer, MmapReader
-from satfuse.checkpoint.layout import DCP_METADATA, rank_file, read_meta
+from satfuse.checkpoint.backend import Builder, CheckpointBackend
+from satfuse.checkpoint.dcp_storage import DCP_METADATA, Crc32Writer, MmapReader
+from satfuse.checkpoint.export import load_dcp_model
+from satfuse.checkpoint.layout import rank_file, read_meta
 from satfuse.checkpoint.overlap import Verifier, agree
-from satfuse.checkpoint.protocol import (
-    CommitProtocol,
-    Staged,
-    dist_on,
-    rank,
-    remove_tree,
-    world_size,
-)
+from satfuse.checkpoint.protocol import Staged, remove_tree
 from satfuse.checkpoint.state import (
     MISMATCH_FIX,
     fingerprint,
@@ -48,6 +45,8 @@ from satfuse.checkpoint.state import (
     write_rank_state,
 )
 from satfuse.checkpoint.trust import read_dcp_metadata
+from satfuse.distributed.collectives import dist_ready, rank, world
+from satfuse.registry import CHECKPOINT_BACKENDS
 from satfuse.utils import SatfuseError
 
 if TYPE_CHECKING:
@@ -66,11 +65,12 @@ class _Pending:
     staged: Staged
     future: Future
     local_error: str | None = None
-    known: dict[str, dict[str, Any]] = field(default_factory=dict)  # filled by the writer thread
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)  # filled by the writer thread
     started: float = field(default_factory=time.perf_counter)
 
 
-class CheckpointManager(CommitProtocol):
+@CHECKPOINT_BACKENDS.register("dcp")
+class CheckpointManager(CheckpointBackend):
     """Saves, finds and loads the DCP checkpoints of one run directory (see `CommitProtocol`
     for keep_last, keep_every, every_steps, timeout_s, trust).
 
@@ -80,6 +80,8 @@ class CheckpointManager(CommitProtocol):
     """
 
     kind = "dcp"
+    label = "DDP"
+    verifies_while_loading = True  # `checkpoint.overlap`: crc32s checked while DCP reads
 
     def __init__(self, run_dir: Path, keep_last: int = 3, keep_every: int = 0,
                  async_save: bool = False, timeout_s: float = 1800.0, trust: bool = False,
@@ -92,9 +94,35 @@ class CheckpointManager(CommitProtocol):
         self.last_save_seconds: float = 0.0  # blocking time of the last save() call
 
     @classmethod
-    def from_config(cls, run_dir: Path, section: CheckpointConfig, timeout_s: float) -> CheckpointManager:
-        """The manager of the `checkpoint` config section."""
+    def from_config(cls, run_dir: Path, section: CheckpointConfig, timeout_s: float,
+                    **engine: Any) -> CheckpointManager:
+        """The manager of the `checkpoint` config section (needs nothing of its engine)."""
         return cls(run_dir, async_save=section.async_save, **cls.config_kwargs(section, timeout_s))
+
+    @classmethod
+    def required_files(cls, meta: dict[str, Any]) -> list[str]:
+        """DCP's `.metadata` (the index without which no shard can be read)."""
+        return [DCP_METADATA]
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        """A torch.distributed.checkpoint directory: it has DCP's `.metadata`."""
+        return (Path(path) / DCP_METADATA).is_file()
+
+    @classmethod
+    def load_model(cls, ckpt_dir: Path, builder: Builder, trust: bool = False
+                   ) -> tuple[nn.Module, dict[str, Any]]:
+        """`export.load_dcp_model`: DCP's reader in one process, no process group."""
+        return load_dcp_model(ckpt_dir, builder, trust)
+
+    @staticmethod
+    def _written(tmp: Path, me: int, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+        """This rank's files for the commit: its shards (records taken while writing; a shard
+        another writer wrote is hashed by this rank) and, on rank 0, DCP's `.metadata`."""
+        written: dict[str, dict[str, Any] | None] = {p.name: None for p in tmp.glob(f"__{me}_*.distcp")}
+        if me == 0 and (tmp / DCP_METADATA).exists():
+            written[DCP_METADATA] = None
+        return {**written, **records}
 
     # --------------------------------------------------------------- save
     def save(self, step: int, app_state: dict[str, Any], rank_state: dict[str, Any],
@@ -123,7 +151,7 @@ class CheckpointManager(CommitProtocol):
             if me == 0:
                 remove_tree(staged.tmp)
             raise self.save_error(step, why, exc) from exc
-        self.finish(staged, local_error, known=writer.records)
+        self.finish(staged, local_error, self._written(staged.tmp, me, writer.records))
         self.last_save_seconds = time.perf_counter() - t0
         return staged.final
 
@@ -138,7 +166,7 @@ class CheckpointManager(CommitProtocol):
                 use_async_staging=False, use_non_blocking_copy=False))
         with _quiet_single_process():
             fut = dcp.async_save(to_plain(app_state), checkpoint_id=staged.tmp, storage_writer=writer,
-                                 process_group=self.group(), no_dist=not dist_on(),
+                                 process_group=self.group(), no_dist=not dist_ready(),
                                  async_stager=self._stager)
         staged.doc = {**staged.doc, "async": True}
         self._pending = _Pending(staged, fut, local_error, writer.records)
@@ -156,7 +184,7 @@ class CheckpointManager(CommitProtocol):
             if rank() == 0:
                 remove_tree(staged.tmp)
             raise self.save_error(staged.step, why, exc) from exc
-        self.finish(staged, pending.local_error, known=pending.known)
+        self.finish(staged, pending.local_error, self._written(staged.tmp, rank(), pending.written))
         log.info("async checkpoint step %d committed (%.2fs after save())",
                  staged.step, time.perf_counter() - pending.started)
         return staged.final
@@ -185,7 +213,8 @@ class CheckpointManager(CommitProtocol):
         return self._finish_load(path, meta)
 
     def _load_state(self, path: Path, meta: dict[str, Any], app_state: dict[str, Any]) -> None:
-        """Model check, then DCP load of model/optimizer into app_state."""
+        """Kind and model check, then DCP load of model/optimizer into app_state."""
+        self.check_kind(path, meta)
         self.check_model(path, meta, fingerprint(app_state)[0])
         read_dcp_metadata(path / DCP_METADATA, self.trust)  # a refusal names the file, on every rank
         try:
@@ -200,7 +229,7 @@ class CheckpointManager(CommitProtocol):
         rank_states = [load_rank_state(path / rank_file(r), self.trust) for r in range(int(meta["world_size"]))]
         self.loaded_path = path
         log.info("loaded %s (step %s, saved by %s ranks, loading on %d)", path, meta.get("step"),
-                 meta["world_size"], world_size())
+                 meta["world_size"], world())
         return rank_states, meta
 
     def _load_overlapped(self, path: Path, app_state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -208,7 +237,7 @@ class CheckpointManager(CommitProtocol):
         verdict before anyone returns. Damaged: all fall back to the newest intact checkpoint
         (`find_resume("auto")`, which verifies first and names what it skips)."""
         meta = read_meta(path)
-        verifier = Verifier(path, meta, rank(), world_size())
+        verifier = Verifier(path, meta, rank(), world())
         failure: BaseException | None = None
         threads = torch.get_num_threads()
         # one core for the verifier: else a parallel copy waits for its descheduled OpenMP

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from satfuse.checkpoint.layout import crc32_file
-from satfuse.checkpoint.protocol import all_gather
+from satfuse.distributed.collectives import all_gather_object
 
 
 def crc_problems(path: Path, files: dict[str, dict[str, Any]]) -> list[str]:
@@ -63,4 +63,4 @@ class Verifier:
 
 def agree(problems: list[str], group: Any) -> list[str]:
     """Every rank's problems, the same list on every rank (collective on `group`)."""
-    return [p for ranks in all_gather(problems, group) for p in ranks]
+    return [p for ranks in all_gather_object(problems, group) for p in ranks]

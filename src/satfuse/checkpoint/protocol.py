@@ -6,23 +6,28 @@ and failure messages a save needs).
 
 - `begin(step, ...)`: rank 0 makes `.tmp-step_X/` (after `make_room` when the disk is short),
   every rank gets the directory and the meta.json document.
-- `finish(...)`: every rank reports its files' sizes + crc32; rank 0 writes `meta.json` LAST,
+- `finish(...)`: every rank reports the files it wrote (their sizes + crc32, hashed by that
+  rank, from the bytes while writing where the backend could); rank 0 writes `meta.json` LAST,
   renames the directory, then updates `latest`, then prunes old checkpoints. A kill at any
   point leaves either the old set of checkpoints or the new one, never a half-written
   directory that looks complete.
-- `find_resume("auto")`: the newest checkpoint that verifies (meta, every file's size and
+- `find_resume(spec)`: `checkpoint.resume` (`satfuse.checkpoint.resolve.ResumeSpec`) to a
+  verified checkpoint; "auto": the newest checkpoint that verifies (meta, every file's size and
   crc32), skipping broken ones with a warning naming them; `verify`/`is_verified` remember
   which paths this process has checked. `find_resume("auto", checksums=False)` checks all
-  but the crc32s and marks the choice `deferred`: the DCP backend then verifies the crc32s
+  but the crc32s and marks the choice `deferred`: a backend that verifies while loading
+  (`verifies_while_loading`, DCP) then checks the crc32s
   while it loads, and every rank agrees on the result before the state is used
   (`checkpoint.overlap`).
 - `check_model`: refuses a checkpoint of another model, listing the differing keys.
 - `due(step, last_step=...)`: the save cadence (`checkpoint.every_steps`, the last step).
 
-DCP has no atomic commit of its own (NeMo #7952, torchtitan #1729), hence the temp
-directory. Collectives run on a separate gloo group, so an async save's background thread
-never shares a group with the training loop (a barrier on the same group deadlocks,
-KempnerForge #104). Without a process group everything works in one process.
+The protocol knows no backend's files: a backend (`satfuse.checkpoint.backend`) reports what
+it wrote and says what a complete checkpoint of its kind needs. DCP has no atomic commit of
+its own (NeMo #7952, torchtitan #1729), nor has DeepSpeed, hence the temp directory.
+Collectives run on a separate gloo group (`collectives.gloo_group`), so an async save's
+background thread never shares a group with the training loop. Without a process group
+everything works in one process.
 """
 
 from __future__ import annotations
@@ -34,16 +39,13 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.distributed as dist
 
 import satfuse
 from satfuse.checkpoint.layout import (
-    DCP_METADATA,
     DEL_PREFIX,
     LATEST,
     META_FORMAT,
@@ -53,7 +55,6 @@ from satfuse.checkpoint.layout import (
     checkpoints_dir,
     file_record,
     fsync_dir,
-    latest_target,
     list_checkpoints,
     list_partial,
     parse_step,
@@ -62,7 +63,22 @@ from satfuse.checkpoint.layout import (
     read_meta,
     step_name,
 )
+from satfuse.checkpoint.resolve import (
+    ResumeSpec,
+    is_run_dir,
+    parse_resume,
+    resolve_checkpoint,
+    run_checkpoint,
+)
 from satfuse.checkpoint.state import MISMATCH_FIX, fingerprint_diff, short_error
+from satfuse.diskspace import free_bytes, human, is_no_space
+from satfuse.distributed.collectives import (
+    all_gather_object,
+    broadcast_object,
+    gloo_group,
+    rank,
+    world,
+)
 from satfuse.models.legacy import upgrade_fingerprint
 from satfuse.utils import SatfuseError, atomic_write_text
 
@@ -76,58 +92,20 @@ _UNANSWERED = ("timed out", "timeout", "connection reset", "connection closed", 
                "peer", "read error")
 
 
-# -------------------------------------------------------------------------------------------
-# process-group helpers (all of them degrade to one process when torch.distributed is off)
-# -------------------------------------------------------------------------------------------
-
-
-def dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if dist_on() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist_on() else 1
-
-
-def all_gather(obj: Any, group: Any) -> list[Any]:
-    if not dist_on():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def broadcast(obj: Any, group: Any) -> Any:
-    """Rank 0's `obj` on every rank (also a barrier)."""
-    if not dist_on():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
-
-
 def remove_tree(path: Path) -> None:
     """Delete a directory, ignoring errors (debris of a failed save)."""
     shutil.rmtree(path, ignore_errors=True)
 
 
-def local_files(tmp: Path, rank: int, known: dict[str, dict[str, Any]] | None = None
-                 ) -> dict[str, dict[str, Any]]:
-    """Size + crc32 of the files this rank wrote (its DCP shards and its rank file).
-
-    `known`: records computed from the bytes while they were written (``dcp_storage.Crc32Writer``, the
-    rank file); only files without one (DCP's `.metadata`, shards of another writer) are
-    read back and hashed here.
+def local_files(tmp: Path, rank: int, written: dict[str, dict[str, Any] | None] | None = None
+                ) -> dict[str, dict[str, Any]]:
+    """Size + crc32 of the files this rank wrote: the backend's report `written` (file name
+    -> the record computed from the bytes while writing, e.g. `dcp_storage.Crc32Writer`'s, or
+    None: read back and hashed here, by the rank that wrote it) and the rank's own rank file.
     """
-    known = known or {}
-    names = {p.name for p in tmp.glob(f"__{rank}_*.distcp")} | set(known) | {rank_file(rank)}
-    if rank == 0 and (tmp / DCP_METADATA).exists():
-        names.add(DCP_METADATA)
-    return {n: _checked(tmp / n, known[n]) if n in known else file_record(tmp / n) for n in sorted(names)}
+    written = dict(written or {})
+    names = set(written) | {rank_file(rank)}
+    return {n: _checked(tmp / n, rec) if (rec := written.get(n)) else file_record(tmp / n) for n in sorted(names)}
 
 
 def _checked(path: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +128,8 @@ class Staged:
 
 
 class CommitProtocol:
-    """The commit protocol of one run directory (see the module doc); backends subclass it.
+    """The commit protocol of one run directory (see the module doc); backends subclass it
+    (`satfuse.checkpoint.backend.CheckpointBackend`, the contract) and set `kind`.
 
     Every method except the read-only helpers is collective when a process group is
     initialised: call it on every rank, in the same order.
@@ -166,7 +145,7 @@ class CommitProtocol:
     without it they are refused, naming the file (`satfuse.checkpoint.trust`).
     """
 
-    kind = "dcp"  # recorded in meta.json; `export` picks its loader by it
+    kind: ClassVar[str]  # recorded in meta.json; resume, export and verify look the backend up by it
 
     def __init__(self, run_dir: Path, keep_last: int = 3, keep_every: int = 0,
                  timeout_s: float = 1800.0, trust: bool = False, every_steps: int = 0) -> None:
@@ -204,8 +183,8 @@ class CommitProtocol:
     # --------------------------------------------------------------- groups
     def group(self) -> Any:
         """The protocol's own gloo group (created on first use, collectively)."""
-        if dist_on() and self._group is None:
-            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        if self._group is None:
+            self._group = gloo_group(self.timeout_s)
         return self._group
 
     # --------------------------------------------------------------- begin
@@ -216,7 +195,7 @@ class CommitProtocol:
         name = step_name(step)
         tmp, final = self.ckpt_dir / f"{TMP_PREFIX}{name}", self.ckpt_dir / name
         error = self._prepare_tmp(tmp) if rank() == 0 else None
-        error = broadcast(error, self.group())  # also the barrier: nobody writes before tmp exists
+        error = broadcast_object(error, self.group())  # also the barrier: nobody writes before tmp exists
         if error:
             raise SatfuseError(error)
         self.num_parameters = num_parameters
@@ -226,7 +205,7 @@ class CommitProtocol:
             "kind": self.kind,
             "step": int(step),
             "epoch": meta.get("epoch"),
-            "world_size": world_size(),
+            "world_size": world(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "satfuse_version": satfuse.__version__,
             "torch_version": torch.__version__,
@@ -252,17 +231,17 @@ class CommitProtocol:
 
     # --------------------------------------------------------------- finish
     def finish(self, staged: Staged, local_error: str | None,
-               known: dict[str, dict[str, Any]] | None = None) -> Path:
-        """Every rank reports its files; rank 0 commits; all ranks agree on the outcome.
-        `known`: size + crc32 records taken while writing (see `local_files`)."""
+               written: dict[str, dict[str, Any] | None] | None = None) -> Path:
+        """Every rank reports the files it wrote; rank 0 commits; all ranks agree on the
+        outcome. `written`: the backend's report of this rank's files (see `local_files`)."""
         me = rank()
         report: dict[str, Any] = {"error": local_error}
         if local_error is None:
             try:
-                report["files"] = local_files(staged.tmp, me, known)
+                report["files"] = local_files(staged.tmp, me, written)
             except OSError as exc:
                 report["error"] = f"rank {me}: {exc}"
-        reports = all_gather(report, self.group())
+        reports = all_gather_object(report, self.group())
         errors = [r["error"] for r in reports if r["error"]]
         outcome = None
         if me == 0:
@@ -271,7 +250,7 @@ class CommitProtocol:
                 outcome = "; ".join(errors)
             else:
                 outcome = self._commit(staged.tmp, staged.final, staged.doc, reports)
-        outcome = broadcast(outcome, self.group())
+        outcome = broadcast_object(outcome, self.group())
         if outcome:
             raise self.save_error(staged.step, outcome)
         self.last_saved_step = staged.step
@@ -284,8 +263,9 @@ class CommitProtocol:
         for r in reports:
             files.update(r["files"])
         try:
-            for p in tmp.iterdir():  # anything no rank claimed (defensive: hash it here)
+            for p in tmp.iterdir():  # anything no rank reported (a backend that reports less)
                 if p.name not in files and p.is_file():
+                    log.debug("%s: no rank reported %s; rank 0 hashes it", tmp, p.name)
                     files[p.name] = file_record(p)
             doc = {**doc, "files": dict(sorted(files.items())),
                    "total_bytes": sum(f["size"] for f in files.values()), "complete": True}
@@ -315,8 +295,8 @@ class CommitProtocol:
         return None
 
     def save_error(self, step: int, why: str, exc: BaseException | None = None) -> SatfuseError:
-        from satfuse.diskspace import free_bytes, human
-
+        """The one-line error of a failed save: a peer that did not answer, a full disk (with
+        the fix keep_last allows), or the cause as it is; always says what is still intact."""
         latest = read_latest(self.run_dir)
         prev = f"the previous checkpoint {latest.name} is intact" if latest else "no earlier checkpoint exists"
         text = f"{why} {exc or ''}".lower()  # DCP wraps per-rank failures: look inside
@@ -353,8 +333,6 @@ class CommitProtocol:
     def disk_why(self, exc: BaseException, tmp: Path) -> str:
         """The failure in one line; a full disk named as such (torch.save on a full disk
         says only "unexpected pos 704 vs 598", so the disk itself is asked)."""
-        from satfuse.diskspace import free_bytes, is_no_space
-
         why = short_error(exc)
         if "No space left" not in why and (
                 is_no_space(exc) or free_bytes(tmp) < max(self.needed_estimate(), 1 << 20)):
@@ -374,8 +352,6 @@ class CommitProtocol:
         oldest down to keep_last - 1 now (pruning otherwise runs only after a successful save,
         so lowering keep_last could not help), never the last complete one, never one that
         keep_every or `latest` protects."""
-        from satfuse.diskspace import free_bytes, human
-
         needed = self.needed_estimate()
         if self.keep_last <= 0 or not needed or free_bytes(self.ckpt_dir) >= needed:
             return
@@ -425,28 +401,35 @@ class CommitProtocol:
                 log.debug("pruned %s", p)
 
     # --------------------------------------------------------------- resume
-    def find_resume(self, resume: str | Path | None, checksums: bool = True) -> Path | None:
-        """"none" -> None; "auto" -> newest complete checkpoint (or None if there are
-        none); PATH -> that checkpoint, verified. Collective: rank 0 verifies, all agree.
-        `checksums=False` (only "auto"; a backend that verifies while loading): every check
-        but the crc32s, and the choice is `deferred` until its load has verified it."""
-        text = str(resume).strip() if resume is not None else "none"
-        if text.lower() in ("none", "", "false"):
+    def find_resume(self, resume: ResumeSpec | str | Path | None, checksums: bool = True) -> Path | None:
+        """The checkpoint `checkpoint.resume` means (`resolve.parse_resume`), verified, or
+        None for a fresh start: "none" -> None; "auto" -> the newest complete checkpoint
+        (None if there are none); "latest", a step, a PATH -> that checkpoint, verified.
+        Collective: rank 0 verifies, all agree. `checksums=False` (only "auto"; a backend
+        that verifies while loading): every check but the crc32s, and the choice is
+        `deferred` until its load has verified it."""
+        spec = parse_resume(resume)
+        if spec.kind == "none":
             return None
+        auto = spec.kind == "auto"
         result: tuple[str | None, str | None] = (None, None)
         if rank() == 0:
             try:
-                auto = text.lower() == "auto"
-                found = self._find_auto(checksums or not auto) if auto else self._find_path(Path(text))
+                if auto:
+                    found = self._find_auto(checksums)
+                elif spec.kind == "path" and spec.path is not None:
+                    found = self._find_path(spec.path)
+                else:
+                    found = self._find_path(run_checkpoint(spec, self.run_dir))
                 result = (str(found) if found else None, None)
             except SatfuseError as exc:
                 result = (None, str(exc))
-        path, error = broadcast(result, self.group())
+        path, error = broadcast_object(result, self.group())
         if error:
             raise SatfuseError(error)
         if path is not None:
             key = str(Path(path).resolve())
-            if checksums or text.lower() != "auto":
+            if checksums or not auto:
                 self._verified.add(key)
             elif key not in self._verified:
                 self._deferred.add(key)
@@ -477,13 +460,14 @@ class CommitProtocol:
         return None
 
     def _find_path(self, path: Path) -> Path:
-        if path.is_file() and path.name == LATEST:
-            path = latest_target(path) or path
-        elif path.is_dir() and checkpoints_dir(path).is_dir() and not (path / META_NAME).exists():
+        """A path the user gave (`resolve.resolve_checkpoint` forms), verified; a run
+        directory means its newest complete checkpoint, as resume=auto does for this run."""
+        if is_run_dir(path):
             found = CommitProtocol(path)._find_auto()
             if found is None:
                 raise SatfuseError(f"{path}: run directory without checkpoints; pass a step_XXXXXXXX directory")
             return found
+        path = resolve_checkpoint(path)
         problems = checkpoint_problems(path, checksums=True)
         if problems:
             raise SatfuseError(

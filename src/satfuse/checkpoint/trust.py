@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib
 import logging
 import os
 import pathlib
@@ -43,6 +44,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
+from satfuse.checkpoint.layout import rank_file
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -163,8 +165,6 @@ class SafeFileSystemReader(FileSystemReader):
 
 
 def deepspeed_safe_globals() -> list[Any]:
-    import importlib
-
     out = []
     for spec in DEEPSPEED_SAFE_GLOBALS:
         mod, _, name = spec.partition(":")
@@ -231,8 +231,6 @@ def load_rank_files(ckpt_dir: Path, world_size: int, trust: bool = False) -> lis
     """Every `rank_XXXXX.pt` of a checkpoint, loaded as data (refused, naming the file, when
     it is not); commands that never need the rank states still check them, so a checkpoint
     with one crafted file is refused as a whole everywhere, not only on resume."""
-    from satfuse.checkpoint.layout import rank_file
-
     return [load_torch_file(Path(ckpt_dir) / rank_file(r), trust) for r in range(int(world_size))
             if (Path(ckpt_dir) / rank_file(r)).is_file()]
 

@@ -15,6 +15,7 @@ the GPU and read back with `.item()` (which waits for every queued kernel).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -98,6 +99,20 @@ def control_group() -> dist.ProcessGroup | None:
     if "control" not in _GROUPS:
         _GROUPS["control"] = dist.new_group(backend="gloo")
     return _GROUPS["control"]
+
+
+def gloo_group(timeout_s: float) -> dist.ProcessGroup | None:
+    """A new gloo group over all ranks whose collectives give up after `timeout_s` (None
+    without a process group). Collective: every rank calls it at the same point.
+
+    Why a group of its own: the checkpoint protocol's barriers and object gathers must never
+    share a group with the training loop (an async save's background thread waiting on the
+    loop's group deadlocks, KempnerForge #104), and a save's wait for a slow rank needs a
+    bound of its own (`train.comm_timeout_s`), not the loop's. gloo keeps those small objects
+    on the CPU on NCCL jobs too."""
+    if not dist_ready():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def forget_groups() -> None:

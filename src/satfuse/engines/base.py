@@ -3,8 +3,9 @@
 The training loop (`satfuse.engines.trainer`) owns data, model forward, the global loss,
 logging and signals. An engine owns what the two backends do differently: wrapping the
 model, backward + optimizer step (with clipping, loss scaling and the LR schedule), and its
-checkpointer (`ckpt`, a backend of `satfuse.checkpoint`), which saves/loads in its own sharded
-format and decides the checkpoint cadence (`ckpt.due`).
+checkpoint backend (`ckpt`, a `satfuse.checkpoint.backend.CheckpointBackend`), which
+saves/loads in its own sharded format. The trainer asks the engine, never the backend behind
+it: `checkpoint_due`, `find_resume`, `save`, `load`, `resumed_from`, `wait`.
 
 An engine is built from its own config sections (`train`, `optim`, `checkpoint`; DeepSpeed
 also `deepspeed` and the per-rank batch size), never from the whole `PretrainConfig`: the
@@ -25,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from satfuse.checkpoint.protocol import CommitProtocol
+from satfuse.checkpoint.backend import CheckpointBackend
+from satfuse.checkpoint.resolve import ResumeSpec
+from satfuse.checkpoint.state import ModelOptimState
 from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
 from satfuse.utils import SatfuseError
 
@@ -91,7 +94,8 @@ class Engine(ABC):
 
     # the name the engine is registered under in ENGINES (`train.engine`), recorded in meta.json
     kind: str = "base"
-    ckpt: CommitProtocol  # the checkpointer: a DCP or DeepSpeed backend of the commit protocol
+    ckpt: CheckpointBackend  # the checkpoint backend (DCP, DeepSpeed): built by the engine, used through it
+    optimizer: torch.optim.Optimizer  # the torch optimizer every engine builds (`optim.build_optimizer`)
     # micro-batches per trainer step: the trainer calls `backward_step` this many times per
     # step, so one trainer step is one optimizer step on every engine (DeepSpeed: its
     # gradient_accumulation_steps)
@@ -131,28 +135,43 @@ class Engine(ABC):
     def lr(self) -> float:
         """The learning rate the next optimizer step will use (logged per step)."""
 
-    @abstractmethod
-    def find_resume(self, resume: str) -> Path | None:
-        """The checkpoint `checkpoint.resume` (auto/none/a path) points at; None: start afresh."""
-
-    @abstractmethod
-    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Commit step `step` (model, optimizer, this rank's `rank_state`, rank 0's `meta`)."""
-
-    @abstractmethod
-    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Load into the engine; return (rank states of all ranks of the saving run, meta)."""
+    # ------------------------------------------------------------------ checkpoints
+    def app_state(self) -> dict[str, Any]:
+        """What a checkpoint restores: the bare model and its optimizer, as one
+        `ModelOptimState` (DDP's `module.` prefix never reaches the files)."""
+        return {"model_optim": ModelOptimState(self.module, self.optimizer)}
 
     def checkpoint_due(self, step: int, last_step: bool = False) -> bool:
-        """Whether `step` is to be saved now: every checkpoint.every_steps, and the last step of
-        a run (also a stopped one) unless it was just saved. The checkpointer decides."""
+        """Whether the trainer saves `step` (`checkpoint.every_steps`, and the last step of a
+        run unless just saved; see `CommitProtocol.due`)."""
         return self.ckpt.due(step, last_step=last_step)
+
+    def find_resume(self, resume: ResumeSpec | str) -> Path | None:
+        """The checkpoint `checkpoint.resume` means, verified (None: start fresh). Collective.
+        A backend that checks crc32s while loading gets "auto"'s choice unhashed."""
+        return self.ckpt.find_resume(resume, checksums=not self.ckpt.verifies_while_loading)
+
+    def before_save(self, step: int) -> None:  # noqa: B027 - optional hook
+        """Bring the model into its checkpointed form on every rank (before `save` writes)."""
+
+    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Write checkpoint `step` through the backend (collective); returns its directory."""
+        self.before_save(step)
+        return self.ckpt.save(step, self.app_state(), rank_state, meta)
+
+    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Load into the engine; return (rank states of all ranks of the saving run, meta)."""
+        return self.ckpt.load(Path(path), self.app_state())
 
     @property
     def resumed_from(self) -> Path | None:
-        """The checkpoint `load` actually restored: an older one than asked for when the newest
-        proved damaged while loading; None before any load."""
+        """The checkpoint the last `load` actually loaded: an older one than asked for when the
+        newest proved damaged while loading (None before any load)."""
         return self.ckpt.loaded_path
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are committed (collective)."""
+        self.ckpt.wait()
 
     def engine_state(self) -> dict[str, Any]:
         """Small, replicated training state (scheduler, scaler) kept in the per-rank files."""
@@ -160,9 +179,6 @@ class Engine(ABC):
 
     def load_engine_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Inverse of `engine_state`."""
-
-    def wait(self) -> None:  # noqa: B027 - optional hook
-        """Block until pending asynchronous saves are durable."""
 
     def autocast(self):
         """The forward pass's autocast context for `precision` (a no-op for fp32)."""

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+from satfuse.checkpoint.resolve import parse_resume
 from satfuse.config import ConfigError
 from satfuse.distributed.launcher_env import (
     launcher_pid,
@@ -54,7 +55,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if getattr(args, "trust_checkpoint", False):
         overrides.append("checkpoint.trust_checkpoint=true")
     if getattr(args, "force_new_run", False):  # a fresh start, the earlier run moved aside
-        other = [o for o in overrides if o.startswith("checkpoint.resume=") and o.split("=", 1)[1].strip() != "none"]
+        other = [o for o in overrides if o.startswith("checkpoint.resume=")
+                 and parse_resume(o.split("=", 1)[1]).kind != "none"]
         if other:
             raise SatfuseError(f"--force-new-run starts afresh, but {other[-1]} asks to resume; pass one of them")
         overrides += ["checkpoint.resume=none", "checkpoint.force_new_run=true"]

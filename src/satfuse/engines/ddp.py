@@ -17,13 +17,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from satfuse.checkpoint.layout import read_meta
 from satfuse.checkpoint.manager import CheckpointManager
-from satfuse.checkpoint.state import ModelOptimState
 from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
 from satfuse.engines.base import Engine
 from satfuse.engines.optim import build_optimizer, build_scheduler
-from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +82,6 @@ class DDPEngine(Engine):
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
-    def find_resume(self, resume: str) -> Path | None:
-        # crc32s are checked while `load` reads the files, all ranks agreeing before use
-        return self.ckpt.find_resume(resume, checksums=False)
-
     def sync_buffers(self) -> None:
         """Give every rank rank 0's BatchNorm running statistics before a save.
 
@@ -101,20 +94,6 @@ class DDPEngine(Engine):
             for buf in self.module.buffers():
                 dist.broadcast(buf, src=0)
 
-    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def before_save(self, step: int) -> None:
+        """Every rank holds rank 0's BatchNorm statistics before DCP writes one copy."""
         self.sync_buffers()
-        app_state = {"model_optim": ModelOptimState(self.module, self.optimizer)}
-        return self.ckpt.save(step, app_state, rank_state, meta)
-
-    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        kind = read_meta(Path(path)).get("kind", "dcp")
-        if kind != "dcp":  # DCP would only fail on DeepSpeed's files with FileNotFoundError tracebacks
-            raise SatfuseError(
-                f"{path}: written by the {kind} engine, not DDP; resume it with train.engine={kind}, "
-                "or start a new run_dir"
-            )
-        app_state = {"model_optim": ModelOptimState(self.module, self.optimizer)}
-        return self.ckpt.load(path, app_state)
-
-    def wait(self) -> None:
-        self.ckpt.wait()

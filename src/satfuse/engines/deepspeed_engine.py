@@ -323,8 +323,8 @@ class DeepSpeedEngine(Engine):
         if train.precision != "fp32":
             dtype = torch.bfloat16 if train.precision == "bf16" else torch.float16
             self._cast_hook = install_input_cast(module, dtype)
-        self.ckpt = DeepSpeedCheckpointManager.from_config(Path(train.run_dir), self, checkpoint,
-                                                           train.comm_timeout_s)
+        self.ckpt = DeepSpeedCheckpointManager.from_config(Path(train.run_dir), checkpoint,
+                                                           train.comm_timeout_s, engine=self)
         log.info("DeepSpeed engine: ZeRO stage %d, %s, %d rank(s), gradient accumulation %d",
                  self.zero_stage, train.precision, world, self.gas)
 
@@ -400,18 +400,12 @@ class DeepSpeedEngine(Engine):
         self.model.micro_steps = int(state.get("micro_steps", self.model.micro_steps))
 
     # ------------------------------------------------------------------ checkpoints
-    def find_resume(self, resume: str) -> Path | None:
-        return self.ckpt.find_resume(resume)
-
-    def save(self, step: int, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def before_save(self, step: int) -> None:
+        """Warn when a stop signal saves off the accumulation boundary (checked at start)."""
         partial = int(self.model.micro_steps) % self.gas
-        if partial:  # only a stop signal saves off the accumulation boundary (checked at start)
+        if partial:
             log.warning("saving step %d in the middle of gradient accumulation: the partial "
                         "gradients of %d micro-batches are not saved", step, partial)
-        return self.ckpt.save(step, rank_state, meta)
-
-    def load(self, path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        return self.ckpt.load(path)
 
     def describe(self) -> dict[str, Any]:
         """What meta.json records about the engine (checked again at resume)."""

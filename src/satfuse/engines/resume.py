@@ -36,9 +36,9 @@ def resume_run(engine: Engine, loader: PretrainLoader, env: DistEnv, checkpoint:
     resumed at, or None for a fresh start. `config` is this run's whole config as a dict (to
     compare with the saved one), `optim` re-applied when its keys changed, `shards_spec` names
     the training shards in a band mismatch."""
-    path = engine.find_resume(checkpoint.resume)
+    path = engine.find_resume(checkpoint.resume_spec)
     if path is None:
-        if env.rank == 0 and str(checkpoint.resume).strip().lower() == "auto":
+        if env.rank == 0 and checkpoint.resume_spec.kind == "auto":
             # an earlier run that died before its first checkpoint: its metrics would mix
             # with this run's (steps 1.. twice), so its files go to previous-<time>/
             prepare_fresh_start(run_dir, force=True)

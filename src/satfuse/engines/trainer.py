@@ -185,7 +185,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         self.lease = claim_run_dir(
             self.run_dir, self.env.rank == 0, self.cfg.train.lease_timeout_s,
-            str(self.cfg.checkpoint.resume).strip().lower() in ("none", "", "false"),
+            self.cfg.checkpoint.resume_spec.kind == "none",
             self.cfg.checkpoint.force_new_run, broadcast_object)
         try:
             return self._fit()
