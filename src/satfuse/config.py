@@ -74,10 +74,10 @@ class ModelConfig:
 
 def check_model_names(model: ModelConfig) -> None:
     """`model.method` and `model.backbone` name registered entries; an unknown one is refused
-    listing the registry's names. Looked up here, once per command, because the registries
-    import their built-ins (torch) on first use and config.py itself stays torch-free."""
-    METHODS.get(model.method)
-    BACKBONES.get(model.backbone)
+    listing the registry's names. Checked by name only (`Registry.require`): the built-ins are
+    registered lazily, so a login node's `satfuse submit` validates without importing torch."""
+    METHODS.require(model.method)
+    BACKBONES.require(model.backbone)
 
 
 @dataclass

@@ -94,15 +94,42 @@ class Registry(Generic[T]):
         """Register `entry` under `name`; used bare (`register("x", obj)`) or as a decorator.
 
         A name registered twice is refused: two plugins that both claim "vit_b" would otherwise
-        train whichever was imported last.
+        train whichever was imported last. The object a lazy entry (`register_lazy`) points at
+        takes that entry's place when its module registers it.
         """
         def add(obj: T) -> T:
-            if name in self._entries and self._entries[name] is not obj:
+            old = self._entries.get(name)
+            if isinstance(obj, Lazy) and old is not None and _origin(old, ":") == obj.target:
+                return old  # the module was imported first: its object stays
+            if old is not None and old is not obj and not (isinstance(old, Lazy) and old.target == _origin(obj, ":")):
                 raise SatfuseError(f"{self.what} {name!r} is registered twice "
-                                   f"({_origin(self._entries[name])} and {_origin(obj)}); rename one")
+                                   f"({_origin(old)} and {_origin(obj)}); rename one")
             self._entries[name] = obj
             return obj
         return add if entry is None else add(entry)
+
+    def register_lazy(self, name: str, target: str) -> None:
+        """Register `name` as `"module:attribute"`, imported on the first `get`: the names of
+        torch-backed built-ins (backbones, methods) stay listable and checkable torch-free
+        (`satfuse submit` validates a config without importing torch)."""
+        self.register(name, Lazy(target))  # type: ignore[arg-type]
+
+    def require(self, name: str) -> None:
+        """Refuse an unknown `name` (one line listing every choice) without importing its entry."""
+        self._load()
+        if name not in self._entries:
+            hint = "" if plugin_modules() else f" (a plugin's entries need {PLUGINS_ENV}=module)"
+            raise SatfuseError(f"unknown {self.what} {name!r} in {self.key}; choose one of: "
+                               f"{', '.join(self.names())}{hint}")
+
+    def _resolve(self, name: str) -> T:
+        entry = self._entries[name]
+        if isinstance(entry, Lazy):
+            module, _, attr = entry.target.partition(":")
+            obj = getattr(importlib.import_module(module), attr)  # its decorator may register it too
+            self._entries[name] = obj
+            return obj
+        return entry
 
     def _load(self) -> None:
         if not self._loaded:
@@ -113,12 +140,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The entry called `name`; an unknown name is a one-line error listing every choice."""
-        self._load()
-        if name not in self._entries:
-            hint = "" if plugin_modules() else f" (a plugin's entries need {PLUGINS_ENV}=module)"
-            raise SatfuseError(f"unknown {self.what} {name!r} in {self.key}; choose one of: "
-                               f"{', '.join(self.names())}{hint}")
-        return self._entries[name]
+        self.require(name)
+        return self._resolve(name)
 
     def names(self) -> list[str]:
         """Every registered name, sorted (for CLI choices, config checks and messages)."""
@@ -132,16 +155,25 @@ class Registry(Generic[T]):
         return list(self._entries)
 
     def items(self) -> Iterator[tuple[str, T]]:
+        """Every (name, entry), sorted; lazy entries are imported."""
         self._load()
-        yield from sorted(self._entries.items())
+        yield from ((name, self._resolve(name)) for name in sorted(self._entries))
 
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._entries
 
 
-def _origin(obj: object) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+class Lazy:
+    """A registered name whose entry is `"module:attribute"`, imported on first use."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.__module__, _, self.__qualname__ = target.partition(":")
+
+
+def _origin(obj: object, sep: str = ".") -> str:
+    return f"{getattr(obj, '__module__', '?')}{sep}{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,8 +181,8 @@ def _origin(obj: object) -> str:
 # next to its built-in entries; docs/architecture.md has a recipe per extension point.
 # --------------------------------------------------------------------------------------------
 
-BACKBONES: Registry = Registry("backbone", ("satfuse.models.resnet",), "model.backbone")
-METHODS: Registry = Registry("pretraining method", ("satfuse.models.methods",), "model.method")
+BACKBONES: Registry = Registry("backbone", ("satfuse.models.catalog",), "model.backbone")
+METHODS: Registry = Registry("pretraining method", ("satfuse.models.catalog",), "model.method")
 DATASETS: Registry = Registry("dataset", ("satfuse.data.sources.catalog",), "--dataset")
 BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.dfc2020",), "data.benchmark")
 ENGINES: Registry = Registry("engine", ("satfuse.engines.kinds",), "train.engine")

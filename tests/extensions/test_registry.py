@@ -27,6 +27,13 @@ def test_names_lookups_and_refusals() -> None:
     with pytest.raises(SatfuseError, match="widget 'b' is registered twice"):
         reg.register("b", 3)
     reg.register("b", 2)  # the same object again (a module imported twice) is no conflict
+    reg.register_lazy("d", "collections:OrderedDict")
+    assert "d" in reg and reg.names() == ["a", "b", "d"]
+    import collections
+    assert reg.get("d") is collections.OrderedDict
+    reg.register("d", collections.OrderedDict)  # its module registering it too is no conflict
+    with pytest.raises(SatfuseError, match="widget 'e' in x.widget"):
+        reg.require("e")
 
 
 def test_builtins_import_on_first_lookup_and_plugins_from_the_environment(tmp_path: Path) -> None:
@@ -34,7 +41,10 @@ def test_builtins_import_on_first_lookup_and_plugins_from_the_environment(tmp_pa
         "from satfuse.registry import BACKBONES\nBACKBONES.register('toy_plugin_net', object)\n")
     code = ("import sys; from satfuse.registry import BACKBONES\n"
             "assert 'satfuse.models.backbones' not in sys.modules\n"
-            "print(' '.join(BACKBONES.names()))\n")
+            "names = BACKBONES.names(); BACKBONES.require('resnet50')\n"
+            "assert 'torch' not in sys.modules, 'listing and checking built-in names imports no torch'\n"
+            "assert BACKBONES.get('tiny').__name__ == 'TinyResNet' and 'torch' in sys.modules\n"
+            "print(' '.join(names))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]),
            "SATFUSE_PLUGINS": " sf_toy_plugin, "}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
