@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from satfuse.checkpoint.manager import CheckpointManager
 from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
+from satfuse.distributed.collectives import is_distributed
 from satfuse.engines.base import Engine
 from satfuse.engines.optim import build_optimizer, build_scheduler
 
@@ -36,7 +37,7 @@ class DDPEngine(Engine):
         super().__init__(module, device, train.precision)
         self.optim = optim
         module.to(device)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = is_distributed()
         if distributed:
             ids = [device.index] if device.type == "cuda" else None
             self.model = DDP(module, device_ids=ids)

@@ -49,6 +49,7 @@ from torch import nn
 
 from satfuse.checkpoint.deepspeed_backend import DeepSpeedCheckpointManager
 from satfuse.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
+from satfuse.distributed import collectives
 from satfuse.distributed.launcher_env import default_local_rank
 from satfuse.distributed.ports import free_port
 from satfuse.engines.base import Engine, check_precision
@@ -241,7 +242,7 @@ def ensure_process_group(device: torch.device, timeout_s: int) -> None:
     size 1, and DeepSpeed's own fallback is MPI discovery (mpi4py). A private 1-rank gloo
     group on a free local port avoids both."""
     default_local_rank()  # DeepSpeed asserts LOCAL_RANK is set, even for one rank
-    if dist.is_initialized():
+    if collectives.dist_ready():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
@@ -305,7 +306,7 @@ class DeepSpeedEngine(Engine):
         `train_micro_batch_size_per_gpu`, which satfuse's config owns (the module doc)."""
         super().__init__(module, device, train.precision)
         self.ds_section = deepspeed
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = collectives.world()
         self.ds_config = build_ds_config(deepspeed, optim, train.precision, micro_batch, world, device)
         check_combination(self.ds_config, device, train.precision, optim, checkpoint)
         self.gas = int(self.ds_config["gradient_accumulation_steps"])
@@ -340,7 +341,7 @@ class DeepSpeedEngine(Engine):
 
     def _check_data_parallel(self) -> None:
         """The loss gathers over the default group; that is only right if it is the DP group."""
-        world = dist.get_world_size()
+        world = collectives.world()
         dp, mp = int(self.model.dp_world_size), int(self.model.mp_world_size)
         if dp != world or mp != 1:
             raise SatfuseError(

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from satfuse.distributed import collectives
 from satfuse.distributed.collectives import all_reduce_sum, is_distributed
 from satfuse.distributed.gather import gather_no_grad, gather_sizes, gather_with_grad
 from satfuse.utils import SatfuseError
@@ -127,9 +128,9 @@ def nt_xent(
         b = F.normalize(_at_least_fp32(z_s2), dim=1)
         if not is_distributed(group):
             return _anchor_cross_entropy_sum(a, b, a, b, 0, temperature, variant) / (2 * a.shape[0])
-        world = dist.get_world_size(group)
+        world = collectives.world(group)
         sizes = gather_sizes(a, group)
-        offset, total = sum(sizes[: dist.get_rank(group)]), sum(sizes)
+        offset, total = sum(sizes[: collectives.rank(group)]), sum(sizes)
         # One collective for both modalities: side by side in columns, split after.
         keys_a, keys_b = gather_with_grad(torch.cat([a, b], dim=1), group, sizes).split(
             a.shape[1], dim=1
@@ -206,7 +207,7 @@ def retrieval_accuracy_tensor(
         torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if valid is None else valid.bool()
     )
     sizes = gather_sizes(k, group) if is_distributed(group) else [k.shape[0]]
-    offset = sum(sizes[: dist.get_rank(group)]) if is_distributed(group) else 0
+    offset = sum(sizes[: collectives.rank(group)]) if is_distributed(group) else 0
     keys = gather_no_grad(k, group, sizes) if is_distributed(group) else k
     key_mask = (
         gather_no_grad(mask.to(torch.uint8), group, sizes).bool() if is_distributed(group) else mask
