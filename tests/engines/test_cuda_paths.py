@@ -164,7 +164,7 @@ def test_equal_rows_skips_the_size_exchange(monkeypatch: pytest.MonkeyPatch) -> 
     def no_collective(*_a, **_k):
         raise AssertionError("all_gather called")
 
-    monkeypatch.setattr(gather.dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(gather, "world", lambda group=None: 4)
     monkeypatch.setattr(gather.dist, "all_gather", no_collective)
     monkeypatch.setattr(gather.dist, "get_backend", lambda group=None: "gloo")
     with gather.equal_rows():

@@ -161,7 +161,7 @@ def test_version_is_single_sourced(capsys):
 def test_demo_writes_only_under_out(empty_cwd, monkeypatch):
     """`satfuse demo --out DIR` (stages stubbed to record their paths): nothing in cwd but DIR."""
     import satfuse.demo as demo
-    import satfuse.evaluation.report as report
+    import satfuse.evaluation.curves as curves
 
     seen: list[Path] = []
     monkeypatch.setattr(demo, "synthesise", lambda cfg, out: seen.append(out))
@@ -175,7 +175,7 @@ def test_demo_writes_only_under_out(empty_cwd, monkeypatch):
         (Path(out) / "table.md").write_text("| table |\n")
         return {}
 
-    monkeypatch.setattr(report, "make_report", fake_report)
+    monkeypatch.setattr(curves, "make_report", fake_report)
     assert main(["demo", "--out", "elsewhere/d"]) == 0
     assert seen == [Path("elsewhere/d")] * 3
     assert (empty_cwd / "elsewhere/d/reports/table.md").is_file()
