@@ -12,17 +12,19 @@ STAMP := $(VENV)/.satfuse-installed
 
 setup: $(STAMP)
 
-# torch==2.13.0 first: the CPU wheel on disk. The project's own range is open (cluster users
-# bring a CUDA build); pinning here keeps pip from pulling a multi-GB CUDA build.
+# torch==2.14.1 + torchvision==0.29.1 first: the pair on this disk (a CUDA build that runs on the
+# CPU; torchvision from PyPI does not import beside the 2.13.0 CPU file, and timm needs it). The
+# project's own ranges are open (cluster users bring a CUDA build); pinning here keeps pip from
+# pulling another multi-GB build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q setuptools wheel
 	# DeepSpeed's sdist is pure Python: build it against the torch above, not in an isolated
 	# build env that could pull a CUDA torch; no ops are prebuilt (DS_BUILD_OPS unset)
 	$(PY) -m pip install -q --no-build-isolation deepspeed
-	$(PY) -m pip install -q -e '.[dev,deepspeed]'
+	$(PY) -m pip install -q -e '.[dev,deepspeed,timm]'
 	DS_ACCELERATOR=cpu $(PY) -m satfuse.engines.warmup || true
 	touch $(STAMP)
 
