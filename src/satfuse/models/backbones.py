@@ -73,6 +73,31 @@ class Backbone(nn.Module):
         classifiers use (by default the spatial mean of `forward_features`)."""
         return self.forward_features(x).mean(dim=(2, 3))
 
+    pyramid_channels: tuple[int, ...] = ()
+    """Channels of each map `forward_pyramid` returns, finest first (e.g. (256, 512, 1024, 2048)
+    for a ResNet-50). Empty: this backbone has no multi-scale features, and dense decoders
+    (segmentation) refuse it, naming the backbones that have them. Set per instance: a timm
+    model's stages are known once it is built."""
+
+    pyramid_strides: tuple[int, ...] = ()
+    """The downsampling factor of each `forward_pyramid` map relative to the input (e.g.
+    (4, 8, 16, 32)); a decoder checks the crop is a multiple of the largest one."""
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, in_channels, H, W) -> one (B, C_i, H / s_i, W / s_i) map per entry of
+        `pyramid_channels` / `pyramid_strides`, finest first: what U-Net / UPerNet decoders read."""
+        raise SatfuseError(
+            f"backbone {type(self).__name__} has no multi-scale feature maps; "
+            f"dense decoders need one of: {', '.join(pyramid_backbones()) or 'none'}")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass instead of keeping them
+        (`model.activation_checkpointing=true`): memory for compute, same gradients. A backbone
+        that cannot is refused by name, so the key never silently does nothing."""
+        raise SatfuseError(
+            f"backbone {type(self).__name__} does not support activation checkpointing; "
+            "set model.activation_checkpointing=false")
+
     @classmethod
     def owns_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> bool:
         """True when a plain state dict (head tensors `fc.*` already dropped) is this backbone's:
@@ -111,3 +136,8 @@ def check_export_format(name: str, fmt: str, where: str) -> None:
 def identify_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The name of the registered backbone whose weights `state_dict` holds, or None."""
     return next((n for n, cls in BACKBONES.items() if cls.owns_state_dict(state_dict)), None)
+
+
+def pyramid_backbones() -> list[str]:
+    """The registered backbone names whose classes override `forward_pyramid`."""
+    return [n for n, cls in BACKBONES.items() if cls.forward_pyramid is not Backbone.forward_pyramid]
