@@ -184,6 +184,7 @@ def _origin(obj: object, sep: str = ".") -> str:
 BACKBONES: Registry = Registry("backbone", ("satfuse.models.catalog",), "model.backbone")
 METHODS: Registry = Registry("pretraining method", ("satfuse.models.catalog",), "model.method")
 DATASETS: Registry = Registry("dataset", ("satfuse.data.sources.catalog",), "--dataset")
-BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.dfc2020",), "data.benchmark")
+BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.dfc2020", "satfuse.evaluation.bigearthnet19",
+                                                         "satfuse.evaluation.sen12ms_igbp"), "data.benchmark")
 ENGINES: Registry = Registry("engine", ("satfuse.engines.kinds",), "train.engine")
 CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.manager", "satfuse.checkpoint.deepspeed_backend"), "checkpoint kind (meta.json)")

@@ -56,6 +56,7 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
     shard.add_argument("--shard-index", type=int, default=None, help="job-array part (default: SLURM_ARRAY_TASK_ID - MIN)")
     shard.add_argument("--num-shards", type=int, default=None, help="number of job-array parts (default: SLURM_ARRAY_TASK_COUNT)")
     shard.add_argument("--overwrite", action="store_true", help="replace a non-empty output that is not a shard dir")
+    shard.add_argument("--labels", type=Path, default=None, help="--dataset sen12ms: labels/IGBP_probability_labels.pkl; each patch's 17 IGBP fractions go into its JSON (scene classification: finetune --benchmark sen12ms-igbp)")
     shard.add_argument("--exclude-bad", action="store_true", help="list corrupt/NaN/wrong-band files as excluded instead of failing")
     enc = shard.add_argument_group("encoding (bytes per pair; recorded in the manifest, read by every loader as is)")
     enc.add_argument("--compress", choices=["zstd", "lz4"], default=None,
@@ -96,7 +97,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
             workers=args.workers, seed=args.seed, split_file=args.split_file, shard_index=index,
             num_shards=num, overwrite=args.overwrite, exclude_bad=args.exclude_bad,
             command=["satfuse", *sys.argv[1:]], exclude_scenes=args.exclude_scenes,
-            pairs_file=args.pairs_file, strict_split=args.strict_split,
+            pairs_file=args.pairs_file, strict_split=args.strict_split, igbp_labels=args.labels,
             encoding=make_encoding(args.compress, args.compress_level, args.s1_dtype, args.no_labels),
             **multiband_cli.band_options(args, dataset_entry(args.dataset).kind == PER_BAND),
         )  # fmt: skip

@@ -63,6 +63,24 @@ class Benchmark:
     """The headline metric of each task, a key of `satfuse.evaluation.metrics`' results ("aa",
     "f1_macro"): early stopping on `metric`, the log line and the report use it."""
 
+    label_source: ClassVar[str] = "map"
+    """Where a sample's target comes from: "map" (a per-pixel label member, `label_map`; a
+    crop's targets follow its pixels) or "vector" (a per-sample class-fraction vector in the
+    sample's JSON, `label_vector`; scene labels, the same for every crop of the patch)."""
+
+    datasets: ClassVar[tuple[str, ...]] = ()
+    """The `satfuse shard --dataset` values whose shard sets it reads; a set of another dataset
+    is refused naming `shard_command`. Empty: not checked (a sample without its label member is
+    still refused)."""
+
+    shard_splits: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Per role ("train", "val", "test") the `--split` values a shard set's manifest may record;
+    a set recording another split is refused. Empty, or a role missing: not checked."""
+
+    shard_command: ClassVar[str] = ""
+    """The `satfuse shard` command that writes shards with this benchmark's labels, named by
+    every refusal of a shard set that lacks them (empty: "shard a labelled `dataset`")."""
+
     @classmethod
     def n_classes(cls) -> int:
         """The number of classes (the classifier's outputs)."""
@@ -73,6 +91,25 @@ class Benchmark:
         """(H, W) uint8 class-index map from the label member `member` of one sample (its array
         as stored, e.g. (1, H, W)); pixels of no class are `targets.IGNORE` (255)."""
         raise NotImplementedError
+
+    @classmethod
+    def label_vector(cls, meta: dict[str, Any]) -> np.ndarray | None:
+        """(n_classes,) float32 class fractions of one sample from its JSON `meta` (label_source
+        "vector"; multi-hot labels are fractions of 0 and 1), or None when the sample has none.
+        Single-label = argmax, multi-label = fraction >= `data.multi_label_min_fraction`."""
+        raise NotImplementedError
+
+    @classmethod
+    def extra_metrics(cls, task: str, y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+        """Metrics the benchmark reports beyond `satfuse.evaluation.metrics`' (e.g. micro mAP
+        for BigEarthNet), from the test targets and scores of `task`; merged into result.json's
+        `metrics`. Default: none (DFC2020's output stays as it was)."""
+        return {}
+
+    @classmethod
+    def labels_hint(cls) -> str:
+        """How to get shards with this benchmark's labels, for refusals."""
+        return cls.shard_command or f"shard a labelled dataset ({cls.dataset}) for it"
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

@@ -25,7 +25,7 @@ FLAG_KEYS = {
     "label_fraction": "data.label_fraction", "modalities": "model.modalities",
     "fusion": "model.fusion", "seed": "train.seed", "backbone": "model.backbone",
     "run_dir": "run_dir", "label": "label", "train_shards": "data.train_shards",
-    "test_shards": "data.test_shards", "epochs": "train.epochs",
+    "test_shards": "data.test_shards", "val_shards": "data.val_shards", "epochs": "train.epochs",
     "checkpoint_modality": "model.checkpoint_modality",
     "trust_checkpoint": "model.trust_checkpoint", "benchmark": "data.benchmark",
 }
@@ -77,6 +77,8 @@ def _add_finetune_flags(ft: argparse.ArgumentParser) -> None:
                     "default dfc2020)")
     ft.add_argument("--train-shards", help="the benchmark's training shard dir (DFC2020: its validation split)")
     ft.add_argument("--test-shards", help="the benchmark's test-split shard dir")
+    ft.add_argument("--val-shards", help="an early-stopping shard dir of its own (BigEarthNet: --split val); "
+                    "default: hold data.val_fraction of the training shards out")
     ft.add_argument("--out", help="sweep only: output root (overrides the sweep's `out`)")
     ft.add_argument("--dry-run", action="store_true", default=None,
                     help="sweep only: list the runs, run nothing")

@@ -12,10 +12,18 @@ per class a seeded permutation, of which the first ceil(f * n_c) are taken, so t
 is contained in the 10 % set for the same seed. With `keep_every_class` (default) ceil keeps
 at least one example of every class the training pool has; switched off, floor is used and
 the classes that vanish are reported (log + result.json `classes_missing_in_train`).
+
+Scene-label benchmarks (`Benchmark.label_source == "vector"`: BigEarthNet-19, SEN12MS-IGBP)
+keep one class-fraction vector per patch instead of a map (`labels` is (N, C)); their shard
+sets are checked against the benchmark's datasets and splits first. S2 of other band sets
+(BigEarthNet's 12 L2A bands, no B10) is placed in the 13-band order the models take, the
+missing bands zero-filled and listed (`s2_missing`): the batcher sets them to 0 after
+normalising, i.e. to the band mean, and the manifest statistics get a neutral entry for them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tarfile
@@ -28,6 +36,7 @@ import numpy as np
 from satfuse.data.format.bands import manifest_bands
 from satfuse.data.format.codecs import declared_shape, find_member, from_manifest, load_array
 from satfuse.data.format.manifest import MANIFEST_NAME, load
+from satfuse.data.packing.normalize import S2_BANDS
 from satfuse.data.sources.layout import EXPECTED_BANDS
 from satfuse.evaluation.benchmark import DEFAULT_BENCHMARK, Benchmark, benchmark_class
 from satfuse.evaluation.targets import IGNORE, single_label
@@ -38,7 +47,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class LabeledSplit:
     """Raw arrays of one split: s1 (N,2,H,W) f32, s2 (N,13,H,W) u16, labels (N,H,W) class maps
-    of `benchmark`'s `n_classes` classes."""
+    of `benchmark`'s `n_classes` classes, or (N, n_classes) f32 class fractions for a scene-label
+    benchmark; `s2_missing`: the S2 channels the shards lack (zero-filled)."""
 
     keys: list[str]
     s1: np.ndarray
@@ -47,6 +57,12 @@ class LabeledSplit:
     manifest: dict
     source: str
     n_classes: int
+    s2_missing: tuple[int, ...] = ()
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether labels are per-sample vectors (not maps that crops cut)."""
+        return self.labels.ndim == 2
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -54,6 +70,10 @@ class LabeledSplit:
     def patch_labels(self) -> np.ndarray:
         """Single label of every whole map (IGNORE where no pixel is valid); used to stratify."""
         out = np.full(len(self), IGNORE, dtype=np.int64)
+        if self.per_sample:
+            has = self.labels.sum(axis=1) > 0
+            out[has] = self.labels[has].argmax(axis=1)
+            return out
         for i, m in enumerate(self.labels):
             lab = single_label(m, self.n_classes)
             if lab is not None:
@@ -132,32 +152,104 @@ def _center(a: np.ndarray, crop: int) -> np.ndarray:
     return a[..., top : top + crop, left : left + crop]
 
 
-def load_split(shard_dir: str | Path, center_crop: int = 0, benchmark: str = DEFAULT_BENCHMARK) -> LabeledSplit:
+def check_shard_set(bench: type[Benchmark], manifest: dict, where: Path, role: str) -> None:
+    """Refuse a shard set the benchmark cannot read: another dataset, or (where the benchmark
+    names splits and the manifest records one) another split than `role`'s."""
+    dataset = manifest.get("dataset")
+    if bench.datasets and dataset not in bench.datasets:
+        raise SatfuseError(f"{where}: a {dataset} shard set, but benchmark {bench.name} reads "
+                           f"{'|'.join(bench.datasets)} shards with its labels; write them with `{bench.labels_hint()}`")
+    allowed, split = bench.shard_splits.get(role), manifest.get("split")
+    if allowed and split is not None and split not in allowed:
+        raise SatfuseError(f"{where}: holds the {split!r} split, but is given as benchmark {bench.name}'s {role} set "
+                           f"(needs --split {allowed[0]}); write it with `{bench.labels_hint()}`")
+
+
+def check_same_dataset(bench: type[Benchmark], sets: dict[str, LabeledSplit | None]) -> None:
+    """Refuse train/val/test sets of different datasets (a BigEarthNet v1 set beside v2 ones:
+    other patches, other label sources), naming each set's."""
+    kinds = {role: sp.manifest.get("dataset") for role, sp in sets.items() if sp is not None}
+    if len(set(kinds.values())) > 1:
+        said = ", ".join(f"{role} {sets[role].source} is {kind}" for role, kind in kinds.items())  # type: ignore[union-attr]
+        raise SatfuseError(f"benchmark {bench.name}: its shard sets mix datasets ({said}); write every split of one "
+                           f"dataset with `{bench.labels_hint()}`")
+
+
+def _aligned_s2(bands: list[str], where: Path) -> tuple[list[int], tuple[int, ...]]:
+    """Where each shard S2 band goes in the 13-band order, and the channels no band fills."""
+    unknown = [b for b in bands if b not in S2_BANDS]
+    if unknown:
+        raise SatfuseError(f"{where}: S2 band(s) {unknown} are not among the models' {S2_BANDS}; "
+                           "re-shard with the dataset's standard bands")
+    dest = [S2_BANDS.index(b) for b in bands]
+    return dest, tuple(i for i in range(len(S2_BANDS)) if i not in dest)
+
+
+def _align_stats(manifest: dict, dest: list[int]) -> dict:
+    """The manifest with its S2 statistics in the 13-band order (missing bands: mean 0, std 1:
+    their zero fill stays 0)."""
+    stats = manifest.get("stats") or {}
+    s2 = stats.get("s2")
+    if not s2 or len(s2.get("mean", [])) != len(dest):
+        return manifest
+    mean, std = [0.0] * len(S2_BANDS), [1.0] * len(S2_BANDS)
+    for j, i in enumerate(dest):
+        mean[i], std[i] = s2["mean"][j], s2["std"][j]
+    return {**manifest, "stats": {**stats, "s2": {**s2, "mean": mean, "std": std}}}
+
+
+def _vector_label(bench: type[Benchmark], sample: dict[str, bytes], where: str) -> np.ndarray:
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+    except ValueError as exc:
+        raise SatfuseError(f"{where}: the sample's json member does not parse ({exc}); re-run `satfuse shard`") from None
+    vec = bench.label_vector(meta) if isinstance(meta, dict) else None
+    if vec is None:
+        raise SatfuseError(f"{where}: has no {bench.title} label in its json (benchmark {bench.name}); "
+                           f"write labelled shards with `{bench.labels_hint()}`")
+    return vec
+
+
+def load_split(shard_dir: str | Path, center_crop: int = 0, benchmark: str = DEFAULT_BENCHMARK,
+               role: str = "train") -> LabeledSplit:
     """Read every labelled sample of a shard set into memory (optionally centre-cropped), its
-    label maps turned into `benchmark`'s classes."""
+    label maps turned into `benchmark`'s classes (or its per-sample label vectors read); `role`
+    (train/val/test) is the part the set plays, checked against the split it records."""
     bench: type[Benchmark] = benchmark_class(benchmark)
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     if not from_manifest(manifest, str(shard_dir / MANIFEST_NAME)).labels:
         raise SatfuseError(f"{shard_dir}: packed with --no-labels (pretraining only), so it has no label members; "
-                           "re-shard it without --no-labels for fine-tuning and evaluation")
+                           "re-shard it without --no-labels for fine-tuning and evaluation"
+                           + (f": `{bench.shard_command}`" if bench.shard_command else ""))
+    check_shard_set(bench, manifest, shard_dir, role)
     bands = manifest_bands(manifest, str(shard_dir / MANIFEST_NAME))
+    dest, s2_missing = _aligned_s2(bands["s2"], shard_dir / MANIFEST_NAME)
+    vector = bench.label_source == "vector"
     keys, s1s, s2s, labs = [], [], [], []
     for tar in shard_paths(shard_dir, manifest):
         for sample in iter_tar_samples(tar):
             key = sample["__key__"].decode()
             where = f"{tar}:{key}"
             member = next((m for m in bench.label_members if find_member(sample, f"{m}.npy")), None)
-            if member is None or not find_member(sample, "s1.npy") or not find_member(sample, "s2.npy"):
-                labels = " or ".join(f"{m}.npy" for m in bench.label_members)
+            if (member is None and not vector) or not find_member(sample, "s1.npy") or not find_member(sample, "s2.npy"):
+                labels = " or ".join(f"{m}.npy" for m in bench.label_members) or "its json label"
                 raise SatfuseError(f"{where}: needs s1.npy, s2.npy and {labels} (benchmark {bench.name}); "
-                                   f"shard a labelled dataset ({bench.dataset}) for it")
+                                   f"{bench.labels_hint()}")
             keys.append(key)
             s1s.append(_center(_npy(sample, "s1.npy", where, len(bands["s1"])).astype(np.float32, copy=False),
                                center_crop))
-            s2s.append(_center(_npy(sample, "s2.npy", where, len(bands["s2"])), center_crop))
-            lab = bench.label_map(member, _npy(sample, f"{member}.npy", where, EXPECTED_BANDS[member][0]))
-            labs.append(_center(lab, center_crop))
+            s2 = _center(_npy(sample, "s2.npy", where, len(bands["s2"])), center_crop)
+            if s2_missing:
+                full = np.zeros((len(S2_BANDS), *s2.shape[1:]), dtype=s2.dtype)
+                full[dest] = s2
+                s2 = full
+            s2s.append(s2)
+            if vector:
+                labs.append(_vector_label(bench, sample, where))
+            else:
+                lab = bench.label_map(member, _npy(sample, f"{member}.npy", where, EXPECTED_BANDS[member][0]))
+                labs.append(_center(lab, center_crop))
     if not keys:
         raise SatfuseError(f"{shard_dir}: the shard set holds no samples; it cannot be used for "
                            "training or testing (check the split file given to `satfuse shard`)")
@@ -166,22 +258,27 @@ def load_split(shard_dir: str | Path, center_crop: int = 0, benchmark: str = DEF
         raise SatfuseError(f"{shard_dir}: patches of different sizes {sorted(shapes)}; "
                            "crop them to one size when sharding")
     log.info("loaded %d labelled patches from %s", len(keys), shard_dir)
+    if s2_missing:
+        log.info("%s: S2 lacks %s; zero-filled (the band mean after normalising)", shard_dir,
+                 ", ".join(S2_BANDS[i] for i in s2_missing))
+        manifest = _align_stats(manifest, dest)
     return LabeledSplit(keys, np.stack(s1s), np.stack(s2s), np.stack(labs), manifest, str(shard_dir),
-                        bench.n_classes())
+                        bench.n_classes(), s2_missing)
 
 
 _CACHE: dict[tuple, LabeledSplit] = {}
 
 
-def load_split_cached(shard_dir: str | Path, center_crop: int = 0, benchmark: str = DEFAULT_BENCHMARK) -> LabeledSplit:
-    """`load_split`, memoised per process on (path, manifest mtime, crop, benchmark): sweeps read once."""
+def load_split_cached(shard_dir: str | Path, center_crop: int = 0, benchmark: str = DEFAULT_BENCHMARK,
+                      role: str = "train") -> LabeledSplit:
+    """`load_split`, memoised per process on (path, manifest mtime, crop, benchmark, role): sweeps read once."""
     p = Path(shard_dir).resolve()
     mtime = (p / MANIFEST_NAME).stat().st_mtime_ns if (p / MANIFEST_NAME).exists() else 0
-    key = (str(p), mtime, center_crop, benchmark)
+    key = (str(p), mtime, center_crop, benchmark, role)
     if key not in _CACHE:
         if len(_CACHE) >= 4:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = load_split(p, center_crop, benchmark)
+        _CACHE[key] = load_split(p, center_crop, benchmark, role)
     return _CACHE[key]
 
 

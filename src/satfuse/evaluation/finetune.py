@@ -49,7 +49,7 @@ from satfuse.evaluation.metrics import multi_label_metrics, single_label_metrics
 from satfuse.evaluation.models import Classifier, build_classifier, scratch_branches
 from satfuse.evaluation.plain_weights import load_for_finetune
 from satfuse.evaluation.pretrained import pretrained_branches
-from satfuse.evaluation.targets import IGNORE, batch_targets
+from satfuse.evaluation.targets import IGNORE, batch_targets, vector_targets
 from satfuse.models.methods import method_title
 from satfuse.run_layout import RunLayout
 from satfuse.utils import SatfuseError, atomic_write_text
@@ -66,7 +66,8 @@ class FtDataConfig:
     benchmark: str = DEFAULT_BENCHMARK  # the downstream benchmark (satfuse.registry.BENCHMARKS): classes, label members, tasks, metric
     train_shards: str = "shards/dfc2020-train"  # the DFC2020 validation split (authors train on it)
     test_shards: str = "shards/dfc2020-test"  # the DFC2020 test split, scored once at the end
-    val_fraction: float = 0.2  # held out of train_shards for early stopping (stratified)
+    val_shards: str = ""  # an early-stopping set of its own (BigEarthNet's val split); empty: hold val_fraction of train_shards out
+    val_fraction: float = 0.2  # held out of train_shards for early stopping (stratified); unused with val_shards
     crop: int = 224  # random crop (train) / centre crop (val, test); authors 224 of 256
     label_fraction: float = 1.0  # share of the labelled training patches used (stratified by class)
     keep_every_class: bool = True  # ceil per class (>= 1 example each) vs floor (may drop)
@@ -176,6 +177,7 @@ class Prepared:
     val_idx: np.ndarray
     strat: np.ndarray
     info: dict
+    val: D.LabeledSplit | None = None  # data.val_shards' set (val_idx index it), else None (val_idx index train)
 
 
 def _stats_from_arrays(split: D.LabeledSplit, s1_clip: list[float], s2_clip: list[float]) -> dict:
@@ -210,21 +212,26 @@ def prepare_data(dc: FtDataConfig, seed: int) -> Prepared:
     if dc.crop > min(train.s1.shape[-2:]):
         raise SatfuseError(f"data.crop={dc.crop} is larger than the {train.s1.shape[-1]}px patches of "
                            f"{dc.train_shards}; set data.crop <= {min(train.s1.shape[-2:])}")
-    test = D.load_split_cached(dc.test_shards, dc.crop, dc.benchmark)
+    test = D.load_split_cached(dc.test_shards, dc.crop, dc.benchmark, "test")
     shared = shared_shards(train.manifest, test.manifest)
     if shared:  # the report calls test scores held-out: say so when they are not
         log.warning("data.test_shards=%s shares %d shard(s) with data.train_shards=%s (same bytes): its scores are "
                     "not held-out; point data.test_shards at a disjoint shard set", dc.test_shards, len(shared),
                     dc.train_shards)
     strat = train.patch_labels()
-    pool, val_idx = D.train_val_split(strat, dc.val_fraction, seed)
+    val = D.load_split_cached(dc.val_shards, dc.crop, dc.benchmark, "val") if dc.val_shards else None
+    D.check_same_dataset(benchmark_class(dc.benchmark), {"train": train, "val": val, "test": test})
+    if val is not None:  # the benchmark's own val split: every labelled train patch is in the pool
+        pool, val_idx = np.flatnonzero(strat != IGNORE), np.flatnonzero(val.patch_labels() != IGNORE)
+    else:
+        pool, val_idx = D.train_val_split(strat, dc.val_fraction, seed)
     train_idx = D.label_fraction_subset(strat, pool, dc.label_fraction, seed,
                                         dc.keep_every_class)
     if train_idx.size == 0:
         raise SatfuseError(f"{dc.train_shards}: label fraction {dc.label_fraction} leaves no "
                            "training patch; use a larger data.label_fraction")
     info = _class_report(strat, pool, train_idx, val_idx, test, dc)
-    return Prepared(train, test, train_idx, val_idx, strat, info)
+    return Prepared(train, test, train_idx, val_idx, strat, info, val)
 
 
 def _class_report(strat, pool, train_idx, val_idx, test, dc) -> dict:
@@ -266,11 +273,17 @@ class Batcher:
         self.min_fraction, self.device = min_fraction, device
 
     def __call__(self, idx: np.ndarray, rng: np.random.Generator | None):
-        s1, s2, lab = D.crop_batch([self.split.s1, self.split.s2, self.split.labels], idx, self.crop, rng)
-        single, multi = batch_targets(lab, self.min_fraction, self.split.n_classes)
+        if self.split.per_sample:  # scene labels: crops cut the images only
+            s1, s2 = D.crop_batch([self.split.s1, self.split.s2], idx, self.crop, rng)
+            single, multi = vector_targets(self.split.labels[idx], self.min_fraction)
+        else:
+            s1, s2, lab = D.crop_batch([self.split.s1, self.split.s2, self.split.labels], idx, self.crop, rng)
+            single, multi = batch_targets(lab, self.min_fraction, self.split.n_classes)
+        s2n = normalize(s2, self.stats["s2"])
+        if self.split.s2_missing:  # bands the shards lack: the band mean (0), whatever the statistics
+            s2n[:, list(self.split.s2_missing)] = 0.0
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        return (t(normalize(s1, self.stats["s1"])), t(normalize(s2, self.stats["s2"])),
-                t(single), t(multi))
+        return t(normalize(s1, self.stats["s1"])), t(s2n), t(single), t(multi)
 
 
 def _loss(task: str, logits: torch.Tensor, single: torch.Tensor, multi: torch.Tensor) -> torch.Tensor:
@@ -308,9 +321,12 @@ def predict(model: Classifier, batcher: Batcher, idx: np.ndarray, batch_size: in
 def score(task: str, pred: dict, threshold: float, bench: type[Benchmark]) -> dict:
     """The task's metrics of `pred`, per class under the benchmark's class names."""
     if task == "single":
-        return single_label_metrics(pred["single"], pred["logits"].argmax(1).numpy(), bench.n_classes(),
-                                    bench.class_names)
-    return multi_label_metrics(pred["multi"], torch.sigmoid(pred["logits"]).numpy(), threshold, bench.class_names)
+        out = single_label_metrics(pred["single"], pred["logits"].argmax(1).numpy(), bench.n_classes(),
+                                   bench.class_names)
+        return {**out, **bench.extra_metrics(task, pred["single"], torch.softmax(pred["logits"], 1).numpy())}
+    scores = torch.sigmoid(pred["logits"]).numpy()
+    out = multi_label_metrics(pred["multi"], scores, threshold, bench.class_names)
+    return {**out, **bench.extra_metrics(task, pred["multi"], scores)}
 
 
 def _device(name: str) -> torch.device:
@@ -355,6 +371,8 @@ class Trainer:
         tc = cfg.train
         self.opt = torch.optim.Adam(model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay))
         self.batcher = Batcher(prep.train, stats, cfg.data.crop, cfg.data.multi_label_min_fraction, device)
+        self.val_batcher = (Batcher(prep.val, stats, cfg.data.crop, cfg.data.multi_label_min_fraction, device)
+                            if prep.val is not None else self.batcher)
         self.rng = np.random.default_rng([tc.seed, 7])
         self.curves: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": [], "val_metric": [],
                                         "lr_head": [], "seconds": []}
@@ -395,7 +413,7 @@ class Trainer:
             train_loss = self._epoch()
             val_loss, val_metric = float("nan"), float("nan")
             if has_val:
-                pred = predict(self.model, self.batcher, self.prep.val_idx, self.cfg.data.eval_batch_size, task)
+                pred = predict(self.model, self.val_batcher, self.prep.val_idx, self.cfg.data.eval_batch_size, task)
                 val_loss = pred["loss"]
                 if pred["single"].size:
                     val_metric = score(task, pred, tc.threshold, self.bench)[self.bench.metrics[task]]

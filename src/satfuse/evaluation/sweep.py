@@ -73,6 +73,7 @@ class SweepConfig:
     checkpoint: str = "none"  # the pretrained export/ckpt dir behind `checkpoint: pretrained`
     train_shards: str = ""  # non-empty: overrides data.train_shards of every run
     test_shards: str = ""  # non-empty: overrides data.test_shards of every run
+    val_shards: str = ""  # non-empty: overrides data.val_shards of every run (a benchmark's own val split)
     methods: list[SweepMethod] = field(default_factory=list)  # the table's rows (see SweepMethod)
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0])  # shares of labelled patches
     multi_label_fractions: list[float] = field(default_factory=list)  # empty = label_fractions
@@ -110,7 +111,8 @@ def _run_config(sweep: SweepConfig, m: SweepMethod, task: str, frac: float, seed
     raw: dict[str, Any] = read_yaml(sweep.base_config) if sweep.base_config else {}
     for key, value in _flatten(sweep.base):
         set_dotted(raw, key, value)
-    for key, value in (("data.train_shards", sweep.train_shards), ("data.test_shards", sweep.test_shards)):
+    for key, value in (("data.train_shards", sweep.train_shards), ("data.test_shards", sweep.test_shards),
+                       ("data.val_shards", sweep.val_shards)):
         if value:
             set_dotted(raw, key, value)
     ckpt = sweep.checkpoint if m.checkpoint == "pretrained" else m.checkpoint

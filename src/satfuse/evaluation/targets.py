@@ -104,3 +104,14 @@ def batch_targets(label_maps: np.ndarray, min_fraction: float = 0.1,
     frac = counts / np.maximum(total, 1)[:, None]
     multi = ((frac >= min_fraction - 1e-12) & (total[:, None] > 0)).astype(np.float32)
     return single, multi
+
+
+def vector_targets(fractions: np.ndarray, min_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """`batch_targets` for per-sample class-fraction vectors (B, C): single = argmax (IGNORE
+    where a vector is all zeros: no class), multi = fraction >= min_fraction (the SEN12MS
+    authors' rule; a multi-hot vector of 0/1 passes through unchanged)."""
+    fr = np.asarray(fractions, dtype=np.float32)
+    total = fr.sum(axis=1)
+    single = np.where(total > 0, fr.argmax(axis=1), IGNORE).astype(np.int64)
+    multi = ((fr >= min_fraction - 1e-6) & (total[:, None] > 0)).astype(np.float32)
+    return single, multi

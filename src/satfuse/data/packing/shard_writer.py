@@ -48,6 +48,7 @@ from rasterio.errors import RasterioError
 
 from satfuse.data.format import manifest as mf
 from satfuse.data.format.codecs import Encoding, add_encoding
+from satfuse.data.packing.label_file import check_label_file_use, label_file_record, pair_vectors
 from satfuse.data.packing.multiband import shard_bands
 from satfuse.data.packing.raster import Prefetcher, Raster
 from satfuse.data.packing.shard_dir import (
@@ -92,9 +93,11 @@ def _pair_files(pair: Pair) -> list[Path]:
     return [f for f in (pair.s1, pair.s2, pair.label, *(a for _, a in pair.aux)) if f is not None]
 
 
-def _shard_plan_digest(pairs: list[Pair], src: Path, dataset: str, label: str | None) -> str:
-    """What a shard's bytes depend on: the pairs, their files' sizes and mtimes, the format."""
-    items = [[p.key, file_stamps(_pair_files(p), src)] for p in pairs]
+def _shard_plan_digest(pairs: list[Pair], src: Path, dataset: str, label: str | None,
+                       igbp: dict[str, list[float]] | None = None) -> str:
+    """What a shard's bytes depend on: the pairs, their files' sizes and mtimes, the format
+    (and, with --labels, each pair's IGBP vector)."""
+    items = [[p.key, file_stamps(_pair_files(p), src)] + ([igbp[p.key]] if igbp else []) for p in pairs]
     return plan_digest([mf.FORMAT, dataset, label, items])
 
 
@@ -140,8 +143,10 @@ def count_limit(pairs: list[Pair], maxcount: int, maxsize: int | None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def sample_dict(pair: Pair, rasters: dict[str, Raster], dataset: str, src: Path) -> dict[str, Any]:
-    """One WebDataset sample of the format: arrays as .npy, metadata as .json."""
+def sample_dict(pair: Pair, rasters: dict[str, Raster], dataset: str, src: Path,
+                igbp: list[float] | None = None) -> dict[str, Any]:
+    """One WebDataset sample of the format: arrays as .npy, metadata as .json (with `igbp`, the
+    pair's 17 IGBP fractions from `--labels`, as the JSON's `igbp`)."""
     s1 = rasters["s1"]
     meta = {
         "key": pair.key, "dataset": dataset, "roi": pair.roi, "season": pair.season,
@@ -149,6 +154,8 @@ def sample_dict(pair: Pair, rasters: dict[str, Raster], dataset: str, src: Path)
         "height": int(s1.array.shape[1]), "width": int(s1.array.shape[2]),
         "sources": {sensor: rel_path(_source(pair, sensor), src) for sensor in rasters},
     }  # fmt: skip
+    if igbp is not None:
+        meta["igbp"] = igbp
     sample: dict[str, Any] = {"__key__": pair.key, "json": json.dumps(meta).encode()}
     for sensor, r in rasters.items():
         sample[f"{sensor}.npy"] = r.npy
@@ -176,6 +183,7 @@ class ShardTask:
     pairs: list[Pair]
     exclude_bad: bool
     encoding: Encoding = field(default_factory=Encoding)
+    igbp: dict[str, list[float]] | None = None  # --labels: pair key -> 17 IGBP fractions
 
 
 def _items(task: ShardTask) -> Iterator[Item]:
@@ -186,13 +194,13 @@ def _items(task: ShardTask) -> Iterator[Item]:
         if isinstance(rasters, Exception):
             yield pair.key, [str(p) for p in _pair_files(pair)], rasters
             continue
-        sample = sample_dict(pair, rasters, task.dataset, task.src)
+        sample = sample_dict(pair, rasters, task.dataset, task.src, task.igbp[pair.key] if task.igbp else None)
         yield pair.key, [], Packed(sample, {"s1": rasters["s1"].array, "s2": rasters["s2"].array}, (str(pair.s1),))
 
 
 def write_shard(task: ShardTask) -> dict[str, Any]:
     """Write one shard atomically (or keep a verified one); return its record (`tar_writer.write_tar`)."""
-    digest = _shard_plan_digest(task.pairs, task.src, task.dataset, task.label)
+    digest = _shard_plan_digest(task.pairs, task.src, task.dataset, task.label, task.igbp)
     return write_tar(task.out, task.name, task.index, digest, _items(task), {"s1": 2, "s2": 13}, task.exclude_bad,
                      task.encoding)
 
@@ -221,6 +229,7 @@ def shard_dataset(
     pairs_file: Path | None = None,
     strict_split: bool = False,
     encoding: Encoding | None = None,
+    igbp_labels: Path | None = None,
     **band_options: Any,
 ) -> dict[str, Any]:
     """Pack `src` into `out` (see module doc). Returns the manifest (or, for a job-array
@@ -230,9 +239,12 @@ def shard_dataset(
     for `PER_BAND` datasets, `resample` and `tol_m`. `encoding` (`satfuse.data.format.codecs`:
     --compress, --s1-dtype, --no-labels) defaults to the original format. The dataset entry
     (`satfuse.registry.DATASETS`) refuses the scan flags it does not read, then its kind picks
-    the packer: this module's pairs, or `multiband` for one file per band."""
+    the packer: this module's pairs, or `multiband` for one file per band. `igbp_labels`
+    (`--labels`, SEN12MS only): the label file whose 17-vector of each pair goes into its JSON."""
     src, out = Path(src), named_out(out)
     encoding = encoding or Encoding()
+    if igbp_labels is not None:
+        check_label_file_use(dataset, encoding)
     spec = dataset_entry(dataset)
     scan_keys = ("split", "s2_level", "max_gap_days")
     options = ScanOptions(split_file=split_file, exclude_scenes=exclude_scenes, pairs_file=pairs_file,
@@ -257,6 +269,7 @@ def shard_dataset(
     if not result.pairs:
         reasons = "; ".join(e.reason for e in result.excluded[:MAX_ERRORS_SHOWN])
         raise SatfuseError(f"{src}: no complete {dataset} pair to pack ({len(result.excluded)} excluded: {reasons}); fix the layout or --split-file")
+    igbp = pair_vectors(igbp_labels, result.pairs) if igbp_labels is not None else None
     count = count_limit(result.pairs, maxcount, maxsize)
     plan = plan_shards(result.pairs, seed, count)
     header = {
@@ -270,12 +283,15 @@ def shard_dataset(
         header["exclude_scenes"] = str(exclude_scenes)
     if pairs_file is not None:
         header["pairs_file"] = str(pairs_file)
+    if igbp_labels is not None:
+        header["igbp_labels"] = label_file_record(igbp_labels)
     add_encoding(header, encoding)
     header["plan"] = plan_digest([header, [[p.key for p in shard] for shard in plan]])
     claim = prepare_out(out, overwrite, {"dataset": dataset})
     remove_stale(out, out.name, len(plan), part[0] if part else None)
     mine = [j for j in range(len(plan)) if part is None or j % part[1] == part[0]]
-    tasks = [ShardTask(j, out.name, out, src, dataset, result.label, plan[j], exclude_bad, encoding) for j in mine]
+    tasks = [ShardTask(j, out.name, out, src, dataset, result.label, plan[j], exclude_bad, encoding,
+                       {p.key: igbp[p.key] for p in plan[j]} if igbp else None) for j in mine]
     try:
         records = run_tasks(write_shard, tasks, [len(t.pairs) for t in tasks], workers)
         raise_on_errors(records, out)

@@ -22,7 +22,8 @@ synthetic DFC2020 as it should):
 Side files are the publishers' own, byte for byte in format (see satfuse.data.sources.layout):
 SEN12MS gets `sen12ms_observations.csv` (the seed paper's list: no header,
 `Seasons.SPRING,scene,id`), SEN12MS's `train_list.txt` / `test_list.txt` (S2 file names, CRLF)
-and their `.pkl` twins, and `SEN12MS_holdOutScenes.txt` (the test scenes, `ROI/s1_<scene>`);
+and their `.pkl` twins, `labels/IGBP_probability_labels.pkl` (the scene-classification labels:
+S2 file name -> 17 IGBP fractions of the patch's `lc` IGBP layer), and `SEN12MS_holdOutScenes.txt` (the test scenes, `ROI/s1_<scene>`);
 DFC2020 gets `validation_observations.csv` / `test_observations.csv` (`Seasons.VALSET,0,id` /
 `Seasons.TESTSET,0,id`) and the download's folder names (`s1_validation`, ..., `s1_0`).
 
@@ -46,6 +47,7 @@ import rasterio
 from rasterio.transform import Affine
 from tqdm import tqdm
 
+from satfuse.data.sources.igbp_labels import LABELS_FILE, igbp_fractions, write_igbp_labels
 from satfuse.data.sources.layout import DFC2020_ROIS, IGBP2DFC, SEN12MS_ROIS, patch_path, season_of
 from satfuse.data.sources.split_lists import (
     write_list_pkl,
@@ -253,7 +255,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SatfuseError(f"{out}: exists and is not a directory; choose another --out")
-    patterns = ("ROIs*", "*_observations.csv", "*_list.txt", "*_list.pkl", "SEN12MS_holdOutScenes.txt")
+    patterns = ("ROIs*", "*_observations.csv", "*_list.txt", "*_list.pkl", "SEN12MS_holdOutScenes.txt", LABELS_FILE)
     existing = [p for pattern in patterns for p in out.glob(pattern)] if out.is_dir() else []
     if existing and not overwrite:
         raise SatfuseError(f"{out}: already holds a dataset ({existing[0].name} ...); pass --overwrite to replace it or choose another --out")
@@ -279,6 +281,7 @@ def write_sen12ms(out: Path, scenes: int, patches_per_scene: int, seed: int, siz
     out = Path(out)
     _prepare_out(out, overwrite)
     ids: list[tuple[str, int, int]] = []
+    igbp_labels: dict[str, np.ndarray] = {}
     with _progress(scenes * patches_per_scene, "synth sen12ms") as bar:
         for i in range(scenes):
             roi, scene = SEN12MS_ROIS[i % 4], i + 1
@@ -292,6 +295,7 @@ def write_sen12ms(out: Path, scenes: int, patches_per_scene: int, seed: int, siz
                 arrays = {"s1": render_s1(rng, igbp), "s2": render_s2(rng, igbp, season), "lc": lc_bands(igbp)}
                 crs, transform = _geo(np.random.default_rng([seed, 3, scene]), j, size)
                 _write_patch(out, roi, scene, patch, arrays, crs, transform)
+                igbp_labels[patch_path(out, roi, "s2", scene, patch).name] = igbp_fractions(arrays["lc"][0])
                 ids.append((roi, scene, patch))
                 bar.update(1)
     val_scenes = {s for s in range(1, scenes + 1) if s % 5 == 0} or ({scenes} if scenes >= 2 else set())
@@ -301,6 +305,7 @@ def write_sen12ms(out: Path, scenes: int, patches_per_scene: int, seed: int, siz
         write_list_txt(out / f"{name}_list.txt", part)
         write_list_pkl(out / f"{name}_list.pkl", part)
     write_scene_list(out / "SEN12MS_holdOutScenes.txt", sorted({(roi, scene) for roi, scene, _ in test}, key=lambda t: t[1]))
+    write_igbp_labels(out / LABELS_FILE, igbp_labels)
     log.info("wrote %d synthetic SEN12MS pairs (%d scenes, %dx%d) to %s", len(ids), scenes, size, size, out)
     return len(ids)
 

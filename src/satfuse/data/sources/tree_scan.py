@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+from satfuse.data.sources.igbp_labels import LABELS_FILE
 from satfuse.data.sources.layout import (
     AUX_SENSORS,
     FILE_RE,
@@ -149,6 +150,8 @@ def _collect(root: Path, dataset: str) -> tuple[dict[tuple[str, int, int], dict[
             _collect_roi(top, dataset, folders, ignored)
         elif kind == "file" and _SIDEFILE_RE.search(top.name):
             ignored.append(Ignored(top.name, "side file: a split or scene list, read only when passed as --split-file / --exclude-scenes"))
+        elif kind == "dir" and top.name == LABELS_FILE.split("/")[0] and dataset == "sen12ms":
+            ignored.append(Ignored(top.name, f"side folder: {LABELS_FILE}, read only when passed as --labels"))
         elif kind == "dir" and _ROILIKE_RE.match(top.name):
             log.warning("%s: looks like a ROI folder but is not one of %s's (%s); it is skipped", top.path, dataset, ", ".join(ROIS[dataset]))
             ignored.append(Ignored(top.name, f"not a {dataset} ROI folder (expected {', '.join(ROIS[dataset])}); wrong --dataset?"))
