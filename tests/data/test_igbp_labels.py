@@ -64,7 +64,7 @@ def test_label_file_refusals(sen12ms_tree: Path, tmp_path: Path):
         "code.pkl": pickle.dumps({"a.tif": _Boom(flag)}),
         "list.pkl": pickle.dumps([np.zeros(17)]),
         "short.pkl": pickle.dumps({"a.tif": np.zeros(16)}),
-        "object.pkl": pickle.dumps({"a.tif": np.array([None] * 17, dtype=object)}),
+        "object.pkl": pickle.dumps({"a.tif": np.array([0.0] * 17, dtype=object)}),  # floats, but objects
         "nan.pkl": pickle.dumps({"a.tif": np.full(17, np.nan)}),
         "intkey.pkl": pickle.dumps({3: np.zeros(17)}),
     }

@@ -21,6 +21,7 @@ from satfuse.data.sources.synth_multiband import write_bigearthnet
 from satfuse.evaluation import data as D
 from satfuse.evaluation.finetune import Batcher, FinetuneConfig, run_finetune
 from satfuse.evaluation.metrics import micro_average_precision
+from satfuse.evaluation.report import make_report
 from satfuse.evaluation.sen12ms_igbp import simplify_igbp
 from satfuse.evaluation.targets import IGNORE, vector_targets
 from satfuse.utils import SatfuseError
@@ -101,6 +102,18 @@ def test_scene_benchmarks_run_with_their_labels_splits_and_metrics(sets, tmp_pat
     want = np.bincount(simplify_igbp(np.stack([labels[n] for n in test_names])).argmax(1), minlength=10)
     assert res["class_counts_test"] == want.tolist()
     assert {"oa", "aa", "f1_macro"} <= set(res["metrics"]) and "map_micro" not in res["metrics"]
+
+    # the report: one table (the benchmark's columns) and plot per benchmark
+    summary = make_report([tmp_path / "bigearthnet19multi", tmp_path / "sen12ms-igbpsingle"], tmp_path / "rep")
+    ben = (tmp_path / "rep" / "table.md").read_text()
+    assert ben.startswith("# BigEarthNet-19 downstream results")
+    assert "| Method | runs | n train | mAP (macro) | mAP (micro) | F1 (macro) | F1 (micro) |" in ben
+    assert "## Multi-label: mAP vs label fraction" in ben and "Single-label" not in ben
+    sen = (tmp_path / "rep" / "sen12ms-igbp" / "table.md").read_text()
+    assert sen.startswith("# SEN12MS-IGBP downstream results") and "| OA | AA | F1 (macro) |" in sen
+    assert (tmp_path / "rep" / "label_fractions.png").stat().st_size > 0
+    assert (tmp_path / "rep" / "sen12ms-igbp" / "label_fractions.png").stat().st_size > 0
+    assert summary["n_runs"] == 1 and summary["benchmarks"]["sen12ms-igbp"]["n_runs"] == 1
 
 
 def test_scene_benchmark_refusals(sets, tmp_path):

@@ -81,6 +81,15 @@ class Benchmark:
     """The `satfuse shard` command that writes shards with this benchmark's labels, named by
     every refusal of a shard set that lacks them (empty: "shard a labelled `dataset`")."""
 
+    report_columns: ClassVar[dict[str, tuple[tuple[str, str], ...]]] = {
+        "single": (("oa", "OA"), ("aa", "AA"), ("f1_macro", "F1 (macro)")),
+        "multi": (("f1_macro", "F1 (macro)"), ("f1_micro", "F1 (micro)"), ("precision_macro", "P (macro)"),
+                  ("precision_micro", "P (micro)"), ("recall_macro", "R (macro)"), ("recall_micro", "R (micro)"),
+                  ("map", "mAP")),
+    }
+    """Per task, the (metric key, column header) pairs of `satfuse report`'s tables: the metrics
+    the benchmark's literature reports (default: the DFC2020 paper's)."""
+
     @classmethod
     def n_classes(cls) -> int:
         """The number of classes (the classifier's outputs)."""

@@ -41,6 +41,9 @@ class BigEarthNet19(Benchmark):
     shard_command = ("satfuse shard --dataset bigearthnet|bigearthnet-v2 --split train|val|test "
                      "(without --no-labels), one shard set per split")
 
+    report_columns = {"multi": (("map", "mAP (macro)"), ("map_micro", "mAP (micro)"), ("f1_macro", "F1 (macro)"),
+                                ("f1_micro", "F1 (micro)"))}
+
     @classmethod
     def label_vector(cls, meta: dict[str, Any]) -> np.ndarray | None:
         labels = meta.get("labels19")

@@ -6,6 +6,12 @@ with 100 % of the labels, then one table per smaller fraction, and a compact tab
 accuracy vs label fraction. Every cell is mean ± std over seeds (sample std, ddof=1; a
 single run shows no ±), with the number of runs; the plot shows the same means with the std
 as error bars on a log-x axis.
+
+One table and plot set per benchmark (each result.json records its `benchmark`): the columns
+are the benchmark's `report_columns` (DFC2020: the paper's above), the plot its headline
+metric. DFC2020's (or, without DFC2020 runs, the only benchmark's) files are OUT/table.md,
+OUT/label_fractions*.png and OUT/summary.json as ever; every other benchmark's go to
+OUT/<benchmark>/, and OUT/summary.json lists them under `benchmarks`.
 """
 
 from __future__ import annotations
@@ -20,15 +26,15 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from satfuse.evaluation.benchmark import DEFAULT_BENCHMARK, Benchmark, benchmark_class
 from satfuse.run_layout import RESULT, RunLayout
 from satfuse.utils import SatfuseError, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SINGLE_COLS = [("oa", "OA"), ("aa", "AA"), ("f1_macro", "F1 (macro)")]
-MULTI_COLS = [("f1_macro", "F1 (macro)"), ("f1_micro", "F1 (micro)"), ("precision_macro", "P (macro)"),
-              ("precision_micro", "P (micro)"), ("recall_macro", "R (macro)"),
-              ("recall_micro", "R (micro)"), ("map", "mAP")]
+SINGLE_COLS = list(Benchmark.report_columns["single"])  # DFC2020's (the contract's default)
+MULTI_COLS = list(Benchmark.report_columns["multi"])
+METRIC_NAMES = {"aa": "average accuracy", "oa": "overall accuracy", "f1_macro": "macro F1", "map": "mAP"}  # plot/table wording
 
 
 def find_results(runs: list[str | Path]) -> list[Path]:
@@ -128,15 +134,19 @@ def _fraction_table(agg_task: dict, key: str) -> list[str]:
     return lines
 
 
-def render_markdown(agg: dict, n_runs: int) -> str:
-    out = ["# DFC2020 downstream results", "",
+def render_markdown(agg: dict, n_runs: int, bench: type[Benchmark] | None = None) -> str:
+    """The tables of one benchmark's aggregated runs (`bench` None: DFC2020)."""
+    bench = bench or benchmark_class(DEFAULT_BENCHMARK)
+    out = [f"# {bench.title} downstream results", "",
            f"{n_runs} runs; cells are mean ± std (sample std) over seeds, in %. "
            "AA = mean per-class accuracy over the classes present in the test split; "
            "multi-label macro scores and mAP average over classes with test positives.", ""]
-    for task, cols, title, key, kname in (("single", SINGLE_COLS, "Single-label", "aa", "average accuracy"),
-                                          ("multi", MULTI_COLS, "Multi-label", "f1_macro", "macro F1")):
+    for task, title in (("single", "Single-label"), ("multi", "Multi-label")):
         if task not in agg:
             continue
+        cols = list(bench.report_columns.get(task, Benchmark.report_columns[task]))
+        key = bench.metrics.get(task, cols[0][0])
+        kname = METRIC_NAMES.get(key, key)
         fracs = sorted({f for m in agg[task].values() for f in m}, reverse=True)
         for frac in fracs:
             out += [f"## {title} classification, {100 * frac:g} % of the labels", ""]
@@ -145,7 +155,7 @@ def render_markdown(agg: dict, n_runs: int) -> str:
     return "\n".join(out)
 
 
-def plot_fractions(agg_task: dict, key: str, ylabel: str, title: str) -> bytes:
+def plot_fractions(agg_task: dict, key: str, ylabel: str, title: str, bench_title: str = "DFC2020") -> bytes:
     """PNG bytes: metric vs label fraction, one line per method, std error bars, log-x."""
     fig = Figure(figsize=(7, 4.5), dpi=120)
     ax = fig.subplots()
@@ -161,7 +171,7 @@ def plot_fractions(agg_task: dict, key: str, ylabel: str, title: str) -> bytes:
     ticks = sorted({100 * f for cells in agg_task.values() for f in cells})
     ax.set_xticks(ticks, [f"{t:g} %" for t in ticks])
     ax.minorticks_off()
-    ax.set_xlabel("labelled training patches (% of the DFC2020 train split)")
+    ax.set_xlabel(f"labelled training patches (% of the {bench_title} train split)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -179,26 +189,48 @@ def png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def make_report(runs: list[str | Path], out: str | Path) -> dict:
-    """Write OUT/table.md, OUT/label_fractions.png (+ _multi.png), OUT/summary.json; return the summary."""
-    out = Path(out)
-    results = load_results(find_results(runs))
+def benchmark_of(result: dict) -> str:
+    """The benchmark a result.json was scored on (DFC2020 for results from before the record)."""
+    bench = result.get("benchmark")
+    return str(bench.get("name") or DEFAULT_BENCHMARK) if isinstance(bench, dict) else DEFAULT_BENCHMARK
+
+
+def _write_benchmark(results: list[dict], out: Path, bench: type[Benchmark]) -> dict:
+    """One benchmark's table.md, label-fraction plot(s) and summary.json in `out`; the summary."""
     agg = aggregate(results)
     files = {"table": str(out / "table.md")}
-    atomic_write_text(out / "table.md", render_markdown(agg, len(results)) + "\n")
-    if "single" in agg:
-        png = plot_fractions(agg["single"], "aa", "average accuracy (%)", "DFC2020 single-label")
-        atomic_write_bytes(out / "label_fractions.png", png)
-        files["plot"] = str(out / "label_fractions.png")
-    if "multi" in agg:
-        png = plot_fractions(agg["multi"], "f1_macro", "macro F1 (%)", "DFC2020 multi-label")
-        name = "label_fractions.png" if "single" not in agg else "label_fractions_multi.png"
+    atomic_write_text(out / "table.md", render_markdown(agg, len(results), bench) + "\n")
+    for task in ("single", "multi"):
+        if task not in agg:
+            continue
+        key = bench.metrics.get(task, "aa" if task == "single" else "f1_macro")
+        label = METRIC_NAMES.get(key, key)
+        png = plot_fractions(agg[task], key, f"{label} (%)", f"{bench.title} {task}-label", bench.title)
+        name = "label_fractions_multi.png" if task == "multi" and "single" in agg else "label_fractions.png"
         atomic_write_bytes(out / name, png)
-        files["plot_multi"] = str(out / name)
-    summary = {"n_runs": len(results), "files": files,
-               "results": {t: {m: {f"{f:g}": c for f, c in fr.items()} for m, fr in ms.items()}
-                           for t, ms in agg.items()},
-               "runs": [r["_path"] for r in results]}
+        files["plot" if task == "single" else "plot_multi"] = str(out / name)
+    return {"n_runs": len(results), "files": files,
+            "results": {t: {m: {f"{f:g}": c for f, c in fr.items()} for m, fr in ms.items()}
+                        for t, ms in agg.items()},
+            "runs": [r["_path"] for r in results]}
+
+
+def make_report(runs: list[str | Path], out: str | Path) -> dict:
+    """Write OUT/table.md, OUT/label_fractions.png (+ _multi.png), OUT/summary.json (and the same
+    in OUT/<benchmark>/ for each further benchmark, module doc); return the summary."""
+    out = Path(out)
+    results = load_results(find_results(runs))
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        groups[benchmark_of(r)].append(r)
+    first = DEFAULT_BENCHMARK if DEFAULT_BENCHMARK in groups else next(iter(groups))
+    summary = _write_benchmark(groups.pop(first), out, benchmark_class(first))
+    if groups:
+        summary["benchmarks"] = {}
+        for name, rs in groups.items():
+            sub = _write_benchmark(rs, out / name, benchmark_class(name))
+            atomic_write_text(out / name / "summary.json", json.dumps(sub, indent=1) + "\n")
+            summary["benchmarks"][name] = sub
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     log.info("report: %d runs -> %s", len(results), out)
     return summary

@@ -50,6 +50,10 @@ class Sen12msIgbp(Benchmark):
     shard_command = ("satfuse shard --dataset sen12ms --labels SRC/labels/IGBP_probability_labels.pkl "
                      "--split-file SRC/train_list.txt|test_list.txt")
 
+    report_columns = {"single": (("oa", "OA"), ("aa", "AA"), ("f1_macro", "F1 (macro)")),
+                      "multi": (("f1_macro", "F1 (macro)"), ("f1_micro", "F1 (micro)"), ("map", "mAP (macro)"),
+                                ("map_micro", "mAP (micro)"))}
+
     @classmethod
     def label_vector(cls, meta: dict[str, Any]) -> np.ndarray | None:
         igbp = meta.get("igbp")
