@@ -44,6 +44,7 @@ from satfuse.data.packing.normalize import BandStats, normalize
 from satfuse.engines.metrics_sinks import MetricSinks
 from satfuse.engines.rundir import FINETUNE_RUN, check_run_dir_kind
 from satfuse.evaluation import data as D
+from satfuse.evaluation import probe_cache
 from satfuse.evaluation.benchmark import DEFAULT_BENCHMARK, Benchmark, benchmark_class, check_task
 from satfuse.evaluation.metrics import multi_label_metrics, single_label_metrics
 from satfuse.evaluation.models import Classifier, build_classifier, scratch_branches
@@ -97,6 +98,9 @@ class FtModelConfig:
     # a .safetensors file's metadata, else the one beside the weights (if it names them),
     # else the training shards' statistics
     normalization: str = ""  # plain weights: band statistics JSON (empty: embedded, beside them, else the shards')
+    # mode=linear: a directory of frozen features (satfuse.evaluation.probe_cache), computed once
+    # per checkpoint and shard set and reused by every fraction and seed; empty = random-crop probe
+    feature_cache: str = ""  # linear probe on cached centre-crop features in this directory (empty: off)
 
 
 @dataclass
@@ -364,8 +368,8 @@ def build_model(mc: FtModelConfig, seed: int, n_classes: int | None = None) -> t
 class Trainer:
     """Epoch loop with val-based early stopping and a single x0.1 lr drop."""
 
-    def __init__(self, cfg: FinetuneConfig, model: Classifier, prep: Prepared, stats: dict,
-                 device: torch.device) -> None:
+    def __init__(self, cfg: FinetuneConfig, model: nn.Module, prep: Prepared, stats: dict,
+                 device: torch.device, batchers: tuple | None = None) -> None:
         self.cfg, self.model, self.prep, self.device = cfg, model, prep, device
         self.bench = benchmark_class(cfg.data.benchmark)
         tc = cfg.train
@@ -373,6 +377,8 @@ class Trainer:
         self.batcher = Batcher(prep.train, stats, cfg.data.crop, cfg.data.multi_label_min_fraction, device)
         self.val_batcher = (Batcher(prep.val, stats, cfg.data.crop, cfg.data.multi_label_min_fraction, device)
                             if prep.val is not None else self.batcher)
+        if batchers is not None:  # a probe on cached features (probe_cache): (train, val) feature batchers
+            self.batcher, self.val_batcher = batchers
         self.rng = np.random.default_rng([tc.seed, 7])
         self.curves: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": [], "val_metric": [],
                                         "lr_head": [], "seconds": []}
@@ -511,11 +517,16 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | No
     prep = prepare_data(cfg.data, cfg.train.seed)
     stats, stats_source = band_stats(cfg.data, prep.train, pre_stats)
     t_loaded = time.perf_counter()
-    trainer = Trainer(cfg, model, prep, stats, device)
+    probe = probe_cache.cached_probe(
+        cfg, model, {"train": (prep.train, cfg.data.crop), "val": (prep.val, cfg.data.crop), "test": (prep.test, 0)},
+        lambda split, crop: Batcher(split, stats, crop, cfg.data.multi_label_min_fraction, device),
+        {k: v.to_dict() for k, v in stats.items()}, ckpt_info, device) if cfg.model.feature_cache else None
+    trainer = Trainer(cfg, probe[0] if probe else model, prep, stats, device, probe[1][:2] if probe else None)
     fit = trainer.fit()
     t_trained = time.perf_counter()
-    test_batcher = Batcher(prep.test, stats, 0, cfg.data.multi_label_min_fraction, device)
-    pred = predict(model, test_batcher, np.arange(len(prep.test)), cfg.data.eval_batch_size, cfg.train.task)
+    test_batcher = probe[1][2] if probe else Batcher(prep.test, stats, 0, cfg.data.multi_label_min_fraction, device)
+    pred = predict(probe[0] if probe else model, test_batcher, np.arange(len(prep.test)), cfg.data.eval_batch_size,
+                   cfg.train.task)
     if pred["single"].size == 0:
         raise SatfuseError(f"{cfg.data.test_shards}: no test patch has a valid label in its "
                            f"{cfg.data.crop}px centre crop; nothing to score")
