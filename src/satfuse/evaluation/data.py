@@ -175,12 +175,11 @@ def check_same_dataset(bench: type[Benchmark], sets: dict[str, LabeledSplit | No
                            f"dataset with `{bench.labels_hint()}`")
 
 
-def _aligned_s2(bands: list[str], where: Path) -> tuple[list[int], tuple[int, ...]]:
-    """Where each shard S2 band goes in the 13-band order, and the channels no band fills."""
-    unknown = [b for b in bands if b not in S2_BANDS]
-    if unknown:
-        raise SatfuseError(f"{where}: S2 band(s) {unknown} are not among the models' {S2_BANDS}; "
-                           "re-shard with the dataset's standard bands")
+def _aligned_s2(bands: list[str]) -> tuple[list[int], tuple[int, ...]]:
+    """Where each shard S2 band goes in the 13-band order, and the channels no band fills. Band
+    names outside the 13 (a user's own rasters) are read as they are, in their order."""
+    if any(b not in S2_BANDS for b in bands) or len(set(bands)) != len(bands):
+        return list(range(len(bands))), ()
     dest = [S2_BANDS.index(b) for b in bands]
     return dest, tuple(i for i in range(len(S2_BANDS)) if i not in dest)
 
@@ -224,7 +223,7 @@ def load_split(shard_dir: str | Path, center_crop: int = 0, benchmark: str = DEF
                            + (f": `{bench.shard_command}`" if bench.shard_command else ""))
     check_shard_set(bench, manifest, shard_dir, role)
     bands = manifest_bands(manifest, str(shard_dir / MANIFEST_NAME))
-    dest, s2_missing = _aligned_s2(bands["s2"], shard_dir / MANIFEST_NAME)
+    dest, s2_missing = _aligned_s2(bands["s2"])
     vector = bench.label_source == "vector"
     keys, s1s, s2s, labs = [], [], [], []
     for tar in shard_paths(shard_dir, manifest):
