@@ -55,11 +55,42 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[BACKSTOP_FD] = os.dup(2)  # the terminal's stderr: capturing is not on here
 
 
+# pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): tests sharing something costly or
+# exclusive run on one worker, in one `xdist_group`. The slurm and multinode tests share the local
+# clusters (and their job ids, ports, node names) and go to one group; a test using a session
+# fixture of an area's conftest (e.g. the checkpoint reference run) joins that fixture's group,
+# and one using a module-scoped fixture its module's group, so each is built once, not per worker.
+CLUSTER_GROUP = "cluster"
+CLUSTER_FIXTURES = frozenset({"slurm_cluster", "slurm_env", "multinode_cluster"})
+
+
+def xdist_group_of(item: pytest.Item) -> str | None:
+    """The one xdist group `item` must share a worker with, or None (any worker).
+
+    One name per test: xdist joins several group marks into a new name, which would split a group.
+    """
+    if item.get_closest_marker("slurm") or item.get_closest_marker("multinode") or \
+            CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return CLUSTER_GROUP
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    area_session = sorted(name for name, fdefs in defs.items() if fdefs and fdefs[-1].scope == "session"
+                          and fdefs[-1].baseid not in ("", "tests"))
+    if area_session:
+        return f"session:{area_session[0]}"
+    if any(fdefs and fdefs[-1].scope == "module" for fdefs in defs.values()):
+        return f"module:{item.nodeid.split('::', 1)[0]}"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns `xdist_group` marks into node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         limits = [s for name, s in MARKER_TIMEOUT_S.items() if item.get_closest_marker(name)]
         if limits and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(max(limits)))
+        group = xdist_group_of(item)
+        if group and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # pytest-timeout's hook: no error without it

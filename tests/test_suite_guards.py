@@ -52,3 +52,32 @@ def test_a_hang_fails_its_test_with_every_stack_and_a_stuck_one_ends_the_run() -
     assert f"Timeout (0:00:0{2 + int(grace)})!" in stuck.stderr
     assert 'hang_cases.py", line' in stuck.stderr and "in test_blocks_where_sigalrm_cannot_reach" in stuck.stderr
     assert stuck.stderr.count("Thread 0x") >= 1 and "passed" not in stuck.stdout
+
+
+def test_xdist_groups_keep_clusters_and_costly_fixtures_on_one_worker() -> None:
+    """`make test` runs two xdist workers with `--dist loadgroup`: the slurm/multinode tests share
+    the local clusters (one group, by marker or by fixture), a test using an area conftest's
+    session fixture or a module-scoped one shares that fixture's worker, and a test using only the
+    root conftest's cheap session data goes anywhere. One group name per test, or xdist splits it."""
+    from types import SimpleNamespace
+
+    from tests.conftest import CLUSTER_GROUP, xdist_group_of
+
+    def fdef(scope: str, baseid: str) -> list[SimpleNamespace]:
+        return [SimpleNamespace(scope=scope, baseid=baseid)]
+
+    def item(nodeid: str, markers: tuple[str, ...] = (), **fixtures: list[SimpleNamespace]) -> SimpleNamespace:
+        return SimpleNamespace(nodeid=nodeid, fixturenames=list(fixtures),
+                               get_closest_marker=lambda name: name if name in markers else None,
+                               _fixtureinfo=SimpleNamespace(name2fixturedefs=fixtures))
+
+    root_data = fdef("session", "")
+    ref, mod = fdef("session", "tests/checkpoint"), fdef("module", "tests/deepspeed/test_ds_train.py")
+    assert xdist_group_of(item("tests/slurm/test_a.py::t", ("slurm",))) == CLUSTER_GROUP
+    assert xdist_group_of(item("tests/multinode/test_b.py::t", ("multinode",), reference=ref)) == CLUSTER_GROUP
+    assert xdist_group_of(item("tests/x/test_c.py::t", slurm_env=fdef("function", "tests/slurm"))) == CLUSTER_GROUP
+    assert xdist_group_of(item("tests/checkpoint/test_d.py::t", reference=ref, sen12ms_shards=root_data)) \
+        == xdist_group_of(item("tests/checkpoint/test_e.py::u", reference=ref)) == "session:reference"
+    assert xdist_group_of(item("tests/deepspeed/test_ds_train.py::t", runs=mod, sen12ms_shards=root_data)) \
+        == "module:tests/deepspeed/test_ds_train.py"
+    assert xdist_group_of(item("tests/engines/test_f.py::t", sen12ms_shards=root_data, tmp_path=fdef("function", ""))) is None
