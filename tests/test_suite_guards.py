@@ -55,29 +55,20 @@ def test_a_hang_fails_its_test_with_every_stack_and_a_stuck_one_ends_the_run() -
 
 
 def test_xdist_groups_keep_clusters_and_costly_fixtures_on_one_worker() -> None:
-    """`make test` runs two xdist workers with `--dist loadgroup`: the slurm/multinode tests share
-    the local clusters (one group, by marker or by fixture), a test using an area conftest's
-    session fixture or a module-scoped one shares that fixture's worker, and a test using only the
-    root conftest's cheap session data goes anywhere. One group name per test, or xdist splits it."""
+    """`make test` runs two xdist workers with `--dist loadgroup`, scheduled by tests/conftest.py:
+    the slurm and multinode tests share the local clusters (one group), an area with costly session
+    data is one group, every other test goes with its file (module fixtures built once), and an
+    explicit `@group` suffix wins. Other `--dist` modes keep xdist's own scheduler."""
     from types import SimpleNamespace
 
-    from tests.conftest import CLUSTER_GROUP, xdist_group_of
+    from tests.conftest import CLUSTER_GROUP, pytest_xdist_make_scheduler, xdist_group_of
 
-    def fdef(scope: str, baseid: str) -> list[SimpleNamespace]:
-        return [SimpleNamespace(scope=scope, baseid=baseid)]
-
-    def item(nodeid: str, markers: tuple[str, ...] = (), **fixtures: list[SimpleNamespace]) -> SimpleNamespace:
-        return SimpleNamespace(nodeid=nodeid, fixturenames=list(fixtures),
-                               get_closest_marker=lambda name: name if name in markers else None,
-                               _fixtureinfo=SimpleNamespace(name2fixturedefs=fixtures))
-
-    root_data = fdef("session", "")
-    ref, mod = fdef("session", "tests/checkpoint"), fdef("module", "tests/deepspeed/test_ds_train.py")
-    assert xdist_group_of(item("tests/slurm/test_a.py::t", ("slurm",))) == CLUSTER_GROUP
-    assert xdist_group_of(item("tests/multinode/test_b.py::t", ("multinode",), reference=ref)) == CLUSTER_GROUP
-    assert xdist_group_of(item("tests/x/test_c.py::t", slurm_env=fdef("function", "tests/slurm"))) == CLUSTER_GROUP
-    assert xdist_group_of(item("tests/checkpoint/test_d.py::t", reference=ref, sen12ms_shards=root_data)) \
-        == xdist_group_of(item("tests/checkpoint/test_e.py::u", reference=ref)) == "session:reference"
-    assert xdist_group_of(item("tests/deepspeed/test_ds_train.py::t", runs=mod, sen12ms_shards=root_data)) \
-        == "module:tests/deepspeed/test_ds_train.py"
-    assert xdist_group_of(item("tests/engines/test_f.py::t", sen12ms_shards=root_data, tmp_path=fdef("function", ""))) is None
+    assert xdist_group_of("tests/slurm/test_submit_slurm.py::test_a") == CLUSTER_GROUP \
+        == xdist_group_of("tests/multinode/test_submit_2node.py::test_b[x@y]")
+    assert xdist_group_of("tests/checkpoint/test_resume.py::t") == xdist_group_of("tests/checkpoint/test_x.py::u") \
+        != xdist_group_of("tests/evaluation/test_y.py::t")
+    assert xdist_group_of("tests/deepspeed/test_ds_train.py::test_parity") \
+        == xdist_group_of("tests/deepspeed/test_ds_train.py::test_export[bf16]") == "tests/deepspeed/test_ds_train.py"
+    assert xdist_group_of("tests/deepspeed/test_ds_trust.py::t") != xdist_group_of("tests/deepspeed/test_ds_train.py::t")
+    assert xdist_group_of("tests/engines/test_pretrain.py::t@mine") == "mine"
+    assert pytest_xdist_make_scheduler(SimpleNamespace(getvalue=lambda name: "load"), None) is None
