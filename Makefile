@@ -31,8 +31,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/satfuse demo
 
+# Two pytest-xdist workers: the suite's subprocess ranks and SLURM polls leave a core idle in a
+# serial run. `--dist loadgroup` keeps the tests sharing a cluster or a costly fixture on one
+# worker (tests/conftest.py: xdist_group_of). TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

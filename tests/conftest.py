@@ -55,6 +55,42 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[BACKSTOP_FD] = os.dup(2)  # the terminal's stderr: capturing is not on here
 
 
+# pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): tests that share something costly or
+# exclusive must run on one worker. xdist 3.8's own `loadgroup` does not group on pytest 9.2 (it
+# renames `item._nodeid`, which pytest 9.2 no longer reads: every test became its own group), so
+# this conftest gives `loadgroup` its scheduler, grouping by node id: the slurm and multinode
+# tests share the local clusters (job ids, ports, node names) in one group; the areas whose
+# conftest builds costly session data (the checkpoint reference run, the DFC2020 and SEN12MS
+# trees) are one group each; every other test goes with its file, so a module-scoped fixture is
+# built once. An explicit `@name` suffix (xdist's own, should it work again) still wins.
+CLUSTER_GROUP = "cluster"
+AREA_GROUPS = {"tests/slurm/": CLUSTER_GROUP, "tests/multinode/": CLUSTER_GROUP,
+               "tests/checkpoint/": "checkpoint", "tests/evaluation/": "evaluation", "tests/data/": "data"}
+
+
+def xdist_group_of(nodeid: str) -> str:
+    """The group (scheduling unit) of a test: tests of one group run in order on one worker."""
+    if nodeid.rfind("@") > nodeid.rfind("]"):
+        return nodeid.rsplit("@", 1)[1]
+    return next((group for prefix, group in AREA_GROUPS.items() if nodeid.startswith(prefix)),
+                nodeid.split("::", 1)[0])
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: no error without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # optional: pytest-xdist (dev extra)
+
+    class GroupScheduling(LoadScopeScheduling):
+        """xdist's per-scope load balancing with `xdist_group_of` as the scope."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         limits = [s for name, s in MARKER_TIMEOUT_S.items() if item.get_closest_marker(name)]

@@ -52,3 +52,23 @@ def test_a_hang_fails_its_test_with_every_stack_and_a_stuck_one_ends_the_run() -
     assert f"Timeout (0:00:0{2 + int(grace)})!" in stuck.stderr
     assert 'hang_cases.py", line' in stuck.stderr and "in test_blocks_where_sigalrm_cannot_reach" in stuck.stderr
     assert stuck.stderr.count("Thread 0x") >= 1 and "passed" not in stuck.stdout
+
+
+def test_xdist_groups_keep_clusters_and_costly_fixtures_on_one_worker() -> None:
+    """`make test` runs two xdist workers with `--dist loadgroup`, scheduled by tests/conftest.py:
+    the slurm and multinode tests share the local clusters (one group), an area with costly session
+    data is one group, every other test goes with its file (module fixtures built once), and an
+    explicit `@group` suffix wins. Other `--dist` modes keep xdist's own scheduler."""
+    from types import SimpleNamespace
+
+    from tests.conftest import CLUSTER_GROUP, pytest_xdist_make_scheduler, xdist_group_of
+
+    assert xdist_group_of("tests/slurm/test_submit_slurm.py::test_a") == CLUSTER_GROUP \
+        == xdist_group_of("tests/multinode/test_submit_2node.py::test_b[x@y]")
+    assert xdist_group_of("tests/checkpoint/test_resume.py::t") == xdist_group_of("tests/checkpoint/test_x.py::u") \
+        != xdist_group_of("tests/evaluation/test_y.py::t")
+    assert xdist_group_of("tests/deepspeed/test_ds_train.py::test_parity") \
+        == xdist_group_of("tests/deepspeed/test_ds_train.py::test_export[bf16]") == "tests/deepspeed/test_ds_train.py"
+    assert xdist_group_of("tests/deepspeed/test_ds_trust.py::t") != xdist_group_of("tests/deepspeed/test_ds_train.py::t")
+    assert xdist_group_of("tests/engines/test_pretrain.py::t@mine") == "mine"
+    assert pytest_xdist_make_scheduler(SimpleNamespace(getvalue=lambda name: "load"), None) is None

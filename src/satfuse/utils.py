@@ -95,7 +95,7 @@ class ConfigError(ValueError):
 # aside). Only a command or benchmark module whose import fails because one of these is missing
 # is left out (with a warning); any other ImportError there is a bug (a typo, a broken install)
 # and must surface, not turn into a missing command and a "reinstall" hint.
-OPTIONAL_DEPENDENCIES = frozenset({"deepspeed"})
+OPTIONAL_DEPENDENCIES = frozenset({"deepspeed", "timm"})
 
 
 def import_unless_optional_missing(path: str, what: str) -> ModuleType | None:
