@@ -101,6 +101,14 @@ class Backbone(nn.Module):
             f"backbone {type(self).__name__} does not support activation checkpointing; "
             "set model.activation_checkpointing=false")
 
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """(pretrained weights of this architecture made loadable into this instance, one note per
+        change): the fine-tuning loaders call it before comparing and loading, so a backbone can
+        accept its library's layout (timm names, Microsoft Swin names) and a checkpoint trained
+        at another crop (position embeddings resampled to this crop's grid). The notes are
+        logged and recorded in the fine-tuning result. Default: unchanged, no notes."""
+        return dict(state_dict), []
+
     @classmethod
     def owns_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> bool:
         """True when a plain state dict (head tensors `fc.*` already dropped) is this backbone's:
