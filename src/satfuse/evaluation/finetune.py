@@ -341,8 +341,8 @@ def build_model(mc: FtModelConfig, seed: int, n_classes: int | None = None,
     model = build_classifier(specs, mc.backbone, n_classes, frozen, pre.state_dicts, pre.path, img_size=img_size)
     info = {"method": pre.method, "step": pre.step, "source": pre.source, "path": pre.path,
             "branches": [s.name for s in specs]}
-    if model.weight_notes:  # e.g. position embeddings resampled to the crop's grid
-        info["weights_adapted"] = model.weight_notes
+    if pre.adapted or model.weight_notes:  # e.g. position embeddings resampled to the crop's grid
+        info["weights_adapted"] = pre.adapted + model.weight_notes
     if mc.modalities == "s1s2":  # what runs: one backbone on stacked S1+S2 is early fusion
         info["fusion"] = "early" if len(specs) == 1 else "late"
     return model, pre.band_stats(), info

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -241,6 +242,16 @@ class TimmBackbone(Backbone):
         return {PREFIX + k: v for k, v in sd.items()}, notes
 
     @classmethod
+    def library_layout(cls, state_dict: Mapping[str, torch.Tensor], img_size: int | None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """timm's names (satfuse's `model.` prefix stripped), and the `create_model` call they
+        load into with strict=True (img_size: the crop they were trained at)."""
+        size = f", img_size={img_size}" if img_size and timm_info(cls.timm_name).takes_img_size else ""
+        return timm_state_dict(state_dict), {
+            "architecture": f"timm:{cls.timm_name}", "timm_model": cls.timm_name, "img_size": img_size,
+            "load": f"timm.create_model('{cls.timm_name}', in_chans=in_channels{size}, num_classes=0)"}
+
+    @classmethod
     def owns_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> bool:
         """The tensor names equal this timm model's (with or without satfuse's `model.`
         prefix) and so do the shapes, except those the bands or the crop set (the input layer,
@@ -249,11 +260,24 @@ class TimmBackbone(Backbone):
         if not timm_available():
             return False
         info = timm_info(cls.timm_name)
-        sd = {_strip(k): v for k, v in state_dict.items()}
+        sd = _timm_names({_strip(k): v for k, v in state_dict.items()}, info)
         if set(sd) != set(info.shapes):
             return False
         return all(tuple(getattr(v, "shape", ())) == info.shapes[k] for k, v in sd.items()
                    if k != info.input_weight and not _crop_sized(k))
+
+
+def _timm_names(sd: dict[str, torch.Tensor], info: TimmInfo) -> dict[str, torch.Tensor]:
+    """Names only (no tensor changes), for recognising a state dict: a head this headless model
+    lacks dropped, and for a Swin Microsoft's layout (saved index/mask buffers, downsampling at
+    the end of a stage) read as timm's."""
+    sd = {k: v for k, v in sd.items() if not (k.startswith("head.") and k not in info.shapes)}
+    if info.family != "swin":
+        return sd
+    shift = "layers.0.downsample.reduction.weight" in sd
+    return {re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
+            if shift else k: v for k, v in sd.items()
+            if "relative_position_index" not in k and "attn_mask" not in k}
 
 
 def _crop_sized(key: str) -> bool:
