@@ -9,6 +9,7 @@ module with one registered subclass; the built-in ResNets are in `satfuse.models
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -18,7 +19,7 @@ from torch import nn
 from satfuse.registry import BACKBONES
 from satfuse.utils import SatfuseError
 
-EXPORT_FORMATS = ("torchvision", "safetensors")  # weight formats besides satfuse's own export
+EXPORT_FORMATS = ("torchvision", "timm", "safetensors")  # weight formats besides satfuse's own export
 
 
 class Backbone(nn.Module):
@@ -29,7 +30,9 @@ class Backbone(nn.Module):
             feature_dim = 384
             ...
 
-    The registered class is the builder: `cls(in_channels, zero_init_residual=False)`.
+    The registered class is the builder: `cls(in_channels, zero_init_residual=False)`, plus
+    `img_size=<crop>` when its `__init__` takes that keyword (ViT/Swin size their position
+    tables and windows from the crop; a ResNet takes any crop and may omit it).
     """
 
     feature_dim: ClassVar[int]
@@ -39,6 +42,7 @@ class Backbone(nn.Module):
     export_formats: ClassVar[frozenset[str]] = frozenset()
     """Weight formats besides satfuse's own export that this backbone's state dict is valid in
     (`torchvision`: the keys load with strict=True into the torchvision model of the same name;
+    `timm`: they load with strict=True into `timm.create_model(NAME, in_chans=C, num_classes=0)`;
     `safetensors`: the same tensors in one safetensors file). Empty: `satfuse ckpt export`
     refuses those formats for it, naming the backbones that have them."""
 
@@ -98,6 +102,22 @@ class Backbone(nn.Module):
             f"backbone {type(self).__name__} does not support activation checkpointing; "
             "set model.activation_checkpointing=false")
 
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """(pretrained weights of this architecture made loadable into this instance, one note per
+        change): the fine-tuning loaders call it before comparing and loading, so a backbone can
+        accept its library's layout (timm names, Microsoft Swin names) and a checkpoint trained
+        at another crop (position embeddings resampled to this crop's grid). The notes are
+        logged and recorded in the fine-tuning result. Default: unchanged, no notes."""
+        return dict(state_dict), []
+
+    @classmethod
+    def library_layout(cls, state_dict: Mapping[str, torch.Tensor], img_size: int | None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """(`state_dict` in the layout of the library this backbone comes from, the fields that
+        tell a reader which model to build for it: "architecture" and "load"): what the plain
+        exports (`--format torchvision/timm/safetensors`) write. Default: unchanged."""
+        return dict(state_dict), {"architecture": f"satfuse backbone {cls.__name__}"}
+
     @classmethod
     def owns_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> bool:
         """True when a plain state dict (head tensors `fc.*` already dropped) is this backbone's:
@@ -114,13 +134,20 @@ def backbone_class(name: str) -> type[Backbone]:
     return BACKBONES.get(name)
 
 
-def build_backbone(name: str, in_channels: int, zero_init_residual: bool = False) -> Backbone:
-    """The registered backbone `name` built for `in_channels` input bands."""
+def build_backbone(name: str, in_channels: int, zero_init_residual: bool = False,
+                   img_size: int | None = None) -> Backbone:
+    """The registered backbone `name` built for `in_channels` input bands and square crops of
+    `img_size` pixels (None: the crop is not known; a backbone that needs it refuses by name).
+    `img_size` reaches only classes whose `__init__` takes it, so plugin backbones written
+    before it existed keep building."""
     if not isinstance(in_channels, int) or in_channels < 1:
         raise SatfuseError(
             f"backbone {name}: in_channels must be a positive integer, got {in_channels!r}"
         )
-    return backbone_class(name)(in_channels, zero_init_residual=zero_init_residual)
+    cls = backbone_class(name)
+    if "img_size" in inspect.signature(cls.__init__).parameters:
+        return cls(in_channels, zero_init_residual=zero_init_residual, img_size=img_size)
+    return cls(in_channels, zero_init_residual=zero_init_residual)
 
 
 def check_export_format(name: str, fmt: str, where: str) -> None:
