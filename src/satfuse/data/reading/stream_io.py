@@ -45,7 +45,7 @@ from satfuse.data.format.codecs import (
     find_member,
     from_manifest,
 )
-from satfuse.data.format.manifest import MANIFEST_NAME, shard_digests
+from satfuse.data.format.manifest import MANIFEST_NAME, STAGED_KEY, shard_digests
 from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,10 @@ def index_shard(path: str) -> ShardIndex:
         tar = MappedTar(path)
     except (OSError, ValueError) as exc:
         return ShardIndex((0, 0, 0), error=f"{exc.__class__.__name__}: {exc}")
-    blocked = is_blocked_set(path)
+    blocked, staged = set_flags(path)
     if blocked and isinstance(tar.data, mmap.mmap):
         tar.data.madvise(mmap.MADV_RANDOM)  # no read-around: a crop faults in only its own blocks' pages
-    problem = verify_digest(path, tar, whole=not blocked)
+    problem = verify_digest(path, tar, whole=not (blocked or staged))
     if problem:
         return ShardIndex(tar.stamp, error=problem)
     try:
@@ -186,24 +186,26 @@ def manifest_digests(folder: str) -> dict[str, tuple[str, int, int]]:
     return _digests(path, mtime)
 
 
-def is_blocked_set(path: str) -> bool:
-    """Whether the shard at `path` belongs to a set packed in checksummed row blocks
-    (`--compress zstd-blocks|blocks`, per the manifest.json beside it; False without one)."""
+def set_flags(path: str) -> tuple[bool, bool]:
+    """(blocked, staged) of the shard at `path`, from the manifest.json beside it: packed in
+    checksummed row blocks (`--compress zstd-blocks|blocks`), and a staged copy whose tars were
+    sha256-checked while copied (`STAGED_KEY`). (False, False) without a manifest."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         mtime = os.stat(os.path.join(folder, MANIFEST_NAME)).st_mtime_ns
     except OSError:
-        return False
-    return _blocked(os.path.join(folder, MANIFEST_NAME), mtime)
+        return False, False
+    return _flags(os.path.join(folder, MANIFEST_NAME), mtime)
 
 
 @functools.lru_cache(maxsize=16)
-def _blocked(path: str, mtime_ns: int) -> bool:
+def _flags(path: str, mtime_ns: int) -> tuple[bool, bool]:
     try:
         with open(path) as fh:
-            return from_manifest(json.load(fh), path).blocked
+            doc = json.load(fh)
+        return from_manifest(doc, path).blocked, doc.get(STAGED_KEY) is True
     except (OSError, ValueError, AttributeError, SatfuseError):
-        return False  # the loader validated the manifest when it resolved the set; lenient here
+        return False, False  # the loader validated the manifest when it resolved the set; lenient here
 
 
 @functools.lru_cache(maxsize=16)
