@@ -130,12 +130,13 @@ def test_float16_error_is_exact_and_merges_across_job_array_parts(sen12ms_tree, 
     assert [s["sha256"] for s in merged["shards"]] == [s["sha256"] for s in single["shards"]]
 
 
-def test_parts_with_other_flags_refuse_to_merge(sen12ms_tree, tmp_path):
+@pytest.mark.parametrize("other", ["lz4", "zstd-blocks"])
+def test_parts_with_other_flags_refuse_to_merge(sen12ms_tree, tmp_path, other):
     out = tmp_path / "mixed"
     shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=0, num_shards=2, command=["t"],
                   encoding=make_encoding(compress="zstd"))
     shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=1, num_shards=2, command=["t"],
-                  encoding=make_encoding(compress="lz4"))
+                  encoding=make_encoding(compress=other))
     with pytest.raises(SatfuseError, match="other encoding flags.*--compress"):
         merge(out, command=["t"])
 
@@ -180,6 +181,9 @@ def test_no_labels_pretraining_set_and_downstream_refusal(dfc_tree, tmp_path):
     pack(dfc_tree, down, "dfc2020", compress="zstd", s1_dtype="float16")  # downstream: labels kept
     split = load_split(down)
     assert len(split) == m["total_samples"] and split.labels.shape[0] == len(split)
+    pack(dfc_tree, tmp_path / "rows", "dfc2020", compress="zstd-blocks", s1_dtype="float16")  # labels in row blocks
+    blocked = load_split(tmp_path / "rows")
+    assert np.array_equal(blocked.labels, split.labels) and np.array_equal(blocked.s2, split.s2)
 
 
 def test_verify_reads_the_encoding_from_the_manifest(sen12ms_tree, tmp_path):
@@ -358,9 +362,10 @@ def test_blocked_set_reads_only_the_crop_rows_and_names_a_damaged_block(sen12ms_
     def no_sha256(*a):
         raise AssertionError("the training path hashed a blocked shard whole")
 
+    real = hashlib.sha256
     monkeypatch.setattr(stream_io.hashlib, "sha256", no_sha256)
     index = stream_io.index_shard(str(tar))
-    monkeypatch.setattr(stream_io.hashlib, "sha256", hashlib.sha256)
+    monkeypatch.setattr(stream_io.hashlib, "sha256", real)
     assert not index.error and len(index.samples) == 4
     key, refs = index.samples[1]
     h = want[key]["s1"].shape[1]
@@ -378,6 +383,7 @@ def test_blocked_set_reads_only_the_crop_rows_and_names_a_damaged_block(sen12ms_
     at = refs["s2.npy.zsb"].offset + int(idx.starts[last]) + 3
     raw[at] ^= 0xFF
     tar.write_bytes(bytes(raw))
+    assert any(f"{tar.name}" in p and f"block {last}" in p and "crc32" in p for p in verify(out))  # shard verify too
     damaged = stream_io.index_shard(str(tar))
     sample = stream_io.RawSample(0, 1, key, damaged.samples[1][1])
     assert np.array_equal(stream_io.decode_pair(sample, lambda H, W: (0, 0, 16))[1], want[key]["s2"][:, :16, :16])
