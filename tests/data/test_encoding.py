@@ -408,4 +408,4 @@ def test_blocked_set_reads_only_the_crop_rows_and_names_a_damaged_block(sen12ms_
     monkeypatch.setattr(pretrain_loader, "_NOTED", set())
     for _ in range(2):
         PretrainLoader(resolve_shards(str(plain)), data_cfg(), rank=0, world_size=1, seed=0)
-    assert caplog.text.count("packed without block checksums (--compress None): crop-only reads are off") == 1
+    assert caplog.text.count("packed without block checksums (--compress none): crop-only reads are off") == 1

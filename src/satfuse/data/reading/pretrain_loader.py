@@ -127,7 +127,7 @@ def note_whole_reads(shards: ShardSet) -> None:
             _NOTED.add(part.spec)
             log.info("%s: packed without block checksums (--compress %s): crop-only reads are off, every shard is "
                      "read and sha256-checked whole on first open; re-shard with --compress zstd-blocks to read "
-                     "only the crop's bytes", part.spec, enc.compress)
+                     "only the crop's bytes", part.spec, enc.compress or "none")
 
 
 class PretrainLoader:

@@ -22,6 +22,7 @@ indexed by `tarfile` itself, with the same grouping and the same errors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -564,11 +565,26 @@ def _decode_blocked(sample: RawSample, s1_ext: str, s2_ext: str, window: Window 
         return np.empty(s1_index.shape, s1_index.dtype), np.empty(s2_index.shape, s2_index.dtype)
     out = []
     for ext, buf, at, index in ((s1_ext, s1_buf, s1_at, s1_index), (s2_ext, s2_buf, s2_at, s2_index)):
+        if isinstance(buf, mmap.mmap):
+            _prefetch(buf, at, index, top, bottom)
         try:
             out.append(blocks.read_rows(buf, at, index, top, bottom)[:, :, left:right])
         except ValueError as exc:
             raise ValueError(f"member {ext}: {exc}") from None
     return out[0], out[1]
+
+
+def _prefetch(buf: mmap.mmap, at: int, index: blocks.BlockIndex, top: int, bottom: int) -> None:
+    """Ask the kernel for the crop's blocks (one contiguous range of the member) in one go.
+
+    Why: the map is advised random access (no read-around), so without this each 4 KiB page
+    would be its own read when touched: measured 24 pairs/s cold against 50 for whole members
+    (`satfuse bench io`, 2-core VM); MADV_WILLNEED reads the range as one request."""
+    first, last = top // index.rows, (bottom - 1) // index.rows
+    start, end = at + int(index.starts[first]), at + int(index.starts[last + 1])
+    aligned = start - start % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError):  # advice only: the read below still faults pages in
+        buf.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
 
 
 def _block_index(sample: RawSample, ext: str) -> tuple[bytes | mmap.mmap, int, blocks.BlockIndex]:
