@@ -29,11 +29,12 @@ def args_for(tmp_path: Path, *extra: str) -> argparse.Namespace:
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return bench_io.run(args_for(tmp_path_factory.mktemp("io"), "--variants", "default", SMALLEST,
+    return bench_io.run(args_for(tmp_path_factory.mktemp("io"), "--variants", "default", SMALLEST, BLOCKED,
                                  "--variant", "plain="))
 
 
 SMALLEST = "zstd+float16+no-labels"
+BLOCKED = "zstd-blocks+float16"
 
 
 def measured(result: dict, name: str = "default") -> dict:
@@ -90,7 +91,7 @@ def test_a_crop_touches_fewer_pages_than_the_full_patch(result: dict) -> None:
 
 def test_model_is_the_arithmetic_of_measured_bytes(result: dict) -> None:
     cold = {}
-    for name in ("default", SMALLEST):
+    for name in ("default", SMALLEST, BLOCKED):
         s = measured(result, name)
         cold.update({(name, r["crop"] or 64, r["mode"]): r["bytes_per_pair"] for r in s["rows"] if r["cache"] == "cold"})
         cold.update({(name, r["crop"] or 64, "range_reads"): r["bytes_per_pair"] for r in s["prototype_range_reads"]})
@@ -130,6 +131,22 @@ def test_the_smallest_encoding_reads_fewer_bytes_per_pair(result: dict) -> None:
         return next(r["bytes_per_pair"] for r in s["rows"] if r["mode"] == "shipped" and r["cache"] == "cold")
 
     assert cold_shipped(small) < 0.8 * cold_shipped(base)
+
+
+def test_the_blocked_encoding_reads_only_the_crop_rows_cold(result: dict) -> None:
+    """The shipped loader on a row-blocked set: no whole-shard sha256, no read-around, so a crop
+    of 32 of 64 rows reads less than its full patch (at 64x64 pages and the block tables weigh:
+    the 256x256 figures are the README's), and less than the smallest whole-member encoding at
+    that crop, which reads every member whole; the full patch no more than the shard."""
+    blocked, small = measured(result, BLOCKED), measured(result, SMALLEST)
+
+    def cold_shipped(s: dict, crop: int) -> int:
+        return next(r["bytes_per_pair"] for r in s["rows"]
+                    if r["mode"] == "shipped" and r["cache"] == "cold" and r["crop"] == crop)
+
+    assert cold_shipped(blocked, 32) < 0.9 * cold_shipped(blocked, 0)
+    assert cold_shipped(blocked, 32) < 0.9 * cold_shipped(small, 32)
+    assert cold_shipped(blocked, 0) <= blocked["shard_bytes_per_pair"] + bench_io.PAGE
 
 
 def test_users_shard_sets_are_measured_as_given(tmp_path: Path) -> None:

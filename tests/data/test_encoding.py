@@ -15,7 +15,7 @@ import pytest
 import rasterio
 import torch
 
-from satfuse.data.format.codecs import make_encoding, webdataset_handler
+from satfuse.data.format.codecs import CODECS, DEFAULT_LEVEL, make_encoding, webdataset_handler
 from satfuse.data.format.verify import verify
 from satfuse.data.packing.shard_dir import merge
 from satfuse.data.packing.shard_writer import shard_dataset
@@ -62,17 +62,17 @@ def plain(sen12ms_tree: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "zstd-blocks", "blocks"])
 def test_compressed_set_reads_back_bit_exact_with_stock_webdataset(sen12ms_tree, plain, tmp_path, codec):
     import webdataset as wds
 
     out = tmp_path / codec
     manifest = pack(sen12ms_tree, out, compress=codec)
-    assert manifest["encoding"] == {"compress": codec, "level": 3 if codec == "zstd" else 0,
+    assert manifest["encoding"] == {"compress": codec, "level": DEFAULT_LEVEL[codec],
                                     "s1_dtype": "float32", "labels": True}
     assert verify(out) == []
     names = set(next(iter(members(out).values())))
-    suffix = ".zst" if codec == "zstd" else ".lz4"
+    suffix = CODECS[codec]
     assert names == {"json", f"s1.npy{suffix}", f"s2.npy{suffix}", f"lc.npy{suffix}"}
     want = arrays(plain)
     urls = [str(p) for p in sorted(out.glob("*.tar"))]
@@ -88,21 +88,24 @@ def test_compressed_set_reads_back_bit_exact_with_stock_webdataset(sen12ms_tree,
     assert seen == len(want) == manifest["total_samples"]
     blob = members(out)[sample["__key__"]][f"s2.npy{suffix}"]  # the library's handler is the same decoder
     assert np.array_equal(webdataset_handler(f"k.s2.npy{suffix}", blob), handler(f"k.s2.npy{suffix}", blob))
-    assert sum(s["bytes"] for s in manifest["shards"]) < sum(s["bytes"] for s in json.loads((plain / "manifest.json").read_text())["shards"])
+    if codec != "blocks":  # raw blocks: the plain bytes plus a block table
+        assert sum(s["bytes"] for s in manifest["shards"]) < sum(s["bytes"] for s in json.loads((plain / "manifest.json").read_text())["shards"])
 
 
 def test_loaders_read_every_encoding_without_configuration(sen12ms_tree, plain, tmp_path):
-    """EvalLoader (the same decode path as pretraining) on zstd, and on zstd + float16 + no labels."""
-    lossless, lossy = tmp_path / "z", tmp_path / "zf"
+    """EvalLoader (the same decode path as pretraining) on zstd, and on zstd(-blocks) + float16 + no labels."""
+    lossless, lossy, blocked = tmp_path / "z", tmp_path / "zf", tmp_path / "zbf"
     pack(sen12ms_tree, lossless, compress="zstd")
     m = pack(sen12ms_tree, lossy, compress="zstd", s1_dtype="float16", no_labels=True)
+    pack(sen12ms_tree, blocked, compress="zstd-blocks", s1_dtype="float16", no_labels=True)
 
     def batches(d: Path) -> list[dict]:
         return list(EvalLoader(resolve_shards(str(d)), data_cfg(crop=0), rank=0, world_size=1, batch_size=4))
 
-    ref, same, approx = batches(plain), batches(lossless), batches(lossy)
+    ref, same, approx, rows = batches(plain), batches(lossless), batches(lossy), batches(blocked)
     std = torch.tensor(resolve_shards(str(plain)).stats["s1"]["std"]).view(1, 2, 1, 1)
-    for a, b, c in zip(ref, same, approx, strict=True):
+    for a, b, c, d in zip(ref, same, approx, rows, strict=True):
+        assert d["key"] == c["key"] and torch.equal(d["s1"], c["s1"]) and torch.equal(d["s2"], c["s2"])
         assert a["key"] == b["key"] == c["key"]
         assert torch.equal(a["s1"], b["s1"]) and torch.equal(a["s2"], b["s2"]) and torch.equal(a["lc"], b["lc"])
         assert torch.equal(a["s2"], c["s2"]) and "lc" not in c
@@ -127,12 +130,13 @@ def test_float16_error_is_exact_and_merges_across_job_array_parts(sen12ms_tree, 
     assert [s["sha256"] for s in merged["shards"]] == [s["sha256"] for s in single["shards"]]
 
 
-def test_parts_with_other_flags_refuse_to_merge(sen12ms_tree, tmp_path):
+@pytest.mark.parametrize("other", ["lz4", "zstd-blocks"])
+def test_parts_with_other_flags_refuse_to_merge(sen12ms_tree, tmp_path, other):
     out = tmp_path / "mixed"
     shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=0, num_shards=2, command=["t"],
                   encoding=make_encoding(compress="zstd"))
     shard_dataset(sen12ms_tree, "sen12ms", out, maxcount=4, shard_index=1, num_shards=2, command=["t"],
-                  encoding=make_encoding(compress="lz4"))
+                  encoding=make_encoding(compress=other))
     with pytest.raises(SatfuseError, match="other encoding flags.*--compress"):
         merge(out, command=["t"])
 
@@ -177,6 +181,9 @@ def test_no_labels_pretraining_set_and_downstream_refusal(dfc_tree, tmp_path):
     pack(dfc_tree, down, "dfc2020", compress="zstd", s1_dtype="float16")  # downstream: labels kept
     split = load_split(down)
     assert len(split) == m["total_samples"] and split.labels.shape[0] == len(split)
+    pack(dfc_tree, tmp_path / "rows", "dfc2020", compress="zstd-blocks", s1_dtype="float16")  # labels in row blocks
+    blocked = load_split(tmp_path / "rows")
+    assert np.array_equal(blocked.labels, split.labels) and np.array_equal(blocked.s2, split.s2)
 
 
 def test_verify_reads_the_encoding_from_the_manifest(sen12ms_tree, tmp_path):
@@ -195,11 +202,12 @@ def test_verify_reads_the_encoding_from_the_manifest(sen12ms_tree, tmp_path):
     assert any("s1.npy is float16" in p for p in verify(out))
 
 
-def test_per_band_datasets_take_the_flags(tmp_path):
+@pytest.mark.parametrize("codec", ["lz4", "zstd-blocks"])
+def test_per_band_datasets_take_the_flags(tmp_path, codec):
     from satfuse.data.sources.synth_multiband import write_ssl4eo
 
     write_ssl4eo(tmp_path / "ssl", locations=1, seed=1, size=36)
-    m = pack(tmp_path / "ssl", tmp_path / "out", "ssl4eo-s12", compress="lz4", s1_dtype="float16", no_labels=True)
+    m = pack(tmp_path / "ssl", tmp_path / "out", "ssl4eo-s12", compress=codec, s1_dtype="float16", no_labels=True)
     assert m["dtype"]["s1"] == "float16" and m["encoding"]["s1_max_abs_error_db"] > 0
     assert verify(tmp_path / "out") == []
     meta = json.loads(next(iter(members(tmp_path / "out").values()))["json"])
@@ -331,3 +339,73 @@ def test_a_decompression_bomb_is_refused_before_it_costs_memory(codec: str) -> N
             assert "\n" not in str(raised.value) and "re-shard or restore it" in str(raised.value)
     plain = npy_bytes(np.arange(13 * 16 * 16, dtype=np.uint16).reshape(13, 16, 16))
     assert load_array(compress(plain, codec, 1), codec).sum() == np.arange(13 * 16 * 16).sum()
+
+
+def test_blocked_set_reads_only_the_crop_rows_and_names_a_damaged_block(sen12ms_tree, plain, tmp_path, monkeypatch,
+                                                                         caplog):
+    """`--compress zstd-blocks`: a crop decodes exactly the plain set's pixels from its own row
+    blocks alone (a damaged block elsewhere goes unnoticed, one inside is named by shard, sample,
+    member and block), no shard is sha256-hashed on the training path, a damaged sample follows
+    the skip policy, a cut block table is one line, and a plain set is noted once as read whole."""
+    import hashlib
+    import logging
+
+    from satfuse.data.format import blocks
+    from satfuse.data.reading import pretrain_loader, stream_io
+    from satfuse.data.reading.pretrain_loader import PretrainLoader
+
+    out = tmp_path / "zb"
+    pack(sen12ms_tree, out, compress="zstd-blocks")
+    want = arrays(plain)
+    tar = sorted(out.glob("*.tar"))[0]
+
+    def no_sha256(*a):
+        raise AssertionError("the training path hashed a blocked shard whole")
+
+    real = hashlib.sha256
+    monkeypatch.setattr(stream_io.hashlib, "sha256", no_sha256)
+    index = stream_io.index_shard(str(tar))
+    monkeypatch.setattr(stream_io.hashlib, "sha256", real)
+    assert not index.error and len(index.samples) == 4
+    key, refs = index.samples[1]
+    h = want[key]["s1"].shape[1]
+    for top, left, size in ((0, 0, 0), (0, 0, 16), (3, 5, 20), (h - 17, 1, 17)):
+        s1, s2 = stream_io.decode_pair(stream_io.RawSample(0, 1, key, refs), lambda H, W, t=(top, left, size): t)
+        size = size or h
+        for got, sensor in ((s1, "s1"), (s2, "s2")):
+            assert np.array_equal(got, want[key][sensor][:, top : top + size, left : left + size])
+
+    # flip one byte inside the last block of s2: a crop of the first rows never reads it
+    member, s1_member = (members(out)[key][f"{sensor}.npy.zsb"] for sensor in ("s2", "s1"))
+    idx = blocks.read_index(member, 0, len(member))
+    last = len(idx.crcs) - 1
+    raw = bytearray(tar.read_bytes())
+    at = refs["s2.npy.zsb"].offset + int(idx.starts[last]) + 3
+    raw[at] ^= 0xFF
+    tar.write_bytes(bytes(raw))
+    assert any(f"{tar.name}" in p and f"block {last}" in p and "crc32" in p for p in verify(out))  # shard verify too
+    damaged = stream_io.index_shard(str(tar))
+    sample = stream_io.RawSample(0, 1, key, damaged.samples[1][1])
+    assert np.array_equal(stream_io.decode_pair(sample, lambda H, W: (0, 0, 16))[1], want[key]["s2"][:, :16, :16])
+    with pytest.raises(ValueError, match=rf"^member s2.npy.zsb: block {last} \(rows {last * 16}\.\.{h - 1}\) fails its crc32"):
+        stream_io.decode_pair(sample, lambda H, W: (h - 16, 0, 16))
+
+    # the loader: the damaged sample is skipped (counted, warned naming shard and sample) at full crop
+    caplog.set_level(logging.WARNING)
+    ld = PretrainLoader(resolve_shards(str(out)), data_cfg(crop=0, shuffle_buffer=1), rank=0, world_size=1, seed=0)
+    list(zip(range(ld.steps_per_epoch), iter(ld), strict=False))
+    assert ld.decode_errors == 1
+    assert f"{tar.name}: skipping sample {key}: member s2.npy.zsb: block {last}" in caplog.text
+
+    # a cut or inconsistent block table: one line naming it (the worker prefixes shard and sample)
+    for cut in (member[:20], member[:-1]):
+        with pytest.raises(ValueError, match=r"^member s2.npy.zsb: block index (truncated|inconsistent)"):
+            stream_io.decode_pair(stream_io.RawSample(0, 0, key, {"s1.npy.zsb": s1_member, "s2.npy.zsb": cut}))
+
+    # a set without block checksums: read as before, noted once per set
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger=pretrain_loader.__name__)
+    monkeypatch.setattr(pretrain_loader, "_NOTED", set())
+    for _ in range(2):
+        PretrainLoader(resolve_shards(str(plain)), data_cfg(), rank=0, world_size=1, seed=0)
+    assert caplog.text.count("packed without block checksums (--compress none): crop-only reads are off") == 1

@@ -95,7 +95,7 @@ def test_resume_on_other_nodes_reads_exactly_the_rest(old: tuple[int, int], new:
 # -------------------------------------------------------------------------- the copier
 
 
-def test_copy_then_reuse_then_recopy_a_damaged_copy(tmp_path: Path) -> None:
+def test_copy_then_reuse_then_recopy_a_damaged_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shards = resolve_shards(str(hashed_shards(tmp_path, [5, 4, 6])))
     set_dir, rows = plan_copies(shards, tmp_path / "local")
     first = copy_share(shards, set_dir, rows)
@@ -103,6 +103,14 @@ def test_copy_then_reuse_then_recopy_a_damaged_copy(tmp_path: Path) -> None:
     for r in rows:
         assert r.dest.read_bytes() == Path(r.source).read_bytes()
     assert (set_dir / "part0" / "manifest.json").is_file()  # the loader's first-open check reads it
+    # hashed while copied: the loader's first open compares the size only, the shared original is hashed
+    from satfuse.data.reading import stream_io
+
+    hashed: list[int] = []
+    monkeypatch.setattr(stream_io.hashlib, "sha256", lambda data=b"": hashed.append(1) or hashlib.new("sha256", data))
+    assert not stream_io.index_shard(str(rows[0].dest)).error and not hashed
+    assert not stream_io.index_shard(rows[0].source).error and hashed
+    monkeypatch.undo()
     assert not list(set_dir.rglob(".*tmp*"))
     dead = rows[0].dest.with_name(f".{rows[0].dest.name}.tmp-{(1 << 22) + 12345}-1")  # beyond pid_max: no process
     live = rows[0].dest.with_name(f".{rows[0].dest.name}.tmp-{os.getpid()}-1")

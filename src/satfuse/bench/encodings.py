@@ -25,6 +25,9 @@ ENCODINGS: dict[str, dict[str, Any]] = {
     "lz4": {"compress": "lz4"},
     "float16": {"s1_dtype": "float16"},
     "zstd+float16": {"compress": "zstd", "s1_dtype": "float16"},
+    # row blocks with crc32s (satfuse.data.format.blocks): a crop reads and checks only its rows
+    "zstd-blocks+float16": {"compress": "zstd-blocks", "s1_dtype": "float16"},
+    "blocks+float16": {"compress": "blocks", "s1_dtype": "float16"},
 }
 
 
@@ -64,11 +67,13 @@ def member_bytes(urls: list[str]) -> tuple[dict[str, float], int]:
     return {ext: s / max(n, 1) for ext, s in sorted(sizes.items())}, n
 
 
-def decode_cost(shards, repeats: int) -> tuple[float, dict[str, float]]:
+def decode_cost(shards, repeats: int, crop: int = 0) -> tuple[float, dict[str, float]]:
     """Best-of-`repeats` CPU seconds per pair of this thread (`time.thread_time`: on a shared
     machine, wall time would count the waits for a core) to turn both image members (in the
     page cache) into float32 arrays: decompress + the cast `collate` does, no normalising;
-    and the decoded `.npy` size per member (what the ratio divides by)."""
+    and the decoded `.npy` size per member (what the ratio divides by). `crop` > 0: a
+    crop x crop window off the block grid (top 5, left 7: a row-blocked member then decodes
+    ceil(crop / rows) + 1 blocks, its usual case), cut as the loader cuts it."""
     from satfuse.data.format.codecs import find_member  # lazy: --help stays fast
     from satfuse.data.reading.stream_io import (  # lazy: --help stays fast
         decode_pair,
@@ -84,10 +89,11 @@ def decode_cost(shards, repeats: int) -> tuple[float, dict[str, float]]:
             arr = load_member(samples[0], *found, (2 if ext == "s1.npy" else 13,))
             decoded[found[0]] = 128 + arr.nbytes  # np.save header + data
     best = float("inf")
+    window = (lambda h, w: (min(5, h - crop), min(7, w - crop), crop)) if crop else None
     for _ in range(max(1, repeats)):
         t0 = time.thread_time()
         for raw in samples:
-            s1, s2 = decode_pair(raw)
+            s1, s2 = decode_pair(raw, window)
             np.asarray(s1, dtype=np.float32)  # touches (reads) every pixel, as collate does
             np.asarray(s2, dtype=np.float32)
         best = min(best, time.thread_time() - t0)
@@ -112,7 +118,8 @@ def measure(workdir: Path, raw: Path | None, given: Path | None, args: argparse.
         shards = resolve_shards(str(shard_dir))
         per_member, n = member_bytes(shards.urls)
         secs, decoded = decode_cost(shards, args.repeats)
-        elapsed, samples, *_ = min(loader_epochs(shards, 0, args.batch, crop, args.epochs) for _ in range(max(1, args.repeats)))
+        crop_secs = decode_cost(shards, args.repeats, crop)[0] if crop else None
+        elapsed, samples, _, cpu = min(loader_epochs(shards, 0, args.batch, crop, args.epochs) for _ in range(max(1, args.repeats)))
         tar_bytes = sum(s.get("bytes", 0) for s in shards.manifest["shards"])
         rows[name] = {
             "flags": flags(name) if name in ENCODINGS else "as packed",
@@ -123,7 +130,11 @@ def measure(workdir: Path, raw: Path | None, given: Path | None, args: argparse.
             "compression_ratio": {k: round(decoded[k] / per_member[k], 3) for k in decoded if per_member.get(k)},
             "decode_us_per_pair_one_core": round(secs * 1e6, 1),
             f"loader_w0_crop{crop}_samples_per_s": round(samples / elapsed, 1),
+            # the whole loader (read, decode, crop, normalise, batch) on its one process, per pair
+            f"loader_w0_crop{crop}_cpu_ms_per_pair": round(sum(cpu.values()) / max(1, samples) * 1e3, 3),
         }
+        if crop_secs is not None:
+            rows[name][f"decode_us_per_pair_one_core_crop{crop}"] = round(crop_secs * 1e6, 1)
     if "default" in rows:
         base = rows["default"]["bytes_per_pair"]
         for r in rows.values():

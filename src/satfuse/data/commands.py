@@ -59,8 +59,8 @@ def _register_shard(subparsers: argparse._SubParsersAction) -> None:
     shard.add_argument("--labels", type=Path, default=None, help="--dataset sen12ms: labels/IGBP_probability_labels.pkl; each patch's 17 IGBP fractions go into its JSON (scene classification: finetune --benchmark sen12ms-igbp)")
     shard.add_argument("--exclude-bad", action="store_true", help="list corrupt/NaN/wrong-band files as excluded instead of failing")
     enc = shard.add_argument_group("encoding (bytes per pair; recorded in the manifest, read by every loader as is)")
-    enc.add_argument("--compress", choices=["zstd", "lz4"], default=None,
-                     help="lossless compression of the .npy members (s1.npy.zst / .lz4); shards/FORMAT.md has the webdataset decoder")
+    enc.add_argument("--compress", choices=["zstd", "lz4", "zstd-blocks", "blocks"], default=None,
+                     help="lossless compression of the .npy members (s1.npy.zst / .lz4; zstd-blocks / blocks: checksummed row blocks that a crop reads alone, .zsb / .blk); shards/FORMAT.md has the webdataset decoder")
     enc.add_argument("--compress-level", type=int, default=None, help="codec level (zstd 1..22, default 3; lz4 0..16, default 0)")
     enc.add_argument("--s1-dtype", choices=["float32", "float16"], default=None,
                      help="store S1 dB as float16 (lossy: the manifest records the largest error in dB); default float32")

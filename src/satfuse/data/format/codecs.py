@@ -30,12 +30,16 @@ from typing import Any
 
 import numpy as np
 
+from satfuse.data.format import blocks
 from satfuse.utils import SatfuseError
 
-CODECS = {"zstd": ".zst", "lz4": ".lz4"}  # codec -> member-name suffix
+CODECS = {"zstd": ".zst", "lz4": ".lz4", "zstd-blocks": ".zsb", "blocks": ".blk"}  # codec -> member-name suffix
 SUFFIX_CODEC = {suffix: codec for codec, suffix in CODECS.items()}
-DEFAULT_LEVEL = {"zstd": 3, "lz4": 0}
-LEVELS = {"zstd": (1, 22), "lz4": (0, 16)}  # zstandard's levels; lz4.frame's compression_level
+# Row-blocked members (`satfuse.data.format.blocks`): a crop reads and checksums only its row
+# blocks, so the loader needs no whole-shard sha256 for these sets. codec -> block compression
+BLOCK_CODECS = {"zstd-blocks": "zstd", "blocks": None}
+DEFAULT_LEVEL = {"zstd": 3, "lz4": 0, "zstd-blocks": 3, "blocks": None}
+LEVELS = {"zstd": (1, 22), "lz4": (0, 16), "zstd-blocks": (1, 22), "blocks": (0, 0)}  # zstandard's levels; lz4.frame's
 S1_DTYPES = ("float32", "float16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 IMAGE_MEMBERS = ("s1.npy", "s2.npy")  # what every sample keeps (with `json`)
@@ -60,6 +64,11 @@ class Encoding:
         """What compressed members append to their `.npy` name ('' when uncompressed)."""
         return CODECS[self.compress] if self.compress else ""
 
+    @property
+    def blocked(self) -> bool:
+        """Members in row blocks with crc32s: the loader reads and checks only a crop's blocks."""
+        return self.compress in BLOCK_CODECS
+
     def to_manifest(self) -> dict[str, Any]:
         """The manifest's `encoding` (the writer adds the measured `s1_max_abs_error_db`)."""
         return {"compress": self.compress, "level": self.level, "s1_dtype": self.s1_dtype, "labels": self.labels}
@@ -75,14 +84,14 @@ def make_encoding(compress: str | None = None, level: int | None = None, s1_dtyp
     if compress is not None and compress not in CODECS:
         raise SatfuseError(f"--compress {compress!r}: use one of {list(CODECS)}")
     if level is not None:
-        if compress is None:
-            raise SatfuseError(f"--compress-level {level} needs --compress zstd|lz4")
+        if compress is None or compress == "blocks":
+            raise SatfuseError(f"--compress-level {level} needs --compress zstd|lz4|zstd-blocks")
         lo, hi = LEVELS[compress]
         if not lo <= level <= hi:
             raise SatfuseError(f"--compress-level {level}: {compress} levels are {lo}..{hi}")
     if compress is not None:
         level = DEFAULT_LEVEL[compress] if level is None else level
-        _codec_module(compress)  # fail before packing when the package is missing
+        _codec_module("lz4" if compress == "lz4" else "zstd")  # fail before packing when the package is missing
     s1_dtype = s1_dtype or "float32"
     if s1_dtype not in S1_DTYPES:
         raise SatfuseError(f"--s1-dtype {s1_dtype!r}: use one of {list(S1_DTYPES)}")
@@ -127,8 +136,11 @@ def _codec_module(codec: str) -> Any:
 _local = threading.local()  # zstd (de)compressor contexts are not for concurrent use: one per thread
 
 
-def compress(data: Any, codec: str, level: int) -> bytes:
-    """One member's bytes compressed (the frame records the decompressed size)."""
+def compress(data: Any, codec: str, level: int | None) -> bytes:
+    """One member's bytes compressed (the frame records the decompressed size); a block codec
+    takes the member's `.npy` bytes and stores its array in checksummed row blocks."""
+    if codec in BLOCK_CODECS:
+        return blocks.encode(np.load(io.BytesIO(data), allow_pickle=False), BLOCK_CODECS[codec], level)
     if codec == "zstd":
         key = f"zc{level}"
         ctx = getattr(_local, key, None)
@@ -143,6 +155,8 @@ def decompress(data: Any, codec: str, limit: int | None = None) -> bytes:
     """A compressed member's original bytes; ValueError when they do not decode, or (with
     `limit`) when they would be more than `limit` bytes: refused from the frame's declared size
     before decompressing, or cut off at `limit` + 1 bytes when the frame declares none."""
+    if codec in BLOCK_CODECS:  # the block table declares the shape: bounded before any block is decoded
+        return npy_bytes(blocks.decode(data, None if limit is None else max(0, limit - NPY_HEAD)))
     try:
         if codec == "zstd":
             zstd = _codec_module("zstd")
@@ -232,6 +246,12 @@ def decompress_npy(data: Any, codec: str, check: Callable[[tuple[int, ...], np.d
     body is then decompressed with the exact size the header's shape and dtype take."""
     if shape is not None:
         return decompress(data, codec, limit=NPY_HEAD + int(np.prod(shape, dtype=np.int64)) * 8)
+    if codec in BLOCK_CODECS:
+        index = blocks.read_index(data, 0, len(data))
+        if check is not None:
+            check(index.shape, index.dtype)
+        return npy_bytes(blocks.read_rows(data, 0, index, 0, index.shape[1]) if index.shape[1] else
+                         np.empty(index.shape, index.dtype))
     shape, dtype, offset = npy_header(_peek(data, codec, NPY_HEAD))
     if dtype.hasobject or dtype.kind not in "biuf" or dtype.itemsize > 8:
         raise ValueError(f"member dtype {dtype} is not a numeric array dtype")
@@ -297,6 +317,8 @@ def webdataset_handler(key: str, data: bytes) -> Any:
         return np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)), allow_pickle=False)
     if key.endswith(".npy.lz4"):
         return np.load(io.BytesIO(lz4.frame.decompress(data)), allow_pickle=False)
+    if key.endswith((".npy.zsb", ".npy.blk")):
+        return blocks.decode(data)
     return None
 
 

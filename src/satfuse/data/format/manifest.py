@@ -28,6 +28,10 @@ from satfuse.utils import SatfuseError, atomic_write_text
 FORMAT = "satfuse-shards/1"
 PART_FORMAT = "satfuse-shards-part/1"
 MANIFEST_NAME = "manifest.json"  # written last, atomically: present = complete
+# Set to true in the manifest of a staged copy (`data.stage_dir`): every tar beside it was
+# sha256-checked against this manifest while it was copied (or reused), so the loader does not
+# hash it again on first open (the size is still compared).
+STAGED_KEY = "staged_sha256_checked"
 MISSING_NAME = "missing.jsonl"  # every exclusion of kind `missing`, one JSON object a line (the manifest keeps a count)
 MISSING_SHOWN = 5  # `missing` entries the manifest itself shows
 PART_GLOB = "manifest.part-*-of-*.json"

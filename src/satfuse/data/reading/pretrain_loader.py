@@ -95,6 +95,7 @@ from torch.utils.data import DataLoader
 
 from satfuse.config import DataConfig
 from satfuse.data.format.bands import manifest_bands
+from satfuse.data.format.codecs import from_manifest
 from satfuse.data.packing.normalize import BandStats
 from satfuse.data.reading.batch_ring import RingConsumer, credit_queues, supported
 from satfuse.data.reading.sample_transform import SampleTransform
@@ -112,6 +113,21 @@ STATE_VERSION = 1
 # side-by-side rows).
 BATCH_RING = True
 RING_DEPTH = 3  # slots per worker to start with: the DataLoader's 2 prefetched batches + 1 in use
+
+
+_NOTED: set[str] = set()  # shard sets already noted as read whole (once per process)
+
+
+def note_whole_reads(shards: ShardSet) -> None:
+    """One note per shard set packed without row blocks: read as before (each shard's sha256 on
+    first open, whole members), so the crop-only read (`--compress zstd-blocks|blocks`) is off."""
+    for part in shards.parts or [shards]:
+        enc = from_manifest(part.manifest, part.spec)
+        if not enc.blocked and part.spec not in _NOTED:
+            _NOTED.add(part.spec)
+            log.info("%s: packed without block checksums (--compress %s): crop-only reads are off, every shard is "
+                     "read and sha256-checked whole on first open; re-shard with --compress zstd-blocks to read "
+                     "only the crop's bytes", part.spec, enc.compress or "none")
 
 
 class PretrainLoader:
@@ -133,6 +149,7 @@ class PretrainLoader:
         self.method, self.drop_last = method, drop_last
         self.workers = max(1, cfg.num_workers)
         self._check(shards, cfg)
+        note_whole_reads(shards)
         self.s1_stats = BandStats.from_manifest(shards.stats, "s1", cfg.s1_clip)
         self.s2_stats = BandStats.from_manifest(shards.stats, "s2", cfg.s2_clip)
         self.transform = SampleTransform(self.s1_stats, self.s2_stats, seed, cfg.crop, method, simclr_input)

@@ -11,8 +11,8 @@ start and the loader reads only those copies.
   node's ranks only (`stream_plan.epoch_slots`): the node keeps its shards every epoch.
 - Where: `<stage_dir>/satfuse-<set key>/part<k>/<tar name>`, the set key a digest of every
   shard's name, size and sha256 (all mixed sets), each part with its manifest.json beside the
-  tars (the loader checks each shard's sha256 against it on first open, as for shared
-  shards). Another shard set, or the same names with other bytes, gets another directory:
+  tars, marked `STAGED_KEY` (the copier hashed every tar against it, so the loader's first
+  open compares the size only and does not read the copy whole a second time). Another shard set, or the same names with other bytes, gets another directory:
   a stale or foreign copy is never read.
 - Who copies: the node's local rank 0, in a thread, `data.stage_dir`'s files written as
   temp + fsync + rename with the sha256 computed while copying and compared to the manifest;
@@ -43,6 +43,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from satfuse.config import DataConfig
+from satfuse.data.format.manifest import STAGED_KEY
 from satfuse.data.reading.shard_sets import ShardSet
 from satfuse.data.reading.stream_plan import node_groups
 from satfuse.diskspace import free_bytes, human, is_no_space, no_space_error
@@ -229,7 +230,8 @@ def copy_share(shards: ShardSet, set_dir: Path, mine: list[StagedShard], node: i
     for k, (_, man) in enumerate(parts):
         folder = set_dir / f"part{k}"
         folder.mkdir(parents=True, exist_ok=True)
-        _publish(folder / "manifest.json", json.dumps(man, indent=1).encode())
+        # every tar a loader finds here was hashed while copied or reused: not hashed again on open
+        _publish(folder / "manifest.json", json.dumps({**man, STAGED_KEY: True}, indent=1).encode())
     _drop_dead_temps(mine)
     present = [r for r in mine if _size(r.dest) == r.size]
     absent = [r for r in mine if r not in present]
