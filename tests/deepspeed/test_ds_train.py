@@ -351,3 +351,22 @@ def test_gradient_accumulation_clips_the_accumulated_gradient(tmp_path):
     assert len(ratios) > 10
     for name, ratio in ratios.items():
         assert ratio == pytest.approx(expected, rel=2e-3), name
+
+
+def test_activation_checkpointing_reaches_ddp_and_zero3(runs, sen12ms_shards, tmp_path):
+    """`model.activation_checkpointing=true` under DDP and DeepSpeed ZeRO-3 (3 steps): the model
+    the trainer built switched both backbones on (`set_activation_checkpointing`'s log line;
+    that it then recomputes, with equal gradients, is tests/engines/test_activation_checkpointing.py),
+    and the losses and grad norms equal the fixture's runs without it. Measured: bitwise equal."""
+    for name, config, extra in (("ddp", "hpc/pretrain/tiny.yaml", {}),
+                                ("zero3", DS_CONFIG, {"deepspeed.config": "hpc/deepspeed/zero3_fp32.json"})):
+        run = tmp_path / name
+        over = args(sen12ms_shards, run, steps=3, **{"model.activation_checkpointing": "true", **extra})
+        train(2, over, tmp_path / f"{name}-logs", config=config)
+        assert "activation checkpointing on in 2 backbone(s)" in logs(tmp_path / f"{name}-logs"), name
+        ref = {m["step"]: m for m in metrics(runs[name]) if "loss" in m}
+        got = [m for m in metrics(run) if "loss" in m]
+        assert [m["step"] for m in got] == [1, 2, 3], name
+        for m in got:
+            for key in ("loss", "grad_norm"):
+                assert math.isclose(m[key], ref[m["step"]][key], rel_tol=PARITY_RTOL), (name, key, m, ref[m["step"]])
