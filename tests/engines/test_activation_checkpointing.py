@@ -13,7 +13,7 @@ from satfuse.config import LossConfig, ModelConfig
 from satfuse.models import build_pretrain_model
 from satfuse.models.backbones import Backbone
 
-CASES = [("tiny", "dual_simclr", 32), ("tiny", "mma", 32)]
+CASES = [("tiny", "dual_simclr", 32), ("tiny", "mma", 32), ("vit_small_patch16", "dual_simclr", 32)]
 
 
 def forward_calls(model: torch.nn.Module) -> list[int]:
@@ -29,9 +29,9 @@ def forward_calls(model: torch.nn.Module) -> list[int]:
 def test_same_gradients_with_and_without_activation_checkpointing(backbone, method, crop):
     cfg = dict(backbone=backbone, method=method, proj_hidden=64, proj_out=32, mma_dim=16)
     torch.manual_seed(0)
-    plain = build_pretrain_model(ModelConfig(**cfg))
+    plain = build_pretrain_model(ModelConfig(**cfg), img_size=crop)
     torch.manual_seed(0)
-    ckpt = build_pretrain_model(ModelConfig(**cfg, activation_checkpointing=True))
+    ckpt = build_pretrain_model(ModelConfig(**cfg, activation_checkpointing=True), img_size=crop)
     for (n, p), q in zip(plain.state_dict().items(), ckpt.state_dict().values(), strict=True):
         assert torch.equal(p, q), n  # same seed, same initial weights
     g = torch.Generator().manual_seed(0)

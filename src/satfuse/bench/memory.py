@@ -93,7 +93,7 @@ def _rank_main(rank: int, world: int, port: int, a: dict[str, Any], setup: str, 
     budget_mib = a["budget_gb"] * 1024
     _watchdog(base + WATCHDOG_SLACK * budget_mib)
     torch.manual_seed(0)
-    module = build_pretrain_model(cfg.model)
+    module = build_pretrain_model(cfg.model, img_size=a["crop"])
     engine = build_engine(module, torch.device("cpu"), cfg.train, cfg.optim, cfg.checkpoint, cfg.deepspeed,
                           micro_batch=cfg.data.batch_size)
     g = torch.Generator().manual_seed(rank)
