@@ -68,6 +68,7 @@ class ModelConfig:
     proj_hidden: int = 2048  # hidden width of the projection head
     proj_out: int = 128  # embedding size the contrastive loss compares
     sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
+    activation_checkpointing: bool = False  # recompute backbone activations in backward: less memory, same gradients, more compute (DDP and DeepSpeed)
     simclr_input: Literal["s2_rgb", "s2", "s1s2"] = "s2_rgb"  # SimCLR only
     mma_dim: int = 256  # MMA only: embedding size of the aligned feature maps
 

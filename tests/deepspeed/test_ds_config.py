@@ -49,7 +49,7 @@ def test_every_shipped_config_builds_with_its_precision(name):
     ds = ds_config(cfg, 2, torch.device("cuda") if precision == "fp16" else CPU)
     assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
     assert ds["train_batch_size"] == cfg.data.batch_size * ds["gradient_accumulation_steps"] * 2
-    assert ds["zero_optimization"]["stage"] in (0, 1, 2)
+    assert ds["zero_optimization"]["stage"] == int(name[4])  # zeroN_...: the file's own stage
     assert ds["bf16"]["enabled"] == (precision == "bf16")
     assert ds["fp16"]["enabled"] == (precision == "fp16")
     if precision == "bf16":
@@ -75,7 +75,10 @@ def test_yaml_deepspeed_file_with_accumulation():
     ("overrides", "doc", "needle"),
     [
         (["train.precision=fp16"], None, "fp16"),
-        (["deepspeed.zero_stage=3"], None, "stage 3"),
+        (["deepspeed.zero_stage=4"], None, "stage 4 does not exist"),
+        (["optim.name=lars", "deepspeed.zero_stage=3"], None, "stage 3.*use optim.name=adam or optim.name=adamw"),
+        ([], {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "needs ZeRO-3"),
+        ([], {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param moves"),
         (["train.precision=fp32", "deepspeed.config=hpc/deepspeed/zero1_bf16.json"], None,
          "enables bf16 but train.precision=fp32"),
         (["optim.name=lars", "deepspeed.zero_stage=1"], None, "LARS"),
@@ -98,11 +101,15 @@ def test_unsupported_combinations_fail_at_start(tmp_path, overrides, doc, needle
     assert "\n" not in str(err.value)
 
 
-def test_cli_refuses_zero3_with_one_line(sen12ms_shards, tmp_path):
-    """Through the real command: exit 2, one error line, no traceback, no step taken."""
+def test_cli_refuses_lars_under_zero3_with_one_line(sen12ms_shards, tmp_path):
+    """Through the real command: exit 2, one error line naming the optimizers to use, no
+    traceback, no step taken."""
     cmd = [sys.executable, "-m", "satfuse.cli", "pretrain", "--config", "hpc/pretrain/tiny_deepspeed.yaml",
-           f"data.shards={sen12ms_shards}", f"train.run_dir={tmp_path / 'run'}", "deepspeed.zero_stage=3"]
+           f"data.shards={sen12ms_shards}", f"train.run_dir={tmp_path / 'run'}",
+           "deepspeed.config=hpc/deepspeed/zero3_fp32.json", "optim.name=lars"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr
-    assert "ZeRO stage 3 is not supported" in res.stderr and "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if "ERROR" in line or "error" in line.lower()]
+    assert len(errors) == 1 and "ZeRO stage 3" in errors[0] and "optim.name=adam or optim.name=adamw" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

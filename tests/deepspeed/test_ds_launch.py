@@ -74,3 +74,25 @@ def test_bench_engines(tmp_path):
         assert math.isclose(rows[name]["final_loss"], rows["ddp"]["final_loss"], rel_tol=1e-5)
         # ...and ZeRO partitions Adam's moments over the 2 ranks (plus its fp32 partition).
         assert rows[name]["optim_state_vs_ddp"] < 0.8
+
+
+def test_bench_memory(tmp_path):
+    """`satfuse bench memory` at the smallest size (tiny, crop 32: at 16 its last map is 1x1 and
+    BatchNorm refuses batch 1; 2 ranks, batches 1 and 2):
+    DDP and ZeRO-3, with and without activation checkpointing, each row one launch whose peaks
+    are measured above an idle baseline of a rank with torch imported. The search itself is
+    tested without processes in tests/engines/test_bench_memory_search.py."""
+    out = tmp_path / "memory.json"
+    cmd = [sys.executable, "-m", "satfuse.cli", "bench", "memory", "--out", str(out), "--backbone", "tiny",
+           "--crop", "32", "--engines", "zero3", "--budget-gb", "2", "--max-batch", "2"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(out.read_text())["result"]
+    rows = doc["rows"]
+    assert set(rows) == {"ddp", "ddp+ac", "zero3", "zero3+ac"}
+    for name, row in rows.items():
+        assert row["activation_checkpointing"] == name.endswith("+ac")
+        assert set(row["peak_mib_by_batch"]) == {"1", "2"} and row["peak_mib_at_1"] > 0, row
+        assert row["idle_baseline_mib"] > 200  # torch (+ DeepSpeed) imported: what is subtracted
+        assert row["largest_batch"] == 2 and row["capped"] and row["launches"] == 1, row
+    assert doc["zero3_ac_batch_factor_vs_ddp"] == 1.0 and doc["zero3_ac_factor_is_lower_bound"]

@@ -22,7 +22,8 @@ BENCHES = {
     "io": "satfuse.bench.io",  # bytes read from storage per pair, cold/warm, per crop and encoding; GB/s model
     "loss": "satfuse.bench.loss",  # global loss time/memory vs global batch
     "ckpt": "satfuse.bench.ckpt",  # DCP save/load vs torch.save/load
-    "engines": "satfuse.bench.engines",  # DDP vs DeepSpeed ZeRO-1/2
+    "engines": "satfuse.bench.engines",  # DDP vs DeepSpeed ZeRO-1/2 (ZeRO-0/3 on request)
+    "memory": "satfuse.bench.memory",  # peak memory per rank and largest batch in a budget: DDP, ZeRO-1/2/3, +/- activation checkpointing
     "train": "satfuse.bench.train",  # training-step throughput, 1 vs 2 ranks, fp32/bf16, GPU rows
     "model": "satfuse.bench.model",  # communication and memory model, 1..1024 GPUs
     "commbytes": "satfuse.bench.commbytes",  # wire bytes of a 2-node run vs the model
@@ -30,8 +31,9 @@ BENCHES = {
 }
 # Needs root and the 2-node cluster of slurm/local-cluster/multinode.sh: not part of `bench all`.
 NEEDS_CLUSTER = {"commbytes"}
-# Its own check (`make gpu-check`; CI runs its --device cpu --quick dry run): not part of `bench all`.
-STANDALONE = {"gpu"}
+# Its own check (`make gpu-check`; CI runs its --device cpu --quick dry run), and the memory
+# search (minutes of ViT-B steps per row; the README table's command): not part of `bench all`.
+STANDALONE = {"gpu", "memory"}
 # `bench all` runs these with other arguments than their defaults, to stay within minutes:
 # bench io packs and reads the synthetic set cold once per encoding (~30 s each here); all
 # runs the plain and the smallest encoding (`satfuse bench io` alone measures every one).

@@ -43,6 +43,7 @@ SETUPS = {
     "zero0": ("deepspeed", 0),
     "zero1": ("deepspeed", 1),
     "zero2": ("deepspeed", 2),
+    "zero3": ("deepspeed", 3),
 }
 
 

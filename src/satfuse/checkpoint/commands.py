@@ -133,6 +133,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "epoch": meta.get("epoch"),
         "world_size": meta.get("world_size"),
         "kind": meta.get("kind"),
+        "zero_stage": (meta.get("deepspeed") or {}).get("zero_stage"),  # DeepSpeed only (None: DCP)
         "created": meta.get("created"),
         "satfuse_version": meta.get("satfuse_version"),
         "parameters": (meta.get("model") or {}).get("parameters"),

@@ -25,8 +25,9 @@ from torch import nn
 
 from satfuse.checkpoint.backend import Builder, CheckpointBackend
 from satfuse.checkpoint.deepspeed_export import (
-    MODEL_STATES,
     load_deepspeed_model,
+    model_states_file,
+    model_states_files,
     partitioned_files,
 )
 from satfuse.checkpoint.layout import RANK_FILE_RE, rank_file, read_meta
@@ -55,8 +56,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# DeepSpeed's per-rank optimizer shard names: `[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`
-_SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+# DeepSpeed's per-rank shard names: `[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`, and at
+# ZeRO-3 also `zero_pp_rank_R_mp_rank_00_model_states.pt`
+_SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt$")
 
 
 def _fsync_files(paths: list[Path]) -> None:
@@ -72,7 +74,8 @@ def _fsync_files(paths: list[Path]) -> None:
 
 def written_by(tmp: Path, me: int) -> list[Path]:
     """The DeepSpeed files rank `me` wrote into `tmp` (after `save_checkpoint`, which ends with
-    a barrier, so every rank's files exist): its optimizer shard(s); rank 0 also every file
+    a barrier, so every rank's files exist): its optimizer shard(s) (and model shard at
+    ZeRO-3); rank 0 also every file
     DeepSpeed writes once (model states, the recovery scripts), i.e. all that is neither a
     shard nor a rank file. Nothing of another rank is listed, so nothing of it is read here."""
     mine = []
@@ -154,8 +157,9 @@ class DeepSpeedCheckpointManager(CheckpointBackend):
 
     @classmethod
     def required_files(cls, meta: dict[str, Any]) -> list[str]:
-        """DeepSpeed's model states (every stage writes them; ZeRO shards are listed per rank)."""
-        return [MODEL_STATES]
+        """DeepSpeed's model states (every stage writes them, one file per rank at ZeRO-3;
+        optimizer shards are listed per rank)."""
+        return model_states_files(meta)
 
     @classmethod
     def claims(cls, path: Path) -> bool:
@@ -231,6 +235,17 @@ class DeepSpeedCheckpointManager(CheckpointBackend):
             )
         if not saved_partitioned:
             return False  # stage 0 fp32/fp16: replicated state, any world size loads it
+        was3, now3 = int(saved.get("zero_stage", 0)) == 3, self.engine.zero_stage == 3
+        if was3 != now3:
+            # DeepSpeed 0.19.8's universal checkpoint does not cross the ZeRO-3 boundary:
+            # 2 -> 3 lacks the stage-3 optimizer record (`zero/optimizer_state.pt`), 3 -> 2 the
+            # version in the model states (measured); any world size within one side works
+            raise SatfuseError(
+                f"{path}: saved with ZeRO stage {saved.get('zero_stage')}, which DeepSpeed cannot "
+                f"convert to stage {self.engine.zero_stage} with its optimizer state; resume with "
+                f"deepspeed.zero_stage={saved.get('zero_stage')} (any world size), or start a new run "
+                f"from its weights (`satfuse ckpt export`)"
+            )
         same = (int(meta["world_size"]) == world()
                 and saved.get("zero_stage") == self.engine.zero_stage
                 and saved.get("precision") == self.cfg_precision)
@@ -261,7 +276,7 @@ class DeepSpeedCheckpointManager(CheckpointBackend):
         """A universal load restores parameters only; BatchNorm running statistics would be
         silently reset to their initial values (measured). Copy every buffer back from the
         saved model states."""
-        saved = load_torch_file(path / MODEL_STATES, self.trust)["module"]
+        saved = load_torch_file(model_states_file(path), self.trust)["module"]
         missing = []
         with torch.no_grad():
             for name, buf in self.engine.module.named_buffers():

@@ -2,8 +2,8 @@
 "deepspeed"), in one process, without torch.distributed.
 
 Why a loader of its own: DeepSpeed keeps the fp32 master weights in its optimizer shards
-(ZeRO-1/2, and bf16 at any stage: the model states file holds only bf16 copies), split into
-flat per-rank partitions; only stage 0 fp32 keeps usable fp32 weights in
+(ZeRO-1/2/3, and bf16 at any stage: the model states file holds only bf16 copies, and at
+ZeRO-3 only empty placeholders), split into flat per-rank partitions; only stage 0 fp32 keeps usable fp32 weights in
 `mp_rank_00_model_states.pt`. DeepSpeed's `zero_to_fp32` reassembles the partitions; it
 drops tied weights (DeepSpeed #1896), which satfuse's models do not have, and the strict
 `load_state_dict` below would catch any missing key.
@@ -43,10 +43,29 @@ from satfuse.utils import SatfuseError
 log = logging.getLogger(__name__)
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's model file (stage 0 weights, buffers)
+# ZeRO-3 writes one model file per rank (its parameters are partitioned): buffers, and the
+# parameter names and shapes, without values (those are in the optimizer shards)
+ZERO3_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
+def model_states_files(meta: dict[str, Any]) -> list[str]:
+    """The model files a checkpoint of `meta` (its meta.json) must hold: one per rank at
+    ZeRO-3, else `MODEL_STATES`."""
+    if int((meta.get("deepspeed") or {}).get("zero_stage", 0)) == 3:
+        return [ZERO3_MODEL_STATES.format(rank=r) for r in range(int(meta.get("world_size", 1)))]
+    return [MODEL_STATES]
+
+
+def model_states_file(ckpt: Path) -> Path:
+    """The file holding the model's buffers: `MODEL_STATES`, or rank 0's at ZeRO-3 (every
+    rank's holds the same, unpartitioned, buffers)."""
+    plain = Path(ckpt) / MODEL_STATES
+    zero3 = Path(ckpt) / ZERO3_MODEL_STATES.format(rank=0)
+    return zero3 if not plain.is_file() and zero3.is_file() else plain
 
 
 def partitioned_files(ckpt: Path) -> list[Path]:
-    """DeepSpeed's per-DP-rank optimizer shards (ZeRO 1/2, or bf16 at stage 0)."""
+    """DeepSpeed's per-DP-rank optimizer shards (ZeRO 1/2/3, or bf16 at stage 0)."""
     return sorted(Path(ckpt).glob("*zero_pp_rank_*_optim_states.pt"))
 
 

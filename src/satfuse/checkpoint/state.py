@@ -61,12 +61,16 @@ class ModelOptimState(Stateful):
             )
 
     def fingerprint(self) -> dict[str, list[int]]:
-        """{parameter/buffer name: shape}: what must match for a checkpoint to load."""
-        return {k: list(v.shape) for k, v in get_model_state_dict(self.model).items()
+        """{parameter/buffer name: shape}: what must match for a checkpoint to load. Under
+        DeepSpeed ZeRO-3 a parameter outside forward is an empty placeholder; its full shape
+        is DeepSpeed's `ds_shape`, so ZeRO-3 and other stages record the same fingerprint."""
+        full = {k: list(p.ds_shape) for k, p in self.model.named_parameters() if hasattr(p, "ds_shape")}
+        return {k: full.get(k, list(v.shape)) for k, v in get_model_state_dict(self.model).items()
                 if isinstance(v, torch.Tensor)}
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Parameter count; ZeRO-3's partitioned parameters count by their full `ds_numel`."""
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.model.parameters())
 
 
 

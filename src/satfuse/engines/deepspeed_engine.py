@@ -20,8 +20,9 @@ Who decides what (precedence, checked at start):
   restating the same value is fine (so the `*_bf16.json` files say `"bf16": enabled`).
 
 Unsupported combinations fail in `DeepSpeedEngine.__init__`, before any step: fp16 off
-CUDA, ZeRO-3 and parameter offload, LARS under ZeRO/bf16 (flattened partitions break its
-per-layer trust ratio), bf16 gradient accumulation in bf16 (diverges: DeepSpeed #2352,
+CUDA, parameter or optimizer offload on CPU (a CPU run keeps everything there already), LARS
+under ZeRO/bf16 (flattened partitions break its per-layer trust ratio; at ZeRO-3 the
+parameters themselves are partitioned, so it is adam/adamw), bf16 gradient accumulation in bf16 (diverges: DeepSpeed #2352,
 #2768), tensor/pipeline/sequence parallelism (the loss gathers over the default group, which
 must be DeepSpeed's data-parallel group), async checkpoint saves.
 
@@ -61,7 +62,7 @@ from satfuse.utils import SatfuseError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_STAGES = (0, 1, 2)
+SUPPORTED_STAGES = (0, 1, 2, 3)
 # Keys the DeepSpeed file may only restate: satfuse's config is their source of truth.
 OWNED_SCALARS = {
     "train_micro_batch_size_per_gpu": "data.batch_size",
@@ -159,13 +160,16 @@ def _zero_section(raw: dict[str, Any], override: int, where: Path, device: torch
     stage = int(override) if override >= 0 else int(zero.get("stage", 0))
     if stage not in SUPPORTED_STAGES:
         raise SatfuseError(
-            f"{where}: ZeRO stage {stage} is not supported by satfuse (stage 3 partitions the "
-            "parameters themselves, which the per-modality backbones' export and the loss need "
-            "whole); use deepspeed.zero_stage=0, 1 or 2"
+            f"{where}: ZeRO stage {stage} does not exist; use deepspeed.zero_stage=0, 1, 2 or 3"
         )
     zero["stage"] = stage
-    if zero.get("offload_param"):
-        raise SatfuseError(f"{where}: zero_optimization.offload_param needs ZeRO-3; remove it")
+    if zero.get("offload_param") and stage != 3:
+        raise SatfuseError(f"{where}: zero_optimization.offload_param needs ZeRO-3 (stage is {stage}); remove it")
+    if zero.get("offload_param") and device.type != "cuda":
+        raise SatfuseError(
+            f"{where}: zero_optimization.offload_param moves parameters to the CPU, which is "
+            "where a CPU run keeps them already; remove it (it is for GPU runs)"
+        )
     if zero.get("offload_optimizer") and device.type != "cuda":
         raise SatfuseError(
             f"{where}: zero_optimization.offload_optimizer moves optimizer state to the CPU, "
@@ -219,6 +223,12 @@ def check_combination(ds: dict[str, Any], device: torch.device, precision: str, 
     if precision == "fp16" and device.type != "cuda":
         raise SatfuseError("train.precision=fp16 with DeepSpeed needs CUDA; use bf16 or fp32 on CPU")
     stage = ds["zero_optimization"]["stage"]
+    if optim.name == "lars" and stage == 3:
+        raise SatfuseError(
+            "optim.name=lars with ZeRO stage 3: ZeRO-3 partitions every parameter across ranks, "
+            "so LARS cannot see a whole layer for its trust ratio; use optim.name=adam or "
+            "optim.name=adamw (or deepspeed.zero_stage=0 for LARS)"
+        )
     if optim.name == "lars" and (stage > 0 or precision != "fp32"):
         raise SatfuseError(
             f"optim.name=lars with ZeRO stage {stage} / {precision}: DeepSpeed flattens "
@@ -295,7 +305,7 @@ def install_input_cast(module: nn.Module, dtype: torch.dtype):
 
 
 class DeepSpeedEngine(Engine):
-    """`Engine` on DeepSpeed ZeRO 0/1/2 (fp32, bf16; fp16 on CUDA)."""
+    """`Engine` on DeepSpeed ZeRO 0/1/2/3 (fp32, bf16; fp16 on CUDA)."""
 
     kind = "deepspeed"
 

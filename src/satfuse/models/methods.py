@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import logging
 from typing import ClassVar
 
 import torch
@@ -16,10 +17,12 @@ from torch import nn
 
 from satfuse.config import LossConfig, ModelConfig
 from satfuse.losses import dense_alignment_loss, nt_xent, retrieval_accuracy_tensor
-from satfuse.models.backbones import build_backbone
+from satfuse.models.backbones import Backbone, build_backbone
 from satfuse.models.heads import DenseProjectionHead, ProjectionHead
 from satfuse.registry import METHODS
 from satfuse.utils import SatfuseError
+
+log = logging.getLogger(__name__)
 
 S1_CHANNELS = 2
 S2_CHANNELS = 13
@@ -305,4 +308,19 @@ def build_pretrain_model(cfg: ModelConfig, channels: dict[str, int] | None = Non
         model = cls(cfg, channels)
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.activation_checkpointing:
+        set_activation_checkpointing(model)
     return model
+
+
+def set_activation_checkpointing(model: nn.Module) -> list[Backbone]:
+    """`model.activation_checkpointing=true`: every backbone of `model` recomputes its
+    activations in the backward pass (`Backbone.set_grad_checkpointing`; a backbone that
+    cannot is refused by name). Applied here, where both engines build the model, so DDP and
+    DeepSpeed runs of one config checkpoint alike. Returns the backbones switched."""
+    backbones = [m for m in model.modules() if isinstance(m, Backbone)]
+    for backbone in backbones:
+        backbone.set_grad_checkpointing(True)
+    log.info("activation checkpointing on in %d backbone(s): %s", len(backbones),
+             ", ".join(type(b).__name__ for b in backbones))
+    return backbones
