@@ -10,6 +10,7 @@ the paper's, is `satfuse.evaluation.dfc2020`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -62,6 +63,11 @@ class Benchmark:
     metrics: ClassVar[dict[str, str]]
     """The headline metric of each task, a key of `satfuse.evaluation.metrics`' results ("aa",
     "f1_macro"): early stopping on `metric`, the log line and the report use it."""
+
+    run: ClassVar[Callable[..., dict] | None] = None
+    """A loop of the benchmark's own, called as `run(cfg, overwrite, weights)` with
+    `finetune.run_finetune`'s arguments instead of the classification loop (segmentation:
+    `satfuse.evaluation.segmentation.run_segmentation`, as a staticmethod); None: classification."""
 
     @classmethod
     def n_classes(cls) -> int:
