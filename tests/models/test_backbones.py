@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from satfuse.models import ProjectionHead, build_backbone
+from satfuse.models.backbones import pyramid_backbones
 from satfuse.utils import SatfuseError
 
 
@@ -102,3 +103,39 @@ def test_backbone_and_method_names_come_from_the_registries() -> None:
     with pytest.raises(SatfuseError, match=r"here: backbone 'tiny' has no torchvision counterpart \(only "
                                            r"resnet18, resnet50 do\)"):
         check_export_format("tiny", "torchvision", "here")
+
+
+@pytest.mark.parametrize("name,strides,channels", [("tiny", (2, 4, 8, 16), (16, 32, 64, 128)),
+                                                   ("resnet18", (4, 8, 16, 32), (64, 128, 256, 512))])
+def test_resnet_pyramid_is_layer1_to_layer4(name: str, strides: tuple, channels: tuple) -> None:
+    model = build_backbone(name, 2).eval()
+    x = torch.randn(1, 2, 64, 64)
+    with torch.no_grad():
+        maps = model.forward_pyramid(x)
+        last = model.forward_features(x)
+    assert model.pyramid_strides == strides and model.pyramid_channels == channels
+    assert [tuple(m.shape) for m in maps] == [(1, c, 64 // s, 64 // s) for c, s in zip(channels, strides, strict=True)]
+    torch.testing.assert_close(maps[-1], last)
+    assert {"tiny", "resnet18", "resnet50"} <= set(pyramid_backbones())
+
+
+def test_resnet_activation_checkpointing_same_gradients_and_bn_stats() -> None:
+    torch.manual_seed(0)
+    plain = build_backbone("tiny", 3)
+    ckpt = build_backbone("tiny", 3)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing(True)
+    calls = []
+    ckpt.layer2.register_forward_pre_hook(lambda *a: calls.append(1))
+    x = torch.randn(4, 3, 32, 32)
+    for m in (plain, ckpt):
+        m(x).pow(2).sum().backward()
+    assert len(calls) == 2  # layer2 ran again in the backward pass: its activations were not kept
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=n)
+    for (n, b), c in zip(plain.named_buffers(), ckpt.buffers(), strict=True):  # BatchNorm stats moved once
+        torch.testing.assert_close(c, b, rtol=1e-6, atol=1e-7, msg=n)
+    ckpt.set_grad_checkpointing(False)
+    calls.clear()
+    ckpt(x).sum().backward()
+    assert len(calls) == 1

@@ -9,6 +9,7 @@ module with one registered subclass; the built-in ResNets are in `satfuse.models
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -29,7 +30,9 @@ class Backbone(nn.Module):
             feature_dim = 384
             ...
 
-    The registered class is the builder: `cls(in_channels, zero_init_residual=False)`.
+    The registered class is the builder: `cls(in_channels, zero_init_residual=False)`, plus
+    `img_size=<crop>` when its `__init__` takes that keyword (ViT/Swin size their position
+    tables and windows from the crop; a ResNet takes any crop and may omit it).
     """
 
     feature_dim: ClassVar[int]
@@ -114,13 +117,20 @@ def backbone_class(name: str) -> type[Backbone]:
     return BACKBONES.get(name)
 
 
-def build_backbone(name: str, in_channels: int, zero_init_residual: bool = False) -> Backbone:
-    """The registered backbone `name` built for `in_channels` input bands."""
+def build_backbone(name: str, in_channels: int, zero_init_residual: bool = False,
+                   img_size: int | None = None) -> Backbone:
+    """The registered backbone `name` built for `in_channels` input bands and square crops of
+    `img_size` pixels (None: the crop is not known; a backbone that needs it refuses by name).
+    `img_size` reaches only classes whose `__init__` takes it, so plugin backbones written
+    before it existed keep building."""
     if not isinstance(in_channels, int) or in_channels < 1:
         raise SatfuseError(
             f"backbone {name}: in_channels must be a positive integer, got {in_channels!r}"
         )
-    return backbone_class(name)(in_channels, zero_init_residual=zero_init_residual)
+    cls = backbone_class(name)
+    if "img_size" in inspect.signature(cls.__init__).parameters:
+        return cls(in_channels, zero_init_residual=zero_init_residual, img_size=img_size)
+    return cls(in_channels, zero_init_residual=zero_init_residual)
 
 
 def check_export_format(name: str, fmt: str, where: str) -> None:

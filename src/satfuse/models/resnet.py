@@ -1,98 +1,38 @@
-"""The built-in backbones: ResNet-18/50 with any number of input channels and a tiny ResNet,
-written here (no torchvision), registered as `resnet18`, `resnet50` and `tiny`.
+"""The built-in ResNets: torchvision's ResNet-18/50 with any number of input bands, and a tiny
+ResNet built from torchvision's blocks, registered as `resnet18`, `resnet50` and `tiny`.
 
-Why our own: torchvision does not install beside the CPU torch wheel used here, and the
-authors' backbones differ from the stock ones only in `conv1` (2 channels for S1, 13 for S2,
-15 for early fusion). The layout follows torchvision exactly (BasicBlock/Bottleneck, 7x7
-stride-2 stem, max-pool, four stages, stride on the 3x3 conv of a Bottleneck: "ResNet v1.5")
-so the parameter count and the feature sizes match what the paper's numbers assume, and the
-ResNet-18/50 state dicts export as torchvision (and safetensors) weights.
+Why torchvision: the authors' backbones differ from the stock ones only in `conv1` (2 channels
+for S1, 13 for S2, 15 for early fusion), so satfuse builds `torchvision.models.resnet18/50`,
+swaps `conv1` and drops `fc`. The module names are torchvision's (conv1, bn1, relu, maxpool,
+layer1..4, avgpool), so a satfuse ResNet-18/50 state dict is a torchvision one (fc aside) and
+exports as torchvision (and safetensors) weights; checkpoints written before satfuse used
+torchvision (its own copy of the same layout) load unchanged.
 
 `tiny` is for tests and the CPU demo: a 3x3 stride-2 stem without max-pool and one
-BasicBlock per stage (16-32-64-128), so a 64x64 crop leaves a 4x4 map (MMA needs a spatial
-map with more than one location) and a step costs milliseconds on 2 cores.
+torchvision BasicBlock per stage (16-32-64-128), so a 64x64 crop leaves a 4x4 map (MMA needs
+a spatial map with more than one location) and a step costs milliseconds on 2 cores.
+
+Multi-scale maps (`forward_pyramid`) are the outputs of layer1..4; activation checkpointing
+(`set_grad_checkpointing`) recomputes each stage in the backward pass (torch.utils.checkpoint,
+non-reentrant) with BatchNorm's running statistics updated once per step, as without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import torch
+import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from satfuse.models.backbones import EXPORT_FORMATS, Backbone
 from satfuse.models.legacy import upgrade_key
 from satfuse.registry import BACKBONES
-
-
-def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-
-
-def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual (ResNet-18/34)."""
-
-    expansion = 1
-
-    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
-        super().__init__()
-        cout = width * self.expansion
-        self.conv1 = _conv3x3(cin, width, stride)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width, cout)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(cin, cout, stride)
-
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    """1x1 - 3x3 (strided) - 1x1 with 4x expansion (ResNet-50)."""
-
-    expansion = 4
-
-    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
-        super().__init__()
-        cout = width * self.expansion
-        self.conv1 = _conv1x1(cin, width)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width, width, stride)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = _conv1x1(width, cout)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(cin, cout, stride)
-
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-def _downsample(cin: int, cout: int, stride: int) -> nn.Sequential | None:
-    """Projection shortcut when the shape changes (torchvision's option B)."""
-    if stride == 1 and cin == cout:
-        return None
-    return nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
 
 
 class ResNet(Backbone):
@@ -107,31 +47,56 @@ class ResNet(Backbone):
     layers: ClassVar[tuple[int, int, int, int]]
     widths: ClassVar[tuple[int, int, int, int]] = (64, 128, 256, 512)
     stem_kind: ClassVar[str] = "imagenet"  # not `stem`: old checkpoints named a module so
+    torchvision_arch: ClassVar[str] = ""  # torchvision.models builder; "" = built here from its blocks
     input_weight = "conv1.weight"
 
-    def __init__(self, in_channels: int, zero_init_residual: bool = False) -> None:
+    def __init__(self, in_channels: int, zero_init_residual: bool = False, img_size: int | None = None) -> None:
+        """`img_size` is accepted for the common builder and ignored: a ResNet takes any crop."""
         super().__init__(in_channels, zero_init_residual)
         # torchvision's names (conv1, bn1, relu, maxpool, layer1..4, avgpool), so a satfuse
         # ResNet-18/50 state dict is a torchvision one (fc aside); checkpoints written with
         # the old `stem.0`/`stem.1` names are renamed on load (satfuse.models.legacy).
-        self.conv1, self.bn1, self.relu, self.maxpool = _make_stem(self.stem_kind, in_channels, self.widths[0])
-        cin = self.widths[0]
-        stages = []
-        for i, (blocks, width) in enumerate(zip(self.layers, self.widths, strict=True)):
-            stage, cin = _make_stage(self.block, cin, width, blocks, stride=1 if i == 0 else 2)
-            stages.append(stage)
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.out_dim = cin
+        if self.torchvision_arch:
+            tv = getattr(torchvision.models, self.torchvision_arch)(weights=None, zero_init_residual=zero_init_residual)
+            conv1 = nn.Conv2d(in_channels, self.widths[0], 7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.conv1, self.bn1, self.relu, self.maxpool = conv1, tv.bn1, tv.relu, tv.maxpool
+            self.layer1, self.layer2, self.layer3, self.layer4 = tv.layer1, tv.layer2, tv.layer3, tv.layer4
+        else:
+            self.conv1 = nn.Conv2d(in_channels, self.widths[0], 3, stride=2, padding=1, bias=False)
+            self.bn1, self.relu, self.maxpool = nn.BatchNorm2d(self.widths[0]), nn.ReLU(inplace=True), nn.Identity()
+            cin, stages = self.widths[0], []
+            for i, (blocks, width) in enumerate(zip(self.layers, self.widths, strict=True)):
+                stage, cin = _make_stage(self.block, cin, width, blocks, stride=1 if i == 0 else 2)
+                stages.append(stage)
+            self.layer1, self.layer2, self.layer3, self.layer4 = stages
+            _init_weights(self, zero_init_residual)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        _init_weights(self, zero_init_residual)
+        self.out_dim = self.widths[3] * self.block.expansion
+        self.pyramid_channels = tuple(w * self.block.expansion for w in self.widths)
+        first = 4 if self.stem_kind == "imagenet" else 2
+        self.pyramid_strides = tuple(first * 2 ** i for i in range(4))
+        self._grad_checkpointing = False
         self._register_load_state_dict_pre_hook(_upgrade_legacy_keys)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of layer1..layer4 (strides 4/8/16/32; `tiny`: 2/4/8/16)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        maps = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = _checkpointed(stage, x) if self._grad_checkpointing and torch.is_grad_enabled() else stage(x)
+            maps.append(x)
+        return maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_pyramid(x)[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(self.forward_features(x)), 1)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each of the four stages in the backward pass (the stem is cheap to keep)."""
+        self._grad_checkpointing = bool(enable)
 
     @classmethod
     def owns_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -152,6 +117,7 @@ class ResNet18(ResNet):
     """torchvision's resnet18 trunk (BasicBlock, 2-2-2-2)."""
 
     block, layers, feature_dim, export_formats = BasicBlock, (2, 2, 2, 2), 512, frozenset(EXPORT_FORMATS)
+    torchvision_arch = "resnet18"
 
 
 @BACKBONES.register("resnet50")
@@ -159,6 +125,39 @@ class ResNet50(ResNet):
     """torchvision's resnet50 trunk (Bottleneck, 3-4-6-3): the authors' backbone."""
 
     block, layers, feature_dim, export_formats = Bottleneck, (3, 4, 6, 3), 2048, frozenset(EXPORT_FORMATS)
+    torchvision_arch = "resnet50"
+
+
+def _checkpointed(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`stage(x)` without keeping its activations: recomputed in the backward pass. The
+    recomputation runs BatchNorm with its running statistics frozen, so they move once per
+    step as without checkpointing (the outputs use the batch statistics either way)."""
+    calls = [0]
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 1:
+            return stage(inp)
+        with _frozen_bn_stats(stage):
+            return stage(inp)
+
+    return checkpoint(run, x, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers under `module` run without updating running_mean/var or the count."""
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m, _, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 def _structure(sd: Mapping[str, torch.Tensor]) -> tuple[bool, list[int], bool]:
@@ -187,25 +186,14 @@ def _upgrade_legacy_keys(state_dict: dict, prefix: str, *args: object) -> None:
             state_dict[new] = state_dict.pop(key)
 
 
-def _make_stem(
-    kind: str, in_channels: int, width: int
-) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Module]:
-    """'imagenet': 7x7/2 conv + 3x3/2 max-pool (stride 4); 'tiny': 3x3/2 conv (stride 2)."""
-    if kind == "tiny":
-        return _conv3x3(in_channels, width, 2), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.Identity()
-    return (
-        nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, stride=2, padding=1),
-    )
-
-
 def _make_stage(
     block: type[BasicBlock] | type[Bottleneck], cin: int, width: int, blocks: int, stride: int
 ) -> tuple[nn.Sequential, int]:
-    mods = [block(cin, width, stride)]
-    cin = width * block.expansion
+    cout = width * block.expansion
+    down = None if stride == 1 and cin == cout else nn.Sequential(
+        nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))  # torchvision's option B
+    mods = [block(cin, width, stride, down)]
+    cin = cout
     mods += [block(cin, width) for _ in range(blocks - 1)]
     return nn.Sequential(*mods), cin
 
@@ -220,7 +208,9 @@ def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
             nn.init.zeros_(m.bias)
     if zero_init_residual:  # each residual branch starts as identity (Goyal et al. 2017)
         for m in model.modules():
-            if isinstance(m, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(m.last_bn().weight)
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
 
 
