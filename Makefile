@@ -14,8 +14,8 @@ setup: $(STAMP)
 
 # torch==2.14.1 + torchvision==0.29.1 first: the pair on this disk (a CUDA build that runs on the
 # CPU; torchvision from PyPI does not import beside the 2.13.0 CPU file, and timm needs it). The
-# project's own ranges are open (cluster users bring a CUDA build); pinning here keeps pip from
-# pulling another multi-GB build.
+# project's ranges are one minor release wide (torch 2.14.x, torchvision 0.29.x: what ran), so a
+# cluster's own CUDA 2.14 build satisfies them; pinning here keeps pip from pulling another build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -4,8 +4,9 @@
 #   bash hpc/gpu/build_wheels.sh [DEST]        (default DEST: .whl, ignored by git)
 # Versions are those of this venv (the ones the test suite ran with). torch, numpy, pyyaml,
 # tqdm, scikit-learn, matplotlib, click, attrs, certifi, psutil, py-cpuinfo, msgpack, einops,
-# ninja, nvidia-ml-py, packaging, cloudpickle and typing-extensions are expected on the GPU
-# machine already (a CUDA PyTorch image); everything else satfuse imports is listed below.
+# ninja, nvidia-ml-py, packaging, cloudpickle, typing-extensions and torchvision (it must be the
+# build matching the image's CUDA torch, so it cannot be carried from here) are expected on the
+# GPU machine already (a CUDA PyTorch image); everything else satfuse imports is listed below.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DEST=${1:-.whl}
@@ -18,8 +19,12 @@ version() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.a
 # satfuse's own needs (webdataset, braceexpand, submitit, rasterio, deepspeed) and theirs, and
 # the check's test runner: pytest, pytest-timeout (the suite's hang guard) and theirs (a CUDA
 # PyTorch image need not have pytest; gpu_check.sh imports both before it starts)
+# timm (ViT/Swin backbones, the ViT-B/16 and Swin-T rows) and what it needs that a CUDA image
+# lacks: safetensors, huggingface_hub and its own (filelock, fsspec, hf-xet, httpx2 & co)
 BINARY=(webdataset braceexpand submitit rasterio affine cligj click-plugins
         hjson pydantic pydantic-core annotated-types typing-inspection
+        timm safetensors huggingface_hub filelock fsspec hf-xet httpx2 httpcore2 anyio h11 idna
+        truststore
         pytest pytest-timeout pluggy iniconfig pygments)
 specs=()
 for name in "${BINARY[@]}"; do specs+=("$name==$(version "$name")"); done

@@ -34,7 +34,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target "$SITE" .whl/*.whl || exit 1
 fi
 export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-"$PY" -c "import satfuse, torch, webdataset, braceexpand, pytest, pytest_timeout; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())" || exit 1
+"$PY" -c "import satfuse, torch, torchvision, timm, webdataset, braceexpand, pytest, pytest_timeout; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())" || exit 1
 # fail closed: without a usable CUDA device nothing below would test the GPU
 if ! "$PY" -c "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"; then
   step "FAIL: CUDA did not initialise (above: torch's error, or its CUDA build is 'None'); fix the driver or the CUDA torch, then rerun"

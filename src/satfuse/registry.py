@@ -88,6 +88,7 @@ class Registry(Generic[T]):
         self.key = key
         self._builtins = builtins
         self._entries: dict[str, T] = {}
+        self._prefixes: dict[str, tuple[str, Callable[[str], T] | str]] = {}
         self._loaded = False
 
     def register(self, name: str, entry: T | None = None) -> Callable[[T], T] | T:
@@ -114,10 +115,23 @@ class Registry(Generic[T]):
         (`satfuse submit` validates a config without importing torch)."""
         self.register(name, Lazy(target))  # type: ignore[arg-type]
 
+    def register_prefix(self, prefix: str, factory: Callable[[str], T] | str, shown: str) -> None:
+        """Names `<prefix><rest>` are made by `factory(rest)` (a callable, or `"module:attribute"`
+        imported on first use) instead of being registered one by one: `timm:<any timm model>`
+        covers a library's whole catalogue. `shown` is how `names()` and errors list the family
+        ("timm:<any timm model>"); `items()` lists only registered names (a family has no end)."""
+        if prefix in self._prefixes:
+            raise SatfuseError(f"{self.what} prefix {prefix!r} is registered twice; rename one")
+        self._prefixes[prefix] = (shown, factory)
+
+    def _prefix_of(self, name: str) -> str | None:
+        return next((p for p in self._prefixes if name.startswith(p) and len(name) > len(p)), None)
+
     def require(self, name: str) -> None:
-        """Refuse an unknown `name` (one line listing every choice) without importing its entry."""
+        """Refuse an unknown `name` (one line listing every choice) without importing its entry;
+        a prefixed name (`timm:...`) passes here and is checked by its factory on `get`."""
         self._load()
-        if name not in self._entries:
+        if name not in self._entries and self._prefix_of(name) is None:
             hint = "" if plugin_modules() else f" (a plugin's entries need {PLUGINS_ENV}=module)"
             raise SatfuseError(f"unknown {self.what} {name!r} in {self.key}; choose one of: "
                                f"{', '.join(self.names())}{hint}")
@@ -141,12 +155,21 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The entry called `name`; an unknown name is a one-line error listing every choice."""
         self.require(name)
-        return self._resolve(name)
+        if name in self._entries:
+            return self._resolve(name)
+        prefix = self._prefix_of(name)
+        shown, factory = self._prefixes[prefix]  # type: ignore[index]
+        if isinstance(factory, str):
+            module, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+            self._prefixes[prefix] = (shown, factory)  # type: ignore[index]
+        return factory(name[len(prefix):])  # type: ignore[index]
 
     def names(self) -> list[str]:
-        """Every registered name, sorted (for CLI choices, config checks and messages)."""
+        """Every registered name, sorted, then each prefix family as users write it
+        (`timm:<any timm model>`): for config checks and messages."""
         self._load()
-        return sorted(self._entries)
+        return sorted(self._entries) + [shown for shown, _ in self._prefixes.values()]
 
     def in_order(self) -> list[str]:
         """Every registered name in registration order (built-ins as their module registers them,

@@ -44,6 +44,8 @@ def test_quick_cpu_dry_run_covers_every_section(sen12ms_shards: Path, tmp_path: 
     for r in rows:
         assert math.isfinite(r["pairs_per_s"]) and r["pairs_per_s"] > 0 and r["loss_finite"]
     assert res["model_only"]["largest_batch"][0]["largest_batch_fits"] >= 8
+    assert [r["model"] for r in res["transformers"]["rows"]] == [
+        "dual_simclr/timm:vit_tiny_patch16_224", "dual_simclr/swin_tiny_patch4_window7"]
     lrows = res["loader"]["rows"]
     assert [r["workers"] for r in lrows] == [0, 1]
     for r in lrows:
@@ -61,7 +63,7 @@ def test_a_failed_check_fails_the_command(monkeypatch: pytest.MonkeyPatch, tmp_p
     from satfuse.bench.commands import defaults_for, run_one
 
     args = defaults_for(gpu)
-    args.device, args.quick, args.skip = "cpu", True, ["model_only", "loader", "reference"]
+    args.device, args.quick, args.skip = "cpu", True, ["model_only", "transformers", "loader", "reference"]
     args.out = str(tmp_path / "r.json")
     assert run_one("gpu", gpu, args) == 1
     res = json.loads((tmp_path / "r.json").read_text())["result"]
@@ -103,3 +105,18 @@ def test_dtype_and_overflow_checks_fail_when_precision_is_not_applied() -> None:
     assert res["ok"] and res["weights_unchanged"] and res["scale_after"] == res["scale_before"] / 2
     res = gpu.overflow_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), model(x).pow(2).mean())
     assert not res["ok"] and not res["weights_unchanged"]  # the step ran on inf gradients
+
+
+def test_transformer_rows_run_at_test_size_on_cpu() -> None:
+    """The ViT-B/16 and Swin-T rows' code path (--quick: ViT-Ti/16 and Swin-T at crop 32):
+    a Dual-SimCLR bf16 step per row, pairs/s measured; the full rows are ViT-B and Swin-T at 224/128."""
+    from satfuse.bench.commands import defaults_for
+
+    assert gpu.TRANSFORMERS == (("vit_base_patch16", (224, 128)), ("swin_tiny_patch4_window7", (224, 128)))
+    args = gpu.quick_defaults(defaults_for(gpu))
+    args.quick, args.precision, args.steps = True, "bf16", 1
+    rows = gpu.transformer_rows(torch.device("cpu"), args)["rows"]
+    assert [(r["model"], r["crop"], r["batch"], r["precision"]) for r in rows] == [
+        ("dual_simclr/timm:vit_tiny_patch16_224", 32, 2, "bf16"), ("dual_simclr/swin_tiny_patch4_window7", 32, 2, "bf16")]
+    assert all(r["pairs_per_s"] > 0 and r["loss_finite"] for r in rows)
+    assert "| dual_simclr/swin_tiny_patch4_window7 | eager | 32 | 2 |" in gpu.format_table({"transformers": {"rows": rows}})

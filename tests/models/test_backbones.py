@@ -89,7 +89,8 @@ def test_backbone_and_method_names_come_from_the_registries() -> None:
     cfg = PretrainConfig()
     cfg.model.backbone = "vit"
     with pytest.raises(SatfuseError, match=r"unknown backbone 'vit' in model\.backbone; choose one of: "
-                                           r"resnet18, resnet50, tiny"):
+                                           r"resnet18, resnet50, swin_tiny_patch4_window7, tiny, vit_base_patch16, "
+                                           r"vit_small_patch16, timm:<any timm model>"):
         validate_pretrain(cfg)
     cfg.model.backbone, cfg.model.method = "tiny", "byol"
     with pytest.raises(SatfuseError, match=r"unknown pretraining method 'byol' in model\.method; choose one "

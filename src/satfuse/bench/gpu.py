@@ -21,7 +21,9 @@ minutes on one H100/H200, writing one JSON and logging a table:
    counts, pinned memory and non-blocking copies: the device's idle fraction = time the
    step waits for data / step time (the step ends with a synchronize, so that wait is time
    the device had nothing to do), next to the loader alone (CPU decode) and the
-   host-to-device copy, so a bottleneck is named from measured rows;
+   host-to-device copy, so a bottleneck is named from measured rows; (c) `transformers`:
+   the same model-only step with two ViT-B/16 or two Swin-T (timm) trunks, eager, bf16, at
+   224 and 128 (`--transformer-batch` pairs per GPU; --quick: ViT-Ti/16 and Swin-T at 32);
 4. the reference in the same run: a torchvision-layout ResNet-50, single modality (3
    bands, 1000 classes), training images/s at 224 - the figure NVIDIA publishes for it.
 
@@ -60,7 +62,10 @@ from satfuse.utils import SatfuseError, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("environment", "correctness", "model_only", "loader", "reference")
+SECTIONS = ("environment", "correctness", "model_only", "transformers", "loader", "reference")
+# ViT-B/16 and Swin-T Dual-SimCLR rows (pairs/s per GPU, bf16) at these crops; --quick: test-sized
+TRANSFORMERS = (("vit_base_patch16", (224, 128)), ("swin_tiny_patch4_window7", (224, 128)))
+QUICK_TRANSFORMERS = (("timm:vit_tiny_patch16_224", (32,)), ("swin_tiny_patch4_window7", (32,)))
 LOSS_TOL = 1e-5  # loss and gradients, device fp32 vs CPU fp32
 RESUME_TOL = 1e-3  # loss after a cross-device resume vs the uninterrupted run (fp32 conv numerics)
 
@@ -82,6 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile rows only at this per-GPU batch (each shape compiles anew)")
     p.add_argument("--max-batch", type=int, default=2048, help="largest-batch search stops here")
     p.add_argument("--reference-batch", type=int, default=256)
+    p.add_argument("--transformer-batch", type=int, default=64,
+                   help="pairs per GPU of the ViT-B/16 and Swin-T rows (needs timm)")
     p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
     p.add_argument("--no-deepspeed", action="store_true",
                    help="leave out the DeepSpeed check (on CPU its start-up alone takes minutes)")
@@ -91,7 +98,7 @@ def quick_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """--quick: every code path at tiny sizes (a CPU dry run)."""
     args.crops, args.batches, args.workers = [32], [8], [0, 1]
     args.steps, args.train_steps, args.compile_batch = 2, 6, 8
-    args.max_batch, args.reference_batch = 16, 4
+    args.max_batch, args.reference_batch, args.transformer_batch = 16, 4, 2
     return args
 
 
@@ -416,13 +423,13 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def dual_simclr(backbone: str, device: torch.device, channels_last: bool) -> nn.Module:
+def dual_simclr(backbone: str, device: torch.device, channels_last: bool, img_size: int | None = None) -> nn.Module:
     from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     hidden, out = (2048, 128) if paper_scale(backbone) else (64, 32)
     torch.manual_seed(0)
     model = build_pretrain_model(ModelConfig(method="dual_simclr", backbone=backbone,
-                                             proj_hidden=hidden, proj_out=out)).to(device)
+                                             proj_hidden=hidden, proj_out=out), img_size=img_size).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -457,7 +464,7 @@ def time_model(backbone: str, device: torch.device, batch: int, crop: int, varia
                steps: int, compile_backend: str, precision: str) -> dict[str, Any]:
     channels_last = variant in ("channels_last", "compile")
     reset_peak(device)
-    runner = StepRunner(dual_simclr(backbone, device, channels_last), device,
+    runner = StepRunner(dual_simclr(backbone, device, channels_last, img_size=crop), device,
                         compile_backend if variant == "compile" else None, precision)
     data = model_batch(batch, crop, device, channels_last)
     t0 = time.perf_counter()
@@ -517,6 +524,15 @@ def model_only(device: torch.device, args: argparse.Namespace, backbone: str, co
     return {"rows": rows, "largest_batch": fits}
 
 
+def transformer_rows(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Dual-SimCLR pairs/s per GPU of ViT-B/16 and Swin-T (timm), eager, bf16, at 224 and 128
+    (--quick: ViT-Ti/16 and Swin-T at 32, so the path runs on a CPU in seconds)."""
+    rows = [guarded(lambda b=backbone, c=crop: time_model(b, device, args.transformer_batch, c, "eager",
+                                                          args.steps, "", args.precision))
+            for backbone, crops in (QUICK_TRANSFORMERS if args.quick else TRANSFORMERS) for crop in crops]
+    return {"rows": rows}
+
+
 # --------------------------------------------------------------------------------------------
 # 3b. the real loader
 # --------------------------------------------------------------------------------------------
@@ -545,7 +561,7 @@ def loader_row(device: torch.device, args: argparse.Namespace, backbone: str, cr
     batch = fitting_batch(total, min(args.batches), workers)
     pin = device.type == "cuda"
     channels_last = True
-    runner = StepRunner(dual_simclr(backbone, device, channels_last), device, None, args.precision)
+    runner = StepRunner(dual_simclr(backbone, device, channels_last, img_size=crop), device, None, args.precision)
     steps = args.steps
     # loader alone: CPU decode + crop + normalise (no device), in its own pass
     it = iter(make_loader(args.shards, batch, crop, workers, pin=False))
@@ -698,6 +714,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["model_only"] = model_only(device, args, backbone, compile_backend)
             model_rows = result["model_only"]["rows"]
             save_partial(partial, result)
+        if "transformers" not in args.skip:
+            result["transformers"] = transformer_rows(device, args)
+            save_partial(partial, result)
         if "loader" not in args.skip:
             result["loader"] = loader_rows(device, args, backbone, model_rows)
             save_partial(partial, result)
@@ -760,7 +779,7 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"  check {name:<26} {'ok' if entry.get('ok') else 'FAILED'} {detail}".rstrip())
     lines.append("| model | variant | crop | batch | pairs/s | step ms | peak GiB |")
     lines.append("|---|---|---:|---:|---:|---:|---:|")
-    for r in result.get("model_only", {}).get("rows", []):
+    for r in result.get("model_only", {}).get("rows", []) + result.get("transformers", {}).get("rows", []):
         if "error" in r:
             lines.append(f"| error | {r['error'][:60]} | | | | | |")
             continue

@@ -32,18 +32,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--batch-per-gpu", type=int, default=64)
     p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--crop", type=int, default=224,
+                   help="crop the backbone is built for (ViT/Swin: position tables; ResNets ignore it)")
     p.add_argument("--proj-hidden", type=int, default=2048)
     p.add_argument("--proj-out", type=int, default=128)
     p.add_argument("--grad-bytes", type=int, default=4, help="bytes per gradient value (fp32)")
     p.add_argument("--emb-bytes", type=int, default=4, help="bytes per gathered embedding value")
 
 
-def count_params(backbone: str, proj_hidden: int, proj_out: int) -> int:
+def count_params(backbone: str, proj_hidden: int, proj_out: int, crop: int = 224) -> int:
     from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     cfg = ModelConfig(method="dual_simclr", backbone=backbone, proj_hidden=proj_hidden, proj_out=proj_out)
     with torch.device("meta"):
-        model = build_pretrain_model(cfg)
+        model = build_pretrain_model(cfg, img_size=crop)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -64,7 +66,7 @@ def row(world: int, batch: int, dim: int, params: int, grad_bytes: int, emb_byte
 
 
 def run(args: argparse.Namespace) -> dict:
-    params = count_params(args.backbone, args.proj_hidden, args.proj_out)
+    params = count_params(args.backbone, args.proj_hidden, args.proj_out, args.crop)
     worlds = ([args.nodes * args.gpus_per_node] if args.nodes
               else [2**k for k in range(11)])  # 1..1024
     rows = [row(w, args.batch_per_gpu, args.proj_out, params, args.grad_bytes, args.emb_bytes)

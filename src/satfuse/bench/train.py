@@ -60,7 +60,7 @@ def time_steps(backbone: str, batch: int, crop: int, steps: int, precision: str,
     from satfuse.models import build_pretrain_model  # lazy: --help stays fast
 
     torch.manual_seed(0)
-    module = build_pretrain_model(model_cfg(backbone)).to(device)
+    module = build_pretrain_model(model_cfg(backbone), img_size=crop).to(device)
     model = DDP(module) if dist.is_initialized() and dist.get_world_size() > 1 else module
     opt = torch.optim.Adam(module.parameters(), lr=1e-4)
     data = {"s1": torch.randn(batch, 2, crop, crop, device=device),

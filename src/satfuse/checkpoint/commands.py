@@ -60,9 +60,10 @@ def register(subparsers: Any) -> None:
     ex.add_argument("--builder", default="",
                     help="MODULE:FUNCTION(meta) -> model, for models not built from the "
                          "checkpoint's config (default: satfuse.models.build_pretrain_model)")
-    ex.add_argument("--format", default="satfuse", choices=["satfuse", "torchvision", "safetensors"],
-                    help="satfuse: one file for `satfuse finetune` (default); torchvision: "
-                         "{modality: torchvision state dict} + normalisation JSON beside it; "
+    ex.add_argument("--format", default="satfuse", choices=["satfuse", "torchvision", "timm", "safetensors"],
+                    help="satfuse: one file for `satfuse finetune` (default); torchvision / timm: "
+                         "{modality: state dict in that library's names} + normalisation JSON "
+                         "(and, for timm, the create_model call and img_size) beside it; "
                          "safetensors: the same tensors as .safetensors, normalisation in its metadata")
     ex.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ex.add_argument("--overwrite", action="store_true",

@@ -52,8 +52,9 @@ def default_builder(meta: dict[str, Any]) -> nn.Module:
         )
 
     bands = normalization_bands(meta.get("normalization"))  # the input bands it was trained on
+    crop = ((meta.get("config") or {}).get("data") or {}).get("crop")  # ViT/Swin are sized by it
     return build_pretrain_model(from_dict(ModelConfig, cfg, where=META_NAME, prefix="model."),
-                                channels(bands) if bands else None)
+                                channels(bands) if bands else None, img_size=int(crop) if crop else None)
 
 
 def weights_identity(path: str | Path) -> str | None:

@@ -1,15 +1,17 @@
-"""Export formats that tools outside satfuse open: torchvision state dicts and safetensors.
+"""Export formats that tools outside satfuse open: torchvision / timm state dicts and safetensors.
 
 Why: a pretrained backbone is only useful if it loads where people already work. satfuse's
-ResNet-18/50 use torchvision's module names, so each modality's state dict loads with
-`strict=True` into `torchvision.models.resnet50()` (or timm's `resnet50`, same names) once
-its `conv1` takes that modality's channel count (2 for S1, 13 for S2); the classifier `fc`
-is the only thing it lacks.
+ResNet-18/50 are torchvision's, so each modality's state dict loads with `strict=True` into
+`torchvision.models.resnet50()` (or timm's `resnet50`, same names) once its `conv1` takes that
+modality's channel count (2 for S1, 13 for S2); the classifier `fc` is the only thing it lacks.
+A timm backbone's state dict is timm's (`Backbone.library_layout` strips satfuse's prefix) and
+loads into `timm.create_model(NAME, in_chans=C, img_size=CROP, num_classes=0)`.
 
-- `torchvision`: `torch.save({"s1": state_dict, "s2": state_dict})`, plain tensors only
+- `torchvision` / `timm`: `torch.save({"s1": state_dict, "s2": state_dict})`, plain tensors only
   (`torch.load(..., weights_only=True)`), plus `<out stem>.normalization.json` beside it:
   the band means/stds and clipping the backbones were trained with (feed them anything else
-  and the features are off).
+  and the features are off), the architecture, the `create_model` call and the crop
+  (`img_size`) the weights were trained at.
 - `safetensors`: the same tensors in one `.safetensors` file, keys prefixed by modality
   (`s2.conv1.weight`), with the same normalisation JSON in the file's metadata (and beside).
 """
@@ -28,12 +30,12 @@ from torch import nn
 
 from satfuse.checkpoint import export as export_mod
 from satfuse.checkpoint.layout import normalization_path
-from satfuse.models.backbones import check_export_format
+from satfuse.models.backbones import backbone_class, check_export_format
 from satfuse.utils import SatfuseError, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("satfuse", "torchvision", "safetensors")
+FORMATS = ("satfuse", "torchvision", "timm", "safetensors")
 NORMALIZATION_FORMAT = "satfuse-normalization/1"
 HOW = ("x = (clip(raw, clip[0], clip[1]) - mean) / std per band, bands in the listed order; "
        "NaN/Inf -> the band mean (0 after standardising)")
@@ -57,15 +59,17 @@ def plain_backbones(ckpt_dir: Path, builder: export_mod.Builder | None = None, t
     model_cfg = (meta.get("config") or {}).get("model") or {}
     backbone = str(model_cfg.get("backbone", ""))
     check_export_format(backbone or "?", fmt, str(ckpt_dir))
-    sds = {name: {k: v.detach().cpu().contiguous().clone() for k, v in m.state_dict().items()}
-           for name, m in model.backbones().items()}
+    crop = ((meta.get("config") or {}).get("data") or {}).get("crop") or None
+    sds, how = {}, {}
+    for name, m in model.backbones().items():
+        sd = {k: v.detach().cpu().contiguous().clone() for k, v in m.state_dict().items()}
+        sds[name], how = backbone_class(backbone).library_layout(sd, crop)
     doc = {
         "format": NORMALIZATION_FORMAT,
-        "architecture": f"torchvision.models.{backbone}",
+        **how,
         "backbone": backbone,
         "method": str(model_cfg.get("method", getattr(model, "method", ""))),
         "in_channels": {k: int(v) for k, v in model.in_channels().items()},
-        "conv1": "replace conv1 with nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False) before loading",
         "normalization": meta.get("normalization"),
         "how": HOW,
         "step": int(meta.get("step", -1)),
@@ -81,19 +85,20 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def export_torchvision(ckpt_dir: Path, out: Path, builder: export_mod.Builder | None = None, trust: bool = False,
-                       overwrite: bool = False) -> dict[str, Any]:
-    """Write `out` = {modality: state dict} (torch.save, plain tensors) and its normalisation
-    JSON; an existing one of them is replaced only with `overwrite` (`check_export_out`)."""
+                       overwrite: bool = False, fmt: str = "torchvision") -> dict[str, Any]:
+    """Write `out` = {modality: state dict} (torch.save, plain tensors) in the `fmt` library's
+    layout (torchvision or timm) and its normalisation JSON; an existing one of them is
+    replaced only with `overwrite` (`check_export_out`)."""
     out = Path(out)
     export_mod.check_export_out(export_mod.resolve_checkpoint(Path(ckpt_dir)), [out, normalization_path(out)], overwrite)
-    sds, doc, summary = plain_backbones(ckpt_dir, builder, trust)
+    sds, doc, summary = plain_backbones(ckpt_dir, builder, trust, fmt)
     buf = io.BytesIO()
     torch.save(sds, buf)
     _write(out, buf.getvalue())
     norm = normalization_path(out)
     _write_json(norm, {**doc, "weights": out.name})
-    log.info("exported %s (torchvision names) -> %s, normalisation -> %s", ", ".join(sds), out, norm)
-    return {"out": str(out), "normalization": str(norm), "format": "torchvision", **summary,
+    log.info("exported %s (%s names) -> %s, normalisation -> %s", ", ".join(sds), fmt, out, norm)
+    return {"out": str(out), "normalization": str(norm), "format": fmt, **summary,
             "bytes": out.stat().st_size}
 
 
@@ -132,8 +137,8 @@ def export(ckpt_dir: Path, out: Path, fmt: str = "satfuse", builder: export_mod.
     out = Path(out)
     if fmt == "satfuse":
         return export_mod.export_backbones(ckpt_dir, out, builder=builder, trust=trust, overwrite=overwrite)
-    if fmt == "torchvision":
-        return export_torchvision(ckpt_dir, out, builder, trust, overwrite)
+    if fmt in ("torchvision", "timm"):
+        return export_torchvision(ckpt_dir, out, builder, trust, overwrite, fmt)
     if fmt == "safetensors":
         return export_safetensors(ckpt_dir, out, builder, trust, overwrite)
     raise SatfuseError(f"--format {fmt!r}: unknown; choose one of {', '.join(FORMATS)}")

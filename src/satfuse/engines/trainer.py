@@ -104,7 +104,7 @@ class Trainer:
         )
         self.heldout = (HeldOutRetrieval(self.shards, cfg.data, self.loader.bands, env.rank, env.world_size)
                         if cfg.data.val_shards else None)
-        self.module = build_pretrain_model(cfg.model, channels(self.loader.bands))
+        self.module = build_pretrain_model(cfg.model, channels(self.loader.bands), img_size=cfg.data.crop or None)
         if cfg.train.channels_last:
             self.module.to(memory_format=torch.channels_last)
         self.engine = build_engine(self.module, self.device, cfg.train, cfg.optim, cfg.checkpoint,

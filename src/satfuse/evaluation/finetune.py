@@ -322,25 +322,28 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(mc: FtModelConfig, seed: int, n_classes: int | None = None) -> tuple[Classifier, dict | None, dict]:
+def build_model(mc: FtModelConfig, seed: int, n_classes: int | None = None,
+                img_size: int | None = None) -> tuple[Classifier, dict | None, dict]:
     """Classifier of the `model` section with `n_classes` outputs (None: the default benchmark's),
-    its new layers drawn from `seed` (train.seed); returns (model, pretraining stats or None,
-    checkpoint info)."""
+    its new layers drawn from `seed` (train.seed), its backbones sized for crops of `img_size`
+    (data.crop; ViT/Swin need it); returns (model, pretraining stats or None, checkpoint info)."""
     frozen = mc.mode == "linear"
     n_classes = n_classes or benchmark_class(DEFAULT_BENCHMARK).n_classes()
     if mc.checkpoint.lower() in ("", "none"):
         specs = scratch_branches(mc.modalities, mc.fusion)
         _seed_everything(seed)
-        return build_classifier(specs, mc.backbone, n_classes, frozen), None, {"method": None}
+        return build_classifier(specs, mc.backbone, n_classes, frozen, img_size=img_size), None, {"method": None}
     pre = load_for_finetune(mc.checkpoint, mc.backbone, mc.checkpoint_modality, mc.normalization,
-                            trust=mc.trust_checkpoint)
+                            trust=mc.trust_checkpoint, img_size=img_size)
     specs = pretrained_branches(pre, mc.backbone, mc.modalities, mc.fusion)
     # seeded after loading: building a pretraining model from a checkpoint directory draws from
     # torch's RNG, so seeding before it would start the head elsewhere than for an export file
     _seed_everything(seed)
-    model = build_classifier(specs, mc.backbone, n_classes, frozen, pre.state_dicts, pre.path)
+    model = build_classifier(specs, mc.backbone, n_classes, frozen, pre.state_dicts, pre.path, img_size=img_size)
     info = {"method": pre.method, "step": pre.step, "source": pre.source, "path": pre.path,
             "branches": [s.name for s in specs]}
+    if pre.adapted or model.weight_notes:  # e.g. position embeddings resampled to the crop's grid
+        info["weights_adapted"] = pre.adapted + model.weight_notes
     if mc.modalities == "s1s2":  # what runs: one backbone on stacked S1+S2 is early fusion
         info["fusion"] = "early" if len(specs) == 1 else "late"
     return model, pre.band_stats(), info
@@ -481,7 +484,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | No
     if cfg.run_dir:
         _claim(Path(cfg.run_dir), overwrite)
     device = _device(cfg.train.device)
-    model, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed, bench.n_classes())
+    model, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed, bench.n_classes(), img_size=cfg.data.crop)
     if cfg.model.checkpoint.lower() not in ("", "none"):
         ckpt_info["weights"] = weights or weights_identity(cfg.model.checkpoint)
     if ckpt_info.get("fusion", cfg.model.fusion) != cfg.model.fusion:

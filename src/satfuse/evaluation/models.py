@@ -74,6 +74,7 @@ class Classifier(nn.Module):
         self.frozen = frozen
         feat_dim = sum(int(b.out_dim) for b in backbones)
         self.head = nn.Linear(feat_dim, n_classes)
+        self.weight_notes: list[str] = []  # how pretrained weights were adapted (build_classifier)
         if frozen:
             for p in self.backbones.parameters():
                 p.requires_grad_(False)
@@ -119,20 +120,27 @@ def first_mismatch(got: dict, want: dict) -> str:
 
 
 def build_classifier(specs: list[BranchSpec], backbone: str, n_classes: int, frozen: bool,
-                     state_dicts: dict[str, dict] | None = None, source: str = "") -> Classifier:
-    """Build each branch's backbone (random init, or the pretrained weights under spec.name)."""
-    modules = []
+                     state_dicts: dict[str, dict] | None = None, source: str = "",
+                     img_size: int | None = None) -> Classifier:
+    """Build each branch's backbone for crops of `img_size` (random init, or the pretrained
+    weights under spec.name, adapted by `Backbone.adapt_state_dict`: e.g. a ViT's position
+    embeddings resampled to this crop's grid, noted in `Classifier.weight_notes`)."""
+    modules, notes = [], []
     for spec in specs:
-        bb = build_backbone(backbone, spec.in_channels)
+        bb = build_backbone(backbone, spec.in_channels, img_size=img_size)
         if state_dicts is not None:
+            sd, adapted = bb.adapt_state_dict(state_dicts[spec.name])
+            notes += [f"{spec.name}: {n}" for n in adapted]
             try:
-                bb.load_state_dict(state_dicts[spec.name], strict=True)
+                bb.load_state_dict(sd, strict=True)
             except RuntimeError as exc:
-                first = (first_mismatch(state_dicts[spec.name], bb.state_dict())
+                first = (first_mismatch(sd, bb.state_dict())
                          or str(exc).strip().splitlines()[0])
                 raise SatfuseError(
                     f"{source}: backbone '{spec.name}' weights do not fit a {backbone} with "
                     f"{spec.in_channels} input channels ({first}); set model.backbone to the "
                     "checkpoint's backbone") from exc
         modules.append(bb)
-    return Classifier(specs, modules, n_classes, frozen=frozen)
+    model = Classifier(specs, modules, n_classes, frozen=frozen)
+    model.weight_notes = notes
+    return model

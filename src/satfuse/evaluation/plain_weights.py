@@ -45,9 +45,10 @@ AUTHORS_PREFIXES = {"backbone1": "s1", "backbone2": "s2"}
 
 
 def load_for_finetune(checkpoint: str, backbone: str, modality: str = "",
-                      normalization: str = "", trust: bool = False) -> PretrainedBackbones:
+                      normalization: str = "", trust: bool = False, img_size: int | None = None) -> PretrainedBackbones:
     """`model.checkpoint` as PretrainedBackbones: satfuse exports/checkpoints via
-    `load_pretrained`, plain torchvision-named weights here."""
+    `load_pretrained`, plain torchvision/timm-named weights here (checked against `backbone`
+    built for crops of `img_size`)."""
     p = Path(checkpoint)
     raw: Any = None
     embedded: dict | None = None
@@ -66,7 +67,10 @@ def load_for_finetune(checkpoint: str, backbone: str, modality: str = "",
             pre.normalization = read_normalization(Path(normalization))
         return pre
     sds = split_modalities(raw, str(p), modality, backbone_class(backbone).input_weight)
-    arch = {name: check_architecture(sd, backbone, name, str(p)) for name, sd in sds.items()}
+    arch, adapted = {}, []
+    for name in sds:
+        sds[name], arch[name], notes = check_architecture(sds[name], backbone, name, str(p), img_size)
+        adapted += [f"{name}: {n}" for n in notes]
     doc, norm = _normalization_for(p, embedded, normalization)
     method = str((embedded or {}).get("method") or (doc or {}).get("method") or "pretrained")
     if norm is None:
@@ -74,7 +78,7 @@ def load_for_finetune(checkpoint: str, backbone: str, modality: str = "",
                     "inputs are standardised with the training shards' statistics", p)
     return PretrainedBackbones(
         method=method, backbone=backbone, in_channels=arch, state_dicts=sds,
-        normalization=norm, step=-1, source=str(p), path=str(p))
+        normalization=norm, step=-1, source=str(p), path=str(p), adapted=adapted)
 
 
 def _normalization_for(p: Path, embedded: dict | None, normalization: str) -> tuple[dict | None, dict | None]:
@@ -226,15 +230,25 @@ def infer_architecture(sd: dict[str, torch.Tensor]) -> str:
     return describe_resnet(sd) if "conv1.weight" in sd else "state dict of no registered backbone"
 
 
-def check_architecture(sd: dict[str, torch.Tensor], backbone: str, name: str, where: str) -> int:
-    """The input channels of `sd`, after checking every tensor against `backbone` built for the
-    modality `name`; refuses naming the first differing tensor and both shapes."""
+def check_architecture(sd: dict[str, torch.Tensor], backbone: str, name: str, where: str,
+                       img_size: int | None = None) -> tuple[dict[str, torch.Tensor], int, list[str]]:
+    """(`sd` in the layout of `backbone` built for the modality `name` and crops of `img_size`
+    (`Backbone.adapt_state_dict`: timm/Microsoft names, position embeddings resampled), its
+    input channels, what was changed to fit), after checking every tensor against that backbone; refuses naming the
+    first differing tensor and both shapes."""
     want_ch = INPUT_CHANNELS[name]
+    model = build_backbone(backbone, want_ch, img_size=img_size)
+    sd, notes = model.adapt_state_dict(sd)
+    for note in notes:
+        log.info("%s: %s: %s", where, name, note)
     arch = infer_architecture(sd)
+    if arch != backbone and identify_state_dict(sd) is None:
+        raise SatfuseError(f"{where}: the {name} weights are a {arch}, the config has "
+                           f"model.backbone={backbone}; pass weights of a {backbone}")
     if arch != backbone:
         raise SatfuseError(f"{where}: the {name} weights are a {arch}, the config has "
                            f"model.backbone={backbone}; set model.backbone={arch} or pass other weights")
-    ref = build_backbone(backbone, want_ch).state_dict()
+    ref = model.state_dict()
     for k, v in ref.items():
         if k not in sd:
             raise SatfuseError(f"{where}: {name} weights lack {k} (model shape {tuple(v.shape)}); "
@@ -248,4 +262,4 @@ def check_architecture(sd: dict[str, torch.Tensor], backbone: str, name: str, wh
     if extra:
         raise SatfuseError(f"{where}: {name} weights have tensors a {backbone} lacks: "
                            f"{', '.join(extra[:5])}; strip them (only fc.* is dropped)")
-    return want_ch
+    return sd, want_ch, notes

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ class PretrainedBackbones:
     step: int
     source: str
     path: str
+    adapted: list[str] = field(default_factory=list)  # how plain weights were made to fit (e.g. pos_embed resampled)
 
     def band_stats(self) -> dict[str, BandStats] | None:
         """Pretraining normalisation per sensor, so fine-tuning inputs match pretraining."""

@@ -19,7 +19,7 @@ from torch import nn
 from satfuse.registry import BACKBONES
 from satfuse.utils import SatfuseError
 
-EXPORT_FORMATS = ("torchvision", "safetensors")  # weight formats besides satfuse's own export
+EXPORT_FORMATS = ("torchvision", "timm", "safetensors")  # weight formats besides satfuse's own export
 
 
 class Backbone(nn.Module):
@@ -42,6 +42,7 @@ class Backbone(nn.Module):
     export_formats: ClassVar[frozenset[str]] = frozenset()
     """Weight formats besides satfuse's own export that this backbone's state dict is valid in
     (`torchvision`: the keys load with strict=True into the torchvision model of the same name;
+    `timm`: they load with strict=True into `timm.create_model(NAME, in_chans=C, num_classes=0)`;
     `safetensors`: the same tensors in one safetensors file). Empty: `satfuse ckpt export`
     refuses those formats for it, naming the backbones that have them."""
 
@@ -100,6 +101,22 @@ class Backbone(nn.Module):
         raise SatfuseError(
             f"backbone {type(self).__name__} does not support activation checkpointing; "
             "set model.activation_checkpointing=false")
+
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """(pretrained weights of this architecture made loadable into this instance, one note per
+        change): the fine-tuning loaders call it before comparing and loading, so a backbone can
+        accept its library's layout (timm names, Microsoft Swin names) and a checkpoint trained
+        at another crop (position embeddings resampled to this crop's grid). The notes are
+        logged and recorded in the fine-tuning result. Default: unchanged, no notes."""
+        return dict(state_dict), []
+
+    @classmethod
+    def library_layout(cls, state_dict: Mapping[str, torch.Tensor], img_size: int | None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """(`state_dict` in the layout of the library this backbone comes from, the fields that
+        tell a reader which model to build for it: "architecture" and "load"): what the plain
+        exports (`--format torchvision/timm/safetensors`) write. Default: unchanged."""
+        return dict(state_dict), {"architecture": f"satfuse backbone {cls.__name__}"}
 
     @classmethod
     def owns_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> bool:

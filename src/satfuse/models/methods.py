@@ -8,6 +8,7 @@ they use: a new method is one `PretrainModel` subclass registered under its `mod
 from __future__ import annotations
 
 import abc
+import inspect
 from typing import ClassVar
 
 import torch
@@ -49,7 +50,9 @@ class PretrainModel(nn.Module, abc.ABC):
             method = "my_method"
             ...
 
-    The registered class is the builder: `cls(model_cfg, channels)`; the loss is configured by
+    The registered class is the builder: `cls(model_cfg, channels)`, plus `img_size=<crop>`
+    when its `__init__` takes it (ViT/Swin backbones size themselves from the crop, passed on
+    as `build_backbone(..., img_size=self.img_size)`); the loss is configured by
     `LossConfig` at `loss(...)`. `build_pretrain_model` adds SyncBatchNorm when asked.
     """
 
@@ -72,11 +75,14 @@ class PretrainModel(nn.Module, abc.ABC):
     """True when the model embeds the S1 and the S2 of a place separately, so held-out S1 -> S2
     retrieval (`train.eval_every`, the end-of-run score) is defined; False skips it, said once."""
 
-    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None,
+                 img_size: int | None = None) -> None:
         """Build from the `model` section; `channels`: input bands per sensor (the shard
-        manifest's), the 13-band SEN12MS default where missing."""
+        manifest's), the 13-band SEN12MS default where missing; `img_size`: the square crop
+        the backbones see (None: unknown; backbones that need it refuse by name)."""
         super().__init__()
         self.cfg = cfg
+        self.img_size = img_size
         # input bands per sensor, from the shard manifest (`satfuse.data.format.bands`); SEN12MS default
         self.channels_in = {"s1": S1_CHANNELS, "s2": S2_CHANNELS, **(channels or {})}
 
@@ -142,10 +148,11 @@ class DualSimCLR(PretrainModel):
 
     method, title = "dual_simclr", "Dual-SimCLR"
 
-    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
-        super().__init__(cfg, channels)
-        self.backbone_s1 = build_backbone(cfg.backbone, self.channels_in["s1"])
-        self.backbone_s2 = build_backbone(cfg.backbone, self.channels_in["s2"])
+    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None,
+                 img_size: int | None = None) -> None:
+        super().__init__(cfg, channels, img_size)
+        self.backbone_s1 = build_backbone(cfg.backbone, self.channels_in["s1"], img_size=img_size)
+        self.backbone_s2 = build_backbone(cfg.backbone, self.channels_in["s2"], img_size=img_size)
         self.head_s1 = ProjectionHead(self.backbone_s1.out_dim, cfg.proj_hidden, cfg.proj_out)
         self.head_s2 = ProjectionHead(self.backbone_s2.out_dim, cfg.proj_hidden, cfg.proj_out)
 
@@ -178,15 +185,16 @@ class SimCLR(PretrainModel):
     views = True
     cross_modal = False  # one trunk on one input: there is no S1 -> S2 pair to retrieve
 
-    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
-        super().__init__(cfg, channels)
+    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None,
+                 img_size: int | None = None) -> None:
+        super().__init__(cfg, channels, img_size)
         if cfg.simclr_input not in SIMCLR_CHANNELS:
             raise SatfuseError(
                 f"model.simclr_input={cfg.simclr_input!r} is not one of {list(SIMCLR_CHANNELS)}"
             )
         c1, c2 = self.channels_in["s1"], self.channels_in["s2"]
         self.channels = {"s2_rgb": 3, "s2": c2, "s1s2": c1 + c2}[cfg.simclr_input]
-        self.backbone = build_backbone(cfg.backbone, self.channels)
+        self.backbone = build_backbone(cfg.backbone, self.channels, img_size=img_size)
         self.head = ProjectionHead(self.backbone.out_dim, cfg.proj_hidden, cfg.proj_out)
 
     def backbones(self) -> dict[str, nn.Module]:
@@ -229,10 +237,11 @@ class MMA(PretrainModel):
 
     method, title = "mma", "MMA"
 
-    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None) -> None:
-        super().__init__(cfg, channels)
-        self.backbone_s1 = build_backbone(cfg.backbone, self.channels_in["s1"])
-        self.backbone_s2 = build_backbone(cfg.backbone, self.channels_in["s2"])
+    def __init__(self, cfg: ModelConfig, channels: dict[str, int] | None = None,
+                 img_size: int | None = None) -> None:
+        super().__init__(cfg, channels, img_size)
+        self.backbone_s1 = build_backbone(cfg.backbone, self.channels_in["s1"], img_size=img_size)
+        self.backbone_s2 = build_backbone(cfg.backbone, self.channels_in["s2"], img_size=img_size)
         self.head_s1 = DenseProjectionHead(self.backbone_s1.out_dim, cfg.proj_hidden, cfg.mma_dim)
         self.head_s2 = DenseProjectionHead(self.backbone_s2.out_dim, cfg.proj_hidden, cfg.mma_dim)
 
@@ -280,14 +289,20 @@ def method_title(name: str) -> str:
     return (METHODS.get(name).title or name) if name in METHODS else name
 
 
-def build_pretrain_model(cfg: ModelConfig, channels: dict[str, int] | None = None) -> PretrainModel:
+def build_pretrain_model(cfg: ModelConfig, channels: dict[str, int] | None = None,
+                         img_size: int | None = None) -> PretrainModel:
     """The model for `cfg.method`; with `cfg.sync_bn` its BatchNorms become SyncBatchNorm
     (statistics over the global batch; CUDA only, the model refuses it on CPU at forward).
 
     `channels`: input bands per sensor ({"s1": 2, "s2": 12} ...), taken from the shard
     manifest by the trainer and from the checkpoint's normalization by the export; None =
-    the 13-band SEN12MS default."""
-    model = method_class(cfg.method)(cfg, channels)
+    the 13-band SEN12MS default. `img_size`: the crop (`data.crop`), for backbones sized by it;
+    it reaches only method classes whose `__init__` takes it (plugins written before it)."""
+    cls = method_class(cfg.method)
+    if "img_size" in inspect.signature(cls.__init__).parameters:
+        model = cls(cfg, channels, img_size=img_size)
+    else:
+        model = cls(cfg, channels)
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

@@ -99,6 +99,16 @@ class ResNet(Backbone):
         self._grad_checkpointing = bool(enable)
 
     @classmethod
+    def library_layout(cls, state_dict: Mapping[str, torch.Tensor], img_size: int | None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """torchvision's names already (timm's resnet18/50 share them): the state dict as is."""
+        arch = cls.torchvision_arch or "resnet"
+        return dict(state_dict), {
+            "architecture": f"torchvision.models.{arch}",
+            "load": f"torchvision.models.{arch}() or timm.create_model('{arch}', num_classes=0)",
+            "conv1": f"replace conv1 with nn.Conv2d(in_channels, {cls.widths[0]}, 7, 2, 3, bias=False) before loading"}
+
+    @classmethod
     def owns_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> bool:
         """Read from the tensor names alone (blocks per stage, Bottleneck or not, a 7x7 conv1),
         without building a model: the same test torchvision's names allow."""
