@@ -229,7 +229,7 @@ def run_segmentation(cfg: FinetuneConfig, overwrite: bool = False, weights: str 
     check_task(bench, cfg.train.task)
     init_distributed()  # joins torchrun's process group; one process: no group
     device = _device(cfg.train.device)
-    clf, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed, bench.n_classes())
+    clf, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed, bench.n_classes(), img_size=cfg.data.crop)
     model = Segmenter(clf, cfg.model.backbone, cfg.model.decoder, bench.n_classes())
     if cfg.model.checkpoint.lower() not in ("", "none"):
         ckpt_info["weights"] = weights or weights_identity(cfg.model.checkpoint)
