@@ -1,7 +1,8 @@
 """`satfuse demo`: the whole story on the embedded default, one command (the README's first).
 
 synthetic SEN12MS + DFC2020 (real layout) -> shards -> 2-process Dual-SimCLR pretraining ->
-export -> fine-tuning at several label fractions beside the supervised baselines -> table + plot.
+export -> fine-tuning at several label fractions beside the supervised baselines -> a small
+DFC2020 segmentation comparison (`seg_config`) -> tables + plots.
 
 Every stage is resumable: a stage whose output is complete is skipped on a rerun, so an
 interrupted demo continues where it stopped. Sizes are set for ~20 minutes on 2 CPU cores;
@@ -45,6 +46,7 @@ class DemoConfig:
     nproc: int = 2  # pretraining ranks
     pretrain_config: str = "hpc/pretrain/demo.yaml"  # the pretraining config of the demo
     finetune_config: str = "hpc/finetune/demo_sweep.yaml"  # the fine-tuning sweep of the demo
+    seg_config: str = "hpc/finetune/demo_seg_sweep.yaml"  # the segmentation comparison (its own stage); empty: skip it
     report: str = ""  # table + plot directory; empty: <out>/reports
 
 
@@ -81,12 +83,14 @@ class Stages:
 
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
-    stages = Stages(total=6)
+    stages = Stages(total=7 if cfg.seg_config else 6)
     stages.run("synthesise SEN12MS and DFC2020 (real layout)", lambda: synthesise(cfg, out))
     stages.run("pack WebDataset shards", lambda: make_shards(cfg, out))
     ckpt = stages.run(f"pretrain Dual-SimCLR on {cfg.nproc} ranks", lambda: pretrain(cfg, out))
     backbone = stages.run("export pretrained backbones", lambda: export(ckpt, out))
     runs = stages.run("fine-tune vs supervised baselines", lambda: finetune(cfg, out, backbone))
+    if cfg.seg_config:  # timed alone in demo_timings.json: what segmentation adds to the demo
+        runs += stages.run("segmentation: pretrained vs supervised", lambda: segment(cfg, out, backbone))
     pre_run = out / "runs" / "pretrain"
     summary = stages.run("report: table + label-fraction plot + pretraining curves",
                          lambda: report(cfg, out, [pre_run, *runs]))
@@ -165,14 +169,28 @@ def finetune(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
     return run_sweep(sweep, overwrite=True)
 
 
+def segment(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
+    """The small segmentation comparison (dfc2020-seg on the demo's DFC2020 shards)."""
+    from satfuse.evaluation.sweep import load_sweep_config, run_sweep  # lazy: --help stays fast
+
+    sweep = load_sweep_config(cfg.seg_config, [
+        f"checkpoint={backbone}",
+        f"train_shards={out / 'shards' / 'dfc2020-train'}",
+        f"test_shards={out / 'shards' / 'dfc2020-test'}",
+        f"out={out / 'runs' / 'segmentation'}",
+    ])
+    return run_sweep(sweep, overwrite=True)  # as finetune(): stale runs of this demo are redone
+
+
 def report(cfg: DemoConfig, out: Path, runs: list[Path]) -> dict:
     from satfuse.evaluation.curves import make_full_report  # lazy: --help stays fast
 
     where = Path(cfg.report) if cfg.report else out / "reports"
     summary = make_full_report(runs, where)
-    table = where / "table.md"
-    if table.exists():
-        print(table.read_text())
-    log.info("report written to %s (table.md, label_fractions.png, pretrain_curves.png; "
+    for table in (where / "table.md", where / "segmentation.md"):
+        if table.exists():
+            print(table.read_text())
+    log.info("report written to %s (table.md, label_fractions.png, pretrain_curves.png, segmentation.md, "
+             "seg_label_fractions.png, seg_examples.png; "
              "TensorBoard: tensorboard --logdir %s)", where, out / "runs")
     return summary

@@ -1,7 +1,7 @@
 """Every extension point of satfuse, one registry each, and the plugin modules that fill them.
 
-A new backbone, pretraining method, dataset, downstream benchmark, engine or checkpoint backend
-is one module plus one registration::
+A new backbone, pretraining method, dataset, downstream benchmark, segmentation decoder, engine or
+checkpoint backend is one module plus one registration::
 
     from satfuse.registry import BACKBONES
 
@@ -208,6 +208,8 @@ BACKBONES: Registry = Registry("backbone", ("satfuse.models.catalog",), "model.b
 METHODS: Registry = Registry("pretraining method", ("satfuse.models.catalog",), "model.method")
 DATASETS: Registry = Registry("dataset", ("satfuse.data.sources.catalog",), "--dataset")
 BENCHMARKS: Registry = Registry("downstream benchmark", ("satfuse.evaluation.dfc2020", "satfuse.evaluation.bigearthnet19",
-                                                         "satfuse.evaluation.sen12ms_igbp"), "data.benchmark")
+                                                         "satfuse.evaluation.sen12ms_igbp", "satfuse.evaluation.segmentation"),
+                                "data.benchmark")
 ENGINES: Registry = Registry("engine", ("satfuse.engines.kinds",), "train.engine")
+DECODERS: Registry = Registry("segmentation decoder", ("satfuse.models.decoders",), "model.decoder")
 CHECKPOINT_BACKENDS: Registry = Registry("checkpoint backend", ("satfuse.checkpoint.manager", "satfuse.checkpoint.deepspeed_backend"), "checkpoint kind (meta.json)")

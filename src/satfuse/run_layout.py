@@ -34,6 +34,7 @@ OVERRIDES = "overrides.jsonl"
 TENSORBOARD = "tensorboard"
 LEASE = ".lock"
 RESULT = "result.json"
+SEG_SAMPLES = "seg_samples.npz"
 PREVIOUS_PREFIX = "previous-"
 JOBS_INDEX = "jobs.json"
 JOBS_LOCK = ".jobs.lock"
@@ -89,6 +90,12 @@ class RunLayout:
     def result(self) -> Path:
         """A fine-tuning run's result (written last: its presence means the run finished)."""
         return self.root / RESULT
+
+    @property
+    def seg_samples(self) -> Path:
+        """A segmentation run's first test patches (S2 RGB, label map, prediction) for the
+        report's picture: the report reads runs, never the shards or the model again."""
+        return self.root / SEG_SAMPLES
 
     @property
     def jobs_index(self) -> Path:

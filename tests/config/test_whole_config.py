@@ -20,6 +20,8 @@ COMPOSITION_ROOTS = {
     "engines/run_records.py:write_config",  # config.yaml records the whole resolved config
     "evaluation/finetune.py:run_finetune",  # one fine-tuning run: model, data, loop from sections
     "evaluation/finetune.py:Trainer.__init__",  # the epoch loop (data, train, log sections, run_dir)
+    "evaluation/segmentation.py:run_segmentation",  # one segmentation run (run_finetune's counterpart)
+    "evaluation/segmentation.py:SegTrainer.__init__",  # its epoch loop (data, train, log sections, run_dir)
 }
 
 

@@ -169,6 +169,7 @@ def test_demo_writes_only_under_out(empty_cwd, monkeypatch):
     monkeypatch.setattr(demo, "pretrain", lambda cfg, out: seen.append(out) or out / "ckpt")
     monkeypatch.setattr(demo, "export", lambda ckpt, out: out / "backbone.pt")
     monkeypatch.setattr(demo, "finetune", lambda cfg, out, backbone: [])
+    monkeypatch.setattr(demo, "segment", lambda cfg, out, backbone: [])
 
     def fake_report(runs, out):
         Path(out).mkdir(parents=True)

@@ -10,6 +10,7 @@ the paper's, is `satfuse.evaluation.dfc2020`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -89,6 +90,11 @@ class Benchmark:
     }
     """Per task, the (metric key, column header) pairs of `satfuse report`'s tables: the metrics
     the benchmark's literature reports (default: the DFC2020 paper's)."""
+
+    run: ClassVar[Callable[..., dict] | None] = None
+    """A loop of the benchmark's own, called as `run(cfg, overwrite, weights)` with
+    `finetune.run_finetune`'s arguments instead of the classification loop (segmentation:
+    `satfuse.evaluation.segmentation.run_segmentation`, as a staticmethod); None: classification."""
 
     @classmethod
     def n_classes(cls) -> int:

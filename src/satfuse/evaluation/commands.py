@@ -28,6 +28,7 @@ FLAG_KEYS = {
     "test_shards": "data.test_shards", "val_shards": "data.val_shards", "epochs": "train.epochs",
     "checkpoint_modality": "model.checkpoint_modality",
     "trust_checkpoint": "model.trust_checkpoint", "benchmark": "data.benchmark",
+    "decoder": "model.decoder",
 }
 
 
@@ -60,7 +61,9 @@ def _add_finetune_flags(ft: argparse.ArgumentParser) -> None:
                     help="read checkpoint-dir files that are not plain data (they may run code); "
                          "same as model.trust_checkpoint=true")
     ft.add_argument("--mode", choices=["finetune", "linear"])
-    ft.add_argument("--task", choices=["single", "multi"])
+    ft.add_argument("--task", choices=["single", "multi", "seg"],
+                    help="single-/multi-label classification, or seg (per-pixel; --benchmark dfc2020-seg)")
+    ft.add_argument("--decoder", help="segmentation decoder (model.decoder: unet, upernet; default auto)")
     ft.add_argument("--label-fraction", type=float)
     ft.add_argument("--modalities", choices=["s1", "s2", "s1s2"])
     ft.add_argument("--fusion", choices=["early", "late"])

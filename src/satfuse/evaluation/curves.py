@@ -19,6 +19,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from satfuse.evaluation.report import make_report, png_bytes
+from satfuse.evaluation.seg_report import make_seg_report
 from satfuse.run_layout import METRICS, RunLayout
 from satfuse.utils import SatfuseError, atomic_write_bytes
 
@@ -108,6 +109,8 @@ def make_full_report(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"n_runs": 0, "files": {}}
     if rest:
         summary = make_report(rest, out)
+        # the segmentation runs (task seg) among the result.json files the report just read, if any
+        summary.setdefault("files", {}).update(make_seg_report(summary.get("runs", []), out))
     if pre:
         atomic_write_bytes(out / PLOT, plot_pretrain_curves(pre))
         summary["files"]["pretrain_curves"] = str(out / PLOT)

@@ -91,6 +91,7 @@ class FtModelConfig:
     mode: Literal["finetune", "linear"] = "finetune"  # train the backbone too, or only the head
     modalities: Literal["s1", "s2", "s1s2"] = "s1s2"  # inputs the classifier sees
     fusion: Literal["early", "late"] = "late"  # s1s2: one trunk on stacked bands, or one per modality
+    decoder: str = "auto"  # segmentation only: a name in satfuse.registry.DECODERS (unet, upernet); auto = the follow-up's pairing
     # a plain (torchvision-named) single-modality state dict: which input it takes (s1, s2,
     # s2_rgb, s1s2); empty = the one whose band count its conv1 has
     checkpoint_modality: str = ""  # plain weights: the input they take (empty: by conv1's bands)
@@ -107,7 +108,7 @@ class FtModelConfig:
 class FtTrainConfig:
     """The fine-tuning loop: task, epochs, learning rates, early stopping."""
 
-    task: Literal["single", "multi"] = "single"  # single-label (cross-entropy) or multi-label (BCE)
+    task: Literal["single", "multi", "seg"] = "single"  # single-label (cross-entropy), multi-label (BCE), or seg (per-pixel, data.benchmark=dfc2020-seg)
     epochs: int = 50  # at most this many epochs (early stopping may end sooner)
     patience: int = 10  # epochs without val improvement before stopping (0 = never stop early)
     early_stop_on: Literal["loss", "metric"] = "loss"  # metric: the benchmark's headline (DFC2020: AA single / macro F1 multi)
@@ -499,6 +500,11 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | No
         torch.set_num_threads(cfg.train.threads)
     bench = benchmark_class(cfg.data.benchmark)  # an unknown name or task fails before any directory is claimed
     check_task(bench, cfg.train.task)
+    if bench.run is not None:  # a benchmark with a loop of its own (dfc2020-seg)
+        return bench.run(cfg, overwrite, weights)
+    if cfg.model.decoder != "auto":
+        raise SatfuseError(f"model.decoder={cfg.model.decoder!r} applies to segmentation benchmarks only; "
+                           f"{bench.name!r} classifies: leave model.decoder=auto")
     if cfg.run_dir:
         _claim(Path(cfg.run_dir), overwrite)
     device = _device(cfg.train.device)

@@ -78,7 +78,7 @@ class SweepConfig:
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0])  # shares of labelled patches
     multi_label_fractions: list[float] = field(default_factory=list)  # empty = label_fractions
     seeds: list[int] = field(default_factory=lambda: [40, 41, 42])  # one run per seed (mean ± std in the report)
-    tasks: list[str] = field(default_factory=lambda: ["single", "multi"])  # single- and/or multi-label classification
+    tasks: list[str] = field(default_factory=lambda: ["single", "multi"])  # single- and/or multi-label classification (or seg: segmentation)
     workers: int = 1  # runs in parallel (processes); each gets cores // workers torch threads
 
 
@@ -149,9 +149,9 @@ def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
     labels = [m.label for m in sweep.methods]
     if len(set(map(slug, labels))) != len(labels):
         raise SatfuseError(f"sweep method labels {labels} are not unique; give each a distinct label")
-    bad = [t for t in sweep.tasks if t not in ("single", "multi")]
+    bad = [t for t in sweep.tasks if t not in ("single", "multi", "seg")]
     if bad:
-        raise SatfuseError(f"sweep tasks {bad} unknown; use single and/or multi")
+        raise SatfuseError(f"sweep tasks {bad} unknown; use single and/or multi (or seg with benchmark dfc2020-seg)")
     runs = []
     identities: dict[str, str | None] = {}  # one hash per checkpoint, however many runs use it
     for task in sweep.tasks:
