@@ -48,6 +48,9 @@ class DemoConfig:
     finetune_config: str = "hpc/finetune/demo_sweep.yaml"  # the fine-tuning sweep of the demo
     seg_config: str = "hpc/finetune/demo_seg_sweep.yaml"  # the segmentation comparison (its own stage); empty: skip it
     report: str = ""  # table + plot directory; empty: <out>/reports
+    ben_patches: int = 120  # synthetic BigEarthNet v2 patches of the BigEarthNet-19 stage (~70 % clean: 1/2 train, 1/4 val, 1/4 test)
+    ben_patch_size: int = 60  # their size in px (real: 120; halved like the DFC2020 patches, a multiple of 6)
+    ben_sweep_config: str = "hpc/finetune/demo_bigearthnet19.yaml"  # the BigEarthNet-19 sweep of the demo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,12 +86,14 @@ class Stages:
 
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
-    stages = Stages(total=7 if cfg.seg_config else 6)
+    stages = Stages(total=8 if cfg.seg_config else 7)
     stages.run("synthesise SEN12MS and DFC2020 (real layout)", lambda: synthesise(cfg, out))
     stages.run("pack WebDataset shards", lambda: make_shards(cfg, out))
     ckpt = stages.run(f"pretrain Dual-SimCLR on {cfg.nproc} ranks", lambda: pretrain(cfg, out))
     backbone = stages.run("export pretrained backbones", lambda: export(ckpt, out))
     runs = stages.run("fine-tune vs supervised baselines", lambda: finetune(cfg, out, backbone))
+    runs += stages.run("BigEarthNet-19: Dual-SimCLR vs supervised early fusion",
+                       lambda: bigearthnet19(cfg, out, backbone))
     if cfg.seg_config:  # timed alone in demo_timings.json: what segmentation adds to the demo
         runs += stages.run("segmentation: pretrained vs supervised", lambda: segment(cfg, out, backbone))
     pre_run = out / "runs" / "pretrain"
@@ -180,6 +185,33 @@ def segment(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
         f"out={out / 'runs' / 'segmentation'}",
     ])
     return run_sweep(sweep, overwrite=True)  # as finetune(): stale runs of this demo are redone
+
+
+def bigearthnet19(cfg: DemoConfig, out: Path, backbone: Path) -> list[Path]:
+    """A small BigEarthNet-19 comparison (synthetic reBEN tree, official splits): the pretrained
+    Dual-SimCLR backbone fine-tuned and linear-probed (on cached features) beside supervised
+    early fusion, through the benchmark sweep; each step skipped when its output is complete."""
+    from satfuse.data.packing.shard_writer import shard_dataset  # lazy: --help stays fast
+    from satfuse.data.sources.bigearthnet import V2_SNOW_CLOUD  # lazy: --help stays fast
+    from satfuse.data.sources.synth_multiband import write_bigearthnet  # lazy: --help stays fast
+    from satfuse.evaluation.sweep import load_sweep_config, run_sweep  # lazy: --help stays fast
+
+    raw, shards, runs = out / "raw" / "bigearthnet-v2", out / "shards", out / "runs" / "bigearthnet19"
+    if not (raw / V2_SNOW_CLOUD).exists():  # the synthesiser's last file
+        write_bigearthnet(raw, version=2, patches=cfg.ben_patches, seed=cfg.seed + 2, size=cfg.ben_patch_size,
+                          overwrite=True)
+    for split in ("train", "val", "test"):
+        if not (shards / f"ben19-{split}" / "manifest.json").exists():
+            shard_dataset(raw, "bigearthnet-v2", shards / f"ben19-{split}", maxcount=max(8, cfg.maxcount // 4),
+                          workers=cfg.shard_workers, seed=cfg.seed, split=split)
+    sweep = load_sweep_config(cfg.ben_sweep_config, [
+        f"checkpoint={backbone}", f"out={runs}",
+        *(f"{role}_shards={shards / f'ben19-{role}'}" for role in ("train", "val", "test")),
+    ])
+    for m in sweep.methods:  # linear probes train their head on features computed once per shard set
+        if m.mode == "linear":
+            m.overrides.append(f"model.feature_cache={runs / 'features'}")
+    return run_sweep(sweep, overwrite=True)  # as in `finetune`: runs from replaced weights are redone
 
 
 def report(cfg: DemoConfig, out: Path, runs: list[Path]) -> dict:

@@ -1,7 +1,14 @@
 """Small backbones for the segmentation tests: one with the multi-scale contract
-(`pyramid_channels`, `pyramid_strides`, `forward_pyramid`), one without it."""
+(`pyramid_channels`, `pyramid_strides`, `forward_pyramid`), one without it.
+
+They join `BACKBONES` only inside `registered()` (the tests' module fixture) or after
+`register()` (a subprocess): registered at import, collecting this file would add them to every
+name list the rest of the session checks."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -15,7 +22,6 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-@BACKBONES.register("seg_toy")
 class SegToy(Backbone):
     """Three stride-2 stages: maps at strides 2, 4, 8 with 8, 16, 24 channels."""
 
@@ -40,7 +46,6 @@ class SegToy(Backbone):
         return self.forward_pyramid(x)[-1]
 
 
-@BACKBONES.register("seg_flat")
 class SegFlat(Backbone):
     """A backbone with a single map and no pyramid: segmentation must refuse it by name."""
 
@@ -53,3 +58,23 @@ class SegFlat(Backbone):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
+
+
+TOYS = {"seg_toy": SegToy, "seg_flat": SegFlat}
+
+
+def register() -> None:
+    """Register the toys for good (a subprocess entry point)."""
+    for name, cls in TOYS.items():
+        BACKBONES.register(name, cls)
+
+
+@contextmanager
+def registered() -> Iterator[None]:
+    """The toys registered for the duration of the block, then removed again."""
+    register()
+    try:
+        yield
+    finally:
+        for name in TOYS:
+            BACKBONES._entries.pop(name, None)  # test-only: no public unregister on purpose

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-import tests.evaluation.seg_toy  # noqa: F401  (registers seg_toy / seg_flat)
 from satfuse.config import from_dict
 from satfuse.evaluation.curves import make_full_report
 from satfuse.evaluation.finetune import FinetuneConfig, run_finetune
@@ -26,8 +25,16 @@ from satfuse.evaluation.targets import IGNORE
 from satfuse.models.decoders import UNetDecoder, UPerNetDecoder, decoder_for
 from satfuse.registry import DECODERS
 from satfuse.utils import SatfuseError
+from tests.evaluation import seg_toy
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _toy_backbones():
+    """seg_toy / seg_flat are registered while this module's tests run, and only then."""
+    with seg_toy.registered():
+        yield
 
 
 def _cfg(shards: dict[str, Path], run_dir: Path, **over) -> FinetuneConfig:
@@ -135,7 +142,7 @@ def test_decoder_key_is_refused_for_classification(dfc_shards, tmp_path):
 def test_two_rank_ddp_run_scores_every_test_pixel_once(dfc_shards, tmp_path):
     """Two gloo ranks (torchrun): each trains on half of every batch and scores half of the test
     patches; the summed confusion matrix covers the whole test split exactly once."""
-    code = ("import sys, tests.evaluation.seg_toy\nfrom satfuse.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    code = ("import sys, tests.evaluation.seg_toy as t\nt.register()\nfrom satfuse.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     script = tmp_path / "entry.py"
     script.write_text(code)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "OMP_NUM_THREADS": "1"}

@@ -289,6 +289,36 @@ def test_every_export_writer_keeps_files_and_the_demo_reruns_sensibly(dfc_shards
     res = json.loads((run / "result.json").read_text())
     assert (run / "result.json").stat().st_mtime_ns != first and res["checkpoint"]["weights"] != weights
 
+    # the BigEarthNet-19 stage (packaged sweep, tiny sizes): its own synthetic reBEN tree and
+    # official-split shard sets, the three methods, the linear probe on cached features, the
+    # report's bigearthnet19 table; a rerun synthesises, packs and trains nothing again
+    ben = yaml.safe_load((ROOT / "hpc" / "finetune" / "demo_bigearthnet19.yaml").read_text())
+    ben.update(base_config=str(ROOT / "hpc" / "finetune" / "demo.yaml"), label_fractions=[1.0], workers=1,
+               base={**ben["base"], "data": {**ben["base"]["data"], **BASE["data"]},
+                     "train": {**ben["base"]["train"], "epochs": 1}})
+    (tmp_path / "ben.yaml").write_text(yaml.safe_dump(ben))
+    dcfg = demo.DemoConfig(out=str(out), finetune_config=str(sweep_yaml), ben_patches=24, ben_patch_size=24, ben_sweep_config=str(tmp_path / "ben.yaml"))
+    ben_runs = demo.bigearthnet19(dcfg, out, backbone)
+    manifests = {s: json.loads((out / "shards" / f"ben19-{s}" / "manifest.json").read_text()) for s in ("train", "val", "test")}
+    assert {s: (m["dataset"], m["split"]) for s, m in manifests.items()} == {s: ("bigearthnet-v2", s) for s in manifests}
+    results = {r["method"]: r for r in (json.loads((d / "result.json").read_text()) for d in ben_runs)}
+    assert sorted(results) == ["Dual-SimCLR (fine-tune)", "Dual-SimCLR (linear)", "Supervised early fusion"]
+    for r in results.values():
+        assert r["benchmark"]["name"] == "bigearthnet19" and r["task"] == "multi" and 0 <= r["metrics"]["map"] <= 1
+        assert (r["n_train"], r["n_val"], r["n_test"]) == tuple(manifests[s]["planned_pairs"] for s in ("train", "val", "test"))
+    assert results["Dual-SimCLR (linear)"]["config"]["model"]["feature_cache"] == str(out / "runs" / "bigearthnet19" / "features")
+    assert sorted(p.name.split("-")[0] for p in (out / "runs" / "bigearthnet19" / "features").glob("*.npz")) == ["test", "train", "val"]
+    assert {k: results["Supervised early fusion"]["config"]["model"][k] for k in ("checkpoint", "fusion")} == {
+        "checkpoint": "none", "fusion": "early"}
+    stamps = {p: p.stat().st_mtime_ns for p in (*(d / "result.json" for d in ben_runs), *(out / "shards").glob("ben19-*/manifest.json"),
+                                                  out / "raw" / "bigearthnet-v2" / "metadata.parquet")}
+    assert demo.bigearthnet19(dcfg, out, backbone) == ben_runs
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    demo.report(dcfg, out, [*demo.finetune(dcfg, out, backbone), *ben_runs])
+    table = (out / "reports" / "bigearthnet19" / "table.md").read_text()
+    assert all(f"| {m} |" in table for m in results) and "mAP (macro)" in table
+    assert (out / "reports" / "table.md").is_file()  # DFC2020's table where it was
+
 
 def test_results_recorded_before_the_benchmark_key_count_as_dfc2020(tmp_path):
     """A result.json written before `data.benchmark` existed was a DFC2020 run: a sweep keeps it;

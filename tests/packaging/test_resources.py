@@ -170,15 +170,19 @@ def test_demo_writes_only_under_out(empty_cwd, monkeypatch):
     monkeypatch.setattr(demo, "export", lambda ckpt, out: out / "backbone.pt")
     monkeypatch.setattr(demo, "finetune", lambda cfg, out, backbone: [])
     monkeypatch.setattr(demo, "segment", lambda cfg, out, backbone: [])
+    monkeypatch.setattr(demo, "bigearthnet19", lambda cfg, out, backbone: seen.append(out) or [out / "ben19-run"])
+    reported: list[list[Path]] = []
 
     def fake_report(runs, out):
+        reported.append(list(runs))
         Path(out).mkdir(parents=True)
         (Path(out) / "table.md").write_text("| table |\n")
         return {}
 
     monkeypatch.setattr(curves, "make_report", fake_report)
     assert main(["demo", "--out", "elsewhere/d"]) == 0
-    assert seen == [Path("elsewhere/d")] * 3
+    assert seen == [Path("elsewhere/d")] * 4
+    assert Path("elsewhere/d/ben19-run") in reported[0]  # the BigEarthNet-19 runs reach the report
     assert (empty_cwd / "elsewhere/d/reports/table.md").is_file()
     assert (empty_cwd / "elsewhere/d/demo_timings.json").is_file()
     assert sorted(p.name for p in empty_cwd.iterdir()) == ["elsewhere"]
