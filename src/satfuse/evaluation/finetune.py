@@ -370,7 +370,10 @@ def build_model(mc: FtModelConfig, seed: int, n_classes: int | None = None,
 
 
 class Trainer:
-    """Epoch loop with val-based early stopping and a single x0.1 lr drop."""
+    """Epoch loop with val-based early stopping and a single x0.1 lr drop. Segmentation's loop
+    subclasses it (its own `_epoch` and `_validate`)."""
+
+    metric_tag = "val_metric"  # the TensorBoard/metrics name of the early-stopping metric
 
     def __init__(self, cfg: FinetuneConfig, model: nn.Module, prep: Prepared, stats: dict,
                  device: torch.device, batchers: tuple | None = None) -> None:
@@ -412,8 +415,15 @@ class Trainer:
             n += s1.shape[0]
         return total / max(n, 1)
 
-    def fit(self) -> dict:
+    def _validate(self) -> tuple[float, float]:
+        """(loss, headline metric) on the early-stopping split; the metric is NaN without labels."""
         tc, task = self.cfg.train, self.cfg.train.task
+        pred = predict(self.model, self.val_batcher, self.prep.val_idx, self.cfg.data.eval_batch_size, task)
+        metric = score(task, pred, tc.threshold, self.bench)[self.bench.metrics[task]] if pred["single"].size else float("nan")
+        return pred["loss"], metric
+
+    def fit(self) -> dict:
+        tc = self.cfg.train
         has_val = self.prep.val_idx.size > 0
         best = {"epoch": 0, "value": math.inf, "state": copy.deepcopy(self.model.state_dict())}
         stale = 0
@@ -421,12 +431,7 @@ class Trainer:
             t0 = time.perf_counter()
             self._drop_lr(epoch)
             train_loss = self._epoch()
-            val_loss, val_metric = float("nan"), float("nan")
-            if has_val:
-                pred = predict(self.model, self.val_batcher, self.prep.val_idx, self.cfg.data.eval_batch_size, task)
-                val_loss = pred["loss"]
-                if pred["single"].size:
-                    val_metric = score(task, pred, tc.threshold, self.bench)[self.bench.metrics[task]]
+            val_loss, val_metric = self._validate() if has_val else (float("nan"), float("nan"))
             self._log(epoch, train_loss, val_loss, val_metric, time.perf_counter() - t0)
             value = (val_loss if tc.early_stop_on == "loss" else -val_metric) if has_val else -epoch
             if value < best["value"]:
@@ -438,7 +443,8 @@ class Trainer:
                     log.info("early stop at epoch %d (best %d)", epoch, best["epoch"])
                     break
         self.model.load_state_dict(best["state"])
-        self.sinks.close()
+        if self.sinks is not None:
+            self.sinks.close()
         return {"best_epoch": best["epoch"], "epochs_run": len(self.curves["epoch"]),
                 "early_stopping": "val_" + tc.early_stop_on if has_val else "none (no val split)"}
 
@@ -450,11 +456,12 @@ class Trainer:
         c["val_metric"].append(val_metric if math.isfinite(val_metric) else None)
         c["lr_head"].append(self.opt.param_groups[0]["lr"])
         c["seconds"].append(round(secs, 3))
-        self.sinks.scalars(epoch, {"finetune/train_loss": train_loss, "finetune/val_loss": val_loss,
-                                   "finetune/val_metric": val_metric, "finetune/lr_head": c["lr_head"][-1],
-                                   "finetune/epoch_s": secs})
-        log.debug("epoch %d train_loss %.4f val_loss %.4f val_metric %.4f", epoch, train_loss,
-                  val_loss, val_metric)
+        if self.sinks is not None:  # None on the ranks that write nothing (segmentation under DDP)
+            self.sinks.scalars(epoch, {"finetune/train_loss": train_loss, "finetune/val_loss": val_loss,
+                                       f"finetune/{self.metric_tag}": val_metric,
+                                       "finetune/lr_head": c["lr_head"][-1], "finetune/epoch_s": secs})
+        log.debug("epoch %d train_loss %.4f val_loss %.4f %s %.4f", epoch, train_loss,
+                  val_loss, self.metric_tag, val_metric)
 
 
 def _seed_everything(seed: int) -> None:

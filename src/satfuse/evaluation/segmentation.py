@@ -20,12 +20,10 @@ scores equal a one-process run's, and rank 0 writes the run directory.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import io
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from satfuse.evaluation.finetune import (
     RESULT_FORMAT,
     FinetuneConfig,
     Prepared,
+    Trainer,
     _claim,
     _device,
     band_stats,
@@ -110,11 +109,14 @@ def evaluate(model: Segmenter, batcher: SegBatcher, idx: np.ndarray, batch_size:
             "n_pixels": int(sums[1])}
 
 
-class SegTrainer:
-    """Epoch loop with val-based early stopping and one x0.1 lr drop (the classification loop's
-    protocol), DDP over the ranks of a process group."""
+class SegTrainer(Trainer):
+    """The classification loop's protocol (`finetune.Trainer`: early stopping on the val split,
+    one x0.1 lr drop) with per-pixel batches and loss, DDP over the ranks of a process group."""
+
+    metric_tag = "val_miou"
 
     def __init__(self, cfg: FinetuneConfig, model: Segmenter, prep: Prepared, stats: dict, side: int,
+        """Not `Trainer.__init__`: pixel batches, a DDP wrapper for the step, sinks on rank 0 only."""
                  device: torch.device) -> None:
         self.cfg, self.model, self.prep, self.device = cfg, model, prep, device
         self.bench = benchmark_class(cfg.data.benchmark)
@@ -130,12 +132,6 @@ class SegTrainer:
                                         "lr_head": [], "seconds": []}
         self.sinks = (MetricSinks(cfg.log, Path(cfg.run_dir), start_step=1, config=to_dict(cfg), kind="finetune")
                       if C.is_main() else None)
-
-    def _drop_lr(self, epoch: int) -> None:
-        at = self.cfg.train.lr_drop_at
-        if at > 0 and epoch == max(1, math.ceil(at * self.cfg.train.epochs)):
-            for g in self.opt.param_groups:
-                g["lr"] *= 0.1
 
     def _epoch(self) -> float:
         dc, world, rank = self.cfg.data, C.world(), C.rank()
@@ -155,50 +151,11 @@ class SegTrainer:
         sums = C.all_reduce_sum(sums.to(self.device)).cpu()
         return float(sums[0] / max(float(sums[1]), 1.0))
 
-    def fit(self) -> dict:
-        tc = self.cfg.train
-        has_val = self.prep.val_idx.size > 0
-        best = {"epoch": 0, "value": math.inf, "state": copy.deepcopy(self.model.state_dict())}
-        stale = 0
-        for epoch in range(1, tc.epochs + 1):
-            t0 = time.perf_counter()
-            self._drop_lr(epoch)
-            train_loss = self._epoch()
-            val_loss, val_metric = float("nan"), float("nan")
-            if has_val:
-                ev = evaluate(self.model, self.batcher, self.prep.val_idx, self.cfg.data.eval_batch_size)
-                val_loss = ev["loss"]
-                if ev["n_pixels"]:
-                    val_metric = seg_metrics(ev["confusion"], self.bench.class_names)["miou"]
-            self._log(epoch, train_loss, val_loss, val_metric, time.perf_counter() - t0)
-            value = (val_loss if tc.early_stop_on == "loss" else -val_metric) if has_val else -epoch
-            if value < best["value"]:
-                best = {"epoch": epoch, "value": value, "state": copy.deepcopy(self.model.state_dict())}
-                stale = 0
-            else:
-                stale += 1
-                if tc.patience and stale >= tc.patience:
-                    log.info("early stop at epoch %d (best %d)", epoch, best["epoch"])
-                    break
-        self.model.load_state_dict(best["state"])
-        if self.sinks is not None:
-            self.sinks.close()
-        return {"best_epoch": best["epoch"], "epochs_run": len(self.curves["epoch"]),
-                "early_stopping": "val_" + tc.early_stop_on if has_val else "none (no val split)"}
-
-    def _log(self, epoch: int, train_loss: float, val_loss: float, val_metric: float, secs: float) -> None:
-        c = self.curves
-        c["epoch"].append(epoch)
-        c["train_loss"].append(train_loss)
-        c["val_loss"].append(val_loss if math.isfinite(val_loss) else None)
-        c["val_metric"].append(val_metric if math.isfinite(val_metric) else None)
-        c["lr_head"].append(self.opt.param_groups[0]["lr"])
-        c["seconds"].append(round(secs, 3))
-        if self.sinks is not None:
-            self.sinks.scalars(epoch, {"finetune/train_loss": train_loss, "finetune/val_loss": val_loss,
-                                       "finetune/val_miou": val_metric, "finetune/lr_head": c["lr_head"][-1],
-                                       "finetune/epoch_s": secs})
-        log.debug("epoch %d train_loss %.4f val_loss %.4f val_miou %.4f", epoch, train_loss, val_loss, val_metric)
+    def _validate(self) -> tuple[float, float]:
+        """(pixel loss, mIoU) on the early-stopping patches, summed over ranks."""
+        ev = evaluate(self.model, self.batcher, self.prep.val_idx, self.cfg.data.eval_batch_size)
+        miou = seg_metrics(ev["confusion"], self.bench.class_names)["miou"] if ev["n_pixels"] else float("nan")
+        return ev["loss"], miou
 
 
 @torch.no_grad()
