@@ -116,8 +116,8 @@ class SegTrainer(Trainer):
     metric_tag = "val_miou"
 
     def __init__(self, cfg: FinetuneConfig, model: Segmenter, prep: Prepared, stats: dict, side: int,
-        """Not `Trainer.__init__`: pixel batches, a DDP wrapper for the step, sinks on rank 0 only."""
                  device: torch.device) -> None:
+        """Not `Trainer.__init__`: pixel batches, a DDP wrapper for the step, sinks on rank 0 only."""
         self.cfg, self.model, self.prep, self.device = cfg, model, prep, device
         self.bench = benchmark_class(cfg.data.benchmark)
         tc = cfg.train
