@@ -109,8 +109,8 @@ def make_full_report(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"n_runs": 0, "files": {}}
     if rest:
         summary = make_report(rest, out)
-        # the segmentation runs (task seg) among the result.json files the report just read, if any
-        summary.setdefault("files", {}).update(make_seg_report(summary.get("runs", []), out))
+        # the segmentation runs (task seg) among them, if any: their own tables, plot and picture
+        summary.setdefault("files", {}).update(make_seg_report(rest, out))
     if pre:
         atomic_write_bytes(out / PLOT, plot_pretrain_curves(pre))
         summary["files"]["pretrain_curves"] = str(out / PLOT)

@@ -219,7 +219,11 @@ def make_report(runs: list[str | Path], out: str | Path) -> dict:
     """Write OUT/table.md, OUT/label_fractions.png (+ _multi.png), OUT/summary.json (and the same
     in OUT/<benchmark>/ for each further benchmark, module doc); return the summary."""
     out = Path(out)
-    results = load_results(find_results(runs))
+    # classification results only: a benchmark with a loop of its own (`Benchmark.run`,
+    # segmentation) writes its own report (`curves.make_full_report` calls it)
+    results = [r for r in load_results(find_results(runs)) if benchmark_class(benchmark_of(r)).run is None]
+    if not results:
+        return {"n_runs": 0, "files": {}, "runs": []}
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         groups[benchmark_of(r)].append(r)
