@@ -102,8 +102,16 @@ def test_segmentation_runs_learn_and_report(dfc_shards, tmp_path):
     assert frozen["n_trainable"] < frozen["n_params"]  # backbone frozen, decoder trained
     assert frozen["n_train"] < ft["n_train"]
 
+    # beside a DFC2020 classification result (the demo's mix): each gets its own report, and
+    # segmentation gets no classification-style table of its own
+    (tmp_path / "runs" / "cls").mkdir()
+    (tmp_path / "runs" / "cls" / "result.json").write_text(json.dumps(
+        {"method": "Cls", "task": "single", "label_fraction": 1.0, "seed": 1, "n_train": 10,
+         "metrics": {"oa": 0.6, "aa": 0.5, "f1_macro": 0.4}}))
     summary = make_full_report([tmp_path / "runs"], tmp_path / "report")
     files = summary["files"]
+    assert "| Cls | 1 | 10 |" in (tmp_path / "report" / "table.md").read_text()
+    assert summary["n_runs"] == 1 and not (tmp_path / "report" / "dfc2020-seg").exists()
     table = Path(files["seg_table"]).read_text()
     assert "## Segmentation, 100 % of the labels" in table and "## Segmentation, 50 % of the labels" in table
     assert f"{100 * ft['metrics']['miou']:.1f}" in table and "Per-class IoU" in table
