@@ -14,6 +14,7 @@ on first use; nothing is warmed here.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import sys
@@ -47,17 +48,49 @@ def extensions_root() -> Path:
     return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{accel}"
 
 
-def check_build_locks(max_age_s: float = STALE_LOCK_S, root: Path | None = None) -> None:
+def torch_locks_with_flock() -> bool:
+    """True when torch guards its JIT builds with `filelock.FileLock` (torch 2.14 does): an OS
+    lock the kernel drops when its process dies, on a file that stays behind after every build
+    or load. Older torch used a `FileBaton`, where the file itself is the lock."""
+    from torch.utils import cpp_extension  # lazy: only DeepSpeed runs ask
+
+    return hasattr(cpp_extension, "FileLock")
+
+
+def _held(lock: Path) -> bool:
+    """Whether another process holds the OS lock on `lock` right now (a build or load running)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:  # gone while we looked
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we took
+    return False
+
+
+def check_build_locks(max_age_s: float = STALE_LOCK_S, root: Path | None = None,
+                      flock: bool | None = None) -> None:
     """Refuse to start when a JIT build lock was left behind.
 
-    Why: torch's build lock (`<op>/lock`, a FileBaton) is a plain file; a build killed by
-    Ctrl-C, `scancel` or the OOM killer leaves it, and every later `deepspeed.initialize`
-    then polls it forever without a word. A lock older than `max_age_s` is such a leftover: a
-    one-line error names it and the fix. A younger one may be a build in progress (another
-    rank or job): logged, then DeepSpeed waits for it as usual.
+    Why: with torch's `FileBaton` (before torch 2.14) the build lock (`<op>/lock`) is a plain
+    file; a build killed by Ctrl-C, `scancel` or the OOM killer leaves it, and every later
+    `deepspeed.initialize` then polls it forever without a word. A lock older than `max_age_s`
+    is such a leftover: a one-line error names it and the fix. A younger one may be a build in
+    progress (another rank or job): logged, then DeepSpeed waits for it as usual. With torch's
+    `FileLock` (`flock`, default: what the installed torch uses) the file stays after every
+    build and a killed holder releases it, so only a lock held right now is reported (waited for).
     """
     root = root or extensions_root()
+    flock = torch_locks_with_flock() if flock is None else flock
     for lock in sorted(root.glob("*/lock")):
+        if flock:
+            if _held(lock):
+                log.warning("%s: a DeepSpeed op build is in progress; waiting for it", lock)
+            continue
         try:
             age = time.time() - lock.stat().st_mtime
         except OSError:  # released while we looked
