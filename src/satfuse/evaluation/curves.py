@@ -110,7 +110,7 @@ def make_full_report(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
     if rest:
         summary = make_report(rest, out)
         # the segmentation runs (task seg) among them, if any: their own tables, plot and picture
-        summary.setdefault("files", {}).update(make_seg_report(rest, out))
+        summary.setdefault("files", {}).update(make_seg_report(summary.get("own_report_runs", []), out))
     if pre:
         atomic_write_bytes(out / PLOT, plot_pretrain_curves(pre))
         summary["files"]["pretrain_curves"] = str(out / PLOT)

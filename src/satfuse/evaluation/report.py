@@ -221,9 +221,11 @@ def make_report(runs: list[str | Path], out: str | Path) -> dict:
     out = Path(out)
     # classification results only: a benchmark with a loop of its own (`Benchmark.run`,
     # segmentation) writes its own report (`curves.make_full_report` calls it)
-    results = [r for r in load_results(find_results(runs)) if benchmark_class(benchmark_of(r)).run is None]
+    loaded = load_results(find_results(runs))
+    results = [r for r in loaded if benchmark_class(benchmark_of(r)).run is None]
+    own = [r["_path"] for r in loaded if benchmark_class(benchmark_of(r)).run is not None]
     if not results:
-        return {"n_runs": 0, "files": {}, "runs": []}
+        return {"n_runs": 0, "files": {}, "runs": [], "own_report_runs": own}
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         groups[benchmark_of(r)].append(r)
@@ -237,4 +239,5 @@ def make_report(runs: list[str | Path], out: str | Path) -> dict:
             summary["benchmarks"][name] = sub
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     log.info("report: %d runs -> %s", len(results), out)
+    summary["own_report_runs"] = own  # the runs whose benchmark reports them itself (segmentation)
     return summary
