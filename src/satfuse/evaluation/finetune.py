@@ -494,6 +494,18 @@ def check_learning(tc: FtTrainConfig, mode: str, train_loss: list[float], n_clas
             "try a larger train.lr (e.g. 1e-3 on small data) or more epochs")
 
 
+def adopt_checkpoint(mc: FtModelConfig, ckpt_info: dict, weights: str | None) -> None:
+    """Record the weights' identity in `ckpt_info` and run the fusion the checkpoint fixes (one
+    backbone on stacked S1+S2 is early fusion whatever was asked), with a warning when it differs;
+    both the classification and the segmentation loop start this way."""
+    if mc.checkpoint.lower() not in ("", "none"):
+        ckpt_info["weights"] = weights or weights_identity(mc.checkpoint)
+    if ckpt_info.get("fusion", mc.fusion) != mc.fusion:
+        log.warning("model.fusion=%s asked, but %s has one backbone on stacked S1+S2: this runs (and "
+                    "records) %s fusion", mc.fusion, mc.checkpoint, ckpt_info["fusion"])
+        mc.fusion = ckpt_info["fusion"]
+
+
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | None = None) -> dict:
     """Train, early-stop, test; write RUN_DIR/result.json (atomic) and return the result.
 
@@ -516,12 +528,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, weights: str | No
         _claim(Path(cfg.run_dir), overwrite)
     device = _device(cfg.train.device)
     model, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed, bench.n_classes(), img_size=cfg.data.crop)
-    if cfg.model.checkpoint.lower() not in ("", "none"):
-        ckpt_info["weights"] = weights or weights_identity(cfg.model.checkpoint)
-    if ckpt_info.get("fusion", cfg.model.fusion) != cfg.model.fusion:
-        log.warning("model.fusion=%s asked, but %s has one backbone on stacked S1+S2: this runs (and "
-                    "records) %s fusion", cfg.model.fusion, cfg.model.checkpoint, ckpt_info["fusion"])
-        cfg.model.fusion = ckpt_info["fusion"]
+    adopt_checkpoint(cfg.model, ckpt_info, weights)
     if not cfg.run_dir:
         cfg.run_dir = str(Path(DEFAULT_RUNS_ROOT) / run_subdir(
             method_label(cfg.model, ckpt_info["method"], cfg.label), cfg.train.task, cfg.data.label_fraction, cfg.train.seed))

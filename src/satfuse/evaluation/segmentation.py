@@ -32,7 +32,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from satfuse.checkpoint.export import weights_identity
 from satfuse.config import dump_yaml, to_dict
 from satfuse.data.packing.normalize import S2_RGB, normalize
 from satfuse.distributed import collectives as C
@@ -49,6 +48,7 @@ from satfuse.evaluation.finetune import (
     Trainer,
     _claim,
     _device,
+    adopt_checkpoint,
     band_stats,
     build_model,
     check_learning,
@@ -188,12 +188,7 @@ def run_segmentation(cfg: FinetuneConfig, overwrite: bool = False, weights: str 
     device = _device(cfg.train.device)
     clf, pre_stats, ckpt_info = build_model(cfg.model, cfg.train.seed, bench.n_classes(), img_size=cfg.data.crop)
     model = Segmenter(clf, cfg.model.backbone, cfg.model.decoder, bench.n_classes())
-    if cfg.model.checkpoint.lower() not in ("", "none"):
-        ckpt_info["weights"] = weights or weights_identity(cfg.model.checkpoint)
-    if ckpt_info.get("fusion", cfg.model.fusion) != cfg.model.fusion:
-        log.warning("model.fusion=%s asked, but %s has one backbone on stacked S1+S2: this runs (and "
-                    "records) %s fusion", cfg.model.fusion, cfg.model.checkpoint, ckpt_info["fusion"])
-        cfg.model.fusion = ckpt_info["fusion"]
+    adopt_checkpoint(cfg.model, ckpt_info, weights)
     prep = prepare_data(cfg.data, cfg.train.seed)
     side = check_crop(cfg.data.crop, min(prep.train.s1.shape[-2:]), model.max_stride, cfg.model.backbone)
     check_crop(0, min(prep.test.s1.shape[-2:]), model.max_stride, cfg.model.backbone)  # test: centre crops
